@@ -1,0 +1,1 @@
+"""Sub-commands of the ``diffusers-cir`` command line (see ``diffusers_cir.cli``)."""

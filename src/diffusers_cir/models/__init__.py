@@ -1,0 +1,3 @@
+from .compodiff_transformer import CompoDiffTransformer, CompoDiffTransformerOutput
+
+__all__ = ["CompoDiffTransformer", "CompoDiffTransformerOutput"]

@@ -1,0 +1,3 @@
+from .pipeline_compodiff import CompoDiffPipeline, CompoDiffPipelineOutput
+
+__all__ = ["CompoDiffPipeline", "CompoDiffPipelineOutput"]

@@ -1,0 +1,3 @@
+from .scheduling_compodiff import CompoDiffScheduler
+
+__all__ = ["CompoDiffScheduler"]
