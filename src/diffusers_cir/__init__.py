@@ -6,7 +6,10 @@ diffusers 0.42 only imports ``diffusers``/``transformers`` itself when it loads 
 
 __version__ = "0.1.0.dev0"
 
-# CORE-IMPORTS (filled in as the CompoDiff core lands)
+# CORE-IMPORTS
+from .models import CompoDiffTransformer, CompoDiffTransformerOutput
+from .schedulers import CompoDiffScheduler
+from .pipelines import CompoDiffPipeline, CompoDiffPipelineOutput
 
 __all__ = [
     "CompoDiffTransformer",

@@ -1,0 +1,13 @@
+from .compodiff import (
+    CompoDiffConversionError,
+    convert_compodiff_checkpoint,
+    convert_compodiff_state_dict,
+    load_original_checkpoint,
+)
+
+__all__ = [
+    "CompoDiffConversionError",
+    "convert_compodiff_checkpoint",
+    "convert_compodiff_state_dict",
+    "load_original_checkpoint",
+]

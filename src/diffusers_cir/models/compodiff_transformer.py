@@ -1,0 +1,463 @@
+# Copyright 2026 The diffusers-cir authors. Apache-2.0.
+"""The CompoDiff denoiser: a transformer that predicts a clean CLIP image embedding.
+
+Architecture facts (from the CompoDiff paper and the reference description in our parity fixtures):
+
+* two query tokens ``[x_t, time_embedding]``; the prediction is the first token after the stack, the final
+  (max-stabilised) norm and a bias-free projection;
+* a 79-token context ``[text (77, projected from 1280), reference image embedding, mask token]`` that the query
+  tokens read through cross-attention (8 heads, one learned null key/value shared by the heads);
+* self-attention over the two query tokens is multi-query (one key/value head), cosine-similarity attention with
+  logits ``16 * cos``, rotary embedding on the first ``min(32, head_dim)`` dims, a learned null key/value and a
+  T5-style relative position bias;
+* gain-only LayerNorms (eps 1e-5 in float32, 1e-3 in half precision), SwiGLU feed-forward.
+
+Everything that depends only on the context (text projection, mask embedding and the cross-attention keys/values
+of every layer) is computed by :meth:`CompoDiffTransformer.encode_context` and can be reused across denoising steps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders.peft import PeftAdapterMixin
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
+from torch import nn
+
+
+@dataclass
+class CompoDiffTransformerOutput(BaseOutput):
+    """
+    Args:
+        predicted_image_embedding (`torch.Tensor` of shape `(batch_size, embedding_dim)`):
+            The predicted clean CLIP image embedding (x0), not normalised.
+    """
+
+    predicted_image_embedding: torch.Tensor
+
+
+@dataclass
+class CompoDiffContext:
+    """Step-independent state of a batch of queries (see :meth:`CompoDiffTransformer.encode_context`).
+
+    ``cross_attention_kv`` holds, for every layer, the keys and values ``[batch, heads, 1 + context_len, head_dim]``
+    of the cross-attention, the learned null key/value already prepended.
+    """
+
+    cross_attention_kv: list[tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def batch_size(self) -> int:
+        return self.cross_attention_kv[0][0].shape[0]
+
+    def repeat_interleave(self, repeats: int) -> "CompoDiffContext":
+        return CompoDiffContext(
+            [(k.repeat_interleave(repeats, 0), v.repeat_interleave(repeats, 0)) for k, v in self.cross_attention_kv]
+        )
+
+    @classmethod
+    def cat(cls, contexts: list["CompoDiffContext"]) -> "CompoDiffContext":
+        layers = zip(*(context.cross_attention_kv for context in contexts))
+        return cls([(torch.cat([k for k, _ in kv]), torch.cat([v for _, v in kv])) for kv in layers])
+
+
+class GainLayerNorm(nn.Module):
+    """LayerNorm with a gain and no bias, whose epsilon depends on the input precision (as in the reference).
+
+    With ``stable=True`` the input is first divided by its (detached) maximum over the last dimension, which keeps
+    half-precision activations in range before the final norm.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5, half_precision_eps: float = 1e-3, stable: bool = False):
+        super().__init__()
+        self.eps = eps
+        self.half_precision_eps = half_precision_eps
+        self.stable = stable
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        eps = self.eps if hidden_states.dtype == torch.float32 else self.half_precision_eps
+        if self.stable:
+            hidden_states = hidden_states / hidden_states.amax(dim=-1, keepdim=True).detach()
+        return F.layer_norm(hidden_states, hidden_states.shape[-1:], self.weight.to(hidden_states.dtype), None, eps)
+
+
+class ConditionMLP(nn.Module):
+    """``in -> 2*dim -> 2*dim -> dim`` with SiLU after the first two linears (time and mask embeddings).
+
+    The reference runs this MLP in float32 whatever the model precision; we do the same and cast back.
+    """
+
+    def __init__(self, in_features: int, dim: int):
+        super().__init__()
+        hidden = 2 * dim
+        self.linear_1 = nn.Linear(in_features, hidden)
+        self.linear_2 = nn.Linear(hidden, hidden)
+        self.linear_3 = nn.Linear(hidden, dim)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        dtype = self.linear_1.weight.dtype
+        hidden_states = F.silu(self.linear_1(hidden_states.to(dtype)))
+        hidden_states = F.silu(self.linear_2(hidden_states))
+        return self.linear_3(hidden_states)
+
+
+def sinusoidal_timestep_embedding(timestep: torch.Tensor, dim: int) -> torch.Tensor:
+    """``[sin, cos]`` of ``t * exp(-i * log(10000) / (dim/2 - 1))``, in float32."""
+    half = dim // 2
+    exponent = torch.arange(half, device=timestep.device, dtype=torch.float32) * (-math.log(10000) / (half - 1))
+    arguments = timestep.float()[:, None] * torch.exp(exponent)[None, :]
+    return torch.cat([arguments.sin(), arguments.cos()], dim=-1)
+
+
+def relative_position_bucket(relative_position: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
+    """T5's unidirectional bucketing: keys after the query share bucket 0, far keys share log-spaced buckets."""
+    distance = (-relative_position).clamp(min=0)
+    max_exact = num_buckets // 2
+    is_small = distance < max_exact
+    large = max_exact + (
+        torch.log(distance.float().clamp(min=1) / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+    ).long()
+    large = large.clamp(max=num_buckets - 1)
+    return torch.where(is_small, distance, large)
+
+
+def apply_rotary_embedding(hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs ``(x0, x1)`` of the first ``cos.shape[-1]`` features; the rest pass through."""
+    rotary_dim = cos.shape[-1]
+    rotated, passthrough = hidden_states[..., :rotary_dim], hidden_states[..., rotary_dim:]
+    pairs = rotated.unflatten(-1, (-1, 2))
+    rotate_half = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    rotated = rotated * cos + rotate_half * sin
+    return torch.cat((rotated, passthrough), dim=-1)
+
+
+class CompoDiffSelfAttention(nn.Module):
+    """Multi-query cosine-similarity self-attention over the query tokens (see module docstring)."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, cosine_sim_scale: float, dropout: float = 0.0):
+        super().__init__()
+        self.heads = heads
+        self.head_dim = head_dim
+        self.cosine_sim_scale = cosine_sim_scale
+        self.dropout = dropout
+        self.norm = GainLayerNorm(dim)
+        self.to_q = nn.Linear(dim, heads * head_dim, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * head_dim, bias=False)
+        self.null_kv = nn.Parameter(torch.randn(2, head_dim))
+        self.to_out = nn.Linear(heads * head_dim, dim, bias=False)
+        self.out_norm = GainLayerNorm(dim)
+
+    def forward(
+        self, hidden_states: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], position_bias: torch.Tensor
+    ) -> torch.Tensor:
+        batch, length, _ = hidden_states.shape
+        hidden_states = self.norm(hidden_states)
+        query = self.to_q(hidden_states).view(batch, length, self.heads, self.head_dim).transpose(1, 2)
+        key, value = self.to_kv(hidden_states).chunk(2, dim=-1)
+        cos, sin = rotary
+        query = apply_rotary_embedding(query, cos, sin)
+        key = apply_rotary_embedding(key, cos, sin)
+        null_key, null_value = self.null_kv.to(hidden_states.dtype).unbind(0)
+        key = torch.cat((null_key.expand(batch, 1, -1), key), dim=1)
+        value = torch.cat((null_value.expand(batch, 1, -1), value), dim=1)
+        # Cosine similarity: normalise, then put the whole logit scale on the query so SDPA can use scale=1.
+        query = F.normalize(query, dim=-1) * self.cosine_sim_scale
+        key = F.normalize(key, dim=-1)
+        # One shared key/value head (multi-query attention): a broadcast view, not a copy.
+        key = key.unsqueeze(1).expand(batch, self.heads, length + 1, self.head_dim)
+        value = value.unsqueeze(1).expand(batch, self.heads, length + 1, self.head_dim)
+        attention = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=position_bias.to(query.dtype), scale=1.0,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        attention = attention.transpose(1, 2).reshape(batch, length, self.heads * self.head_dim)
+        return self.out_norm(self.to_out(attention))
+
+
+class CompoDiffCrossAttention(nn.Module):
+    """Dot-product cross-attention from the query tokens to the (pre-projected) context."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.heads = heads
+        self.head_dim = head_dim
+        self.dropout = dropout
+        self.norm = GainLayerNorm(dim)
+        self.to_q = nn.Linear(dim, heads * head_dim, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * heads * head_dim, bias=False)
+        self.null_kv = nn.Parameter(torch.randn(2, head_dim))
+        self.to_out = nn.Linear(heads * head_dim, dim, bias=False)
+        self.out_norm = GainLayerNorm(dim)
+
+    def context_key_value(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[batch, heads, 1 + length, head_dim]`` of a context, null key/value prepended."""
+        batch, length, _ = context.shape
+        key, value = self.to_kv(context).view(batch, length, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        null_key, null_value = self.null_kv.to(context.dtype).unbind(0)
+        key = torch.cat((null_key.expand(batch, self.heads, 1, -1), key), dim=2)
+        value = torch.cat((null_value.expand(batch, self.heads, 1, -1), value), dim=2)
+        return key, value
+
+    def forward(self, hidden_states: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = hidden_states.shape
+        query = self.to_q(self.norm(hidden_states)).view(batch, length, self.heads, self.head_dim).transpose(1, 2)
+        attention = F.scaled_dot_product_attention(
+            query, key.to(query.dtype), value.to(query.dtype), dropout_p=self.dropout if self.training else 0.0
+        )
+        attention = attention.transpose(1, 2).reshape(batch, length, self.heads * self.head_dim)
+        return self.out_norm(self.to_out(attention))
+
+
+class CompoDiffFeedForward(nn.Module):
+    """LayerNorm, Linear(dim, 2*mult*dim), SwiGLU (first half times SiLU of the second), Linear(mult*dim, dim)."""
+
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
+        super().__init__()
+        self.norm = GainLayerNorm(dim)
+        self.proj_in = nn.Linear(dim, 2 * mult * dim, bias=False)
+        self.dropout = nn.Dropout(dropout)
+        self.proj_out = nn.Linear(mult * dim, dim, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states, gate = self.proj_in(self.norm(hidden_states)).chunk(2, dim=-1)
+        return self.proj_out(self.dropout(hidden_states * F.silu(gate)))
+
+
+class CompoDiffBlock(nn.Module):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        head_dim: int,
+        cross_attention_heads: int,
+        cosine_sim_scale: float,
+        ff_mult: int,
+        dropout: float,
+    ):
+        super().__init__()
+        self.self_attn = CompoDiffSelfAttention(dim, heads, head_dim, cosine_sim_scale, dropout)
+        self.cross_attn = CompoDiffCrossAttention(dim, cross_attention_heads, head_dim, dropout)
+        self.ff = CompoDiffFeedForward(dim, ff_mult, dropout)
+
+    def forward(self, hidden_states, rotary_cos, rotary_sin, position_bias, context_key, context_value):
+        hidden_states = self.self_attn(hidden_states, (rotary_cos, rotary_sin), position_bias) + hidden_states
+        hidden_states = self.cross_attn(hidden_states, context_key, context_value) + hidden_states
+        return self.ff(hidden_states) + hidden_states
+
+
+class CompoDiffTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
+    r"""
+    The CompoDiff denoiser. Given a noisy CLIP image embedding ``x_t``, a timestep and the conditions (reference image
+    embedding, text hidden states, a 64x64 mask) it predicts the clean embedding ``x0``.
+
+    Parameters:
+        embedding_dim (`int`, defaults to 768): Width of the CLIP image embedding (and of the transformer).
+        text_embedding_dim (`int`, defaults to 1280): Width of the CLIP text hidden states used as condition.
+        num_layers (`int`, defaults to 12): Number of transformer blocks.
+        num_attention_heads (`int`, defaults to 16): Query heads of the self-attention.
+        attention_head_dim (`int`, defaults to 64): Width of every attention head.
+        num_cross_attention_heads (`int`, defaults to 8): Heads of the cross-attention.
+        mask_size (`int`, defaults to 64): Side of the square mask condition.
+        num_train_timesteps (`int`, defaults to 1000): Diffusion timesteps of the schedule it was trained with.
+        rotary_dim (`int`, *optional*): Features rotated by the rotary embedding (default ``min(32, head_dim)``).
+        ff_mult (`int`, defaults to 4): Feed-forward expansion.
+        cosine_sim_scale (`float`, defaults to 16): Logit scale of the cosine-similarity self-attention.
+        relative_position_buckets (`int`, defaults to 32), relative_position_max_distance (`int`, defaults to 128):
+            T5 relative position bias of the self-attention.
+        dropout (`float`, defaults to 0.0): Attention and feed-forward dropout (training only).
+
+    Example:
+        >>> import torch
+        >>> from diffusers_cir import CompoDiffTransformer
+        >>> model = CompoDiffTransformer(embedding_dim=64, text_embedding_dim=32, num_layers=2,
+        ...                              num_attention_heads=2, attention_head_dim=16)
+        >>> out = model(torch.randn(2, 64), torch.tensor([10, 500]), image_embeds=torch.randn(2, 64),
+        ...             text_hidden_states=torch.randn(2, 77, 32), mask=torch.zeros(2, 64, 64))
+        >>> out.predicted_image_embedding.shape
+        torch.Size([2, 64])
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["CompoDiffBlock"]
+
+    @register_to_config
+    def __init__(
+        self,
+        embedding_dim: int = 768,
+        text_embedding_dim: int = 1280,
+        num_layers: int = 12,
+        num_attention_heads: int = 16,
+        attention_head_dim: int = 64,
+        num_cross_attention_heads: int = 8,
+        mask_size: int = 64,
+        num_train_timesteps: int = 1000,
+        rotary_dim: int | None = None,
+        ff_mult: int = 4,
+        cosine_sim_scale: float = 16.0,
+        relative_position_buckets: int = 32,
+        relative_position_max_distance: int = 128,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        rotary_dim = min(32, attention_head_dim) if rotary_dim is None else rotary_dim
+        if rotary_dim % 2 or rotary_dim > attention_head_dim:
+            raise ValueError(
+                f"`rotary_dim` must be even and at most `attention_head_dim` ({attention_head_dim}), got {rotary_dim}."
+            )
+        self.text_proj = nn.Linear(text_embedding_dim, embedding_dim)
+        self.time_embedding = ConditionMLP(embedding_dim, embedding_dim)
+        self.mask_embedding = ConditionMLP(mask_size * mask_size, embedding_dim)
+        self.relative_position_bias = nn.Embedding(relative_position_buckets, num_attention_heads)
+        # A (frozen) parameter, as in the reference, so the parameter count matches the released model.
+        frequencies = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
+        self.rotary_frequencies = nn.Parameter(frequencies, requires_grad=False)
+        self.blocks = nn.ModuleList(
+            [
+                CompoDiffBlock(
+                    embedding_dim,
+                    num_attention_heads,
+                    attention_head_dim,
+                    num_cross_attention_heads,
+                    cosine_sim_scale,
+                    ff_mult,
+                    dropout,
+                )
+                for _ in range(num_layers)
+            ]
+        )
+        self.norm_out = GainLayerNorm(embedding_dim, stable=True)
+        self.proj_out = nn.Linear(embedding_dim, embedding_dim, bias=False)
+        self.gradient_checkpointing = False
+
+    # ------------------------------------------------------------------ inputs
+
+    def _as_batch_vector(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        width = self.config.embedding_dim
+        if tensor.ndim == 3 and tensor.shape[1] == 1:
+            tensor = tensor[:, 0]
+        if tensor.ndim != 2 or tensor.shape[-1] != width:
+            raise ValueError(
+                f"`{name}` must have shape [batch, {width}] or [batch, 1, {width}], got {tuple(tensor.shape)}."
+            )
+        return tensor
+
+    def _check_mask(self, mask: torch.Tensor | None, batch: int, reference: torch.Tensor) -> torch.Tensor:
+        size = self.config.mask_size
+        if mask is None:
+            return reference.new_zeros(batch, size, size)
+        if mask.ndim == 4 and mask.shape[1] == 1:
+            mask = mask[:, 0]
+        if mask.ndim != 3 or mask.shape[1:] != (size, size) or mask.shape[0] != batch:
+            raise ValueError(f"`mask` must have shape [{batch}, {size}, {size}], got {tuple(mask.shape)}.")
+        return mask
+
+    # ------------------------------------------------------------------ context
+
+    def encode_context(
+        self,
+        image_embeds: torch.Tensor,
+        text_hidden_states: torch.Tensor,
+        mask: torch.Tensor | None = None,
+    ) -> CompoDiffContext:
+        """Everything that does not depend on the denoising step, computed once per query.
+
+        Args:
+            image_embeds: `[batch, embedding_dim]` (or `[batch, 1, embedding_dim]`) reference image embeddings;
+                zeros for "no image".
+            text_hidden_states: `[batch, length, text_embedding_dim]` CLIP text last hidden states.
+            mask: `[batch, mask_size, mask_size]`; `None` means an all-zero mask.
+        """
+        image_embeds = self._as_batch_vector("image_embeds", image_embeds)
+        batch = image_embeds.shape[0]
+        if (
+            text_hidden_states.ndim != 3
+            or text_hidden_states.shape[0] != batch
+            or text_hidden_states.shape[-1] != self.config.text_embedding_dim
+        ):
+            raise ValueError(
+                f"`text_hidden_states` must have shape [{batch}, length, {self.config.text_embedding_dim}], "
+                f"got {tuple(text_hidden_states.shape)}."
+            )
+        mask = self._check_mask(mask, batch, image_embeds)
+        dtype = self.text_proj.weight.dtype
+        text_tokens = self.text_proj(text_hidden_states.to(dtype))
+        mask_token = self.mask_embedding(mask.flatten(1)).to(dtype)
+        context = torch.cat((text_tokens, image_embeds.to(dtype)[:, None], mask_token[:, None]), dim=1)
+        return CompoDiffContext([block.cross_attn.context_key_value(context) for block in self.blocks])
+
+    def _rotary_and_bias(self, length: int, device: torch.device, dtype: torch.dtype):
+        positions = torch.arange(length, device=device, dtype=torch.float32)
+        angles = positions[:, None] * self.rotary_frequencies.float()[None, :]
+        angles = angles.repeat_interleave(2, dim=-1)
+        query_positions = torch.arange(length, device=device)
+        key_positions = torch.arange(length + 1, device=device)
+        buckets = relative_position_bucket(
+            key_positions[None, :] - query_positions[:, None],
+            self.config.relative_position_buckets,
+            self.config.relative_position_max_distance,
+        )
+        bias = self.relative_position_bias(buckets).permute(2, 0, 1)  # [heads, queries, keys]
+        return angles.cos().to(dtype), angles.sin().to(dtype), bias.to(dtype)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor | int | float,
+        image_embeds: torch.Tensor | None = None,
+        text_hidden_states: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        return_dict: bool = True,
+        context: CompoDiffContext | None = None,
+    ) -> CompoDiffTransformerOutput | tuple[torch.Tensor]:
+        """
+        Args:
+            hidden_states: `[batch, embedding_dim]` or `[batch, 1, embedding_dim]` noisy embedding x_t.
+            timestep: integer timestep(s), a scalar or `[batch]`.
+            image_embeds, text_hidden_states, mask: the conditions (see :meth:`encode_context`).
+            context: a precomputed :class:`CompoDiffContext`, used instead of the three conditions.
+
+        Returns:
+            `CompoDiffTransformerOutput` with `predicted_image_embedding` `[batch, embedding_dim]`.
+        """
+        squeeze_back = hidden_states.ndim == 3
+        hidden_states = self._as_batch_vector("hidden_states", hidden_states)
+        batch = hidden_states.shape[0]
+        if context is None:
+            if image_embeds is None or text_hidden_states is None:
+                raise ValueError("Pass `image_embeds` and `text_hidden_states` (or a precomputed `context`).")
+            context = self.encode_context(image_embeds, text_hidden_states, mask)
+        elif context.batch_size != batch:
+            raise ValueError(f"`context` holds {context.batch_size} queries but `hidden_states` has {batch}.")
+
+        timestep = torch.as_tensor(timestep, device=hidden_states.device)
+        if timestep.ndim == 0:
+            timestep = timestep.expand(batch)
+        if timestep.shape != (batch,):
+            raise ValueError(f"`timestep` must be a scalar or have shape [{batch}], got {tuple(timestep.shape)}.")
+
+        dtype = self.proj_out.weight.dtype
+        time_token = self.time_embedding(sinusoidal_timestep_embedding(timestep, self.config.embedding_dim))
+        tokens = torch.stack((hidden_states.to(dtype), time_token.to(dtype)), dim=1)
+        rotary_cos, rotary_sin, position_bias = self._rotary_and_bias(tokens.shape[1], tokens.device, dtype)
+
+        for block, (context_key, context_value) in zip(self.blocks, context.cross_attention_kv):
+            arguments = (tokens, rotary_cos, rotary_sin, position_bias, context_key, context_value)
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                tokens = self._gradient_checkpointing_func(block, *arguments)
+            else:
+                tokens = block(*arguments)
+
+        prediction = self.proj_out(self.norm_out(tokens[:, 0]))
+        if squeeze_back:
+            prediction = prediction[:, None]
+        if not return_dict:
+            return (prediction,)
+        return CompoDiffTransformerOutput(predicted_image_embedding=prediction)

@@ -1,0 +1,511 @@
+# Copyright 2026 The diffusers-cir authors. Apache-2.0.
+"""CompoDiff: composed image retrieval by denoising a CLIP image embedding.
+
+A query is a reference image (or none), a modification text, optionally a negative text and a mask. The pipeline
+encodes them with CLIP, runs the CompoDiff prior with three-way classifier-free guidance and returns the composed
+query embedding, in the CLIP image-embedding space of the gallery.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import (
+    CLIPImageProcessor,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionModelWithProjection,
+)
+
+from ..models.compodiff_transformer import CompoDiffContext, CompoDiffTransformer
+from .utils import resolve_pretrained_path
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from PIL import Image
+        >>> from diffusers_cir import CompoDiffPipeline
+
+        >>> pipe = CompoDiffPipeline.from_pretrained("compodiff-aesthetic-diffusers")  # a converted folder
+        >>> query = pipe(
+        ...     image=Image.open("dress.jpg"), prompt="the same dress in red", negative_prompt="low quality",
+        ...     generator=torch.Generator().manual_seed(0), normalize=True,
+        ... ).image_embeds  # [1, 768], search it against CLIP ViT-L/14 image embeddings of the gallery
+        ```
+"""
+
+
+@dataclass
+class CompoDiffPipelineOutput(BaseOutput):
+    """
+    Args:
+        image_embeds (`torch.Tensor` or `np.ndarray` of shape `(batch_size, embedding_dim)`):
+            The composed query embeddings (averaged over `num_samples_per_query`), in the CLIP image space.
+    """
+
+    image_embeds: torch.Tensor | np.ndarray
+
+
+PromptType = str | list[str] | None
+ImageType = PIL.Image.Image | list[PIL.Image.Image] | torch.Tensor | np.ndarray | None
+
+
+class CompoDiffPipeline(DiffusionPipeline):
+    r"""
+    Pipeline for composed image retrieval with CompoDiff.
+
+    Args:
+        transformer ([`CompoDiffTransformer`]): The denoiser (prior) over CLIP image embeddings.
+        scheduler ([`CompoDiffScheduler`], or diffusers' `DDIMScheduler` / `DPMSolverMultistepScheduler` configured
+            with `beta_schedule="squaredcos_cap_v2"`, `prediction_type="sample"` and `clip_sample=False`).
+        text_encoder ([`~transformers.CLIPTextModel`], *optional*): Gives the text hidden states (the released
+            models use the CLIP ViT-bigG/14 text tower, width 1280).
+        tokenizer ([`~transformers.CLIPTokenizer`], *optional*).
+        image_encoder ([`~transformers.CLIPVisionModelWithProjection`], *optional*): Gives reference/gallery image
+            embeddings (CLIP ViT-L/14 for the released models).
+        image_processor ([`~transformers.CLIPImageProcessor`], *optional*).
+
+    The encoders are optional: without them the pipeline runs on precomputed `image_embeds` / `prompt_embeds`.
+    """
+
+    model_cpu_offload_seq = "text_encoder->image_encoder->transformer"
+    _optional_components = ["text_encoder", "tokenizer", "image_encoder", "image_processor"]
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(
+        self,
+        transformer: CompoDiffTransformer,
+        scheduler,
+        text_encoder: CLIPTextModel | CLIPTextModelWithProjection | None = None,
+        tokenizer: CLIPTokenizer | None = None,
+        image_encoder: CLIPVisionModelWithProjection | None = None,
+        image_processor: CLIPImageProcessor | None = None,
+    ):
+        super().__init__()
+        self.register_modules(
+            transformer=transformer,
+            scheduler=scheduler,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            image_encoder=image_encoder,
+            image_processor=image_processor,
+        )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
+        """Load a pipeline folder, or a Hub repo id (downloaded with `huggingface_hub.snapshot_download` first,
+        because diffusers' own download step rejects libraries it does not know)."""
+        local = resolve_pretrained_path(pretrained_model_name_or_path, kwargs)
+        return super().from_pretrained(local, **kwargs)
+
+    # ------------------------------------------------------------------ encoders
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.transformer.config.embedding_dim
+
+    def encode_prompt(self, prompt: str | list[str], device: torch.device | None = None) -> torch.Tensor:
+        """CLIP text last hidden states `[batch, 77, text_embedding_dim]` of one or more prompts."""
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ValueError(
+                "This pipeline has no `text_encoder`/`tokenizer`: pass `prompt_embeds` (and `negative_prompt_embeds`)."
+            )
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not all(isinstance(text, str) for text in prompts):
+            raise ValueError(f"`prompt` must be a string or a list of strings, got {type(prompt).__name__}.")
+        device = device or self._execution_device
+        tokens = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        output = self.text_encoder(
+            input_ids=tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device)
+        )
+        return output.last_hidden_state
+
+    def _pixel_values(self, images, device, dtype) -> torch.Tensor:
+        if isinstance(images, torch.Tensor):
+            return images.to(device=device, dtype=dtype)
+        if self.image_processor is None:
+            raise ValueError("This pipeline has no `image_processor`: pass preprocessed pixel values or `image_embeds`.")
+        pixel_values = self.image_processor(images=images, return_tensors="pt").pixel_values
+        return pixel_values.to(device=device, dtype=dtype)
+
+    @torch.no_grad()
+    def encode_image(
+        self,
+        images: ImageType,
+        batch_size: int = 64,
+        device: torch.device | None = None,
+        show_progress: bool = False,
+    ) -> torch.Tensor:
+        """CLIP image embeddings `[N, embedding_dim]` (projected, not normalised) of PIL images or pixel values.
+
+        This is how gallery images are encoded, so that queries and gallery share one space.
+        """
+        if self.image_encoder is None:
+            raise ValueError("This pipeline has no `image_encoder`: pass `image_embeds` instead of images.")
+        images = _as_image_list(images, "images")
+        device = device or self._execution_device
+        dtype = self.image_encoder.dtype
+        chunks = range(0, len(images), batch_size)
+        if show_progress:
+            chunks = self.progress_bar(chunks)
+        embeds = []
+        for start in chunks:
+            batch = images[start : start + batch_size]
+            if isinstance(batch, list) and batch and isinstance(batch[0], torch.Tensor):
+                batch = torch.stack(batch)
+            embeds.append(self.image_encoder(pixel_values=self._pixel_values(batch, device, dtype)).image_embeds)
+        return torch.cat(embeds)
+
+    def prepare_mask(
+        self, mask_image, batch_size: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The reference recipe: binarise the mask at the CLIP input size (its pixels are zeroed in the normalised
+        reference image) and resize it to the denoiser's `mask_size` grid, binarised again.
+
+        Returns `(mask [batch, mask_size, mask_size], pixel_mask [batch, 1, H, W] or None)`; an all-zero mask stays zero.
+        """
+        size = self.transformer.config.mask_size
+        masks = _as_image_list(mask_image, "mask_image")
+        if len(masks) == 1 and batch_size > 1:
+            masks = masks * batch_size
+        if len(masks) != batch_size:
+            raise ValueError(f"`mask_image` has {len(masks)} masks for {batch_size} queries.")
+        if isinstance(masks[0], PIL.Image.Image):
+            if self.image_processor is None:
+                raise ValueError("A PIL `mask_image` needs the pipeline's `image_processor`; pass a tensor instead.")
+            masks = [mask.convert("RGB") for mask in masks]
+            pixel_mask = self.image_processor(images=masks, do_normalize=False, return_tensors="pt").pixel_values[:, :1]
+        else:
+            pixel_mask = torch.stack([torch.as_tensor(np.asarray(mask)).float() for mask in masks])
+            if pixel_mask.ndim == 3:
+                pixel_mask = pixel_mask[:, None]
+            if pixel_mask.ndim != 4 or pixel_mask.shape[1] != 1:
+                raise ValueError(
+                    f"A tensor `mask_image` must be [H, W] or [1, H, W] per query (values in [0, 1]), "
+                    f"got {tuple(pixel_mask.shape[1:])}."
+                )
+        pixel_mask = (pixel_mask > 0.5).float().to(device)
+        mask = F.interpolate(pixel_mask, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        mask = (mask[:, 0] > 0.5).float()
+        return mask, pixel_mask
+
+    # ------------------------------------------------------------------ checks
+
+    def check_inputs(
+        self,
+        image,
+        prompt,
+        negative_prompt,
+        image_embeds,
+        prompt_embeds,
+        negative_prompt_embeds,
+        mask_image,
+        mask,
+        num_inference_steps,
+        num_samples_per_query,
+        output_type,
+        callback_on_step_end_tensor_inputs,
+    ) -> int:
+        """Validate the arguments and return the number of queries."""
+        if image is not None and image_embeds is not None:
+            raise ValueError("Pass either `image` or `image_embeds`, not both.")
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("Pass either `prompt` or `prompt_embeds`, not both.")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("Pass either `negative_prompt` or `negative_prompt_embeds`, not both.")
+        if mask_image is not None and mask is not None:
+            raise ValueError("Pass either `mask_image` (any size, binarised and resized) or `mask`, not both.")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("A query needs a text: pass `prompt` or `prompt_embeds`.")
+        if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
+        if not isinstance(num_samples_per_query, int) or num_samples_per_query < 1:
+            raise ValueError(f"`num_samples_per_query` must be a positive integer, got {num_samples_per_query!r}.")
+        if output_type not in ("pt", "np"):
+            raise ValueError(f"`output_type` must be 'pt' or 'np', got {output_type!r}.")
+        for name in callback_on_step_end_tensor_inputs or []:
+            if name not in self._callback_tensor_inputs:
+                raise ValueError(f"`callback_on_step_end_tensor_inputs` may name {self._callback_tensor_inputs}, got {name!r}.")
+
+        sizes = {}
+        if prompt is not None:
+            if isinstance(prompt, str):
+                sizes["prompt"] = 1
+            elif isinstance(prompt, (list, tuple)) and all(isinstance(text, str) for text in prompt):
+                sizes["prompt"] = len(prompt)
+            else:
+                raise ValueError(f"`prompt` must be a string or a list of strings, got {type(prompt).__name__}.")
+        text_dim = self.transformer.config.text_embedding_dim
+        for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+            if embeds is None:
+                continue
+            if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3 or embeds.shape[-1] != text_dim:
+                shape = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
+                raise ValueError(f"`{name}` must be a tensor of shape [batch, length, {text_dim}], got {shape}.")
+            sizes[name] = embeds.shape[0]
+        if image_embeds is not None:
+            if not isinstance(image_embeds, torch.Tensor):
+                raise ValueError(f"`image_embeds` must be a torch.Tensor, got {type(image_embeds).__name__}.")
+            if image_embeds.ndim == 3 and image_embeds.shape[1] == 1:
+                image_embeds = image_embeds[:, 0]
+            if image_embeds.ndim != 2 or image_embeds.shape[-1] != self.embedding_dim:
+                raise ValueError(
+                    f"`image_embeds` must have shape [batch, {self.embedding_dim}], got {tuple(image_embeds.shape)}."
+                )
+            sizes["image_embeds"] = image_embeds.shape[0]
+        if image is not None:
+            sizes["image"] = len(_as_image_list(image, "image"))
+        if mask is not None:
+            size = self.transformer.config.mask_size
+            if not isinstance(mask, torch.Tensor) or mask.ndim != 3 or tuple(mask.shape[1:]) != (size, size):
+                shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+                raise ValueError(f"`mask` must be a tensor of shape [batch, {size}, {size}], got {shape}.")
+            sizes["mask"] = mask.shape[0]
+        if isinstance(negative_prompt, (list, tuple)) and len(negative_prompt) != 1:
+            sizes["negative_prompt"] = len(negative_prompt)
+
+        batch_sizes = set(sizes.values())
+        # A single negative text/embedding or mask may serve every query.
+        for broadcastable in ("negative_prompt_embeds", "mask"):
+            if sizes.get(broadcastable) == 1 and len(batch_sizes) > 1:
+                sizes.pop(broadcastable)
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"Batch sizes do not match: {sizes}.")
+        return next(iter(sizes.values()))
+
+    # ------------------------------------------------------------------ sampling
+
+    def _conditions(self, image_embeds, prompt_embeds, negative_prompt_embeds, mask) -> CompoDiffContext:
+        """Context of the three guidance branches `[text+image, negative+image, negative+zero image]`."""
+        zeros = torch.zeros_like(image_embeds)
+        return self.transformer.encode_context(
+            torch.cat([image_embeds, image_embeds, zeros]),
+            torch.cat([prompt_embeds, negative_prompt_embeds, negative_prompt_embeds]),
+            torch.cat([mask, mask, mask]),
+        )
+
+    def _step_kwargs(self, generator, eta) -> dict:
+        accepted = set(inspect.signature(self.scheduler.step).parameters)
+        kwargs = {}
+        if "generator" in accepted:
+            kwargs["generator"] = generator
+        if eta is not None:
+            if "eta" not in accepted:
+                raise ValueError(f"{type(self.scheduler).__name__}.step takes no `eta`.")
+            kwargs["eta"] = eta
+        return kwargs
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        image: ImageType = None,
+        prompt: PromptType = None,
+        negative_prompt: PromptType = None,
+        mask_image: ImageType = None,
+        image_embeds: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        num_inference_steps: int = 10,
+        guidance_scale: float = 7.5,
+        image_guidance_scale: float = 1.5,
+        num_samples_per_query: int = 1,
+        source_weight: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        eta: float | None = None,
+        normalize: bool = False,
+        output_type: str = "pt",
+        return_dict: bool = True,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ) -> CompoDiffPipelineOutput | tuple:
+        r"""
+        Compose queries: reference image(s) + modification text(s) -> CLIP image embedding(s).
+
+        Args:
+            image (PIL image(s), or pixel values `[B, 3, H, W]`, *optional*): Reference images. Without `image` and
+                `image_embeds` the query is text only (the image condition is a zero embedding).
+            prompt (`str` or `list[str]`): Modification texts ("as a pencil sketch").
+            negative_prompt (`str` or `list[str]`, *optional*): What the result should not have. Defaults to `""`.
+            mask_image (PIL image(s) or `[H, W]` tensors, *optional*): Region of the reference to change (white = 1):
+                those pixels are zeroed before CLIP encoding and the mask conditions the denoiser.
+            image_embeds (`[B, D]`), prompt_embeds (`[B, L, text_dim]`), negative_prompt_embeds, mask
+                (`[B, mask_size, mask_size]`), *optional*: Precomputed conditions instead of images/texts/masks.
+            num_inference_steps (`int`, defaults to 10): Steps of the sampler. With `CompoDiffScheduler` the
+                reference grid makes `num_inference_steps - 1` network calls.
+            guidance_scale (`float`, defaults to 7.5): Text guidance `w_text`.
+            image_guidance_scale (`float`, defaults to 1.5): Image guidance `w_image`.
+                The guided prediction is `u + (c - n) * w_text + (n - u) * w_image`.
+            num_samples_per_query (`int`, defaults to 1): Samples drawn per query and averaged.
+            source_weight (`float`, defaults to 0.0): Mix `(1 - w) * result + w * reference embedding` (0.1
+                keeps more of the reference image; ignored for text-only queries).
+            generator (`torch.Generator`, *optional*): Makes the result deterministic.
+            latents (`[B * num_samples_per_query, D]`, *optional*): Initial noise.
+            eta (`float`, *optional*): Sampler stochasticity, for schedulers whose `step` takes it.
+            normalize (`bool`, defaults to `False`): L2-normalise the output (what retrieval needs).
+            output_type (`"pt"` or `"np"`).
+            return_dict (`bool`, defaults to `True`).
+            callback_on_step_end (`Callable`, *optional*): Called as `callback(pipe, step, timestep, kwargs)` after
+                every step; may return `{"latents": ...}` to replace them.
+            callback_on_step_end_tensor_inputs (`list[str]`, *optional*): Tensors passed to the callback.
+
+        Returns:
+            [`CompoDiffPipelineOutput`] or a tuple `(image_embeds,)`.
+        """
+        callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+        batch_size = self.check_inputs(
+            image, prompt, negative_prompt, image_embeds, prompt_embeds, negative_prompt_embeds, mask_image, mask,
+            num_inference_steps, num_samples_per_query, output_type, callback_on_step_end_tensor_inputs,
+        )
+        device = self._execution_device
+        dtype = self.transformer.dtype
+        text_only = image is None and image_embeds is None
+
+        # 1. mask
+        pixel_mask = None
+        if mask_image is not None:
+            mask, pixel_mask = self.prepare_mask(mask_image, batch_size, device)
+        elif mask is not None and mask.shape[0] == 1 and batch_size > 1:
+            mask = mask.expand(batch_size, -1, -1)
+        if mask is None:
+            mask = torch.zeros(batch_size, self.transformer.config.mask_size, self.transformer.config.mask_size)
+        mask = mask.to(device=device, dtype=dtype)
+
+        # 2. reference image embedding
+        if image is not None:
+            images = _as_image_list(image, "image")
+            pixel_values = self._pixel_values(
+                torch.stack(images) if isinstance(images[0], torch.Tensor) else images, device, self.image_encoder.dtype
+                if self.image_encoder is not None else dtype,
+            )
+            if pixel_mask is not None:
+                if pixel_mask.shape[-2:] != pixel_values.shape[-2:]:
+                    pixel_mask = F.interpolate(pixel_mask, size=pixel_values.shape[-2:], mode="nearest")
+                pixel_values = pixel_values * (1 - pixel_mask.to(pixel_values.dtype))
+            if self.image_encoder is None:
+                raise ValueError("This pipeline has no `image_encoder`: pass `image_embeds` instead of `image`.")
+            image_embeds = self.image_encoder(pixel_values=pixel_values).image_embeds
+        elif image_embeds is None:
+            image_embeds = torch.zeros(batch_size, self.embedding_dim)
+        if image_embeds.ndim == 3:
+            image_embeds = image_embeds[:, 0]
+        image_embeds = image_embeds.to(device=device, dtype=dtype)
+
+        # 3. texts
+        if prompt_embeds is None:
+            prompt_embeds = self.encode_prompt(prompt, device)
+        if negative_prompt_embeds is None:
+            if negative_prompt is None:
+                negative_prompt = ""
+            if isinstance(negative_prompt, str):
+                negative_prompt_embeds = self.encode_prompt([negative_prompt], device)
+            else:
+                negative_prompt_embeds = self.encode_prompt(list(negative_prompt), device)
+        prompt_embeds = prompt_embeds.to(device=device, dtype=dtype)
+        negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
+        if negative_prompt_embeds.shape[0] == 1 and batch_size > 1:
+            negative_prompt_embeds = negative_prompt_embeds.expand(batch_size, -1, -1)
+        if negative_prompt_embeds.shape[1] != prompt_embeds.shape[1]:
+            raise ValueError(
+                f"`prompt_embeds` ({prompt_embeds.shape[1]} tokens) and `negative_prompt_embeds` "
+                f"({negative_prompt_embeds.shape[1]} tokens) must have the same length."
+            )
+
+        # 4. everything step-independent, once per query, then one row per sample ((b r) order as the reference)
+        samples = num_samples_per_query
+        context = self._conditions(image_embeds, prompt_embeds, negative_prompt_embeds, mask)
+        if samples > 1:
+            context = context.repeat_interleave(samples)
+
+        # 5. noise
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        shape = (batch_size * samples, self.embedding_dim)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        else:
+            if latents.ndim == 3 and latents.shape[1] == 1:
+                latents = latents[:, 0]
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"`latents` must have shape {list(shape)}, got {tuple(latents.shape)}.")
+            latents = latents.to(device=device, dtype=dtype)
+        latents = latents * self.scheduler.init_noise_sigma
+        step_kwargs = self._step_kwargs(generator, eta)
+
+        # 6. denoise, the three branches as one batch
+        timesteps = self.scheduler.timesteps
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for index, t in enumerate(timesteps):
+                model_input = self.scheduler.scale_model_input(latents, t)
+                prediction = self.transformer(
+                    torch.cat([model_input] * 3), t, context=context
+                ).predicted_image_embedding
+                conditional, negative, unconditional = prediction.chunk(3)
+                x0 = (
+                    unconditional
+                    + (conditional - negative) * guidance_scale
+                    + (negative - unconditional) * image_guidance_scale
+                )
+                latents = self.scheduler.step(x0, t, latents, **step_kwargs).prev_sample
+                if callback_on_step_end is not None:
+                    # A loop, not a comprehension: comprehensions cannot see this frame's locals on Python 3.11.
+                    step_locals = locals()
+                    callback_kwargs = {}
+                    for name in callback_on_step_end_tensor_inputs:
+                        callback_kwargs[name] = step_locals[name]
+                    callback_outputs = callback_on_step_end(self, index, t, callback_kwargs)
+                    latents = callback_outputs.pop("latents", latents)
+                progress_bar.update()
+
+        # 7. average the samples of each query, mix in the source, normalise
+        result = latents.view(batch_size, samples, -1).mean(dim=1)
+        if source_weight and not text_only:
+            result = (1 - source_weight) * result + source_weight * image_embeds
+        if normalize:
+            result = F.normalize(result.float(), dim=-1).to(result.dtype)
+
+        self.maybe_free_model_hooks()
+        if output_type == "np":
+            result = result.float().cpu().numpy()
+        if not return_dict:
+            return (result,)
+        return CompoDiffPipelineOutput(image_embeds=result)
+
+
+def _as_image_list(images, name: str) -> list:
+    """A list of per-query images (PIL, arrays or tensors) from one image, a list, or a batched tensor/array."""
+    if isinstance(images, PIL.Image.Image):
+        return [images]
+    if isinstance(images, torch.Tensor):
+        if images.ndim == 4 or (name == "mask_image" and images.ndim == 3):
+            return list(images)
+        return [images]
+    if isinstance(images, np.ndarray):
+        if images.ndim == 4 or (name == "mask_image" and images.ndim == 3 and images.shape[-1] not in (1, 3, 4)):
+            return list(images)
+        return [images]
+    if isinstance(images, (list, tuple)) and len(images) > 0:
+        return list(images)
+    raise ValueError(
+        f"`{name}` must be a PIL image, a list of PIL images, or a tensor/array, got {type(images).__name__}"
+        + (" (empty)" if isinstance(images, (list, tuple)) else "")
+        + "."
+    )
