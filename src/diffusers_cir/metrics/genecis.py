@@ -1,0 +1,136 @@
+"""GeneCIS: Recall@1, 2, 3 inside each template's own small gallery.
+
+Definitions (``DEFINITIONS.md`` §4; facebookresearch/genecis ``eval/eval_functions.py`` 82-137 and
+``utils/metric_utils.py`` 6-46):
+
+* The candidates of a template are ``[target] + gallery``: the target is at index 0 by construction, and
+  the reference is not a candidate.
+* ``R@K = mean_t 1[index 0 in the top-K]`` per task (the official code prints fractions).
+* The paper's "Average R@1" is the unweighted mean over the four tasks (not computed by the repo code).
+
+Ties (change_object has a template whose target also appears among the distractors) are broken in favour of
+the lower candidate index, so the target wins a tie with a later duplicate.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from ._inputs import check_ks
+from .ranking import check_scale, hits_at_k, ranks_from_scores
+
+__all__ = [
+    "GENECIS_TASKS",
+    "GENECIS_RECALL_KS",
+    "genecis_per_query",
+    "genecis_recall_at_k",
+    "genecis_average_over_tasks",
+]
+
+GENECIS_TASKS = ("focus_attribute", "change_attribute", "focus_object", "change_object")
+GENECIS_RECALL_KS = (1, 2, 3)
+
+
+def _candidate_score_matrix(candidate_scores: Any) -> torch.Tensor:
+    """Rectangular ``[T, C]`` scores; ragged rows (templates with fewer candidates) are padded with -inf."""
+    if isinstance(candidate_scores, (torch.Tensor, np.ndarray)):
+        matrix = torch.as_tensor(candidate_scores)
+        if matrix.ndim != 2:
+            raise ValueError(f"`candidate_scores` must be [num_templates, num_candidates], got {tuple(matrix.shape)}.")
+        matrix = matrix.to(torch.float64) if not matrix.is_floating_point() else matrix
+    else:
+        rows = [np.asarray(row, dtype=np.float64) for row in candidate_scores]
+        if any(row.ndim != 1 for row in rows):
+            raise ValueError("`candidate_scores` must hold one list of candidate scores per template.")
+        width = max((row.shape[0] for row in rows), default=0)
+        matrix = torch.full((len(rows), width), float("-inf"), dtype=torch.float64)
+        for index, row in enumerate(rows):
+            if not np.all(np.isfinite(row)):
+                raise ValueError(f"`candidate_scores[{index}]` has a non-finite score; scores must be finite.")
+            matrix[index, : row.shape[0]] = torch.from_numpy(row)
+    return matrix
+
+
+def genecis_per_query(
+    candidate_scores: Any,
+    *,
+    target_indices: Any = 0,
+    ks: Sequence[int] = GENECIS_RECALL_KS,
+) -> dict[str, np.ndarray]:
+    """Per-template 0/1 ``recall_at{K}`` from each template's candidate scores.
+
+    Args:
+        candidate_scores: ``[T, C]`` (or ragged) similarity of each template's query to its candidates,
+            ordered ``[target] + gallery`` as the official datasets do.
+        target_indices: the target's candidate index, an int for all templates (0, official) or ``[T]``.
+
+    Example:
+
+    ```py
+    >>> genecis_per_query([[0.2, 0.9, 0.1], [0.8, 0.3, 0.1]], ks=(1, 2))["recall_at1"].tolist()
+    [False, True]
+
+    ```
+    """
+    ks = check_ks(ks, "ks")
+    scores = _candidate_score_matrix(candidate_scores)
+    num_templates, num_candidates = scores.shape
+    if isinstance(target_indices, (int, np.integer)):
+        target_indices = np.full(num_templates, int(target_indices), dtype=np.int64)
+    target_indices = np.asarray(target_indices)
+    if target_indices.shape != (num_templates,):
+        raise ValueError(f"`target_indices` must be an int or have shape [{num_templates}], got {target_indices.shape}.")
+    if num_templates and (target_indices.min() < 0 or target_indices.max() >= num_candidates):
+        raise ValueError(f"`target_indices` must be candidate positions in [0, {num_candidates}).")
+    ranks = ranks_from_scores(scores, target_indices)
+    return {f"recall_at{k}": hits_at_k(ranks, k) for k in ks}
+
+
+def genecis_recall_at_k(
+    candidate_scores: Any,
+    *,
+    target_indices: Any = 0,
+    ks: Sequence[int] = GENECIS_RECALL_KS,
+    scale: str = "percent",
+) -> dict[str, float]:
+    """``recall_at{K}`` of one GeneCIS task (papers report percent; the official code prints fractions).
+
+    Example:
+
+    ```py
+    >>> genecis_recall_at_k([[0.2, 0.9, 0.1], [0.8, 0.3, 0.1]], ks=(1, 2), scale="fraction")
+    {'recall_at1': 0.5, 'recall_at2': 1.0}
+
+    ```
+    """
+    factor = check_scale(scale)
+    hits = genecis_per_query(candidate_scores, target_indices=target_indices, ks=ks)
+    return {name: factor * float(np.mean(value)) for name, value in hits.items()}
+
+
+def genecis_average_over_tasks(per_task: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """Flatten per-task results to ``{task}_recall_at{K}`` and add ``average_recall_at{K}`` (unweighted mean).
+
+    Example:
+
+    ```py
+    >>> genecis_average_over_tasks({"focus_object": {"recall_at1": 50.0}, "change_object": {"recall_at1": 25.0}})
+    {'focus_object_recall_at1': 50.0, 'change_object_recall_at1': 25.0, 'average_recall_at1': 37.5}
+
+    ```
+    """
+    if not per_task:
+        raise ValueError("`per_task` is empty; pass at least one task's results.")
+    unknown = set(per_task) - set(GENECIS_TASKS)
+    if unknown:
+        raise ValueError(f"Unknown GeneCIS tasks {sorted(unknown)}; expected some of {list(GENECIS_TASKS)}.")
+    names = [list(result) for result in per_task.values()]
+    if any(set(name_list) != set(names[0]) for name_list in names):
+        raise ValueError(f"Every task must report the same metrics, got {names}.")
+    metrics = {f"{task}_{name}": float(value) for task, result in per_task.items() for name, value in result.items()}
+    for name in names[0]:
+        metrics[f"average_{name}"] = float(np.mean([result[name] for result in per_task.values()]))
+    return metrics
