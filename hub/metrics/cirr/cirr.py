@@ -1,0 +1,77 @@
+"""CIRR Recall@K, Recall_subset@K and Avg as an `evaluate` metric (a thin wrapper over diffusers_cir.metrics)."""
+
+import datasets
+import evaluate
+
+from diffusers_cir.metrics import CIRR_RECALL_KS, CIRR_SUBSET_KS, compute_cirr_metrics
+
+_CITATION = """\
+@inproceedings{liu2021cirr,
+  title={Image Retrieval on Real-life Images with Pre-trained Vision-and-Language Models},
+  author={Liu, Zheyuan and Rodriguez-Opazo, Cristian and Teney, Damien and Gould, Stephen},
+  booktitle={ICCV},
+  year={2021}
+}
+"""
+
+_DESCRIPTION = """\
+CIRR composed image retrieval metrics, matching the official validation code (CLIP4Cir / SEARLE / LinCIR) to the
+digit: each query's reference image is deleted from its ranking before Recall@K (K = 1, 5, 10, 50);
+Recall_subset@K (K = 1, 2, 3) ranks the 5 other members of the query's image set; Avg = (R@5 + R_subset@1) / 2.
+Values are percentages. The gallery must be the whole split (all of split.rc2.<split>.json).
+"""
+
+_KWARGS_DESCRIPTION = """
+Args:
+    predictions (`list` of `list` of `str` or `int`): per query, gallery ids ranked best first: the whole
+        ranking, or enough of it (at least K + 1 ids for Recall@K; the subset ranking is read from it too).
+    references (`list` of `str` or `int`): per query, the target image id (`target_hard`).
+    reference_ids (`list` of `str` or `int`): per query, the reference image id (deleted from its ranking).
+    group_members (`list` of `list` of `str` or `int`): per query, `img_set.members` (6 ids, reference included).
+    recall_ks (`tuple` of `int`, optional): Recall@K cutoffs, default (1, 5, 10, 50).
+    subset_ks (`tuple` of `int`, optional): Recall_subset@K cutoffs, default (1, 2, 3).
+    scale (`str`, optional): "percent" (default, as published) or "fraction".
+Returns:
+    recall_at{K}, recall_subset_at{K}, avg (`float`).
+Examples:
+    >>> cirr = evaluate.load("hub/metrics/cirr")
+    >>> cirr.compute(predictions=[["r", "t", "a", "b", "c", "d"]], references=["t"], reference_ids=["r"],
+    ...              group_members=[["r", "t", "a", "x", "y", "z"]], recall_ks=(1, 5), subset_ks=(1,))
+    {'recall_at1': 100.0, 'recall_at5': 100.0, 'recall_subset_at1': 100.0, 'avg': 100.0}
+"""
+
+
+def _features(id_type: str) -> datasets.Features:
+    return datasets.Features(
+        {
+            "predictions": datasets.Sequence(datasets.Value(id_type)),
+            "references": datasets.Value(id_type),
+            "reference_ids": datasets.Value(id_type),
+            "group_members": datasets.Sequence(datasets.Value(id_type)),
+        }
+    )
+
+
+@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
+class CIRR(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            description=_DESCRIPTION,
+            citation=_CITATION,
+            inputs_description=_KWARGS_DESCRIPTION,
+            # CIRR names images with strings; int ids (e.g. positions in a gallery) work too.
+            features=[_features("string"), _features("int64")],
+            reference_urls=["https://github.com/Cuberick-Orion/CIRR", "https://github.com/ABaldrati/CLIP4Cir"],
+        )
+
+    def _compute(self, predictions, references, reference_ids, group_members, recall_ks=CIRR_RECALL_KS,
+                 subset_ks=CIRR_SUBSET_KS, scale="percent"):
+        return compute_cirr_metrics(
+            target_ids=references,
+            reference_ids=reference_ids,
+            ranked_ids=predictions,
+            group_members=group_members,
+            recall_ks=recall_ks,
+            subset_ks=subset_ks,
+            scale=scale,
+        )
