@@ -1,10 +1,14 @@
-"""FashionIQ caption joining (the loader joins these into queries)."""
+"""FashionIQ loader (per-category captions + image splits) and the official caption-joining conventions."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
-__all__ = ["FASHIONIQ_CAPTION_STYLES", "join_fashioniq_captions"]
+from ...metrics.fashioniq import FASHIONIQ_CATEGORIES
+from .base import BenchmarkLayoutError, CIRBenchmark, CIRQuery, ImageRef, find_file, read_json, require_keys
+
+__all__ = ["FASHIONIQ_CAPTION_STYLES", "FASHIONIQ_SPLITS", "join_fashioniq_captions", "load_fashioniq"]
 
 FASHIONIQ_CAPTION_STYLES = ("clip4cir", "searle")
 # Characters stripped from both ends of each caption by CLIP4Cir and SEARLE/LinCIR (``str.strip('.?, ')``).
@@ -43,3 +47,75 @@ def join_fashioniq_captions(captions: Sequence[str], style: str = "clip4cir", te
     if style == "searle":
         return [template.format(f"{first} and {second}"), template.format(f"{second} and {first}")]
     raise ValueError(f"Unknown FashionIQ caption style {style!r}; choose one of {FASHIONIQ_CAPTION_STYLES}.")
+
+
+FASHIONIQ_SPLITS = ("train", "val", "test")
+
+FASHIONIQ_LAYOUT = """\
+  <root>/                                  (the FashionIQ dataset folder)
+    captions/cap.{dress,shirt,toptee}.{train,val,test}.json
+    image_splits/split.{dress,shirt,toptee}.{train,val,test}.json
+    images/<image id>.png
+  (a flat folder holding the JSON files is accepted too)"""
+
+
+def load_fashioniq(
+    root: str | Path, category: str, split: str = "val", image_extension: str = ".png"
+) -> CIRBenchmark:
+    """Load one FashionIQ category: its triplets and, as gallery, every id of ``split.<category>.<split>.json``.
+
+    Each category is evaluated on its own gallery; the reference ("candidate") stays in it and is not removed
+    from rankings. Triplets sharing a candidate are all kept. Each query keeps its two raw captions: build
+    the text with :func:`join_fashioniq_captions`.
+
+    Example:
+
+    ```py
+    >>> from diffusers_cir.data.benchmarks import load_fashioniq
+    >>> dress = load_fashioniq("fashionIQ_dataset", "dress", split="val")  # doctest: +SKIP
+    >>> len(dress), len(dress.gallery_ids)  # doctest: +SKIP
+    (2017, 3817)
+
+    ```
+    """
+    if category not in FASHIONIQ_CATEGORIES:
+        raise ValueError(f"FashionIQ categories are {FASHIONIQ_CATEGORIES}, got {category!r}.")
+    if split not in FASHIONIQ_SPLITS:
+        raise ValueError(f"FashionIQ has splits {FASHIONIQ_SPLITS}, got {split!r}.")
+    root = Path(root)
+    captions_file = find_file(
+        root, [f"captions/cap.{category}.{split}.json", f"cap.{category}.{split}.json"],
+        f"FashionIQ {category} {split} captions (cap.{category}.{split}.json)", FASHIONIQ_LAYOUT,
+    )
+    split_file = find_file(
+        root, [f"image_splits/split.{category}.{split}.json", f"split.{category}.{split}.json"],
+        f"FashionIQ {category} {split} image split (split.{category}.{split}.json)", FASHIONIQ_LAYOUT,
+    )
+    gallery_ids = read_json(split_file, list, f"FashionIQ {category} image split: a list of image ids")
+    images = {image_id: ImageRef(image_id, root / "images" / f"{image_id}{image_extension}") for image_id in gallery_ids}
+
+    has_labels = split != "test"
+    keys = ["candidate", "captions"] + (["target"] if has_labels else [])
+    queries = []
+    for index, entry in enumerate(read_json(captions_file, list, f"FashionIQ {category} captions")):
+        require_keys(entry, keys, captions_file, index, "FashionIQ triplet")
+        for image_id in [entry["candidate"]] + ([entry["target"]] if has_labels else []):
+            if image_id not in images:
+                raise BenchmarkLayoutError(
+                    f"{captions_file}: triplet {index} uses image {image_id!r}, which is not in {split_file}; "
+                    "the captions and the image split must be of the same category and split."
+                )
+        if len(entry["captions"]) != 2:
+            raise BenchmarkLayoutError(f"{captions_file}: triplet {index} has {len(entry['captions'])} captions, expected 2.")
+        target = entry["target"] if has_labels else None
+        queries.append(
+            CIRQuery(
+                query_id=index,
+                reference_id=entry["candidate"],
+                captions=list(entry["captions"]),
+                target_id=target,
+                ground_truth_ids=[target] if has_labels else [],
+                extra={"category": category},
+            )
+        )
+    return CIRBenchmark("fashioniq", split, category, queries, list(gallery_ids), images, has_labels)
