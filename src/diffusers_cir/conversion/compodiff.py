@@ -184,9 +184,25 @@ def convert_compodiff_state_dict(
             unknown.append(_NET_PREFIX + key)
     if unknown:
         raise CompoDiffConversionError(f"Unknown keys in the checkpoint (not CompoDiff?): {sorted(unknown)[:10]}")
+    _check_schedule(state_dict, config.get("num_train_timesteps", 1000))
     if rotary is not None:
         converted["rotary_frequencies"] = rotary
     return config, converted
+
+
+def _check_schedule(state_dict: Mapping[str, torch.Tensor], num_train_timesteps: int) -> None:
+    """The schedule buffers are dropped because CompoDiffScheduler recomputes them: make sure they agree."""
+    stored = state_dict.get(_SCHEDULE_PREFIX + "alphas_cumprod")
+    if stored is None:
+        return
+    from ..schedulers.scheduling_compodiff import CompoDiffScheduler
+
+    expected = CompoDiffScheduler(num_train_timesteps=num_train_timesteps).alphas_cumprod
+    if stored.shape != expected.shape or (stored.float() - expected).abs().max() > 1e-6:
+        raise CompoDiffConversionError(
+            "The checkpoint's noise schedule (`model.noise_scheduler.alphas_cumprod`) is not the cosine schedule "
+            "that CompoDiffScheduler computes; sampling it with this package would be wrong."
+        )
 
 
 def convert_compodiff_checkpoint(checkpoint_path: str, torch_dtype: torch.dtype | None = None) -> CompoDiffTransformer:
@@ -214,3 +230,59 @@ def convert_compodiff_checkpoint(checkpoint_path: str, torch_dtype: torch.dtype 
     if torch_dtype is not None:
         model = model.to(torch_dtype)
     return model.eval()
+
+
+def convert_compodiff_checkpoint_to_pipeline(
+    checkpoint_path: str,
+    output_path: str,
+    text_encoder_path: str | None = None,
+    image_encoder_path: str | None = None,
+    torch_dtype: torch.dtype | None = None,
+    safe_serialization: bool = True,
+):
+    """Convert a released checkpoint into a complete :class:`~diffusers_cir.CompoDiffPipeline` folder.
+
+    ``text_encoder_path`` / ``image_encoder_path`` are local transformers folders (or Hub ids, where the Hub is
+    reachable) of the CLIP towers the model was trained with: for CompoDiff-Aesthetic the open_clip ViT-bigG/14 text
+    tower (hidden states, width 1280; with its tokenizer) and the OpenAI ViT-L/14 vision tower (with its image
+    processor). Without them the folder holds the denoiser and scheduler and runs on precomputed embeddings.
+
+    Example:
+        >>> from diffusers_cir.conversion import convert_compodiff_checkpoint_to_pipeline
+        >>> pipe = convert_compodiff_checkpoint_to_pipeline(  # doctest: +SKIP
+        ...     "CompoDiff-Aesthetic/", "compodiff-aesthetic-diffusers",
+        ...     text_encoder_path="CLIP-ViT-bigG-14-laion2B-39B-b160k", image_encoder_path="clip-vit-large-patch14")
+    """
+    from ..pipelines.pipeline_compodiff import CompoDiffPipeline
+    from ..schedulers.scheduling_compodiff import CompoDiffScheduler
+
+    transformer = convert_compodiff_checkpoint(checkpoint_path, torch_dtype=torch_dtype)
+    components = dict(
+        transformer=transformer,
+        scheduler=CompoDiffScheduler(num_train_timesteps=transformer.config.num_train_timesteps),
+    )
+    if text_encoder_path is not None:
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        text_encoder = CLIPTextModel.from_pretrained(text_encoder_path, torch_dtype=torch_dtype)
+        if text_encoder.config.hidden_size != transformer.config.text_embedding_dim:
+            raise CompoDiffConversionError(
+                f"The text encoder at {text_encoder_path!r} has hidden size {text_encoder.config.hidden_size}, but the "
+                f"denoiser expects {transformer.config.text_embedding_dim}."
+            )
+        components.update(text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(text_encoder_path))
+    if image_encoder_path is not None:
+        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+        image_encoder = CLIPVisionModelWithProjection.from_pretrained(image_encoder_path, torch_dtype=torch_dtype)
+        if image_encoder.config.projection_dim != transformer.config.embedding_dim:
+            raise CompoDiffConversionError(
+                f"The image encoder at {image_encoder_path!r} projects to {image_encoder.config.projection_dim}, but the "
+                f"denoiser works on {transformer.config.embedding_dim}-wide embeddings."
+            )
+        components.update(
+            image_encoder=image_encoder, image_processor=CLIPImageProcessor.from_pretrained(image_encoder_path)
+        )
+    pipe = CompoDiffPipeline(**components)
+    pipe.save_pretrained(output_path, safe_serialization=safe_serialization)
+    return pipe

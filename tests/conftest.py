@@ -1,0 +1,35 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def fixture_folders(marker: str) -> list[Path]:
+    """`tests/fixtures/*` plus the folders of `DIFFUSERS_CIR_EXTRA_FIXTURES` (colon-separated) that have `marker`.
+
+    A listed folder may be a fixture itself or contain fixtures one level down. Folders of other layouts (other
+    fixture families share the variable) are ignored.
+    """
+    candidates = sorted(path for path in FIXTURES.iterdir() if path.is_dir())
+    for entry in os.environ.get("DIFFUSERS_CIR_EXTRA_FIXTURES", "").split(":"):
+        if entry.strip():
+            root = Path(entry.strip())
+            candidates.append(root)
+            if root.is_dir():
+                candidates.extend(sorted(path for path in root.iterdir() if path.is_dir()))
+    seen, found = set(), []
+    for folder in candidates:
+        if (folder / marker).exists() and folder.resolve() not in seen:
+            seen.add(folder.resolve())
+            found.append(folder)
+    return found
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_torch():
+    torch.manual_seed(0)
+    yield

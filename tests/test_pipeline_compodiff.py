@@ -1,0 +1,273 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from PIL import Image
+from tiny_components import EMBED_DIM, TEXT_DIM, tiny_pipeline
+
+from diffusers_cir import CompoDiffPipeline, CompoDiffScheduler
+
+
+def _images(count, seed=0, size=(40, 48)):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline()
+
+
+def test_image_and_text_query_is_deterministic(pipe):
+    images = _images(2)
+    one = pipe(image=images, prompt=["make it red", "as a sketch"], generator=_gen(1)).image_embeds
+    two = pipe(image=images, prompt=["make it red", "as a sketch"], generator=_gen(1)).image_embeds
+    three = pipe(image=images, prompt=["make it red", "as a sketch"], generator=_gen(2)).image_embeds
+    assert one.shape == (2, EMBED_DIM)
+    assert torch.equal(one, two)
+    assert not torch.allclose(one, three)
+
+
+def test_images_equal_their_embeddings(pipe):
+    images = _images(2)
+    embeds = pipe.encode_image(images)
+    assert embeds.shape == (2, EMBED_DIM)
+    from_images = pipe(image=images, prompt=["a", "b"], generator=_gen()).image_embeds
+    from_embeds = pipe(image_embeds=embeds, prompt=["a", "b"], generator=_gen()).image_embeds
+    assert torch.allclose(from_images, from_embeds, atol=1e-6)
+
+
+def test_prompts_equal_their_embeddings(pipe):
+    image_embeds = torch.randn(2, EMBED_DIM)
+    texts = ["make it red", "as a sketch"]
+    a = pipe(image_embeds=image_embeds, prompt=texts, negative_prompt="blurry", generator=_gen()).image_embeds
+    b = pipe(
+        image_embeds=image_embeds, prompt_embeds=pipe.encode_prompt(texts), negative_prompt_embeds=pipe.encode_prompt(["blurry"]),
+        generator=_gen(),
+    ).image_embeds
+    assert torch.allclose(a, b, atol=1e-6)
+    # the default negative text is the empty string
+    c = pipe(image_embeds=image_embeds, prompt=texts, generator=_gen()).image_embeds
+    d = pipe(image_embeds=image_embeds, prompt=texts, negative_prompt="", generator=_gen()).image_embeds
+    assert torch.equal(c, d)
+    assert not torch.allclose(a, c)
+
+
+def test_text_only_uses_a_zero_image(pipe):
+    a = pipe(prompt=["a red cup"], generator=_gen()).image_embeds
+    b = pipe(image_embeds=torch.zeros(1, EMBED_DIM), prompt=["a red cup"], generator=_gen()).image_embeds
+    assert torch.equal(a, b)
+    # source weight has nothing to mix without an image
+    c = pipe(prompt=["a red cup"], source_weight=0.5, generator=_gen()).image_embeds
+    assert torch.equal(a, c)
+
+
+def test_guidance_formula(pipe):
+    """With one step the result is exactly the guided x0 of the three branches."""
+    transformer = pipe.transformer
+    image_embeds = torch.randn(2, EMBED_DIM)
+    prompt_embeds, negative = torch.randn(2, 77, TEXT_DIM), torch.randn(2, 77, TEXT_DIM)
+    latents = torch.randn(2, EMBED_DIM)
+    out = pipe(
+        image_embeds=image_embeds, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative, latents=latents,
+        num_inference_steps=2, guidance_scale=3.0, image_guidance_scale=0.5,
+    ).image_embeds
+    t = int(pipe.scheduler.timesteps[0])
+    mask = torch.zeros(2, 64, 64)
+    with torch.no_grad():
+        c = transformer(latents, t, image_embeds, prompt_embeds, mask).predicted_image_embedding
+        n = transformer(latents, t, image_embeds, negative, mask).predicted_image_embedding
+        u = transformer(latents, t, torch.zeros_like(image_embeds), negative, mask).predicted_image_embedding
+    assert torch.allclose(out, u + (c - n) * 3.0 + (n - u) * 0.5, atol=1e-5)
+
+
+def test_samples_are_averaged(pipe):
+    image_embeds = torch.randn(2, EMBED_DIM)
+    latents = torch.randn(6, EMBED_DIM)
+    prompts = ["a", "b"]
+    out = pipe(image_embeds=image_embeds, prompt=prompts, num_samples_per_query=3, latents=latents, num_inference_steps=2).image_embeds
+    singles = [
+        pipe(image_embeds=image_embeds, prompt=prompts, latents=latents[i::3], num_inference_steps=2).image_embeds
+        for i in range(3)
+    ]
+    assert torch.allclose(out, torch.stack(singles).mean(0), atol=1e-5)
+
+
+def test_source_weight_and_normalize(pipe):
+    image_embeds = torch.randn(1, EMBED_DIM)
+    base = pipe(image_embeds=image_embeds, prompt="x", generator=_gen()).image_embeds
+    mixed = pipe(image_embeds=image_embeds, prompt="x", source_weight=0.1, generator=_gen()).image_embeds
+    assert torch.allclose(mixed, 0.9 * base + 0.1 * image_embeds, atol=1e-6)
+    normalized = pipe(image_embeds=image_embeds, prompt="x", normalize=True, generator=_gen()).image_embeds
+    assert torch.allclose(normalized, base / base.norm(dim=-1, keepdim=True), atol=1e-6)
+
+
+def test_mask_image_recipe(pipe):
+    images = _images(1, size=(64, 64))
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[:, 32:] = 255
+    mask_image = Image.fromarray(mask)
+    mask64, pixel_mask = pipe.prepare_mask(mask_image, 1, torch.device("cpu"))
+    assert mask64.shape == (1, 64, 64) and set(mask64.unique().tolist()) == {0.0, 1.0}
+    assert mask64[0, :, :30].sum() == 0 and mask64[0, :, 34:].min() == 1
+    # the masked pixels are zeroed before the reference is encoded
+    pixel_values = pipe.image_processor(images=images, return_tensors="pt").pixel_values
+    expected_embeds = pipe.image_encoder(pixel_values=pixel_values * (1 - pixel_mask)).image_embeds
+    masked = pipe(image=images, prompt="x", mask_image=mask_image, generator=_gen()).image_embeds
+    by_hand = pipe(image_embeds=expected_embeds, prompt="x", mask=mask64, generator=_gen()).image_embeds
+    assert torch.allclose(masked, by_hand, atol=1e-5)
+    unmasked = pipe(image=images, prompt="x", generator=_gen()).image_embeds
+    assert not torch.allclose(masked, unmasked)
+
+
+def test_batches_broadcast_negative_and_mask(pipe):
+    image_embeds = torch.randn(3, EMBED_DIM)
+    prompts = ["a", "b", "c"]
+    batched = pipe(image_embeds=image_embeds, prompt=prompts, negative_prompt="n", mask=torch.ones(1, 64, 64), latents=torch.randn(3, EMBED_DIM).clone(), num_inference_steps=2)
+    assert batched.image_embeds.shape == (3, EMBED_DIM)
+
+
+def test_callback_can_replace_latents(pipe):
+    seen = []
+
+    def callback(pipeline, step, timestep, kwargs):
+        seen.append((step, int(timestep), kwargs["latents"].shape))
+        return {"latents": torch.zeros_like(kwargs["latents"])}
+
+    out = pipe(image_embeds=torch.randn(1, EMBED_DIM), prompt="x", num_inference_steps=3, callback_on_step_end=callback)
+    assert [s[0] for s in seen] == [0, 1]
+    assert torch.equal(out.image_embeds, torch.zeros(1, EMBED_DIM))
+
+
+def test_return_tuple_and_numpy(pipe):
+    (out,) = pipe(prompt="x", return_dict=False, generator=_gen())
+    assert isinstance(out, torch.Tensor)
+    assert isinstance(pipe(prompt="x", output_type="np").image_embeds, np.ndarray)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(image_embeds=torch.randn(1, EMBED_DIM + 1), prompt="x"), "image_embeds"),
+        (dict(image_embeds=torch.randn(2, EMBED_DIM), prompt=["x"]), "Batch sizes"),
+        (dict(image_embeds=torch.randn(1, EMBED_DIM), prompt="x", mask=torch.zeros(1, 32, 32)), "mask"),
+        (dict(prompt="x", num_inference_steps=-1), "num_inference_steps"),
+        (dict(prompt="x", num_inference_steps=0), "num_inference_steps"),
+        (dict(image=_images(1), image_embeds=torch.randn(1, EMBED_DIM), prompt="x"), "not both"),
+        (dict(prompt="x", prompt_embeds=torch.randn(1, 77, TEXT_DIM)), "not both"),
+        (dict(prompt_embeds=torch.randn(1, 77, TEXT_DIM + 1)), "prompt_embeds"),
+        (dict(image_embeds=torch.randn(1, EMBED_DIM)), "prompt"),
+        (dict(prompt=3), "prompt"),
+        (dict(prompt="x", num_samples_per_query=0), "num_samples_per_query"),
+        (dict(prompt="x", output_type="pil"), "output_type"),
+        (dict(prompt="x", latents=torch.randn(2, EMBED_DIM)), "latents"),
+        (dict(prompt="x", mask_image=Image.new("L", (8, 8)), mask=torch.zeros(1, 64, 64)), "not both"),
+    ],
+)
+def test_bad_inputs(pipe, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        pipe(**kwargs)
+
+
+def test_embeddings_only_pipeline():
+    pipe = tiny_pipeline(with_encoders=False)
+    out = pipe(image_embeds=torch.randn(2, EMBED_DIM), prompt_embeds=torch.randn(2, 77, TEXT_DIM),
+               negative_prompt_embeds=torch.randn(1, 77, TEXT_DIM), generator=_gen())
+    assert out.image_embeds.shape == (2, EMBED_DIM)
+    with pytest.raises(ValueError, match="text_encoder"):
+        pipe(image_embeds=torch.randn(1, EMBED_DIM), prompt="x")
+    with pytest.raises(ValueError, match="image_encoder"):
+        pipe.encode_image(_images(1))
+
+
+def test_save_and_reload(tmp_path, pipe):
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["transformer"] == ["diffusers_cir.models.compodiff_transformer", "CompoDiffTransformer"]
+    reloaded = CompoDiffPipeline.from_pretrained(tmp_path)
+    reloaded.set_progress_bar_config(disable=True)
+    images = _images(1)
+    for name in ("transformer", "text_encoder", "image_encoder"):
+        original, loaded = getattr(pipe, name).state_dict(), getattr(reloaded, name).state_dict()
+        assert original.keys() == loaded.keys()
+        assert all(torch.equal(original[key], loaded[key]) for key in original), name
+    a = pipe(image=images, prompt="make it blue", generator=_gen()).image_embeds
+    b = reloaded(image=images, prompt="make it blue", generator=_gen()).image_embeds
+    # Same weights; freshly loaded tensors may take another GEMM path (last-bit float32 noise in the CLIP
+    # encoders), which guidance (7.5) amplifies to ~1e-5, as in the parity tolerances.
+    assert torch.allclose(pipe.encode_image(images), reloaded.encode_image(images), atol=1e-6, rtol=0)
+    assert torch.allclose(a, b, atol=1e-4, rtol=0)
+
+
+def test_short_component_paths_reload(tmp_path, pipe):
+    """`["diffusers_cir", "Class"]` entries in model_index.json are public API too."""
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    index["transformer"] = ["diffusers_cir", "CompoDiffTransformer"]
+    index["scheduler"] = ["diffusers_cir", "CompoDiffScheduler"]
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    reloaded = CompoDiffPipeline.from_pretrained(tmp_path)
+    assert type(reloaded.transformer).__name__ == "CompoDiffTransformer"
+
+
+def test_missing_folder_without_network(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError, match="not a local folder"):
+        CompoDiffPipeline.from_pretrained("someone/not-a-cached-repo")
+
+
+class _ConstantPrior(torch.nn.Module):
+    """Predicts the same x0 whatever x_t: every correct x0-prediction sampler must end exactly there."""
+
+
+def _constant_x0_pipeline(scheduler, target):
+    pipe = tiny_pipeline(with_encoders=False, scheduler=scheduler)
+    transformer = pipe.transformer
+    original = transformer.forward
+
+    def forward(hidden_states, timestep, *args, **kwargs):
+        out = original(hidden_states, timestep, *args, **kwargs)
+        out.predicted_image_embedding = target.repeat(3, 1).to(out.predicted_image_embedding)
+        return out
+
+    transformer.forward = forward
+    return pipe
+
+
+@pytest.mark.parametrize(
+    "scheduler",
+    [
+        CompoDiffScheduler(),
+        DDIMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="sample", clip_sample=False),
+        DPMSolverMultistepScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="sample"),
+    ],
+    ids=["compodiff", "ddim", "dpm-solver"],
+)
+def test_diffusers_schedulers_work(scheduler):
+    target = torch.randn(2, EMBED_DIM)
+    pipe = _constant_x0_pipeline(scheduler, target)
+    kwargs = dict(image_embeds=torch.randn(2, EMBED_DIM), prompt_embeds=torch.randn(2, 77, TEXT_DIM),
+                  negative_prompt_embeds=torch.randn(2, 77, TEXT_DIM), num_inference_steps=5)
+    out = pipe(**kwargs, generator=_gen(0)).image_embeds
+    assert torch.allclose(out, target, atol=1e-4)
+    # and on the real (random) prior they run, deterministically
+    real = tiny_pipeline(with_encoders=False, scheduler=scheduler)
+    a = real(**kwargs, generator=_gen(0)).image_embeds
+    b = real(**kwargs, generator=_gen(0)).image_embeds
+    assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
+def test_ddim_eta_is_passed():
+    scheduler = DDIMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="sample", clip_sample=False)
+    pipe = tiny_pipeline(with_encoders=False, scheduler=scheduler)
+    kwargs = dict(image_embeds=torch.randn(1, EMBED_DIM), prompt_embeds=torch.randn(1, 77, TEXT_DIM),
+                  negative_prompt_embeds=torch.randn(1, 77, TEXT_DIM), num_inference_steps=4)
+    deterministic = pipe(**kwargs, eta=0.0, generator=_gen(0)).image_embeds
+    stochastic = pipe(**kwargs, eta=1.0, generator=_gen(0)).image_embeds
+    assert not torch.allclose(deterministic, stochastic)

@@ -1,0 +1,115 @@
+import pytest
+import torch
+from tiny_components import EMBED_DIM, TEXT_DIM, tiny_transformer
+
+from diffusers_cir.models.compodiff_transformer import relative_position_bucket
+
+
+def _inputs(batch=3):
+    return dict(
+        hidden_states=torch.randn(batch, EMBED_DIM),
+        timestep=torch.randint(0, 1000, (batch,)),
+        image_embeds=torch.randn(batch, EMBED_DIM),
+        text_hidden_states=torch.randn(batch, 77, TEXT_DIM),
+        mask=(torch.rand(batch, 64, 64) > 0.5).float(),
+    )
+
+
+def test_shapes_and_layouts():
+    model = tiny_transformer()
+    inputs = _inputs()
+    with torch.no_grad():
+        flat = model(**inputs).predicted_image_embedding
+        inputs3 = dict(inputs, hidden_states=inputs["hidden_states"][:, None], image_embeds=inputs["image_embeds"][:, None])
+        nested = model(**inputs3).predicted_image_embedding
+        (as_tuple,) = model(**inputs, return_dict=False)
+    assert flat.shape == (3, EMBED_DIM)
+    assert nested.shape == (3, 1, EMBED_DIM)
+    assert torch.allclose(flat, nested[:, 0], atol=1e-6)
+    assert torch.equal(flat, as_tuple)
+
+
+def test_every_condition_matters_and_rows_are_independent():
+    model = tiny_transformer()
+    inputs = _inputs()
+    with torch.no_grad():
+        base = model(**inputs).predicted_image_embedding
+        for name in ("timestep", "image_embeds", "text_hidden_states", "mask", "hidden_states"):
+            changed = dict(inputs)
+            value = inputs[name]
+            # a random change: a constant shift of x_t is invisible by design (every LayerNorm removes it)
+            changed[name] = (value + torch.randn_like(value.float()).to(value.dtype) * 5 + 7) if name != "mask" else 1 - value
+            if name == "timestep":
+                changed[name] = (value + 37) % 1000
+            out = model(**changed).predicted_image_embedding
+            assert not torch.allclose(out, base, atol=1e-5), name
+        single = model(**{k: v[1:2] for k, v in inputs.items()}).predicted_image_embedding
+    assert torch.allclose(single, base[1:2], atol=1e-5)
+
+
+def test_precomputed_context_equals_direct_call():
+    model = tiny_transformer()
+    inputs = _inputs()
+    with torch.no_grad():
+        direct = model(**inputs).predicted_image_embedding
+        context = model.encode_context(inputs["image_embeds"], inputs["text_hidden_states"], inputs["mask"])
+        reused = model(inputs["hidden_states"], inputs["timestep"], context=context).predicted_image_embedding
+    assert torch.equal(direct, reused)
+    with pytest.raises(ValueError, match="context"):
+        model(torch.randn(2, EMBED_DIM), 5, context=context)
+
+
+def test_missing_mask_is_zero_mask():
+    model = tiny_transformer()
+    inputs = _inputs()
+    with torch.no_grad():
+        a = model(**dict(inputs, mask=None)).predicted_image_embedding
+        b = model(**dict(inputs, mask=torch.zeros(3, 64, 64))).predicted_image_embedding
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (dict(hidden_states=torch.randn(3, EMBED_DIM + 1)), "hidden_states"),
+        (dict(image_embeds=torch.randn(2, EMBED_DIM)), "text_hidden_states"),
+        (dict(text_hidden_states=torch.randn(3, 77, TEXT_DIM + 2)), "text_hidden_states"),
+        (dict(mask=torch.zeros(3, 32, 32)), "mask"),
+        (dict(timestep=torch.zeros(2, dtype=torch.long)), "timestep"),
+    ],
+)
+def test_bad_inputs(override, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_transformer()(**dict(_inputs(), **override))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    inputs = _inputs()
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_transformer().train()
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        model(**inputs).predicted_image_embedding.square().mean().backward()
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
+    assert "rotary_frequencies" not in grads[0]
+
+
+def test_relative_position_buckets():
+    relative = torch.tensor([-200, -100, -20, -16, -15, -1, 0, 1, 5])
+    buckets = relative_position_bucket(relative, 32, 128)
+    # keys after the query (positive) share bucket 0; exact buckets up to 15; log buckets beyond; capped at 31
+    assert buckets.tolist()[4:] == [15, 1, 0, 0, 0]
+    assert buckets[3] == 16 and buckets[0] == 31 and 16 < buckets[2] < buckets[1] <= 31
+
+
+def test_half_precision_forward_uses_its_own_eps():
+    model = tiny_transformer().to(torch.bfloat16)
+    inputs = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in _inputs().items()}
+    with torch.no_grad():
+        out = model(**inputs).predicted_image_embedding
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert model.norm_out.half_precision_eps == 1e-3
