@@ -1,0 +1,72 @@
+"""Data for composed image retrieval: training triplets, benchmark loaders and a synthetic world.
+
+* :mod:`~diffusers_cir.data.synthetic`: a seeded closed CIR world (tiny CLIP text encoder, aligned image
+  embeddings, triplets with held-out compositions) for tests, the offline demo and training checks.
+* :mod:`~diffusers_cir.data.schema`, :mod:`~diffusers_cir.data.streaming`: the SynthTriplets18M layout
+  (images and embeddings configurations), column mappings for other layouts (the WebDataset release),
+  and the streaming input pipeline (decoding, CLIP preprocessing, tokenisation, shuffling, sharding,
+  exact resume).
+* :mod:`~diffusers_cir.data.shards`, :mod:`~diffusers_cir.data.card`: writing, re-sharding and
+  validating Parquet shards and their dataset card.
+* :mod:`~diffusers_cir.data.benchmarks`: CIRR, FashionIQ, CIRCO and GeneCIS loaders.
+
+Importing this package is cheap: every name is imported on first use, and ``datasets`` (an optional
+dependency) is only needed by the streaming and shard tools.
+
+Example:
+    >>> from diffusers_cir.data import SyntheticCIRWorld, SyntheticWorldConfig
+    >>> world = SyntheticCIRWorld(SyntheticWorldConfig.tiny())
+    >>> len(world.items)
+    96
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# name -> submodule that defines it; resolved lazily by __getattr__ (PEP 562).
+_LAZY_NAMES = {
+    # synthetic world
+    "ATTRIBUTES": "synthetic",
+    "SyntheticCIRWorld": "synthetic",
+    "SyntheticItem": "synthetic",
+    "SyntheticTextEncoding": "synthetic",
+    "SyntheticTriplets": "synthetic",
+    "SyntheticWorldConfig": "synthetic",
+    "build_synthetic_text_encoder": "synthetic",
+    # benchmark loaders (written separately; re-exported when present)
+    "BENCHMARKS": "benchmarks",
+    "BenchmarkLayoutError": "benchmarks",
+    "CIRBenchmark": "benchmarks",
+    "CIRQuery": "benchmarks",
+    "ImageRef": "benchmarks",
+    "load_benchmark": "benchmarks",
+    "load_circo": "benchmarks",
+    "load_cirr": "benchmarks",
+    "load_fashioniq": "benchmarks",
+    "load_genecis": "benchmarks",
+}
+
+__all__ = sorted(_LAZY_NAMES)
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _LAZY_NAMES.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'diffusers_cir.data' has no attribute {name!r}")
+    try:
+        module = importlib.import_module(f"{__name__}.{module_name}")
+    except ModuleNotFoundError as error:
+        if error.name == f"{__name__}.{module_name}":
+            raise AttributeError(
+                f"diffusers_cir.data.{name} lives in diffusers_cir.data.{module_name}, which is not part of this build."
+            ) from error
+        raise
+    value = getattr(module, name)
+    globals()[name] = value  # cache: later look-ups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY_NAMES))

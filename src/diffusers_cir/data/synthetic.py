@@ -1,0 +1,620 @@
+"""A seeded, closed synthetic world for composed image retrieval (CIR).
+
+Real CIR training data (SynthTriplets18M, 4.1 TB) and real CLIP weights cannot be used in tests or in
+an offline demo. This module builds a small world that has the same *shape* as the real thing and in
+which composed retrieval is both necessary and learnable:
+
+* **Items** are every combination of four attributes (``object``, ``color``, ``material``, ``style``),
+  each with a fixed-length caption such as ``"a watercolor of a red wooden cup"``.
+* **Text encoder**: a tiny ``transformers.CLIPTextModelWithProjection`` whose weights are drawn from
+  the seed (no download), used with the real CLIP tokenizer (77 tokens). Encoding gives the last
+  hidden states ``[N, 77, H]`` (what CompoDiff cross-attends to) and projected embeddings ``[N, P]``.
+* **Image embeddings** live in the encoder's projected space: the (unit) caption embedding plus
+  Gaussian noise, renormalised. Text and "image" spaces are therefore aligned as in CLIP, which is
+  what LinCIR's text-only training relies on.
+* **Triplets** ``(reference item, modification text, target item)``: the target differs from the
+  reference by the attribute edit(s) the text states ("make it red", "replace the cup with a vase",
+  "turn it into a sketch"; one or two edits, several phrasings each).
+* **Splits** hold out *compositions*: a balanced set of (object, color) pairs never occurs in the
+  ``train`` or ``validation`` triplets (neither as reference nor as target). ``test`` triplets start
+  from a seen item and land on a held-out pair, so a model must compose an edit into an
+  object-color combination it never saw. ``validation`` holds unseen (reference, edit) pairs whose
+  items are all seen. The gallery is every item.
+
+Why the baselines fail and a composing model succeeds: the encoder is a random transformer, so the
+embedding of an edit text ("make it red", encoded on its own) is not the direction that turning an
+item red moves its caption embedding; adding the two (the image+text-sum baseline) mostly lands
+nowhere. Item embeddings, however, are close to additive in their attributes (the attributes are
+single tokens at fixed positions), so a model that reads the reference's attributes and the edit can
+predict the target embedding of an unseen combination. See ``README.md`` in this folder for numbers.
+
+Example:
+    >>> from diffusers_cir.data.synthetic import SyntheticCIRWorld, SyntheticWorldConfig
+    >>> world = SyntheticCIRWorld(SyntheticWorldConfig.tiny(seed=0))
+    >>> world.image_embeds.shape
+    torch.Size([96, 64])
+    >>> test = world.triplets("test")
+    >>> world.items[test.reference_indices[0]].caption, test.modification_texts[0]  # doctest: +SKIP
+    ('a photo of a blue wooden cup', 'make it red')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+ATTRIBUTES = ("object", "color", "material", "style")
+
+# Every word is a single CLIP BPE token, so all captions have the same length and the attributes sit
+# at fixed positions: this is what keeps item embeddings close to additive in their attributes.
+DEFAULT_OBJECTS = ("cup", "vase", "chair", "lamp", "bag", "shoe", "hat", "clock", "bottle", "bowl")
+DEFAULT_COLORS = ("red", "blue", "green", "yellow", "black", "white", "orange", "purple")
+DEFAULT_MATERIALS = ("wooden", "metal", "glass", "plastic", "paper", "stone")
+DEFAULT_STYLES = ("photo", "sketch", "painting", "cartoon", "watercolor")
+
+CAPTION_TEMPLATE = "a {style} of a {color} {material} {object}"
+
+# Several phrasings per edit, some naming the reference's current value ({old}), so a model cannot
+# key on one template. "{new}" is the target's value.
+EDIT_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "object": ("replace the {old} with a {new}", "make it a {new}", "turn the {old} into a {new}"),
+    "color": ("make it {new}", "change the color to {new}", "paint it {new}"),
+    "material": ("make it {new}", "change the material to {new}", "{new} instead of {old}"),
+    "style": ("turn it into a {new}", "as a {new}", "change the style to a {new}"),
+}
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass(frozen=True)
+class SyntheticWorldConfig:
+    """Everything that defines a world; two worlds with equal configs are identical.
+
+    Args:
+        seed: seeds the text encoder weights, the image noise, the held-out pairs and the triplets.
+        objects, colors, materials, styles: attribute vocabularies (single CLIP tokens each).
+        text_hidden_size, text_intermediate_size, text_num_layers, text_num_heads, projection_dim:
+            shape of the tiny CLIP text encoder (``projection_dim`` is the image-embedding width).
+        text_init_scale: gain of the random linear weights (std = gain / sqrt(fan_in)). Around 1 the
+            encoder is close to additive in its input tokens yet not linear; much larger values make
+            captions that differ in one word collapse onto each other.
+        caption_mean_cosine: target mean pairwise cosine of the caption embeddings, reached by setting
+            the final layer norm's bias (see :func:`calibrate_text_encoder`). A random transformer puts
+            every caption of one template in a narrow cone (mean cosine ~0.97); CLIP image embeddings
+            sit around 0.5. ``None`` keeps the raw encoder.
+        image_noise: norm of the noise added to each unit caption embedding to make its "image"
+            embedding, as a fraction of the median distance between two items that differ in one
+            attribute (so it means the same thing for any encoder).
+        heldout_pairs_per_object: how many colors of each object are held out (test compositions).
+        validation_fraction: fraction of the seen (reference, edit) pairs kept for ``validation``.
+        compound_edit_probability: when sampling triplets, probability of a two-attribute edit.
+    """
+
+    seed: int = 0
+    objects: tuple[str, ...] = DEFAULT_OBJECTS
+    colors: tuple[str, ...] = DEFAULT_COLORS
+    materials: tuple[str, ...] = DEFAULT_MATERIALS
+    styles: tuple[str, ...] = DEFAULT_STYLES
+    text_hidden_size: int = 64
+    text_intermediate_size: int = 256
+    text_num_layers: int = 2
+    text_num_heads: int = 4
+    projection_dim: int = 64
+    text_init_scale: float = 1.0
+    caption_mean_cosine: float | None = 0.5
+    image_noise: float = 0.25
+    heldout_pairs_per_object: int = 2
+    validation_fraction: float = 0.05
+    compound_edit_probability: float = 0.25
+
+    @classmethod
+    def tiny(cls, seed: int = 0, **overrides) -> "SyntheticWorldConfig":
+        """A 96-item world (4 objects x 4 colors x 3 materials x 2 styles) for unit tests."""
+        values = dict(
+            seed=seed,
+            objects=DEFAULT_OBJECTS[:4],
+            colors=DEFAULT_COLORS[:4],
+            materials=DEFAULT_MATERIALS[:3],
+            styles=DEFAULT_STYLES[:2],
+            heldout_pairs_per_object=1,
+        )
+        values.update(overrides)
+        return cls(**values)
+
+    @property
+    def attribute_values(self) -> dict[str, tuple[str, ...]]:
+        return {"object": self.objects, "color": self.colors, "material": self.materials, "style": self.styles}
+
+    def validate(self) -> None:
+        for name, values in self.attribute_values.items():
+            if len(values) < 2:
+                raise ValueError(f"SyntheticWorldConfig.{name}s needs at least 2 values, got {list(values)}.")
+            if len(set(values)) != len(values):
+                raise ValueError(f"SyntheticWorldConfig.{name}s has duplicates: {list(values)}.")
+        if not 0 < self.heldout_pairs_per_object < len(self.colors):
+            raise ValueError(
+                f"heldout_pairs_per_object must be in [1, {len(self.colors) - 1}] (number of colors - 1) so "
+                f"every object keeps a seen color, got {self.heldout_pairs_per_object}."
+            )
+        if not 0 <= self.validation_fraction < 1:
+            raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}.")
+        if not 0 <= self.compound_edit_probability <= 1:
+            raise ValueError(f"compound_edit_probability must be in [0, 1], got {self.compound_edit_probability}.")
+        if self.caption_mean_cosine is not None and not 0 < self.caption_mean_cosine < 1:
+            raise ValueError(f"caption_mean_cosine must be in (0, 1) or None, got {self.caption_mean_cosine}.")
+        if self.image_noise < 0:
+            raise ValueError(f"image_noise must be >= 0, got {self.image_noise}.")
+        if self.text_hidden_size % self.text_num_heads:
+            raise ValueError(
+                f"text_hidden_size ({self.text_hidden_size}) must be divisible by text_num_heads "
+                f"({self.text_num_heads})."
+            )
+
+
+@dataclass(frozen=True)
+class SyntheticItem:
+    """One gallery item: its index, attribute values and caption."""
+
+    index: int
+    object: str
+    color: str
+    material: str
+    style: str
+    caption: str
+    heldout: bool  # its (object, color) pair is held out of train/validation
+
+    @property
+    def attributes(self) -> dict[str, str]:
+        return {name: getattr(self, name) for name in ATTRIBUTES}
+
+
+@dataclass
+class SyntheticTriplets:
+    """Columnar triplets (numpy index arrays + texts), cheap to build for 100k+ rows.
+
+    ``edited_attributes[i]`` names the attribute(s) the i-th edit changes ("color" or "color+style").
+    """
+
+    split: str
+    reference_indices: np.ndarray
+    target_indices: np.ndarray
+    modification_texts: list[str]
+    edited_attributes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.modification_texts)
+
+    def __getitem__(self, index: int) -> dict:
+        return {
+            "reference_index": int(self.reference_indices[index]),
+            "target_index": int(self.target_indices[index]),
+            "modification_text": self.modification_texts[index],
+            "edited_attributes": self.edited_attributes[index],
+        }
+
+
+@dataclass
+class SyntheticTextEncoding:
+    """Output of :meth:`SyntheticCIRWorld.encode_text`."""
+
+    last_hidden_state: torch.Tensor  # [N, 77, H]: what CompoDiff cross-attends to
+    text_embeds: torch.Tensor  # [N, P]: projected (CLIP space), not normalised
+    input_ids: torch.Tensor = field(repr=False, default=None)  # [N, 77]
+
+
+def build_synthetic_text_encoder(config: SyntheticWorldConfig) -> "CLIPTextModelWithProjection":
+    """The world's tiny CLIP text encoder with weights drawn from ``config.seed``.
+
+    Weights are drawn with numpy's PCG64 generator in sorted parameter-name order rather than with
+    transformers' initialisers, so they do not change when a transformers release changes its init.
+    """
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    text_config = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=config.text_hidden_size,
+        intermediate_size=config.text_intermediate_size,
+        projection_dim=config.projection_dim,
+        num_hidden_layers=config.text_num_layers,
+        num_attention_heads=config.text_num_heads,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+    model = CLIPTextModelWithProjection(text_config)
+    rng = np.random.default_rng([config.seed, 0x7E47])
+    with torch.no_grad():
+        for name, parameter in sorted(model.named_parameters()):
+            if "layer_norm" in name:
+                value = np.ones(parameter.shape) if name.endswith("weight") else np.zeros(parameter.shape)
+            elif name.endswith("bias"):
+                value = np.zeros(parameter.shape)
+            elif "embedding" in name:
+                value = rng.standard_normal(parameter.shape)
+            else:  # nn.Linear weight [out, in]
+                value = rng.standard_normal(parameter.shape) * (config.text_init_scale / math.sqrt(parameter.shape[1]))
+            parameter.copy_(torch.from_numpy(value.astype(np.float32)))
+    return model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def calibrate_text_encoder(
+    text_encoder: "CLIPTextModelWithProjection", caption_ids: torch.Tensor, mean_cosine: float, batch_size: int = 1024
+) -> float:
+    """Shift the encoder's final layer-norm bias so that the captions' mean pairwise cosine is ``mean_cosine``.
+
+    The bias moves every pooled state by ``-alpha * mean`` (so every projected embedding, captions and
+    edit texts alike, by ``-alpha * W mean``); ``alpha`` is found by bisection. Returns ``alpha``.
+    """
+    norm = text_encoder.text_model.final_layer_norm
+    norm.bias.zero_()
+    pooled = torch.cat(
+        [
+            text_encoder.text_model(input_ids=caption_ids[start : start + batch_size]).pooler_output
+            for start in range(0, len(caption_ids), batch_size)
+        ]
+    )
+    mean = pooled.mean(0)
+    projection = text_encoder.text_projection.weight
+
+    def mean_pairwise_cosine(alpha: float) -> float:
+        units = torch.nn.functional.normalize((pooled - alpha * mean) @ projection.T, dim=-1)
+        count = len(units)
+        return float((units.sum(0).square().sum() - count) / (count * (count - 1)))
+
+    low, high = 0.0, 1.0
+    if mean_pairwise_cosine(low) <= mean_cosine:
+        return 0.0  # already spread enough
+    for _ in range(40):
+        middle = (low + high) / 2
+        if mean_pairwise_cosine(middle) > mean_cosine:
+            low = middle
+        else:
+            high = middle
+    alpha = (low + high) / 2
+    norm.bias.copy_(-alpha * mean)
+    return alpha
+
+
+class SyntheticCIRWorld:
+    """A closed CIR world: items, a tiny CLIP text encoder, aligned image embeddings and triplets.
+
+    Args:
+        config: a :class:`SyntheticWorldConfig` (defaults to the 2,400-item world).
+
+    Attributes:
+        items: every item (the gallery), in a fixed order.
+        text_encoder, tokenizer: the frozen tiny ``CLIPTextModelWithProjection`` and the real CLIP tokenizer.
+        caption_embeds: ``[N, P]`` unit-norm projected embeddings of the item captions.
+        image_embeds: ``[N, P]`` unit-norm "image" embeddings (caption embedding + noise).
+
+    Example:
+        >>> world = SyntheticCIRWorld(SyntheticWorldConfig.tiny())
+        >>> encoded = world.encode_text(["make it red"])
+        >>> tuple(encoded.last_hidden_state.shape), tuple(encoded.text_embeds.shape)
+        ((1, 77, 64), (1, 64))
+    """
+
+    def __init__(self, config: SyntheticWorldConfig | None = None):
+        from diffusers_cir.utils import build_offline_clip_tokenizer
+
+        self.config = config = config or SyntheticWorldConfig()
+        config.validate()
+        self.tokenizer: CLIPTokenizer = build_offline_clip_tokenizer()
+        self._check_single_tokens()
+        self.text_encoder = build_synthetic_text_encoder(config)
+        self.heldout_pairs = self._choose_heldout_pairs()
+        self.items = self._build_items()
+        self._index_of = {tuple(item.attributes[a] for a in ATTRIBUTES): item.index for item in self.items}
+        self._codes = self._attribute_codes()
+        caption_ids = self.tokenize(self.captions, padding="longest")
+        if config.caption_mean_cosine is not None:
+            calibrate_text_encoder(self.text_encoder, caption_ids, config.caption_mean_cosine)
+        with torch.no_grad():
+            pooled = [self.text_encoder(input_ids=caption_ids[i : i + 1024]).text_embeds for i in range(0, len(caption_ids), 1024)]
+        self.caption_embeds = torch.nn.functional.normalize(torch.cat(pooled), dim=-1)
+        self.image_embeds = self._build_image_embeds()
+        self._triplet_cache: dict[str, SyntheticTriplets] = {}
+
+    # ----------------------------------------------------------------------------------- building
+    def _check_single_tokens(self) -> None:
+        for name, values in self.config.attribute_values.items():
+            for value in values:
+                ids = self.tokenizer(value)["input_ids"][1:-1]
+                if len(ids) != 1:
+                    raise ValueError(
+                        f"Attribute value {value!r} ({name}) is {len(ids)} CLIP tokens; the synthetic world needs "
+                        "single-token values so every caption has the same length."
+                    )
+
+    def _choose_heldout_pairs(self) -> frozenset[tuple[str, str]]:
+        # A cyclic design over shuffled objects and colors: every object loses exactly
+        # `heldout_pairs_per_object` colors and every color is held out about equally often, so each
+        # object and each color is still seen in training (composition stays learnable).
+        rng = np.random.default_rng([self.config.seed, 0x4E1D])
+        objects = [self.config.objects[i] for i in rng.permutation(len(self.config.objects))]
+        colors = [self.config.colors[i] for i in rng.permutation(len(self.config.colors))]
+        count = self.config.heldout_pairs_per_object
+        pairs = set()
+        for row, obj in enumerate(objects):
+            for offset in range(count):
+                pairs.add((obj, colors[(row * count + offset) % len(colors)]))
+        return frozenset(pairs)
+
+    def _build_items(self) -> list[SyntheticItem]:
+        values = self.config.attribute_values
+        items = []
+        for index, (obj, color, material, style) in enumerate(itertools.product(*(values[a] for a in ATTRIBUTES))):
+            caption = CAPTION_TEMPLATE.format(object=obj, color=color, material=material, style=style)
+            items.append(
+                SyntheticItem(index, obj, color, material, style, caption, heldout=(obj, color) in self.heldout_pairs)
+            )
+        return items
+
+    def _build_image_embeds(self) -> torch.Tensor:
+        captions = self.caption_embeds
+        scale = self.config.image_noise * self.one_attribute_distance()
+        rng = np.random.default_rng([self.config.seed, 0x1A6E])
+        noise = torch.from_numpy(rng.standard_normal(tuple(captions.shape)).astype(np.float32))
+        # Per-coordinate std scale/sqrt(P) gives a noise vector of norm ~scale.
+        return torch.nn.functional.normalize(captions + noise * (scale / math.sqrt(captions.shape[1])), dim=-1)
+
+    def one_attribute_distance(self) -> float:
+        """Median L2 distance between unit caption embeddings of items differing in exactly one attribute."""
+        references, targets, _, _ = self._single_edits(np.arange(len(self.items)))
+        distances = (self.caption_embeds[references] - self.caption_embeds[targets]).norm(dim=-1)
+        return float(distances.median())
+
+    # ----------------------------------------------------------------------------------- lookup
+    @property
+    def num_items(self) -> int:
+        return len(self.items)
+
+    @property
+    def captions(self) -> list[str]:
+        return [item.caption for item in self.items]
+
+    @property
+    def gallery_ids(self) -> list[str]:
+        """Stable string ids of the gallery items (``item-00042``), as written to disk."""
+        return [f"item-{item.index:05d}" for item in self.items]
+
+    def index_of(self, **attributes: str) -> int:
+        """Index of the item with the given ``object``, ``color``, ``material`` and ``style``."""
+        missing = [a for a in ATTRIBUTES if a not in attributes]
+        if missing or len(attributes) != len(ATTRIBUTES):
+            raise ValueError(f"index_of needs exactly the keywords {list(ATTRIBUTES)}, got {sorted(attributes)}.")
+        key = tuple(attributes[a] for a in ATTRIBUTES)
+        if key not in self._index_of:
+            raise KeyError(f"No item with attributes {attributes}; values are {self.config.attribute_values}.")
+        return self._index_of[key]
+
+    # ----------------------------------------------------------------------------------- text
+    def tokenize(self, texts: Sequence[str], padding: str = "max_length") -> torch.Tensor:
+        """``[N, 77]`` CLIP token ids, padded with the end-of-text token as OpenAI CLIP does.
+
+        ``padding="longest"`` pads only to the longest text: the encoder is causal, so the pooled
+        (end-of-text) embedding does not depend on what follows it, and short inputs are much faster.
+        """
+        if isinstance(texts, str):
+            raise TypeError("tokenize expects a list of strings, got a single str; wrap it in a list.")
+        return self.tokenizer(list(texts), padding=padding, max_length=77, truncation=True, return_tensors="pt").input_ids
+
+    @torch.no_grad()
+    def encode_text(self, texts: Sequence[str], batch_size: int = 512) -> SyntheticTextEncoding:
+        """Encode texts with the world's text encoder (duplicates are encoded once).
+
+        Returns last hidden states ``[N, 77, H]`` and projected embeddings ``[N, P]`` (not normalised).
+        """
+        if isinstance(texts, str):
+            raise TypeError("encode_text expects a list of strings, got a single str; wrap it in a list.")
+        texts = list(texts)
+        unique = list(dict.fromkeys(texts))
+        input_ids = self.tokenize(unique) if unique else torch.zeros(0, 77, dtype=torch.long)
+        hidden, embeds = [], []
+        for start in range(0, len(unique), batch_size):
+            output = self.text_encoder(input_ids=input_ids[start : start + batch_size])
+            hidden.append(output.last_hidden_state)
+            embeds.append(output.text_embeds)
+        if not unique:
+            width = self.config.text_hidden_size
+            return SyntheticTextEncoding(
+                torch.zeros(0, 77, width), torch.zeros(0, self.config.projection_dim), input_ids
+            )
+        position = {text: i for i, text in enumerate(unique)}
+        order = torch.tensor([position[text] for text in texts])
+        return SyntheticTextEncoding(torch.cat(hidden)[order], torch.cat(embeds)[order], input_ids[order])
+
+    # ----------------------------------------------------------------------------------- triplets
+    def _attribute_codes(self) -> np.ndarray:
+        """``[N, 4]`` integer code of each item's value per attribute."""
+        values = self.config.attribute_values
+        return np.array([[values[a].index(item.attributes[a]) for a in ATTRIBUTES] for item in self.items])
+
+    def _edit(self, reference: SyntheticItem, changes: dict[str, str], rng: np.random.Generator) -> str:
+        parts = []
+        for attribute, new in changes.items():
+            templates = EDIT_TEMPLATES[attribute]
+            template = templates[rng.integers(len(templates))]
+            parts.append(template.format(old=getattr(reference, attribute), new=new))
+        return " and ".join(parts)
+
+    def _single_edits(self, references: np.ndarray):
+        """All one-attribute edits of the given reference items, ordered by (reference, attribute, new value).
+
+        Returns reference indices, target indices, edited attribute names and new values.
+        """
+        values = self.config.attribute_values
+        sizes = np.array([len(values[a]) for a in ATTRIBUTES])
+        strides = np.array([int(np.prod(sizes[i + 1 :])) for i in range(len(ATTRIBUTES))])
+        codes = self._codes[references]
+        refs, targets, attribute_ids, new_codes = [], [], [], []
+        for a, size in enumerate(sizes):
+            for new in range(size):
+                keep = codes[:, a] != new
+                target_codes = codes[keep].copy()
+                target_codes[:, a] = new
+                refs.append(references[keep])
+                targets.append(target_codes @ strides)
+                attribute_ids.append(np.full(keep.sum(), a))
+                new_codes.append(np.full(keep.sum(), new))
+        refs, targets = np.concatenate(refs).astype(np.int64), np.concatenate(targets).astype(np.int64)
+        attribute_ids, new_codes = np.concatenate(attribute_ids), np.concatenate(new_codes)
+        position = {int(r): i for i, r in enumerate(references)}
+        order = np.lexsort((new_codes, attribute_ids, np.array([position[int(r)] for r in refs])))
+        attributes = [ATTRIBUTES[a] for a in attribute_ids[order]]
+        news = [values[name][code] for name, code in zip(attributes, new_codes[order])]
+        return refs[order], targets[order], attributes, news
+
+    def _split_of_pairs(self, references: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """Split name per (reference, target) pair; '' for pairs that belong to no split."""
+        heldout = np.array([item.heldout for item in self.items])
+        split = np.full(len(references), "", dtype=object)
+        seen = ~heldout[references] & ~heldout[targets]
+        split[seen] = "train"
+        # Validation: a hash of the pair, so the choice does not depend on how many triplets are drawn.
+        if self.config.validation_fraction > 0:
+            key = (references * 1_000_003 + targets * 7919 + self.config.seed * 104_729) % 10_007
+            split[seen & (key < self.config.validation_fraction * 10_007)] = "validation"
+        split[~heldout[references] & heldout[targets]] = "test"
+        return split
+
+    def triplets(self, split: str = "train", num_triplets: int | None = None, seed: int | None = None) -> SyntheticTriplets:
+        """Triplets of one split.
+
+        With ``num_triplets=None``: every one-attribute edit of the split, in a fixed order, one
+        phrasing each. With ``num_triplets=n``: ``n`` triplets drawn with replacement (a
+        ``compound_edit_probability`` share of them change two attributes), which is how large
+        training sets (100k+) are made. Deterministic under ``config.seed`` and ``seed``.
+        """
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
+        if num_triplets is not None and num_triplets < 0:
+            raise ValueError(f"num_triplets must be >= 0 or None, got {num_triplets}.")
+        cache_key = f"{split}/{num_triplets}/{seed}"
+        if cache_key in self._triplet_cache:
+            return self._triplet_cache[cache_key]
+        split_code = SPLITS.index(split)
+        rng = np.random.default_rng([self.config.seed, 0x791, split_code, 0 if seed is None else seed + 1])
+        if num_triplets is None:
+            references, targets, attributes, news = self._single_edits(np.arange(len(self.items)))
+            keep = self._split_of_pairs(references, targets) == split
+            references, targets = references[keep], targets[keep]
+            attributes = [a for a, k in zip(attributes, keep) if k]
+            news = [n for n, k in zip(news, keep) if k]
+            texts = [self._edit(self.items[r], {a: n}, rng) for r, a, n in zip(references, attributes, news)]
+            result = SyntheticTriplets(split, references, targets, texts, attributes)
+        else:
+            result = self._sample_triplets(split, num_triplets, rng)
+        self._triplet_cache[cache_key] = result
+        return result
+
+    def _sample_triplets(self, split: str, count: int, rng: np.random.Generator) -> SyntheticTriplets:
+        values = self.config.attribute_values
+        sizes = np.array([len(values[a]) for a in ATTRIBUTES])
+        codes = self._codes
+        strides = np.array([int(np.prod(sizes[i + 1 :])) for i in range(len(ATTRIBUTES))])
+        references, targets, texts, edited = [], [], [], []
+        attempts = 0
+        # Rejection sampling in vectorised rounds: draw (reference, edit) pairs and keep those whose
+        # (reference, target) pair belongs to the requested split.
+        while len(references) < count:
+            attempts += 1
+            if attempts > 1000:
+                raise RuntimeError(f"Could not draw {count} triplets for split {split!r}; is the split empty?")
+            batch = max(1024, 2 * (count - len(references)))
+            reference = rng.integers(len(self.items), size=batch)
+            two = rng.random(batch) < self.config.compound_edit_probability
+            first = rng.integers(len(ATTRIBUTES), size=batch)
+            second = (first + 1 + rng.integers(len(ATTRIBUTES) - 1, size=batch)) % len(ATTRIBUTES)
+            target_codes = codes[reference].copy()
+            for which, mask in ((first, np.ones(batch, bool)), (second, two)):
+                current = target_codes[np.arange(batch), which]
+                shift = 1 + rng.integers(sizes[which] - 1)  # a different value
+                target_codes[np.arange(batch), which] = np.where(mask, (current + shift) % sizes[which], current)
+            target = (target_codes * strides).sum(1)
+            keep = np.flatnonzero(self._split_of_pairs(reference, target) == split)[: count - len(references)]
+            for i in keep:
+                ref_item = self.items[reference[i]]
+                order = [first[i], second[i]] if two[i] else [first[i]]
+                changes = {ATTRIBUTES[a]: values[ATTRIBUTES[a]][target_codes[i, a]] for a in order}
+                references.append(reference[i])
+                targets.append(target[i])
+                texts.append(self._edit(ref_item, changes, rng))
+                edited.append("+".join(changes))
+        return SyntheticTriplets(
+            split, np.array(references, dtype=np.int64), np.array(targets, dtype=np.int64), texts, edited
+        )
+
+    # ----------------------------------------------------------------------------------- baselines
+    def baseline_queries(self, triplets: SyntheticTriplets) -> dict[str, torch.Tensor]:
+        """Unit-norm query embeddings of the three standard non-learned baselines.
+
+        ``image_only``: the reference image embedding; ``text_only``: the modification text embedding;
+        ``image_text_sum``: the sum of the two unit vectors.
+        """
+        image = self.image_embeds[torch.from_numpy(triplets.reference_indices)]
+        text = torch.nn.functional.normalize(self.encode_text(triplets.modification_texts).text_embeds, dim=-1)
+        return {
+            "image_only": image,
+            "text_only": text,
+            "image_text_sum": torch.nn.functional.normalize(image + text, dim=-1),
+        }
+
+    def recall_at_k(
+        self, query_embeds: torch.Tensor, triplets: SyntheticTriplets, ks: Sequence[int] = (1, 5, 10)
+    ) -> dict[str, float]:
+        """Recall@K (fractions) of composed queries against the whole gallery, the reference excluded (as in CIRR).
+
+        ``query_embeds`` is ``[len(triplets), P]``; scores are cosine similarities with :attr:`image_embeds`.
+        The formula is :func:`diffusers_cir.metrics.recall_at_k`.
+        """
+        from diffusers_cir.metrics import recall_at_k
+
+        query_embeds = torch.as_tensor(query_embeds, dtype=torch.float32)
+        if query_embeds.shape != (len(triplets), self.config.projection_dim):
+            raise ValueError(
+                f"query_embeds must have shape [{len(triplets)}, {self.config.projection_dim}] (one per triplet), "
+                f"got {tuple(query_embeds.shape)}."
+            )
+        scores = torch.nn.functional.normalize(query_embeds, dim=-1) @ self.image_embeds.T
+        return recall_at_k(
+            target_ids=triplets.target_indices,
+            exclude_ids=triplets.reference_indices,
+            scores=scores,
+            gallery_ids=np.arange(self.num_items),
+            ks=ks,
+            scale="fraction",
+        )
+
+    def __repr__(self) -> str:
+        counts = {a: len(v) for a, v in self.config.attribute_values.items()}
+        return (
+            f"SyntheticCIRWorld(items={self.num_items}, attributes={counts}, heldout_pairs={len(self.heldout_pairs)}, "
+            f"text_hidden={self.config.text_hidden_size}, projection_dim={self.config.projection_dim}, seed={self.config.seed})"
+        )
+
+
+def config_to_dict(config: SyntheticWorldConfig) -> dict:
+    """JSON-friendly dict of a config (tuples become lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+
+
+def config_from_dict(values: dict) -> SyntheticWorldConfig:
+    """Inverse of :func:`config_to_dict`."""
+    fields = {f.name for f in dataclasses.fields(SyntheticWorldConfig)}
+    unknown = set(values) - fields
+    if unknown:
+        raise ValueError(f"Unknown SyntheticWorldConfig fields {sorted(unknown)}; expected some of {sorted(fields)}.")
+    return SyntheticWorldConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
