@@ -103,7 +103,7 @@ def test_circo_val_and_test():
 
 def test_circo_gallery_comes_from_the_coco_image_info(tmp_path):
     folder = _folder("circo")
-    with pytest.raises(BenchmarkLayoutError, match="image_info_unlabeled2017.json.*pass `gallery_ids=`"):
+    with pytest.raises(BenchmarkLayoutError, match="image_info_unlabeled2017.json.*`gallery_ids=`; CLI: --gallery-ids"):
         load_circo(folder, "val")
     (tmp_path / "annotations").mkdir()
     (tmp_path / "annotations" / "val.json").symlink_to(folder / "val.json")

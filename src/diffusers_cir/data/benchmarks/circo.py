@@ -56,7 +56,8 @@ def load_circo(root: str | Path, split: str = "val", gallery_ids: Sequence[int] 
         if not info_file.is_file():
             raise BenchmarkLayoutError(
                 f"Cannot find the CIRCO gallery list {info_file} (COCO 2017 unlabeled image info). Download it with "
-                f"the COCO unlabeled images, or pass `gallery_ids=` explicitly. Expected layout:\n{CIRCO_LAYOUT}"
+                "the COCO unlabeled images, or pass the gallery explicitly (`gallery_ids=`; CLI: --gallery-ids). "
+                f"Expected layout:\n{CIRCO_LAYOUT}"
             )
         info = read_json(info_file, dict, "COCO image info")
         if "images" not in info:

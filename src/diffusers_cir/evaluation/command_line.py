@@ -1,0 +1,146 @@
+"""Command-line arguments shared by ``diffusers-cir evaluate`` and ``examples/evaluate_cir.py``.
+
+Only the standard library is imported at module level so that ``diffusers-cir --help`` stays fast; the
+choices below are checked against the library constants by the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["add_evaluation_arguments", "run_from_args", "read_id_list"]
+
+BENCHMARK_CHOICES = ("cirr", "fashioniq", "circo", "genecis")
+CAPTION_STYLE_CHOICES = ("clip4cir", "searle")
+DTYPE_CHOICES = ("bfloat16", "float16", "float32")
+
+
+def add_evaluation_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the evaluation options to ``parser``."""
+    parser.add_argument("benchmark", choices=BENCHMARK_CHOICES, help="Benchmark to evaluate on.")
+    parser.add_argument("--data-root", required=True, type=Path,
+                        help="Benchmark folder in its official layout (e.g. the CIRR folder holding cirr/captions/).")
+    parser.add_argument("--output-dir", required=True, type=Path, help="Where metrics, rankings and submissions go.")
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--pipeline", type=Path, help="Local pipeline folder (CompoDiff or LinCIR, model_index.json).")
+    model.add_argument("--dry-run", action="store_true",
+                       help="Use a model-free stand-in encoder (random embedding per image id) to check the data "
+                            "layout and the output files; the scores are meaningless.")
+    parser.add_argument("--split", default="val", help="Split as named by the benchmark files (CIRR test: 'test1').")
+    parser.add_argument("--subset", nargs="+", default=None,
+                        help="FashionIQ categories or GeneCIS tasks (default: all).")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="Gallery-embedding cache (default: <output-dir>/embedding_cache); reused across runs.")
+    parser.add_argument("--fashioniq-captions", choices=CAPTION_STYLE_CHOICES, default="clip4cir",
+                        help="FashionIQ caption joining: CLIP4Cir's single prompt, or SEARLE/LinCIR's two orders averaged.")
+    parser.add_argument("--prompt-template", default="{}", help="Wraps every query text, e.g. 'a photo of $ that {}'.")
+    parser.add_argument("--batch-size", type=int, default=32, help="Queries composed per pipeline call.")
+    parser.add_argument("--image-batch-size", type=int, default=64, help="Images per image-encoder call.")
+    parser.add_argument("--num-workers", type=int, default=0, help="Image-decoding worker processes.")
+    parser.add_argument("--num-inference-steps", type=int, default=None, help="CompoDiff sampler steps.")
+    parser.add_argument("--negative-prompt", default=None, help="CompoDiff negative text.")
+    parser.add_argument("--guidance-scale", type=float, default=None, help="CompoDiff text guidance.")
+    parser.add_argument("--image-guidance-scale", type=float, default=None, help="CompoDiff image guidance.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the composed batches (CompoDiff samples).")
+    parser.add_argument("--device", default=None, help="Device (default: cuda when available).")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="Pipeline weights dtype.")
+    parser.add_argument("--gallery-ids", type=Path, default=None,
+                        help="CIRCO only: file of gallery ids (JSON list or one per line) instead of the COCO image info.")
+    parser.add_argument("--image-root", type=Path, default=None,
+                        help="GeneCIS only: COCO val2017 (object tasks) or Visual Genome (attribute tasks) image folder.")
+    parser.add_argument("--write-submissions", action="store_true",
+                        help="Also write the server submission files on labelled splits (always written for test splits).")
+    parser.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
+    return parser
+
+
+def read_id_list(path: Path) -> list:
+    """Ids from a JSON list or a text file with one id per line (digit strings become ints).
+
+    Example:
+
+    ```py
+    >>> import tempfile, os
+    >>> with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as handle:
+    ...     _ = handle.write("12\\n7\\n")
+    >>> read_id_list(Path(handle.name)); os.remove(handle.name)
+    [12, 7]
+
+    ```
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"--gallery-ids file {path} does not exist.")
+    text = path.read_text()
+    try:
+        ids = json.loads(text)
+        if not isinstance(ids, list):
+            raise ValueError(f"{path} holds JSON but not a list of ids.")
+    except json.JSONDecodeError:
+        ids = [line.strip() for line in text.splitlines() if line.strip()]
+    return [int(i) if isinstance(i, str) and i.isdigit() else i for i in ids]
+
+
+def _encoder_from_args(args: argparse.Namespace):
+    import torch
+
+    from .encoders import IdHashEncoder, PipelineEncoder
+
+    if args.dry_run:
+        return IdHashEncoder()
+    call_kwargs = {
+        name: value
+        for name, value in (
+            ("num_inference_steps", args.num_inference_steps),
+            ("negative_prompt", args.negative_prompt),
+            ("guidance_scale", args.guidance_scale),
+            ("image_guidance_scale", args.image_guidance_scale),
+        )
+        if value is not None
+    }
+    return PipelineEncoder.from_pretrained(
+        args.pipeline, device=args.device, torch_dtype=None if args.dtype is None else getattr(torch, args.dtype), image_batch_size=args.image_batch_size,
+        num_workers=args.num_workers, seed=args.seed, call_kwargs=call_kwargs,
+    )
+
+
+def run_from_args(args: argparse.Namespace, encoder=None) -> int:
+    """Run the evaluation described by parsed arguments (``encoder``: a ready :class:`CIREncoder`, else built
+    from ``--pipeline`` / ``--dry-run``); prints the metrics table and returns an exit code."""
+    from .runner import metrics_markdown, run_evaluation
+
+    loader_kwargs = {}
+    if args.gallery_ids is not None:
+        if args.benchmark != "circo":
+            raise SystemExit("--gallery-ids applies to CIRCO only (CIRR and FashionIQ galleries come from their split files).")
+        loader_kwargs["gallery_ids"] = read_id_list(args.gallery_ids)
+    if args.image_root is not None:
+        if args.benchmark != "genecis":
+            raise SystemExit("--image-root applies to GeneCIS only (the other benchmarks keep images in their folder).")
+        loader_kwargs["image_root"] = args.image_root
+    try:
+        result = run_evaluation(
+            encoder if encoder is not None else _encoder_from_args(args),
+            args.benchmark,
+            args.data_root,
+            args.split,
+            output_dir=args.output_dir,
+            subsets=args.subset,
+            cache_dir=args.cache_dir,
+            caption_style=args.fashioniq_captions,
+            prompt_template=args.prompt_template,
+            query_batch_size=args.batch_size,
+            image_batch_size=args.image_batch_size,
+            write_submissions=True if args.write_submissions else None,
+            loader_kwargs=loader_kwargs,
+            progress=not args.no_progress,
+        )
+    except (FileNotFoundError, ValueError) as error:
+        # Missing files and bad inputs are the user's to fix: say what, without a traceback.
+        print(f"diffusers-cir evaluate: error: {error}", file=sys.stderr)
+        return 2
+    print(metrics_markdown(result.report))
+    print(f"\nWrote {', '.join(str(path) for path in result.files.values())}")
+    return 0

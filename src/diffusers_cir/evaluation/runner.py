@@ -1,0 +1,350 @@
+"""Evaluate a CIR model on CIRR, FashionIQ, CIRCO or GeneCIS the way the official code does.
+
+Flow: load the benchmark's official files -> embed the gallery once (disk cache, resumable) -> compose the
+queries in batches -> rank (exact search, or any :class:`~diffusers_cir.evaluation.search.Searcher`) ->
+metrics from ``diffusers_cir.metrics`` -> ``metrics.json`` + ``metrics.md``, the rankings, the query
+embeddings, and the official submission files for hidden-label test splits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from ..data.benchmarks import (
+    BENCHMARKS,
+    FASHIONIQ_CAPTION_STYLES,
+    GENECIS_TASKS,
+    CIRBenchmark,
+    join_fashioniq_captions,
+    load_benchmark,
+)
+from ..metrics import (
+    CIRCO_MAP_KS,
+    CIRR_RECALL_KS,
+    CIRR_SUBSET_KS,
+    FASHIONIQ_CATEGORIES,
+    FASHIONIQ_RECALL_KS,
+    GENECIS_RECALL_KS,
+    compute_circo_metrics,
+    compute_cirr_metrics,
+    fashioniq_average_recall,
+    fashioniq_recall_at_k,
+    genecis_average_over_tasks,
+    genecis_recall_at_k,
+)
+from .cache import EmbeddingCache
+from .encoders import CIREncoder
+from .search import ExactSearcher, Searcher, drop_excluded, normalize
+from .submissions import CIRCO_DEPTH, CIRR_RECALL_DEPTH, CIRR_SUBSET_DEPTH, circo_submission, cirr_submissions, write_json
+
+__all__ = ["EvaluationResult", "evaluate_split", "run_evaluation", "metrics_markdown"]
+
+SearcherFactory = Callable[[torch.Tensor], Searcher]
+
+
+@dataclass
+class SplitOutput:
+    """What one benchmark split (one FashionIQ category, one GeneCIS task) produced."""
+
+    benchmark: CIRBenchmark
+    query_embeds: torch.Tensor
+    rankings: dict[str, list]
+    metrics: dict[str, float] = field(default_factory=dict)
+    submissions: dict[str, dict] = field(default_factory=dict)
+
+
+@dataclass
+class EvaluationResult:
+    """Metrics (percent; empty for hidden-label splits) and the files written, by role."""
+
+    benchmark: str
+    split: str
+    metrics: dict[str, float]
+    files: dict[str, Path]
+    report: dict
+
+
+def _query_prompts(benchmark: CIRBenchmark, caption_style: str, prompt_template: str) -> list[list[str]]:
+    if benchmark.name == "fashioniq":
+        return [join_fashioniq_captions(query.captions, caption_style, prompt_template) for query in benchmark.queries]
+    return [[prompt_template.format(query.captions[0])] for query in benchmark.queries]
+
+
+def compose_queries(
+    encoder: CIREncoder,
+    reference_embeds: torch.Tensor,
+    prompts: Sequence[Sequence[str]],
+    batch_size: int = 32,
+    progress: bool = True,
+) -> torch.Tensor:
+    """L2-normalised query embeddings ``[Q, D]``. A query with several prompts (SEARLE/LinCIR FashionIQ: both
+    caption orders) is ``normalize(mean(normalize(compose(reference, prompt)) for each prompt))``."""
+    pairs = [(row, prompt) for row, query_prompts in enumerate(prompts) for prompt in query_prompts]
+    if len(reference_embeds) != len(prompts):
+        raise ValueError(f"{len(reference_embeds)} reference embeddings for {len(prompts)} queries.")
+    composed = []
+    for start in tqdm(range(0, len(pairs), batch_size), desc="Composing queries", unit="batch", disable=not progress):
+        batch = pairs[start : start + batch_size]
+        rows = torch.tensor([row for row, _ in batch])
+        output = encoder.compose(reference_embeds[rows], [prompt for _, prompt in batch])
+        if output.ndim != 2 or output.shape[0] != len(batch):
+            raise ValueError(f"compose returned shape {tuple(output.shape)} for {len(batch)} queries; expected [B, D].")
+        composed.append(normalize(output.cpu()))
+    composed = torch.cat(composed)
+    rows = torch.tensor([row for row, _ in pairs])
+    summed = torch.zeros(len(prompts), composed.shape[1]).index_add_(0, rows, composed)
+    return normalize(summed)
+
+
+def _ids(benchmark: CIRBenchmark, positions: np.ndarray) -> list[list]:
+    gallery = benchmark.gallery_ids
+    return [[gallery[j] for j in row] for row in positions.tolist()]
+
+
+def _cirr_subset_rankings(benchmark, query_embeds, gallery_embeds, position_of) -> list[list]:
+    """Each query's image-set members minus the reference, by descending similarity (5 per CIRR query)."""
+    rankings = []
+    for query, embed in zip(benchmark.queries, query_embeds):
+        members = [m for m in dict.fromkeys(query.group_members) if m != query.reference_id]
+        scores = gallery_embeds[[position_of[m] for m in members]] @ embed
+        order = torch.argsort(scores, descending=True, stable=True).tolist()
+        rankings.append([members[i] for i in order])
+    return rankings
+
+
+def evaluate_split(
+    encoder: CIREncoder,
+    benchmark: CIRBenchmark,
+    cache: EmbeddingCache,
+    *,
+    caption_style: str = "clip4cir",
+    prompt_template: str = "{}",
+    query_batch_size: int = 32,
+    image_batch_size: int = 256,
+    searcher_factory: SearcherFactory = ExactSearcher,
+    write_submissions: bool | None = None,
+    progress: bool = True,
+) -> SplitOutput:
+    """Rank and score one loaded benchmark split (see :func:`run_evaluation` for the arguments)."""
+    if write_submissions is None:
+        write_submissions = not benchmark.has_labels
+    description = benchmark.description
+    reference_refs = [benchmark.image(query.reference_id) for query in benchmark.queries]
+
+    if benchmark.name == "genecis":
+        candidate_ids = list(dict.fromkeys(i for query in benchmark.queries for i in query.candidate_ids))
+        candidate_embeds = normalize(cache.get_or_encode(
+            [benchmark.image(i) for i in candidate_ids], encoder, batch_size=image_batch_size, progress=progress,
+            description=f"Encoding {description} candidates"))
+        reference_embeds = cache.get_or_encode(reference_refs, encoder, batch_size=image_batch_size, progress=progress,
+                                               description=f"Encoding {description} references")
+        query_embeds = compose_queries(encoder, reference_embeds, _query_prompts(benchmark, caption_style, prompt_template),
+                                       query_batch_size, progress)
+        row_of = {image_id: row for row, image_id in enumerate(candidate_ids)}
+        scores = [(candidate_embeds[[row_of[i] for i in query.candidate_ids]] @ embed).tolist()
+                  for query, embed in zip(benchmark.queries, query_embeds)]
+        rankings = {str(query.query_id): [query.candidate_ids[j] for j in np.argsort(-np.asarray(row), kind="stable")]
+                    for query, row in zip(benchmark.queries, scores)}
+        metrics = genecis_recall_at_k(scores, ks=GENECIS_RECALL_KS)
+        return SplitOutput(benchmark, query_embeds, rankings, metrics)
+
+    gallery_embeds = normalize(cache.get_or_encode(
+        [benchmark.image(i) for i in benchmark.gallery_ids], encoder, batch_size=image_batch_size, progress=progress,
+        description=f"Encoding {description} gallery"))
+    reference_embeds = cache.get_or_encode(reference_refs, encoder, batch_size=image_batch_size, progress=False)
+    query_embeds = compose_queries(encoder, reference_embeds, _query_prompts(benchmark, caption_style, prompt_template),
+                                   query_batch_size, progress)
+    searcher = searcher_factory(gallery_embeds)
+    position_of = {image_id: position for position, image_id in enumerate(benchmark.gallery_ids)}
+    queries = benchmark.queries
+    output = SplitOutput(benchmark, query_embeds, {})
+
+    if benchmark.name == "cirr":
+        # Galleries smaller than the submission depth only occur in tests and toy data: rank all of them.
+        depth = min(max(max(CIRR_RECALL_KS), CIRR_RECALL_DEPTH), len(benchmark.gallery_ids) - 1)
+        _, positions = searcher.search(query_embeds, depth + 1)  # one more: the reference is deleted
+        references = np.array([position_of[query.reference_id] for query in queries])
+        ranked = _ids(benchmark, drop_excluded(positions.numpy(), references, depth))
+        subsets = _cirr_subset_rankings(benchmark, query_embeds, gallery_embeds, position_of)
+        output.rankings = {str(q.query_id): row for q, row in zip(queries, ranked)}
+        if benchmark.has_labels:
+            output.metrics = compute_cirr_metrics(
+                target_ids=[q.target_id for q in queries], reference_ids=[q.reference_id for q in queries],
+                ranked_ids=ranked, ranked_subset_ids=subsets, recall_ks=CIRR_RECALL_KS, subset_ks=CIRR_SUBSET_KS)
+        if write_submissions:
+            output.submissions = cirr_submissions(
+                [q.query_id for q in queries], [q.reference_id for q in queries],
+                [row[:CIRR_RECALL_DEPTH] for row in ranked], [row[:CIRR_SUBSET_DEPTH] for row in subsets])
+    elif benchmark.name == "fashioniq":
+        _, positions = searcher.search(query_embeds, max(FASHIONIQ_RECALL_KS))
+        ranked = _ids(benchmark, positions.numpy())
+        output.rankings = {str(q.query_id): row for q, row in zip(queries, ranked)}
+        if benchmark.has_labels:
+            output.metrics = fashioniq_recall_at_k(target_ids=[q.target_id for q in queries], ranked_ids=ranked)
+    elif benchmark.name == "circo":
+        _, positions = searcher.search(query_embeds, max(max(CIRCO_MAP_KS), CIRCO_DEPTH))
+        ranked = _ids(benchmark, positions.numpy())  # the reference stays: CIRCO does not remove it
+        output.rankings = {str(q.query_id): row for q, row in zip(queries, ranked)}
+        if benchmark.has_labels:
+            output.metrics = compute_circo_metrics(
+                ground_truth_ids=[q.ground_truth_ids for q in queries], ranked_ids=ranked,
+                semantic_aspects=[q.extra.get("semantic_aspects", []) for q in queries],
+                query_ids=[q.query_id for q in queries])
+        if write_submissions:
+            output.submissions = {"circo": circo_submission([q.query_id for q in queries],
+                                                            [row[:CIRCO_DEPTH] for row in ranked])}
+    else:
+        raise ValueError(f"Unknown benchmark {benchmark.name!r}; expected one of {BENCHMARKS}.")
+    return output
+
+
+def metrics_markdown(report: dict) -> str:
+    """A markdown table of a run's metrics (percent, 2 decimals) with what was evaluated.
+
+    Example:
+
+    ```py
+    >>> print(metrics_markdown({"benchmark": "cirr", "split": "val", "encoder": "x", "metrics": {"avg": 36.75}}))
+    ### cirr val (x)
+    <BLANKLINE>
+    | metric | value |
+    |---|---:|
+    | avg | 36.75 |
+
+    ```
+    """
+    lines = [f"### {report['benchmark']} {report['split']} ({report['encoder']})", ""]
+    if not report["metrics"]:
+        lines.append("Labels of this split are hidden: submit the files listed in metrics.json to the test server.")
+        return "\n".join(lines)
+    lines += ["| metric | value |", "|---|---:|"]
+    lines += [f"| {name} | {value:.2f} |" for name, value in report["metrics"].items()]
+    return "\n".join(lines)
+
+
+def _subsets_for(name: str, subsets: Sequence[str] | None) -> list[str | None]:
+    if name == "fashioniq":
+        chosen = list(subsets) if subsets else list(FASHIONIQ_CATEGORIES)
+        unknown = set(chosen) - set(FASHIONIQ_CATEGORIES)
+    elif name == "genecis":
+        chosen = list(subsets) if subsets else list(GENECIS_TASKS)
+        unknown = set(chosen) - set(GENECIS_TASKS)
+    else:
+        if subsets:
+            raise ValueError(f"{name} has no subsets; `subsets` is for FashionIQ categories and GeneCIS tasks.")
+        return [None]
+    if unknown:
+        raise ValueError(f"Unknown {name} subsets {sorted(unknown)}.")
+    return chosen
+
+
+def run_evaluation(
+    encoder: CIREncoder,
+    benchmark: str,
+    data_root: str | os.PathLike,
+    split: str = "val",
+    *,
+    output_dir: str | os.PathLike,
+    subsets: Sequence[str] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    caption_style: str = "clip4cir",
+    prompt_template: str = "{}",
+    query_batch_size: int = 32,
+    image_batch_size: int = 256,
+    write_submissions: bool | None = None,
+    searcher_factory: SearcherFactory = ExactSearcher,
+    loader_kwargs: dict | None = None,
+    progress: bool = True,
+) -> EvaluationResult:
+    """Evaluate ``encoder`` on ``benchmark`` / ``split`` read from ``data_root`` (official layout).
+
+    Args:
+        encoder: a :class:`~diffusers_cir.evaluation.CIREncoder` (e.g. ``PipelineEncoder.from_pretrained(folder)``).
+        benchmark: ``"cirr"``, ``"fashioniq"``, ``"circo"`` or ``"genecis"``.
+        subsets: FashionIQ categories or GeneCIS tasks (default: all); FashionIQ and GeneCIS averages are over them.
+        output_dir: receives ``metrics.json``, ``metrics.md``, ``rankings*.json``, ``query_embeddings*.safetensors``
+            and the submission files.
+        cache_dir: gallery-embedding cache (default ``<output_dir>/embedding_cache``); reruns reuse it.
+        caption_style: FashionIQ caption joining, ``"clip4cir"`` or ``"searle"`` (both orders, averaged).
+        prompt_template: wraps every query text (``"{}"``: unchanged; pipelines apply their own templates).
+        write_submissions: write the server files; default: only for hidden-label splits.
+        searcher_factory: builds the searcher from the normalised gallery embeddings (exact search by default).
+        loader_kwargs: extra arguments of the benchmark loader (``gallery_ids`` for CIRCO, ``image_root`` for GeneCIS).
+
+    Example:
+
+    ```py
+    >>> from diffusers_cir.evaluation import PipelineEncoder, run_evaluation
+    >>> encoder = PipelineEncoder.from_pretrained("compodiff-aesthetic-diffusers")  # doctest: +SKIP
+    >>> run_evaluation(encoder, "cirr", "/data/CIRR", "val", output_dir="eval/cirr").metrics["avg"]  # doctest: +SKIP
+
+    ```
+    """
+    if benchmark not in BENCHMARKS:
+        raise ValueError(f"Unknown benchmark {benchmark!r}; choose one of {BENCHMARKS}.")
+    if caption_style not in FASHIONIQ_CAPTION_STYLES:
+        raise ValueError(f"`caption_style` must be one of {FASHIONIQ_CAPTION_STYLES}, got {caption_style!r}.")
+    if "{}" not in prompt_template:
+        raise ValueError(f"`prompt_template` must contain '{{}}' where the text goes, got {prompt_template!r}.")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    cache = EmbeddingCache(output_dir / "embedding_cache" if cache_dir is None else cache_dir, encoder.fingerprint)
+
+    outputs: list[SplitOutput] = []
+    for subset in _subsets_for(benchmark, subsets):
+        loaded = load_benchmark(benchmark, data_root, split, subset=subset, **(loader_kwargs or {}))
+        outputs.append(evaluate_split(
+            encoder, loaded, cache, caption_style=caption_style, prompt_template=prompt_template,
+            query_batch_size=query_batch_size, image_batch_size=image_batch_size, searcher_factory=searcher_factory,
+            write_submissions=write_submissions, progress=progress))
+
+    if not all(output.benchmark.has_labels for output in outputs):
+        metrics = {}
+    elif benchmark == "fashioniq":
+        metrics = fashioniq_average_recall({o.benchmark.subset: o.metrics for o in outputs})
+    elif benchmark == "genecis":
+        metrics = genecis_average_over_tasks({o.benchmark.subset: o.metrics for o in outputs})
+    else:
+        metrics = outputs[0].metrics
+
+    files: dict[str, Path] = {}
+    for output in outputs:
+        suffix = f"_{output.benchmark.subset}" if output.benchmark.subset else ""
+        files[f"rankings{suffix}"] = write_json(output.rankings, output_dir / f"rankings{suffix}.json")
+        embeddings_path = output_dir / f"query_embeddings{suffix}.safetensors"
+        save_file({"query_embeds": output.query_embeds.contiguous()}, str(embeddings_path),
+                  metadata={"query_ids": json.dumps([q.query_id for q in output.benchmark.queries])})
+        files[f"query_embeddings{suffix}"] = embeddings_path
+        for metric, submission in output.submissions.items():
+            name = f"{metric}_submission_{split}.json" if benchmark == "cirr" else f"circo_{split}_submission.json"
+            files[f"submission_{metric}"] = write_json(submission, output_dir / name)
+
+    report = {
+        "benchmark": benchmark,
+        "split": split,
+        "subsets": [o.benchmark.subset for o in outputs if o.benchmark.subset],
+        "encoder": encoder.fingerprint,
+        "scale": "percent",
+        "num_queries": {o.benchmark.subset or benchmark: len(o.benchmark) for o in outputs},
+        "gallery_size": {o.benchmark.subset or benchmark: len(o.benchmark.gallery_ids) for o in outputs
+                         if o.benchmark.gallery_ids is not None},
+        "settings": {"caption_style": caption_style, "prompt_template": prompt_template,
+                     "query_batch_size": query_batch_size, "search": getattr(searcher_factory, "__name__", "custom")},
+        "metrics": metrics,
+        "files": {role: path.name for role, path in files.items()},
+    }
+    files["markdown"] = output_dir / "metrics.md"
+    files["metrics"] = output_dir / "metrics.json"
+    report["files"].update({"markdown": "metrics.md", "metrics": "metrics.json"})
+    files["markdown"].write_text(metrics_markdown(report) + "\n")
+    write_json(report, files["metrics"], indent=2)
+    return EvaluationResult(benchmark, split, metrics, files, report)

@@ -1,0 +1,331 @@
+"""The evaluation runner end to end: real annotation files, a pixel-free stand-in encoder, written files checked
+against the metric functions applied to the same scores, and the official submission structures."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from diffusers_cir import metrics
+from diffusers_cir.data.benchmarks import ImageRef, load_circo, load_cirr, load_genecis
+from diffusers_cir.evaluation import (
+    EmbeddingCache,
+    ExactSearcher,
+    IdHashEncoder,
+    PipelineEncoder,
+    circo_submission,
+    cirr_submissions,
+    compose_queries,
+    drop_excluded,
+    normalize,
+    pipeline_class_for_folder,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_BENCHMARKS = REPO.parent / "shared" / "benchmarks"
+
+
+def _folder(name: str) -> Path:
+    folder = SHARED_BENCHMARKS / name
+    if not folder.is_dir():
+        pytest.skip(f"real {name} annotation files not found in {folder}")
+    return folder
+
+
+def _example_main():
+    spec = importlib.util.spec_from_file_location("evaluate_cir_example", REPO / "examples" / "evaluate_cir.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def _cli(argv: list[str]) -> int:
+    from diffusers_cir.cli import main
+
+    return main(argv)
+
+
+def _saved_queries(path: Path) -> tuple[torch.Tensor, list]:
+    with safe_open(path, framework="pt") as handle:
+        return handle.get_tensor("query_embeds"), json.loads(handle.metadata()["query_ids"])
+
+
+def _gallery_embeds(image_ids: list) -> torch.Tensor:
+    return normalize(IdHashEncoder().encode_images([ImageRef(i, Path("unused")) for i in image_ids]))
+
+
+def _assert_metrics_equal(written: dict, expected: dict) -> None:
+    assert set(written) == set(expected)
+    for name, value in expected.items():
+        if np.isnan(value):
+            assert written[name] is None or np.isnan(written[name]), name
+        else:
+            assert written[name] == pytest.approx(value, abs=1e-9), name
+
+
+def test_cirr_val_end_to_end(tmp_path):
+    folder = _folder("cirr")
+    output = tmp_path / "cirr-val"
+    assert _example_main()(["cirr", "--dry-run", "--data-root", str(folder), "--output-dir", str(output),
+                            "--write-submissions", "--no-progress"]) == 0
+    report = json.loads((output / "metrics.json").read_text())
+    cirr = load_cirr(folder, "val")
+    assert report["num_queries"] == {"cirr": 4181} and report["gallery_size"] == {"cirr": 2297}
+
+    # The stored query embeddings are the stand-in's compositions of (reference, caption).
+    queries, query_ids = _saved_queries(output / "query_embeddings.safetensors")
+    assert query_ids == [q.query_id for q in cirr.queries]
+    encoder = IdHashEncoder()
+    references = encoder.encode_images([cirr.image(q.reference_id) for q in cirr.queries[:64]])
+    recomposed = normalize(encoder.compose(references, [q.captions[0] for q in cirr.queries[:64]]))
+    torch.testing.assert_close(queries[:64], recomposed)
+
+    # Written metrics = the metric functions applied to the scores of the whole split gallery.
+    scores = queries @ _gallery_embeds(cirr.gallery_ids).T
+    expected = metrics.compute_cirr_metrics(
+        scores=scores, gallery_ids=cirr.gallery_ids, target_ids=[q.target_id for q in cirr.queries],
+        reference_ids=[q.reference_id for q in cirr.queries], group_members=[q.group_members for q in cirr.queries])
+    _assert_metrics_equal(report["metrics"], expected)
+    assert 0 < expected["recall_subset_at1"] < expected["recall_subset_at3"] < 100
+    markdown = (output / "metrics.md").read_text()
+    assert "| avg |" in markdown and f"{expected['recall_at50']:.2f}" in markdown
+
+    # Official structure: version + metric keys, every pair id as a string, 50 / 3 distinct ids, no reference.
+    recall = json.loads((output / "recall_submission_val.json").read_text())
+    subset = json.loads((output / "recall_subset_submission_val.json").read_text())
+    assert (recall.pop("version"), recall.pop("metric")) == ("rc2", "recall")
+    assert (subset.pop("version"), subset.pop("metric")) == ("rc2", "recall_subset")
+    assert set(recall) == set(subset) == {str(q.query_id) for q in cirr.queries}
+    gallery = np.asarray(cirr.gallery_ids)
+    for row, query in enumerate(cirr.queries[:200]):
+        ranking = [i for i in gallery[np.argsort(-scores[row].numpy(), kind="stable")] if i != query.reference_id]
+        assert recall[str(query.query_id)] == ranking[:50]
+        members = set(query.group_members) - {query.reference_id}
+        assert subset[str(query.query_id)] == [i for i in ranking if i in members][:3]
+    assert all(len(set(ids)) == 50 for ids in recall.values()) and all(len(set(ids)) == 3 for ids in subset.values())
+
+
+def test_cirr_test1_writes_only_submissions(tmp_path):
+    folder = _folder("cirr")
+    layout = tmp_path / "CIRR"
+    (layout / "cirr" / "captions").mkdir(parents=True)
+    (layout / "cirr" / "image_splits").mkdir()
+    (layout / "cirr" / "captions" / "cap.rc2.test1.json").symlink_to(folder / "cap.rc2.test1.json")
+    # split.rc2.test1.json is not among the shared files; its 2,315 ids are the image-set members.
+    captions = json.loads((folder / "cap.rc2.test1.json").read_text())
+    split = {m: f"./test1/{m}.png" for q in captions for m in q["img_set"]["members"]}
+    (layout / "cirr" / "image_splits" / "split.rc2.test1.json").write_text(json.dumps(split))
+    output = tmp_path / "out"
+    assert _cli(["evaluate", "cirr", "--dry-run", "--split", "test1", "--data-root", str(layout),
+                 "--output-dir", str(output), "--no-progress"]) == 0
+    report = json.loads((output / "metrics.json").read_text())
+    assert report["metrics"] == {} and "hidden" in (output / "metrics.md").read_text()
+    recall = json.loads((output / "recall_submission_test1.json").read_text())
+    assert recall["version"] == "rc2" and recall["metric"] == "recall" and len(recall) == 4148 + 2
+    reference_of = {str(q["pairid"]): q["reference"] for q in captions}
+    assert all(reference_of[pair] not in ids and len(ids) == 50 for pair, ids in recall.items() if pair in reference_of)
+
+
+def test_circo_val_end_to_end_with_distractors(tmp_path):
+    folder = _folder("circo")
+    annotations = json.loads((folder / "val.json").read_text())
+    annotated = sorted({i for q in annotations for i in [q["reference_img_id"], *q["gt_img_ids"]]})
+    distractors = [int(i) for i in np.random.default_rng(0).choice(np.arange(600_000, 700_000), 3000, replace=False)]
+    gallery_file = tmp_path / "gallery_ids.txt"
+    gallery_file.write_text("\n".join(map(str, annotated + distractors)))
+    output = tmp_path / "circo-val"
+    assert _cli(["evaluate", "circo", "--dry-run", "--data-root", str(folder), "--gallery-ids", str(gallery_file),
+                 "--output-dir", str(output), "--write-submissions", "--no-progress"]) == 0
+    report = json.loads((output / "metrics.json").read_text())
+    circo = load_circo(folder, "val", gallery_ids=annotated + distractors)
+    queries, _ = _saved_queries(output / "query_embeddings.safetensors")
+    scores = queries @ _gallery_embeds(circo.gallery_ids).T
+    expected = metrics.compute_circo_metrics(
+        scores=scores, gallery_ids=circo.gallery_ids, ground_truth_ids=[q.ground_truth_ids for q in circo.queries],
+        semantic_aspects=[q.extra["semantic_aspects"] for q in circo.queries])
+    _assert_metrics_equal(report["metrics"], expected)
+    assert expected["map_at50"] > 0
+
+    submission = json.loads((output / "circo_val_submission.json").read_text())
+    assert list(submission) == [str(i) for i in range(220)]
+    gallery = np.asarray(circo.gallery_ids)
+    for row in range(220):
+        ids = submission[str(row)]
+        assert len(ids) == 50 == len(set(ids)) and all(isinstance(i, int) for i in ids)
+        assert ids == gallery[np.argsort(-scores[row].numpy(), kind="stable")][:50].tolist()
+    # The reference is kept (CIRCO does not remove it): the stand-in ranks it first.
+    assert sum(submission[str(q["id"])][0] == q["reference_img_id"] for q in annotations) > 200
+
+
+def test_circo_test_split_writes_the_submission_by_default(tmp_path):
+    folder = _folder("circo")
+    annotations = json.loads((folder / "test.json").read_text())
+    gallery = sorted({q["reference_img_id"] for q in annotations} | set(range(900_000, 900_100)))
+    (tmp_path / "ids.json").write_text(json.dumps(gallery))
+    assert _cli(["evaluate", "circo", "--dry-run", "--split", "test", "--data-root", str(folder),
+                 "--gallery-ids", str(tmp_path / "ids.json"), "--output-dir", str(tmp_path / "out"), "--no-progress"]) == 0
+    submission = json.loads((tmp_path / "out" / "circo_test_submission.json").read_text())
+    assert len(submission) == 800 and all(len(set(ids)) == 50 for ids in submission.values())
+
+
+def test_fashioniq_and_genecis_metrics_equal_the_functions_on_the_same_scores(tmp_path):
+    folder = _folder("fashioniq")
+    from diffusers_cir.data.benchmarks import load_fashioniq
+
+    output = tmp_path / "fiq"
+    assert _cli(["evaluate", "fashioniq", "--dry-run", "--subset", "dress", "toptee", "--fashioniq-captions", "searle",
+                 "--data-root", str(folder), "--output-dir", str(output), "--no-progress"]) == 0
+    report = json.loads((output / "metrics.json").read_text())
+    per_category = {}
+    for category in ("dress", "toptee"):
+        split = load_fashioniq(folder, category)
+        queries, _ = _saved_queries(output / f"query_embeddings_{category}.safetensors")
+        per_category[category] = metrics.fashioniq_recall_at_k(
+            target_ids=[q.target_id for q in split.queries], gallery_ids=split.gallery_ids,
+            scores=queries @ _gallery_embeds(split.gallery_ids).T)
+    _assert_metrics_equal(report["metrics"], metrics.fashioniq_average_recall(per_category))
+    assert report["settings"]["caption_style"] == "searle"
+
+    genecis_folder = _folder("genecis")
+    output = tmp_path / "genecis"
+    assert _cli(["evaluate", "genecis", "--dry-run", "--subset", "focus_object", "--data-root", str(genecis_folder),
+                 "--output-dir", str(output), "--no-progress"]) == 0
+    task = load_genecis(genecis_folder, "focus_object")
+    queries, _ = _saved_queries(output / "query_embeddings_focus_object.safetensors")
+    scores = [(_gallery_embeds(q.candidate_ids) @ embed).tolist() for q, embed in zip(task.queries, queries)]
+    expected = metrics.genecis_average_over_tasks({"focus_object": metrics.genecis_recall_at_k(scores)})
+    _assert_metrics_equal(json.loads((output / "metrics.json").read_text())["metrics"], expected)
+
+
+def test_searle_style_queries_average_both_caption_orders():
+    class Recorder(IdHashEncoder):
+        def compose(self, reference_embeds, prompts):
+            return reference_embeds + torch.stack([self._embed(p) for p in prompts])
+
+    encoder = Recorder(8)
+    references = torch.randn(2, 8)
+    got = compose_queries(encoder, references, [["a and b", "b and a"], ["c"]], batch_size=2, progress=False)
+    forward = normalize(references[:1] + encoder._embed("a and b"))
+    backward = normalize(references[:1] + encoder._embed("b and a"))
+    torch.testing.assert_close(got[0], normalize((forward + backward) / 2)[0])
+    torch.testing.assert_close(got[1], normalize(references[1:] + encoder._embed("c"))[0])
+
+
+def test_gallery_cache_is_reused_and_resumes_after_an_interruption(tmp_path):
+    class Counting(IdHashEncoder):
+        def __init__(self, fail_after=None):
+            super().__init__(8)
+            self.encoded, self.fail_after = 0, fail_after
+
+        def encode_images(self, images):
+            if self.fail_after is not None and self.encoded >= self.fail_after:
+                raise KeyboardInterrupt
+            self.encoded += len(images)
+            return super().encode_images(images)
+
+    refs = [ImageRef(i, Path(f"{i}.jpg")) for i in range(100)]
+    interrupted = Counting(fail_after=40)
+    with pytest.raises(KeyboardInterrupt):
+        EmbeddingCache(tmp_path, interrupted.fingerprint).get_or_encode(refs, interrupted, batch_size=10, shard_size=20,
+                                                                       progress=False)
+    resumed = Counting()
+    cache = EmbeddingCache(tmp_path, resumed.fingerprint)
+    assert len(cache) == 40  # two full shards of 20 survived
+    embeds = cache.get_or_encode(refs, resumed, batch_size=10, shard_size=20, progress=False)
+    assert resumed.encoded == 60
+    torch.testing.assert_close(embeds, IdHashEncoder(8).encode_images(refs))
+    again = Counting()
+    EmbeddingCache(tmp_path, again.fingerprint).get_or_encode(refs, again, progress=False)
+    assert again.encoded == 0
+    with pytest.raises(ValueError, match="holds 'id-hash-8' embeddings"):
+        cache.get_or_encode(refs, IdHashEncoder(16), progress=False)
+
+
+def test_a_real_compodiff_pipeline_folder_plugs_in(tmp_path):
+    pytest.importorskip("diffusers_cir.pipelines")
+    from PIL import Image
+    from tiny_components import EMBED_DIM, tiny_pipeline
+
+    folder = tmp_path / "pipe"
+    tiny_pipeline().save_pretrained(folder)
+    assert pipeline_class_for_folder(folder).__name__ == "CompoDiffPipeline"
+
+    # A 10-image CIRR-style val split with real pixels and 3 queries.
+    root = tmp_path / "CIRR"
+    (root / "dev").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = [f"dev-{i}-0-img0" for i in range(10)]
+    for name in names:
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / "dev" / f"{name}.png")
+    (root / "split.rc2.val.json").write_text(json.dumps({name: f"./dev/{name}.png" for name in names}))
+    captions = [{"pairid": i, "reference": names[i], "target_hard": names[i + 1], "caption": f"change {i}",
+                 "target_soft": {names[i + 1]: 1.0}, "img_set": {"id": i, "members": names[i : i + 6]}}
+                for i in range(3)]
+    (root / "cap.rc2.val.json").write_text(json.dumps(captions))
+
+    output = tmp_path / "out"
+    assert _cli(["evaluate", "cirr", "--pipeline", str(folder), "--data-root", str(root), "--output-dir", str(output),
+                 "--num-inference-steps", "3", "--device", "cpu", "--no-progress"]) == 0
+    report = json.loads((output / "metrics.json").read_text())
+    assert report["encoder"].startswith("CompoDiffPipeline-") and set(report["metrics"]) >= {"recall_at1", "avg"}
+    queries, _ = _saved_queries(output / "query_embeddings.safetensors")
+    assert queries.shape == (3, EMBED_DIM) and torch.isfinite(queries).all()
+
+    encoder = PipelineEncoder.from_pretrained(folder, device="cpu", call_kwargs={"num_inference_steps": 3})
+    assert encoder.fingerprint == report["encoder"]
+    pipe = encoder.pipeline
+    images = [Image.open(root / "dev" / f"{name}.png").convert("RGB") for name in names[:2]]
+    expected = pipe.encode_image(images).float()
+    torch.testing.assert_close(encoder.encode_images([ImageRef(n, root / "dev" / f"{n}.png") for n in names[:2]]), expected)
+    with pytest.raises(ValueError, match="does not accept \\['num_steps'\\]"):
+        PipelineEncoder(pipe, "x", call_kwargs={"num_steps": 3})
+    with pytest.raises(FileNotFoundError, match="should be at"):
+        encoder.encode_images([ImageRef("missing", tmp_path / "missing.png")])
+
+
+def test_pipeline_folder_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model_index.json is missing"):
+        pipeline_class_for_folder(tmp_path)
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    with pytest.raises(ValueError, match="names 'StableDiffusionPipeline'"):
+        pipeline_class_for_folder(tmp_path)
+
+
+def test_search_and_submission_helpers():
+    gallery = normalize(torch.randn(30, 8, generator=torch.Generator().manual_seed(0)))
+    queries = normalize(torch.randn(5, 8, generator=torch.Generator().manual_seed(1)))
+    scores, indices = ExactSearcher(gallery, chunk_size=2).search(queries, k=4)
+    full = queries @ gallery.T
+    assert torch.equal(indices, torch.topk(full, 4).indices)
+    assert drop_excluded(indices.numpy(), indices[:, 0].numpy(), k=3).tolist() == indices[:, 1:].tolist()
+    with pytest.raises(ValueError, match="search at least 4"):
+        drop_excluded(indices[:, :3].numpy(), indices[:, 0].numpy(), k=3)
+    with pytest.raises(ValueError, match="still lists its reference"):
+        cirr_submissions([1], ["r"], [["r"] + [f"g{i}" for i in range(49)]], [["a", "b", "c"]])
+    with pytest.raises(ValueError, match="expects 50"):
+        circo_submission([0], [[1, 2, 3]])
+    with pytest.raises(ValueError, match="lists an id twice"):
+        circo_submission([0], [[1] * 50])
+
+
+def test_cli_choices_follow_the_library():
+    from diffusers_cir.data.benchmarks import BENCHMARKS, FASHIONIQ_CAPTION_STYLES
+    from diffusers_cir.evaluation import command_line
+
+    assert command_line.BENCHMARK_CHOICES == BENCHMARKS
+    assert command_line.CAPTION_STYLE_CHOICES == FASHIONIQ_CAPTION_STYLES
+    parser = command_line.add_evaluation_arguments(argparse.ArgumentParser())
+    with pytest.raises(SystemExit):
+        parser.parse_args(["cirr", "--data-root", "x", "--output-dir", "y"])  # neither --pipeline nor --dry-run
+
+
+def test_missing_files_exit_with_a_message(tmp_path, capsys):
+    assert _cli(["evaluate", "cirr", "--dry-run", "--data-root", str(tmp_path), "--output-dir", str(tmp_path / "o")]) == 2
+    assert "cap.rc2.val.json" in capsys.readouterr().err
