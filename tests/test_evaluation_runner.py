@@ -329,3 +329,12 @@ def test_cli_choices_follow_the_library():
 def test_missing_files_exit_with_a_message(tmp_path, capsys):
     assert _cli(["evaluate", "cirr", "--dry-run", "--data-root", str(tmp_path), "--output-dir", str(tmp_path / "o")]) == 2
     assert "cap.rc2.val.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", ["cache", "encoders", "search", "submissions", "runner", "command_line"])
+def test_docstring_examples_run(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(f"diffusers_cir.evaluation.{module}"))
+    assert result.attempted > 0 and result.failed == 0

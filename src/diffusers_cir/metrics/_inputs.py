@@ -7,7 +7,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .ids import as_id_vector, index_of_ids, unify_id_dtypes
-from .ranking import PositiveRanks, as_score_tensor, ranks_from_ranked_lists, ranks_from_scores
+from .ranking import PositiveRanks, as_score_array, ranks_from_ranked_lists, ranks_from_scores
 
 
 def check_ks(ks: Sequence[int], name: str) -> tuple[int, ...]:
@@ -70,7 +70,7 @@ def ranks_of_single_positive(
     source = check_one_source(scores, gallery_ids, ranked_ids, metric)
     if source == "ranked":
         return ranks_from_ranked_lists(ranked_ids, positive_ids, exclude_ids, positives_per_query=False)
-    scores = as_score_tensor(scores)
+    scores = as_score_array(scores)
     num_queries, num_columns = scores.shape
     gallery = gallery_id_array(gallery_ids, num_columns)
     positive, positive_mask = as_id_vector(positive_ids, positive_name)

@@ -17,11 +17,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from ._inputs import check_ks, check_one_source, gallery_id_array
-from .ids import as_id_rows, as_id_vector, index_of_ids
+from .ids import IdRows, as_id_rows, as_id_vector, index_of_ids
 from .ranking import (
+    NOT_RETRIEVED,
     DuplicateIdError,
     PositiveRanks,
-    as_score_tensor,
+    as_score_array,
     average_precision_at_k,
     check_scale,
     ranks_from_ranked_lists,
@@ -51,8 +52,7 @@ CIRCO_SEMANTIC_ASPECTS = (
 )
 
 
-def _ground_truth_rows(ground_truth_ids: Any, on_empty_ground_truth: str, query_ids: Sequence[Any]):
-    rows = as_id_rows(ground_truth_ids, "ground_truth_ids")
+def _ground_truth_rows(rows: IdRows, on_empty_ground_truth: str, query_ids: Sequence[Any]) -> IdRows:
     lengths = rows.lengths
     empty = lengths == 0
     if empty.any() and on_empty_ground_truth == "raise":
@@ -108,38 +108,41 @@ def circo_per_query(
     if on_empty_ground_truth not in ("raise", "nan"):
         raise ValueError(f'`on_empty_ground_truth` must be "raise" or "nan", got {on_empty_ground_truth!r}.')
     source = check_one_source(scores, gallery_ids, ranked_ids, "CIRCO mAP")
-    probe_rows = as_id_rows(ground_truth_ids, "ground_truth_ids")
-    num_queries = len(probe_rows)
+    gt_rows = as_id_rows(ground_truth_ids, "ground_truth_ids")
+    num_queries = len(gt_rows)
     query_ids = list(range(num_queries)) if query_ids is None else list(query_ids)
     if len(query_ids) != num_queries:
         raise ValueError(f"`query_ids` has {len(query_ids)} entries but there are {num_queries} queries.")
-    gt_rows = _ground_truth_rows(ground_truth_ids, on_empty_ground_truth, query_ids)
+    gt_rows = _ground_truth_rows(gt_rows, on_empty_ground_truth, query_ids)
     num_positives = gt_rows.lengths
-    if target_ids is None:
-        target_ids = [row[mask][0].item() if mask.any() else None for row, mask in zip(gt_rows.values, gt_rows.mask)]
 
     if source == "scores":
-        scores = as_score_tensor(scores)
+        scores = as_score_array(scores)
         if scores.shape[0] != num_queries:
             raise ValueError(f"`scores` has {scores.shape[0]} rows but there are {num_queries} queries.")
         gallery = gallery_id_array(gallery_ids, scores.shape[1])
         # A ground truth outside the gallery can never be retrieved; it still counts in min(|G|, K).
         gt_index = np.where(gt_rows.mask, index_of_ids(gallery, gt_rows.values), -1)
         gt_ranks = ranks_from_scores(scores, gt_index)
-        target, target_mask = as_id_vector(target_ids, "target_ids")
-        target_index = np.where(target_mask, index_of_ids(gallery, target), -1)
-        target_ranks = PositiveRanks(ranks_from_scores(scores, target_index).ranks, gt_ranks.depths, True)
+        if target_ids is not None:
+            target, target_mask = as_id_vector(target_ids, "target_ids")
+            target_index = np.where(target_mask, index_of_ids(gallery, target), -1)
+            target_ranks = ranks_from_scores(scores, target_index)
     else:
         rows = as_id_rows(ranked_ids, "ranked_ids")
-        gt_values = [row[mask].tolist() for row, mask in zip(gt_rows.values, gt_rows.mask)]
         try:
-            gt_ranks = ranks_from_ranked_lists(rows, gt_values, positives_per_query=True)
+            gt_ranks = ranks_from_ranked_lists(rows, gt_rows, positives_per_query=True)
         except DuplicateIdError as error:
             raise ValueError(
                 f"Query {query_ids[error.row]!r} has duplicate predictions ({error.image_id!r} appears more than "
                 "once); each id may appear once in a submission (the CIRCO server rejects duplicates since 2024-05)."
             ) from None
-        target_ranks = ranks_from_ranked_lists(rows, target_ids, positives_per_query=False, check_duplicates=False)
+        if target_ids is not None:
+            target_ranks = ranks_from_ranked_lists(rows, target_ids, positives_per_query=False, check_duplicates=False)
+    if target_ids is None:
+        # The target is gt_img_ids[0] (CIRCO README): its rank is the first ground truth's.
+        first = gt_ranks.ranks[:, 0] if gt_ranks.ranks.shape[1] else np.full(num_queries, NOT_RETRIEVED)
+        target_ranks = PositiveRanks(np.where(num_positives > 0, first, NOT_RETRIEVED), gt_ranks.depths, gt_ranks.exhaustive)
 
     results: dict[str, np.ndarray] = {}
     for k in ks:

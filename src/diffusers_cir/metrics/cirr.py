@@ -29,7 +29,7 @@ from .ids import as_id_rows, as_id_vector, index_of_ids, unify_id_dtypes
 from .ranking import (
     NOT_RETRIEVED,
     PositiveRanks,
-    as_score_tensor,
+    as_score_array,
     check_scale,
     hits_at_k,
     ranks_from_ranked_lists,
@@ -158,7 +158,7 @@ def cirr_per_query(
 
     results: dict[str, np.ndarray] = {}
     if source == "scores":
-        scores = as_score_tensor(scores)
+        scores = as_score_array(scores)
     else:
         ranked_ids = as_id_rows(ranked_ids, "ranked_ids")  # converted once, used for target and members
     target_ranks = ranks_of_single_positive(
@@ -295,7 +295,7 @@ def cirplant_soft_recall(
     factor = check_scale(scale)
     ks = check_ks(ks, "ks")
     subset_ks = check_ks(subset_ks, "subset_ks") if group_members is not None else ()
-    scores = as_score_tensor(scores)
+    scores = as_score_array(scores)
     num_queries, num_gallery = scores.shape
     gallery = gallery_id_array(gallery_ids, num_gallery)
     reference, reference_mask = as_id_vector(reference_ids, "reference_ids")

@@ -17,10 +17,9 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import torch
 
 from ._inputs import check_ks
-from .ranking import check_scale, hits_at_k, ranks_from_scores
+from .ranking import as_score_array, check_scale, hits_at_k, ranks_from_scores
 
 __all__ = [
     "GENECIS_TASKS",
@@ -34,23 +33,20 @@ GENECIS_TASKS = ("focus_attribute", "change_attribute", "focus_object", "change_
 GENECIS_RECALL_KS = (1, 2, 3)
 
 
-def _candidate_score_matrix(candidate_scores: Any) -> torch.Tensor:
+def _candidate_score_matrix(candidate_scores: Any) -> np.ndarray:
     """Rectangular ``[T, C]`` scores; ragged rows (templates with fewer candidates) are padded with -inf."""
-    if isinstance(candidate_scores, (torch.Tensor, np.ndarray)):
-        matrix = torch.as_tensor(candidate_scores)
-        if matrix.ndim != 2:
-            raise ValueError(f"`candidate_scores` must be [num_templates, num_candidates], got {tuple(matrix.shape)}.")
-        matrix = matrix.to(torch.float64) if not matrix.is_floating_point() else matrix
+    if isinstance(candidate_scores, np.ndarray) or hasattr(candidate_scores, "detach"):
+        matrix = as_score_array(candidate_scores)
     else:
         rows = [np.asarray(row, dtype=np.float64) for row in candidate_scores]
         if any(row.ndim != 1 for row in rows):
             raise ValueError("`candidate_scores` must hold one list of candidate scores per template.")
         width = max((row.shape[0] for row in rows), default=0)
-        matrix = torch.full((len(rows), width), float("-inf"), dtype=torch.float64)
+        matrix = np.full((len(rows), width), -np.inf, dtype=np.float64)
         for index, row in enumerate(rows):
             if not np.all(np.isfinite(row)):
                 raise ValueError(f"`candidate_scores[{index}]` has a non-finite score; scores must be finite.")
-            matrix[index, : row.shape[0]] = torch.from_numpy(row)
+            matrix[index, : row.shape[0]] = row
     return matrix
 
 

@@ -8,6 +8,7 @@ common dtype so the comparisons are vectorised.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -51,15 +52,27 @@ def _to_numpy(ids: Any) -> np.ndarray | None:
 
 
 def _object_to_typed(values: list, name: str) -> np.ndarray:
-    """Python values (ints, strs, numpy scalars, None) -> an int64 or str array (None stays as a masked slot)."""
-    present = [value for value in values if value is not None]
-    if not present:
-        return np.zeros(len(values), dtype=np.int64)
-    if all(isinstance(value, (int, np.integer)) and not isinstance(value, bool) for value in present):
-        return np.array([0 if value is None else int(value) for value in values], dtype=np.int64)
-    if all(isinstance(value, (int, np.integer, str, np.str_)) and not isinstance(value, bool) for value in present):
-        return np.array(["" if value is None else str(value) for value in values])
-    bad = next(value for value in present if not isinstance(value, (int, np.integer, str, np.str_)))
+    """Python values (ints, strs, numpy scalars; ``None`` = a masked slot) -> an int64 or str array.
+
+    numpy does the type inference in C: all ints give an int array, ints mixed with strings a str array
+    (``str(1) == "1"``, the comparison we want); anything else is reported.
+    """
+    if None in values:
+        present = [value for value in values if value is not None]
+        if not present:
+            return np.zeros(len(values), dtype=np.int64)
+        filler = present[0]
+        values = [filler if value is None else value for value in values]
+    if not values:
+        return np.zeros(0, dtype=np.int64)
+    try:
+        array = np.array(values)
+    except (ValueError, TypeError):
+        array = np.array(values, dtype=object)
+    if array.ndim == 1 and array.dtype.kind in "iuU":
+        return _check_id_dtype(array, name)
+    bad = next((value for value in values if not isinstance(value, (int, np.integer, str, np.str_))
+                or isinstance(value, bool)), values[0])
     raise TypeError(f"`{name}` must contain int or str image ids, got a {type(bad).__name__}: {bad!r}.")
 
 
@@ -84,8 +97,8 @@ def as_id_vector(ids: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
 
     ```py
     >>> values, mask = as_id_vector([101, None, 7], name="target_ids")
-    >>> values.tolist(), mask.tolist()
-    ([101, 0, 7], [True, False, True])
+    >>> values[mask].tolist(), mask.tolist()  # a masked slot holds an arbitrary id of the same type
+    ([101, 7], [True, False, True])
 
     ```
     """
@@ -130,6 +143,9 @@ def as_id_rows(rows: Any, name: str) -> IdRows:
         raise TypeError(f"`{name}` must be a list of id lists (one per query), got {type(rows).__name__}.")
     row_list = []
     for index, row in enumerate(rows):
+        if type(row) is list:  # the common case, checked cheaply
+            row_list.append(row)
+            continue
         row_array = _to_numpy(row)
         if row_array is not None:
             row = row_array.tolist()
@@ -141,8 +157,8 @@ def as_id_rows(rows: Any, name: str) -> IdRows:
         row_list.append(list(row))
     lengths = np.array([len(row) for row in row_list], dtype=np.int64)
     width = int(lengths.max()) if len(row_list) else 0
-    flat = [value for row in row_list for value in row]
-    if any(value is None for value in flat):
+    flat = list(itertools.chain.from_iterable(row_list))
+    if None in flat:
         raise ValueError(f"`{name}` contains None; every entry of a ranked list must be an image id.")
     flat_values = _object_to_typed(flat, name) if flat else np.zeros(0, dtype=np.int64)
     mask = np.arange(width)[None, :] < lengths[:, None]
