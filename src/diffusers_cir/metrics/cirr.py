@@ -25,7 +25,7 @@ from ._inputs import (
     ranks_of_single_positive,
     same_ids,
 )
-from .ids import as_id_rows, as_id_vector, index_of_ids, unify_id_dtypes
+from .ids import IdRows, as_id_rows, as_id_vector, index_of_ids, unify_id_dtypes
 from .ranking import (
     NOT_RETRIEVED,
     PositiveRanks,
@@ -66,7 +66,8 @@ def cirr_avg(recall_at5: float, recall_subset_at1: float) -> float:
 
 
 def _member_arrays(group_members: Any, target_ids: Any, reference_ids: Any, num_queries: int):
-    """Members, targets and references as one id dtype, plus which members count for the subset."""
+    """Members (as :class:`IdRows`, one id dtype with targets and references), which members are subset
+    candidates (not the reference, not a repeat) and which member is the target."""
     members = as_id_rows(group_members, "group_members")
     if len(members) != num_queries:
         raise ValueError(f"`group_members` has {len(members)} rows but there are {num_queries} queries.")
@@ -89,7 +90,7 @@ def _member_arrays(group_members: Any, target_ids: Any, reference_ids: Any, num_
             f"({values[row][mask[row]].tolist()}); CIRR's img_set.members always contains the target."
         )
     candidate = mask & ~duplicate & (values != reference[:, None])
-    return values, candidate, is_target & ~duplicate
+    return IdRows(values, mask), candidate, is_target & ~duplicate
 
 
 def _subset_ranks(target_ranks: PositiveRanks, member_ranks: np.ndarray, candidate: np.ndarray, is_target: np.ndarray):
@@ -182,17 +183,15 @@ def cirr_per_query(
     else:
         num_queries = target_ranks.ranks.shape[0]
         members, candidate, is_target = _member_arrays(group_members, target_ids, reference_ids, num_queries)
-        member_mask = as_id_rows(group_members, "group_members").mask
         if source == "scores":
             gallery = gallery_id_array(gallery_ids, scores.shape[1])
-            member_index = positions_in_gallery(gallery, members, member_mask, "group member")
+            member_index = positions_in_gallery(gallery, members.values, members.mask, "group member")
             reference, reference_mask = as_id_vector(reference_ids, "reference_ids")
             reference_index = np.where(reference_mask, index_of_ids(gallery, reference), -1)
             member_ranks = ranks_from_scores(scores, member_index, reference_index).ranks
         else:
-            member_lists = [row[mask].tolist() for row, mask in zip(members, member_mask)]
             member_ranks = ranks_from_ranked_lists(
-                ranked_ids, member_lists, reference_ids, positives_per_query=True, check_duplicates=False
+                ranked_ids, members, reference_ids, positives_per_query=True, check_duplicates=False
             ).ranks
         subset_ranks = _subset_ranks(target_ranks, member_ranks, candidate, is_target)
     for k in subset_ks:
