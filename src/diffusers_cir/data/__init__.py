@@ -35,6 +35,26 @@ _LAZY_NAMES = {
     "SyntheticTriplets": "synthetic",
     "SyntheticWorldConfig": "synthetic",
     "build_synthetic_text_encoder": "synthetic",
+    "load_synthetic_world": "synthetic",
+    # layout
+    "MissingColumnsError": "schema",
+    "embeddings_features": "schema",
+    "images_features": "schema",
+    "resolve_column_mapping": "schema",
+    # streaming
+    "BlockShuffledStream": "streaming",
+    "TripletCollator": "streaming",
+    "TripletDataLoader": "streaming",
+    "TripletStream": "streaming",
+    "build_triplet_dataloader": "streaming",
+    "load_triplet_stream": "streaming",
+    # shard tooling
+    "ParquetShardWriter": "shards",
+    "ValidationReport": "shards",
+    "reshard": "shards",
+    "validate_dataset": "shards",
+    "write_triplets": "shards",
+    "update_dataset_card": "card",
     # benchmark loaders (written separately; re-exported when present)
     "BENCHMARKS": "benchmarks",
     "BenchmarkLayoutError": "benchmarks",

@@ -598,6 +598,90 @@ class SyntheticCIRWorld:
             scale="fraction",
         )
 
+    # ----------------------------------------------------------------------------------- on disk
+    def text_to_image_pairs(self, include_heldout: bool = True) -> tuple[np.ndarray, list[str]]:
+        """Stage-1 (caption -> image) data: item indices and their captions.
+
+        By default every item is included, held-out compositions too: like LAION for the real
+        CompoDiff, stage-1 data covers every concept, and what the splits hold out is the *composition*
+        (no triplet of ``train`` reaches a held-out pair). Pass ``include_heldout=False`` for the strict
+        variant.
+        """
+        indices = np.array([item.index for item in self.items if include_heldout or not item.heldout], dtype=np.int64)
+        return indices, [self.items[i].caption for i in indices]
+
+    def triplet_rows(self, triplets: SyntheticTriplets) -> dict[str, list]:
+        """Columns of the ``embeddings`` configuration (plus ``reference_id``/``target_id``) for triplets."""
+        ids = self.gallery_ids
+        references, targets = triplets.reference_indices, triplets.target_indices
+        prefix = f"synthetic-{self.config.seed}-{triplets.split}"
+        return {
+            "id": [f"{prefix}-{i:08d}" for i in range(len(triplets))],
+            "reference_image_embeds": self.image_embeds[torch.from_numpy(references)].numpy(),
+            "target_image_embeds": self.image_embeds[torch.from_numpy(targets)].numpy(),
+            "modification_text": list(triplets.modification_texts),
+            "reference_caption": [self.items[i].caption for i in references],
+            "target_caption": [self.items[i].caption for i in targets],
+            "reference_id": [ids[i] for i in references],
+            "target_id": [ids[i] for i in targets],
+        }
+
+    def write_embeddings_dataset(
+        self,
+        folder: str,
+        num_triplets: dict[str, int | None] | None = None,
+        rows_per_shard: int = 10_000,
+        seed: int | None = None,
+        overwrite: bool = False,
+        progress: bool = True,
+    ) -> dict[str, int]:
+        """Write the world in the SynthTriplets ``embeddings`` layout, plus a ``gallery`` configuration.
+
+        ``folder/embeddings/{split}-*.parquet`` hold the triplets (the real data's columns, plus
+        ``reference_id``/``target_id`` naming gallery items), ``folder/gallery/test-*.parquet`` every item
+        (``id``, ``caption``, ``image_embeds``, attributes, ``heldout``), ``folder/synthetic_world.json``
+        the config (so :func:`load_synthetic_world` rebuilds the same world and text encoder), and
+        ``README.md`` the card. ``num_triplets`` maps split -> count (``None`` = every one-attribute edit
+        of that split); default: all three splits, enumerated. Returns rows written per split.
+
+        Read it back like real data: ``load_triplet_stream(folder, "embeddings", split="train")``.
+        """
+        import json
+        import os
+
+        from .card import update_dataset_card
+        from .schema import EMBEDDINGS_CONFIG, embeddings_features
+        from .shards import ParquetShardWriter
+
+        datasets_features = _synthetic_features(self.config.projection_dim)
+        num_triplets = {split: None for split in SPLITS} if num_triplets is None else dict(num_triplets)
+        written = {}
+        for split, count in num_triplets.items():
+            triplets = self.triplets(split, num_triplets=count, seed=seed)
+            columns = self.triplet_rows(triplets)
+            with ParquetShardWriter(
+                folder, EMBEDDINGS_CONFIG, split, datasets_features["embeddings"], rows_per_shard, overwrite=overwrite
+            ) as writer:
+                _write_columns(writer, columns, progress, f"writing synthetic {split}")
+            written[split] = len(triplets)
+        gallery = {
+            "id": self.gallery_ids,
+            "caption": self.captions,
+            "image_embeds": self.image_embeds.numpy(),
+            **{name: [item.attributes[name] for item in self.items] for name in ATTRIBUTES},
+            "heldout": [item.heldout for item in self.items],
+        }
+        with ParquetShardWriter(folder, "gallery", "test", datasets_features["gallery"], rows_per_shard, overwrite=overwrite) as writer:
+            _write_columns(writer, gallery, progress, "writing synthetic gallery")
+        with open(os.path.join(folder, "synthetic_world.json"), "w", encoding="utf-8") as handle:
+            json.dump(config_to_dict(self.config), handle, indent=2)
+        body = _synthetic_card_body(self, written)
+        update_dataset_card(folder, "gallery", datasets_features["gallery"], {"test": self.num_items}, body=body)
+        update_dataset_card(folder, EMBEDDINGS_CONFIG, datasets_features["embeddings"], written, default=True, body=body)
+        # The triplet columns are the real layout's columns: check rather than assume.
+        assert set(embeddings_features(self.config.projection_dim)) <= set(datasets_features["embeddings"])
+        return written
+
     def __repr__(self) -> str:
         counts = {a: len(v) for a, v in self.config.attribute_values.items()}
         return (
@@ -618,3 +702,54 @@ def config_from_dict(values: dict) -> SyntheticWorldConfig:
     if unknown:
         raise ValueError(f"Unknown SyntheticWorldConfig fields {sorted(unknown)}; expected some of {sorted(fields)}.")
     return SyntheticWorldConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def _synthetic_features(projection_dim: int) -> dict:
+    from datasets import Features, List, Value
+
+    from .schema import embeddings_features
+
+    embeddings = dict(embeddings_features(projection_dim))
+    embeddings.update({"reference_id": Value("string"), "target_id": Value("string")})
+    gallery = {"id": Value("string"), "caption": Value("string"), "image_embeds": List(Value("float32"), length=projection_dim)}
+    gallery.update({name: Value("string") for name in ATTRIBUTES})
+    gallery["heldout"] = Value("bool")
+    return {"embeddings": Features(embeddings), "gallery": Features(gallery)}
+
+
+def _write_columns(writer, columns: dict, progress: bool, description: str) -> None:
+    from tqdm.auto import tqdm
+
+    count = len(next(iter(columns.values())))
+    chunk = 4096
+    for start in tqdm(range(0, count, chunk), desc=description, unit="chunk", disable=not progress or count <= chunk):
+        writer.add_batch({name: values[start : start + chunk] for name, values in columns.items()})
+
+
+def _synthetic_card_body(world: "SyntheticCIRWorld", written: dict[str, int]) -> str:
+    counts = ", ".join(f"{split}: {count}" for split, count in written.items())
+    values = "; ".join(f"{name}: {', '.join(v)}" for name, v in world.config.attribute_values.items())
+    return f"""# Synthetic CIR world (seed {world.config.seed})
+
+Generated by `diffusers_cir.data.synthetic` (see `src/diffusers_cir/data/README.md` in diffusers-cir). Same
+`embeddings` layout as SynthTriplets18M, so training and evaluation code read it unchanged.
+
+- {world.num_items} items ({values}); image embeddings of width {world.config.projection_dim}, unit norm.
+- Triplets per split: {counts}. `test` targets are held-out (object, color) pairs never reached by a `train`
+  or `validation` triplet; the `gallery` configuration holds every item (retrieve from it, excluding the
+  reference).
+- The tiny CLIP text encoder is rebuilt from `synthetic_world.json` with
+  `diffusers_cir.data.synthetic.load_synthetic_world(folder)`.
+"""
+
+
+def load_synthetic_world(folder: str) -> SyntheticCIRWorld:
+    """Rebuild the world (and its text encoder) whose dataset was written to ``folder``."""
+    import json
+    import os
+
+    path = os.path.join(folder, "synthetic_world.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: {folder} was not written by SyntheticCIRWorld.write_embeddings_dataset.")
+    with open(path, encoding="utf-8") as handle:
+        return SyntheticCIRWorld(config_from_dict(json.load(handle)))

@@ -1,0 +1,121 @@
+"""Dataset cards for triplet shard folders: YAML ``configs:`` + ``dataset_info`` that ``datasets`` reads.
+
+``datasets`` (>= 4) no longer runs loading scripts: a dataset is a folder whose ``README.md`` front
+matter names each configuration's data files and features. This module writes and updates that front
+matter with ``huggingface_hub.DatasetCard`` and ``datasets``' own YAML (de)serialisers, so the card is
+exactly what ``load_dataset(folder, config, streaming=True)`` and the Hub viewer expect.
+
+Example:
+    >>> import tempfile
+    >>> from diffusers_cir.data.card import read_card_configs, update_dataset_card
+    >>> from diffusers_cir.data.schema import images_features
+    >>> folder = tempfile.mkdtemp()
+    >>> _ = update_dataset_card(folder, "images", images_features(), {"train": 10}, default=True)
+    >>> read_card_configs(folder)["images"]["data_files"]
+    [{'split': 'train', 'path': 'images/train-*.parquet'}]
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+CARD_NAME = "README.md"
+
+DEFAULT_BODY = """# Composed image retrieval triplets
+
+Triplets (reference image, modification text, target image) written by `diffusers-cir data write`,
+in the SynthTriplets layout of `diffusers-cir`: an `images` configuration with
+image bytes and, once computed, an `embeddings` configuration with CLIP image embeddings.
+
+```python
+from datasets import load_dataset
+
+triplets = load_dataset("path/to/this/folder", "images", split="train", streaming=True)
+```
+"""
+
+
+def data_files_pattern(config_name: str, split: str) -> str:
+    """Glob of one configuration's split, relative to the dataset folder (``images/train-*.parquet``)."""
+    return f"{config_name}/{split}-*.parquet"
+
+
+def _load_card(folder: str):
+    """``(card data, markdown body)`` of the card in ``folder``; an empty card with the default body if none."""
+    from huggingface_hub import DatasetCard, DatasetCardData
+
+    path = os.path.join(folder, CARD_NAME)
+    if os.path.isfile(path):
+        card = DatasetCard.load(path)
+        return card.data, card.text
+    return DatasetCardData(), DEFAULT_BODY
+
+
+def read_card_configs(folder: str) -> dict[str, dict]:
+    """``{config_name: {"data_files": [...], ...}}`` from the card in ``folder`` (empty if none)."""
+    from datasets.utils.metadata import MetadataConfigs
+
+    if not os.path.isfile(os.path.join(folder, CARD_NAME)):
+        return {}
+    return dict(MetadataConfigs.from_dataset_card_data(_load_card(folder)[0]))
+
+
+def read_card_infos(folder: str) -> dict:
+    """``{config_name: datasets.DatasetInfo}`` (features, split sizes) from the card in ``folder``."""
+    from datasets.info import DatasetInfosDict
+
+    if not os.path.isfile(os.path.join(folder, CARD_NAME)):
+        return {}
+    return dict(DatasetInfosDict.from_dataset_card_data(_load_card(folder)[0]))
+
+
+def update_dataset_card(
+    folder: str,
+    config_name: str,
+    features,
+    split_sizes: Mapping[str, int],
+    default: bool = False,
+    body: str | None = None,
+    pretty_name: str | None = None,
+) -> str:
+    """Add or replace one configuration (data files, features, split sizes) in ``folder/README.md``.
+
+    Other configurations and the card's prose are kept, so the ``images`` writer and the embedding
+    precomputation can each record their own configuration. Returns the card path.
+    """
+    from datasets.info import DatasetInfo, DatasetInfosDict
+    from datasets.splits import SplitDict, SplitInfo
+    from datasets.utils.metadata import MetadataConfigs
+    from huggingface_hub import DatasetCard
+
+    if not split_sizes:
+        raise ValueError(f"split_sizes must name at least one split for config {config_name!r}, got {dict(split_sizes)}.")
+    os.makedirs(folder, exist_ok=True)
+    data, text = _load_card(folder)
+    configs = dict(MetadataConfigs.from_dataset_card_data(data))
+    infos = dict(DatasetInfosDict.from_dataset_card_data(data))
+    entry = {"data_files": [{"split": split, "path": data_files_pattern(config_name, split)} for split in split_sizes]}
+    if default:
+        for other in configs.values():
+            other.pop("default", None)
+        entry["default"] = True
+    elif configs.get(config_name, {}).get("default"):
+        entry["default"] = True
+    configs[config_name] = entry
+    splits = SplitDict()
+    for split, count in split_sizes.items():
+        splits.add(SplitInfo(name=split, num_examples=int(count)))
+    infos[config_name] = DatasetInfo(features=features, splits=splits, config_name=config_name)
+    # Rewrite both sections from scratch: a stale single-config `dataset_info` would otherwise linger.
+    data.pop("configs", None)
+    data.pop("dataset_info", None)
+    DatasetInfosDict(infos).to_dataset_card_data(data)
+    MetadataConfigs(configs).to_dataset_card_data(data)
+    if pretty_name is not None:
+        data.pretty_name = pretty_name
+    text = text if body is None else body
+    new_card = DatasetCard(f"---\n{data.to_yaml()}\n---\n{text.lstrip()}")
+    path = os.path.join(folder, CARD_NAME)
+    new_card.save(path)
+    return path
