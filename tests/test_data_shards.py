@@ -1,0 +1,228 @@
+"""Shard tooling: writing triplets from JSONL/CSV/folders, the dataset card, re-sharding, validation, hub card."""
+
+import csv
+import io
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+datasets = pytest.importorskip("datasets")
+pq = pytest.importorskip("pyarrow.parquet")
+
+from diffusers_cir.data.card import read_card_configs, read_card_infos, update_dataset_card  # noqa: E402
+from diffusers_cir.data.schema import embeddings_features, images_features  # noqa: E402
+from diffusers_cir.data.shards import (  # noqa: E402
+    ParquetShardWriter,
+    content_id,
+    count_rows,
+    reshard,
+    shard_files,
+    validate_dataset,
+    write_triplets,
+)
+
+HUB_CARD = os.path.join(os.path.dirname(__file__), os.pardir, "hub", "synthtriplets18m", "README.md")
+
+
+def _save_image(path, seed, fmt="PNG"):
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(path, fmt)
+
+
+@pytest.fixture
+def jsonl_source(tmp_path):
+    """7 good triplets, one undecodable image, one missing file, one duplicate, one empty text."""
+    images = tmp_path / "source" / "images"
+    images.mkdir(parents=True)
+    records = []
+    for i in range(7):
+        _save_image(images / f"ref{i}.png", 2 * i)
+        _save_image(images / f"tgt{i}.jpg", 2 * i + 1, "JPEG")
+        records.append({"ref": f"images/ref{i}.png", "tgt": f"images/tgt{i}.jpg", "edit": f"edit {i}", "caption": f"c{i}"})
+    (images / "broken.png").write_bytes(b"not a png")
+    records.append({"ref": "images/broken.png", "tgt": "images/tgt0.jpg", "edit": "broken"})
+    records.append({"ref": "images/missing.png", "tgt": "images/tgt0.jpg", "edit": "missing"})
+    records.append(dict(records[1]))  # same content -> same content id
+    records.append({"ref": "images/ref2.png", "tgt": "images/tgt2.jpg", "edit": "  "})
+    path = tmp_path / "source" / "triplets.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return path
+
+
+MAPPING = {"reference_image": "ref", "target_image": "tgt", "modification_text": "edit", "target_caption": "caption"}
+
+
+def test_write_triplets_from_jsonl_skips_and_reports_bad_records(jsonl_source, tmp_path):
+    out = str(tmp_path / "dataset")
+    summary = write_triplets(str(jsonl_source), out, column_mapping=MAPPING, rows_per_shard=3, progress=False)
+    assert summary.num_rows == 7 and len(summary.files) == 3
+    reasons = {record.source: record.reason for record in summary.skipped}
+    assert set(reasons) == {"triplets.jsonl:8", "triplets.jsonl:9", "triplets.jsonl:10", "triplets.jsonl:11"}
+    assert reasons["triplets.jsonl:8"].startswith("undecodable reference_image")
+    assert reasons["triplets.jsonl:9"].startswith("unreadable reference_image")
+    assert reasons["triplets.jsonl:10"].startswith("duplicate id")
+    assert reasons["triplets.jsonl:11"] == "empty modification_text"
+    assert "skipped 4 record(s)" in summary.format()
+
+    rows = list(datasets.load_dataset(out, split="train", streaming=True).cast_column("reference_image", datasets.Image(decode=False)))
+    assert len(rows) == 7
+    source_dir = os.path.dirname(jsonl_source)
+    with open(os.path.join(source_dir, "images", "ref0.png"), "rb") as handle:
+        assert rows[0]["reference_image"]["bytes"] == handle.read()  # bytes copied, not re-encoded
+    with open(os.path.join(source_dir, "images", "tgt0.jpg"), "rb") as handle:
+        target0 = handle.read()
+    assert rows[0]["id"] == content_id(rows[0]["reference_image"]["bytes"], "edit 0", target0)
+    assert rows[0]["target_caption"] == "c0" and rows[0]["reference_caption"] is None
+    assert read_card_infos(out)["images"].splits["train"].num_examples == 7
+    assert read_card_configs(out)["images"]["default"] is True
+
+    # Ids are stable: writing the same source again gives the same ids; an existing split needs overwrite.
+    with pytest.raises(FileExistsError, match="overwrite"):
+        write_triplets(str(jsonl_source), out, column_mapping=MAPPING, progress=False)
+    write_triplets(str(jsonl_source), out, column_mapping=MAPPING, rows_per_shard=100, overwrite=True, progress=False)
+    assert len(shard_files(out, "images", "train")) == 1
+    again = list(datasets.load_dataset(out, split="train", streaming=True))
+    assert [r["id"] for r in again] == [r["id"] for r in rows]
+
+
+def test_write_triplets_from_csv_and_folders(tmp_path):
+    folder = tmp_path / "folders"
+    for name in ("b", "a"):
+        (folder / name).mkdir(parents=True)
+        _save_image(folder / name / "reference.png", ord(name))
+        _save_image(folder / name / "target.webp", ord(name) + 1, "WEBP")
+        (folder / name / "modification.txt").write_text(f"edit {name}\n")
+    (folder / "a" / "target_caption.txt").write_text("caption a")
+    (folder / "c").mkdir()
+    (folder / "c" / "modification.txt").write_text("no images")
+    summary = write_triplets(str(folder), str(tmp_path / "out1"), progress=False)
+    assert summary.num_rows == 2 and [r.source for r in summary.skipped] == ["c"]
+    rows = list(datasets.load_dataset(str(tmp_path / "out1"), split="train", streaming=True))
+    assert [r["id"] for r in rows] == ["a", "b"] and rows[0]["target_caption"] == "caption a"
+    assert rows[1]["modification_text"] == "edit b" and rows[0]["target_image"].size == (24, 20)
+
+    csv_path = tmp_path / "triplets.csv"
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["id", "reference_image", "target_image", "modification_text"])
+        writer.writeheader()
+        writer.writerow({"id": "x1", "reference_image": str(folder / "a" / "reference.png"),
+                         "target_image": "folders/b/target.webp", "modification_text": "from csv"})
+    summary = write_triplets(str(csv_path), str(tmp_path / "out2"), split="validation", progress=False)
+    assert summary.num_rows == 1 and not summary.skipped
+    row = next(iter(datasets.load_dataset(str(tmp_path / "out2"), split="validation", streaming=True)))
+    assert row["id"] == "x1" and row["modification_text"] == "from csv"
+
+    with pytest.raises(KeyError, match="modification_text"):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(json.dumps({"reference_image": "a", "target_image": "b", "text": "t"}) + "\n")
+        write_triplets(str(bad), str(tmp_path / "out3"), progress=False)
+
+
+def _embedding_dataset(folder, ids, dim=4, rows_per_shard=2):
+    rng = np.random.default_rng(0)
+    with ParquetShardWriter(folder, "embeddings", "train", embeddings_features(dim), rows_per_shard=rows_per_shard) as writer:
+        writer.add_batch({
+            "id": ids,
+            "reference_image_embeds": rng.standard_normal((len(ids), dim)).astype(np.float32),
+            "target_image_embeds": rng.standard_normal((len(ids), dim)).astype(np.float32),
+            "modification_text": [f"t{i}" for i in range(len(ids))],
+            "reference_caption": [None] * len(ids),
+            "target_caption": [None] * len(ids),
+        })
+    update_dataset_card(folder, "embeddings", embeddings_features(dim), {"train": len(ids)})
+
+
+def test_reshard_keeps_rows_and_updates_the_card(tmp_path):
+    folder = str(tmp_path / "d")
+    ids = [f"r{i:02d}" for i in range(11)]
+    _embedding_dataset(folder, ids)
+    assert len(shard_files(folder, "embeddings", "train")) == 6
+
+    def read_ids(path):
+        return [r["id"] for r in datasets.load_dataset(path, "embeddings", split="train", streaming=True)]
+
+    files = reshard(folder, "embeddings", "train", num_shards=4, progress=False)
+    assert [os.path.basename(f) for f in files] == [f"train-{i:05d}-of-00004.parquet" for i in range(4)]
+    assert [pq.ParquetFile(f).metadata.num_rows for f in files] == [3, 3, 3, 2]
+    assert read_ids(folder) == ids and count_rows(folder, "embeddings", "train") == 11
+
+    out = str(tmp_path / "shuffled")
+    reshard(folder, "embeddings", "train", rows_per_shard=5, output_folder=out, shuffle_seed=0, progress=False)
+    shuffled = read_ids(out)
+    assert sorted(shuffled) == ids and shuffled != ids
+    assert len(shard_files(out, "embeddings", "train")) == 3
+    assert validate_dataset(out, progress=False).ok
+    with pytest.raises(ValueError, match="exactly one"):
+        reshard(folder, "embeddings", "train", progress=False)
+    with pytest.raises(ValueError, match="num_shards must be in"):
+        reshard(folder, "embeddings", "train", num_shards=12, progress=False)
+
+
+def test_validate_finds_undecodable_duplicates_and_count_mismatches(jsonl_source, tmp_path):
+    out = str(tmp_path / "dataset")
+    write_triplets(str(jsonl_source), out, column_mapping=MAPPING, rows_per_shard=4, progress=False)
+    report = validate_dataset(out, progress=False)
+    assert report.ok and report.counts == {"images/train": 7}, report.format()
+
+    # Corrupt one image, repeat one id and a row's content, in the second shard.
+    path = shard_files(out, "images", "train")[1]
+    table = pq.read_table(path)
+    rows = table.to_pylist()
+    rows[0]["target_image"] = {"bytes": b"garbage", "path": None}
+    rows.append(dict(rows[1]))  # duplicate id (and content)
+    pq.write_table(datasets.Dataset.from_list(rows, features=images_features()).data.table, path)
+    _embedding_dataset(out, ["only-here"], dim=4)
+
+    report = validate_dataset(out, progress=False)
+    text = report.format()
+    assert not report.ok
+    assert any("1 undecodable image(s)" in p and "target_image" in p for p in report.problems), text
+    assert any("1 duplicate id(s)" in p for p in report.problems), text
+    assert any("the card says 7 rows, the files hold 8" in p for p in report.problems), text
+    assert any("different ids" in p for p in report.problems), text
+    assert report.warnings and "repeat an earlier row's content" in report.warnings[0]
+    assert report.undecodable[0][0] == rows[0]["id"]
+
+    assert not validate_dataset(str(tmp_path / "nothing"), progress=False).ok
+
+
+def test_card_update_keeps_other_configs_and_prose(tmp_path):
+    folder = str(tmp_path)
+    update_dataset_card(folder, "images", images_features(), {"train": 3}, default=True, body="# My triplets\n\nHello.\n")
+    update_dataset_card(folder, "embeddings", embeddings_features(16), {"train": 3, "test": 1})
+    configs, infos = read_card_configs(folder), read_card_infos(folder)
+    assert set(configs) == {"images", "embeddings"} and configs["images"].get("default")
+    assert infos["embeddings"].features == embeddings_features(16)
+    assert {s: i.num_examples for s, i in infos["embeddings"].splits.items()} == {"train": 3, "test": 1}
+    assert "Hello." in open(os.path.join(folder, "README.md")).read()
+    with pytest.raises(ValueError, match="at least one split"):
+        update_dataset_card(folder, "images", images_features(), {})
+
+
+def test_hub_card_declares_the_library_schema_and_loads_local_shards(tmp_path):
+    shutil.copy(HUB_CARD, tmp_path / "README.md")
+    infos = read_card_infos(str(tmp_path))
+    assert infos["images"].features == images_features()
+    assert infos["embeddings"].features == embeddings_features(768)
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buffer, "PNG")
+    image = {"bytes": buffer.getvalue(), "path": None}
+    with ParquetShardWriter(str(tmp_path), "images", "train", images_features(), rows_per_shard=2) as writer:
+        for i in range(3):
+            writer.add({"id": f"i{i}", "reference_image": image, "target_image": image, "modification_text": "make it red",
+                        "reference_caption": None, "target_caption": "a red square"})
+    with ParquetShardWriter(str(tmp_path), "embeddings", "train", embeddings_features(768), rows_per_shard=2) as writer:
+        writer.add_batch({"id": ["i0", "i1", "i2"], "reference_image_embeds": np.ones((3, 768), np.float32),
+                          "target_image_embeds": np.ones((3, 768), np.float32), "modification_text": ["make it red"] * 3,
+                          "reference_caption": [None] * 3, "target_caption": ["a red square"] * 3})
+    default = datasets.load_dataset(str(tmp_path), split="train", streaming=True)  # `images` is the default config
+    assert [row["id"] for row in default] == ["i0", "i1", "i2"]
+    assert next(iter(default))["reference_image"].size == (8, 8)
+    embeddings = datasets.load_dataset(str(tmp_path), "embeddings", split="train", streaming=True)
+    assert len(next(iter(embeddings))["target_image_embeds"]) == 768
+    # No stray split sizes in the card: a user's local shards are whatever they hold.
+    assert validate_dataset(str(tmp_path), progress=False).ok
