@@ -13,11 +13,17 @@ from diffusers import ModelMixin as ModelMixin  # noqa: F401
 from diffusers import SchedulerMixin as SchedulerMixin  # noqa: F401
 
 # CORE-IMPORTS
+from .models import TextualInversionProjection, TextualInversionProjectionOutput
+from .pipelines import LinCIRPipeline, LinCIRPipelineOutput
 from .models import CompoDiffTransformer, CompoDiffTransformerOutput
 from .schedulers import CompoDiffScheduler
 from .pipelines import CompoDiffPipeline, CompoDiffPipelineOutput
 
 __all__ = [
+    "TextualInversionProjection",
+    "TextualInversionProjectionOutput",
+    "LinCIRPipeline",
+    "LinCIRPipelineOutput",
     "CompoDiffTransformer",
     "CompoDiffTransformerOutput",
     "CompoDiffScheduler",

@@ -1,3 +1,4 @@
+from .lincir import LinCIRConversionError, convert_lincir_phi_checkpoint, convert_phi_state_dict
 from .compodiff import (
     CompoDiffConversionError,
     convert_compodiff_checkpoint,
@@ -7,6 +8,9 @@ from .compodiff import (
 )
 
 __all__ = [
+    "LinCIRConversionError",
+    "convert_lincir_phi_checkpoint",
+    "convert_phi_state_dict",
     "CompoDiffConversionError",
     "convert_compodiff_checkpoint",
     "convert_compodiff_checkpoint_to_pipeline",

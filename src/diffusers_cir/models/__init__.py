@@ -1,3 +1,9 @@
 from .compodiff_transformer import CompoDiffTransformer, CompoDiffTransformerOutput
+from .textual_inversion_projection import TextualInversionProjection, TextualInversionProjectionOutput
 
-__all__ = ["CompoDiffTransformer", "CompoDiffTransformerOutput"]
+__all__ = [
+    "CompoDiffTransformer",
+    "CompoDiffTransformerOutput",
+    "TextualInversionProjection",
+    "TextualInversionProjectionOutput",
+]

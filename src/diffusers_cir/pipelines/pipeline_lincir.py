@@ -1,0 +1,465 @@
+"""LinCIR (and SEARLE / Pic2Word) zero-shot composed image retrieval as a diffusers pipeline.
+
+The query of a reference image and a modification text is encoded as
+
+    CLIP vision tower -> phi -> pseudo token -> "a photo of $ that {text}" -> CLIP text tower + projection
+
+The pseudo token replaces the token embedding at every position of the prompt that holds the placeholder
+token (``$``, CLIP id 259); position embeddings, the causal mask and end-of-text pooling are those of the
+unchanged CLIP text tower, and the projected pooled output is the query embedding, in the same joint space as
+the gallery's CLIP image embeddings.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
+from transformers import (
+    CLIPImageProcessor,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionModelWithProjection,
+)
+
+from ..models.textual_inversion_projection import TextualInversionProjection
+from .utils import resolve_pretrained_path
+
+DEFAULT_PROMPT_TEMPLATE = "a photo of $ that {text}"
+
+# FashionIQ captions end with stray punctuation ("is darker.", "has a logo?"); LinCIR strips these characters
+# from both ends of each caption before joining the pair with " and ".
+_FASHIONIQ_STRIP_CHARACTERS = ".?, "
+
+
+@dataclass
+class LinCIRPipelineOutput(BaseOutput):
+    """Output of :class:`LinCIRPipeline`.
+
+    Args:
+        image_embeds (`torch.Tensor` or `np.ndarray` of shape `(batch_size, projection_dim)`):
+            The composed query embeddings in the CLIP joint space (compare them with the gallery's CLIP image
+            embeddings). L2-normalised when the pipeline is called with `normalize=True`.
+        pseudo_tokens (`torch.Tensor` or `np.ndarray` of shape `(batch_size, hidden_size)`):
+            The pseudo-word embedding written at the placeholder position of each query's prompt.
+    """
+
+    image_embeds: torch.Tensor | np.ndarray
+    pseudo_tokens: torch.Tensor | np.ndarray
+
+
+class LinCIRPipeline(DiffusionPipeline):
+    r"""
+    Zero-shot composed image retrieval with a textual-inversion projection (LinCIR, SEARLE, Pic2Word).
+
+    Args:
+        phi ([`TextualInversionProjection`]):
+            Maps CLIP image embeddings (width `projection_dim`) to pseudo-word embeddings (width `hidden_size`).
+        text_encoder ([`~transformers.CLIPTextModelWithProjection`]):
+            The frozen CLIP text tower with its projection.
+        tokenizer ([`~transformers.CLIPTokenizer`]):
+            The CLIP tokenizer; `placeholder_token` must be a single token of its vocabulary.
+        image_encoder ([`~transformers.CLIPVisionModelWithProjection`], *optional*):
+            The CLIP vision tower; only needed to encode pixels (queries may pass `image_embeds` instead).
+        image_processor ([`~transformers.CLIPImageProcessor`], *optional*):
+            Pre-processing for `image_encoder`.
+        prompt_template (`str`, defaults to `"a photo of $ that {text}"`):
+            How a modification text becomes a prompt; `{text}` is replaced by the text. LinCIR's inference
+            template is the default.
+        placeholder_token (`str`, defaults to `"$"`):
+            The token whose embedding is replaced by the pseudo token (LinCIR and SEARLE use `$`, CLIP id 259;
+            Pic2Word uses `*`). Every occurrence in a prompt is replaced, as in the reference implementation.
+
+    Example:
+        >>> import torch
+        >>> from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+        >>> from diffusers_cir.models.textual_inversion_projection import TextualInversionProjection
+        >>> from diffusers_cir.pipelines.pipeline_lincir import LinCIRPipeline
+        >>> from diffusers_cir.utils import build_offline_clip_tokenizer
+        >>> _ = torch.manual_seed(0)
+        >>> text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, intermediate_size=64,
+        ...     num_hidden_layers=2, num_attention_heads=4, projection_dim=24))
+        >>> phi = TextualInversionProjection(input_dim=24, hidden_dim=96, output_dim=32)
+        >>> pipe = LinCIRPipeline(phi=phi, text_encoder=text_encoder, tokenizer=build_offline_clip_tokenizer())
+        >>> pipe.set_progress_bar_config(disable=True)
+        >>> gallery = torch.randn(5, 24)  # CLIP image embeddings of the gallery (from `pipe.encode_image`)
+        >>> query = pipe(image_embeds=gallery[:2], prompt=["is red", "has two dogs"], normalize=True)
+        >>> query.image_embeds.shape
+        torch.Size([2, 24])
+        >>> (query.image_embeds @ torch.nn.functional.normalize(gallery, dim=-1).T).argmax(dim=-1).shape
+        torch.Size([2])
+    """
+
+    model_cpu_offload_seq = "image_encoder->phi->text_encoder"
+    _optional_components = ["image_encoder", "image_processor"]
+
+    def __init__(
+        self,
+        phi: TextualInversionProjection,
+        text_encoder: CLIPTextModelWithProjection,
+        tokenizer: CLIPTokenizer,
+        image_encoder: CLIPVisionModelWithProjection | None = None,
+        image_processor: CLIPImageProcessor | None = None,
+        prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+        placeholder_token: str = "$",
+    ):
+        super().__init__()
+        if "{text}" not in prompt_template:
+            raise ValueError(f"`prompt_template` must contain '{{text}}', got {prompt_template!r}.")
+        self.register_modules(
+            phi=phi,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            image_encoder=image_encoder,
+            image_processor=image_processor,
+        )
+        self.register_to_config(prompt_template=prompt_template, placeholder_token=placeholder_token)
+        if phi is not None and text_encoder is not None:
+            if phi.config.output_dim != text_encoder.config.hidden_size:
+                raise ValueError(
+                    f"`phi` produces pseudo tokens of width {phi.config.output_dim} but the text encoder's token "
+                    f"embeddings have width {text_encoder.config.hidden_size}."
+                )
+            if phi.config.input_dim != text_encoder.config.projection_dim:
+                raise ValueError(
+                    f"`phi` takes embeddings of width {phi.config.input_dim} but the CLIP joint space (the text "
+                    f"encoder's projection_dim) has width {text_encoder.config.projection_dim}."
+                )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
+        """Load a pipeline folder, or a Hub repo id (downloaded with `huggingface_hub.snapshot_download` first,
+        because diffusers' own download step rejects libraries it does not know)."""
+        local = resolve_pretrained_path(pretrained_model_name_or_path, kwargs)
+        return super().from_pretrained(local, **kwargs)
+
+    # ------------------------------------------------------------------------------------------------ helpers
+
+    @property
+    def placeholder_token_id(self) -> int:
+        """Vocabulary id of `placeholder_token` (259 for `$` in CLIP's vocabulary)."""
+        token = self.config.placeholder_token
+        ids = self.tokenizer(token, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ValueError(
+                f"`placeholder_token` {token!r} must be a single token of the tokenizer's vocabulary; it tokenises "
+                f"to {len(ids)} tokens {ids}."
+            )
+        return int(ids[0])
+
+    @torch.no_grad()
+    def encode_image(
+        self,
+        images,
+        batch_size: int = 64,
+        device: torch.device | None = None,
+        show_progress: bool = False,
+    ) -> torch.Tensor:
+        """CLIP image embeddings `(N, projection_dim)` (projected, not normalised) of PIL images or pixel values.
+
+        Args:
+            images: a PIL image, a list of PIL images, or preprocessed `pixel_values` of shape `(N, 3, H, W)`.
+            batch_size (`int`, defaults to 64): images per forward pass of the vision tower.
+            device (`torch.device`, *optional*): where to run (defaults to the pipeline's execution device).
+            show_progress (`bool`, defaults to `False`): a progress bar over the batches (gallery encoding).
+        """
+        if self.image_encoder is None:
+            raise ValueError(
+                "This pipeline has no `image_encoder`, so it cannot encode pixels: pass CLIP `image_embeds` "
+                "instead, or load the pipeline with a CLIPVisionModelWithProjection."
+            )
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+        device = device or self._execution_device
+        dtype = self.image_encoder.dtype
+        if torch.is_tensor(images):
+            if images.ndim != 4:
+                raise ValueError(f"`images` as a tensor must be pixel values of shape (N, 3, H, W), got {tuple(images.shape)}.")
+            batches = list(images.split(batch_size))
+        else:
+            if isinstance(images, PIL.Image.Image):
+                images = [images]
+            if not isinstance(images, Sequence) or not all(isinstance(image, PIL.Image.Image) for image in images):
+                kinds = sorted({type(i).__name__ for i in images}) if isinstance(images, Sequence) else []
+                raise TypeError(
+                    "`images` must be a PIL image, a list of PIL images or a pixel tensor, got "
+                    f"{type(images).__name__}{f' of {kinds}' if kinds else ''}."
+                )
+            if self.image_processor is None:
+                raise ValueError("This pipeline has no `image_processor`: pass preprocessed pixel values or `image_embeds`.")
+            batches = [list(images[start : start + batch_size]) for start in range(0, len(images), batch_size)]
+        embeds = []
+        for batch in self.progress_bar(batches) if show_progress else batches:
+            if not torch.is_tensor(batch):
+                batch = self.image_processor(images=batch, return_tensors="pt").pixel_values
+            embeds.append(self.image_encoder(pixel_values=batch.to(device=device, dtype=dtype)).image_embeds)
+        if not embeds:
+            raise ValueError("`images` is empty.")
+        return torch.cat(embeds)
+
+    def encode_prompt_with_pseudo_tokens(
+        self,
+        input_ids: torch.Tensor,
+        pseudo_tokens: torch.Tensor,
+        placeholder_token_id: int | None = None,
+        output_hidden_states: bool = False,
+    ):
+        """Encode token ids with the pseudo tokens written at every placeholder position.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): tokenised prompts, each
+                holding at least one `placeholder_token_id`.
+            pseudo_tokens (`torch.Tensor` of shape `(batch_size, hidden_size)`): one pseudo token per prompt.
+            placeholder_token_id (`int`, *optional*): defaults to the id of `placeholder_token`.
+            output_hidden_states (`bool`): also return the final-layer-norm hidden states.
+
+        Returns:
+            `text_embeds` of shape `(batch_size, projection_dim)` (the projected end-of-text output), and with
+            `output_hidden_states=True` the tuple `(text_embeds, last_hidden_state)`.
+
+        Gradients flow to `pseudo_tokens` (language-only training backpropagates through the frozen tower).
+        """
+        if placeholder_token_id is None:
+            placeholder_token_id = self.placeholder_token_id
+        if not torch.is_tensor(input_ids) or input_ids.ndim != 2:
+            got = tuple(input_ids.shape) if torch.is_tensor(input_ids) else type(input_ids).__name__
+            raise ValueError(f"`input_ids` must be a tensor of shape (batch_size, sequence_length), got {got}.")
+        hidden_size = self.text_encoder.config.hidden_size
+        if not torch.is_tensor(pseudo_tokens) or tuple(pseudo_tokens.shape) != (input_ids.shape[0], hidden_size):
+            got = tuple(pseudo_tokens.shape) if torch.is_tensor(pseudo_tokens) else type(pseudo_tokens).__name__
+            raise ValueError(
+                f"`pseudo_tokens` must be a tensor of shape ({input_ids.shape[0]}, {hidden_size}) (one per prompt), "
+                f"got {got}."
+            )
+        is_placeholder = input_ids == placeholder_token_id
+        missing = (~is_placeholder.any(dim=-1)).nonzero().flatten().tolist()
+        if missing:
+            raise ValueError(
+                f"Prompts {missing} hold no placeholder token (id {placeholder_token_id}): every prompt needs "
+                f"{self.config.placeholder_token!r} where the reference image goes (after truncation to "
+                f"{input_ids.shape[1]} tokens)."
+            )
+        return encode_text_with_pseudo_tokens(
+            self.text_encoder, input_ids, pseudo_tokens, placeholder_token_id, output_hidden_states
+        )
+
+    def _format_prompts(self, prompt, prompt_template: str) -> tuple[list[str], list[str | None]]:
+        """Prompt strings for each query; the second list holds the reversed FashionIQ prompt (or None)."""
+        items = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(items, Sequence) or len(items) == 0:
+            raise ValueError(f"`prompt` must be a string or a non-empty list, got {prompt!r}.")
+        forward, reversed_ = [], []
+        for index, item in enumerate(items):
+            if isinstance(item, str):
+                forward.append(prompt_template.format(text=item))
+                reversed_.append(None)
+            elif isinstance(item, Sequence) and len(item) == 2 and all(isinstance(c, str) for c in item):
+                # FashionIQ's two relative captions: both orders, joined with "and", averaged after encoding.
+                first, second = (caption.strip(_FASHIONIQ_STRIP_CHARACTERS) for caption in item)
+                forward.append(prompt_template.format(text=f"{first} and {second}"))
+                reversed_.append(prompt_template.format(text=f"{second} and {first}"))
+            else:
+                raise ValueError(
+                    f"`prompt[{index}]` must be a string or a pair of strings (FashionIQ's two captions), got {item!r}."
+                )
+        return forward, reversed_
+
+    def _tokenize(self, prompts: list[str]) -> torch.Tensor:
+        return self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+
+    # ------------------------------------------------------------------------------------------------- call
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        image: PIL.Image.Image | list[PIL.Image.Image] | None = None,
+        prompt: str | list[str] | list[tuple[str, str]] | None = None,
+        image_embeds: torch.Tensor | None = None,
+        pseudo_tokens: torch.Tensor | None = None,
+        prompt_input_ids: torch.Tensor | None = None,
+        prompt_template: str | None = None,
+        normalize: bool = False,
+        batch_size: int = 256,
+        output_type: str = "pt",
+        return_dict: bool = True,
+    ):
+        r"""
+        Encode composed queries (reference image + modification text) into the CLIP joint space.
+
+        Args:
+            image (`PIL.Image.Image` or list of them, *optional*):
+                Reference images (needs `image_encoder`). Exactly one of `image`, `image_embeds`,
+                `pseudo_tokens` must be given.
+            prompt (`str`, list of `str`, or list of `(str, str)` pairs):
+                Modification texts, formatted with `prompt_template`. A pair of captions follows FashionIQ's
+                convention: both orders (`"{a} and {b}"`, `"{b} and {a}"`) are encoded with the same pseudo
+                token and the query is the mean of the two L2-normalised embeddings.
+            image_embeds (`torch.Tensor` of shape `(batch_size, projection_dim)`, *optional*):
+                Precomputed CLIP image embeddings of the reference images (as returned by `encode_image`).
+            pseudo_tokens (`torch.Tensor` of shape `(batch_size, hidden_size)`, *optional*):
+                Precomputed pseudo tokens (skips `phi`), e.g. from SEARLE's optimisation-based inversion.
+            prompt_input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Already tokenised prompts holding the placeholder id, instead of `prompt`.
+            prompt_template (`str`, *optional*):
+                Overrides the pipeline's `prompt_template` for this call (must contain `{text}`).
+            normalize (`bool`, defaults to `False`):
+                L2-normalise the returned query embeddings.
+            batch_size (`int`, defaults to 256):
+                Queries per forward pass of phi and the text tower (a progress bar runs over the chunks).
+            output_type (`str`, defaults to `"pt"`): `"pt"` or `"np"`.
+            return_dict (`bool`, defaults to `True`): return a [`LinCIRPipelineOutput`] or a tuple.
+
+        A single reference (or a single prompt) is broadcast against a batch of the other.
+
+        Returns:
+            [`LinCIRPipelineOutput`] or `(image_embeds, pseudo_tokens)`.
+        """
+        if output_type not in ("pt", "np"):
+            raise ValueError(f"`output_type` must be 'pt' or 'np', got {output_type!r}.")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+        given = [name for name, value in (("image", image), ("image_embeds", image_embeds), ("pseudo_tokens", pseudo_tokens)) if value is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"Pass exactly one of `image`, `image_embeds`, `pseudo_tokens` (the reference), got {given or 'none'}."
+            )
+        if (prompt is None) == (prompt_input_ids is None):
+            raise ValueError("Pass exactly one of `prompt` and `prompt_input_ids` (the modification text).")
+        prompt_template = self.config.prompt_template if prompt_template is None else prompt_template
+        if prompt is not None and "{text}" not in prompt_template:
+            raise ValueError(f"`prompt_template` must contain '{{text}}', got {prompt_template!r}.")
+
+        device = self._execution_device
+        text_dtype = self.text_encoder.dtype
+        hidden_size = self.text_encoder.config.hidden_size
+        projection_dim = self.text_encoder.config.projection_dim
+
+        # 1. Prompts -> token ids (the reversed FashionIQ prompts are appended after the forward ones).
+        if prompt is not None:
+            forward_prompts, reversed_prompts = self._format_prompts(prompt, prompt_template)
+            paired = [index for index, text in enumerate(reversed_prompts) if text is not None]
+            input_ids = self._tokenize(forward_prompts + [reversed_prompts[index] for index in paired])
+            num_prompts = len(forward_prompts)
+        else:
+            if not torch.is_tensor(prompt_input_ids) or prompt_input_ids.ndim != 2:
+                got = tuple(prompt_input_ids.shape) if torch.is_tensor(prompt_input_ids) else type(prompt_input_ids).__name__
+                raise ValueError(f"`prompt_input_ids` must be a tensor of shape (batch_size, sequence_length), got {got}.")
+            input_ids, paired, num_prompts = prompt_input_ids, [], prompt_input_ids.shape[0]
+
+        # 2. Reference -> pseudo tokens.
+        if image is not None:
+            image_embeds = self.encode_image(image, batch_size=batch_size)
+        if image_embeds is not None:
+            if not torch.is_tensor(image_embeds) or image_embeds.ndim != 2 or image_embeds.shape[1] != self.phi.config.input_dim:
+                got = tuple(image_embeds.shape) if torch.is_tensor(image_embeds) else type(image_embeds).__name__
+                raise ValueError(
+                    f"`image_embeds` must be a tensor of shape (batch_size, {self.phi.config.input_dim}), got {got}."
+                )
+            phi_dtype = self.phi.output_layer.weight.dtype
+            pseudo_tokens = torch.cat(
+                [
+                    self.phi(chunk.to(device=device, dtype=phi_dtype)).pseudo_tokens
+                    for chunk in image_embeds.split(batch_size)
+                ]
+            )
+        elif not torch.is_tensor(pseudo_tokens) or pseudo_tokens.ndim != 2 or pseudo_tokens.shape[1] != hidden_size:
+            got = tuple(pseudo_tokens.shape) if torch.is_tensor(pseudo_tokens) else type(pseudo_tokens).__name__
+            raise ValueError(f"`pseudo_tokens` must be a tensor of shape (batch_size, {hidden_size}), got {got}.")
+        pseudo_tokens = pseudo_tokens.to(device=device, dtype=text_dtype)
+
+        # 3. Broadcast a single reference or a single prompt against the other batch.
+        num_references = pseudo_tokens.shape[0]
+        if num_references != num_prompts:
+            if num_references == 1:
+                pseudo_tokens = pseudo_tokens.expand(num_prompts, -1)
+            elif num_prompts == 1:
+                forward_ids = input_ids[:1].expand(num_references, -1)
+                if paired:  # one FashionIQ pair for every reference: forward rows, then reversed rows
+                    input_ids = torch.cat([forward_ids, input_ids[1:2].expand(num_references, -1)])
+                    paired = list(range(num_references))
+                else:
+                    input_ids = forward_ids
+                num_prompts = num_references
+            else:
+                raise ValueError(
+                    f"Got {num_references} references ({given[0]}) but {num_prompts} prompts: pass as many of each, "
+                    "or a single one of either."
+                )
+        batch_pseudo_tokens = torch.cat([pseudo_tokens, pseudo_tokens[paired]]) if paired else pseudo_tokens
+
+        # 4. Encode the prompts with the pseudo tokens, chunk by chunk.
+        input_ids = input_ids.to(device)
+        placeholder_token_id = self.placeholder_token_id
+        chunks = []
+        starts = range(0, input_ids.shape[0], batch_size)
+        for start in self.progress_bar(starts) if len(starts) > 1 else starts:
+            chunks.append(
+                self.encode_prompt_with_pseudo_tokens(
+                    input_ids[start : start + batch_size],
+                    batch_pseudo_tokens[start : start + batch_size],
+                    placeholder_token_id=placeholder_token_id,
+                )
+            )
+        text_embeds = torch.cat(chunks) if chunks else torch.empty(0, projection_dim, device=device, dtype=text_dtype)
+
+        query_embeds = text_embeds[:num_prompts]
+        if paired:
+            averaged = (F.normalize(query_embeds[paired], dim=-1) + F.normalize(text_embeds[num_prompts:], dim=-1)) / 2
+            query_embeds = query_embeds.clone()
+            query_embeds[paired] = averaged
+        if normalize:
+            query_embeds = F.normalize(query_embeds, dim=-1)
+
+        self.maybe_free_model_hooks()
+        if output_type == "np":
+            query_embeds = query_embeds.float().cpu().numpy()
+            pseudo_tokens = pseudo_tokens.float().cpu().numpy()
+        if not return_dict:
+            return (query_embeds, pseudo_tokens)
+        return LinCIRPipelineOutput(image_embeds=query_embeds, pseudo_tokens=pseudo_tokens)
+
+
+def encode_text_with_pseudo_tokens(
+    text_encoder: CLIPTextModelWithProjection,
+    input_ids: torch.Tensor,
+    pseudo_tokens: torch.Tensor,
+    placeholder_token_id: int = 259,
+    output_hidden_states: bool = False,
+):
+    """Run a CLIP text tower with the token embedding at every `placeholder_token_id` replaced by the
+    prompt's pseudo token (the textual-inversion encoding of LinCIR, SEARLE and Pic2Word).
+
+    The replacement is a forward hook on the token-embedding layer, removed when the call returns: the rest of
+    the forward pass (position embeddings, causal attention in transformers' chosen implementation, final
+    layer norm, end-of-text pooling, projection) is transformers' own. Not safe to call concurrently from
+    several threads on one `text_encoder`.
+
+    Returns `text_embeds` `(batch_size, projection_dim)`, or `(text_embeds, last_hidden_state)`.
+    """
+    embedding_layer = text_encoder.get_input_embeddings()
+    is_placeholder = (input_ids == placeholder_token_id).unsqueeze(-1)
+
+    def write_pseudo_tokens(module, args, token_embeds):
+        return torch.where(is_placeholder, pseudo_tokens.unsqueeze(1).to(token_embeds.dtype), token_embeds)
+
+    handle = embedding_layer.register_forward_hook(write_pseudo_tokens)
+    try:
+        outputs = text_encoder(input_ids=input_ids)
+    finally:
+        handle.remove()
+    if output_hidden_states:
+        return outputs.text_embeds, outputs.last_hidden_state
+    return outputs.text_embeds
