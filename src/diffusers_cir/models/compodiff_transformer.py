@@ -42,28 +42,64 @@ class CompoDiffTransformerOutput(BaseOutput):
 
 
 @dataclass
+class GuidanceKeyValues:
+    """Cross-attention keys/values of one layer for the three guidance branches, factored.
+
+    Rows are `[conditional (R), negative (R), unconditional (R)]`. The conditional rows keep their full keys/values;
+    the two negative branches share the null + negative-text part (`shared_*`, one row for the whole batch when
+    every query has the same negative text, else one per query) and differ only in their image and mask tokens
+    (`tail_*`, zero keys/values for the zero image). Attention over these is exactly attention over the
+    concatenated keys, without ever materialising the shared part per row.
+    """
+
+    cond_key: torch.Tensor  # [R, heads, 1 + L + 2, head_dim]
+    cond_value: torch.Tensor
+    shared_key: torch.Tensor  # [1 or R, heads, 1 + L, head_dim]
+    shared_value: torch.Tensor
+    tail_key: torch.Tensor  # [2R, heads, 2, head_dim]
+    tail_value: torch.Tensor
+
+    @property
+    def rows(self) -> int:
+        return 3 * self.cond_key.shape[0]
+
+    def repeat_interleave(self, repeats: int) -> "GuidanceKeyValues":
+        def per_branch(tensor, branches):
+            return torch.cat([part.repeat_interleave(repeats, 0) for part in tensor.chunk(branches)])
+
+        shared = self.shared_key.shape[0] != 1
+        return GuidanceKeyValues(
+            self.cond_key.repeat_interleave(repeats, 0), self.cond_value.repeat_interleave(repeats, 0),
+            self.shared_key.repeat_interleave(repeats, 0) if shared else self.shared_key,
+            self.shared_value.repeat_interleave(repeats, 0) if shared else self.shared_value,
+            per_branch(self.tail_key, 2), per_branch(self.tail_value, 2),
+        )
+
+
+@dataclass
 class CompoDiffContext:
     """Step-independent state of a batch of queries (see :meth:`CompoDiffTransformer.encode_context`).
 
     ``cross_attention_kv`` holds, for every layer, the keys and values ``[batch, heads, 1 + context_len, head_dim]``
-    of the cross-attention, the learned null key/value already prepended.
+    of the cross-attention, the learned null key/value already prepended, or their factored
+    :class:`GuidanceKeyValues` form (:meth:`CompoDiffTransformer.encode_guidance_context`).
     """
 
-    cross_attention_kv: list[tuple[torch.Tensor, torch.Tensor]]
+    cross_attention_kv: list
 
     @property
     def batch_size(self) -> int:
-        return self.cross_attention_kv[0][0].shape[0]
+        first = self.cross_attention_kv[0]
+        return first.rows if isinstance(first, GuidanceKeyValues) else first[0].shape[0]
 
     def repeat_interleave(self, repeats: int) -> "CompoDiffContext":
-        return CompoDiffContext(
-            [(k.repeat_interleave(repeats, 0), v.repeat_interleave(repeats, 0)) for k, v in self.cross_attention_kv]
-        )
-
-    @classmethod
-    def cat(cls, contexts: list["CompoDiffContext"]) -> "CompoDiffContext":
-        layers = zip(*(context.cross_attention_kv for context in contexts))
-        return cls([(torch.cat([k for k, _ in kv]), torch.cat([v for _, v in kv])) for kv in layers])
+        layers = []
+        for layer in self.cross_attention_kv:
+            if isinstance(layer, GuidanceKeyValues):
+                layers.append(layer.repeat_interleave(repeats))
+            else:
+                layers.append((layer[0].repeat_interleave(repeats, 0), layer[1].repeat_interleave(repeats, 0)))
+        return CompoDiffContext(layers)
 
 
 class GainLayerNorm(nn.Module):
@@ -140,18 +176,18 @@ def apply_rotary_embedding(hidden_states: torch.Tensor, cos: torch.Tensor, sin: 
 class CompoDiffSelfAttention(nn.Module):
     """Multi-query cosine-similarity self-attention over the query tokens (see module docstring)."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int, cosine_sim_scale: float, dropout: float = 0.0):
+    def __init__(self, dim: int, heads: int, head_dim: int, cosine_sim_scale: float, dropout: float = 0.0, eps=(1e-5, 1e-3)):
         super().__init__()
         self.heads = heads
         self.head_dim = head_dim
         self.cosine_sim_scale = cosine_sim_scale
         self.dropout = dropout
-        self.norm = GainLayerNorm(dim)
+        self.norm = GainLayerNorm(dim, *eps)
         self.to_q = nn.Linear(dim, heads * head_dim, bias=False)
         self.to_kv = nn.Linear(dim, 2 * head_dim, bias=False)
         self.null_kv = nn.Parameter(torch.randn(2, head_dim))
         self.to_out = nn.Linear(heads * head_dim, dim, bias=False)
-        self.out_norm = GainLayerNorm(dim)
+        self.out_norm = GainLayerNorm(dim, *eps)
 
     def forward(
         self, hidden_states: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], position_bias: torch.Tensor
@@ -166,34 +202,36 @@ class CompoDiffSelfAttention(nn.Module):
         null_key, null_value = self.null_kv.to(hidden_states.dtype).unbind(0)
         key = torch.cat((null_key.expand(batch, 1, -1), key), dim=1)
         value = torch.cat((null_value.expand(batch, 1, -1), value), dim=1)
-        # Cosine similarity: normalise, then put the whole logit scale on the query so SDPA can use scale=1.
+        # Cosine similarity: normalise, then put the whole logit scale on the query.
         query = F.normalize(query, dim=-1) * self.cosine_sim_scale
         key = F.normalize(key, dim=-1)
-        # One shared key/value head (multi-query attention): a broadcast view, not a copy.
-        key = key.unsqueeze(1).expand(batch, self.heads, length + 1, self.head_dim)
-        value = value.unsqueeze(1).expand(batch, self.heads, length + 1, self.head_dim)
-        attention = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=position_bias.to(query.dtype), scale=1.0,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
-        attention = attention.transpose(1, 2).reshape(batch, length, self.heads * self.head_dim)
+        # Multi-query attention over a handful of tokens: with the heads folded into the query rows, one batched
+        # matmul against the single key head does it, without expanding keys/values to every head (SDPA would,
+        # and falls back to its unfused path for this shape).
+        scores = torch.bmm(query.reshape(batch, self.heads * length, self.head_dim), key.transpose(1, 2))
+        scores = scores.view(batch, self.heads, length, length + 1) + position_bias.to(scores.dtype)
+        weights = scores.softmax(dim=-1, dtype=torch.float32).to(value.dtype)
+        weights = F.dropout(weights, p=self.dropout, training=self.training)
+        attention = torch.bmm(weights.view(batch, self.heads * length, length + 1), value)
+        attention = attention.view(batch, self.heads, length, self.head_dim).transpose(1, 2)
+        attention = attention.reshape(batch, length, self.heads * self.head_dim)
         return self.out_norm(self.to_out(attention))
 
 
 class CompoDiffCrossAttention(nn.Module):
     """Dot-product cross-attention from the query tokens to the (pre-projected) context."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int, dropout: float = 0.0):
+    def __init__(self, dim: int, heads: int, head_dim: int, dropout: float = 0.0, eps=(1e-5, 1e-3)):
         super().__init__()
         self.heads = heads
         self.head_dim = head_dim
         self.dropout = dropout
-        self.norm = GainLayerNorm(dim)
+        self.norm = GainLayerNorm(dim, *eps)
         self.to_q = nn.Linear(dim, heads * head_dim, bias=False)
         self.to_kv = nn.Linear(dim, 2 * heads * head_dim, bias=False)
         self.null_kv = nn.Parameter(torch.randn(2, head_dim))
         self.to_out = nn.Linear(heads * head_dim, dim, bias=False)
-        self.out_norm = GainLayerNorm(dim)
+        self.out_norm = GainLayerNorm(dim, *eps)
 
     def context_key_value(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[batch, heads, 1 + length, head_dim]`` of a context, null key/value prepended."""
@@ -204,22 +242,79 @@ class CompoDiffCrossAttention(nn.Module):
         value = torch.cat((null_value.expand(batch, self.heads, 1, -1), value), dim=2)
         return key, value
 
-    def forward(self, hidden_states: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, key_values) -> torch.Tensor:
         batch, length, _ = hidden_states.shape
         query = self.to_q(self.norm(hidden_states)).view(batch, length, self.heads, self.head_dim).transpose(1, 2)
-        attention = F.scaled_dot_product_attention(
-            query, key.to(query.dtype), value.to(query.dtype), dropout_p=self.dropout if self.training else 0.0
-        )
+        if isinstance(key_values, GuidanceKeyValues):
+            attention = self._guidance_attention(query, key_values)
+        else:
+            key, value = (tensor.to(query.dtype) for tensor in key_values)
+            if torch.is_grad_enabled():
+                # training: SDPA's fused kernels save memory in the backward pass
+                attention = F.scaled_dot_product_attention(
+                    query, key, value, dropout_p=self.dropout if self.training else 0.0
+                )
+            else:
+                attention = self._rowwise_attention(query, key, value)
         attention = attention.transpose(1, 2).reshape(batch, length, self.heads * self.head_dim)
         return self.out_norm(self.to_out(attention))
+
+    def _rowwise_attention(self, query, key, value):
+        """Each row against its own keys. For two query tokens a batched matmul reads every cached key/value once,
+        at memory speed, where fused attention kernels waste their tiles on the tiny query length."""
+        batch, heads, length, _ = query.shape
+        rows = batch * heads
+        scores = torch.bmm(
+            query.reshape(rows, length, self.head_dim), key.reshape(rows, -1, self.head_dim).transpose(1, 2)
+        ) * (self.head_dim**-0.5)
+        weights = scores.softmax(dim=-1, dtype=torch.float32).to(value.dtype)
+        return torch.bmm(weights, value.reshape(rows, -1, self.head_dim)).view(batch, heads, length, -1)
+
+    def _guidance_attention(self, query, kv: GuidanceKeyValues):
+        dtype = query.dtype
+        per_branch = kv.cond_key.shape[0]
+        conditional = self._rowwise_attention(query[:per_branch], kv.cond_key.to(dtype), kv.cond_value.to(dtype))
+        negative = query[per_branch:]  # [2R, heads, length, head_dim]: the negative then the unconditional rows
+        rows, heads, length, width = negative.shape
+        scale = width**-0.5
+        shared_key, shared_value = kv.shared_key.to(dtype), kv.shared_value.to(dtype)
+        if shared_key.shape[0] == 1:
+            # one negative text for the batch: every row's queries against the same keys, one GEMM per head
+            stacked = negative.permute(1, 0, 2, 3).reshape(heads, rows * length, width)
+            shared_scores = torch.bmm(stacked, shared_key[0].transpose(1, 2))
+            shared_scores = shared_scores.view(heads, rows, length, -1).permute(1, 0, 2, 3)
+        else:
+            # one negative text per query, used by its negative and unconditional rows
+            stacked = negative.view(2, rows // 2, heads, length, width).permute(1, 2, 0, 3, 4)
+            stacked = stacked.reshape((rows // 2) * heads, 2 * length, width)
+            shared_scores = torch.bmm(stacked, shared_key.flatten(0, 1).transpose(1, 2))
+            shared_scores = shared_scores.view(rows // 2, heads, 2, length, -1).permute(2, 0, 1, 3, 4)
+            shared_scores = shared_scores.reshape(rows, heads, length, -1)
+        tail_key, tail_value = kv.tail_key.to(dtype), kv.tail_value.to(dtype)
+        tail_scores = torch.matmul(negative, tail_key.transpose(-1, -2))
+        scores = torch.cat((shared_scores, tail_scores), dim=-1) * scale
+        weights = scores.softmax(dim=-1, dtype=torch.float32).to(dtype)
+        shared_length = shared_key.shape[2]
+        shared_weights, tail_weights = weights[..., :shared_length], weights[..., shared_length:]
+        if shared_key.shape[0] == 1:
+            stacked = shared_weights.permute(1, 0, 2, 3).reshape(heads, rows * length, shared_length)
+            shared_out = torch.bmm(stacked, shared_value[0]).view(heads, rows, length, width).permute(1, 0, 2, 3)
+        else:
+            stacked = shared_weights.view(2, rows // 2, heads, length, shared_length).permute(1, 2, 0, 3, 4)
+            stacked = stacked.reshape((rows // 2) * heads, 2 * length, shared_length)
+            shared_out = torch.bmm(stacked, shared_value.flatten(0, 1))
+            shared_out = shared_out.view(rows // 2, heads, 2, length, width).permute(2, 0, 1, 3, 4)
+            shared_out = shared_out.reshape(rows, heads, length, width)
+        negative_out = shared_out + torch.matmul(tail_weights, tail_value)
+        return torch.cat((conditional, negative_out))
 
 
 class CompoDiffFeedForward(nn.Module):
     """LayerNorm, Linear(dim, 2*mult*dim), SwiGLU (first half times SiLU of the second), Linear(mult*dim, dim)."""
 
-    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0, eps=(1e-5, 1e-3)):
         super().__init__()
-        self.norm = GainLayerNorm(dim)
+        self.norm = GainLayerNorm(dim, *eps)
         self.proj_in = nn.Linear(dim, 2 * mult * dim, bias=False)
         self.dropout = nn.Dropout(dropout)
         self.proj_out = nn.Linear(mult * dim, dim, bias=False)
@@ -239,15 +334,16 @@ class CompoDiffBlock(nn.Module):
         cosine_sim_scale: float,
         ff_mult: int,
         dropout: float,
+        eps: tuple[float, float] = (1e-5, 1e-3),
     ):
         super().__init__()
-        self.self_attn = CompoDiffSelfAttention(dim, heads, head_dim, cosine_sim_scale, dropout)
-        self.cross_attn = CompoDiffCrossAttention(dim, cross_attention_heads, head_dim, dropout)
-        self.ff = CompoDiffFeedForward(dim, ff_mult, dropout)
+        self.self_attn = CompoDiffSelfAttention(dim, heads, head_dim, cosine_sim_scale, dropout, eps)
+        self.cross_attn = CompoDiffCrossAttention(dim, cross_attention_heads, head_dim, dropout, eps)
+        self.ff = CompoDiffFeedForward(dim, ff_mult, dropout, eps)
 
-    def forward(self, hidden_states, rotary_cos, rotary_sin, position_bias, context_key, context_value):
+    def forward(self, hidden_states, rotary_cos, rotary_sin, position_bias, context_key_values):
         hidden_states = self.self_attn(hidden_states, (rotary_cos, rotary_sin), position_bias) + hidden_states
-        hidden_states = self.cross_attn(hidden_states, context_key, context_value) + hidden_states
+        hidden_states = self.cross_attn(hidden_states, context_key_values) + hidden_states
         return self.ff(hidden_states) + hidden_states
 
 
@@ -271,6 +367,10 @@ class CompoDiffTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         relative_position_buckets (`int`, defaults to 32), relative_position_max_distance (`int`, defaults to 128):
             T5 relative position bias of the self-attention.
         dropout (`float`, defaults to 0.0): Attention and feed-forward dropout (training only).
+        norm_eps (`float`, defaults to 1e-5): LayerNorm epsilon in float32.
+        half_precision_norm_eps (`float`, defaults to 1e-3): LayerNorm epsilon in bf16/fp16, as in the reference.
+            Where a norm's input variance is comparable to it (random weights: ~5e-4 after cross-attention), half
+            precision then departs from float32 by design; set it to `norm_eps` to make bf16 track float32.
 
     Example:
         >>> import torch
@@ -303,8 +403,11 @@ class CompoDiffTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         relative_position_buckets: int = 32,
         relative_position_max_distance: int = 128,
         dropout: float = 0.0,
+        norm_eps: float = 1e-5,
+        half_precision_norm_eps: float = 1e-3,
     ):
         super().__init__()
+        eps = (norm_eps, half_precision_norm_eps)
         rotary_dim = min(32, attention_head_dim) if rotary_dim is None else rotary_dim
         if rotary_dim % 2 or rotary_dim > attention_head_dim:
             raise ValueError(
@@ -327,11 +430,12 @@ class CompoDiffTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
                     cosine_sim_scale,
                     ff_mult,
                     dropout,
+                    eps,
                 )
                 for _ in range(num_layers)
             ]
         )
-        self.norm_out = GainLayerNorm(embedding_dim, stable=True)
+        self.norm_out = GainLayerNorm(embedding_dim, *eps, stable=True)
         self.proj_out = nn.Linear(embedding_dim, embedding_dim, bias=False)
         self.gradient_checkpointing = False
 
@@ -391,6 +495,58 @@ class CompoDiffTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         context = torch.cat((text_tokens, image_embeds.to(dtype)[:, None], mask_token[:, None]), dim=1)
         return CompoDiffContext([block.cross_attn.context_key_value(context) for block in self.blocks])
 
+    def encode_guidance_context(
+        self,
+        image_embeds: torch.Tensor,
+        text_hidden_states: torch.Tensor,
+        negative_text_hidden_states: torch.Tensor,
+        mask: torch.Tensor | None = None,
+    ) -> CompoDiffContext:
+        """Context of the three guidance branches `[text+image, negative+image, negative+zero image]` (3 x batch rows).
+
+        Equal to `encode_context` on the concatenated branches, but each distinct token is projected once: the two
+        negative branches share their text and mask keys/values, a negative text given once (`[1, L, H]`) is
+        projected once for the whole batch, and the zero image token has zero keys/values (`to_kv` has no bias).
+        """
+        image_embeds = self._as_batch_vector("image_embeds", image_embeds)
+        batch = image_embeds.shape[0]
+        text_dim = self.config.text_embedding_dim
+        for name, text in (("text_hidden_states", text_hidden_states), ("negative_text_hidden_states", negative_text_hidden_states)):
+            if text.ndim != 3 or text.shape[-1] != text_dim or text.shape[0] not in (1, batch):
+                raise ValueError(f"`{name}` must have shape [{batch} or 1, length, {text_dim}], got {tuple(text.shape)}.")
+        if text_hidden_states.shape[0] != batch:
+            text_hidden_states = text_hidden_states.expand(batch, -1, -1)
+        mask = self._check_mask(mask, batch, image_embeds)
+        dtype = self.text_proj.weight.dtype
+        conditional = torch.cat(
+            (
+                self.text_proj(text_hidden_states.to(dtype)),
+                image_embeds.to(dtype)[:, None],
+                self.mask_embedding(mask.flatten(1)).to(dtype)[:, None],
+            ),
+            dim=1,
+        )
+        negative_text = self.text_proj(negative_text_hidden_states.to(dtype))
+        length = conditional.shape[1] - 2
+        layers = []
+        for block in self.blocks:
+            attention = block.cross_attn
+            key, value = attention.context_key_value(conditional)  # [B, heads, 1 + L + 2, head_dim]
+            shared_key, shared_value = attention.context_key_value(negative_text)  # [B or 1, heads, 1 + L, head_dim]
+            tokens = slice(1 + length, None)  # the image and mask tokens
+            image_and_mask_key, image_and_mask_value = key[:, :, tokens], value[:, :, tokens]
+            # the zero image has zero keys/values: to_kv has no bias
+            no_image = torch.ones_like(image_and_mask_key)
+            no_image[:, :, 0] = 0
+            layers.append(
+                GuidanceKeyValues(
+                    key, value, shared_key, shared_value,
+                    torch.cat((image_and_mask_key, image_and_mask_key * no_image)),
+                    torch.cat((image_and_mask_value, image_and_mask_value * no_image)),
+                )
+            )
+        return CompoDiffContext(layers)
+
     def _rotary_and_bias(self, length: int, device: torch.device, dtype: torch.dtype):
         positions = torch.arange(length, device=device, dtype=torch.float32)
         angles = positions[:, None] * self.rotary_frequencies.float()[None, :]
@@ -439,17 +595,18 @@ class CompoDiffTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
         timestep = torch.as_tensor(timestep, device=hidden_states.device)
         if timestep.ndim == 0:
-            timestep = timestep.expand(batch)
-        if timestep.shape != (batch,):
+            timestep = timestep.reshape(1)  # one shared timestep: embed it once, broadcast below
+        elif timestep.shape != (batch,):
             raise ValueError(f"`timestep` must be a scalar or have shape [{batch}], got {tuple(timestep.shape)}.")
 
         dtype = self.proj_out.weight.dtype
         time_token = self.time_embedding(sinusoidal_timestep_embedding(timestep, self.config.embedding_dim))
-        tokens = torch.stack((hidden_states.to(dtype), time_token.to(dtype)), dim=1)
+        time_token = time_token.to(dtype).expand(batch, -1)
+        tokens = torch.stack((hidden_states.to(dtype), time_token), dim=1)
         rotary_cos, rotary_sin, position_bias = self._rotary_and_bias(tokens.shape[1], tokens.device, dtype)
 
-        for block, (context_key, context_value) in zip(self.blocks, context.cross_attention_kv):
-            arguments = (tokens, rotary_cos, rotary_sin, position_bias, context_key, context_value)
+        for block, context_key_values in zip(self.blocks, context.cross_attention_kv):
+            arguments = (tokens, rotary_cos, rotary_sin, position_bias, context_key_values)
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 tokens = self._gradient_checkpointing_func(block, *arguments)
             else:

@@ -28,7 +28,8 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from ..models.compodiff_transformer import CompoDiffContext, CompoDiffTransformer
+from ..models.compodiff_transformer import CompoDiffTransformer
+from ..schedulers.scheduling_compodiff import CompoDiffScheduler
 from .utils import resolve_pretrained_path
 
 EXAMPLE_DOC_STRING = """
@@ -52,7 +53,8 @@ class CompoDiffPipelineOutput(BaseOutput):
     """
     Args:
         image_embeds (`torch.Tensor` or `np.ndarray` of shape `(batch_size, embedding_dim)`):
-            The composed query embeddings (averaged over `num_samples_per_query`), in the CLIP image space.
+            The composed query embeddings (averaged over `num_samples_per_query`), in the CLIP image space. Always
+            float32: the sample and the guidance run in float32 whatever the model precision.
     """
 
     image_embeds: torch.Tensor | np.ndarray
@@ -293,15 +295,6 @@ class CompoDiffPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------ sampling
 
-    def _conditions(self, image_embeds, prompt_embeds, negative_prompt_embeds, mask) -> CompoDiffContext:
-        """Context of the three guidance branches `[text+image, negative+image, negative+zero image]`."""
-        zeros = torch.zeros_like(image_embeds)
-        return self.transformer.encode_context(
-            torch.cat([image_embeds, image_embeds, zeros]),
-            torch.cat([prompt_embeds, negative_prompt_embeds, negative_prompt_embeds]),
-            torch.cat([mask, mask, mask]),
-        )
-
     def _step_kwargs(self, generator, eta) -> dict:
         accepted = set(inspect.signature(self.scheduler.step).parameters)
         kwargs = {}
@@ -312,6 +305,100 @@ class CompoDiffPipeline(DiffusionPipeline):
                 raise ValueError(f"{type(self.scheduler).__name__}.step takes no `eta`.")
             kwargs["eta"] = eta
         return kwargs
+
+    # ------------------------------------------------------------------ fast paths
+
+    def enable_cuda_graphs(self, max_graphs: int = 8) -> None:
+        """Capture the whole sampling run (context included) as a CUDA graph per input shape and replay it.
+
+        Opt-in low-latency mode for the reference `CompoDiffScheduler` on CUDA: the first call of each shape
+        (batch size, samples, steps, guidance scales) captures, later calls replay. Calls with a
+        `callback_on_step_end`, other schedulers and CPU execution use the eager path.
+        """
+        from .fast_sampling import CompoDiffGraphSampler
+
+        self._graph_sampler = CompoDiffGraphSampler(max_graphs=max_graphs)
+
+    def disable_cuda_graphs(self) -> None:
+        self._graph_sampler = None
+
+    def _sample_reference(
+        self, conditions, latents, num_inference_steps, guidance_scale, image_guidance_scale, samples, generator,
+        eta, callback_on_step_end, callback_tensor_inputs,
+    ) -> torch.Tensor:
+        from .fast_sampling import ReferencePlan, reference_sampling_loop
+
+        device = latents.device
+        plan = ReferencePlan.build(self.scheduler, num_inference_steps, eta, device)
+        # Every draw up front, in the reference's order (after the initial noise, one per noisy step).
+        step_noises = [
+            randn_tensor(latents.shape, generator=generator, device=device, dtype=torch.float32)
+            for _ in range(plan.noisy_steps)
+        ]
+        options = dict(guidance_scale=float(guidance_scale), image_guidance_scale=float(image_guidance_scale),
+                       num_samples_per_query=samples)
+        graph_sampler = getattr(self, "_graph_sampler", None)
+        if graph_sampler is not None and device.type == "cuda" and callback_on_step_end is None:
+            inputs = dict(conditions, latents=latents, step_noises=step_noises)
+            return graph_sampler(self.transformer, plan, inputs, **options)
+
+        progress_bar = self.progress_bar(total=len(plan.timesteps))
+
+        def on_step(index, timestep, step_latents):
+            if callback_on_step_end is not None:
+                step_locals = {"latents": step_latents}
+                callback_kwargs = {}
+                for name in callback_tensor_inputs:  # a loop, not a comprehension (Python 3.11 scoping)
+                    callback_kwargs[name] = step_locals[name]
+                step_latents = callback_on_step_end(self, index, timestep, callback_kwargs).pop("latents", step_latents)
+            progress_bar.update()
+            return step_latents
+
+        with progress_bar:
+            return reference_sampling_loop(
+                self.transformer, plan, latents=latents, step_noises=step_noises, on_step=on_step, **conditions, **options
+            )
+
+    def _sample_with_scheduler(
+        self, conditions, latents, num_inference_steps, guidance_scale, image_guidance_scale, samples, generator,
+        eta, callback_on_step_end, callback_tensor_inputs,
+    ) -> torch.Tensor:
+        """Any diffusers scheduler configured for x0 prediction (`prediction_type="sample"`)."""
+        from .fast_sampling import guided_prediction
+
+        if getattr(self.scheduler.config, "prediction_type", "sample") != "sample":
+            raise ValueError(
+                f"The CompoDiff denoiser predicts x0: configure {type(self.scheduler).__name__} with "
+                f"prediction_type='sample' (got {self.scheduler.config.prediction_type!r})."
+            )
+        if getattr(self.scheduler.config, "clip_sample", False):
+            raise ValueError(
+                f"{type(self.scheduler).__name__} has clip_sample=True, which clips CLIP embeddings to [-1, 1]: "
+                "set clip_sample=False."
+            )
+        context = self.transformer.encode_guidance_context(
+            conditions["image_embeds"], conditions["prompt_embeds"], conditions["negative_prompt_embeds"], conditions["mask"]
+        )
+        if samples > 1:
+            context = context.repeat_interleave(samples)
+        self.scheduler.set_timesteps(num_inference_steps, device=latents.device)
+        latents = latents * self.scheduler.init_noise_sigma
+        step_kwargs = self._step_kwargs(generator, eta)
+        timesteps = self.scheduler.timesteps
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for index, t in enumerate(timesteps):
+                model_input = self.scheduler.scale_model_input(latents, t).to(self.transformer.dtype)
+                prediction = self.transformer(torch.cat([model_input] * 3), t, context=context).predicted_image_embedding
+                x0 = guided_prediction(prediction.float(), guidance_scale, image_guidance_scale)
+                latents = self.scheduler.step(x0, t, latents, **step_kwargs).prev_sample
+                if callback_on_step_end is not None:
+                    step_locals = {"latents": latents}
+                    callback_kwargs = {}
+                    for name in callback_tensor_inputs:  # a loop, not a comprehension (Python 3.11 scoping)
+                        callback_kwargs[name] = step_locals[name]
+                    latents = callback_on_step_end(self, index, t, callback_kwargs).pop("latents", latents)
+                progress_bar.update()
+        return latents
 
     @torch.no_grad()
     def __call__(
@@ -422,65 +509,45 @@ class CompoDiffPipeline(DiffusionPipeline):
                 negative_prompt_embeds = self.encode_prompt(list(negative_prompt), device)
         prompt_embeds = prompt_embeds.to(device=device, dtype=dtype)
         negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
-        if negative_prompt_embeds.shape[0] == 1 and batch_size > 1:
-            negative_prompt_embeds = negative_prompt_embeds.expand(batch_size, -1, -1)
         if negative_prompt_embeds.shape[1] != prompt_embeds.shape[1]:
             raise ValueError(
                 f"`prompt_embeds` ({prompt_embeds.shape[1]} tokens) and `negative_prompt_embeds` "
                 f"({negative_prompt_embeds.shape[1]} tokens) must have the same length."
             )
 
-        # 4. everything step-independent, once per query, then one row per sample ((b r) order as the reference)
+        # 4. initial noise ((b r) order as the reference: each query's samples are consecutive rows)
         samples = num_samples_per_query
-        context = self._conditions(image_embeds, prompt_embeds, negative_prompt_embeds, mask)
-        if samples > 1:
-            context = context.repeat_interleave(samples)
-
-        # 5. noise
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
         shape = (batch_size * samples, self.embedding_dim)
+        # Noise is drawn in float32 whatever the model precision, so a seed gives the same query in every precision.
         if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         else:
             if latents.ndim == 3 and latents.shape[1] == 1:
                 latents = latents[:, 0]
             if tuple(latents.shape) != shape:
                 raise ValueError(f"`latents` must have shape {list(shape)}, got {tuple(latents.shape)}.")
-            latents = latents.to(device=device, dtype=dtype)
-        latents = latents * self.scheduler.init_noise_sigma
-        step_kwargs = self._step_kwargs(generator, eta)
+            latents = latents.to(device=device, dtype=torch.float32)
 
-        # 6. denoise, the three branches as one batch
-        timesteps = self.scheduler.timesteps
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
-            for index, t in enumerate(timesteps):
-                model_input = self.scheduler.scale_model_input(latents, t)
-                prediction = self.transformer(
-                    torch.cat([model_input] * 3), t, context=context
-                ).predicted_image_embedding
-                conditional, negative, unconditional = prediction.chunk(3)
-                x0 = (
-                    unconditional
-                    + (conditional - negative) * guidance_scale
-                    + (negative - unconditional) * image_guidance_scale
-                )
-                latents = self.scheduler.step(x0, t, latents, **step_kwargs).prev_sample
-                if callback_on_step_end is not None:
-                    # A loop, not a comprehension: comprehensions cannot see this frame's locals on Python 3.11.
-                    step_locals = locals()
-                    callback_kwargs = {}
-                    for name in callback_on_step_end_tensor_inputs:
-                        callback_kwargs[name] = step_locals[name]
-                    callback_outputs = callback_on_step_end(self, index, t, callback_kwargs)
-                    latents = callback_outputs.pop("latents", latents)
-                progress_bar.update()
+        # 5. denoise
+        conditions = dict(image_embeds=image_embeds, prompt_embeds=prompt_embeds,
+                          negative_prompt_embeds=negative_prompt_embeds, mask=mask)
+        if isinstance(self.scheduler, CompoDiffScheduler):
+            latents = self._sample_reference(
+                conditions, latents, num_inference_steps, guidance_scale, image_guidance_scale, samples, generator,
+                eta, callback_on_step_end, callback_on_step_end_tensor_inputs,
+            )
+        else:
+            latents = self._sample_with_scheduler(
+                conditions, latents, num_inference_steps, guidance_scale, image_guidance_scale, samples, generator,
+                eta, callback_on_step_end, callback_on_step_end_tensor_inputs,
+            )
 
         # 7. average the samples of each query, mix in the source, normalise
-        result = latents.view(batch_size, samples, -1).mean(dim=1)
+        result = latents.float().view(batch_size, samples, -1).mean(dim=1)
         if source_weight and not text_only:
-            result = (1 - source_weight) * result + source_weight * image_embeds
+            result = (1 - source_weight) * result + source_weight * image_embeds.float()
         if normalize:
-            result = F.normalize(result.float(), dim=-1).to(result.dtype)
+            result = F.normalize(result, dim=-1)
 
         self.maybe_free_model_hooks()
         if output_type == "np":

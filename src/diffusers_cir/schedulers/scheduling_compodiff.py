@@ -43,6 +43,15 @@ def cosine_beta_schedule(num_train_timesteps: int, s: float = 0.008, max_beta: f
     return betas.clamp(0, max_beta)
 
 
+def reference_update(
+    sample: torch.Tensor, x0: torch.Tensor, coefficients: dict[str, torch.Tensor], noise: torch.Tensor | None
+) -> torch.Tensor:
+    """The reference DDIM update in float32 (see `CompoDiffScheduler.step_coefficients`)."""
+    noise_estimate = (coefficients["sqrt_recip"] * sample.float() - x0.float()) / coefficients["sqrt_recipm1"]
+    fresh = coefficients["c1"] * noise.float() if noise is not None else 0.0
+    return x0.float() * coefficients["sqrt_alpha_next"] + fresh + coefficients["c2"] * noise_estimate
+
+
 class CompoDiffScheduler(SchedulerMixin, ConfigMixin):
     r"""
     The reference CompoDiff sampler (DDIM with ``eta`` noise, predicting x0) and its training-time ``add_noise``.
@@ -120,6 +129,31 @@ class CompoDiffScheduler(SchedulerMixin, ConfigMixin):
     def previous_timestep(self, timestep: int) -> int:
         return self._next_timestep[int(timestep)]
 
+    def step_coefficients(self, timestep: int, eta: float | None = None) -> dict[str, torch.Tensor] | None:
+        """The float32 scalars of the update from `timestep` to the next grid value (None for the last step).
+
+        `x_next = x0 * sqrt_alpha_next + c1 * noise + c2 * (sqrt_recip * x - x0) / sqrt_recipm1`. Shared by `step` and
+        the CUDA-graph sampler, so both compute the reference update with the same numbers.
+        """
+        t = int(timestep)
+        if t not in self._next_timestep:
+            raise ValueError(f"`timestep` {t} is not on the grid set by `set_timesteps`: {self.timesteps.tolist()}.")
+        t_next = self._next_timestep[t]
+        if t_next < 0:
+            return None
+        alpha = self.alphas_cumprod_prev[t]
+        alpha_next = self.alphas_cumprod_prev[t_next]
+        eta = self.config.eta if eta is None else eta
+        c1 = eta * ((1 - alpha / alpha_next) * (1 - alpha_next) / (1 - alpha)).sqrt()
+        return {
+            "sqrt_recip": self.sqrt_recip_alphas_cumprod[t],
+            "sqrt_recipm1": self.sqrt_recipm1_alphas_cumprod[t],
+            "sqrt_alpha_next": alpha_next.sqrt(),
+            "c1": c1,
+            "c2": ((1 - alpha_next) - c1.square()).sqrt(),
+            "fresh_noise": bool(t_next > 0 and eta > 0),
+        }
+
     def step(
         self,
         model_output: torch.Tensor,
@@ -142,24 +176,14 @@ class CompoDiffScheduler(SchedulerMixin, ConfigMixin):
         """
         if self.num_inference_steps is None:
             raise ValueError("Call `set_timesteps` before `step`.")
-        t = int(timestep)
-        if t not in self._next_timestep:
-            raise ValueError(f"`timestep` {t} is not on the grid set by `set_timesteps`: {self.timesteps.tolist()}.")
-        t_next = self._next_timestep[t]
         x0 = model_output
-        if t_next < 0:
+        coefficients = self.step_coefficients(timestep, eta)
+        if coefficients is None:
             prev_sample = x0
         else:
-            eta = self.config.eta if eta is None else eta
             device, dtype = sample.device, sample.dtype
-            sqrt_recip = self.sqrt_recip_alphas_cumprod[t].to(device)
-            sqrt_recipm1 = self.sqrt_recipm1_alphas_cumprod[t].to(device)
-            noise_estimate = ((sqrt_recip * sample.float() - x0.float()) / sqrt_recipm1)
-            alpha = self.alphas_cumprod_prev[t].to(device)
-            alpha_next = self.alphas_cumprod_prev[t_next].to(device)
-            c1 = eta * ((1 - alpha / alpha_next) * (1 - alpha_next) / (1 - alpha)).sqrt()
-            c2 = ((1 - alpha_next) - c1.square()).sqrt()
-            if t_next > 0 and eta > 0:
+            fresh_noise = None
+            if coefficients["fresh_noise"]:
                 if variance_noise is None:
                     variance_noise = randn_tensor(sample.shape, generator=generator, device=device, dtype=dtype)
                 elif variance_noise.shape != sample.shape:
@@ -167,10 +191,9 @@ class CompoDiffScheduler(SchedulerMixin, ConfigMixin):
                         f"`variance_noise` must have the shape of `sample` {tuple(sample.shape)}, "
                         f"got {tuple(variance_noise.shape)}."
                     )
-                fresh_noise = c1 * variance_noise.float()
-            else:
-                fresh_noise = 0.0
-            prev_sample = (x0.float() * alpha_next.sqrt() + fresh_noise + c2 * noise_estimate).to(dtype)
+                fresh_noise = variance_noise
+            coefficients = {k: v.to(device) for k, v in coefficients.items() if k != "fresh_noise"}
+            prev_sample = reference_update(sample, x0, coefficients, fresh_noise).to(dtype)
         if not return_dict:
             return (prev_sample, x0)
         return CompoDiffSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
