@@ -597,7 +597,7 @@ def validate_dataset(
     folder: str,
     configs: Iterable[str] | None = None,
     check_images: bool = True,
-    max_listed: int = 20,
+    max_listed: int = 5,
     progress: bool = True,
 ) -> ValidationReport:
     """Check a shard folder: card vs files, schema, decodability, duplicates and counts.

@@ -1,0 +1,66 @@
+"""``diffusers-cir data``: write, validate (exit status), reshard, inspect, synthetic."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("datasets")
+
+from diffusers_cir.cli import main  # noqa: E402
+from diffusers_cir.data.shards import shard_files  # noqa: E402
+
+
+def test_data_cli_end_to_end(tmp_path, capsys):
+    images = tmp_path / "src"
+    images.mkdir()
+    records = []
+    for i in range(5):
+        for kind in ("a", "b"):
+            Image.fromarray(np.full((12, 12, 3), 40 * i, np.uint8)).save(images / f"{kind}{i}.png")
+        records.append({"src": f"a{i}.png", "dst": f"b{i}.png", "edit": {"text": f"edit {i}"}})
+    records.append({"src": "nothing.png", "dst": "b0.png", "edit": {"text": "x"}})
+    (images / "t.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    out = str(tmp_path / "out")
+
+    code = main(["data", "write", str(images / "t.jsonl"), out, "--map", "reference_image=src", "--map",
+                 "target_image=dst", "--map", "modification_text=edit.text", "--rows-per-shard", "2"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "wrote 5 triplets to 3 shard(s)" in printed and "skipped 1 record(s)" in printed
+    skipped = [json.loads(line) for line in open(f"{out}/skipped-train.jsonl")]
+    assert skipped[0]["source"] == "t.jsonl:6" and "nothing.png" in skipped[0]["reason"]
+
+    assert main(["data", "validate", out]) == 0
+    assert main(["data", "reshard", out, "--num-shards", "5", "--shuffle-seed", "1"]) == 0
+    assert len(shard_files(out, "images", "train")) == 5
+    assert main(["data", "validate", out, "--json"]) == 0
+    capsys.readouterr()
+
+    assert main(["data", "inspect", out, "--rows", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "reference_image: Image(mode=None, decode=False)" in printed and "bytes>" in printed
+
+    # Corrupt a shard: validate now fails with status 1 and says why.
+    import pyarrow.parquet as pq
+
+    path = shard_files(out, "images", "train")[0]
+    table = pq.read_table(path)
+    rows = table.to_pylist()
+    rows[0]["reference_image"] = {"bytes": b"junk", "path": None}
+    import pyarrow as pa
+
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), path)
+    assert main(["data", "validate", out]) == 1
+    assert "undecodable image" in capsys.readouterr().out
+
+    with pytest.raises(SystemExit, match="CANONICAL=COLUMN"):
+        main(["data", "write", str(images / "t.jsonl"), out, "--map", "src"])
+
+
+def test_data_cli_synthetic_world(tmp_path, capsys):
+    out = str(tmp_path / "world")
+    assert main(["data", "synthetic", out, "--tiny", "--train", "200", "--rows-per-shard", "100"]) == 0
+    assert "items=96" in capsys.readouterr().out
+    assert len(shard_files(out, "embeddings", "train")) == 2
+    assert main(["data", "validate", out]) == 0
