@@ -54,7 +54,7 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_call(fn, device, repeats: int, warmup: int = 2) -> list[float]:
+def time_call(fn, device, repeats: int, warmup: int = 1) -> list[float]:
     for _ in range(warmup):
         fn()
     sync(device)
@@ -269,7 +269,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.tiny:
         args.device = "cpu"
-        args.batch_sizes, args.steps, args.repeats = [1, 4], [10], 2
+        args.batch_sizes, args.steps, args.repeats = [1, 4], [4], 1
         args.pipeline_batch_sizes = [2]
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -281,7 +281,8 @@ def main(argv=None) -> int:
     bench_denoiser(args, config, device, results)
     if not args.skip_accuracy and "bfloat16" in args.dtypes:
         for eps in (1e-3, 1e-5):
-            row = accuracy_check(config, device, batch=16 if args.tiny else 256, half_precision_norm_eps=eps)
+            row = accuracy_check(config, device, batch=4 if args.tiny else 256, steps=4 if args.tiny else 10,
+                                 half_precision_norm_eps=eps)
             results.append(row)
             print_row(row)
     if not args.skip_encoders:
