@@ -1,0 +1,152 @@
+"""Build a saved ``GalleryIndex`` from an embeddings folder, streaming it part by part.
+
+Two layouts keep galleries larger than memory searchable:
+
+- **on-disk inverted lists** (IVF factories, ``ondisk=True``): each embeddings part is added to a copy of the
+  trained index and written as a block; faiss merges the blocks' inverted lists into one ``index.ivfdata``
+  file (``OnDiskInvertedLists``) that searches map instead of load;
+- **parts** (any factory, ``shard_size=N``): the gallery is split into indexes of ``N`` vectors each, searched
+  one after the other and merged by ``faiss.IndexShards``; loaded with ``mmap=True``, exact parts are paged in
+  by the OS instead of read into memory.
+
+Only one embeddings part (``part_size`` rows of ``encode_gallery``) is ever held in memory while building.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .backends import _import_faiss
+from .gallery import GalleryEmbeddings
+from .index import IVFDATA_NAME, GalleryIndex, normalize_embeddings
+
+
+def build_index_from_embedding_files(
+    gallery: GalleryEmbeddings | str | os.PathLike,
+    output_dir: str | os.PathLike,
+    factory: str = "Flat",
+    train_size: int | None = None,
+    shard_size: int | None = None,
+    ondisk: bool = False,
+    nprobe: int | None = None,
+    efSearch: int | None = None,
+    seed: int = 0,
+    show_progress: bool = True,
+) -> GalleryIndex:
+    """Build and save an index of every embedding in ``gallery`` (an ``encode_gallery`` folder).
+
+    Args:
+        factory: faiss index-factory string (``"Flat"``, ``"IVF4096,PQ64"``, ``"HNSW32"``, ...).
+        train_size: vectors sampled (uniformly, across parts) to train IVF / PQ; default ``64 * nlist``, >= 16k.
+        shard_size: split the index into parts of this many vectors (for factories that need no training).
+        ondisk: keep the inverted lists of an IVF index in ``index.ivfdata`` (merged with faiss'
+            ``OnDiskInvertedLists``) instead of memory.
+        nprobe, efSearch: search parameters stored with the index.
+
+    Returns:
+        The saved index, loaded back from ``output_dir`` (memory-mapped for ``ondisk`` / ``shard_size``).
+
+    Example:
+        >>> index = build_index_from_embedding_files("out/embeddings", "out/index", factory="IVF1024,PQ64",
+        ...                                          ondisk=True, nprobe=32)  # doctest: +SKIP
+    """
+    faiss = _import_faiss()
+    if not isinstance(gallery, GalleryEmbeddings):
+        gallery = GalleryEmbeddings(gallery)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    template = GalleryIndex(
+        gallery.embedding_dim, factory=factory, model=gallery.model, model_fingerprint=gallery.model_fingerprint
+    )
+    is_ivf = _is_ivf(faiss, template._parts[0])
+    if ondisk and not is_ivf:
+        raise ValueError(f"`ondisk` needs an IVF factory (on-disk inverted lists); got {factory!r}.")
+    if shard_size is not None and (ondisk or not template.is_trained):
+        raise ValueError(
+            f"`shard_size` applies to factories that need no training (Flat, HNSW...); {factory!r} is better "
+            "served by one trained index with on-disk inverted lists (`ondisk=True`)."
+        )
+    if not template.is_trained:
+        sample_size = train_size or template.default_train_size()
+        sample = gallery.sample(sample_size, seed=seed)
+        if show_progress:
+            print(f"Training {factory!r} on {sample.shape[0]} of {gallery.num_items} embeddings...")
+        template.train(sample)
+
+    parts = tqdm(gallery.iter_parts(), total=gallery.num_parts, desc="Indexing", unit="part", disable=not show_progress)
+    if ondisk:
+        index = _build_ondisk(faiss, template, parts, output_dir)
+    elif shard_size is not None:
+        index = _build_sharded(faiss, template, parts, shard_size)
+    else:
+        index = template
+        for embeddings, ids, metadata in parts:
+            index.add(embeddings, ids=ids, metadata=metadata)
+    if nprobe is not None or efSearch is not None:
+        index.set_search_parameters(nprobe=nprobe, efSearch=efSearch)
+    index.save(output_dir)
+    return GalleryIndex.load(output_dir, mmap=ondisk or shard_size is not None)
+
+
+def _is_ivf(faiss, index) -> bool:
+    try:
+        faiss.extract_index_ivf(index)
+        return True
+    except RuntimeError:
+        return False
+
+
+def _build_sharded(faiss, template: GalleryIndex, parts, shard_size: int) -> GalleryIndex:
+    if shard_size < 1:
+        raise ValueError(f"`shard_size` must be positive; got {shard_size}.")
+    index = template
+    for embeddings, ids, metadata in parts:
+        start = 0
+        while start < embeddings.shape[0]:
+            if index._parts[-1].ntotal >= shard_size:
+                index._parts.append(faiss.index_factory(index.embedding_dim, index.factory, faiss.METRIC_INNER_PRODUCT))
+            stop = min(embeddings.shape[0], start + shard_size - index._parts[-1].ntotal)
+            index.add(embeddings[start:stop], ids=ids[start:stop], metadata=metadata[start:stop])
+            start = stop
+    return index
+
+
+def _build_ondisk(faiss, template: GalleryIndex, parts, output_dir: Path) -> GalleryIndex:
+    from faiss.contrib.ondisk import merge_ondisk
+
+    trained = template._parts[0]
+    all_ids, all_metadata, offset = [], [], 0
+    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".blocks-") as block_dir:
+        block_files = []
+        for number, (embeddings, ids, metadata) in enumerate(parts):
+            block = faiss.clone_index(trained)
+            vectors = normalize_embeddings(np.asarray(embeddings), "embeddings", template.embedding_dim)
+            # Positions in the merged index are global: block rows get ids offset..offset+n-1.
+            block.add_with_ids(vectors, np.arange(offset, offset + len(vectors), dtype=np.int64))
+            block_file = os.path.join(block_dir, f"block-{number:05d}.faiss")
+            faiss.write_index(block, block_file)
+            block_files.append(block_file)
+            all_ids.extend(ids)
+            all_metadata.extend(metadata)
+            offset += len(vectors)
+            del block
+        ivfdata = output_dir / IVFDATA_NAME
+        if ivfdata.exists():
+            ivfdata.unlink()  # OnDiskInvertedLists appends to an existing file
+        merged = faiss.clone_index(trained)
+        merge_ondisk(merged, block_files, str(ivfdata))
+    index = GalleryIndex(
+        template.embedding_dim, factory=template.factory, model=template.model, model_fingerprint=template.model_fingerprint
+    )
+    index._parts = [merged]
+    index._ondisk = True
+    index._source_directory = output_dir
+    index._check_new_ids(np.asarray(all_ids))
+    index._id_chunks = [np.asarray(all_ids) if len(all_ids) else np.empty(0, dtype=np.int64)]
+    index._metadata = all_metadata
+    return index
