@@ -78,11 +78,13 @@ def update_dataset_card(
     default: bool = False,
     body: str | None = None,
     pretty_name: str | None = None,
+    extra_metadata: Mapping[str, object] | None = None,
 ) -> str:
     """Add or replace one configuration (data files, features, split sizes) in ``folder/README.md``.
 
     Other configurations and the card's prose are kept, so the ``images`` writer and the embedding
-    precomputation can each record their own configuration. Returns the card path.
+    precomputation can each record their own configuration. ``extra_metadata`` adds top-level YAML keys
+    (the embedding encoder, say). Returns the card path.
     """
     from datasets.info import DatasetInfo, DatasetInfosDict
     from datasets.splits import SplitDict, SplitInfo
@@ -114,6 +116,8 @@ def update_dataset_card(
     MetadataConfigs(configs).to_dataset_card_data(data)
     if pretty_name is not None:
         data.pretty_name = pretty_name
+    for key, value in (extra_metadata or {}).items():
+        data[key] = value
     text = text if body is None else body
     new_card = DatasetCard(f"---\n{data.to_yaml()}\n---\n{text.lstrip()}")
     path = os.path.join(folder, CARD_NAME)

@@ -1,0 +1,292 @@
+"""Precompute CLIP image embeddings of an ``images`` configuration into the ``embeddings`` configuration.
+
+Each input shard ``images/{split}-i-of-n.parquet`` becomes ``embeddings/{split}-i-of-n.parquet`` with the
+same rows in the same order (rows whose image does not decode are left out and reported). Shards are the
+unit of work and of resumption: process ``rank`` of ``world_size`` takes shards ``rank, rank + world_size,
+...``; a shard is written under a temporary name and renamed when complete, so re-running the same command
+after a crash skips finished shards and redoes the interrupted one.
+
+Two encoder backends, behind one small interface (:class:`ImageEmbedder`):
+
+* ``transformers``: ``CLIPVisionModelWithProjection`` + ``CLIPImageProcessor`` from a folder or Hub id
+  (what CompoDiff and LinCIR were trained with: ``openai/clip-vit-large-patch14``, 768-wide);
+* ``open_clip``: ``open_clip.create_model_and_transforms(model, pretrained=...)``.
+
+Example:
+    >>> from diffusers_cir.data.precompute import precompute_embeddings, transformers_embedder
+    >>> embedder = transformers_embedder("openai/clip-vit-large-patch14", device="cuda")  # doctest: +SKIP
+    >>> summary = precompute_embeddings("my_dataset", embedder)  # doctest: +SKIP
+    >>> print(summary.format())  # doctest: +SKIP
+    encoded 1200 rows (2400 images) in 2 shard(s) at 850.3 images/s; 0 shard(s) already done; 0 row(s) skipped
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import schema
+from .shards import shard_files
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ImageEmbedder:
+    """Turns PIL images into embeddings: ``preprocess(list of PIL) -> [N, 3, H, W]``, ``encode(pixels) -> [N, D]``."""
+
+    name: str
+    preprocess: Callable[[list], torch.Tensor]
+    encode: Callable[[torch.Tensor], torch.Tensor]
+    embedding_dim: int
+    device: torch.device
+
+
+def transformers_embedder(
+    model_name_or_path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, image_processor=None
+) -> ImageEmbedder:
+    """A ``CLIPVisionModelWithProjection`` (its ``image_embeds``) with its ``CLIPImageProcessor``."""
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    device = torch.device(device)
+    model = CLIPVisionModelWithProjection.from_pretrained(model_name_or_path, torch_dtype=dtype).to(device).eval()
+    if image_processor is None:
+        try:
+            image_processor = CLIPImageProcessor.from_pretrained(model_name_or_path)
+        except OSError:  # a bare model folder: OpenAI CLIP's preprocessing at the model's resolution
+            size = model.config.image_size
+            image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+    @torch.no_grad()
+    def encode(pixel_values: torch.Tensor) -> torch.Tensor:
+        return model(pixel_values=pixel_values.to(device, dtype)).image_embeds.float()
+
+    return ImageEmbedder(
+        str(model_name_or_path), _ProcessorPreprocess(image_processor), encode, model.config.projection_dim, device
+    )
+
+
+def open_clip_embedder(
+    model_name: str, pretrained: str | None = None, device: str | torch.device = "cpu", precision: str = "fp32"
+) -> ImageEmbedder:
+    """An ``open_clip`` model's ``encode_image`` with its evaluation transform."""
+    import open_clip
+
+    device = torch.device(device)
+    model, _, transform = open_clip.create_model_and_transforms(
+        model_name, pretrained=pretrained, device=device, precision=precision
+    )
+    model.eval()
+
+    @torch.no_grad()
+    def encode(pixel_values: torch.Tensor) -> torch.Tensor:
+        dtype = next(model.parameters()).dtype
+        return model.encode_image(pixel_values.to(device, dtype)).float()
+
+    name = f"open_clip:{model_name}" + (f":{pretrained}" if pretrained else "")
+    return ImageEmbedder(name, _TransformPreprocess(transform), encode, model.visual.output_dim, device)
+
+
+# Preprocessing runs in DataLoader workers, so it is a picklable object rather than a closure.
+class _ProcessorPreprocess:
+    def __init__(self, image_processor):
+        self.image_processor = image_processor
+
+    def __call__(self, images: list) -> torch.Tensor:
+        return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+
+
+class _TransformPreprocess:
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, images: list) -> torch.Tensor:
+        return torch.stack([self.transform(image) for image in images])
+
+
+class _ShardRows(torch.utils.data.Dataset):
+    """Rows of one shard, decoded and preprocessed in DataLoader workers."""
+
+    def __init__(self, table, preprocess):
+        self.ids = table.column(schema.ID).to_pylist()
+        self.references = table.column(schema.REFERENCE_IMAGE).to_pylist()
+        self.targets = table.column(schema.TARGET_IMAGE).to_pylist()
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int):
+        from .streaming import decode_image
+
+        try:
+            images = [decode_image(self.references[index]), decode_image(self.targets[index])]
+            return index, self.preprocess(images), None
+        except Exception as error:  # reported, never fatal
+            return index, None, f"{type(error).__name__}: {error}"
+
+
+def _collate(items):
+    return items
+
+
+@dataclass
+class PrecomputeSummary:
+    """What :func:`precompute_embeddings` did on this rank."""
+
+    shards_done: list[str] = field(default_factory=list)
+    shards_skipped: list[str] = field(default_factory=list)  # already complete (resume)
+    num_rows: int = 0
+    num_images: int = 0
+    seconds: float = 0.0
+    skipped_rows: list[tuple[str, str]] = field(default_factory=list)  # (id, reason)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.num_images / self.seconds if self.seconds else 0.0
+
+    def format(self) -> str:
+        return (
+            f"encoded {self.num_rows} rows ({self.num_images} images) in {len(self.shards_done)} shard(s) at "
+            f"{self.images_per_second:.1f} images/s; {len(self.shards_skipped)} shard(s) already done; "
+            f"{len(self.skipped_rows)} row(s) skipped"
+        )
+
+
+def precompute_embeddings(
+    input_folder: str,
+    embedder: ImageEmbedder,
+    output_folder: str | None = None,
+    split: str = "train",
+    batch_size: int = 64,
+    num_workers: int = 2,
+    rank: int = 0,
+    world_size: int = 1,
+    normalize: bool = True,
+    progress: bool = True,
+) -> PrecomputeSummary:
+    """Encode this rank's ``images`` shards of ``split`` into ``embeddings`` shards (resumable).
+
+    Args:
+        input_folder: dataset folder with ``images/{split}-*.parquet``.
+        embedder: :func:`transformers_embedder` or :func:`open_clip_embedder` (or your own).
+        output_folder: where ``embeddings/`` goes (default: ``input_folder``).
+        batch_size: rows per encoder call (``2 * batch_size`` images: reference and target).
+        num_workers: DataLoader workers decoding and preprocessing images.
+        rank, world_size: this process's share of the shards (``accelerator.process_index`` / ``num_processes``).
+        normalize: L2-normalise the embeddings (what retrieval and CompoDiff use).
+
+    The card is not touched here (several ranks run this at once): call :func:`record_embeddings_card`
+    once, on the main process, after every rank has finished.
+    """
+    import pyarrow.parquet as pq
+    from tqdm.auto import tqdm
+
+    from .shards import ParquetShardWriter
+
+    output_folder = output_folder or input_folder
+    inputs = shard_files(input_folder, schema.IMAGES_CONFIG, split)
+    if not inputs:
+        raise FileNotFoundError(
+            f"No images shards in {input_folder}/images/{split}-*.parquet; write some with `diffusers-cir data write`."
+        )
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}.")
+    directory = os.path.join(output_folder, schema.EMBEDDINGS_CONFIG)
+    os.makedirs(directory, exist_ok=True)
+    features = schema.embeddings_features(embedder.embedding_dim)
+    summary = PrecomputeSummary()
+    mine = inputs[rank::world_size]
+    total_rows = sum(pq.ParquetFile(path).metadata.num_rows for path in mine)
+    bar = tqdm(total=total_rows, desc=f"embedding {split} (rank {rank})", unit="row", disable=not progress)
+    for path in mine:
+        name = os.path.basename(path)
+        final = os.path.join(directory, name)
+        if os.path.exists(final):
+            summary.shards_skipped.append(final)
+            bar.update(pq.ParquetFile(path).metadata.num_rows)
+            continue
+        table = pq.read_table(path)
+        rows = _ShardRows(table, embedder.preprocess)
+        loader = torch.utils.data.DataLoader(
+            rows, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate
+        )
+        texts = {c: table.column(c).to_pylist() for c in (schema.MODIFICATION_TEXT, schema.REFERENCE_CAPTION, schema.TARGET_CAPTION)}
+        partial = os.path.join(directory, f".{name}.partial")
+        started = time.perf_counter()
+        shard_rows = 0
+        # ParquetShardWriter names its output `{split}-00000-of-00001`; we want the input's name, so write one
+        # shard into a private staging folder and move it.
+        staging = os.path.join(directory, f".staging-{name}")
+        with ParquetShardWriter(staging, "shard", "rows", features, rows_per_shard=max(1, len(rows)), overwrite=True) as writer:
+            for batch in loader:
+                good = [(i, pixels) for i, pixels, error in batch if error is None]
+                for i, _, error in batch:
+                    if error is not None:
+                        summary.skipped_rows.append((rows.ids[i], error))
+                        logger.warning("skipped row %r of %s: %s", rows.ids[i], name, error)
+                if good:
+                    pixels = torch.cat([p for _, p in good])  # [2n, 3, H, W]: reference, target, reference, ...
+                    embeds = embedder.encode(pixels)
+                    if normalize:
+                        embeds = torch.nn.functional.normalize(embeds, dim=-1)
+                    embeds = embeds.cpu().numpy().astype(np.float32).reshape(len(good), 2, -1)
+                    indices = [i for i, _ in good]
+                    writer.add_batch(
+                        {
+                            schema.ID: [rows.ids[i] for i in indices],
+                            schema.REFERENCE_IMAGE_EMBEDS: embeds[:, 0],
+                            schema.TARGET_IMAGE_EMBEDS: embeds[:, 1],
+                            **{c: [texts[c][i] for i in indices] for c in texts},
+                        }
+                    )
+                    shard_rows += len(good)
+                bar.update(len(batch))
+        elapsed = time.perf_counter() - started
+        if writer.files:
+            os.replace(writer.files[0], final)  # same file system: an atomic rename
+        else:  # every row failed: still write an (empty) shard so the split is complete and resumable
+            pq.write_table(features.arrow_schema.empty_table(), partial)
+            os.replace(partial, final)
+        _remove_tree(staging)
+        summary.shards_done.append(final)
+        summary.num_rows += shard_rows
+        summary.num_images += 2 * shard_rows
+        summary.seconds += elapsed
+        rate = 2 * shard_rows / elapsed if elapsed else 0.0
+        bar.set_postfix(images_per_s=f"{rate:.1f}")
+        logger.info("%s: %d rows in %.1fs (%.1f images/s)", name, shard_rows, elapsed, rate)
+    bar.close()
+    return summary
+
+
+def _remove_tree(path: str) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def record_embeddings_card(folder: str, embedder_name: str, embedding_dim: int, split: str = "train", normalize: bool = True) -> str:
+    """Record the finished ``embeddings`` split (size, features, encoder) in the dataset card."""
+    from .card import update_dataset_card
+    from .card import read_card_infos
+    from .shards import count_rows
+
+    infos = read_card_infos(folder)
+    sizes = {}
+    if schema.EMBEDDINGS_CONFIG in infos and infos[schema.EMBEDDINGS_CONFIG].splits:
+        sizes = {n: i.num_examples for n, i in infos[schema.EMBEDDINGS_CONFIG].splits.items()}
+    sizes[split] = count_rows(folder, schema.EMBEDDINGS_CONFIG, split)
+    return update_dataset_card(
+        folder,
+        schema.EMBEDDINGS_CONFIG,
+        schema.embeddings_features(embedding_dim),
+        sizes,
+        extra_metadata={"embeddings_encoder": embedder_name, "embeddings_normalized": bool(normalize)},
+    )
