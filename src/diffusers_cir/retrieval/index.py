@@ -453,8 +453,7 @@ class GalleryIndex:
         faiss = _import_faiss()
         shards = faiss.IndexShards(self.embedding_dim, False, True)  # sequential shards, successive ids
         for part in self._parts:
-            shards.add_shard(part)
-        shards._parts_alive = self._parts  # the swig wrapper does not own the parts
+            shards.add_shard(part)  # faiss' wrapper keeps a Python reference to each part
         return shards
 
     def _get_backend(self):
@@ -667,9 +666,16 @@ class GalleryIndex:
                     f"Index file {path} has {path.stat().st_size} bytes but {size} were written: it is truncated or "
                     "was modified. Rebuild the index (or restore the file)."
                 )
-        flags = faiss.IO_FLAG_ONDISK_SAME_DIR
-        if mmap:
-            flags |= faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
+        ondisk = bool(manifest.get("ondisk_inverted_lists", False))
+        if ondisk:
+            # The lists file is mapped by OnDiskInvertedLists itself; faiss finds it next to the index file
+            # (a moved folder keeps working), which it only supports for plain file reads.
+            flags = faiss.IO_FLAG_ONDISK_SAME_DIR
+        elif mmap:
+            # Exact codes are used in place from the mapped file: the OS pages them in, nothing is copied.
+            flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
+        else:
+            flags = 0
         parts = []
         for part_info in manifest.get("parts", []):
             path = directory / part_info["file"]
@@ -689,7 +695,7 @@ class GalleryIndex:
         if not parts:
             raise IndexFormatError(f"{directory / MANIFEST_NAME} lists no index parts.")
         index._parts = parts
-        index._ondisk = bool(manifest.get("ondisk_inverted_lists", False))
+        index._ondisk = ondisk
         index._source_directory = directory
         if index._ondisk:
             index._read_only_reason = (

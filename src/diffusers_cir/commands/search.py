@@ -1,0 +1,88 @@
+"""``diffusers-cir search``: composed image retrieval from the command line.
+
+    diffusers-cir search --index photos-index --model models/compodiff --image dog.jpg --text "as a pencil sketch"
+    diffusers-cir search --index photos-index --model models/compodiff --image room.jpg --text "a red sofa" \\
+        --mask sofa_mask.png --negative-text "leather" --k 30 --html results.html
+
+Prints the ranked results (rank, score, id, path) and writes an HTML page with the reference and the result
+thumbnails. The reference image itself is left out of the results when it is part of the gallery (say so with
+``--keep-reference`` to keep it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("search", help="Search a gallery index with a reference image and a text.")
+    parser.add_argument("--index", required=True, help="Index folder (from `diffusers-cir index build`).")
+    parser.add_argument("--model", default=None, help="CIR pipeline folder (default: the model the index was built with).")
+    parser.add_argument("--image", default=None, help="Reference image (omit for a text-only query).")
+    parser.add_argument("--text", required=True, help='Modification text, e.g. "as a pencil sketch".')
+    parser.add_argument("--negative-text", default=None, help="What the results should not have.")
+    parser.add_argument("--mask", default=None, help="Mask image: the region of the reference to change (white).")
+    parser.add_argument("--k", type=int, default=20, help="Number of results. Default: 20.")
+    parser.add_argument("--steps", type=int, default=10, help="Sampler steps of the pipeline. Default: 10.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the pipeline's sampler. Default: 0.")
+    parser.add_argument("--html", default="diffusers-cir-search.html", help="HTML page to write.")
+    parser.add_argument("--json", dest="json_path", default=None, help="Also write the results as JSON here.")
+    parser.add_argument("--keep-reference", action="store_true", help="Do not leave the reference image out.")
+    parser.add_argument("--exclude-id", action="append", default=[], help="Gallery id to leave out (repeatable).")
+    parser.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available).")
+    parser.set_defaults(func=run_search)
+
+
+def run_search(args: argparse.Namespace) -> int:
+    try:
+        return _run_search(args)
+    except ValueError as error:  # bad input, mismatched or damaged index: a message, not a traceback
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _run_search(args: argparse.Namespace) -> int:
+    import torch
+
+    from diffusers_cir.retrieval import GalleryIndex, composed_search, load_cir_pipeline
+
+    if args.k < 1:
+        print(f"--k must be a positive integer; got {args.k}.", file=sys.stderr)
+        return 2
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    index = GalleryIndex.load(args.index)
+    model = args.model or index.model
+    if model is None:
+        print("--model is required: the index does not record the model it was built with.", file=sys.stderr)
+        return 2
+    pipeline = load_cir_pipeline(model, device=device)
+    exclude_ids = list(args.exclude_id)
+    if index.ids.dtype.kind == "i":
+        exclude_ids = [int(item) for item in exclude_ids]
+    result = composed_search(
+        pipeline,
+        index,
+        image=args.image,
+        text=args.text,
+        negative_text=args.negative_text,
+        mask=args.mask,
+        k=args.k,
+        exclude_reference=not args.keep_reference,
+        exclude_ids=exclude_ids,
+        num_inference_steps=args.steps,
+        generator=torch.Generator(device="cpu").manual_seed(args.seed),
+    )
+    if result.excluded_ids:
+        print(f"Left out of the results: {', '.join(str(item) for item in result.excluded_ids)}")
+    print(result.format_table())
+    page = result.save_html(args.html)
+    print(f"Wrote {page}")
+    if args.json_path:
+        records = [
+            {"rank": hit.rank, "id": hit.id, "score": hit.score, "metadata": hit.metadata} for hit in result.hits
+        ]
+        with open(args.json_path, "w", encoding="utf-8") as handle:
+            json.dump({"text": args.text, "image": args.image, "results": records}, handle, indent=2)
+    return 0

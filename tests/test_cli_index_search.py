@@ -1,0 +1,141 @@
+"""`diffusers-cir index build` and `diffusers-cir search` end to end on a tiny gallery of generated images."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tiny_components import tiny_image_encoder, tiny_image_processor, tiny_pipeline
+
+from diffusers_cir.cli import main
+from diffusers_cir.retrieval import GalleryIndex, IndexMismatchError, composed_search, image_encoder_fingerprint
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    rng = np.random.default_rng(0)
+    images = root / "images"
+    images.mkdir()
+    for i in range(12):
+        # Blocky random images: distinct enough that the tiny encoder tells them apart.
+        blocks = rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)
+        Image.fromarray(blocks).resize((48, 48), Image.NEAREST).save(images / f"photo{i:02d}.png")
+    mask = Image.new("L", (48, 48), 0)
+    mask.paste(255, (0, 0, 24, 24))
+    mask.save(root / "mask.png")
+    pipe = tiny_pipeline()
+    pipe.save_pretrained(root / "model")
+    return root
+
+
+def test_index_build_then_search_end_to_end(workspace, tmp_path, capsys):
+    root = workspace
+    assert main([
+        "index", "build", "--images", str(root / "images"), "--model", str(root / "model"),
+        "--output", str(tmp_path / "index"), "--batch-size", "5", "--part-size", "8", "--num-workers", "0",
+        "--device", "cpu",
+    ]) == 0
+    assert "Indexed 12 images (Flat, width 16)" in capsys.readouterr().out
+    index = GalleryIndex.load(tmp_path / "index")
+    assert index.ntotal == 12 and index.model == str(root / "model")
+
+    pipe = tiny_pipeline()  # same seeded weights as the saved one
+    assert index.model_fingerprint == image_encoder_fingerprint(pipe)
+    # The indexed vectors are the pipeline's own (normalised) image embeddings of the files.
+    paths = [m["path"] for m in index.metadata]
+    embeds = pipe.encode_image([Image.open(p).convert("RGB") for p in paths]).numpy()
+    expected = embeds / np.linalg.norm(embeds, axis=1, keepdims=True)
+    indexed = index._parts[0].reconstruct_n(0, 12)
+    np.testing.assert_allclose(indexed, expected, atol=1e-5)
+
+    assert main(["index", "info", str(tmp_path / "index")]) == 0
+    assert json.loads(capsys.readouterr().out)["ntotal"] == 12
+
+    reference = root / "images" / "photo03.png"
+    html_path = tmp_path / "page.html"
+    json_path = tmp_path / "results.json"
+    assert main([
+        "search", "--index", str(tmp_path / "index"), "--model", str(root / "model"), "--image", str(reference),
+        "--text", "as a pencil sketch", "--negative-text", "blurry", "--mask", str(root / "mask.png"), "--k", "5",
+        "--steps", "4", "--seed", "3", "--html", str(html_path), "--json", str(json_path), "--device", "cpu",
+    ]) == 0
+    out = capsys.readouterr().out
+    assert "Left out of the results: photo03.png" in out
+    rows = re.findall(r"^\s+(\d+)\s+(-?\d\.\d{4})\s+(\S+)", out, flags=re.M)
+    assert [int(r[0]) for r in rows] == [1, 2, 3, 4, 5]
+    printed_ids = [r[2] for r in rows]
+    assert "photo03.png" not in printed_ids
+
+    # The same search in Python, in one call, gives the same ranking; it is the exact cosine ranking of the
+    # composed query against the gallery, minus the reference.
+    result = composed_search(
+        pipe, index, image=reference, text="as a pencil sketch", negative_text="blurry", mask=root / "mask.png", k=5,
+        num_inference_steps=4, generator=torch.Generator().manual_seed(3),
+    )
+    assert [hit.id for hit in result.hits] == printed_ids
+    query = result.query_embeds.numpy()[0]
+    cosine = expected @ (query / np.linalg.norm(query))
+    ids = index.ids.tolist()
+    ranking = [ids[i] for i in np.argsort(-cosine) if ids[i] != "photo03.png"][:5]
+    assert printed_ids == ranking
+    np.testing.assert_allclose([hit.score for hit in result.hits], [cosine[ids.index(i)] for i in ranking], atol=1e-5)
+
+    page = html_path.read_text()
+    assert page.count("data:image/jpeg;base64,") == 1 + 1 + 5  # reference, mask, 5 results
+    assert "as a pencil sketch" in page and "blurry" in page
+    assert all(item in page for item in printed_ids)
+    saved = json.loads(json_path.read_text())
+    assert [r["id"] for r in saved["results"]] == printed_ids and saved["results"][0]["rank"] == 1
+
+    # --keep-reference: the reference itself (an exact gallery member) may come back.
+    assert main([
+        "search", "--index", str(tmp_path / "index"), "--image", str(reference), "--text", "same", "--k", "12",
+        "--steps", "2", "--html", str(tmp_path / "p2.html"), "--keep-reference", "--device", "cpu",
+    ]) == 0
+    out = capsys.readouterr().out
+    assert "Left out" not in out and "photo03.png" in out  # --model defaulted to the index's model
+
+
+def test_index_build_from_list_file_with_ivf_and_resume(workspace, tmp_path, capsys):
+    root = workspace
+    list_file = tmp_path / "list.txt"
+    list_file.write_text("".join(f"p{i}\t{root / 'images' / f'photo{i:02d}.png'}\n" for i in range(12)))
+    args = [
+        "index", "build", "--list", str(list_file), "--model", str(root / "model"), "--output", str(tmp_path / "idx"),
+        "--factory", "IVF2,Flat", "--nprobe", "2", "--part-size", "4", "--num-workers", "0", "--device", "cpu",
+    ]
+    assert main(args) == 0
+    first = GalleryIndex.load(tmp_path / "idx")
+    assert first.search_parameters == {"nprobe": 2} and sorted(first.ids.tolist()) == sorted(f"p{i}" for i in range(12))
+    capsys.readouterr()
+    # Running again resumes: every part is already there, so the progress bar starts full.
+    assert main(args) == 0
+    assert "12/12" in capsys.readouterr().err
+
+
+def test_search_refuses_an_index_of_another_model(workspace, tmp_path, capsys):
+    root = workspace
+    other = tiny_image_encoder(seed=1)
+    other.save_pretrained(tmp_path / "other-clip")
+    tiny_image_processor().save_pretrained(tmp_path / "other-clip")
+    assert main([
+        "index", "build", "--images", str(root / "images"), "--model", str(tmp_path / "other-clip"),
+        "--output", str(tmp_path / "index"), "--num-workers", "0", "--device", "cpu",
+    ]) == 0
+    capsys.readouterr()
+    code = main([
+        "search", "--index", str(tmp_path / "index"), "--model", str(root / "model"),
+        "--image", str(root / "images" / "photo00.png"), "--text", "red", "--device", "cpu",
+        "--html", str(tmp_path / "x.html"),
+    ])
+    err = capsys.readouterr().err
+    assert code == 2 and "not comparable" in err and "other-clip" in err
+    assert not (tmp_path / "x.html").exists()
+    with pytest.raises(IndexMismatchError):
+        composed_search(tiny_pipeline(), tmp_path / "index", image=root / "images" / "photo00.png", text="red")
+
+    code = main(["search", "--index", str(tmp_path / "missing"), "--model", str(root / "model"), "--text", "x"])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
