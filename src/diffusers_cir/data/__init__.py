@@ -55,6 +55,11 @@ _LAZY_NAMES = {
     "validate_dataset": "shards",
     "write_triplets": "shards",
     "update_dataset_card": "card",
+    # embedding precomputation
+    "ImageEmbedder": "precompute",
+    "open_clip_embedder": "precompute",
+    "precompute_embeddings": "precompute",
+    "transformers_embedder": "precompute",
     # benchmark loaders (written separately; re-exported when present)
     "BENCHMARKS": "benchmarks",
     "BenchmarkLayoutError": "benchmarks",
