@@ -32,6 +32,15 @@ LINCIR_TINY = FIXTURES / "lincir_tiny"
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "convert_lincir_to_diffusers.py"
 
 
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Tiny towers gain nothing from intra-op threads, and on a shared CPU the threads contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def lincir_sequential(input_dim, hidden_dim, output_dim, num_hidden=2):
     """The released phi: nn.Sequential(Linear, GELU, Dropout, ..., Linear)."""
     layers, width = [], input_dim
@@ -233,3 +242,14 @@ def test_build_pipeline_from_a_full_clip_checkpoint(tmp_path):
 def test_text_tower_of_the_fixture_is_a_clip_text_model():
     model = CLIPTextModelWithProjection.from_pretrained(str(LINCIR_TINY / "text_encoder"))
     assert (model.config.hidden_size, model.config.projection_dim) == (32, 24)
+
+
+def test_a_text_tower_without_projection_is_refused(tmp_path):
+    """transformers would re-initialise a missing `text_projection` silently; the loader refuses instead."""
+    from transformers import CLIPTextModel
+
+    from diffusers_cir.conversion.lincir import load_clip_text_encoder
+
+    CLIPTextModel.from_pretrained(str(LINCIR_TINY / "text_encoder")).save_pretrained(tmp_path / "text_only")
+    with pytest.raises(LinCIRConversionError, match="text_projection"):
+        load_clip_text_encoder(tmp_path / "text_only")
