@@ -48,16 +48,17 @@ def loaded(tmp_path_factory, tokenizer):
     def load(folder):
         if folder not in cache:
             io = load_file(str(folder / "io.safetensors"))
-            meta = json.loads((folder / "io.json").read_text())
+            meta = json.loads((folder / "io.json").read_text()) if (folder / "io.json").is_file() else {}
             # Convert, save as safetensors and reload: the parity covers the converted files users get.
             saved = tmp_path_factory.mktemp(f"phi-{folder.name}")
             convert_lincir_phi_checkpoint(str(folder / "phi_original.pt"), output_dir=saved)
             phi = TextualInversionProjection.from_pretrained(saved).eval()
             text_encoder = CLIPTextModelWithProjection.from_pretrained(str(folder / "text_encoder")).eval()
-            placeholder = tokenizer.decode([meta["placeholder_token_id"]]).strip()
+            placeholder_id = meta.get("placeholder_token_id", 259)  # CLIP's "$"
+            placeholder = tokenizer.decode([placeholder_id]).strip()
             pipe = LinCIRPipeline(phi=phi, text_encoder=text_encoder, tokenizer=tokenizer, placeholder_token=placeholder)
             pipe.set_progress_bar_config(disable=True)
-            assert pipe.placeholder_token_id == meta["placeholder_token_id"]
+            assert pipe.placeholder_token_id == placeholder_id
             cache[folder] = (pipe, io, meta)
         return cache[folder]
 
