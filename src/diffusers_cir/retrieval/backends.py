@@ -37,8 +37,11 @@ def _import_faiss():
 
 
 def faiss_gpu_count() -> int:
-    """Number of GPUs faiss can use (0 with faiss-cpu)."""
-    faiss = _import_faiss()
+    """Number of GPUs faiss can use (0 with faiss-cpu, or without faiss)."""
+    try:
+        import faiss
+    except ImportError:
+        return 0
     get_num_gpus = getattr(faiss, "get_num_gpus", None)
     return int(get_num_gpus()) if get_num_gpus is not None else 0
 
@@ -125,10 +128,10 @@ class TorchExactSearchBackend:
 
     Example:
         >>> import numpy as np
-        >>> backend = TorchExactSearchBackend(embedding_dim=4, device="cpu")
-        >>> backend.add(np.eye(4, dtype="float32"))
-        >>> backend.search(np.eye(4, dtype="float32")[:1], k=2)[1].tolist()
-        [[0, 1]]
+        >>> backend = TorchExactSearchBackend(embedding_dim=2, device="cpu")
+        >>> backend.add(np.array([[0.0, 1.0], [0.6, 0.8], [1.0, 0.0]], dtype="float32"))
+        >>> backend.search(np.array([[1.0, 0.0]], dtype="float32"), k=2)[1].tolist()
+        [[2, 1]]
     """
 
     name = "torch"

@@ -435,6 +435,11 @@ class GalleryIndex:
         if backend == "auto":
             backend = "faiss" if device == "cpu" or faiss_gpu_count() > 0 else "torch"
         if backend == "torch":
+            if device != "cpu":
+                import torch
+
+                if not torch.cuda.is_available():
+                    raise ValueError(f"`device` {device!r} was requested but torch sees no CUDA GPU.")
             if shard_across_gpus:
                 raise ValueError("`shard_across_gpus` needs the faiss backend (faiss-gpu).")
             if not self.is_exact:
