@@ -213,3 +213,47 @@ def test_sharded_and_ondisk_builds_match_in_memory_indexes(tmp_path):
     )
     with pytest.raises(ValueError, match="needs an IVF factory"):
         build_index_from_embedding_files(folder, tmp_path / "bad", factory="Flat", ondisk=True, show_progress=False)
+
+
+class _ThreadAccelerator:
+    """Stands in for `accelerate.Accelerator` in one of several processes (threads here, synchronised by a
+    barrier), so the part split and the hand-over to the main process run as they do under `accelerate launch`."""
+
+    def __init__(self, process_index, num_processes, barrier):
+        self.process_index, self.num_processes, self.barrier = process_index, num_processes, barrier
+        self.device = torch.device("cpu")
+        self.is_main_process = process_index == 0
+
+    def wait_for_everyone(self):
+        self.barrier.wait(timeout=60)
+
+
+def test_encode_split_across_processes(tmp_path):
+    import threading
+
+    _make_images(tmp_path / "images", 11)
+    barrier = threading.Barrier(3)
+    embedders = [CountingEmbedder() for _ in range(3)]
+    results, errors = {}, []
+
+    def run(rank):
+        try:
+            results[rank] = encode_gallery(embedders[rank], tmp_path / "images", tmp_path / "emb", part_size=2,
+                                           accelerator=_ThreadAccelerator(rank, 3, barrier), show_progress=False)
+        except Exception as error:  # noqa: BLE001 - surfaced by the assertion below
+            errors.append(error)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    # 6 parts of 2 (the last of 1): ranks 0, 1, 2 embed parts {0, 3}, {1, 4}, {2, 5}, each image exactly once.
+    assert [e.images_seen for e in embedders] == [4, 4, 3]
+    single = encode_gallery(CountingEmbedder(), tmp_path / "images", tmp_path / "single", part_size=2,
+                            show_progress=False)
+    for (a, ids_a, _), (b, ids_b, _) in zip(results[0].iter_parts(), single.iter_parts()):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+        assert ids_a == ids_b

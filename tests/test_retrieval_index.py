@@ -16,6 +16,18 @@ from diffusers_cir.retrieval import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_faiss_thread():
+    # On 2 shared cores (and under pytest-xdist) faiss' OpenMP threads spin against other processes: training
+    # was measured 10x slower with 2 threads than with 1 on a loaded machine.
+    import faiss
+
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(previous)
+
+
 def brute_force_ranking(queries, gallery, k):
     """Cosine-similarity top-k in float64 numpy: the reference every index is held to."""
     q = queries.astype(np.float64)
