@@ -10,7 +10,8 @@ of 64, text width 1280, 140M parameters) with random weights; three-way guidance
 
 Modes: `reference` recomputes the conditions' projections at every step in float32, as the authors' code does;
 `fast` is the pipeline's path (step-independent work once per query, branches batched, one timestep embedding per
-step); `graph` is `fast` captured as one CUDA graph (`pipe.enable_cuda_graphs()`).
+step); `graph` is `fast` captured as one CUDA graph (`pipe.enable_cuda_graphs()`);
+`compiled-graph` also compiles the transformer blocks first (`enable_cuda_graphs(compile_blocks=True)`).
 
 The FLOP floor counts, per query, the cross-attention keys/values of the distinct context tokens once and, per network
 call, the query tokens of the three branches through every layer; floor time = FLOPs / `--peak_tflops`.
@@ -19,6 +20,7 @@ call, the query tokens of the three branches through every layer; floor time = F
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -104,10 +106,11 @@ def bench_denoiser(args, config, device, results):
         transformer = CompoDiffTransformer(**config).to(device, dtype).eval()
         pipe = CompoDiffPipeline(transformer=transformer, scheduler=CompoDiffScheduler())
         pipe.set_progress_bar_config(disable=True)
+        compiled_pipe = None
         peak = args.peak_tflops or PEAK_TFLOPS.get((device.type, dtype_name))
         modes = list(args.modes)
         if device.type != "cuda":
-            modes = [mode for mode in modes if mode != "graph"]
+            modes = [mode for mode in modes if "graph" not in mode]
         if dtype != torch.float32:
             modes = [mode for mode in modes if mode != "reference"]  # the reference runs in float32
         for steps in args.steps:
@@ -115,15 +118,22 @@ def bench_denoiser(args, config, device, results):
                 generator = torch.Generator().manual_seed(batch)
                 inputs = make_inputs(batch, config, device, dtype, generator)
                 for mode in modes:
+                    runner = pipe
                     if mode == "graph":
                         pipe.enable_cuda_graphs()
+                    elif mode == "compiled-graph":
+                        if compiled_pipe is None:  # a separate copy: compiling is in place
+                            compiled_pipe = CompoDiffPipeline(transformer=copy.deepcopy(transformer), scheduler=CompoDiffScheduler())
+                            compiled_pipe.set_progress_bar_config(disable=True)
+                            compiled_pipe.enable_cuda_graphs(compile_blocks=True)
+                        runner = compiled_pipe
                     else:
                         pipe.disable_cuda_graphs()
                     if mode == "reference":
                         fn = lambda: reference_style(pipe, inputs, steps, 0)  # noqa: E731
                     else:
                         gen = torch.Generator(device).manual_seed(0)
-                        fn = lambda: pipe(**inputs, num_inference_steps=steps, generator=gen)  # noqa: E731
+                        fn = lambda: runner(**inputs, num_inference_steps=steps, generator=gen)  # noqa: E731
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(device)
                     try:
@@ -259,7 +269,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8, 64, 256, 1024])
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 50])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--modes", nargs="+", default=["reference", "fast", "graph"], choices=["reference", "fast", "graph"])
+    parser.add_argument("--modes", nargs="+", default=["reference", "fast", "graph"], choices=["reference", "fast", "graph", "compiled-graph"])
     parser.add_argument("--pipeline_batch_sizes", type=int, nargs="+", default=[1, 256])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--peak_tflops", type=float, default=None, help="Hardware peak for the FLOP floor.")
