@@ -169,3 +169,13 @@ def test_cli_convert(tmp_path):
     assert main(["convert", "compodiff", "--checkpoint_path", str(TINY), "--output_path", str(tmp_path / "p"), "--dtype", "bf16"]) == 0
     config = json.loads((tmp_path / "p" / "transformer" / "config.json").read_text())
     assert config["num_layers"] == 2 and config["embedding_dim"] == 64
+
+
+def test_cli_convert_lincir(tmp_path):
+    from diffusers_cir import TextualInversionProjection
+    from diffusers_cir.cli import main
+
+    phi_file = FIXTURES / "lincir_tiny" / "phi_original.pt"
+    assert main(["convert", "lincir", "--checkpoint_path", str(phi_file), "--output_dir", str(tmp_path / "phi")]) == 0
+    phi = TextualInversionProjection.from_pretrained(tmp_path / "phi")
+    assert phi.config.input_dim == 24 and phi.config.output_dim == 32

@@ -32,9 +32,55 @@ def run_compodiff(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_lincir_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint_path", required=True, help="The released .pt file (e.g. lincir_large.pt).")
+    parser.add_argument("--output_dir", "--output_path", dest="output_dir", required=True)
+    parser.add_argument("--clip_model_name_or_path", default=None, help="Build a full LinCIRPipeline with this CLIP model.")
+    parser.add_argument("--tokenizer_name_or_path", default=None)
+    parser.add_argument("--no_image_encoder", action="store_true", help="Leave the CLIP vision tower out of the pipeline.")
+    parser.add_argument("--dropout", type=float, default=None, help="Dropout to record (default: the method's value).")
+    parser.add_argument("--activation", default=None, help="Override the activation (gelu for phi, relu for Pic2Word).")
+    parser.add_argument("--normalize_input", action="store_true", help="The checkpoint was trained with --l2_normalize.")
+    parser.add_argument("--prompt_template", default="a photo of $ that {text}")
+    parser.add_argument("--placeholder_token", default="$")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="Precision of the saved weights.")
+
+
+def run_lincir(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..conversion.lincir import build_lincir_pipeline, convert_lincir_phi_checkpoint
+
+    dtype = getattr(torch, DTYPES[args.dtype])
+    phi = convert_lincir_phi_checkpoint(
+        args.checkpoint_path, dropout=args.dropout, activation=args.activation,
+        normalize_input=args.normalize_input, torch_dtype=dtype,
+    )
+    config = phi.config
+    print(
+        f"phi: {config.input_dim} -> {config.hidden_dim} x{config.num_hidden_layers} -> {config.output_dim} "
+        f"({config.activation}, dropout {config.dropout})"
+    )
+    if args.clip_model_name_or_path is None:
+        phi.save_pretrained(args.output_dir, safe_serialization=True)
+        print(f"Saved the projection to {args.output_dir}")
+        return 0
+    pipeline = build_lincir_pipeline(
+        phi, args.clip_model_name_or_path, tokenizer_name_or_path=args.tokenizer_name_or_path,
+        with_image_encoder=not args.no_image_encoder, torch_dtype=dtype,
+        prompt_template=args.prompt_template, placeholder_token=args.placeholder_token,
+    )
+    pipeline.save_pretrained(args.output_dir, safe_serialization=True)
+    print(f"Saved the LinCIR pipeline to {args.output_dir}")
+    return 0
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser("convert", help="Convert released checkpoints to diffusers folders.")
     kinds = parser.add_subparsers(dest="kind", metavar="MODEL", required=True)
     compodiff = kinds.add_parser("compodiff", help="A released CompoDiff checkpoint (navervision/CompoDiff-*).")
     add_compodiff_arguments(compodiff)
     compodiff.set_defaults(func=run_compodiff)
+    lincir = kinds.add_parser("lincir", help="A released LinCIR / SEARLE phi or Pic2Word img2text checkpoint (.pt).")
+    add_lincir_arguments(lincir)
+    lincir.set_defaults(func=run_lincir)
