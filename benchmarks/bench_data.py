@@ -48,7 +48,9 @@ ENCODERS = {
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=512, help="Triplets in the streaming dataset. Default: 512.")
+    parser.add_argument("--rows", type=int, default=512, help="Triplets in the images configuration. Default: 512.")
+    parser.add_argument("--embedding_rows", type=int, default=16384,
+                        help="Triplets in the embeddings configuration (large: worker start-up is per epoch). Default: 16384.")
     parser.add_argument("--image_size", type=int, default=512, help="Side of the stored JPEGs. Default: 512.")
     parser.add_argument("--num_workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--batch_size", type=int, default=32)
@@ -62,7 +64,7 @@ def parse_args(argv=None):
     parser.add_argument("--output_json", default=None)
     args = parser.parse_args(argv)
     if args.quick:
-        args.rows, args.image_size, args.num_workers, args.repeats = 32, 128, [0], 1
+        args.rows, args.embedding_rows, args.image_size, args.num_workers, args.repeats = 32, 32, 128, [0], 1
         args.encoder, args.precompute_rows, args.skip_synthetic = "tiny", 16, True
     if args.output_json is None:
         suffix = "_quick" if args.quick else ""
@@ -82,7 +84,7 @@ def photo_like_jpeg(rng: np.random.Generator, size: int) -> bytes:
     return buffer.getvalue()
 
 
-def build_dataset(folder: str, rows: int, image_size: int, embedding_dim: int = 768) -> dict:
+def build_dataset(folder: str, rows: int, image_size: int, embedding_dim: int = 768, embedding_rows: int | None = None) -> dict:
     from diffusers_cir.data.schema import embeddings_features, images_features
     from diffusers_cir.data.shards import ParquetShardWriter, record_split
 
@@ -96,6 +98,8 @@ def build_dataset(folder: str, rows: int, image_size: int, embedding_dim: int = 
                         "modification_text": f"make it look like picture number {i}", "reference_caption": None,
                         "target_caption": f"picture number {i}"})
     record_split(folder, "images", images_features(), "train", rows, default=True)
+    rows = embedding_rows or rows
+    shard_rows = max(1, rows // 8)
     vectors = rng.standard_normal((rows, embedding_dim)).astype(np.float32)
     with ParquetShardWriter(folder, "embeddings", "train", embeddings_features(embedding_dim), rows_per_shard=shard_rows) as writer:
         writer.add_batch({"id": [f"row-{i:06d}" for i in range(rows)], "reference_image_embeds": vectors,
@@ -173,8 +177,9 @@ def main(argv=None) -> int:
         result["gpu"] = torch.cuda.get_device_name()
     table = []
     with tempfile.TemporaryDirectory() as folder:
-        result["dataset"] = {"rows": args.rows, "image_size": args.image_size,
-                             **build_dataset(folder, max(args.rows, args.precompute_rows), args.image_size)}
+        result["dataset"] = {"rows": args.rows, "embedding_rows": args.embedding_rows, "image_size": args.image_size,
+                             **build_dataset(folder, max(args.rows, args.precompute_rows), args.image_size,
+                                             embedding_rows=args.embedding_rows)}
         if not args.precompute_only:
             for config in ("images", "embeddings"):
                 for workers in args.num_workers:

@@ -152,9 +152,9 @@ def test_ranks_and_workers_partition_the_rows(dataset_folder, world_size):
     assert all(per_rank)
 
 
-@pytest.mark.parametrize("num_workers,buffer", [(0, 0), (2, 5)])
-def test_resume_from_a_saved_state_is_exact(dataset_folder, num_workers, buffer):
-    stream = load_triplet_stream(dataset_folder["folder"], "images", split="train")
+@pytest.mark.parametrize("config,num_workers,buffer", [("images", 0, 0), ("images", 2, 5), ("embeddings", 2, 4)])
+def test_resume_from_a_saved_state_is_exact(dataset_folder, config, num_workers, buffer):
+    stream = load_triplet_stream(dataset_folder["folder"], config, split="train")
 
     def make():
         loader = build_triplet_dataloader(stream, batch_size=3, num_workers=num_workers, shuffle_buffer_size=buffer, seed=7)
@@ -173,7 +173,8 @@ def test_resume_from_a_saved_state_is_exact(dataset_folder, num_workers, buffer)
     resumed_loader.load_state_dict(json.loads(json.dumps(state)))  # a checkpoint survives serialisation
     after = [batch["ids"] for batch in resumed_loader]
     assert before + after == uninterrupted
-    assert resumed_loader.num_skipped == 2 and resumed_loader.num_skipped >= skipped_before
+    bad_rows = CORRUPT_IMAGE_IDS if config == "images" else BAD_EMBEDDING_IDS
+    assert resumed_loader.num_skipped == len(bad_rows) and resumed_loader.num_skipped >= skipped_before
     # The next epoch is complete again and in a new order.
     resumed_loader.set_epoch(3)
     next_epoch = [batch["ids"] for batch in resumed_loader]
@@ -222,6 +223,16 @@ def test_text_to_image_stage_and_deterministic_mixing(dataset_folder):
         assert torch.count_nonzero(batch["reference_image_embeds"][mixed]) == 0
         assert torch.count_nonzero(batch["reference_image_embeds"][~mixed]) > 0
     assert flags[0] == flags[1] and 0 < sum(flags[0].values()) < len(flags[0])
+
+
+def test_fast_tokenization_matches_the_tokenizer():
+    tokenizer = build_offline_clip_tokenizer()
+    collate = TripletCollator("embeddings", tokenizer=tokenizer)
+    assert collate._backend is not None  # the fast path is in use for the CLIP tokenizer
+    texts = ["make it red", "Make IT   red!", "naïve café", "$ that is $", " ".join(["very long text"] * 40), "x"]
+    expected = tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    assert torch.equal(collate._tokenize(texts), expected)
+    assert collate._tokenize([]).shape == (0, 77)
 
 
 def test_mask_condition():

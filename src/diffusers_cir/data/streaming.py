@@ -181,7 +181,32 @@ def load_triplet_stream(
         for column in list(dataset.features or {}):
             if isinstance(dataset.features[column], datasets.Image) and dataset.features[column].decode:
                 dataset = dataset.cast_column(column, datasets.Image(decode=False))
+    if source == schema.EMBEDDINGS_CONFIG and features is not None and all(mapping[n] in columns for n in needed):
+        # Rows as 1-row Arrow tables: the collator turns a whole batch of vectors into one numpy array, which
+        # streams embeddings about 3x faster than datasets' per-row Python lists of floats.
+        dataset = dataset.with_format("arrow")
     return TripletStream(dataset=dataset, source=source, column_mapping=mapping, stage=stage)
+
+
+def _rows_from_tables(tables: Sequence[Any]) -> list[dict]:
+    """Row dicts from 1-row Arrow tables; float vector columns become numpy rows of one batch-wide array."""
+    import pyarrow as pa
+
+    table = pa.concat_tables(tables)
+    columns = {}
+    for name in table.column_names:
+        column = table.column(name).combine_chunks()
+        if (
+            pa.types.is_fixed_size_list(column.type)
+            and pa.types.is_floating(column.type.value_type)
+            and column.null_count == 0
+            and column.flatten().null_count == 0
+        ):
+            columns[name] = list(column.flatten().to_numpy().reshape(len(column), column.type.list_size))
+        else:
+            columns[name] = column.to_pylist()
+    names = list(columns)
+    return [dict(zip(names, values)) for values in zip(*columns.values())]
 
 
 # --------------------------------------------------------------------------------------------- decoding
@@ -239,6 +264,27 @@ def _embedding(value: Any, name: str, dim: int | None) -> np.ndarray:
     if not np.isfinite(vector).all():
         raise ValueError(f"{name} has non-finite values")
     return vector
+
+
+def _fixed_length_backend(tokenizer, max_length: int):
+    """The ``tokenizers`` backend of a fast tokenizer, set to truncate and pad to ``max_length``, or None.
+
+    Calling the Rust backend directly is about 3x faster than transformers' ``__call__`` on short texts. Only
+    used when it reproduces ``tokenizer(texts, padding="max_length", truncation=True)`` on probe texts (special
+    tokens, case, spacing, accents, and a text longer than ``max_length``); otherwise the slow path stays.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or tokenizer.pad_token_id is None:
+        return None
+    backend = copy.deepcopy(backend)
+    backend.enable_truncation(max_length=max_length)
+    backend.enable_padding(length=max_length, pad_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token)
+    probes = ["make it red", "  Replace the CUP with a Vase!  ", "café crème, naïve", "$ in the style of $",
+              " ".join(["a very long modification text"] * 30), ""]
+    expected = tokenizer(probes, padding="max_length", max_length=max_length, truncation=True)["input_ids"]
+    if [encoding.ids for encoding in backend.encode_batch(probes)] != expected:
+        return None
+    return backend
 
 
 class TripletCollator:
@@ -302,6 +348,7 @@ class TripletCollator:
         self.text_to_image_probability, self.seed = text_to_image_probability, seed
         self.embedding_dim = embedding_dim
         self.return_mask, self.mask_size, self.max_length = return_mask, mask_size, max_length
+        self._backend = _fixed_length_backend(tokenizer, max_length)
 
     def _is_text_to_image(self, row_id: str) -> bool:
         if self.stage == "text_to_image":
@@ -374,7 +421,19 @@ class TripletCollator:
                     results.append(error)
             return results
 
+    def _tokenize(self, texts: list[str]) -> torch.Tensor:
+        if not texts:
+            return torch.zeros(0, self.max_length, dtype=torch.long)
+        if self._backend is not None:
+            encodings = self._backend.encode_batch(texts)
+            return torch.tensor([encoding.ids for encoding in encodings], dtype=torch.long)
+        return self.tokenizer(
+            texts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        if rows and not isinstance(rows[0], Mapping):  # Arrow-formatted stream (see load_triplet_stream)
+            rows = _rows_from_tables(rows)
         decoded, ids, skipped = [], [], []
         for row in rows:
             row_id = self._row_id(row)
@@ -400,13 +459,7 @@ class TripletCollator:
         batch: dict[str, Any] = {"ids": ids, "num_skipped": len(skipped), "skipped": skipped}
         batch["texts"] = [d["text"] for d in decoded]
         batch["is_text_to_image"] = torch.tensor([d["text_to_image"] for d in decoded], dtype=torch.bool)
-        batch["input_ids"] = (
-            self.tokenizer(
-                batch["texts"], padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
-            ).input_ids
-            if decoded
-            else torch.zeros(0, self.max_length, dtype=torch.long)
-        )
+        batch["input_ids"] = self._tokenize(batch["texts"])
         if self.source == schema.EMBEDDINGS_CONFIG:
             dim = self.embedding_dim or 0
             batch["reference_image_embeds"] = (
