@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import inspect
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,6 +219,13 @@ def composed_search(
         call_kwargs["image"] = [reference_image]
     if mask_image is not None:
         call_kwargs["mask_image"] = [mask_image]
+    # Pipelines differ in what they take (LinCIR has no sampler, no negative text, no mask): pass only what the
+    # pipeline accepts, and refuse, rather than silently drop, a mask or negative text it cannot use.
+    accepted = set(inspect.signature(pipeline.__call__).parameters)
+    for name in ("mask_image", "negative_prompt"):
+        if call_kwargs.get(name) is not None and name not in accepted:
+            raise ValueError(f"{type(pipeline).__name__} does not take `{name}`; leave it out for this pipeline.")
+    call_kwargs = {name: value for name, value in call_kwargs.items() if name in accepted}
     query_embeds = pipeline(**call_kwargs).image_embeds
 
     excluded = list(exclude_ids or [])
