@@ -212,6 +212,7 @@ def precompute_embeddings(
             summary.shards_skipped.append(final)
             bar.update(pq.ParquetFile(path).metadata.num_rows)
             continue
+        # One shard is held in memory (its image bytes): keep shards at a few thousand rows (`data reshard`).
         table = pq.read_table(path)
         rows = _ShardRows(table, embedder.preprocess)
         loader = torch.utils.data.DataLoader(

@@ -36,7 +36,7 @@ buffer, so a resumed run loses the up-to-``B`` rows per worker that sat in it (t
 and, reading Parquet, can repeat a few rows (we measured 4 repeats and 10 losses resuming a 120-row
 epoch with ``B=20``); its multi-shard interleaving also cannot resume inside DataLoader workers in
 datasets 5.2. The price of the block shuffle is locality: rows are mixed within ``B`` consecutive rows of
-one shard, so write shards in random order (``diffusers-cir data reshard --shuffle``) for the best mix.
+one shard, so write shards in random order (``diffusers-cir data reshard --shuffle-seed 0``) for the best mix.
 
 Example:
     >>> from diffusers_cir.data.streaming import build_triplet_dataloader, load_triplet_stream
