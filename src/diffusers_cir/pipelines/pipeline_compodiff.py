@@ -30,6 +30,7 @@ from transformers import (
 
 from ..models.compodiff_transformer import CompoDiffTransformer
 from ..schedulers.scheduling_compodiff import CompoDiffScheduler
+from .lora import CompoDiffLoraLoaderMixin
 from .utils import resolve_pretrained_path
 
 EXAMPLE_DOC_STRING = """
@@ -64,7 +65,7 @@ PromptType = str | list[str] | None
 ImageType = PIL.Image.Image | list[PIL.Image.Image] | torch.Tensor | np.ndarray | None
 
 
-class CompoDiffPipeline(DiffusionPipeline):
+class CompoDiffPipeline(DiffusionPipeline, CompoDiffLoraLoaderMixin):
     r"""
     Pipeline for composed image retrieval with CompoDiff.
 
