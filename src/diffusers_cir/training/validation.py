@@ -1,0 +1,231 @@
+# Copyright 2026 The diffusers-cir authors. Apache-2.0.
+"""Validation of a CompoDiff prior: compose queries with the pipeline, rank a gallery, Recall@K.
+
+The metric itself is :func:`diffusers_cir.metrics.recall_at_k` (the one implementation of the formula). Queries are
+composed in batches with a seeded generator per batch, so a validation run never touches the global random state
+(training resumed from a checkpoint draws the same noise as an uninterrupted run).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+@dataclass
+class RetrievalSet:
+    """Composed-retrieval queries and the gallery they are ranked against.
+
+    Attributes:
+        reference_image_embeds: ``[Q, D]`` (zeros for text-only queries).
+        prompts: ``Q`` modification texts.
+        target_ids: ``[Q]`` gallery id of each query's target.
+        gallery_embeds: ``[G, D]``.
+        gallery_ids: ``[G]`` ids (ints or strings).
+        reference_ids: ``[Q]`` gallery id of each reference, deleted from its ranking (as CIRR does), or ``None``.
+    """
+
+    reference_image_embeds: torch.Tensor
+    prompts: list[str]
+    target_ids: np.ndarray
+    gallery_embeds: torch.Tensor
+    gallery_ids: np.ndarray
+    reference_ids: np.ndarray | None = None
+
+    def __post_init__(self):
+        queries = len(self.prompts)
+        if self.reference_image_embeds.ndim != 2 or self.reference_image_embeds.shape[0] != queries:
+            raise ValueError(
+                f"`reference_image_embeds` must have shape [{queries}, dim] (one per prompt), "
+                f"got {tuple(self.reference_image_embeds.shape)}."
+            )
+        if len(self.target_ids) != queries:
+            raise ValueError(f"`target_ids` has {len(self.target_ids)} entries for {queries} prompts.")
+        if self.reference_ids is not None and len(self.reference_ids) != queries:
+            raise ValueError(f"`reference_ids` has {len(self.reference_ids)} entries for {queries} prompts.")
+        if self.gallery_embeds.ndim != 2 or self.gallery_embeds.shape[0] != len(self.gallery_ids):
+            raise ValueError(
+                f"`gallery_embeds` must have shape [{len(self.gallery_ids)}, dim] (one per gallery id), "
+                f"got {tuple(self.gallery_embeds.shape)}."
+            )
+        if self.gallery_embeds.shape[1] != self.reference_image_embeds.shape[1]:
+            raise ValueError(
+                f"Gallery width {self.gallery_embeds.shape[1]} differs from the query width "
+                f"{self.reference_image_embeds.shape[1]}."
+            )
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def subset(self, count: int | None) -> "RetrievalSet":
+        """The first ``count`` queries (all when ``None``), same gallery."""
+        if count is None or count >= len(self):
+            return self
+        return RetrievalSet(
+            self.reference_image_embeds[:count],
+            self.prompts[:count],
+            self.target_ids[:count],
+            self.gallery_embeds,
+            self.gallery_ids,
+            None if self.reference_ids is None else self.reference_ids[:count],
+        )
+
+    @classmethod
+    def from_triplets(
+        cls,
+        reference_image_embeds: torch.Tensor,
+        prompts: Sequence[str],
+        target_image_embeds: torch.Tensor,
+        gallery_embeds: torch.Tensor | None = None,
+        gallery_ids: Sequence | None = None,
+        exclude_reference: bool = True,
+    ) -> "RetrievalSet":
+        """Queries from triplet rows (embeddings only). Images are identified by their embedding bytes.
+
+        Without a gallery, the gallery is every distinct reference and target embedding of the rows; with one, each
+        target must be found in it (exactly, as stored). References found in the gallery are excluded from their
+        query's ranking when ``exclude_reference``.
+        """
+        reference_image_embeds = torch.as_tensor(reference_image_embeds, dtype=torch.float32)
+        target_image_embeds = torch.as_tensor(target_image_embeds, dtype=torch.float32)
+        if gallery_embeds is None:
+            vectors = torch.cat([target_image_embeds, reference_image_embeds])
+            keys, first = {}, []
+            for row, vector in enumerate(vectors):
+                key = _embedding_key(vector)
+                if key not in keys and bool(vector.abs().sum() > 0):
+                    keys[key] = len(first)
+                    first.append(row)
+            gallery_embeds = vectors[first]
+            gallery_ids = np.arange(len(first))
+        else:
+            gallery_embeds = torch.as_tensor(gallery_embeds, dtype=torch.float32)
+            gallery_ids = np.asarray(list(gallery_ids) if gallery_ids is not None else range(len(gallery_embeds)))
+            keys = {_embedding_key(vector): index for index, vector in enumerate(gallery_embeds)}
+        target_positions = [keys.get(_embedding_key(vector)) for vector in target_image_embeds]
+        missing = [row for row, position in enumerate(target_positions) if position is None]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} target embeddings (rows {missing[:5]}) are not in the gallery; the gallery must hold "
+                "every target exactly as stored."
+            )
+        reference_ids = None
+        if exclude_reference:
+            positions = [keys.get(_embedding_key(vector)) for vector in reference_image_embeds]
+            reference_ids = np.array(
+                [gallery_ids[p] if p is not None else _absent_id(gallery_ids) for p in positions], dtype=object
+            )
+            if all(p is not None for p in positions):
+                reference_ids = reference_ids.astype(np.asarray(gallery_ids).dtype)
+        return cls(
+            reference_image_embeds,
+            list(prompts),
+            np.asarray(gallery_ids)[target_positions],
+            gallery_embeds,
+            np.asarray(gallery_ids),
+            reference_ids,
+        )
+
+
+def _embedding_key(vector: torch.Tensor) -> bytes:
+    return hashlib.blake2b(vector.detach().float().cpu().numpy().tobytes(), digest_size=16).digest()
+
+
+def _absent_id(gallery_ids):
+    # An id that matches no gallery item: a reference outside the gallery deletes nothing.
+    return -1 if np.issubdtype(np.asarray(gallery_ids).dtype, np.integer) else "<not-in-gallery>"
+
+
+@torch.no_grad()
+def compose_queries(
+    pipeline,
+    reference_image_embeds: torch.Tensor,
+    prompts: Sequence[str],
+    batch_size: int = 256,
+    num_inference_steps: int = 10,
+    guidance_scale: float = 7.5,
+    image_guidance_scale: float = 1.5,
+    seed: int = 0,
+    show_progress: bool = False,
+    num_samples_per_query: int = 1,
+) -> torch.Tensor:
+    """Composed query embeddings ``[Q, D]`` (L2-normalised, float32, on CPU) from a :class:`CompoDiffPipeline`.
+
+    Each batch gets its own generator seeded with ``seed + batch index``, so results do not depend on the global
+    random state. All-zero reference rows are text-only queries (the pipeline's zero image embedding). With
+    ``num_samples_per_query > 1`` the pipeline averages that many samples per query (less sampling noise).
+    """
+    if len(prompts) != reference_image_embeds.shape[0]:
+        raise ValueError(f"{len(prompts)} prompts for {reference_image_embeds.shape[0]} reference embeddings.")
+    device = pipeline._execution_device
+    generator_device = device if torch.device(device).type == "cuda" else "cpu"
+    starts = range(0, len(prompts), batch_size)
+    progress = tqdm(starts, desc="Composing queries", disable=not show_progress, leave=False)
+    outputs = []
+    for index, start in enumerate(progress):
+        generator = torch.Generator(generator_device).manual_seed(seed + index)
+        result = pipeline(
+            image_embeds=reference_image_embeds[start : start + batch_size].to(device),
+            prompt=list(prompts[start : start + batch_size]),
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            image_guidance_scale=image_guidance_scale,
+            num_samples_per_query=num_samples_per_query,
+            generator=generator,
+            normalize=True,
+        ).image_embeds
+        outputs.append(result.float().cpu())
+    return torch.cat(outputs) if outputs else reference_image_embeds.new_zeros(0, reference_image_embeds.shape[1])
+
+
+def recall_of_queries(query_embeds: torch.Tensor, retrieval_set: RetrievalSet, ks: Sequence[int] = (1, 5, 10)) -> dict:
+    """Recall@K (fractions) of query embeddings against the gallery by cosine similarity."""
+    from diffusers_cir.metrics import recall_at_k
+
+    if query_embeds.shape[0] != len(retrieval_set):
+        raise ValueError(f"{query_embeds.shape[0]} query embeddings for {len(retrieval_set)} queries.")
+    gallery = F.normalize(retrieval_set.gallery_embeds.float(), dim=-1)
+    scores = F.normalize(query_embeds.float(), dim=-1) @ gallery.T
+    ks = tuple(k for k in ks if k <= len(retrieval_set.gallery_ids))
+    return recall_at_k(
+        target_ids=retrieval_set.target_ids,
+        exclude_ids=retrieval_set.reference_ids,
+        scores=scores,
+        gallery_ids=retrieval_set.gallery_ids,
+        ks=ks,
+        scale="fraction",
+    )
+
+
+def evaluate_composed_retrieval(
+    pipeline,
+    retrieval_set: RetrievalSet,
+    ks: Sequence[int] = (1, 5, 10),
+    batch_size: int = 256,
+    num_inference_steps: int = 10,
+    guidance_scale: float = 7.5,
+    image_guidance_scale: float = 1.5,
+    seed: int = 0,
+    show_progress: bool = False,
+    num_samples_per_query: int = 1,
+) -> dict[str, float]:
+    """Recall@K (fractions, keys ``recall_at{K}``) of the pipeline's composed queries on ``retrieval_set``."""
+    queries = compose_queries(
+        pipeline,
+        retrieval_set.reference_image_embeds,
+        retrieval_set.prompts,
+        batch_size=batch_size,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        image_guidance_scale=image_guidance_scale,
+        seed=seed,
+        show_progress=show_progress,
+        num_samples_per_query=num_samples_per_query,
+    )
+    return recall_of_queries(queries, retrieval_set, ks)

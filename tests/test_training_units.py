@@ -1,0 +1,254 @@
+"""Unit tests of the CompoDiff training parts: condition dropout, objectives, text encoding, loss, masks, data mixing,
+validation sets, checkpoint bookkeeping and argument checks."""
+
+import argparse
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffusers_cir import CompoDiffPipeline, CompoDiffScheduler, CompoDiffTransformer
+from diffusers_cir.training import (
+    CachedTextEncoder,
+    ConditionDropout,
+    ObjectiveRatios,
+    RetrievalSet,
+    compodiff_loss,
+    encode_text_hidden_states,
+    list_checkpoints,
+    parse_args,
+    random_box_masks,
+    recall_of_queries,
+    text_attention_mask,
+)
+from diffusers_cir.training.data import merge_batches
+from diffusers_cir.training.train_compodiff import _prune_checkpoints, resolve_resume_checkpoint
+from diffusers_cir.utils import build_offline_clip_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_offline_clip_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def text_encoder():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    config = CLIPTextConfig(
+        vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, eos_token_id=49407, pad_token_id=49407, bos_token_id=49406,
+    )
+    return CLIPTextModel(config).eval()
+
+
+def tiny_transformer(**overrides):
+    torch.manual_seed(0)
+    config = dict(embedding_dim=16, text_embedding_dim=32, num_layers=1, num_attention_heads=2, attention_head_dim=8,
+                  num_cross_attention_heads=2)
+    config.update(overrides)
+    return CompoDiffTransformer(**config)
+
+
+# ------------------------------------------------------------------------------------------ condition dropout
+def test_condition_dropout_frequencies_match_probabilities():
+    dropout = ConditionDropout(text=0.2, image=0.1, both=0.05)
+    drop_text, drop_image = dropout.sample(200_000, generator=torch.Generator().manual_seed(0))
+    text_only = (drop_text & ~drop_image).float().mean().item()
+    image_only = (drop_image & ~drop_text).float().mean().item()
+    both = (drop_text & drop_image).float().mean().item()
+    assert text_only == pytest.approx(0.2, abs=0.005)
+    assert image_only == pytest.approx(0.1, abs=0.005)
+    assert both == pytest.approx(0.05, abs=0.003)
+
+
+def test_condition_dropout_uses_the_empty_prompt_encoding_and_zero_images():
+    dropout = ConditionDropout(text=0.3, image=0.3, both=0.3)
+    image = torch.randn(64, 8)
+    text = torch.randn(64, 5, 4)
+    null = torch.randn(1, 5, 4)
+    image_in, text_in = image.clone(), text.clone()
+    new_image, new_text, drop_text, drop_image = dropout.apply(image, text, null, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(image, image_in) and torch.equal(text, text_in)  # inputs untouched
+    assert drop_text.any() and drop_image.any() and (~drop_text & ~drop_image).any()
+    assert torch.equal(new_text[drop_text], null.expand(int(drop_text.sum()), -1, -1))
+    assert torch.equal(new_text[~drop_text], text[~drop_text])
+    assert torch.count_nonzero(new_image[drop_image]) == 0
+    assert torch.equal(new_image[~drop_image], image[~drop_image])
+
+
+@pytest.mark.parametrize("kwargs", [dict(text=1.2), dict(image=-0.1), dict(text=0.5, image=0.4, both=0.2)])
+def test_condition_dropout_rejects_bad_probabilities(kwargs):
+    with pytest.raises(ValueError, match="ConditionDropout"):
+        ConditionDropout(**kwargs)
+
+
+def test_condition_dropout_rejects_a_null_text_of_the_wrong_shape():
+    with pytest.raises(ValueError, match="null_text_hidden_states"):
+        ConditionDropout().apply(torch.zeros(2, 4), torch.zeros(2, 5, 3), torch.zeros(1, 6, 3))
+
+
+# ------------------------------------------------------------------------------------------ objective ratios
+def test_objective_ratios_parse_and_derive_probabilities():
+    ratios = ObjectiveRatios.parse("triplet=0.5, text_to_image=0.3,masked=0.2")
+    assert ratios.probabilities == pytest.approx({"triplet": 0.5, "text_to_image": 0.3, "masked": 0.2})
+    assert ratios.caption_row_probability == pytest.approx(0.5)
+    assert ratios.masked_share_of_caption_rows == pytest.approx(0.4)
+    assert ObjectiveRatios.parse("triplet=3,text_to_image=1").probabilities["text_to_image"] == pytest.approx(0.25)
+    assert ObjectiveRatios.parse("triplet=1").caption_row_probability == 0.0
+
+
+@pytest.mark.parametrize("text", ["triplet=0.5,foo=1", "triplet", "triplet=x", "triplet=1,triplet=2", "triplet=0"])
+def test_objective_ratios_reject_malformed_text(text):
+    with pytest.raises(ValueError):
+        ObjectiveRatios.parse(text)
+
+
+# ------------------------------------------------------------------------------------------ text encoding
+@pytest.mark.parametrize("pad_token", ["<|endoftext|>", "!"])
+def test_attention_mask_recovered_from_ids_matches_the_tokenizer(pad_token):
+    tokenizer = build_offline_clip_tokenizer(pad_token=pad_token)
+    texts = ["make it red", "", "a watercolor of a blue wooden cup and " * 20]  # the last one is truncated
+    tokens = tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    recovered = text_attention_mask(tokens.input_ids, tokenizer.eos_token_id)
+    assert torch.equal(recovered, tokens.attention_mask.long())
+
+
+def test_training_text_encoding_equals_the_pipeline_prompt_encoding(tokenizer, text_encoder):
+    pipe = CompoDiffPipeline(tiny_transformer(), CompoDiffScheduler(), text_encoder=text_encoder, tokenizer=tokenizer)
+    texts = ["make it red", "turn it into a sketch", ""]
+    ids = tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    training = encode_text_hidden_states(text_encoder, ids, eos_token_id=tokenizer.eos_token_id)
+    with torch.no_grad():
+        inference = pipe.encode_prompt(texts)
+    torch.testing.assert_close(training, inference, rtol=0, atol=1e-6)
+    # Without the padding mask the padded positions differ: the mask matters.
+    with torch.no_grad():
+        unmasked = text_encoder(input_ids=ids).last_hidden_state
+    assert (unmasked - inference).abs().max() > 1e-3
+
+
+def test_cached_text_encoder_matches_uncached_and_bounds_its_size(tokenizer, text_encoder):
+    texts = ["make it red", "make it blue", "make it red", "paint it green", "make it blue"]
+    ids = tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    plain = encode_text_hidden_states(text_encoder, ids, eos_token_id=tokenizer.eos_token_id)
+    cache = CachedTextEncoder(text_encoder, tokenizer.eos_token_id, max_entries=2)
+    torch.testing.assert_close(cache(ids), plain, rtol=0, atol=1e-5)
+    assert cache.misses == 3 and cache.hits == 2
+    assert len(cache._cache) == 2
+    torch.testing.assert_close(cache(ids[:1]), plain[:1], rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ loss
+def test_compodiff_loss_is_the_x0_mse_of_the_scheduler_noised_target():
+    model = tiny_transformer()
+    scheduler = CompoDiffScheduler()
+    target = torch.randn(4, 16)
+    image = torch.randn(4, 16)
+    text = torch.randn(4, 77, 32)
+    timesteps = torch.tensor([0, 10, 500, 999])
+    noise = torch.randn(4, 16)
+    loss = compodiff_loss(model, scheduler, target, image, text, timesteps=timesteps, noise=noise)
+    noisy = scheduler.add_noise(target, noise, timesteps)
+    prediction = model(noisy, timesteps, image_embeds=image, text_hidden_states=text).predicted_image_embedding
+    torch.testing.assert_close(loss, F.mse_loss(prediction, target))
+    loss.backward()
+    assert model.proj_out.weight.grad is not None and model.proj_out.weight.grad.abs().sum() > 0
+
+
+def test_compodiff_loss_draws_reproducibly_from_its_generator():
+    model = tiny_transformer()
+    args = (model, CompoDiffScheduler(), torch.randn(8, 16), torch.randn(8, 16), torch.randn(8, 77, 32))
+    first = compodiff_loss(*args, generator=torch.Generator().manual_seed(3))
+    second = compodiff_loss(*args, generator=torch.Generator().manual_seed(3))
+    third = compodiff_loss(*args, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(first, second) and not torch.equal(first, third)
+
+
+# ------------------------------------------------------------------------------------------ masks
+def test_random_box_masks_are_single_boxes_within_bounds():
+    masks = random_box_masks(500, size=64, min_fraction=0.1, max_fraction=0.5, generator=torch.Generator().manual_seed(0))
+    assert masks.shape == (500, 64, 64) and set(masks.unique().tolist()) == {0.0, 1.0}
+    rows, columns = masks.amax(dim=2), masks.amax(dim=1)
+    heights, widths = rows.sum(1), columns.sum(1)
+    assert heights.min() >= 6 and heights.max() <= 32 and widths.min() >= 6 and widths.max() <= 32
+    torch.testing.assert_close(masks.sum((1, 2)), heights * widths)  # a full rectangle
+    with pytest.raises(ValueError, match="min_fraction"):
+        random_box_masks(1, min_fraction=0.6, max_fraction=0.5)
+
+
+# ------------------------------------------------------------------------------------------ data mixing
+def test_merge_batches_concatenates_rows_and_fills_a_missing_mask_with_zeros():
+    first = {"ids": ["a", "b"], "texts": ["x", "y"], "num_skipped": 1, "skipped": [("c", "bad")],
+             "input_ids": torch.ones(2, 77, dtype=torch.long), "is_text_to_image": torch.tensor([False, False]),
+             "reference_image_embeds": torch.ones(2, 4), "target_image_embeds": torch.ones(2, 4),
+             "mask": torch.ones(2, 64, 64)}
+    second = {"ids": ["d"], "texts": ["z"], "num_skipped": 0, "skipped": [],
+              "input_ids": torch.zeros(1, 77, dtype=torch.long), "is_text_to_image": torch.tensor([True]),
+              "reference_image_embeds": torch.zeros(1, 4), "target_image_embeds": torch.full((1, 4), 2.0)}
+    merged = merge_batches(first, second)
+    assert merged["ids"] == ["a", "b", "d"] and merged["num_skipped"] == 1
+    assert merged["is_text_to_image"].tolist() == [False, False, True]
+    assert merged["mask"].shape == (3, 64, 64) and merged["mask"][2].sum() == 0 and merged["mask"][:2].sum() > 0
+    assert merged["target_image_embeds"][2, 0] == 2.0
+
+
+# ------------------------------------------------------------------------------------------ validation sets
+def test_retrieval_set_from_triplets_builds_a_deduplicated_gallery_and_excludes_references():
+    items = F.normalize(torch.randn(5, 8), dim=-1)
+    references = items[[0, 1, 2]]
+    targets = items[[3, 4, 3]]
+    retrieval = RetrievalSet.from_triplets(references, ["p", "q", "r"], targets)
+    assert len(retrieval.gallery_ids) == 5
+    # Perfect queries (the targets themselves) retrieve their target first.
+    assert recall_of_queries(targets, retrieval, ks=(1,))["recall_at1"] == 1.0
+    # Querying with the reference finds something else first, since the reference is excluded.
+    assert recall_of_queries(references, retrieval, ks=(1,))["recall_at1"] < 1.0
+    with pytest.raises(ValueError, match="not in the gallery"):
+        RetrievalSet.from_triplets(references, ["p", "q", "r"], targets, gallery_embeds=items[:3])
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+def test_checkpoint_listing_ignores_partial_folders_and_prunes_to_the_limit(tmp_path):
+    for name in ("checkpoint-10", "checkpoint-2", "checkpoint-30", "checkpoint-40.partial", "checkpoints", "other"):
+        (tmp_path / name).mkdir()
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [2, 10, 30]
+    assert resolve_resume_checkpoint(str(tmp_path), "latest").name == "checkpoint-30"
+    assert resolve_resume_checkpoint(str(tmp_path), "checkpoint-10").name == "checkpoint-10"
+    assert resolve_resume_checkpoint(str(tmp_path / "empty"), "latest") is None
+    with pytest.raises(ValueError, match="checkpoint-<step>"):
+        resolve_resume_checkpoint(str(tmp_path), "checkpoint-99")
+    _prune_checkpoints(str(tmp_path), total_limit=2)  # room for one new checkpoint: keep the newest one
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-30", "checkpoints", "other"]
+
+
+# ------------------------------------------------------------------------------------------ arguments
+BASE = ["--train_data_dir", "data", "--transformer_config", "{}", "--text_encoder_name_or_path", "te",
+        "--tokenizer_name_or_path", "tok"]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--pretrained_model_name_or_path", "p"], "exactly one of"),
+        (["--objective_ratios", "triplet=0.5,masked=0.5"], "--dataset_config_name images"),
+        (["--use_lora"], "--pretrained_model_name_or_path"),
+        (["--text_drop_prob", "0.6", "--image_drop_prob", "0.6"], "sum to at most 1"),
+        (["--embedding_scale", "-2"], "--embedding_scale"),
+        (["--column_mapping", "[1]"], "--column_mapping"),
+        (["--validation_recall_ks", "1,x"], "--validation_recall_ks"),
+        (["--text_to_image_data_dir", "d", "--objective_ratios", "triplet=1"], "strictly between 0 and 1"),
+    ],
+)
+def test_bad_argument_combinations_fail_before_any_work(extra, message):
+    with pytest.raises(ValueError, match=message):
+        parse_args(BASE + extra)
+
+
+def test_defaults_parse():
+    args = parse_args(BASE)
+    assert isinstance(args, argparse.Namespace) and args.stage == "triplet" and args.embedding_scale == "auto"
+    assert np.isclose(ObjectiveRatios.parse(args.objective_ratios).caption_row_probability, 0.3)
