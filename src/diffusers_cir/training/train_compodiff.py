@@ -420,9 +420,13 @@ def load_frozen_encoders(args, pretrained: str | None):
     path, kwargs = locate("image_encoder", args.image_encoder_name_or_path)
     image_encoder = CLIPVisionModelWithProjection.from_pretrained(path, **kwargs) if path is not None else None
     path, kwargs = locate("image_processor", None)
+    if path is None and args.image_encoder_name_or_path is not None:
+        # A CLIP repo keeps its preprocessor_config.json next to the vision model's weights.
+        if os.path.isfile(os.path.join(args.image_encoder_name_or_path, "preprocessor_config.json")):
+            path, kwargs = args.image_encoder_name_or_path, {}
     image_processor = CLIPImageProcessor.from_pretrained(path, **kwargs) if path is not None else None
     if image_encoder is not None and image_processor is None:
-        image_processor = CLIPImageProcessor()
+        image_processor = CLIPImageProcessor()  # OpenAI CLIP's 224 px preprocessing
     return text_encoder, tokenizer, image_encoder, image_processor
 
 
@@ -661,6 +665,14 @@ def main(args: argparse.Namespace) -> dict:
                 "both must be embeddings or both images."
             )
         loaders["captions"] = loader_for(caption_stream, caption_rows, args.seed + 1, 0.0, "text-to-image")
+    if accelerator.num_processes > 1:
+        own = loaders["triplets"].loader.dataset.num_shards
+        run_logger.info(
+            f"Rank {accelerator.process_index} reads {own} of the {stream.num_shards} training shards"
+            + ("" if own < stream.num_shards else " (too few shards to split: it keeps 1 row in "
+               f"{accelerator.num_processes})"),
+            main_process_only=False,
+        )
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     text_encoder.requires_grad_(False).to(accelerator.device, dtype=weight_dtype).eval()
@@ -795,6 +807,7 @@ def main(args: argparse.Namespace) -> dict:
     unwrapped = accelerator.unwrap_model(transformer)
     last_metrics: dict = {}
     skipped_for_peers = 0
+    objective_rows = {"triplet": 0, "text_to_image": 0, "masked": 0}
     train_loss, samples_since_log, log_start = 0.0, 0, time.perf_counter()
 
     train_start, validation_seconds = time.perf_counter(), 0.0
@@ -874,6 +887,10 @@ def main(args: argparse.Namespace) -> dict:
                 base = mask if mask is not None else torch.zeros_like(boxes)
                 mask = torch.where(masked_rows[:, None, None], boxes, base)
 
+            masked_count = int(masked_rows.sum()) if masked_rows is not None else 0
+            objective_rows["masked"] += masked_count
+            objective_rows["text_to_image"] += int(is_caption.sum()) - masked_count
+            objective_rows["triplet"] += rows - int(is_caption.sum())
             if scale is not None:
                 target = F.normalize(target, dim=-1) * scale
             text_hidden_states = encode_text(input_ids)
@@ -961,12 +978,13 @@ def main(args: argparse.Namespace) -> dict:
         run_logger.info(f"Saved {', '.join(saved)} to {args.output_dir}")
         for name, loader in loaders.items():
             run_logger.info(f"Data ({name}): {loader.summary()}")
+        run_logger.info("Rows per objective (this rank): " + ", ".join(f"{k} {v}" for k, v in objective_rows.items()))
         if skipped_for_peers:
             run_logger.warning(f"{skipped_for_peers} rows were skipped to keep ranks in step (empty batch elsewhere).")
     accelerator.end_training()
     summary = {name: loader.summary() for name, loader in loaders.items()}
     return {
         "global_step": global_step, "stopped_early": stopped_early, "metrics": last_metrics, "saved": saved,
-        "data": summary,
+        "data": summary, "objective_rows": objective_rows,
     }
 
