@@ -25,6 +25,7 @@ from .ranking import (
     as_score_array,
     average_precision_at_k,
     check_scale,
+    mean_over_queries,
     ranks_from_ranked_lists,
     ranks_from_scores,
 )
@@ -222,8 +223,9 @@ def compute_circo_metrics(
         query_ids=query_ids,
         on_empty_ground_truth=on_empty_ground_truth,
     )
-    metrics = {f"map_at{k}": factor * float(np.mean(per_query[f"ap_at{k}"])) for k in ks}
-    metrics.update({f"recall_at{k}": factor * float(np.mean(per_query[f"recall_at{k}"])) for k in ks})
+    selected = {f"map_at{k}": per_query[f"ap_at{k}"] for k in ks}
+    selected.update({f"recall_at{k}": per_query[f"recall_at{k}"] for k in ks})
+    metrics = mean_over_queries(selected, factor)
     if semantic_aspects is not None:
         for aspect, value in circo_semantic_map(per_query["ap_at10"], semantic_aspects).items():
             metrics[f"semantic_map_at10_{aspect}"] = factor * value

@@ -32,6 +32,7 @@ from .ranking import (
     as_score_array,
     check_scale,
     hits_at_k,
+    mean_over_queries,
     ranks_from_ranked_lists,
     ranks_from_scores,
 )
@@ -65,6 +66,16 @@ def cirr_avg(recall_at5: float, recall_subset_at1: float) -> float:
     return (recall_at5 + recall_subset_at1) / 2
 
 
+def _subset_candidates(values: np.ndarray, mask: np.ndarray, reference: np.ndarray):
+    """Which group members are Recall_subset candidates (listed, not the reference, not a repeat), and which
+    are repeats of an earlier member: a member listed twice is one candidate (the official filter is a
+    set-membership test)."""
+    equal = values[:, :, None] == values[:, None, :]
+    earlier = np.tril(np.ones(equal.shape[1:], dtype=bool), k=-1)
+    duplicate = (equal & earlier & mask[:, None, :]).any(axis=2)
+    return mask & ~duplicate & (values != reference[:, None]), duplicate
+
+
 def _member_arrays(group_members: Any, target_ids: Any, reference_ids: Any, num_queries: int):
     """Members (as :class:`IdRows`, one id dtype with targets and references), which members are subset
     candidates (not the reference, not a repeat) and which member is the target."""
@@ -77,10 +88,7 @@ def _member_arrays(group_members: Any, target_ids: Any, reference_ids: Any, num_
         [members.values, target, reference], [members.mask, target_mask, reference_mask]
     )
     mask = members.mask
-    # A member listed twice is one candidate (the official filter is a set-membership test).
-    equal = values[:, :, None] == values[:, None, :]
-    earlier = np.tril(np.ones(equal.shape[1:], dtype=bool), k=-1)
-    duplicate = (equal & earlier & mask[:, None, :]).any(axis=2)
+    candidate, duplicate = _subset_candidates(values, mask, reference)
     is_target = (values == target[:, None]) & mask
     missing_target = ~is_target.any(axis=1)
     if missing_target.any():
@@ -89,7 +97,6 @@ def _member_arrays(group_members: Any, target_ids: Any, reference_ids: Any, num_
             f"The target {target[row].item()!r} of query {row} is not among its `group_members` "
             f"({values[row][mask[row]].tolist()}); CIRR's img_set.members always contains the target."
         )
-    candidate = mask & ~duplicate & (values != reference[:, None])
     return IdRows(values, mask), candidate, is_target & ~duplicate
 
 
@@ -238,7 +245,7 @@ def compute_cirr_metrics(
         recall_ks=recall_ks,
         subset_ks=subset_ks,
     )
-    metrics = {name: factor * float(np.mean(value)) for name, value in hits.items()}
+    metrics = mean_over_queries(hits, factor)
     if "recall_at5" in metrics and "recall_subset_at1" in metrics:
         metrics["avg"] = cirr_avg(metrics["recall_at5"], metrics["recall_subset_at1"])
     return metrics
@@ -316,9 +323,7 @@ def cirplant_soft_recall(
         )
         member_index = positions_in_gallery(gallery, values, member_mask, "group member")
         member_ranks = ranks_from_scores(scores, member_index, reference_index).ranks
-        equal = values[:, :, None] == values[:, None, :]
-        duplicate = (equal & np.tril(np.ones(equal.shape[1:], dtype=bool), k=-1) & member_mask[:, None, :]).any(2)
-        candidate = member_mask & ~duplicate & (values != reference_values[:, None])
+        candidate, _ = _subset_candidates(values, member_mask, reference_values)
         in_subset = ((soft_values[:, :, None] == values[:, None, :]) & candidate[:, None, :]).any(axis=2)
         # Subset rank of a soft target = subset candidates ranked above it globally.
         subset_ranks = (candidate[:, None, :] & (member_ranks[:, None, :] < ranks[:, :, None])).sum(axis=2)

@@ -17,8 +17,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .ranking import check_scale
-from .recall import recall_per_query
+from .recall import recall_at_k, recall_per_query
 
 __all__ = [
     "FASHIONIQ_CATEGORIES",
@@ -74,9 +73,9 @@ def fashioniq_recall_at_k(
 
     ```
     """
-    factor = check_scale(scale)
-    hits = fashioniq_per_query(target_ids=target_ids, scores=scores, gallery_ids=gallery_ids, ranked_ids=ranked_ids, ks=ks)
-    return {name: factor * float(np.mean(value)) for name, value in hits.items()}
+    return recall_at_k(
+        target_ids=target_ids, ks=ks, scores=scores, gallery_ids=gallery_ids, ranked_ids=ranked_ids, scale=scale
+    )
 
 
 def fashioniq_average_recall(per_category: Mapping[str, Mapping[str, float]]) -> dict[str, float]:

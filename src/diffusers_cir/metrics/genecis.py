@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ._inputs import check_ks
-from .ranking import as_score_array, check_scale, hits_at_k, ranks_from_scores
+from .ranking import as_score_array, check_scale, hits_at_k, mean_over_queries, ranks_from_scores
 
 __all__ = [
     "GENECIS_TASKS",
@@ -104,7 +104,7 @@ def genecis_recall_at_k(
     """
     factor = check_scale(scale)
     hits = genecis_per_query(candidate_scores, target_indices=target_indices, ks=ks)
-    return {name: factor * float(np.mean(value)) for name, value in hits.items()}
+    return mean_over_queries(hits, factor)
 
 
 def genecis_average_over_tasks(per_task: Mapping[str, Mapping[str, float]]) -> dict[str, float]:

@@ -13,7 +13,7 @@ stable descending sort would give, so results are deterministic.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -27,6 +27,7 @@ __all__ = [
     "hits_at_k",
     "average_precision_at_k",
     "check_scale",
+    "mean_over_queries",
     "as_score_array",
     "DuplicateIdError",
 ]
@@ -70,6 +71,11 @@ def check_scale(scale: str) -> float:
     if scale == "fraction":
         return 1.0
     raise ValueError(f'`scale` must be "percent" or "fraction", got {scale!r}.')
+
+
+def mean_over_queries(per_query: Mapping[str, np.ndarray], factor: float) -> dict[str, float]:
+    """Each per-query array averaged over the queries, times ``factor`` (the :func:`check_scale` multiplier)."""
+    return {name: factor * float(np.mean(values)) for name, values in per_query.items()}
 
 
 def as_score_array(scores: Any) -> np.ndarray:

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ._inputs import check_ks, ranks_of_single_positive
-from .ranking import check_scale, hits_at_k
+from .ranking import check_scale, hits_at_k, mean_over_queries
 
 __all__ = ["recall_per_query", "recall_at_k"]
 
@@ -80,4 +80,4 @@ def recall_at_k(
     hits = recall_per_query(
         target_ids=target_ids, ks=ks, scores=scores, gallery_ids=gallery_ids, ranked_ids=ranked_ids, exclude_ids=exclude_ids
     )
-    return {name: factor * float(np.mean(value)) for name, value in hits.items()}
+    return mean_over_queries(hits, factor)
