@@ -17,6 +17,8 @@ import json
 import sys
 from pathlib import Path
 
+from . import errors_as_messages
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("index", help="Embed a gallery of images and build a searchable index.")
@@ -68,15 +70,8 @@ def _load_dataset(path: str, split: str):
     return datasets.load_dataset(path, split=split)
 
 
+@errors_as_messages
 def run_build(args: argparse.Namespace) -> int:
-    try:
-        return _run_build(args)
-    except ValueError as error:  # bad input, mismatched or damaged index: a message, not a traceback
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-
-
-def _run_build(args: argparse.Namespace) -> int:
     import torch
     from accelerate import Accelerator
 

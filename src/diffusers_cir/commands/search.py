@@ -15,6 +15,8 @@ import argparse
 import json
 import sys
 
+from . import errors_as_messages
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("search", help="Search a gallery index with a reference image and a text.")
@@ -35,15 +37,8 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run_search)
 
 
+@errors_as_messages
 def run_search(args: argparse.Namespace) -> int:
-    try:
-        return _run_search(args)
-    except ValueError as error:  # bad input, mismatched or damaged index: a message, not a traceback
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-
-
-def _run_search(args: argparse.Namespace) -> int:
     import torch
 
     from diffusers_cir.retrieval import GalleryIndex, composed_search, load_cir_pipeline
