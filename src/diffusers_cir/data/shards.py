@@ -156,13 +156,16 @@ class ParquetShardWriter:
             rows, self._pending = self._pending, []
             self._write_table(pa.Table.from_pylist(rows, schema=self._schema))
 
-    def add(self, row: Mapping[str, Any]) -> None:
-        """Append one row (a dict with every feature column; images as ``{"bytes": ..., "path": ...}``)."""
+    def _check_open_with_columns(self, given: Mapping[str, Any], what: str) -> None:
         if self._closed:
             raise RuntimeError("This ParquetShardWriter is closed.")
-        missing = [name for name in self.features if name not in row]
+        missing = [name for name in self.features if name not in given]
         if missing:
-            raise KeyError(f"Row is missing columns {missing}; expected {list(self.features)}.")
+            raise KeyError(f"{what} is missing columns {missing}; expected {list(self.features)}.")
+
+    def add(self, row: Mapping[str, Any]) -> None:
+        """Append one row (a dict with every feature column; images as ``{"bytes": ..., "path": ...}``)."""
+        self._check_open_with_columns(row, "Row")
         self._pending.append({name: _to_python(row[name]) for name in self.features})
         self.num_rows += 1
         if len(self._pending) >= self.row_group_size:
@@ -172,11 +175,7 @@ class ParquetShardWriter:
         """Append rows given column-wise; ``[N, D]`` numpy arrays go straight to Arrow fixed-size lists."""
         import pyarrow as pa
 
-        if self._closed:
-            raise RuntimeError("This ParquetShardWriter is closed.")
-        missing = [name for name in self.features if name not in columns]
-        if missing:
-            raise KeyError(f"Batch is missing columns {missing}; expected {list(self.features)}.")
+        self._check_open_with_columns(columns, "Batch")
         lengths = {name: len(columns[name]) for name in self.features}
         if len(set(lengths.values())) > 1:
             raise ValueError(f"add_batch columns must have equal lengths, got {lengths}.")
