@@ -5,10 +5,8 @@ Same fixture discovery as ``test_metrics_fixtures.py`` (``tests/fixtures/metrics
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 evaluate = pytest.importorskip("evaluate")
@@ -16,9 +14,16 @@ evaluate = pytest.importorskip("evaluate")
 from test_metrics_fixtures import (  # noqa: E402  (helpers only; no tests are imported)
     FRACTION_TOLERANCE,
     PERCENT_TOLERANCE,
-    assert_close,
+    assert_all_close,
+    assert_circo_case_matches,
     fixtures_of,
     load_fixture,
+    official_circo_server_metrics,
+    official_circo_validation_metrics,
+    official_cirr_metrics,
+    official_fashioniq_metrics,
+    official_genecis_metrics,
+    rankings_from_scores,
 )
 
 MODULES = Path(__file__).resolve().parents[1] / "hub" / "metrics"
@@ -28,11 +33,6 @@ MODULE_NAMES = ("cirr", "fashioniq", "circo", "genecis")
 @pytest.fixture(scope="module")
 def modules():
     return {name: evaluate.load(str(MODULES / name), keep_in_memory=True) for name in MODULE_NAMES}
-
-
-def _rankings(scores, gallery_ids, depth=None):
-    gallery = np.asarray(gallery_ids)
-    return [gallery[np.argsort(-np.asarray(row), kind="stable")][:depth].tolist() for row in scores]
 
 
 @pytest.mark.parametrize("name", MODULE_NAMES)
@@ -52,16 +52,12 @@ def test_cirr_module_matches_official(path, modules):
     data = load_fixture(path)
     queries = data["inputs"]["queries"]
     got = modules["cirr"].compute(
-        predictions=_rankings(data["inputs"]["scores"], data["inputs"]["gallery_ids"]),
+        predictions=rankings_from_scores(data["inputs"]["scores"], data["inputs"]["gallery_ids"]),
         references=[query["target_id"] for query in queries],
         reference_ids=[query["reference_id"] for query in queries],
         group_members=[query["group_members"] for query in queries],
     )
-    official = data["official_outputs"]["clip4cir_searle_lincir"]
-    for name, value in official["metrics"].items():
-        key = name.replace("cirr_recall_at", "recall_at").replace("cirr_group_recall_at", "recall_subset_at")
-        assert_close(got[key], value, PERCENT_TOLERANCE, key)
-    assert_close(got["avg"], official["derived"]["avg_recall_at5_and_recall_subset_at1"], PERCENT_TOLERANCE, "avg")
+    assert_all_close(got, official_cirr_metrics(data), PERCENT_TOLERANCE)
 
 
 @pytest.mark.parametrize("path", fixtures_of("cirr_recall"))
@@ -69,7 +65,7 @@ def test_cirr_module_accepts_int_ids_and_batches(path, modules):
     data = load_fixture(path)
     queries = data["inputs"]["queries"]
     to_int = {image: index for index, image in enumerate(data["inputs"]["gallery_ids"])}
-    rankings = _rankings(data["inputs"]["scores"], data["inputs"]["gallery_ids"])
+    rankings = rankings_from_scores(data["inputs"]["scores"], data["inputs"]["gallery_ids"])
     columns = dict(
         predictions=[[to_int[i] for i in ranking] for ranking in rankings],
         references=[to_int[query["target_id"]] for query in queries],
@@ -81,9 +77,7 @@ def test_cirr_module_accepts_int_ids_and_batches(path, modules):
     module.add_batch(**{key: values[:half] for key, values in columns.items()})
     module.add_batch(**{key: values[half:] for key, values in columns.items()})
     got = module.compute()
-    official = data["official_outputs"]["clip4cir_searle_lincir"]["metrics"]
-    assert_close(got["recall_at1"], official["cirr_recall_at1"], PERCENT_TOLERANCE, "recall_at1")
-    assert_close(got["recall_subset_at1"], official["cirr_group_recall_at1"], PERCENT_TOLERANCE, "recall_subset_at1")
+    assert_all_close(got, official_cirr_metrics(data), PERCENT_TOLERANCE)
 
 
 @pytest.mark.parametrize("path", fixtures_of("fashioniq_recall"))
@@ -91,17 +85,11 @@ def test_fashioniq_module_matches_official(path, modules):
     data = load_fixture(path)
     predictions, references, categories = [], [], []
     for category, inputs in data["inputs"]["categories"].items():
-        predictions += _rankings(inputs["scores"], inputs["gallery_ids"], depth=50)
+        predictions += rankings_from_scores(inputs["scores"], inputs["gallery_ids"], depth=50)
         references += [query["target"] for query in inputs["queries"]]
         categories += [category] * len(inputs["queries"])
     got = modules["fashioniq"].compute(predictions=predictions, references=references, categories=categories)
-    official = data["official_outputs"]
-    for category, values in official["per_category"].items():
-        for name, value in values.items():
-            key = f"{category}_{name.replace('fiq_', '')}"
-            assert_close(got[key], value, PERCENT_TOLERANCE, key)
-    for name, value in official["averages"].items():
-        assert_close(got[name], value, PERCENT_TOLERANCE, name)
+    assert_all_close(got, official_fashioniq_metrics(data), PERCENT_TOLERANCE)
 
 
 @pytest.mark.parametrize("path", fixtures_of("circo_map"))
@@ -115,20 +103,12 @@ def test_circo_module_matches_the_server(path, modules):
         semantic_aspects=[query["semantic_aspects"] for query in queries],
         scale="fraction",
     )
-    server = data["official_outputs"]["circo_server_evaluation"]
-    for k, value in server["map_at_k"].items():
-        assert_close(got[f"map_at{k}"], value, FRACTION_TOLERANCE, f"map_at{k}")
-    for k, value in server["recall_at_k_target_only"].items():
-        assert_close(got[f"recall_at{k}"], value, FRACTION_TOLERANCE, f"recall_at{k}")
-    for aspect, value in server["semantic_map_at10"].items():
-        assert_close(got[f"semantic_map_at10_{aspect}"], value, FRACTION_TOLERANCE, aspect)
-    searle = data["official_outputs"]["searle_lincir_validation"]["metrics"]
+    assert_all_close(got, official_circo_server_metrics(data), FRACTION_TOLERANCE)
     percent = modules["circo"].compute(
         predictions=[submission[str(query["id"])] for query in queries],
         references=[query["gt_img_ids"] for query in queries],
     )
-    for name, value in searle.items():
-        assert_close(percent[name.replace("circo_", "")], value, PERCENT_TOLERANCE, name)
+    assert_all_close(percent, official_circo_validation_metrics(data), PERCENT_TOLERANCE)
 
 
 @pytest.mark.parametrize("path", fixtures_of("circo_map_edgecases"))
@@ -145,14 +125,7 @@ def test_circo_module_edge_cases(path, modules):
             with pytest.raises(ValueError, match="no ground truth"):
                 modules["circo"].compute(**inputs)
             inputs["on_empty_ground_truth"] = "nan"
-        got = modules["circo"].compute(**inputs)
-        for k, value in expected["map_at_k"].items():
-            if expected["map_is_nan"]:
-                assert math.isnan(got[f"map_at{k}"])
-            else:
-                assert_close(got[f"map_at{k}"], value, FRACTION_TOLERANCE, f"{case['name']} map_at{k}")
-        for k, value in expected["recall_at_k_target_only"].items():
-            assert_close(got[f"recall_at{k}"], value, FRACTION_TOLERANCE, f"{case['name']} recall_at{k}")
+        assert_circo_case_matches(modules["circo"].compute(**inputs), case)
 
 
 @pytest.mark.parametrize("path", fixtures_of("genecis_recall"))
@@ -165,13 +138,7 @@ def test_genecis_module_matches_official(path, modules):
     got = modules["genecis"].compute(
         predictions=predictions, references=[0] * len(predictions), tasks=tasks, scale="fraction"
     )
-    official = data["official_outputs"]
-    for task, values in official["per_task"].items():
-        for name, value in values.items():
-            assert_close(got[f"{task}_{name}"], value, FRACTION_TOLERANCE, f"{task}_{name}")
-    for name, value in official["derived"].items():
-        if name.startswith("average_"):
-            assert_close(got[name], value, FRACTION_TOLERANCE, name)
+    assert_all_close(got, official_genecis_metrics(data), FRACTION_TOLERANCE)
 
 
 def test_modules_report_bad_input_clearly(modules):

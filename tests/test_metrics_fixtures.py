@@ -73,6 +73,75 @@ def assert_close(actual: float, expected: float, tolerance: float, what: str) ->
     assert abs(actual - expected) <= tolerance, f"{what}: got {actual!r}, official {expected!r} (tolerance {tolerance})"
 
 
+def assert_all_close(got: dict, expected: dict, tolerance: float, what: str = "") -> None:
+    """Every expected value (keyed by this package's metric names) reproduced within ``tolerance``."""
+    for name, value in expected.items():
+        assert_close(got[name], value, tolerance, f"{what}{name}")
+
+
+def rankings_from_scores(scores: list, gallery_ids: list, depth: int | None = None) -> list:
+    """Each query's gallery ids by descending score (ties in gallery order), the first ``depth`` of them."""
+    gallery = np.asarray(gallery_ids)
+    return [gallery[np.argsort(-np.asarray(row), kind="stable")][:depth].tolist() for row in scores]
+
+
+# The official outputs of each fixture family, under this package's metric names (shared with
+# test_evaluate_modules.py, so the library and the evaluate modules are held to the same numbers).
+
+
+def official_cirr_metrics(data: dict) -> dict:
+    """CLIP4Cir / SEARLE / LinCIR ``recall_at{K}``, ``recall_subset_at{K}`` and ``avg`` (percent)."""
+    official = data["official_outputs"]["clip4cir_searle_lincir"]
+    expected = {name.replace("cirr_recall_at", "recall_at").replace("cirr_group_recall_at", "recall_subset_at"): value
+                for name, value in official["metrics"].items()}
+    expected["avg"] = official["derived"]["avg_recall_at5_and_recall_subset_at1"]
+    return expected
+
+
+def official_fashioniq_metrics(data: dict) -> dict:
+    """``{category}_recall_at{K}`` and the averages over categories (percent)."""
+    official = data["official_outputs"]
+    expected = {f"{category}_{name.replace('fiq_', '')}": value
+                for category, values in official["per_category"].items() for name, value in values.items()}
+    expected.update(official["averages"])
+    return expected
+
+
+def official_circo_server_metrics(data: dict) -> dict:
+    """The CIRCO server's ``map_at{K}``, target-only ``recall_at{K}`` and ``semantic_map_at10_{aspect}`` (fractions)."""
+    server = data["official_outputs"]["circo_server_evaluation"]
+    expected = {f"map_at{k}": value for k, value in server["map_at_k"].items()}
+    expected.update({f"recall_at{k}": value for k, value in server["recall_at_k_target_only"].items()})
+    expected.update({f"semantic_map_at10_{aspect}": value for aspect, value in server["semantic_map_at10"].items()})
+    return expected
+
+
+def official_circo_validation_metrics(data: dict) -> dict:
+    """SEARLE / LinCIR validation ``map_at{K}`` and ``recall_at{K}`` on the full score matrix (percent)."""
+    official = data["official_outputs"]["searle_lincir_validation"]["metrics"]
+    return {name.replace("circo_", ""): value for name, value in official.items()}
+
+
+def assert_circo_case_matches(got: dict, case: dict) -> None:
+    """One CIRCO edge case: ``map_at{K}`` (NaN where the official AP is NaN) and target-only ``recall_at{K}``."""
+    expected = case["official_output"]
+    for k, value in expected["map_at_k"].items():
+        if expected["map_is_nan"]:
+            assert math.isnan(got[f"map_at{k}"]), f"{case['name']} map_at{k}"
+        else:
+            assert_close(got[f"map_at{k}"], value, FRACTION_TOLERANCE, f"{case['name']} map_at{k}")
+    for k, value in expected["recall_at_k_target_only"].items():
+        assert_close(got[f"recall_at{k}"], value, FRACTION_TOLERANCE, f"{case['name']} recall_at{k}")
+
+
+def official_genecis_metrics(data: dict) -> dict:
+    """``{task}_recall_at{K}`` and the ``average_*`` over tasks (fractions)."""
+    official = data["official_outputs"]
+    expected = {f"{task}_{name}": value for task, values in official["per_task"].items() for name, value in values.items()}
+    expected.update({name: value for name, value in official["derived"].items() if name.startswith("average_")})
+    return expected
+
+
 def test_the_bundled_fixtures_are_all_discovered():
     families = {_metric_family(path) for path in discover_metric_fixtures()}
     assert set(METRIC_FAMILIES) <= families
@@ -104,24 +173,15 @@ def _cirr_inputs(data: dict) -> dict:
     }
 
 
-def _full_rankings(scores: list, gallery_ids: list) -> list:
-    gallery = np.asarray(gallery_ids)
-    return [gallery[np.argsort(-np.asarray(row), kind="stable")].tolist() for row in scores]
-
-
 @pytest.mark.parametrize("path", fixtures_of("cirr_recall"))
 def test_cirr_from_scores_matches_official(path):
     data = load_fixture(path)
-    official = data["official_outputs"]["clip4cir_searle_lincir"]
     got = metrics.compute_cirr_metrics(
         **_cirr_inputs(data), scores=data["inputs"]["scores"], gallery_ids=data["inputs"]["gallery_ids"]
     )
-    expected = {name.replace("cirr_recall_at", "recall_at").replace("cirr_group_recall_at", "recall_subset_at"): value
-                for name, value in official["metrics"].items()}
-    expected["avg"] = official["derived"]["avg_recall_at5_and_recall_subset_at1"]
+    expected = official_cirr_metrics(data)
     assert set(got) == set(expected)
-    for name, value in expected.items():
-        assert_close(got[name], value, PERCENT_TOLERANCE, name)
+    assert_all_close(got, expected, PERCENT_TOLERANCE)
 
 
 @pytest.mark.parametrize("path", fixtures_of("cirr_recall"))
@@ -139,8 +199,7 @@ def test_cirr_per_query_matches_official(path):
 def test_cirr_from_ranked_lists_matches_official(path):
     data = load_fixture(path)
     inputs = _cirr_inputs(data)
-    rankings = _full_rankings(data["inputs"]["scores"], data["inputs"]["gallery_ids"])
-    official = data["official_outputs"]["clip4cir_searle_lincir"]["metrics"]
+    rankings = rankings_from_scores(data["inputs"]["scores"], data["inputs"]["gallery_ids"])
     # Full rankings, and top-51 lists (what an index returns for R@50 after deleting the reference) with
     # the subset ranked separately, as a test-server submission holds it.
     full = metrics.compute_cirr_metrics(**inputs, ranked_ids=rankings)
@@ -150,9 +209,7 @@ def test_cirr_from_ranked_lists_matches_official(path):
         ranked_ids=[ranking[:51] for ranking in rankings], ranked_subset_ids=[ids[:3] for ids in subset_lists],
     )
     for got in (full, top51):
-        for name, value in official.items():
-            key = name.replace("cirr_recall_at", "recall_at").replace("cirr_group_recall_at", "recall_subset_at")
-            assert_close(got[key], value, PERCENT_TOLERANCE, key)
+        assert_all_close(got, official_cirr_metrics(data), PERCENT_TOLERANCE)
 
 
 @pytest.mark.parametrize("path", fixtures_of("cirr_recall"))
@@ -185,23 +242,17 @@ def test_cirplant_soft_recall_matches_official(path):
 @pytest.mark.parametrize("path", fixtures_of("fashioniq_recall"))
 def test_fashioniq_matches_official(path):
     data = load_fixture(path)
-    official = data["official_outputs"]
     from_scores, from_rankings = {}, {}
     for category, inputs in data["inputs"]["categories"].items():
         targets = [query["target"] for query in inputs["queries"]]
         from_scores[category] = {"target_ids": targets, "scores": inputs["scores"], "gallery_ids": inputs["gallery_ids"]}
         from_rankings[category] = {"target_ids": targets,
-                                   "ranked_ids": [r[:50] for r in _full_rankings(inputs["scores"], inputs["gallery_ids"])]}
+                                   "ranked_ids": rankings_from_scores(inputs["scores"], inputs["gallery_ids"], depth=50)}
         hits = metrics.fashioniq_per_query(**from_scores[category])
         for name, values in hits.items():
             assert values.astype(float).tolist() == [row[name] for row in data["per_query_official"]["values"][category]]
     for got in (metrics.compute_fashioniq_metrics(from_scores), metrics.compute_fashioniq_metrics(from_rankings)):
-        for category, values in official["per_category"].items():
-            for name, value in values.items():
-                key = f"{category}_{name.replace('fiq_', '')}"
-                assert_close(got[key], value, PERCENT_TOLERANCE, key)
-        for name, value in official["averages"].items():
-            assert_close(got[name], value, PERCENT_TOLERANCE, name)
+        assert_all_close(got, official_fashioniq_metrics(data), PERCENT_TOLERANCE)
 
 
 @pytest.mark.parametrize("path", fixtures_of("fashioniq_recall"))
@@ -234,17 +285,11 @@ def _circo_queries(data: dict) -> dict:
 @pytest.mark.parametrize("path", fixtures_of("circo_map"))
 def test_circo_server_evaluation_matches_official(path):
     data = load_fixture(path)
-    server = data["official_outputs"]["circo_server_evaluation"]
     submission = data["inputs"]["submission_top50"]
     queries = _circo_queries(data)
     ranked = [submission[str(query_id)] for query_id in queries["query_ids"]]
     got = metrics.compute_circo_metrics(**queries, ranked_ids=ranked, scale="fraction")
-    for k, value in server["map_at_k"].items():
-        assert_close(got[f"map_at{k}"], value, FRACTION_TOLERANCE, f"map_at{k}")
-    for k, value in server["recall_at_k_target_only"].items():
-        assert_close(got[f"recall_at{k}"], value, FRACTION_TOLERANCE, f"recall_at{k}")
-    for aspect, value in server["semantic_map_at10"].items():
-        assert_close(got[f"semantic_map_at10_{aspect}"], value, FRACTION_TOLERANCE, aspect)
+    assert_all_close(got, official_circo_server_metrics(data), FRACTION_TOLERANCE)
 
 
 @pytest.mark.parametrize("path", fixtures_of("circo_map"))
@@ -255,9 +300,7 @@ def test_circo_from_scores_matches_searle_validation(path):
         ground_truth_ids=queries["ground_truth_ids"], scores=data["inputs"]["scores"],
         gallery_ids=data["inputs"]["gallery_ids"],
     )
-    for name, value in data["official_outputs"]["searle_lincir_validation"]["metrics"].items():
-        key = name.replace("circo_", "")
-        assert_close(got[key], value, PERCENT_TOLERANCE, key)
+    assert_all_close(got, official_circo_validation_metrics(data), PERCENT_TOLERANCE)
 
 
 @pytest.mark.parametrize("path", fixtures_of("circo_map"))
@@ -292,13 +335,7 @@ def test_circo_edge_cases_match_official(path):
                 metrics.compute_circo_metrics(**kwargs)
             kwargs["on_empty_ground_truth"] = "nan"
         got = metrics.compute_circo_metrics(**kwargs)
-        for k, value in expected["map_at_k"].items():
-            if expected["map_is_nan"]:
-                assert math.isnan(got[f"map_at{k}"]), case["name"]
-            else:
-                assert_close(got[f"map_at{k}"], value, FRACTION_TOLERANCE, f"{case['name']} map_at{k}")
-        for k, value in expected["recall_at_k_target_only"].items():
-            assert_close(got[f"recall_at{k}"], value, FRACTION_TOLERANCE, f"{case['name']} recall_at{k}")
+        assert_circo_case_matches(got, case)
         for k, value in (case.get("hand_computed_expected_map_at_k") or {}).items():
             assert_close(got[f"map_at{k}"], value, FRACTION_TOLERANCE, f"{case['name']} hand map_at{k}")
 
@@ -309,7 +346,6 @@ def test_circo_edge_cases_match_official(path):
 @pytest.mark.parametrize("path", fixtures_of("genecis_recall"))
 def test_genecis_matches_official(path):
     data = load_fixture(path)
-    official = data["official_outputs"]
     per_task = {}
     for task, templates in data["inputs"]["tasks"].items():
         scores = [template["candidate_scores"] for template in templates]
@@ -318,9 +354,4 @@ def test_genecis_matches_official(path):
         for name, values in hits.items():
             assert values.astype(float).tolist() == [row[name] for row in data["per_query_official"]["values"][task]]
     got = metrics.genecis_average_over_tasks(per_task)
-    for task, values in official["per_task"].items():
-        for name, value in values.items():
-            assert_close(got[f"{task}_{name}"], value, FRACTION_TOLERANCE, f"{task}_{name}")
-    for name, value in official["derived"].items():
-        if name.startswith("average_"):
-            assert_close(got[name], value, FRACTION_TOLERANCE, name)
+    assert_all_close(got, official_genecis_metrics(data), FRACTION_TOLERANCE)
