@@ -73,16 +73,15 @@ def ranks_of_single_positive(
     scores = as_score_array(scores)
     num_queries, num_columns = scores.shape
     gallery = gallery_id_array(gallery_ids, num_columns)
-    positive, positive_mask = as_id_vector(positive_ids, positive_name)
-    if positive.shape[0] != num_queries:
-        raise ValueError(f"{metric}: `scores` has {num_queries} rows but {positive.shape[0]} {positive_name}s were given.")
-    positive_index = positions_in_gallery(gallery, positive, positive_mask, positive_name)
-    exclude_index = None
-    if exclude_ids is not None:
-        exclude, exclude_mask = as_id_vector(exclude_ids, exclude_name)
-        if exclude.shape[0] != num_queries:
-            raise ValueError(f"{metric}: `scores` has {num_queries} rows but {exclude.shape[0]} {exclude_name}s were given.")
-        exclude_index = positions_in_gallery(gallery, exclude, exclude_mask, exclude_name)
+
+    def one_position_per_query(ids: Any, name: str) -> np.ndarray:
+        values, mask = as_id_vector(ids, name)
+        if values.shape[0] != num_queries:
+            raise ValueError(f"{metric}: `scores` has {num_queries} rows but {values.shape[0]} {name}s were given.")
+        return positions_in_gallery(gallery, values, mask, name)
+
+    positive_index = one_position_per_query(positive_ids, positive_name)
+    exclude_index = None if exclude_ids is None else one_position_per_query(exclude_ids, exclude_name)
     return ranks_from_scores(scores, positive_index, exclude_index)
 
 
