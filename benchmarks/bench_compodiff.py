@@ -119,7 +119,9 @@ def bench_denoiser(args, config, device, results):
                 inputs = make_inputs(batch, config, device, dtype, generator)
                 for mode in modes:
                     runner = pipe
-                    if mode == "graph":
+                    # "-unfused": the PyTorch attention instead of the fused Triton kernels (CUDA only)
+                    transformer.set_fused_attention(not mode.endswith("-unfused"))
+                    if mode.startswith("graph"):
                         pipe.enable_cuda_graphs()
                     elif mode == "compiled-graph":
                         if compiled_pipe is None:  # a separate copy: compiling is in place
@@ -130,6 +132,7 @@ def bench_denoiser(args, config, device, results):
                     else:
                         pipe.disable_cuda_graphs()
                     if mode == "reference":
+                        transformer.set_fused_attention(False)
                         fn = lambda: reference_style(pipe, inputs, steps, 0)  # noqa: E731
                     else:
                         gen = torch.Generator(device).manual_seed(0)
@@ -269,7 +272,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8, 64, 256, 1024])
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 50])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--modes", nargs="+", default=["reference", "fast", "graph"], choices=["reference", "fast", "graph", "compiled-graph"])
+    parser.add_argument("--modes", nargs="+", default=["reference", "fast", "graph"], choices=["reference", "fast", "graph", "compiled-graph", "fast-unfused", "graph-unfused"])
     parser.add_argument("--pipeline_batch_sizes", type=int, nargs="+", default=[1, 256])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--peak_tflops", type=float, default=None, help="Hardware peak for the FLOP floor.")

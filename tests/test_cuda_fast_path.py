@@ -52,3 +52,34 @@ def test_bf16_runs():
     pipe = _pipe(torch.bfloat16)
     out = pipe(**_inputs(4, torch.bfloat16), generator=torch.Generator("cuda").manual_seed(0)).image_embeds
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("per_query_negative", [False, True])
+def test_fused_kernels_equal_the_pytorch_path_full_size(per_query_negative):
+    """Full-size widths (16 self-attention heads, 8 cross-attention heads of 64, 77 text tokens), float32."""
+    from diffusers_cir import CompoDiffTransformer
+
+    torch.manual_seed(0)
+    transformer = CompoDiffTransformer(num_layers=2).to("cuda").eval()
+    pipe = CompoDiffPipeline(transformer=transformer, scheduler=CompoDiffScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(1)
+    batch = 6
+    inputs = dict(
+        image_embeds=torch.randn(batch, 768, generator=generator).cuda(),
+        prompt_embeds=torch.randn(batch, 77, 1280, generator=generator).cuda(),
+        negative_prompt_embeds=torch.randn(batch if per_query_negative else 1, 77, 1280, generator=generator).cuda(),
+        mask=(torch.rand(batch, 64, 64, generator=generator) > 0.5).float().cuda(),
+    )
+    torch.backends.cuda.matmul.allow_tf32 = False
+    outputs = {}
+    for fused in (False, True):
+        transformer.set_fused_attention(fused)
+        with torch.no_grad():
+            context = transformer.encode_guidance_context(
+                inputs["image_embeds"], inputs["prompt_embeds"], inputs["negative_prompt_embeds"], inputs["mask"])
+        assert (context.self_attention_tables is not None) == fused
+        outputs[fused] = pipe(**inputs, num_inference_steps=5, num_samples_per_query=2,
+                              generator=torch.Generator("cuda").manual_seed(2)).image_embeds
+    transformer.set_fused_attention(True)
+    torch.testing.assert_close(outputs[True], outputs[False], rtol=1e-4, atol=1e-4)

@@ -29,6 +29,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
+from . import fused_inference
+
 
 @dataclass
 class CompoDiffTransformerOutput(BaseOutput):
@@ -77,6 +79,28 @@ class GuidanceKeyValues:
 
 
 @dataclass
+class FusedGuidanceKeyValues:
+    """Cross-attention inputs of one layer for the three guidance branches, as the fused kernel reads them.
+
+    `conditional_kv` is `to_kv` of the conditional context `[text, image, mask]`, `negative_kv` `to_kv` of the
+    projected negative text (one row for the batch or one per query); the kernel assembles the three branches' keys
+    (null key first, zero image token for the unconditional branch) while reading. Consecutive `samples` rows of a
+    branch share one context row.
+    """
+
+    conditional_kv: torch.Tensor  # [C, L + 2, 2 * heads * head_dim]
+    negative_kv: torch.Tensor  # [1 or C, L, 2 * heads * head_dim]
+    samples: int = 1
+
+    @property
+    def rows(self) -> int:
+        return 3 * self.conditional_kv.shape[0] * self.samples
+
+    def repeat_interleave(self, repeats: int) -> "FusedGuidanceKeyValues":
+        return FusedGuidanceKeyValues(self.conditional_kv, self.negative_kv, self.samples * repeats)
+
+
+@dataclass
 class CompoDiffContext:
     """Step-independent state of a batch of queries (see :meth:`CompoDiffTransformer.encode_context`).
 
@@ -86,20 +110,23 @@ class CompoDiffContext:
     """
 
     cross_attention_kv: list
+    # float32 rotary cos/sin `[2, head_dim]` and position bias `[heads, 2, 3]` of the fused self-attention kernel;
+    # set by `encode_guidance_context` when it chose the fused kernels, `None` otherwise.
+    self_attention_tables: tuple | None = None
 
     @property
     def batch_size(self) -> int:
         first = self.cross_attention_kv[0]
-        return first.rows if isinstance(first, GuidanceKeyValues) else first[0].shape[0]
+        return first.rows if isinstance(first, (GuidanceKeyValues, FusedGuidanceKeyValues)) else first[0].shape[0]
 
     def repeat_interleave(self, repeats: int) -> "CompoDiffContext":
         layers = []
         for layer in self.cross_attention_kv:
-            if isinstance(layer, GuidanceKeyValues):
+            if isinstance(layer, (GuidanceKeyValues, FusedGuidanceKeyValues)):
                 layers.append(layer.repeat_interleave(repeats))
             else:
                 layers.append((layer[0].repeat_interleave(repeats, 0), layer[1].repeat_interleave(repeats, 0)))
-        return CompoDiffContext(layers)
+        return CompoDiffContext(layers, self.self_attention_tables)
 
 
 class GainLayerNorm(nn.Module):
@@ -190,7 +217,10 @@ class CompoDiffSelfAttention(nn.Module):
         self.out_norm = GainLayerNorm(dim, *eps)
 
     def forward(
-        self, hidden_states: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], position_bias: torch.Tensor
+        self,
+        hidden_states: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        position_bias: torch.Tensor,
     ) -> torch.Tensor:
         batch, length, _ = hidden_states.shape
         hidden_states = self.norm(hidden_states)
@@ -438,6 +468,23 @@ class CompoDiffTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.norm_out = GainLayerNorm(embedding_dim, *eps, stable=True)
         self.proj_out = nn.Linear(embedding_dim, embedding_dim, bias=False)
         self.gradient_checkpointing = False
+        self.fused_attention = True
+
+    def set_fused_attention(self, enabled: bool) -> None:
+        """Use (default) or not the fused Triton attention kernels in guided inference where they can run (CUDA
+        with Triton; see `diffusers_cir.models.fused_inference`). Disabled, the PyTorch path runs everywhere."""
+        self.fused_attention = bool(enabled)
+
+    def _fused_attention_usable(self, device: torch.device) -> bool:
+        config = self.config
+        return (
+            self.fused_attention
+            and not self.training
+            and not torch.is_grad_enabled()
+            and fused_inference.fused_attention_available(device)
+            and fused_inference.fused_attention_supports(config.num_attention_heads, config.attention_head_dim, 2)
+            and fused_inference.fused_attention_supports(config.num_cross_attention_heads, config.attention_head_dim, 2)
+        )
 
     # ------------------------------------------------------------------ inputs
 
@@ -501,12 +548,16 @@ class CompoDiffTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         text_hidden_states: torch.Tensor,
         negative_text_hidden_states: torch.Tensor,
         mask: torch.Tensor | None = None,
+        fused: bool | None = None,
     ) -> CompoDiffContext:
         """Context of the three guidance branches `[text+image, negative+image, negative+zero image]` (3 x batch rows).
 
         Equal to `encode_context` on the concatenated branches, but each distinct token is projected once: the two
         negative branches share their text and mask keys/values, a negative text given once (`[1, L, H]`) is
         projected once for the whole batch, and the zero image token has zero keys/values (`to_kv` has no bias).
+
+        `fused` (default: where they can run, see `set_fused_attention`) prepares the layers for the fused Triton
+        attention kernels instead: one `to_kv` projection of each context per layer, read in place by the kernel.
         """
         image_embeds = self._as_batch_vector("image_embeds", image_embeds)
         batch = image_embeds.shape[0]
@@ -528,6 +579,19 @@ class CompoDiffTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         )
         negative_text = self.text_proj(negative_text_hidden_states.to(dtype))
         length = conditional.shape[1] - 2
+        if fused is None:
+            fused = self._fused_attention_usable(image_embeds.device) and negative_text.shape[1] == length
+        if fused:
+            tables = fused_inference.self_attention_tables(
+                *self._rotary_and_bias(2, image_embeds.device, torch.float32), self.config.attention_head_dim
+            )
+            return CompoDiffContext(
+                [
+                    FusedGuidanceKeyValues(block.cross_attn.to_kv(conditional), block.cross_attn.to_kv(negative_text))
+                    for block in self.blocks
+                ],
+                tables,
+            )
         layers = []
         for block in self.blocks:
             attention = block.cross_attn
@@ -546,6 +610,44 @@ class CompoDiffTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 )
             )
         return CompoDiffContext(layers)
+
+    def _fused_blocks(self, tokens: torch.Tensor, context: CompoDiffContext) -> torch.Tensor:
+        """The blocks with the fused kernels: per block two attention kernels, three residual+norm passes, one
+        SwiGLU and the six projections (the same arithmetic as the modules, see `fused_inference`)."""
+
+        def eps(norm: GainLayerNorm) -> float:
+            return norm.eps if tokens.dtype == torch.float32 else norm.half_precision_eps
+
+        tables = context.self_attention_tables
+        blocks = list(self.blocks)
+        hidden, normed = tokens, blocks[0].self_attn.norm(tokens)
+        for index, (block, key_values) in enumerate(zip(blocks, context.cross_attention_kv)):
+            attention, cross, feed_forward = block.self_attn, block.cross_attn, block.ff
+            update = attention.to_out(
+                fused_inference.multi_query_self_attention(
+                    attention.to_q(normed), attention.to_kv(normed), attention.null_kv.to(tokens.dtype), *tables,
+                    attention.cosine_sim_scale,
+                )
+            )
+            hidden, normed = fused_inference.residual_norm(
+                update, hidden, attention.out_norm.weight, cross.norm.weight, eps(attention.out_norm), eps(cross.norm)
+            )
+            update = cross.to_out(
+                fused_inference.guidance_cross_attention(
+                    cross.to_q(normed), key_values.conditional_kv, key_values.negative_kv,
+                    cross.null_kv.to(tokens.dtype), cross.heads, key_values.samples,
+                )
+            )
+            hidden, normed = fused_inference.residual_norm(
+                update, hidden, cross.out_norm.weight, feed_forward.norm.weight, eps(cross.out_norm), eps(feed_forward.norm)
+            )
+            update = feed_forward.proj_out(fused_inference.swiglu(feed_forward.proj_in(normed)))
+            if index + 1 < len(blocks):
+                following = blocks[index + 1].self_attn.norm
+                hidden, normed = fused_inference.residual_norm(update, hidden, None, following.weight, 0.0, eps(following))
+            else:
+                hidden = update + hidden
+        return hidden
 
     def _rotary_and_bias(self, length: int, device: torch.device, dtype: torch.dtype):
         positions = torch.arange(length, device=device, dtype=torch.float32)
@@ -603,14 +705,25 @@ class CompoDiffTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         time_token = self.time_embedding(sinusoidal_timestep_embedding(timestep, self.config.embedding_dim))
         time_token = time_token.to(dtype).expand(batch, -1)
         tokens = torch.stack((hidden_states.to(dtype), time_token), dim=1)
-        rotary_cos, rotary_sin, position_bias = self._rotary_and_bias(tokens.shape[1], tokens.device, dtype)
+        if context.self_attention_tables is None:
+            rotary_cos, rotary_sin, position_bias = self._rotary_and_bias(tokens.shape[1], tokens.device, dtype)
+        else:  # the fused kernels take the float32 tables made once per context
+            rotary_cos = rotary_sin = position_bias = None
 
-        for block, context_key_values in zip(self.blocks, context.cross_attention_kv):
-            arguments = (tokens, rotary_cos, rotary_sin, position_bias, context_key_values)
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                tokens = self._gradient_checkpointing_func(block, *arguments)
-            else:
-                tokens = block(*arguments)
+        if context.self_attention_tables is not None:
+            if torch.is_grad_enabled():
+                raise ValueError(
+                    "This `context` was prepared for the fused inference kernels, which have no backward pass: run "
+                    "under `torch.no_grad()` or encode it with `fused=False`."
+                )
+            tokens = self._fused_blocks(tokens, context)
+        else:
+            for block, context_key_values in zip(self.blocks, context.cross_attention_kv):
+                arguments = (tokens, rotary_cos, rotary_sin, position_bias, context_key_values)
+                if torch.is_grad_enabled() and self.gradient_checkpointing:
+                    tokens = self._gradient_checkpointing_func(block, *arguments)
+                else:
+                    tokens = block(*arguments)
 
         prediction = self.proj_out(self.norm_out(tokens[:, 0]))
         if squeeze_back:
