@@ -23,6 +23,8 @@ def main(argv=None):
     parser.add_argument("--text_length", type=int, default=77)
     parser.add_argument("--chunks", type=int, nargs="+", default=[16, 32, 128])
     parser.add_argument("--warps", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--groups", type=int, nargs="+", default=[16, 32, 64])
+    parser.add_argument("--shared_warps", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--heads_first", action="store_true", help="Also try the heads-first launch order.")
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "fused_kernels.json"))
     args = parser.parse_args(argv)
@@ -40,7 +42,8 @@ def main(argv=None):
     rows = []
     default = dict(fa.CROSS_ATTENTION_LAUNCH)
     for chunk, warps, heads_first in itertools.product(args.chunks, args.warps, (False, True) if args.heads_first else (False,)):
-        fa.CROSS_ATTENTION_LAUNCH.update(chunk=chunk, num_warps=warps, heads_first=heads_first)
+        # every row by the per-row kernel (shared_group=0), as for per-query negative texts
+        fa.CROSS_ATTENTION_LAUNCH.update(chunk=chunk, num_warps=warps, heads_first=heads_first, shared_group=0)
         try:
             ms = do_bench(lambda: fa.guidance_cross_attention(query, conditional, negative, null, heads), rep=50)
         except Exception as error:  # a setting the compiler refuses (registers, shared memory)
@@ -48,6 +51,18 @@ def main(argv=None):
             continue
         rows.append({"kernel": "cross", "chunk": chunk, "num_warps": warps, "heads_first": heads_first,
                      "us": round(ms * 1000, 1), "floor_us": round(floor_bytes / 3.0e12 * 1e6, 1)})
+        print(rows[-1])
+    fa.CROSS_ATTENTION_LAUNCH.update(default)
+    # the shared-negative kernel (the default call path when one negative text serves the batch)
+    for group, warps in itertools.product(args.groups, args.shared_warps):
+        fa.CROSS_ATTENTION_LAUNCH.update(shared_group=group, shared_warps=warps)
+        try:
+            ms = do_bench(lambda: fa.guidance_cross_attention(query, conditional, negative, null, heads), rep=50)
+        except Exception as error:
+            print(f"cross+shared group={group} warps={warps}: {type(error).__name__}")
+            continue
+        rows.append({"kernel": "cross+shared", "group": group, "shared_warps": warps, "us": round(ms * 1000, 1),
+                     "floor_us": round(floor_bytes / 3.0e12 * 1e6, 1)})
         print(rows[-1])
     fa.CROSS_ATTENTION_LAUNCH.update(default)
     q = torch.randn(3 * batch, 2, 16 * head_dim, device=device, dtype=dtype)

@@ -14,7 +14,8 @@ the linear layers wrote them:
   ``[null, text, image, mask]`` keys/values, the negative branches read the negative text (one row for the whole
   batch, or one per query) with the row's image and mask tokens, the unconditional branch a zero image token (score
   0, value 0: ``to_kv`` has no bias). Row ``r`` of a branch reads context row ``r // samples``, so several samples per
-  query share one context. One program per (row, head).
+  query share one context. One program per (row, head) for rows with their own text; when one negative text serves
+  the batch, a second kernel takes 16 negative-branch rows per program and reads the shared keys once for them.
 
 Between them, :func:`residual_norm` (the output norm of a sub-layer, the residual add and the next sub-layer's input
 norm in one pass) and :func:`swiglu` (the feed-forward gate) replace three and two element-wise kernels.
@@ -100,6 +101,13 @@ def multi_query_self_attention_reference(query, key_value, null_kv, cos, sin, po
 if triton is not None:
 
     @triton.jit
+    def _rotate_pairs(x, cos, sin, SHAPE: tl.constexpr):
+        """Rotary embedding of interleaved pairs: ``x`` ``[..., D]`` -> its rotated ``(even, odd)`` halves
+        ``[..., D/2]`` (``cos``/``sin`` per pair). Dot products need no re-interleaving."""
+        even, odd = tl.split(tl.reshape(x, SHAPE))
+        return even * cos - odd * sin, odd * cos + even * sin
+
+    @triton.jit
     def _self_attention_kernel(
         q_ptr, kv_ptr, null_ptr, cos_ptr, sin_ptr, bias_ptr, out_ptr,
         stride_q_row, stride_q_token, stride_kv_row, stride_kv_token, stride_out_row, stride_out_token,
@@ -109,39 +117,38 @@ if triton is not None:
         row = tl.program_id(0)
         heads = tl.arange(0, HEADS)
         dims = tl.arange(0, HEAD_DIM)
-        partner = dims ^ 1  # the other feature of the rotary pair
-        sign = tl.where(dims % 2 == 0, -1.0, 1.0)  # rotate_half: (x0, x1) -> (-x1, x0)
+        pairs = 2 * tl.arange(0, HEAD_DIM // 2)  # the tables repeat each pair's angle: read it once
         # two query tokens (positions 0 and 1); keys: [null, token 0, token 1] (positions 0, 1, 2 of the bias)
-        cos0 = tl.load(cos_ptr + dims)
-        sin0 = tl.load(sin_ptr + dims)
-        cos1 = tl.load(cos_ptr + HEAD_DIM + dims)
-        sin1 = tl.load(sin_ptr + HEAD_DIM + dims)
-
         kv0 = kv_ptr + row * stride_kv_row
         kv1 = kv0 + stride_kv_token
-        k0 = tl.load(kv0 + dims).to(tl.float32) * cos0 + sign * tl.load(kv0 + partner).to(tl.float32) * sin0
-        k1 = tl.load(kv1 + dims).to(tl.float32) * cos1 + sign * tl.load(kv1 + partner).to(tl.float32) * sin1
+        k0e, k0o = _rotate_pairs(tl.load(kv0 + dims).to(tl.float32), tl.load(cos_ptr + pairs), tl.load(sin_ptr + pairs),
+                                 (HEAD_DIM // 2, 2))
+        k1e, k1o = _rotate_pairs(tl.load(kv1 + dims).to(tl.float32), tl.load(cos_ptr + HEAD_DIM + pairs),
+                                 tl.load(sin_ptr + HEAD_DIM + pairs), (HEAD_DIM // 2, 2))
         v0 = tl.load(kv0 + HEAD_DIM + dims).to(tl.float32)
         v1 = tl.load(kv1 + HEAD_DIM + dims).to(tl.float32)
         null_k = tl.load(null_ptr + dims).to(tl.float32)
         null_v = tl.load(null_ptr + HEAD_DIM + dims).to(tl.float32)
-        k0 = k0 / tl.maximum(tl.sqrt(tl.sum(k0 * k0, axis=0)), 1e-12)
-        k1 = k1 / tl.maximum(tl.sqrt(tl.sum(k1 * k1, axis=0)), 1e-12)
-        null_k = null_k / tl.maximum(tl.sqrt(tl.sum(null_k * null_k, axis=0)), 1e-12)
+        nke, nko = tl.split(tl.reshape(null_k, (HEAD_DIM // 2, 2)))
+        inverse = 1.0 / tl.maximum(tl.sqrt(tl.sum(k0e * k0e + k0o * k0o, axis=0)), 1e-12)
+        k0e, k0o = k0e * inverse, k0o * inverse
+        inverse = 1.0 / tl.maximum(tl.sqrt(tl.sum(k1e * k1e + k1o * k1o, axis=0)), 1e-12)
+        k1e, k1o = k1e * inverse, k1o * inverse
+        inverse = 1.0 / tl.maximum(tl.sqrt(tl.sum(null_k * null_k, axis=0)), 1e-12)
+        nke, nko = nke * inverse, nko * inverse
 
         offsets = heads[:, None] * HEAD_DIM + dims[None, :]
-        partner_offsets = heads[:, None] * HEAD_DIM + partner[None, :]
         for token in tl.static_range(2):
-            cos_t = tl.load(cos_ptr + token * HEAD_DIM + dims)
-            sin_t = tl.load(sin_ptr + token * HEAD_DIM + dims)
             q_row = q_ptr + row * stride_q_row + token * stride_q_token
-            q = tl.load(q_row + offsets).to(tl.float32) * cos_t[None, :]
-            q += sign[None, :] * tl.load(q_row + partner_offsets).to(tl.float32) * sin_t[None, :]
-            q = q / tl.maximum(tl.sqrt(tl.sum(q * q, axis=1)), 1e-12)[:, None] * cosine_scale
+            qe, qo = _rotate_pairs(tl.load(q_row + offsets).to(tl.float32),
+                                   tl.load(cos_ptr + token * HEAD_DIM + pairs)[None, :],
+                                   tl.load(sin_ptr + token * HEAD_DIM + pairs)[None, :], (HEADS, HEAD_DIM // 2, 2))
+            norm = tl.sqrt(tl.sum(qe * qe + qo * qo, axis=1))
+            factor = cosine_scale / tl.maximum(norm, 1e-12)  # [heads]
             bias = bias_ptr + heads * 6 + token * 3  # [heads, 2, 3]
-            s0 = tl.sum(q * null_k[None, :], axis=1) + tl.load(bias)
-            s1 = tl.sum(q * k0[None, :], axis=1) + tl.load(bias + 1)
-            s2 = tl.sum(q * k1[None, :], axis=1) + tl.load(bias + 2)
+            s0 = tl.sum(qe * nke[None, :] + qo * nko[None, :], axis=1) * factor + tl.load(bias)
+            s1 = tl.sum(qe * k0e[None, :] + qo * k0o[None, :], axis=1) * factor + tl.load(bias + 1)
+            s2 = tl.sum(qe * k1e[None, :] + qo * k1o[None, :], axis=1) * factor + tl.load(bias + 2)
             top = tl.maximum(tl.maximum(s0, s1), s2)
             e0 = tl.exp(s0 - top)
             e1 = tl.exp(s1 - top)
@@ -153,7 +160,7 @@ if triton is not None:
             tl.store(out_row + offsets, out.to(out_ptr.dtype.element_ty))
 
 
-SELF_ATTENTION_WARPS = 2
+SELF_ATTENTION_WARPS = 1
 
 
 def multi_query_self_attention(query, key_value, null_kv, cos, sin, position_bias, cosine_scale):
@@ -293,8 +300,82 @@ if triton is not None:
         tl.store(out_base + stride_out_token, (acc1 / total1).to(out_ptr.dtype.element_ty))
 
 
+if triton is not None:
+
+    @triton.jit
+    def _shared_negative_cross_attention_kernel(
+        q_ptr, cond_ptr, neg_ptr, null_ptr, out_ptr,
+        rows_per_branch, samples, negative_rows,
+        stride_q_row, stride_q_token, stride_cond_row, stride_cond_token, stride_neg_token,
+        stride_out_row, stride_out_token,
+        scale,
+        TEXT_LENGTH: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr,
+        GROUP: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        # GROUP query vectors (GROUP/2 rows of the negative and unconditional branches, 2 tokens each) against the
+        # one negative text they share: its keys/values are read once per program and met with matrix products;
+        # the null key and each row's own image and mask tokens are folded in per query vector.
+        block = tl.program_id(0)
+        head = tl.program_id(1)
+        vectors = tl.arange(0, GROUP)
+        local = block * (GROUP // 2) + vectors // 2  # index among the 2R negative-branch rows
+        token = vectors % 2
+        valid = local < negative_rows
+        row = rows_per_branch + local
+        unconditional = local >= rows_per_branch
+        context_row = (local % rows_per_branch) // samples
+        dims = tl.arange(0, HEAD_DIM)
+        q = tl.load(q_ptr + row[:, None] * stride_q_row + token[:, None] * stride_q_token + head * HEAD_DIM + dims[None, :],
+                    mask=valid[:, None], other=0.0)
+        q_float = q.to(tl.float32)
+        null_key = tl.load(null_ptr + dims).to(tl.float32)
+        null_value = tl.load(null_ptr + HEAD_DIM + dims).to(tl.float32)
+        top = tl.sum(q_float * null_key[None, :], axis=1) * scale
+        total = top * 0.0 + 1.0
+        acc = tl.zeros([GROUP, HEAD_DIM], tl.float32) + null_value[None, :]
+        for start in tl.static_range(0, TEXT_LENGTH, CHUNK):
+            tokens = start + tl.arange(0, CHUNK)
+            inside = tokens < TEXT_LENGTH
+            rows = neg_ptr + tokens[:, None] * stride_neg_token + head * HEAD_DIM + dims[None, :]
+            key = tl.load(rows, mask=inside[:, None], other=0.0)
+            value = tl.load(rows + HEADS * HEAD_DIM, mask=inside[:, None], other=0.0)
+            if IEEE:
+                scores = tl.dot(q, tl.trans(key), input_precision="ieee") * scale
+            else:
+                scores = tl.dot(q, tl.trans(key)) * scale
+            scores = tl.where(inside[None, :], scores, float("-inf"))
+            new_top = tl.maximum(top, tl.max(scores, axis=1))
+            rescale = tl.exp(top - new_top)
+            weights = tl.exp(scores - new_top[:, None])
+            total = total * rescale + tl.sum(weights, axis=1)
+            if IEEE:
+                acc = acc * rescale[:, None] + tl.dot(weights, value.to(tl.float32), input_precision="ieee")
+            else:
+                acc = acc * rescale[:, None] + tl.dot(weights.to(value.dtype), value)
+            top = new_top
+        for tail in tl.static_range(2):  # the row's image token (zero for the unconditional branch), its mask token
+            if tail == 0:
+                present = valid & (unconditional == 0)
+            else:
+                present = valid
+            rows = cond_ptr + context_row[:, None] * stride_cond_row + (TEXT_LENGTH + tail) * stride_cond_token
+            rows += head * HEAD_DIM + dims[None, :]
+            key = tl.load(rows, mask=present[:, None], other=0.0).to(tl.float32)
+            value = tl.load(rows + HEADS * HEAD_DIM, mask=present[:, None], other=0.0).to(tl.float32)
+            scores = tl.sum(q_float * key, axis=1) * scale
+            new_top = tl.maximum(top, scores)
+            rescale = tl.exp(top - new_top)
+            weights = tl.exp(scores - new_top)
+            total = total * rescale + weights
+            acc = acc * rescale[:, None] + weights[:, None] * value
+            top = new_top
+        out = acc / total[:, None]
+        tl.store(out_ptr + row[:, None] * stride_out_row + token[:, None] * stride_out_token + head * HEAD_DIM + dims[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=valid[:, None])
+
+
 # launch settings of the cross-attention kernel (benchmarks/tune_fused_kernels.py measures the alternatives)
-CROSS_ATTENTION_LAUNCH = {"chunk": 16, "num_warps": 1, "heads_first": False}
+CROSS_ATTENTION_LAUNCH = {"chunk": 16, "num_warps": 1, "heads_first": False, "shared_group": 64, "shared_chunk": 32, "shared_warps": 4}
 
 
 def guidance_cross_attention(query, conditional_kv, negative_kv, null_kv, heads: int, samples: int = 1):
@@ -331,15 +412,30 @@ def guidance_cross_attention(query, conditional_kv, negative_kv, null_kv, heads:
         raise ValueError("`query`, `conditional_kv` and `negative_kv` must be contiguous in their last dimension.")
     out = torch.empty_like(query, memory_format=torch.contiguous_format)
     launch = CROSS_ATTENTION_LAUNCH
-    if rows3:
-        _guidance_cross_attention_kernel[(heads, rows3) if launch["heads_first"] else (rows3, heads)](
+    rows = rows3 // 3
+    # One negative text for the batch: its rows meet the shared keys with matrix products (tl.dot needs 16 wide).
+    shared = negative_kv.shape[0] == 1 and head_dim >= 16 and launch["shared_group"] > 0
+    own_rows = rows if shared else rows3
+    if own_rows:
+        _guidance_cross_attention_kernel[(heads, own_rows) if launch["heads_first"] else (own_rows, heads)](
             query, conditional_kv, negative_kv, null_kv.contiguous(), out,
-            rows3 // 3, samples, int(negative_kv.shape[0] != 1),
+            rows, samples, int(negative_kv.shape[0] != 1),
             query.stride(0), query.stride(1), conditional_kv.stride(0), conditional_kv.stride(1),
             negative_kv.stride(0), negative_kv.stride(1), out.stride(0), out.stride(1),
             head_dim**-0.5,
             TEXT_LENGTH=text_length, HEADS=heads, HEAD_DIM=head_dim, CHUNK=launch["chunk"],
             HEADS_FIRST=launch["heads_first"], num_warps=launch["num_warps"],
+        )
+    if shared and rows:
+        group = launch["shared_group"]
+        _shared_negative_cross_attention_kernel[(triton.cdiv(2 * rows, group // 2), heads)](
+            query, conditional_kv, negative_kv, null_kv.contiguous(), out,
+            rows, samples, 2 * rows,
+            query.stride(0), query.stride(1), conditional_kv.stride(0), conditional_kv.stride(1), negative_kv.stride(1),
+            out.stride(0), out.stride(1),
+            head_dim**-0.5,
+            TEXT_LENGTH=text_length, HEADS=heads, HEAD_DIM=head_dim, CHUNK=launch["shared_chunk"], GROUP=group,
+            IEEE=query.dtype == torch.float32, num_warps=launch["shared_warps"],
         )
     return out
 
