@@ -171,6 +171,13 @@ with torch.no_grad():
     fused = model(x, 400, context=model.encode_guidance_context(**inputs, fused=True)).predicted_image_embedding
     plain = model(x, 400, context=model.encode_guidance_context(**inputs, fused=False)).predicted_image_embedding
     worst["model"] = ((fused - plain).abs().max() / plain.abs().max()).item()
+    # without the stacked query/key-value weight (as when an unfused LoRA adapter wraps the projections)
+    context = model.encode_guidance_context(**inputs, fused=True)
+    assert all(layer.self_attention_qkv_weight is not None for layer in context.cross_attention_kv)
+    for layer in context.cross_attention_kv:
+        layer.self_attention_qkv_weight = None
+    separate = model(x, 400, context=context).predicted_image_embedding
+    worst["model_separate_projections"] = ((separate - plain).abs().max() / plain.abs().max()).item()
 print(worst)
 assert all(value < 2e-6 for value in worst.values()), worst
 """

@@ -91,13 +91,18 @@ class FusedGuidanceKeyValues:
     conditional_kv: torch.Tensor  # [C, L + 2, 2 * heads * head_dim]
     negative_kv: torch.Tensor  # [1 or C, L, 2 * heads * head_dim]
     samples: int = 1
+    # the layer's self-attention query and key/value weights stacked (one projection instead of two), when both
+    # are plain bias-free linear layers (not, for instance, wrapped by an unfused LoRA adapter)
+    self_attention_qkv_weight: torch.Tensor | None = None
 
     @property
     def rows(self) -> int:
         return 3 * self.conditional_kv.shape[0] * self.samples
 
     def repeat_interleave(self, repeats: int) -> "FusedGuidanceKeyValues":
-        return FusedGuidanceKeyValues(self.conditional_kv, self.negative_kv, self.samples * repeats)
+        return FusedGuidanceKeyValues(
+            self.conditional_kv, self.negative_kv, self.samples * repeats, self.self_attention_qkv_weight
+        )
 
 
 @dataclass
@@ -585,13 +590,18 @@ class CompoDiffTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
             tables = fused_inference.self_attention_tables(
                 *self._rotary_and_bias(2, image_embeds.device, torch.float32), self.config.attention_head_dim
             )
-            return CompoDiffContext(
-                [
-                    FusedGuidanceKeyValues(block.cross_attn.to_kv(conditional), block.cross_attn.to_kv(negative_text))
-                    for block in self.blocks
-                ],
-                tables,
-            )
+            layers = []
+            for block in self.blocks:
+                to_q, to_kv = block.self_attn.to_q, block.self_attn.to_kv
+                stacked = None
+                if type(to_q) is nn.Linear and type(to_kv) is nn.Linear and to_q.bias is None and to_kv.bias is None:
+                    stacked = torch.cat((to_q.weight, to_kv.weight))
+                layers.append(
+                    FusedGuidanceKeyValues(
+                        block.cross_attn.to_kv(conditional), block.cross_attn.to_kv(negative_text), 1, stacked
+                    )
+                )
+            return CompoDiffContext(layers, tables)
         layers = []
         for block in self.blocks:
             attention = block.cross_attn
@@ -613,7 +623,8 @@ class CompoDiffTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
     def _fused_blocks(self, tokens: torch.Tensor, context: CompoDiffContext) -> torch.Tensor:
         """The blocks with the fused kernels: per block two attention kernels, three residual+norm passes, one
-        SwiGLU and the six projections (the same arithmetic as the modules, see `fused_inference`)."""
+        SwiGLU and the projections (the same arithmetic as the modules, see `fused_inference`). Only the first
+        token's output is read, so the last feed-forward runs on that token alone."""
 
         def eps(norm: GainLayerNorm) -> float:
             return norm.eps if tokens.dtype == torch.float32 else norm.half_precision_eps
@@ -623,10 +634,15 @@ class CompoDiffTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         hidden, normed = tokens, blocks[0].self_attn.norm(tokens)
         for index, (block, key_values) in enumerate(zip(blocks, context.cross_attention_kv)):
             attention, cross, feed_forward = block.self_attn, block.cross_attn, block.ff
+            if key_values.self_attention_qkv_weight is not None:
+                projected = F.linear(normed, key_values.self_attention_qkv_weight)
+                width = attention.heads * attention.head_dim
+                query, key_value = projected[..., :width], projected[..., width:]
+            else:
+                query, key_value = attention.to_q(normed), attention.to_kv(normed)
             update = attention.to_out(
                 fused_inference.multi_query_self_attention(
-                    attention.to_q(normed), attention.to_kv(normed), attention.null_kv.to(tokens.dtype), *tables,
-                    attention.cosine_sim_scale,
+                    query, key_value, attention.null_kv.to(tokens.dtype), *tables, attention.cosine_sim_scale
                 )
             )
             hidden, normed = fused_inference.residual_norm(
@@ -641,6 +657,8 @@ class CompoDiffTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
             hidden, normed = fused_inference.residual_norm(
                 update, hidden, cross.out_norm.weight, feed_forward.norm.weight, eps(cross.out_norm), eps(feed_forward.norm)
             )
+            if index + 1 == len(blocks):  # nothing reads the time token after the last block
+                hidden, normed = hidden[:, :1], normed[:, :1]
             update = feed_forward.proj_out(fused_inference.swiglu(feed_forward.proj_in(normed)))
             if index + 1 < len(blocks):
                 following = blocks[index + 1].self_attn.norm
