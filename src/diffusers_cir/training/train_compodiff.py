@@ -496,7 +496,13 @@ def load_validation_set(args, num_queries: int):
     from .validation import RetrievalSet
 
     path = args.validation_data_dir or args.train_data_dir
-    rows = datasets.load_dataset(path, "embeddings", split=args.validation_split, streaming=True).take(num_queries)
+    try:
+        rows = datasets.load_dataset(path, "embeddings", split=args.validation_split, streaming=True).take(num_queries)
+    except (ValueError, KeyError, FileNotFoundError) as error:
+        raise ValueError(
+            f"Validation reads the {args.validation_split!r} split of the `embeddings` configuration of {path!r} "
+            f"(--validation_data_dir / --validation_split), which could not be opened: {error}"
+        ) from error
     references, prompts, targets, reference_ids, target_ids = [], [], [], [], []
     for row in rows:
         references.append(row["reference_image_embeds"])
