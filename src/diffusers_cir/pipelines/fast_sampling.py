@@ -7,8 +7,9 @@ cross-attention keys/values of the three guidance contexts, see
 embedded once per step; all random draws are made up front, in the reference order (initial noise, then one draw per
 noisy step), so a seeded generator gives the same numbers as the reference whether or not a graph is used.
 
-A CUDA graph removes the launch overhead that bounds small batches (about 4,000 kernel launches for 10 steps of a
-12-layer model): `CompoDiffPipeline.enable_cuda_graphs()` captures one graph per input shape and replays it.
+On CUDA the transformer runs the fused Triton kernels of `diffusers_cir.models.fused_inference` (about 1,700 kernels
+for 10 steps of the 12-layer model instead of 2,600 to 4,300). A CUDA graph removes the launch overhead that still
+bounds small batches: `CompoDiffPipeline.enable_cuda_graphs()` captures one graph per input shape and replays it.
 """
 
 from __future__ import annotations
