@@ -1,14 +1,18 @@
 """The synthetic CIR world: determinism, CLIP-like encoder, triplet semantics, held-out compositions."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from diffusers_cir.data.synthetic import (
     ATTRIBUTES,
+    CAPTION_TEMPLATE,
     SPLITS,
     SyntheticCIRWorld,
     SyntheticWorldConfig,
+    build_synthetic_text_encoder,
     config_from_dict,
     config_to_dict,
 )
@@ -193,8 +197,62 @@ def test_a_small_network_learns_unseen_compositions_from_triplets(world, single_
     assert learned >= 0.5 and learned >= best_baseline + 0.15, (learned, best_baseline)
 
 
+def test_clip_like_text_tower_encodes_paraphrases_alike_and_attends_to_content_words(world):
+    """What LinCIR's language-only training needs of the text tower (tests/test_lincir_training.py uses this world).
+
+    The default random tower is dominated by position embeddings: a caption and a paraphrase of another length
+    encode unrelated. ``clip_like`` (small position embeddings, content salience) encodes them alike, as CLIP
+    does, and its end-of-text token attends mostly to the content words.
+    """
+    clip_like = SyntheticCIRWorld(SyntheticWorldConfig.clip_like(seed=0))
+    random_tower = SyntheticCIRWorld(
+        SyntheticWorldConfig.clip_like(seed=0, text_position_scale=1.0, text_content_salience=0.0)
+    )
+    templates = clip_like.config.caption_templates
+    assert len(templates) == 6 and templates[0] == CAPTION_TEMPLATE and "photo" not in clip_like.config.styles
+    captions = clip_like.all_captions()
+    assert len(captions) == clip_like.num_items * len(templates)
+    assert captions[:: len(templates)] == clip_like.captions
+    # The default worlds keep their single caption and random tower.
+    assert world.all_captions() == world.captions and world.config.caption_templates == (CAPTION_TEMPLATE,)
+    assert (world.config.text_position_scale, world.config.text_content_salience) == (1.0, 0.0)
+
+    other_length = [k for k, t in enumerate(templates) if len(t.split()) != len(templates[0].split())]
+    assert len(other_length) == 4
+    for tower, check in ((clip_like, lambda cos: cos > 0.8), (random_tower, lambda cos: cos < 0.2)):
+        embeds = torch.nn.functional.normalize(tower.encode_text(tower.all_captions()).text_embeds, dim=-1)
+        embeds = embeds.view(tower.num_items, len(templates), -1)
+        for k in other_length:
+            cosine = float((embeds[:, k] * embeds[:, 0]).sum(-1).mean())
+            assert check(cosine), (tower.config.text_position_scale, templates[k], cosine)
+
+    caption = "there is a red wooden cup in this sketch"
+    for config, check in (
+        (clip_like.config, lambda share: share > 0.6),
+        (dataclasses.replace(clip_like.config, text_content_salience=0.0), lambda share: share < 0.5),
+    ):
+        encoder = build_synthetic_text_encoder(config, clip_like.tokenizer)
+        encoder.set_attn_implementation("eager")
+        ids = clip_like.tokenize([caption], padding="longest")
+        with torch.no_grad():
+            attentions = encoder(input_ids=ids, output_attentions=True).attentions
+        words = clip_like.tokenizer.convert_ids_to_tokens(ids[0])
+        content = [i for i, w in enumerate(words) if w.removesuffix("</w>") in ("red", "wooden", "cup", "sketch")]
+        for layer, attention in enumerate(attentions):
+            share = float(attention[0, :, -1, content].sum(-1).mean())  # end-of-text row, averaged over heads
+            assert check(share), (config.text_content_salience, layer, share)
+
+
 def test_config_roundtrip_and_validation(world):
     assert config_from_dict(config_to_dict(world.config)) == world.config
+    clip_like = SyntheticWorldConfig.clip_like(seed=3)
+    assert config_from_dict(config_to_dict(clip_like)) == clip_like
+    with pytest.raises(ValueError, match="must use all of them"):
+        SyntheticWorldConfig.tiny(caption_templates=("a {color} {object}",)).validate()
+    with pytest.raises(ValueError, match="may only use the fields"):
+        SyntheticWorldConfig.tiny(caption_templates=(CAPTION_TEMPLATE, "a {shape}")).validate()
+    with pytest.raises(ValueError, match="text_position_scale and text_content_salience"):
+        SyntheticWorldConfig.tiny(text_content_salience=-1.0).validate()
     with pytest.raises(ValueError, match="single-token"):
         SyntheticCIRWorld(SyntheticWorldConfig.tiny(objects=("cup", "teapotish")))
     with pytest.raises(ValueError, match="heldout_pairs_per_object"):

@@ -28,6 +28,13 @@ nowhere. Item embeddings, however, are close to additive in their attributes (th
 single tokens at fixed positions), so a model that reads the reference's attributes and the edit can
 predict the target embedding of an unseen combination. See ``README.md`` in this folder for numbers.
 
+Language-only textual inversion (LinCIR) asks more of the text tower: a pseudo word trained in masked
+captions ("$ of $") must carry an item into another prompt ("a photo of $ that make it red") and compose with
+the edit. A random tower cannot do that (its end-of-text state is dominated by the position embeddings, and it
+listens to "that", "make" and "it" as much as to "red"); :meth:`SyntheticWorldConfig.clip_like` gives a world
+whose tower behaves like CLIP's in those respects (``text_position_scale``, ``text_content_salience``) and
+whose items have several captions (``caption_templates``). The default worlds keep the plain random tower.
+
 Example:
     >>> from diffusers_cir.data.synthetic import SyntheticCIRWorld, SyntheticWorldConfig
     >>> world = SyntheticCIRWorld(SyntheticWorldConfig.tiny(seed=0))
@@ -43,6 +50,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import string
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
@@ -62,6 +70,16 @@ DEFAULT_MATERIALS = ("wooden", "metal", "glass", "plastic", "paper", "stone")
 DEFAULT_STYLES = ("photo", "sketch", "painting", "cartoon", "watercolor")
 
 CAPTION_TEMPLATE = "a {style} of a {color} {material} {object}"
+
+# Other ways to caption the same item (for language-only training: LinCIR masks a caption's noun phrases, so
+# each template puts the pseudo word in another context: "$ of $", "$", "there is $ in $", ...).
+CAPTION_PARAPHRASES = (
+    "a {color} {material} {object}",
+    "there is a {color} {material} {object} in this {style}",
+    "a {style} showing a {color} {material} {object}",
+    "a {material} {object} that is {color}, as a {style}",
+    "this {style} shows a {material} {object} in {color}",
+)
 
 # Several phrasings per edit, some naming the reference's current value ({old}), so a model cannot
 # key on one template. "{new}" is the target's value.
@@ -87,10 +105,24 @@ class SyntheticWorldConfig:
         text_init_scale: gain of the random linear weights (std = gain / sqrt(fan_in)). Around 1 the
             encoder is close to additive in its input tokens yet not linear; much larger values make
             captions that differ in one word collapse onto each other.
+        text_position_scale: std of the position embeddings (the token embeddings have std 1). At 1 the
+            end-of-text state is dominated by its position, so two prompts of different lengths encode far
+            apart whatever their words; CLIP's text tower encodes "a red cup" and "a photo of a red cup"
+            close together. Small values (``0.1``) make it so.
+        text_content_salience: how much more attention the world's attribute words (and any token
+            resembling them, a pseudo word included) get than other words, as an attention-logit bonus (see
+            :func:`build_synthetic_text_encoder`). A random tower listens to "that", "make" and "it" as much
+            as to "red" and "cup"; a trained CLIP's end-of-text token attends to the content words. ``0``
+            (the default) leaves the random tower unchanged.
         caption_mean_cosine: target mean pairwise cosine of the caption embeddings, reached by setting
             the final layer norm's bias (see :func:`calibrate_text_encoder`). A random transformer puts
             every caption of one template in a narrow cone (mean cosine ~0.97); CLIP image embeddings
             sit around 0.5. ``None`` keeps the raw encoder.
+        caption_templates: how items are captioned. The first template gives each item's caption
+            (:attr:`SyntheticItem.caption`: the caption the image embedding is made from, and the one every
+            other use of the world sees) and must name all four attributes; every template gives one caption
+            per item in :meth:`SyntheticCIRWorld.all_captions`, the text corpus of language-only training
+            (like COCO's five captions per image).
         image_noise: norm of the noise added to each unit caption embedding to make its "image"
             embedding, as a fraction of the median distance between two items that differ in one
             attribute (so it means the same thing for any encoder).
@@ -110,7 +142,10 @@ class SyntheticWorldConfig:
     text_num_heads: int = 4
     projection_dim: int = 64
     text_init_scale: float = 1.0
+    text_position_scale: float = 1.0
+    text_content_salience: float = 0.0
     caption_mean_cosine: float | None = 0.5
+    caption_templates: tuple[str, ...] = (CAPTION_TEMPLATE,)
     image_noise: float = 0.25
     heldout_pairs_per_object: int = 2
     validation_fraction: float = 0.05
@@ -126,6 +161,30 @@ class SyntheticWorldConfig:
             materials=DEFAULT_MATERIALS[:3],
             styles=DEFAULT_STYLES[:2],
             heldout_pairs_per_object=1,
+        )
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def clip_like(cls, seed: int = 0, **overrides) -> "SyntheticWorldConfig":
+        """A 432-item world (6 objects x 6 colors x 4 materials x 3 styles) whose text tower behaves like CLIP's
+        where language-only textual inversion (LinCIR) needs it to.
+
+        Position embeddings are small (:attr:`text_position_scale` ``0.1``), attention goes to content words
+        (:attr:`text_content_salience` ``5``), and each item has six captions (:data:`CAPTION_PARAPHRASES`). No
+        style is ``photo``, the word of LinCIR's prompt ``"a photo of $ that {text}"``. With the default tower
+        (:meth:`tiny` or the default config), a pseudo word trained on captions does not compose with a
+        modification text; see ``README.md`` in this folder for the measurements.
+        """
+        values = dict(
+            seed=seed,
+            objects=DEFAULT_OBJECTS[:6],
+            colors=DEFAULT_COLORS[:6],
+            materials=DEFAULT_MATERIALS[:4],
+            styles=("sketch", "painting", "cartoon"),
+            text_position_scale=0.1,
+            text_content_salience=5.0,
+            caption_templates=(CAPTION_TEMPLATE, *CAPTION_PARAPHRASES),
         )
         values.update(overrides)
         return cls(**values)
@@ -153,6 +212,20 @@ class SyntheticWorldConfig:
             raise ValueError(f"caption_mean_cosine must be in (0, 1) or None, got {self.caption_mean_cosine}.")
         if self.image_noise < 0:
             raise ValueError(f"image_noise must be >= 0, got {self.image_noise}.")
+        if self.text_position_scale < 0 or self.text_content_salience < 0:
+            raise ValueError(
+                f"text_position_scale and text_content_salience must be >= 0, got {self.text_position_scale} and "
+                f"{self.text_content_salience}."
+            )
+        if not self.caption_templates:
+            raise ValueError("caption_templates needs at least one template.")
+        for index, template in enumerate(self.caption_templates):
+            fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+            if not fields <= set(ATTRIBUTES) or (index == 0 and fields != set(ATTRIBUTES)):
+                raise ValueError(
+                    f"caption_templates[{index}] {template!r} may only use the fields {list(ATTRIBUTES)}"
+                    + (", and the first template must use all of them." if index == 0 else ".")
+                )
         if self.text_hidden_size % self.text_num_heads:
             raise ValueError(
                 f"text_hidden_size ({self.text_hidden_size}) must be divisible by text_num_heads "
@@ -211,11 +284,15 @@ class SyntheticTextEncoding:
     input_ids: torch.Tensor = field(repr=False, default=None)  # [N, 77]
 
 
-def build_synthetic_text_encoder(config: SyntheticWorldConfig) -> "CLIPTextModelWithProjection":
+def build_synthetic_text_encoder(
+    config: SyntheticWorldConfig, tokenizer: "CLIPTokenizer | None" = None
+) -> "CLIPTextModelWithProjection":
     """The world's tiny CLIP text encoder with weights drawn from ``config.seed``.
 
     Weights are drawn with numpy's PCG64 generator in sorted parameter-name order rather than with
     transformers' initialisers, so they do not change when a transformers release changes its init.
+    ``tokenizer`` (the real CLIP tokenizer, built when not given) is only needed with
+    ``config.text_content_salience``, to find the attribute words.
     """
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
@@ -242,10 +319,51 @@ def build_synthetic_text_encoder(config: SyntheticWorldConfig) -> "CLIPTextModel
                 value = np.zeros(parameter.shape)
             elif "embedding" in name:
                 value = rng.standard_normal(parameter.shape)
+                if "position_embedding" in name:
+                    value = value * config.text_position_scale
             else:  # nn.Linear weight [out, in]
                 value = rng.standard_normal(parameter.shape) * (config.text_init_scale / math.sqrt(parameter.shape[1]))
             parameter.copy_(torch.from_numpy(value.astype(np.float32)))
+    if config.text_content_salience:
+        if tokenizer is None:
+            from diffusers_cir.utils import build_offline_clip_tokenizer
+
+            tokenizer = build_offline_clip_tokenizer()
+        word_ids = []
+        for value in (v for values in config.attribute_values.values() for v in values):
+            ids = tokenizer(value)["input_ids"][1:-1]
+            if len(ids) != 1:
+                raise ValueError(
+                    f"text_content_salience needs single-token attribute values; {value!r} is {len(ids)} tokens."
+                )
+            word_ids.append(ids[0])
+        rng = np.random.default_rng([config.seed, 0x5A11])  # its own stream: the weights above are unchanged
+        _add_content_salience(model, word_ids, config.text_content_salience, rng)
     return model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def _add_content_salience(model, content_token_ids: Sequence[int], salience: float, rng: np.random.Generator) -> None:
+    """Make every attention query prefer the content words, as a trained CLIP's do.
+
+    The content words' token embeddings share a direction ``c`` (a mean-zero unit vector, added with norm
+    ``sqrt(H)``, the norm of a token embedding, so that about half of a content token is ``c``), and each
+    layer's query bias is set so that, in every head, a key whose layer-normed input is ``sqrt(H) * c``
+    gets ``salience`` more attention logit than an orthogonal one. Any token, a pseudo word included, is as
+    salient as its share of ``c``.
+    """
+    hidden = model.config.hidden_size
+    direction = rng.standard_normal(hidden)
+    direction -= direction.mean()  # layer norm removes the mean
+    direction = torch.from_numpy(direction / np.linalg.norm(direction)).float()
+    model.text_model.embeddings.token_embedding.weight[list(content_token_ids)] += direction * math.sqrt(hidden)
+    for layer in model.text_model.encoder.layers:
+        attention = layer.self_attn
+        head_dim = attention.head_dim
+        key = (attention.k_proj.weight @ direction).view(-1, head_dim)  # [heads, head_dim]: W_k c per head
+        # logit bonus = scale * bias_h . (W_k sqrt(H) c)_h = salience
+        bias = salience * key / (attention.scale * math.sqrt(hidden) * key.square().sum(-1, keepdim=True))
+        attention.q_proj.bias.copy_(bias.flatten())
 
 
 @torch.no_grad()
@@ -313,7 +431,7 @@ class SyntheticCIRWorld:
         config.validate()
         self.tokenizer: CLIPTokenizer = build_offline_clip_tokenizer()
         self._check_single_tokens()
-        self.text_encoder = build_synthetic_text_encoder(config)
+        self.text_encoder = build_synthetic_text_encoder(config, self.tokenizer)
         self.heldout_pairs = self._choose_heldout_pairs()
         self.items = self._build_items()
         self._index_of = {tuple(item.attributes[a] for a in ATTRIBUTES): item.index for item in self.items}
@@ -356,7 +474,7 @@ class SyntheticCIRWorld:
         values = self.config.attribute_values
         items = []
         for index, (obj, color, material, style) in enumerate(itertools.product(*(values[a] for a in ATTRIBUTES))):
-            caption = CAPTION_TEMPLATE.format(object=obj, color=color, material=material, style=style)
+            caption = self.config.caption_templates[0].format(object=obj, color=color, material=material, style=style)
             items.append(
                 SyntheticItem(index, obj, color, material, style, caption, heldout=(obj, color) in self.heldout_pairs)
             )
@@ -383,7 +501,17 @@ class SyntheticCIRWorld:
 
     @property
     def captions(self) -> list[str]:
+        """Each item's caption (the first of ``config.caption_templates``), in item order."""
         return [item.caption for item in self.items]
+
+    def all_captions(self) -> list[str]:
+        """Every caption of every item: item by item, one per ``config.caption_templates`` entry.
+
+        The world's text corpus for language-only training (LinCIR). With the default single template it
+        equals :attr:`captions`.
+        """
+        templates = self.config.caption_templates
+        return [template.format(**item.attributes) for item in self.items for template in templates]
 
     @property
     def gallery_ids(self) -> list[str]:
