@@ -1,8 +1,10 @@
 """Language-only LinCIR training (`examples/train_lincir.py`) on the synthetic CIR world, at small scale.
 
-The world's tiny CLIP text tower and real tokenizer are saved as a CLIP folder, its captions are the only
-training data, and its held-out `test` triplets (precomputed image embeddings, reference excluded from the
-ranking) are the validation set.
+The world is `SyntheticWorldConfig.clip_like()`: its text tower has the CLIP properties LinCIR's language-only
+training relies on (small position embeddings, attention to content words) and each item has several captions
+(see `src/diffusers_cir/data/README.md`). Its tiny CLIP text tower and real tokenizer are saved as a CLIP folder,
+its captions are the only training data, and its held-out `test` triplets (precomputed image embeddings,
+reference excluded from the ranking) are the validation set.
 """
 
 import importlib.util
@@ -19,7 +21,7 @@ from diffusers_cir.text import SelfMaskingCollator, self_masking_projection_loss
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_lincir.py"
 KS = (1, 5, 10)
-FIRST_RUN_STEPS, TOTAL_STEPS = 80, 120
+FIRST_RUN_STEPS, TOTAL_STEPS, CHECKPOINTING_STEPS = 200, 300, 100
 
 
 def _load_script():
@@ -35,10 +37,10 @@ def trained(tmp_path_factory):
     torch.set_num_threads(1)  # a 64-wide tower gains nothing from intra-op threads; on a shared CPU they cost
     try:
         root = tmp_path_factory.mktemp("lincir_world")
-        world = SyntheticCIRWorld(SyntheticWorldConfig.tiny(seed=0))
+        world = SyntheticCIRWorld(SyntheticWorldConfig.clip_like(seed=0))
         world.text_encoder.save_pretrained(root / "clip" / "text_encoder")
         world.tokenizer.save_pretrained(root / "clip" / "tokenizer")
-        (root / "captions.txt").write_text("\n".join(world.captions) + "\n")
+        (root / "captions.txt").write_text("\n".join(world.all_captions()) + "\n")
         test = world.triplets("test")
         (root / "validation").mkdir()
         save_file({"image_embeds": world.image_embeds.contiguous()}, str(root / "validation" / "gallery.safetensors"))
@@ -51,16 +53,16 @@ def trained(tmp_path_factory):
             "--pretrained_model_name_or_path", str(root / "clip"),
             "--train_data", str(root / "captions.txt"),
             "--output_dir", str(root / "out"),
-            "--batch_size", "16",
-            "--learning_rate", "1e-3",
+            "--batch_size", "32",
+            "--learning_rate", "2e-3",
             "--phi_dropout", "0.0",
             "--l2_normalize",
             "--noise_scale", "0.05",
             "--use_ema", "--ema_decay", "0.9",
             "--seed", "0",
             "--keyword_extractor", "builtin",
-            "--shuffle_buffer_size", "128",
-            "--checkpointing_steps", "40",
+            "--shuffle_buffer_size", "1024",  # the captions file lists each item's captions together
+            "--checkpointing_steps", str(CHECKPOINTING_STEPS),
             "--validation_data", str(root / "validation"),
             "--validation_ks", *map(str, KS),
             "--validation_exclude_reference",
@@ -77,7 +79,8 @@ def test_training_resumes_and_saves_a_loadable_pipeline(trained):
     root = trained["root"]
     assert trained["first"]["global_step"] == FIRST_RUN_STEPS and trained["resumed"]["global_step"] == TOTAL_STEPS
     assert trained["resumed"]["resumed_from_step"] == FIRST_RUN_STEPS
-    assert sorted(p.name for p in (root / "out").glob("checkpoint-*")) == ["checkpoint-120", "checkpoint-40", "checkpoint-80"]
+    steps = range(CHECKPOINTING_STEPS, TOTAL_STEPS + 1, CHECKPOINTING_STEPS)
+    assert sorted(p.name for p in (root / "out").glob("checkpoint-*")) == sorted(f"checkpoint-{step}" for step in steps)
     pipe = LinCIRPipeline.from_pretrained(root / "out")
     assert pipe.image_encoder is None  # the world has no vision tower: queries run on precomputed embeddings
     assert pipe.phi.config.normalize_input and (pipe.phi.config.input_dim, pipe.phi.config.output_dim) == (64, 64)
@@ -109,16 +112,12 @@ def test_training_learns_the_self_masking_projection(trained):
     assert loss(pipe.phi.eval()) < 0.5 * loss(untrained)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "Known gap of the default synthetic world, measured: its random text tower is dominated by position "
-        "embeddings, so no pseudo token makes a prompt of another length encode like a caption (per-caption "
-        "optimisation of the token reaches cosine ~0.23) and 'a photo of $ that {text}' queries cannot compose "
-        "(LinCIR R@10 ~14 vs image-only ~73). Strict: the test fails (XPASS) once LinCIR beats both baselines."
-    ),
-)
 def test_lincir_beats_image_only_and_text_only_on_held_out_triplets(trained):
+    """The Recall@K the training script reports on the held-out compositions beats both baselines at every K.
+
+    Measured (seed 0, 300 steps): LinCIR 18.4 / 47.1 / 63.8, image only 4.4 / 20.1 / 36.6, text only
+    1.7 / 7.8 / 13.5 (R@1 / 5 / 10, %, 1,152 queries, 432-item gallery). Seeds 1-3 also pass.
+    """
     world, test = trained["world"], trained["test"]
     reported = json.loads((trained["root"] / "out" / "validation_results.json").read_text())
     baselines = {name: world.recall_at_k(queries, test, ks=KS) for name, queries in world.baseline_queries(test).items()}
