@@ -257,13 +257,13 @@ def check_args(args: argparse.Namespace) -> None:
     recall_ks(args)
 
 
-def _json_mapping(text: str | None, flag: str) -> dict | None:
+def _json_mapping(text: str | None, flag: str, invalid: str = "is not valid JSON") -> dict | None:
     if text is None:
         return None
     try:
         mapping = json.loads(text)
     except json.JSONDecodeError as error:
-        raise ValueError(f"{flag} is not valid JSON ({error}): {text!r}") from None
+        raise ValueError(f"{flag} {invalid} ({error}): {text!r}") from None
     if not isinstance(mapping, dict):
         raise ValueError(f"{flag} must be a JSON object, got {text!r}.")
     return mapping
@@ -365,13 +365,7 @@ def _load_json_or_file(text: str) -> dict:
     if os.path.isfile(text):
         with open(text, encoding="utf-8") as handle:
             return json.load(handle)
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"--transformer_config is neither a file nor valid JSON ({error}): {text!r}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"--transformer_config must be a JSON object, got {text!r}.")
-    return value
+    return _json_mapping(text, "--transformer_config", invalid="is neither a file nor valid JSON")
 
 
 def _embedding_width(stream) -> int | None:
