@@ -25,7 +25,6 @@ def main(argv=None):
     parser.add_argument("--warps", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--groups", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--shared_warps", type=int, nargs="+", default=[2, 4, 8])
-    parser.add_argument("--heads_first", action="store_true", help="Also try the heads-first launch order.")
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "fused_kernels.json"))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -41,15 +40,15 @@ def main(argv=None):
     floor_bytes = conditional.numel() * 2 + query.numel() * 2 * 2
     rows = []
     default = dict(fa.CROSS_ATTENTION_LAUNCH)
-    for chunk, warps, heads_first in itertools.product(args.chunks, args.warps, (False, True) if args.heads_first else (False,)):
+    for chunk, warps in itertools.product(args.chunks, args.warps):
         # every row by the per-row kernel (shared_group=0), as for per-query negative texts
-        fa.CROSS_ATTENTION_LAUNCH.update(chunk=chunk, num_warps=warps, heads_first=heads_first, shared_group=0)
+        fa.CROSS_ATTENTION_LAUNCH.update(chunk=chunk, num_warps=warps, shared_group=0)
         try:
             ms = do_bench(lambda: fa.guidance_cross_attention(query, conditional, negative, null, heads), rep=50)
         except Exception as error:  # a setting the compiler refuses (registers, shared memory)
-            print(f"cross chunk={chunk} warps={warps} heads_first={heads_first}: {type(error).__name__}")
+            print(f"cross chunk={chunk} warps={warps}: {type(error).__name__}")
             continue
-        rows.append({"kernel": "cross", "chunk": chunk, "num_warps": warps, "heads_first": heads_first,
+        rows.append({"kernel": "cross", "chunk": chunk, "num_warps": warps,
                      "us": round(ms * 1000, 1), "floor_us": round(floor_bytes / 3.0e12 * 1e6, 1)})
         print(rows[-1])
     fa.CROSS_ATTENTION_LAUNCH.update(default)

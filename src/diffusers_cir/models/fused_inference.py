@@ -243,16 +243,11 @@ if triton is not None:
         stride_out_row, stride_out_token,
         scale,
         TEXT_LENGTH: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr,
-        HEADS_FIRST: tl.constexpr,
     ):
         # keys: the null key, the text (the row's own or the negative one, by branch) CHUNK tokens at a time, then
         # the image and mask tokens; an online softmax per query token folds them in.
-        if HEADS_FIRST:  # consecutive programs read neighbouring heads of one row
-            row = tl.program_id(1)
-            head = tl.program_id(0)
-        else:
-            row = tl.program_id(0)
-            head = tl.program_id(1)
+        row = tl.program_id(0)
+        head = tl.program_id(1)
         branch = row // rows_per_branch
         context_row = (row % rows_per_branch) // samples
         dims = tl.arange(0, HEAD_DIM)
@@ -375,7 +370,7 @@ if triton is not None:
 
 
 # launch settings of the cross-attention kernel (benchmarks/tune_fused_kernels.py measures the alternatives)
-CROSS_ATTENTION_LAUNCH = {"chunk": 16, "num_warps": 1, "heads_first": False, "shared_group": 64, "shared_chunk": 32, "shared_warps": 4}
+CROSS_ATTENTION_LAUNCH = {"chunk": 16, "num_warps": 1, "shared_group": 64, "shared_chunk": 32, "shared_warps": 4}
 
 
 def guidance_cross_attention(query, conditional_kv, negative_kv, null_kv, heads: int, samples: int = 1):
@@ -417,14 +412,14 @@ def guidance_cross_attention(query, conditional_kv, negative_kv, null_kv, heads:
     shared = negative_kv.shape[0] == 1 and head_dim >= 16 and launch["shared_group"] > 0
     own_rows = rows if shared else rows3
     if own_rows:
-        _guidance_cross_attention_kernel[(heads, own_rows) if launch["heads_first"] else (own_rows, heads)](
+        _guidance_cross_attention_kernel[(own_rows, heads)](
             query, conditional_kv, negative_kv, null_kv.contiguous(), out,
             rows, samples, int(negative_kv.shape[0] != 1),
             query.stride(0), query.stride(1), conditional_kv.stride(0), conditional_kv.stride(1),
             negative_kv.stride(0), negative_kv.stride(1), out.stride(0), out.stride(1),
             head_dim**-0.5,
             TEXT_LENGTH=text_length, HEADS=heads, HEAD_DIM=head_dim, CHUNK=launch["chunk"],
-            HEADS_FIRST=launch["heads_first"], num_warps=launch["num_warps"],
+            num_warps=launch["num_warps"],
         )
     if shared and rows:
         group = launch["shared_group"]
