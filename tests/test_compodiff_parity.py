@@ -1,7 +1,8 @@
 """Parity with the authors' CompoDiff code: fixtures of `reference/compodiff_tiny` layout.
 
 Every case is computed through this package's own path: the checkpoint is converted with the conversion function,
-then the denoiser, the scheduler loop and the pipeline are run on CPU in float32.
+then the denoiser, the scheduler loop and the pipeline are run on CPU in float32, once with each order of the small
+projections (`compodiff_transformer.project`: `x @ W.T` with one CPU thread, `(W @ x.T).T` with several).
 """
 
 import json
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 
 from diffusers_cir import CompoDiffPipeline, CompoDiffScheduler
 from diffusers_cir.conversion import convert_compodiff_checkpoint
+from diffusers_cir.models import compodiff_transformer
 
 FOLDERS = fixture_folders("original_checkpoint/config.json")
 PLAIN_TOLERANCE = 1e-5  # plain denoiser
@@ -24,6 +26,11 @@ def _cases():
         meta = json.loads((folder / "io.json").read_text())
         for case in meta["cases"]:
             yield pytest.param(folder, case, id=f"{folder.name}-{case}")
+
+
+@pytest.fixture(autouse=True, params=[1, 2], ids=["x-WT", "W-xT"])
+def projection_order(request, monkeypatch):
+    monkeypatch.setattr(compodiff_transformer, "_cpu_threads", lambda: request.param)
 
 
 @pytest.fixture(scope="module")

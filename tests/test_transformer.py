@@ -113,3 +113,104 @@ def test_half_precision_forward_uses_its_own_eps():
         out = model(**inputs).predicted_image_embedding
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     assert model.norm_out.half_precision_eps == 1e-3
+
+
+def _count_linear_forwards(monkeypatch):
+    calls = []
+    original = torch.nn.Linear.forward
+
+    def counted(self, hidden_states):
+        calls.append(tuple(hidden_states.shape))
+        return original(self, hidden_states)
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", counted)
+    return calls
+
+
+def test_small_row_projection_takes_the_weight_major_order_only_where_it_may(monkeypatch):
+    from diffusers_cir.models import compodiff_transformer as module
+
+    calls = _count_linear_forwards(monkeypatch)
+    layer = torch.nn.Linear(48, 96)
+    rows = torch.randn(3, 2, 48)
+    expected = torch.nn.functional.linear(rows, layer.weight, layer.bias)
+
+    monkeypatch.setattr(module, "_cpu_threads", lambda: 2)
+    with torch.no_grad():
+        out = module.project(layer, rows)
+    assert calls == []  # computed as (W @ x.T).T, not through the module
+    assert out.shape == (3, 2, 96) and out.is_contiguous()
+    assert torch.allclose(out, expected, atol=1e-6)
+
+    many = torch.randn(module.SMALL_ROW_LINEAR_MAX_ROWS + 1, 48)
+    with torch.no_grad():
+        module.project(layer, many)  # too many rows: the usual order
+        module.project(layer.double(), rows.double())  # not float32
+        layer.float()
+    assert calls == [tuple(many.shape), (3, 2, 48)]
+    calls.clear()
+
+    module.project(layer, rows)  # grad enabled (training): through the module
+    with torch.no_grad():
+        handle = layer.register_forward_hook(lambda *args: None)
+        module.project(layer, rows)  # a hooked layer keeps its hooks
+        handle.remove()
+        monkeypatch.setattr(module, "_cpu_threads", lambda: 1)
+        module.project(layer, rows)  # one thread: nothing to split
+    assert len(calls) == 3
+
+
+def test_small_row_projection_changes_no_output(monkeypatch):
+    """The whole denoiser (direct call and guided context) with both projection orders."""
+    from diffusers_cir.models import compodiff_transformer as module
+
+    model = tiny_transformer()
+    inputs = _inputs(2)
+    negative = torch.randn(1, 77, TEXT_DIM)
+    calls = _count_linear_forwards(monkeypatch)
+    outputs, module_calls = {}, {}
+    for threads in (1, 2):
+        calls.clear()
+        monkeypatch.setattr(module, "_cpu_threads", lambda threads=threads: threads)
+        with torch.no_grad():
+            direct = model(**inputs).predicted_image_embedding
+            context = model.encode_guidance_context(
+                inputs["image_embeds"], inputs["text_hidden_states"], negative, inputs["mask"], fused=False
+            )
+            guided = model(torch.cat([inputs["hidden_states"]] * 3), 500, context=context).predicted_image_embedding
+        outputs[threads] = (direct, guided)
+        module_calls[threads] = len(calls)
+    # with one thread every projection goes through its module; with two only the contexts' many-row ones do
+    assert 0 < module_calls[2] < module_calls[1] // 4
+    for one, two in zip(outputs[1], outputs[2]):
+        assert torch.allclose(one, two, atol=1e-5, rtol=0)
+
+
+def test_compiled_blocks_equal_eager_on_cpu(monkeypatch):
+    """The CPU low-latency mode: `compile_repeated_blocks` (regional compilation), the weight-major small
+    projections traced into the graph with no graph break on the thread count."""
+    import copy
+
+    import torch._dynamo
+
+    from diffusers_cir.models import compodiff_transformer as module
+
+    model = tiny_transformer()
+    inputs = _inputs(1)
+    negative = torch.randn(1, 77, TEXT_DIM)
+    with torch.no_grad():
+        context = model.encode_guidance_context(
+            inputs["image_embeds"], inputs["text_hidden_states"], negative, inputs["mask"], fused=False
+        )
+        x = torch.cat([inputs["hidden_states"]] * 3)
+        block_inputs = (x.new_zeros(3, 2, EMBED_DIM), *model._rotary_and_bias(2, x.device, x.dtype), context.cross_attention_kv[0])
+        torch._dynamo.reset()
+        explanation = torch._dynamo.explain(model.blocks[0])(*block_inputs)  # the real thread-count check
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+
+        monkeypatch.setattr(module, "_cpu_threads", torch.compiler.assume_constant_result(lambda: 2))
+        eager = model(x, 500, context=context).predicted_image_embedding
+        compiled_model = copy.deepcopy(model)
+        compiled_model.compile_repeated_blocks(dynamic=False)
+        compiled = compiled_model(x, 500, context=context).predicted_image_embedding
+    assert torch.allclose(compiled, eager, atol=1e-5, rtol=0)
