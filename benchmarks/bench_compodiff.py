@@ -11,7 +11,10 @@ of 64, text width 1280, 140M parameters) with random weights; three-way guidance
 Modes: `reference` recomputes the conditions' projections at every step in float32, as the authors' code does;
 `fast` is the pipeline's path (step-independent work once per query, branches batched, one timestep embedding per
 step); `graph` is `fast` captured as one CUDA graph (`pipe.enable_cuda_graphs()`);
-`compiled-graph` also compiles the transformer blocks first (`enable_cuda_graphs(compile_blocks=True)`).
+`compiled-graph` also compiles the transformer blocks first (`enable_cuda_graphs(compile_blocks=True)`);
+`compiled` is `fast` with the blocks compiled (`transformer.compile_repeated_blocks(dynamic=False)`, no graph; the CPU
+low-latency mode). The `-unfused` modes leave out the device's fast kernels: the fused Triton attention on CUDA, the
+weight-major small projections (`compodiff_transformer.project`) on CPU.
 
 The FLOP floor counts, per query, the cross-attention keys/values of the distinct context tokens once and, per network
 call, the query tokens of the three branches through every layer; floor time = FLOPs / `--peak_tflops`.
@@ -31,6 +34,9 @@ import time
 import torch
 
 from diffusers_cir import CompoDiffPipeline, CompoDiffScheduler, CompoDiffTransformer
+from diffusers_cir.models import compodiff_transformer
+
+SMALL_ROWS = compodiff_transformer.SMALL_ROW_LINEAR_MAX_ROWS
 
 FULL = dict(embedding_dim=768, text_embedding_dim=1280, num_layers=12, num_attention_heads=16, attention_head_dim=64)
 TINY = dict(embedding_dim=32, text_embedding_dim=48, num_layers=2, num_attention_heads=2, attention_head_dim=16)
@@ -106,7 +112,7 @@ def bench_denoiser(args, config, device, results):
         transformer = CompoDiffTransformer(**config).to(device, dtype).eval()
         pipe = CompoDiffPipeline(transformer=transformer, scheduler=CompoDiffScheduler())
         pipe.set_progress_bar_config(disable=True)
-        compiled_pipe = None
+        compiled_pipes = {}
         peak = args.peak_tflops or PEAK_TFLOPS.get((device.type, dtype_name))
         modes = list(args.modes)
         if device.type != "cuda":
@@ -119,16 +125,23 @@ def bench_denoiser(args, config, device, results):
                 inputs = make_inputs(batch, config, device, dtype, generator)
                 for mode in modes:
                     runner = pipe
-                    # "-unfused": the PyTorch attention instead of the fused Triton kernels (CUDA only)
-                    transformer.set_fused_attention(not mode.endswith("-unfused"))
+                    # "-unfused": the PyTorch attention instead of the fused Triton kernels (CUDA), the plain
+                    # `x @ W.T` order of the small projections (CPU)
+                    unfused = mode.endswith("-unfused") or mode == "reference"
+                    transformer.set_fused_attention(not unfused)
+                    compodiff_transformer.SMALL_ROW_LINEAR_MAX_ROWS = 0 if unfused else SMALL_ROWS
                     if mode.startswith("graph"):
                         pipe.enable_cuda_graphs()
-                    elif mode == "compiled-graph":
-                        if compiled_pipe is None:  # a separate copy: compiling is in place
-                            compiled_pipe = CompoDiffPipeline(transformer=copy.deepcopy(transformer), scheduler=CompoDiffScheduler())
-                            compiled_pipe.set_progress_bar_config(disable=True)
-                            compiled_pipe.enable_cuda_graphs(compile_blocks=True)
-                        runner = compiled_pipe
+                    elif mode.startswith("compiled"):
+                        if mode not in compiled_pipes:  # a separate copy: compiling is in place
+                            compiled = CompoDiffPipeline(transformer=copy.deepcopy(transformer), scheduler=CompoDiffScheduler())
+                            compiled.set_progress_bar_config(disable=True)
+                            if mode == "compiled-graph":
+                                compiled.enable_cuda_graphs(compile_blocks=True)
+                            else:
+                                compiled.transformer.compile_repeated_blocks(dynamic=False)
+                            compiled_pipes[mode] = compiled
+                        runner = compiled_pipes[mode]
                     else:
                         pipe.disable_cuda_graphs()
                     if mode == "reference":
@@ -276,7 +289,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8, 64, 256, 1024])
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 50])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--modes", nargs="+", default=["reference", "fast", "graph"], choices=["reference", "fast", "graph", "compiled-graph", "fast-unfused", "graph-unfused"])
+    parser.add_argument("--modes", nargs="+", default=["reference", "fast", "graph"], choices=["reference", "fast", "graph", "compiled", "compiled-graph", "fast-unfused", "graph-unfused"])
     parser.add_argument("--pipeline_batch_sizes", type=int, nargs="+", default=[1, 256])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--peak_tflops", type=float, default=None, help="Hardware peak for the FLOP floor.")

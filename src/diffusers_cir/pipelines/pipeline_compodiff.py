@@ -322,8 +322,7 @@ class CompoDiffPipeline(DiffusionPipeline, CompoDiffLoraLoaderMixin):
         from .fast_sampling import CompoDiffGraphSampler
 
         if compile_blocks:
-            for block in self.transformer.blocks:
-                block.compile(dynamic=False)
+            self.transformer.compile_repeated_blocks(dynamic=False)
         self._graph_sampler = CompoDiffGraphSampler(max_graphs=max_graphs)
 
     def disable_cuda_graphs(self) -> None:
