@@ -54,7 +54,7 @@ def project(layer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     if (
         type(layer) is nn.Linear
         and hidden_states.device.type == "cpu"
-        and hidden_states.dtype == torch.float32
+        and hidden_states.dtype == layer.weight.dtype == torch.float32
         and not torch.is_grad_enabled()
         and hidden_states.numel() <= SMALL_ROW_LINEAR_MAX_ROWS * hidden_states.shape[-1]
         and _cpu_threads() > 1
