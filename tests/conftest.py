@@ -33,3 +33,17 @@ def fixture_folders(marker: str) -> list[Path]:
 def _deterministic_torch():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def single_thread():
+    """Run the test with one intra-op thread, then restore the previous count.
+
+    Tiny towers and small matmuls gain nothing from intra-op threads, and on a shared CPU the threads contend
+    (~10x slower on two contended threads than on one). Request it by name, or for a whole module with
+    `pytestmark = pytest.mark.usefixtures("single_thread")`.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -32,13 +32,8 @@ LINCIR_TINY = FIXTURES / "lincir_tiny"
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "convert_lincir_to_diffusers.py"
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny towers gain nothing from intra-op threads, and on a shared CPU the threads contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Every test here runs on one intra-op thread (fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def lincir_sequential(input_dim, hidden_dim, output_dim, num_hidden=2):

@@ -22,13 +22,8 @@ FOLDERS = fixture_folders("phi_original.pt")
 TOLERANCE = 1e-5  # float32 on CPU, as the reference README states
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny towers gain nothing from intra-op threads, and on a shared CPU the threads contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Every test here runs on one intra-op thread (fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

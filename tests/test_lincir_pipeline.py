@@ -25,13 +25,8 @@ PLACEHOLDER_ID = 259  # "$" in CLIP's vocabulary
 TOLERANCE = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny towers gain nothing from intra-op threads, and on a shared CPU the threads contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Every test here runs on one intra-op thread (fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_text_encoder(hidden_size=32, projection_dim=24, seed=0, eos_token_id=49407):

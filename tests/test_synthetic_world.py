@@ -23,15 +23,6 @@ def world():
     return SyntheticCIRWorld(SyntheticWorldConfig.tiny(seed=0))
 
 
-@pytest.fixture
-def single_thread():
-    # Small matmuls on a shared 2-core machine run ~10x faster on one thread than on two contended ones.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _recall_at_1(world, queries, triplets):
     # The reference is not a valid answer (as in CIRR): mask it out of the gallery.
     scores = torch.nn.functional.normalize(queries, dim=-1) @ world.image_embeds.T
