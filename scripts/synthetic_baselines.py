@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Recall@1/5/10 of the non-learned baselines on the synthetic CIR world (and reference points).
 
-For each world (``--config default|tiny``, ``--seeds``) and split (``test``: held-out compositions;
-``validation``: seen compositions, unseen (reference, edit) pairs), retrieving from the whole gallery with
-the reference excluded (as CIRR does), Recall@K from ``diffusers_cir.metrics``:
+For each world (``--config default|tiny``, or ``--clip_like``; ``--seeds``) and split (``test``: held-out
+compositions; ``validation``: seen compositions, unseen (reference, edit) pairs), retrieving from the whole
+gallery with the reference excluded (as CIRR does), Recall@K from ``diffusers_cir.metrics``:
 
 - ``image_only``: the reference image embedding;
 - ``text_only``: the modification text embedding (the world's text encoder);
@@ -17,8 +17,11 @@ the reference excluded (as CIRR does), Recall@K from ``diffusers_cir.metrics``:
 
     python scripts/synthetic_baselines.py                    # default world, seeds 0-2
     python scripts/synthetic_baselines.py --config tiny --train_mlp 20
+    python scripts/synthetic_baselines.py --clip_like --output_json clip_like_baselines.json
 
-Prints a table and writes JSON (``benchmarks/results/synthetic_baselines.json`` by default).
+Prints a table and writes JSON (``benchmarks/results/synthetic_baselines.json`` by default). The JSON records
+the world: ``config``, ``clip_like`` and, per seed, the full ``world_config``
+(``diffusers_cir.data.synthetic.config_from_dict`` rebuilds it).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import time
 import numpy as np
 import torch
 
-from diffusers_cir.data.synthetic import SyntheticCIRWorld, SyntheticWorldConfig
+from diffusers_cir.data.synthetic import SyntheticCIRWorld, SyntheticWorldConfig, config_to_dict
 
 KS = (1, 5, 10)
 
@@ -40,12 +43,27 @@ KS = (1, 5, 10)
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", choices=("default", "tiny"), default="default")
+    parser.add_argument("--clip_like", action="store_true",
+                        help="Use SyntheticWorldConfig.clip_like(seed) worlds: the CLIP-like text tower (position "
+                             "embeddings std 0.1, content-word attention salience 5, six caption templates) on a "
+                             "432-item vocabulary with no 'photo' style, instead of the default random tower. It is "
+                             "its own world size, so it only goes with --config default.")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--splits", nargs="+", default=["test", "validation"])
     parser.add_argument("--train_mlp", type=float, default=0.0, help="Seconds of MLP training per world (0: skip).")
     parser.add_argument("--output_json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir,
                                                                "benchmarks", "results", "synthetic_baselines.json"))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.clip_like and args.config != "default":
+        parser.error(f"--clip_like builds SyntheticWorldConfig.clip_like (432 items); "
+                     f"it cannot be combined with --config {args.config}.")
+    return args
+
+
+def world_config(args, seed: int) -> SyntheticWorldConfig:
+    if args.clip_like:
+        return SyntheticWorldConfig.clip_like(seed=seed)
+    return SyntheticWorldConfig.tiny(seed=seed) if args.config == "tiny" else SyntheticWorldConfig(seed=seed)
 
 
 def additive_attribute_predictions(world: SyntheticCIRWorld) -> torch.Tensor:
@@ -100,13 +118,14 @@ def evaluate_world(world: SyntheticCIRWorld, splits, mlp_seconds: float) -> dict
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)  # small matmuls: one thread is faster than contended ones
-    report = {"config": args.config, "ks": list(KS), "worlds": {}}
+    report = {"config": args.config, "clip_like": args.clip_like, "ks": list(KS), "worlds": {}}
     rows = []
     for seed in args.seeds:
-        config = SyntheticWorldConfig.tiny(seed=seed) if args.config == "tiny" else SyntheticWorldConfig(seed=seed)
+        config = world_config(args, seed)
         world = SyntheticCIRWorld(config)
         results = evaluate_world(world, args.splits, args.train_mlp)
-        report["worlds"][str(seed)] = {"items": world.num_items, "heldout_pairs": len(world.heldout_pairs), **results}
+        report["worlds"][str(seed)] = {"items": world.num_items, "heldout_pairs": len(world.heldout_pairs),
+                                       "world_config": config_to_dict(config), **results}
         for split, methods in results.items():
             for method, recalls in methods.items():
                 if method != "num_queries":

@@ -20,14 +20,17 @@ def _run(path, argv, monkeypatch):
 
 
 def test_synthetic_baselines_script(tmp_path, monkeypatch, capsys):
-    from diffusers_cir.data.synthetic import SyntheticCIRWorld, SyntheticWorldConfig
+    from diffusers_cir.data.synthetic import SyntheticCIRWorld, SyntheticWorldConfig, config_to_dict
 
     output = tmp_path / "baselines.json"
     code = _run(os.path.join(ROOT, "scripts", "synthetic_baselines.py"),
                 ["--config", "tiny", "--seeds", "1", "--splits", "test", "--output_json", str(output)], monkeypatch)
     assert code == 0
     assert "image_text_sum" in capsys.readouterr().out
-    report = json.loads(output.read_text())["worlds"]["1"]["test"]
+    written = json.loads(output.read_text())
+    assert written["config"] == "tiny" and written["clip_like"] is False
+    assert written["worlds"]["1"]["world_config"] == config_to_dict(SyntheticWorldConfig.tiny(seed=1))
+    report = written["worlds"]["1"]["test"]
     world = SyntheticCIRWorld(SyntheticWorldConfig.tiny(seed=1))
     test = world.triplets("test")
     assert report["num_queries"] == len(test)
@@ -35,6 +38,51 @@ def test_synthetic_baselines_script(tmp_path, monkeypatch, capsys):
         expected = world.recall_at_k(query, test)
         assert report[name] == {k: pytest.approx(v, abs=1e-4) for k, v in expected.items()}
     assert report["additive_attributes"]["recall_at1"] > max(report[n]["recall_at1"] for n in ("image_only", "text_only", "image_text_sum"))
+
+
+def test_synthetic_baselines_script_clip_like(tmp_path, monkeypatch, capsys):
+    """`--clip_like` computes the baselines on `SyntheticWorldConfig.clip_like(seed)` and records that world."""
+    from diffusers_cir.data.synthetic import (
+        CAPTION_TEMPLATE,
+        SyntheticCIRWorld,
+        SyntheticWorldConfig,
+        config_from_dict,
+        config_to_dict,
+    )
+
+    script = os.path.join(ROOT, "scripts", "synthetic_baselines.py")
+    output = tmp_path / "baselines.json"
+    argv = ["--clip_like", "--seeds", "1", "--splits", "test", "--output_json", str(output)]
+    assert _run(script, argv, monkeypatch) == 0
+    written = json.loads(output.read_text())
+    assert written["config"] == "default" and written["clip_like"] is True
+    recorded = written["worlds"]["1"]["world_config"]
+    assert recorded == config_to_dict(SyntheticWorldConfig.clip_like(seed=1))
+    assert recorded != config_to_dict(SyntheticWorldConfig(seed=1))
+    assert written["worlds"]["1"]["items"] == 432
+    report = written["worlds"]["1"]["test"]
+
+    # The numbers are those of the recorded world, and not those of the same vocabulary with the default tower.
+    world = SyntheticCIRWorld(config_from_dict(recorded))
+    test = world.triplets("test")
+    assert report["num_queries"] == len(test)
+    for name, query in world.baseline_queries(test).items():
+        expected = world.recall_at_k(query, test)
+        assert report[name] == {k: pytest.approx(v, abs=1e-4) for k, v in expected.items()}
+    default_tower = SyntheticCIRWorld(SyntheticWorldConfig.clip_like(
+        seed=1, text_position_scale=1.0, text_content_salience=0.0, caption_templates=(CAPTION_TEMPLATE,)))
+    default_test = default_tower.triplets("test")
+    assert len(default_test) == len(test)
+    default_sum = default_tower.baseline_queries(default_test)["image_text_sum"]
+    default_sum = default_tower.recall_at_k(default_sum, default_test)
+    # The CLIP-like tower makes the edit text useful to the image + text sum (R@1 0.18 against 0.05 here).
+    assert report["image_text_sum"]["recall_at1"] > default_sum["recall_at1"] + 0.05
+
+    # It is its own world size: with --config tiny the parser refuses it.
+    argv = ["--clip_like", "--config", "tiny", "--output_json", str(tmp_path / "no.json")]
+    assert _run(script, argv, monkeypatch) == 2
+    assert "cannot be combined with --config tiny" in capsys.readouterr().err
+    assert not (tmp_path / "no.json").exists()
 
 
 def test_data_benchmark_quick(tmp_path, monkeypatch, capsys):
