@@ -13,7 +13,8 @@ Measured, per batch size:
   and projection on pre-tokenised prompts (queries/s);
 - ``query+tok``: the same from prompt strings, tokenisation included (queries/s);
 - ``train``: one self-masking-projection step (frozen tower forward on captions, phi, tower forward/backward on
-  the masked captions, AdamW) on pre-collated batches (captions/s);
+  the masked captions, AdamW) on pre-collated batches (captions/s), padded as the collator does by default (to the
+  longest caption of the batch; the token widths are printed and stored as ``input_width`` / ``masked_width``);
 - ``collate`` (once, CPU): keyword masking + tokenisation by :class:`~diffusers_cir.text.SelfMaskingCollator`
   with the built-in keyword rule (captions/s per data-loader worker).
 
@@ -167,7 +168,7 @@ def bench_training(pipeline, batch_size: int, device, dtype, iters: int, warmup:
         optimizer.zero_grad(set_to_none=True)
 
     seconds = _time(step, device, iters, warmup)
-    return {"train_captions_per_s": batch_size / seconds}
+    return {"train_captions_per_s": batch_size / seconds, "input_width": input_ids.shape[1], "masked_width": masked_input_ids.shape[1]}
 
 
 def bench_collate(tokenizer, batch_size: int = 256, iters: int = 3) -> float:
@@ -216,6 +217,12 @@ def main(argv=None) -> dict:
             f"{row.get('query_per_s', float('nan')):>11.1f} {row.get('query_with_tokenizer_per_s', float('nan')):>10.1f} "
             f"{row.get('train_captions_per_s', float('nan')):>11.1f}"
         )
+    for row in rows:
+        if "input_width" in row:
+            print(
+                f"{row['config']} train batch {row['batch_size']}: captions padded to {row['input_width']} tokens, "
+                f"masked captions to {row['masked_width']} (the batch's longest, not model_max_length)"
+            )
     print(f"keyword masking + tokenisation (CPU, one worker): {collate_per_s:.0f} captions/s")
 
     result = {"benchmark": "lincir", "environment": environment, "iters": args.iters, "warmup": args.warmup, "rows": rows, "collate_captions_per_s": collate_per_s}

@@ -73,6 +73,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--dataloader_num_workers", type=int, default=0)
     data.add_argument("--keyword_extractor", choices=["auto", "spacy", "builtin"], default="auto")
     data.add_argument("--spacy_model", default="en_core_web_sm")
+    data.add_argument(
+        "--pad_to_max_length",
+        action="store_true",
+        help="Pad every caption to the tokenizer's model_max_length (77) instead of the batch's longest caption: "
+        "the same loss (up to float rounding) for several times the text-tower work on short captions, but fixed shapes.",
+    )
 
     training = parser.add_argument_group("training")
     training.add_argument("--output_dir", required=True)
@@ -257,7 +263,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     keyword_extractor = load_keyword_extractor(args.keyword_extractor, args.spacy_model)
-    collator = SelfMaskingCollator(tokenizer, keyword_extractor, seed=args.seed)
+    padding = "max_length" if args.pad_to_max_length else "longest"
+    collator = SelfMaskingCollator(tokenizer, keyword_extractor, seed=args.seed, padding=padding)
     stream = caption_stream(args, accelerator.process_index, accelerator.num_processes)
     try:
         from torchdata.stateful_dataloader import StatefulDataLoader as DataLoader

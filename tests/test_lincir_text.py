@@ -113,6 +113,7 @@ def test_collator(tokenizer):
     collator = SelfMaskingCollator(tokenizer, seed=0)
     captions = ["a red car on a road", {"text": "it is"}, "", " ".join(["very"] * 90) + " dog"]
     batch = collator(captions)
+    # The last caption is over 77 tokens: even padded to the longest of the batch, both widths are the truncation's.
     assert batch["input_ids"].shape == batch["masked_input_ids"].shape == (4, 77)
     assert ((batch["masked_input_ids"] == PLACEHOLDER_ID).sum(dim=-1) >= 1).all()
     assert batch["masked_input_ids"][0, :5].tolist() == [49406, PLACEHOLDER_ID, 525, PLACEHOLDER_ID, 49407]
@@ -123,6 +124,34 @@ def test_collator(tokenizer):
     assert torch.equal(batch["input_ids"][0], tokenizer("a red car on a road", padding="max_length", max_length=77, return_tensors="pt").input_ids[0])
     with pytest.raises(TypeError, match="Caption 0 of the batch must be a string"):
         collator([{"text": 5}])
+
+
+def test_collator_pads_to_the_longest_caption_or_to_max_length(tokenizer):
+    captions = ["a red car on a road", {"text": "it is"}, "", "two small dogs are playing in the deep snow near a wooden fence"]
+    longest = SelfMaskingCollator(tokenizer, seed=0)(captions)
+    full = SelfMaskingCollator(tokenizer, seed=0, padding="max_length")(captions)
+    assert full["input_ids"].shape == full["masked_input_ids"].shape == (4, 77)
+
+    texts = [c["text"] if isinstance(c, dict) else c for c in captions]
+    lengths = [len(tokenizer(clean_caption(t)).input_ids) for t in texts]
+    masked_lengths = [len(tokenizer(mask_caption(t, rng=random.Random(0)).masked_caption).input_ids) for t in texts]
+    width, masked_width = max(lengths), max(masked_lengths)
+    assert longest["input_ids"].shape == (4, width) and longest["masked_input_ids"].shape == (4, masked_width)
+    assert masked_width < width < 77  # the masked captions are shorter: the two widths differ
+    # The same tokens, only the padding tail (end-of-text ids) is shorter.
+    assert torch.equal(longest["input_ids"], full["input_ids"][:, :width])
+    assert torch.equal(longest["masked_input_ids"], full["masked_input_ids"][:, :masked_width])
+    assert (full["input_ids"][:, width:] == tokenizer.pad_token_id).all()
+    assert torch.equal(longest["masked_by_keywords"], full["masked_by_keywords"])
+    for row, length in zip(longest["input_ids"], lengths):
+        assert (row[length:] == tokenizer.pad_token_id).all() and row[length - 1] == tokenizer.eos_token_id
+
+
+def test_collator_rejects_unknown_padding(tokenizer):
+    with pytest.raises(ValueError, match=r"`padding` must be one of \['longest', 'max_length'\], got 'max'"):
+        SelfMaskingCollator(tokenizer, padding="max")
+    with pytest.raises(ValueError, match="`padding`"):
+        SelfMaskingCollator(tokenizer, padding=True)
 
 
 # ------------------------------------------------------------------------------------------- the loss
@@ -158,6 +187,41 @@ def test_loss_is_lincirs_objective_and_trains_only_phi(tokenizer, single_thread)
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in phi.parameters())
     assert all(p.grad is None for p in text_encoder.parameters())
+
+
+def test_longest_padding_gives_the_embeddings_and_loss_of_max_length_padding(tokenizer, single_thread):
+    """CLIP attends causally and pools at the first end-of-text token: padding after it changes nothing."""
+    text_encoder = _tiny_text_encoder()
+    captions = [
+        "a red car parked on a quiet road",
+        "two dogs are playing in the snow",
+        "a cup of tea",
+        "an old clock on a brick wall next to a window with white curtains",
+        "it is",
+    ]
+    longest = SelfMaskingCollator(tokenizer, seed=0)(captions)
+    full = SelfMaskingCollator(tokenizer, seed=0, padding="max_length")(captions)
+    width = max(len(tokenizer(clean_caption(c)).input_ids) for c in captions)
+    assert longest["input_ids"].shape[1] == width < 77 and full["input_ids"].shape[1] == 77
+    assert longest["masked_input_ids"].shape[1] < 77
+
+    with torch.no_grad():
+        embeds = text_encoder(input_ids=longest["input_ids"]).text_embeds
+        reference = text_encoder(input_ids=full["input_ids"]).text_embeds
+    assert torch.allclose(embeds, reference, atol=1e-5, rtol=0)
+
+    losses, grads = [], []
+    for batch in (longest, full):
+        torch.manual_seed(1)  # the same phi for both batches
+        phi = TextualInversionProjection(24, 96, 32, dropout=0.0)
+        generator = torch.Generator().manual_seed(5)
+        loss = self_masking_projection_loss(phi, text_encoder, batch["input_ids"], batch["masked_input_ids"], generator=generator)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in phi.parameters()]))
+    assert losses[0] > 0
+    assert torch.allclose(losses[0], losses[1], atol=1e-5, rtol=0)
+    assert torch.allclose(grads[0], grads[1], atol=1e-5, rtol=1e-4)
 
 
 def test_a_few_steps_reduce_the_loss(tokenizer, single_thread):

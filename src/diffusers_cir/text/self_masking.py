@@ -27,6 +27,7 @@ from ..pipelines.pipeline_lincir import encode_text_with_pseudo_tokens
 from .keywords import RuleBasedKeywordExtractor
 
 _WHITESPACE = re.compile(r"\s+")
+_PADDINGS = ("longest", "max_length")
 
 
 @dataclass(frozen=True)
@@ -103,9 +104,15 @@ class SelfMaskingCollator:
         placeholder: the placeholder token (``"$"``).
         caption_column: key of the caption when the batch holds dicts (rows of a ``datasets`` dataset).
         seed: seeds the random-word fallback (the collator is deterministic for a seed).
+        padding: ``"longest"`` (default) pads each tensor to its longest row in the batch, ``"max_length"`` to the
+            tokenizer's ``model_max_length`` (77 for CLIP). Both truncate at ``model_max_length``. CLIP text towers
+            attend causally and pool at the first end-of-text token, so the padding after it changes no embedding
+            (up to float rounding) and ``"longest"`` spares the frozen tower most of its work on short captions.
 
-    Returns a dict with ``input_ids`` and ``masked_input_ids`` (``LongTensor [B, 77]``) and ``masked_by_keywords``
-    (``BoolTensor [B]``, the share of captions whose keywords could be found is worth logging).
+    Returns a dict with ``input_ids`` (``LongTensor [B, L]``) and ``masked_input_ids`` (``LongTensor [B, L_masked]``),
+    where ``L`` and ``L_masked`` are the longest tokenised caption and masked caption of the batch (both are
+    ``model_max_length`` with ``padding="max_length"``, and they generally differ with ``"longest"``), and
+    ``masked_by_keywords`` (``BoolTensor [B]``, the share of captions whose keywords could be found is worth logging).
 
     Example:
         >>> from diffusers_cir.text.self_masking import SelfMaskingCollator
@@ -122,7 +129,11 @@ class SelfMaskingCollator:
         placeholder: str = "$",
         caption_column: str = "text",
         seed: int | None = None,
+        padding: str = "longest",
     ):
+        if padding not in _PADDINGS:
+            raise ValueError(f"`padding` must be one of {list(_PADDINGS)}, got {padding!r}.")
+        self.padding = padding
         self.tokenizer = tokenizer
         self.keyword_extractor = keyword_extractor or RuleBasedKeywordExtractor()
         self.placeholder = placeholder
@@ -130,11 +141,13 @@ class SelfMaskingCollator:
         self.caption_column = caption_column
         self.rng = random.Random(seed)
 
-    def _tokenize(self, texts: list[str]) -> torch.Tensor:
+    def _tokenize(self, texts: list[str], width: int | None = None) -> torch.Tensor:
+        """Token ids truncated at ``model_max_length``, padded per ``self.padding`` or, given ``width``, to it."""
+        max_length = self.tokenizer.model_max_length if width is None else width
         return self.tokenizer(
             texts,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
+            padding="max_length" if width is not None else self.padding,
+            max_length=max_length,
             truncation=True,
             return_tensors="pt",
         ).input_ids
@@ -155,7 +168,8 @@ class SelfMaskingCollator:
         # A placeholder cut off by truncation (a mask after the 75th token) falls back to the template.
         lost = ~(masked_input_ids == self.placeholder_token_id).any(dim=-1)
         if lost.any():
-            template = self._tokenize([f"a photo of {self.placeholder}"])
+            # Padded to the batch's current width of masked ids, whatever the padding (not assumed to be 77).
+            template = self._tokenize([f"a photo of {self.placeholder}"], width=masked_input_ids.shape[1])
             masked_input_ids[lost] = template
         by_keywords = torch.tensor([m.strategy == "keywords" for m in masked], dtype=torch.bool) & ~lost
         return {"input_ids": input_ids, "masked_input_ids": masked_input_ids, "masked_by_keywords": by_keywords}
