@@ -155,10 +155,15 @@ def test_prompt_strings_are_formatted_with_the_template():
     image_embeds = torch.randn(2, 24)
     texts = ["is red", "has two dogs on a beach"]
     out = pipe(image_embeds=image_embeds, prompt=texts)
-    ids = pipe.tokenizer([f"a photo of $ that {t}" for t in texts], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    # prompts are padded to the call's longest prompt
+    ids = pipe.tokenizer([f"a photo of $ that {t}" for t in texts], padding="longest", return_tensors="pt").input_ids
     assert torch.equal(pipe(image_embeds=image_embeds, prompt_input_ids=ids).image_embeds, out.image_embeds)
+    # which gives the embeddings of 77-token padding (causal attention, end-of-text pooling) at a fraction of the cost
+    padded = pipe.tokenizer([f"a photo of $ that {t}" for t in texts], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    assert ids.shape[1] < padded.shape[1] == 77
+    assert torch.allclose(pipe(image_embeds=image_embeds, prompt_input_ids=padded).image_embeds, out.image_embeds, atol=1e-5)
     custom = pipe(image_embeds=image_embeds, prompt=texts, prompt_template="$ {text}").image_embeds
-    ids = pipe.tokenizer([f"$ {t}" for t in texts], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    ids = pipe.tokenizer([f"$ {t}" for t in texts], padding="longest", return_tensors="pt").input_ids
     assert torch.equal(pipe(image_embeds=image_embeds, prompt_input_ids=ids).image_embeds, custom)
     assert not torch.allclose(custom, out.image_embeds, atol=1e-4)
 

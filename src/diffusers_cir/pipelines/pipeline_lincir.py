@@ -272,9 +272,11 @@ class LinCIRPipeline(DiffusionPipeline):
         return forward, reversed_
 
     def _tokenize(self, prompts: list[str]) -> torch.Tensor:
+        # Padded to the longest prompt of the call, not to 77: the text tower's attention is causal and it pools at
+        # the first end-of-text token, so the padding after it changes nothing but the cost.
         return self.tokenizer(
             prompts,
-            padding="max_length",
+            padding="longest",
             max_length=self.tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
