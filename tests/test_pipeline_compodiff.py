@@ -52,6 +52,15 @@ def test_prompts_equal_their_embeddings(pipe):
         generator=_gen(),
     ).image_embeds
     assert torch.allclose(a, b, atol=1e-6)
+    # the prompts and the negative text share one text-tower call
+    calls = []
+    handle = pipe.text_encoder.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        pipe(image_embeds=image_embeds, prompt=texts, negative_prompt="blurry", generator=_gen())
+        pipe(image_embeds=image_embeds, prompt=texts, negative_prompt_embeds=pipe.encode_prompt(["blurry"]), generator=_gen())
+    finally:
+        handle.remove()
+    assert calls == [3, 1, 2]
     # the default negative text is the empty string
     c = pipe(image_embeds=image_embeds, prompt=texts, generator=_gen()).image_embeds
     d = pipe(image_embeds=image_embeds, prompt=texts, negative_prompt="", generator=_gen()).image_embeds
@@ -164,6 +173,8 @@ def test_return_tuple_and_numpy(pipe):
         (dict(prompt_embeds=torch.randn(1, 77, TEXT_DIM + 1)), "prompt_embeds"),
         (dict(image_embeds=torch.randn(1, EMBED_DIM)), "prompt"),
         (dict(prompt=3), "prompt"),
+        (dict(prompt="x", negative_prompt=5), r"`negative_prompt` must be a string or a list of strings, got int\."),
+        (dict(prompt=["x", "y"], negative_prompt=["a", None]), r"`negative_prompt` .* got list holding \['NoneType', 'str'\]"),
         (dict(prompt="x", num_samples_per_query=0), "num_samples_per_query"),
         (dict(prompt="x", output_type="pil"), "output_type"),
         (dict(prompt="x", latents=torch.randn(2, EMBED_DIM)), "latents"),

@@ -282,6 +282,14 @@ class CompoDiffPipeline(DiffusionPipeline, CompoDiffLoraLoaderMixin):
                 shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
                 raise ValueError(f"`mask` must be a tensor of shape [batch, {size}, {size}], got {shape}.")
             sizes["mask"] = mask.shape[0]
+        if negative_prompt is not None and not (
+            isinstance(negative_prompt, str)
+            or (isinstance(negative_prompt, (list, tuple)) and all(isinstance(text, str) for text in negative_prompt))
+        ):
+            raise ValueError(
+                f"`negative_prompt` must be a string or a list of strings, got {type(negative_prompt).__name__}"
+                + (f" holding {sorted({type(text).__name__ for text in negative_prompt})}." if isinstance(negative_prompt, (list, tuple)) else ".")
+            )
         if isinstance(negative_prompt, (list, tuple)) and len(negative_prompt) != 1:
             sizes["negative_prompt"] = len(negative_prompt)
 
@@ -503,16 +511,18 @@ class CompoDiffPipeline(DiffusionPipeline, CompoDiffLoraLoaderMixin):
             image_embeds = image_embeds[:, 0]
         image_embeds = image_embeds.to(device=device, dtype=dtype)
 
-        # 3. texts
+        # 3. texts: the prompts and negative texts given as strings go through the text tower in one call
+        pending = {}
         if prompt_embeds is None:
-            prompt_embeds = self.encode_prompt(prompt, device)
+            pending["prompt"] = [prompt] if isinstance(prompt, str) else list(prompt)
         if negative_prompt_embeds is None:
-            if negative_prompt is None:
-                negative_prompt = ""
-            if isinstance(negative_prompt, str):
-                negative_prompt_embeds = self.encode_prompt([negative_prompt], device)
-            else:
-                negative_prompt_embeds = self.encode_prompt(list(negative_prompt), device)
+            negative_prompt = "" if negative_prompt is None else negative_prompt
+            pending["negative"] = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
+        if pending:
+            encoded = self.encode_prompt([text for texts in pending.values() for text in texts], device)
+            encoded = dict(zip(pending, encoded.split([len(texts) for texts in pending.values()])))
+            prompt_embeds = encoded.get("prompt", prompt_embeds)
+            negative_prompt_embeds = encoded.get("negative", negative_prompt_embeds)
         prompt_embeds = prompt_embeds.to(device=device, dtype=dtype)
         negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
         if negative_prompt_embeds.shape[1] != prompt_embeds.shape[1]:
