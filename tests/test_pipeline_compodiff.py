@@ -282,3 +282,12 @@ def test_ddim_eta_is_passed():
     deterministic = pipe(**kwargs, eta=0.0, generator=_gen(0)).image_embeds
     stochastic = pipe(**kwargs, eta=1.0, generator=_gen(0)).image_embeds
     assert not torch.allclose(deterministic, stochastic)
+
+
+def test_encode_prompt_runs_without_autograd(pipe):
+    """A cached `encode_prompt` result (the README's encode-the-negative-once advice) must not hold the text tower's
+    autograd graph; an empty list is refused with a message naming `prompt`."""
+    negative = pipe.encode_prompt([""])
+    assert negative.grad_fn is None and not negative.requires_grad
+    with pytest.raises(ValueError, match="`prompt` is an empty list"):
+        pipe.encode_prompt([])

@@ -119,8 +119,13 @@ class CompoDiffPipeline(DiffusionPipeline, CompoDiffLoraLoaderMixin):
     def embedding_dim(self) -> int:
         return self.transformer.config.embedding_dim
 
+    @torch.no_grad()
     def encode_prompt(self, prompt: str | list[str], device: torch.device | None = None) -> torch.Tensor:
-        """CLIP text last hidden states `[batch, 77, text_embedding_dim]` of one or more prompts."""
+        """CLIP text last hidden states `[batch, 77, text_embedding_dim]` of one or more prompts.
+
+        Runs without autograd (like `encode_image`): a cached result, e.g. a negative prompt encoded once, does not
+        keep the text tower's activations alive.
+        """
         if self.text_encoder is None or self.tokenizer is None:
             raise ValueError(
                 "This pipeline has no `text_encoder`/`tokenizer`: pass `prompt_embeds` (and `negative_prompt_embeds`)."
@@ -128,6 +133,8 @@ class CompoDiffPipeline(DiffusionPipeline, CompoDiffLoraLoaderMixin):
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not all(isinstance(text, str) for text in prompts):
             raise ValueError(f"`prompt` must be a string or a list of strings, got {type(prompt).__name__}.")
+        if not prompts:
+            raise ValueError("`prompt` is an empty list: pass at least one string.")
         device = device or self._execution_device
         tokens = self.tokenizer(
             prompts,
