@@ -9,8 +9,8 @@ of 64, text width 1280, 140M parameters) with random weights; three-way guidance
     python benchmarks/bench_compodiff.py --tiny                              # seconds on CPU (run by the tests)
 
 Modes: `reference` recomputes the conditions' projections at every step in float32, as the authors' code does;
-`fast` is the pipeline's path (step-independent work once per query, branches batched, one timestep embedding per
-step); `graph` is `fast` captured as one CUDA graph (`pipe.enable_cuda_graphs()`);
+`fast` is the pipeline's path (step-independent work once per query, branches batched, the time tokens of all
+steps in one call); `graph` is `fast` captured as one CUDA graph (`pipe.enable_cuda_graphs()`);
 `compiled-graph` also compiles the transformer blocks first (`enable_cuda_graphs(compile_blocks=True)`);
 `compiled` is `fast` with the blocks compiled (`transformer.compile_repeated_blocks(dynamic=False)`, no graph; the CPU
 low-latency mode). The `-unfused` modes leave out the device's fast kernels: the fused Triton attention on CUDA, the

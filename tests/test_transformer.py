@@ -214,3 +214,24 @@ def test_compiled_blocks_equal_eager_on_cpu(monkeypatch):
         compiled_model.compile_repeated_blocks(dynamic=False)
         compiled = compiled_model(x, 500, context=context).predicted_image_embedding
     assert torch.allclose(compiled, eager, atol=1e-5, rtol=0)
+
+
+def test_precomputed_time_tokens_equal_the_timestep_path():
+    """`embed_timesteps` embeds several steps in one call; `forward(timestep_embeds=...)` uses them instead."""
+    model = tiny_transformer()
+    inputs = _inputs(3)
+    timesteps = torch.tensor([999, 500, 3])
+    with torch.no_grad():
+        tokens = model.embed_timesteps(timesteps)
+        assert tokens.shape == (3, EMBED_DIM)
+        for index, t in enumerate(timesteps.tolist()):
+            direct = model(**dict(inputs, timestep=t)).predicted_image_embedding
+            given = model(**dict(inputs, timestep=None), timestep_embeds=tokens[index : index + 1]).predicted_image_embedding
+            assert torch.allclose(direct, given, atol=1e-6)
+        per_row = model(**dict(inputs, timestep=timesteps)).predicted_image_embedding
+        assert torch.allclose(per_row, model(**inputs, timestep_embeds=tokens).predicted_image_embedding, atol=1e-6)
+        assert not torch.allclose(per_row, model(**dict(inputs, timestep=timesteps.flip(0))).predicted_image_embedding)
+    with pytest.raises(ValueError, match=r"`timestep_embeds` must have shape \[1 or 3, 16\], got \(2, 16\)"):
+        model(**inputs, timestep_embeds=tokens[:2])
+    with pytest.raises(ValueError, match=r"`timestep` must have shape \[n\], got \(\)"):
+        model.embed_timesteps(torch.tensor(5))

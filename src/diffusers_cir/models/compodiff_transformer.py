@@ -718,6 +718,16 @@ class CompoDiffTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         bias = self.relative_position_bias(buckets).permute(2, 0, 1)  # [heads, queries, keys]
         return angles.cos().to(dtype), angles.sin().to(dtype), bias.to(dtype)
 
+    def embed_timesteps(self, timestep: torch.Tensor) -> torch.Tensor:
+        """Time tokens `[n, embedding_dim]` (model dtype) of `n` timesteps: the sinusoidal embedding through the
+        float32 time MLP. `forward(..., timestep_embeds=...)` takes them precomputed."""
+        if not torch.is_tensor(timestep):
+            timestep = torch.as_tensor(timestep, device=self.time_embedding.linear_1.weight.device)
+        if timestep.ndim != 1:
+            raise ValueError(f"`timestep` must have shape [n], got {tuple(timestep.shape)}.")
+        time_token = self.time_embedding(sinusoidal_timestep_embedding(timestep, self.config.embedding_dim))
+        return time_token.to(self.proj_out.weight.dtype)
+
     # ------------------------------------------------------------------ forward
 
     def forward(
@@ -729,6 +739,7 @@ class CompoDiffTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         mask: torch.Tensor | None = None,
         return_dict: bool = True,
         context: CompoDiffContext | None = None,
+        timestep_embeds: torch.Tensor | None = None,
     ) -> CompoDiffTransformerOutput | tuple[torch.Tensor]:
         """
         Args:
@@ -736,6 +747,8 @@ class CompoDiffTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
             timestep: integer timestep(s), a scalar or `[batch]`.
             image_embeds, text_hidden_states, mask: the conditions (see :meth:`encode_context`).
             context: a precomputed :class:`CompoDiffContext`, used instead of the three conditions.
+            timestep_embeds: `[1 or batch, embedding_dim]`, the time tokens of `timestep` precomputed with
+                :meth:`embed_timesteps` (a sampler embeds all its steps in one call); `timestep` is then not read.
 
         Returns:
             `CompoDiffTransformerOutput` with `predicted_image_embedding` `[batch, embedding_dim]`.
@@ -750,15 +763,22 @@ class CompoDiffTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         elif context.batch_size != batch:
             raise ValueError(f"`context` holds {context.batch_size} queries but `hidden_states` has {batch}.")
 
-        timestep = torch.as_tensor(timestep, device=hidden_states.device)
-        if timestep.ndim == 0:
-            timestep = timestep.reshape(1)  # one shared timestep: embed it once, broadcast below
-        elif timestep.shape != (batch,):
-            raise ValueError(f"`timestep` must be a scalar or have shape [{batch}], got {tuple(timestep.shape)}.")
-
         dtype = self.proj_out.weight.dtype
-        time_token = self.time_embedding(sinusoidal_timestep_embedding(timestep, self.config.embedding_dim))
-        time_token = time_token.to(dtype).expand(batch, -1)
+        if timestep_embeds is None:
+            timestep = torch.as_tensor(timestep, device=hidden_states.device)
+            if timestep.ndim == 0:
+                timestep = timestep.reshape(1)  # one shared timestep: embed it once, broadcast below
+            elif timestep.shape != (batch,):
+                raise ValueError(f"`timestep` must be a scalar or have shape [{batch}], got {tuple(timestep.shape)}.")
+            time_token = self.embed_timesteps(timestep)
+        else:
+            width = self.config.embedding_dim
+            if timestep_embeds.ndim != 2 or timestep_embeds.shape[0] not in (1, batch) or timestep_embeds.shape[1] != width:
+                raise ValueError(
+                    f"`timestep_embeds` must have shape [1 or {batch}, {width}], got {tuple(timestep_embeds.shape)}."
+                )
+            time_token = timestep_embeds.to(dtype)
+        time_token = time_token.expand(batch, -1)
         tokens = torch.stack((hidden_states.to(dtype), time_token), dim=1)
         if context.self_attention_tables is None:
             rotary_cos, rotary_sin, position_bias = self._rotary_and_bias(tokens.shape[1], tokens.device, dtype)

@@ -3,8 +3,8 @@
 
 Everything that does not depend on the step is done once per query (text projection, mask embedding and the
 cross-attention keys/values of the three guidance contexts, see
-`CompoDiffTransformer.encode_guidance_context`); the three guidance branches run as one batch; the timestep is
-embedded once per step; all random draws are made up front, in the reference order (initial noise, then one draw per
+`CompoDiffTransformer.encode_guidance_context`); the three guidance branches run as one batch; the time tokens
+of all steps come from one call of the time MLP (`CompoDiffTransformer.embed_timesteps`); all random draws are made up front, in the reference order (initial noise, then one draw per
 noisy step), so a seeded generator gives the same numbers as the reference whether or not a graph is used.
 
 On CUDA the transformer runs the fused Triton kernels of `diffusers_cir.models.fused_inference` (about 1,700 kernels
@@ -78,10 +78,17 @@ def reference_sampling_loop(
     # multiplies the branch difference by up to 7.5, which would amplify half-precision rounding step after step.
     latents = latents.float()
     model_dtype = transformer.dtype
+    # every step's time token in one call of the time MLP (the grid is known up front)
+    if timestep_tensors is not None:
+        steps = torch.stack([timestep.reshape(()) for timestep in timestep_tensors])
+    else:
+        steps = torch.tensor(plan.timesteps, device=latents.device)
+    time_tokens = transformer.embed_timesteps(steps)
     for index, (t, coefficients) in enumerate(zip(plan.timesteps, plan.coefficients)):
-        timestep = timestep_tensors[index] if timestep_tensors is not None else t
         model_input = torch.cat([latents] * 3).to(model_dtype)
-        prediction = transformer(model_input, timestep, context=context).predicted_image_embedding
+        prediction = transformer(
+            model_input, t, context=context, timestep_embeds=time_tokens[index : index + 1]
+        ).predicted_image_embedding
         x0 = guided_prediction(prediction.float(), guidance_scale, image_guidance_scale)
         if coefficients is None:
             latents = x0
