@@ -179,6 +179,12 @@ def test_return_tuple_and_numpy(pipe):
         (dict(prompt="x", output_type="pil"), "output_type"),
         (dict(prompt="x", latents=torch.randn(2, EMBED_DIM)), "latents"),
         (dict(prompt="x", mask_image=Image.new("L", (8, 8)), mask=torch.zeros(1, 64, 64)), "not both"),
+        (dict(prompt="x", num_samples_per_query=True), "num_samples_per_query"),
+        (dict(prompt=[]), "No query to compose: `prompt` hold"),
+        (dict(prompt_embeds=torch.randn(0, 77, TEXT_DIM)), "No query to compose: `prompt_embeds`"),
+        (dict(prompt=["x", "y"], generator=[_gen(0)]), r"`generator` as a list .* 2 \(2 queries x 1 num_samples_per_query\), got a list of 1"),
+        (dict(prompt=["x", "y"], num_samples_per_query=2, generator=[_gen(0), _gen(1)]), r"`generator` .* 4 \(2 queries x 2"),
+        (dict(prompt="x", generator=0), "`generator` must be a torch.Generator"),
     ],
 )
 def test_bad_inputs(pipe, kwargs, message):
@@ -291,3 +297,14 @@ def test_encode_prompt_runs_without_autograd(pipe):
     assert negative.grad_fn is None and not negative.requires_grad
     with pytest.raises(ValueError, match="`prompt` is an empty list"):
         pipe.encode_prompt([])
+
+
+def test_generator_list_gives_each_row_its_generator(pipe):
+    """One generator per row of noise (query-major): query i with samples `(2i, 2i+1)` gives the same result in a
+    batch as alone with those generators."""
+    image_embeds, prompts = torch.randn(2, EMBED_DIM), ["a", "b"]
+    batched = pipe(image_embeds=image_embeds, prompt=prompts, num_samples_per_query=2,
+                   generator=[_gen(seed) for seed in range(4)], num_inference_steps=3).image_embeds
+    second = pipe(image_embeds=image_embeds[1:], prompt=prompts[1:], num_samples_per_query=2,
+                  generator=[_gen(2), _gen(3)], num_inference_steps=3).image_embeds
+    assert torch.allclose(batched[1:], second, atol=1e-4)

@@ -247,7 +247,7 @@ class CompoDiffPipeline(DiffusionPipeline, CompoDiffLoraLoaderMixin):
             raise ValueError("A query needs a text: pass `prompt` or `prompt_embeds`.")
         if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
-        if not isinstance(num_samples_per_query, int) or num_samples_per_query < 1:
+        if not isinstance(num_samples_per_query, int) or isinstance(num_samples_per_query, bool) or num_samples_per_query < 1:
             raise ValueError(f"`num_samples_per_query` must be a positive integer, got {num_samples_per_query!r}.")
         if output_type not in ("pt", "np"):
             raise ValueError(f"`output_type` must be 'pt' or 'np', got {output_type!r}.")
@@ -307,7 +307,27 @@ class CompoDiffPipeline(DiffusionPipeline, CompoDiffLoraLoaderMixin):
                 sizes.pop(broadcastable)
         if len(set(sizes.values())) > 1:
             raise ValueError(f"Batch sizes do not match: {sizes}.")
-        return next(iter(sizes.values()))
+        batch_size = next(iter(sizes.values()))
+        if batch_size == 0:
+            raise ValueError(f"No query to compose: {' and '.join(f'`{name}`' for name in sizes)} hold no entries.")
+        return batch_size
+
+    @staticmethod
+    def check_generator(generator, batch_size: int, num_samples_per_query: int) -> None:
+        """A list of generators must give one generator per row of noise (query-major, as `latents`)."""
+        if isinstance(generator, (list, tuple)):
+            rows = batch_size * num_samples_per_query
+            if len(generator) != rows or not all(isinstance(item, torch.Generator) for item in generator):
+                raise ValueError(
+                    f"`generator` as a list must hold one torch.Generator per row of noise: {rows} "
+                    f"({batch_size} queries x {num_samples_per_query} num_samples_per_query), got a list of "
+                    f"{len(generator)} holding {sorted({type(item).__name__ for item in generator})}; or pass a "
+                    "single generator."
+                )
+        elif generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(
+                f"`generator` must be a torch.Generator or a list of them, got {type(generator).__name__}."
+            )
 
     # ------------------------------------------------------------------ sampling
 
@@ -466,7 +486,8 @@ class CompoDiffPipeline(DiffusionPipeline, CompoDiffLoraLoaderMixin):
             num_samples_per_query (`int`, defaults to 1): Samples drawn per query and averaged.
             source_weight (`float`, defaults to 0.0): Mix `(1 - w) * result + w * reference embedding` (0.1
                 keeps more of the reference image; ignored for text-only queries).
-            generator (`torch.Generator`, *optional*): Makes the result deterministic.
+            generator (`torch.Generator` or a list of `batch_size * num_samples_per_query` of them, *optional*):
+                Makes the result deterministic; a list gives each row of noise (query-major) its own generator.
             latents (`[B * num_samples_per_query, D]`, *optional*): Initial noise.
             eta (`float`, *optional*): Sampler stochasticity, for schedulers whose `step` takes it.
             normalize (`bool`, defaults to `False`): L2-normalise the output (what retrieval needs).
@@ -484,6 +505,7 @@ class CompoDiffPipeline(DiffusionPipeline, CompoDiffLoraLoaderMixin):
             image, prompt, negative_prompt, image_embeds, prompt_embeds, negative_prompt_embeds, mask_image, mask,
             num_inference_steps, num_samples_per_query, output_type, callback_on_step_end_tensor_inputs,
         )
+        self.check_generator(generator, batch_size, num_samples_per_query)
         device = self._execution_device
         dtype = self.transformer.dtype
         text_only = image is None and image_embeds is None
