@@ -308,3 +308,9 @@ def test_generator_list_gives_each_row_its_generator(pipe):
     second = pipe(image_embeds=image_embeds[1:], prompt=prompts[1:], num_samples_per_query=2,
                   generator=[_gen(2), _gen(3)], num_inference_steps=3).image_embeds
     assert torch.allclose(batched[1:], second, atol=1e-4)
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.0])
+def test_encode_image_refuses_a_bad_batch_size(pipe, batch_size):
+    with pytest.raises(ValueError, match=f"`batch_size` must be a positive integer, got {batch_size}"):
+        pipe.encode_image(_images(2), batch_size=batch_size)

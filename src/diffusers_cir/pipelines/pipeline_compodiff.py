@@ -170,6 +170,8 @@ class CompoDiffPipeline(DiffusionPipeline, CompoDiffLoraLoaderMixin):
         """
         if self.image_encoder is None:
             raise ValueError("This pipeline has no `image_encoder`: pass `image_embeds` instead of images.")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
         images = _as_image_list(images, "images")
         device = device or self._execution_device
         dtype = self.image_encoder.dtype
