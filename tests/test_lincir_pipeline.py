@@ -372,3 +372,16 @@ def test_evaluation_runner_encoder_and_gallery_embedder_drive_the_pipeline(tmp_p
 def test_docstring_examples_run(module):
     results = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert results.attempted > 0 and results.failed == 0
+
+
+@pytest.mark.parametrize("template", ["a {photo} of $ that {text}", "a {} $ that {text}", "a photo of $ that {text} }"])
+def test_prompt_template_with_other_fields_is_refused_by_name(template):
+    """str.format would fail with a bare KeyError/IndexError deep in the call; the message names the argument."""
+    pipe = tiny_pipeline()
+    with pytest.raises(ValueError, match="`prompt_template` .* '\\{text\\}' must be its only replacement field"):
+        pipe(image_embeds=torch.randn(1, 24), prompt="x", prompt_template=template)
+    with pytest.raises(ValueError, match="`prompt_template`"):
+        tiny_pipeline(prompt_template=template)
+    # escaped braces are fine
+    escaped = pipe(image_embeds=torch.randn(1, 24), prompt="x", prompt_template="a {{photo}} of $ that {text}")
+    assert escaped.image_embeds.shape == (1, 24)

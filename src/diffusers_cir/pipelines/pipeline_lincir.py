@@ -111,8 +111,7 @@ class LinCIRPipeline(DiffusionPipeline):
         placeholder_token: str = "$",
     ):
         super().__init__()
-        if "{text}" not in prompt_template:
-            raise ValueError(f"`prompt_template` must contain '{{text}}', got {prompt_template!r}.")
+        _check_prompt_template(prompt_template)
         self.register_modules(
             phi=phi,
             text_encoder=text_encoder,
@@ -341,8 +340,8 @@ class LinCIRPipeline(DiffusionPipeline):
         if (prompt is None) == (prompt_input_ids is None):
             raise ValueError("Pass exactly one of `prompt` and `prompt_input_ids` (the modification text).")
         prompt_template = self.config.prompt_template if prompt_template is None else prompt_template
-        if prompt is not None and "{text}" not in prompt_template:
-            raise ValueError(f"`prompt_template` must contain '{{text}}', got {prompt_template!r}.")
+        if prompt is not None:
+            _check_prompt_template(prompt_template)
 
         device = self._execution_device
         text_dtype = self.text_encoder.dtype
@@ -432,6 +431,20 @@ class LinCIRPipeline(DiffusionPipeline):
         if not return_dict:
             return (query_embeds, pseudo_tokens)
         return LinCIRPipelineOutput(image_embeds=query_embeds, pseudo_tokens=pseudo_tokens)
+
+
+def _check_prompt_template(prompt_template) -> None:
+    """The template is filled with `str.format(text=...)`: it needs `{text}` and no other replacement field."""
+    if not isinstance(prompt_template, str) or "{text}" not in prompt_template:
+        raise ValueError(f"`prompt_template` must contain '{{text}}', got {prompt_template!r}.")
+    try:
+        prompt_template.format(text="")
+    except (KeyError, IndexError, ValueError) as error:
+        raise ValueError(
+            f"`prompt_template` {prompt_template!r} is filled with str.format(text=...): '{{text}}' must be its only "
+            f"replacement field (write other braces as '{{{{' and '}}}}'); formatting it failed with "
+            f"{type(error).__name__}: {error}."
+        ) from error
 
 
 def encode_text_with_pseudo_tokens(
