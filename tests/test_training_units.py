@@ -241,6 +241,8 @@ BASE = ["--train_data_dir", "data", "--transformer_config", "{}", "--text_encode
         (["--column_mapping", "[1]"], "--column_mapping"),
         (["--validation_recall_ks", "1,x"], "--validation_recall_ks"),
         (["--text_to_image_data_dir", "d", "--objective_ratios", "triplet=1"], "strictly between 0 and 1"),
+        (["--lr_scheduler", "cosin"], "--lr_scheduler must be one of .*'cosin'"),
+        (["--lr_scheduler", "piecewise_constant"], "--lr_scheduler must be one of"),  # needs step rules we never pass
     ],
 )
 def test_bad_argument_combinations_fail_before_any_work(extra, message):

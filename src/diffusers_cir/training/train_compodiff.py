@@ -36,6 +36,9 @@ logger = logging.getLogger("diffusers_cir.training")
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 DEFAULT_LORA_TARGETS = r"blocks\.\d+\.(self_attn|cross_attn)\.(to_q|to_kv|to_out)|blocks\.\d+\.ff\.(proj_in|proj_out)"
 VALIDATION_LOG = "validation_log.jsonl"
+# diffusers.optimization.get_scheduler names that need no more arguments than this script passes (not
+# "piecewise_constant": it needs step rules).
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
 # --------------------------------------------------------------------------------------------------- arguments
@@ -142,8 +145,7 @@ def build_argument_parser() -> argparse.ArgumentParser:
     )
     training.add_argument(
         "--lr_scheduler", type=str, default="constant_with_warmup",
-        help='diffusers.optimization.get_scheduler name: "linear", "cosine", "cosine_with_restarts", "polynomial", '
-        '"constant", "constant_with_warmup".',
+        help="diffusers.optimization.get_scheduler name: " + ", ".join(LR_SCHEDULERS) + ".",
     )
     training.add_argument("--lr_warmup_steps", type=int, default=500)
     training.add_argument("--adam_beta1", type=float, default=0.9)
@@ -233,6 +235,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--checkpoints_total_limit must be positive, got {args.checkpoints_total_limit}.")
     if args.lr_warmup_steps < 0 or args.shuffle_buffer_size < 0 or args.text_embedding_cache_size < 0:
         raise ValueError("--lr_warmup_steps, --shuffle_buffer_size and --text_embedding_cache_size must be >= 0.")
+    if args.lr_scheduler not in LR_SCHEDULERS:
+        raise ValueError(f"--lr_scheduler must be one of {list(LR_SCHEDULERS)}, got {args.lr_scheduler!r}.")
     from .conditioning import ConditionDropout, ObjectiveRatios
 
     ConditionDropout(args.text_drop_prob, args.image_drop_prob, args.both_drop_prob)
