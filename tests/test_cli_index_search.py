@@ -139,3 +139,10 @@ def test_search_refuses_an_index_of_another_model(workspace, tmp_path, capsys):
 
     code = main(["search", "--index", str(tmp_path / "missing"), "--model", str(root / "model"), "--text", "x"])
     assert code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_index_info_of_a_missing_or_foreign_folder_is_a_message(tmp_path, capsys):
+    assert main(["index", "info", str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err.startswith("error: Index folder")
+    assert main(["index", "info", str(tmp_path)]) == 2
+    assert "has no manifest.json" in capsys.readouterr().err

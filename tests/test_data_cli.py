@@ -64,3 +64,21 @@ def test_data_cli_synthetic_world(tmp_path, capsys):
     assert "items=96" in capsys.readouterr().out
     assert len(shard_files(out, "embeddings", "train")) == 2
     assert main(["data", "validate", out]) == 0
+
+
+def test_data_cli_bad_paths_and_existing_output_are_messages_not_tracebacks(tmp_path, capsys):
+    missing = str(tmp_path / "missing")
+    assert main(["data", "write", missing, str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: Triplet source {missing!r}")
+    assert main(["data", "reshard", missing, "--num-shards", "2"]) == 2
+    assert "No shards match" in capsys.readouterr().err
+    assert main(["data", "inspect", missing]) == 2
+    assert missing in capsys.readouterr().err
+
+    out = str(tmp_path / "world")
+    assert main(["data", "synthetic", out, "--tiny", "--train", "8"]) == 0
+    capsys.readouterr()
+    # Running again over existing output names the flag that replaces it.
+    assert main(["data", "synthetic", out, "--tiny", "--train", "8"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["data", "synthetic", out, "--tiny", "--train", "8", "--overwrite"]) == 0

@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import sys
 
+from . import errors_as_messages
+
 
 def _parse_mapping(pairs: list[str] | None) -> dict[str, str]:
     mapping = {}
@@ -86,6 +88,7 @@ def register(subparsers) -> None:
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
 
 
+@errors_as_messages
 def run_write(args) -> int:
     from diffusers_cir.data.shards import write_triplets
 
@@ -109,6 +112,7 @@ def run_write(args) -> int:
     return 0 if summary.num_rows else 1
 
 
+@errors_as_messages
 def run_reshard(args) -> int:
     from diffusers_cir.data.shards import reshard
 
@@ -126,6 +130,7 @@ def run_reshard(args) -> int:
     return 0
 
 
+@errors_as_messages
 def run_validate(args) -> int:
     from diffusers_cir.data.shards import validate_dataset
 
@@ -153,6 +158,7 @@ def _describe(value, depth: int = 0):
     return value
 
 
+@errors_as_messages
 def run_inspect(args) -> int:
     import datasets
 
@@ -170,6 +176,7 @@ def run_inspect(args) -> int:
     return 0
 
 
+@errors_as_messages
 def run_synthetic(args) -> int:
     from diffusers_cir.data.synthetic import SPLITS, SyntheticCIRWorld, SyntheticWorldConfig
 

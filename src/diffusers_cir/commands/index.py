@@ -128,6 +128,7 @@ def run_build(args: argparse.Namespace) -> int:
     return 0
 
 
+@errors_as_messages
 def run_info(args: argparse.Namespace) -> int:
     from diffusers_cir.retrieval import read_manifest
 
