@@ -56,7 +56,7 @@ def test_index_build_then_search_end_to_end(workspace, tmp_path, capsys):
 
     reference = root / "images" / "photo03.png"
     html_path = tmp_path / "page.html"
-    json_path = tmp_path / "results.json"
+    json_path = tmp_path / "results" / "query.json"  # a folder that does not exist yet, like --html's
     assert main([
         "search", "--index", str(tmp_path / "index"), "--model", str(root / "model"), "--image", str(reference),
         "--text", "as a pencil sketch", "--negative-text", "blurry", "--mask", str(root / "mask.png"), "--k", "5",

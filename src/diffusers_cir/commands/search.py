@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from . import errors_as_messages
 
@@ -75,9 +76,11 @@ def run_search(args: argparse.Namespace) -> int:
     page = result.save_html(args.html)
     print(f"Wrote {page}")
     if args.json_path:
+        json_path = Path(args.json_path)
+        json_path.parent.mkdir(parents=True, exist_ok=True)  # as save_html does for --html
         records = [
             {"rank": hit.rank, "id": hit.id, "score": hit.score, "metadata": hit.metadata} for hit in result.hits
         ]
-        with open(args.json_path, "w", encoding="utf-8") as handle:
+        with open(json_path, "w", encoding="utf-8") as handle:
             json.dump({"text": args.text, "image": args.image, "results": records}, handle, indent=2)
     return 0
