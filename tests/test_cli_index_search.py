@@ -146,3 +146,23 @@ def test_index_info_of_a_missing_or_foreign_folder_is_a_message(tmp_path, capsys
     assert capsys.readouterr().err.startswith("error: Index folder")
     assert main(["index", "info", str(tmp_path)]) == 2
     assert "has no manifest.json" in capsys.readouterr().err
+
+
+def test_index_records_an_absolute_model_folder_so_search_works_from_elsewhere(workspace, tmp_path, capsys, monkeypatch):
+    root = workspace
+    monkeypatch.chdir(root)
+    assert main([
+        "index", "build", "--images", "images", "--model", "model", "--output", str(tmp_path / "index"),
+        "--num-workers", "0", "--device", "cpu",
+    ]) == 0
+    assert GalleryIndex.load(tmp_path / "index").model == str(root / "model")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    # No --model: the index's own model folder is used, whatever the current directory.
+    assert main([
+        "search", "--index", str(tmp_path / "index"), "--image", str(root / "images" / "photo01.png"), "--text", "red",
+        "--k", "3", "--steps", "2", "--device", "cpu",
+    ]) == 0
+    assert (elsewhere / "diffusers-cir-search.html").exists()

@@ -97,7 +97,9 @@ def run_build(args: argparse.Namespace) -> int:
         source,
         output / "embeddings",
         image_processor=processor,
-        model_name=str(args.model),
+        # Recorded in the index, where `diffusers-cir search` finds its default --model: a relative folder
+        # would only resolve from the directory the index was built in.
+        model_name=str(Path(args.model).resolve()) if Path(args.model).exists() else str(args.model),
         batch_size=args.batch_size,
         part_size=args.part_size,
         num_workers=args.num_workers,
