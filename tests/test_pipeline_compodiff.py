@@ -314,3 +314,21 @@ def test_generator_list_gives_each_row_its_generator(pipe):
 def test_encode_image_refuses_a_bad_batch_size(pipe, batch_size):
     with pytest.raises(ValueError, match=f"`batch_size` must be a positive integer, got {batch_size}"):
         pipe.encode_image(_images(2), batch_size=batch_size)
+
+
+def test_array_mask_of_the_photo_size_covers_what_the_pil_mask_covers(pipe):
+    """A mask drawn over a non-square photo (e.g. a segmentation array of its height and width) must select the same
+    content whether given as PIL or as an array/tensor: both go through the image processor's resize and crop."""
+    image = _images(1, size=(40, 64))[0]
+    drawn = np.zeros((40, 64), dtype=np.uint8)
+    drawn[:, 48:] = 255  # the right quarter of the photo
+    from_pil = pipe.prepare_mask(Image.fromarray(drawn), 1, torch.device("cpu"))
+    for as_array in (drawn, drawn.astype(bool), torch.from_numpy(drawn > 0).float()[None]):
+        from_array = pipe.prepare_mask(as_array, 1, torch.device("cpu"))
+        assert torch.equal(from_array[0], from_pil[0]) and torch.equal(from_array[1], from_pil[1])
+    a = pipe(image=image, prompt="x", mask_image=Image.fromarray(drawn), generator=_gen()).image_embeds
+    b = pipe(image=image, prompt="x", mask_image=drawn, generator=_gen()).image_embeds
+    assert torch.equal(a, b)
+    # a mask already at the CLIP input size (preprocessed pixel values) is read in that grid as it is
+    grid = (torch.rand(32, 32, generator=_gen()) > 0.5).float()
+    assert torch.equal(pipe.prepare_mask(grid, 1, torch.device("cpu"))[1][0, 0], grid)

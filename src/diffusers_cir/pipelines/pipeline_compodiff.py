@@ -192,6 +192,11 @@ class CompoDiffPipeline(DiffusionPipeline, CompoDiffLoraLoaderMixin):
         """The reference recipe: binarise the mask at the CLIP input size (its pixels are zeroed in the normalised
         reference image) and resize it to the denoiser's `mask_size` grid, binarised again.
 
+        A PIL mask, and an array/tensor mask of any other size than the CLIP input (`image_processor.crop_size`), is
+        resized and center-cropped by the image processor exactly like the reference image, so a mask drawn over the
+        photo (e.g. a segmentation of the same height and width) covers the same content. An array/tensor already at
+        the CLIP input size is read in that grid as it is (the case of preprocessed `pixel_values`).
+
         Returns `(mask [batch, mask_size, mask_size], pixel_mask [batch, 1, H, W] or None)`; an all-zero mask stays zero.
         """
         size = self.transformer.config.mask_size
@@ -200,24 +205,50 @@ class CompoDiffPipeline(DiffusionPipeline, CompoDiffLoraLoaderMixin):
             masks = masks * batch_size
         if len(masks) != batch_size:
             raise ValueError(f"`mask_image` has {len(masks)} masks for {batch_size} queries.")
-        if isinstance(masks[0], PIL.Image.Image):
+        clip_size = self._clip_input_size()
+        pixel_masks = []
+        for index, item in enumerate(masks):
+            if not isinstance(item, PIL.Image.Image):
+                tensor = item.detach().float().cpu() if isinstance(item, torch.Tensor) else torch.as_tensor(np.asarray(item)).float()
+                if tensor.ndim == 3 and tensor.shape[0] == 1:
+                    tensor = tensor[0]
+                if tensor.ndim != 2:
+                    raise ValueError(
+                        f"A tensor/array `mask_image` must be [H, W] or [1, H, W] per query (values in [0, 1]), "
+                        f"got {tuple(tensor.shape)} for query {index}."
+                    )
+                tensor = (tensor > 0.5).float()
+                if self.image_processor is None or tuple(tensor.shape) == clip_size:
+                    pixel_masks.append(tensor[None, None])
+                    continue
+                item = PIL.Image.fromarray(tensor.numpy().astype(np.uint8) * 255, mode="L")
             if self.image_processor is None:
                 raise ValueError("A PIL `mask_image` needs the pipeline's `image_processor`; pass a tensor instead.")
-            masks = [mask.convert("RGB") for mask in masks]
-            pixel_mask = self.image_processor(images=masks, do_normalize=False, return_tensors="pt").pixel_values[:, :1]
-        else:
-            pixel_mask = torch.stack([torch.as_tensor(np.asarray(mask)).float() for mask in masks])
-            if pixel_mask.ndim == 3:
-                pixel_mask = pixel_mask[:, None]
-            if pixel_mask.ndim != 4 or pixel_mask.shape[1] != 1:
-                raise ValueError(
-                    f"A tensor `mask_image` must be [H, W] or [1, H, W] per query (values in [0, 1]), "
-                    f"got {tuple(pixel_mask.shape[1:])}."
-                )
-        pixel_mask = (pixel_mask > 0.5).float().to(device)
+            pixel_masks.append(
+                self.image_processor(images=[item.convert("RGB")], do_normalize=False, return_tensors="pt").pixel_values[:, :1]
+            )
+        if len({tuple(pixel_mask.shape) for pixel_mask in pixel_masks}) > 1:
+            raise ValueError(
+                f"The `mask_image` masks have different sizes {[tuple(m.shape[-2:]) for m in pixel_masks]}: without an "
+                "`image_processor` to bring them to the CLIP input size, pass masks of one size."
+            )
+        pixel_mask = (torch.cat(pixel_masks) > 0.5).float().to(device)
         mask = F.interpolate(pixel_mask, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         mask = (mask[:, 0] > 0.5).float()
         return mask, pixel_mask
+
+    def _clip_input_size(self) -> tuple[int, int] | None:
+        """`(height, width)` of the pixel values the image processor produces, when it center-crops to a fixed size."""
+        processor = self.image_processor
+        crop_size = getattr(processor, "crop_size", None) if processor is not None else None
+        if crop_size is None or not getattr(processor, "do_center_crop", False):
+            return None
+        if isinstance(crop_size, int):
+            return (crop_size, crop_size)
+        crop_size = dict(crop_size)
+        if crop_size.get("height") is None or crop_size.get("width") is None:
+            return None
+        return (crop_size["height"], crop_size["width"])
 
     # ------------------------------------------------------------------ checks
 
@@ -476,8 +507,10 @@ class CompoDiffPipeline(DiffusionPipeline, CompoDiffLoraLoaderMixin):
                 `image_embeds` the query is text only (the image condition is a zero embedding).
             prompt (`str` or `list[str]`): Modification texts ("as a pencil sketch").
             negative_prompt (`str` or `list[str]`, *optional*): What the result should not have. Defaults to `""`.
-            mask_image (PIL image(s) or `[H, W]` tensors, *optional*): Region of the reference to change (white = 1):
-                those pixels are zeroed before CLIP encoding and the mask conditions the denoiser.
+            mask_image (PIL image(s) or `[H, W]` tensors/arrays, *optional*): Region of the reference to change
+                (white = 1): those pixels are zeroed before CLIP encoding and the mask conditions the denoiser. A mask
+                is resized and cropped like the reference image, unless it is a tensor/array already at the CLIP
+                input size (see `prepare_mask`).
             image_embeds (`[B, D]`), prompt_embeds (`[B, L, text_dim]`), negative_prompt_embeds, mask
                 (`[B, mask_size, mask_size]`), *optional*: Precomputed conditions instead of images/texts/masks.
             num_inference_steps (`int`, defaults to 10): Steps of the sampler. With `CompoDiffScheduler` the
