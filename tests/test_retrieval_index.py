@@ -286,3 +286,15 @@ def test_search_shows_progress_over_batches(small_gallery, capsys):
     assert "Searching" in capsys.readouterr().err
     expected, _ = brute_force_ranking(queries, gallery, k=3)
     np.testing.assert_array_equal(result.positions, expected)
+
+
+def test_ids_mixing_ints_and_strings_in_one_call_or_overflowing_int64_are_rejected(small_gallery):
+    gallery, _ = small_gallery
+    # Across calls a mix was already refused; within one call numpy silently turned 7 into "7".
+    with pytest.raises(ValueError, match="all integers or all strings"):
+        GalleryIndex.from_embeddings(gallery[:3], ids=["a", 7, "b"])
+    with pytest.raises(ValueError, match="int64"):
+        GalleryIndex.from_embeddings(gallery[:2], ids=np.array([2**63 + 1, 1], dtype=np.uint64))
+    index = GalleryIndex.from_embeddings(gallery[:3], ids=np.array([5, 6, 7], dtype=np.uint64))
+    assert index.ids.tolist() == [5, 6, 7]
+    assert index.search(gallery[:1], k=1, exclude_ids=[5]).ids[0] != [5]

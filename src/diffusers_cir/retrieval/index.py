@@ -128,9 +128,22 @@ class SearchResult:
 
 
 def _as_id_array(ids: Any, count: int) -> np.ndarray:
+    if hasattr(ids, "detach"):  # torch.Tensor
+        ids = ids.detach().cpu().numpy()
+    if not isinstance(ids, np.ndarray) and not isinstance(ids, (str, bytes)):
+        ids = list(ids)
+        kinds = {type(value) for value in ids}
+        if any(issubclass(kind, (str, np.str_)) for kind in kinds) and any(
+            issubclass(kind, (int, np.integer)) for kind in kinds
+        ):
+            # numpy would turn the ints into strings ([7, "a"] -> ["7", "a"]): search results would then return
+            # "7" for the item added as 7, and excluding 7 would not exclude it.
+            raise ValueError("`ids` must be all integers or all strings; got a mix of both.")
     array = np.asarray(ids)
     if array.ndim != 1 or array.shape[0] != count:
         raise ValueError(f"`ids` must be a 1-D sequence of {count} ids (one per embedding); got shape {array.shape}.")
+    if array.dtype.kind == "u" and array.size and array.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"`ids` must fit in int64; got {int(array.max())}.")
     if array.dtype.kind in "iu":
         return array.astype(np.int64)
     if array.dtype.kind == "U":
