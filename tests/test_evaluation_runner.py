@@ -338,3 +338,24 @@ def test_docstring_examples_run(module):
 
     result = doctest.testmod(importlib.import_module(f"diffusers_cir.evaluation.{module}"))
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_a_missing_category_fails_before_any_other_is_embedded(tmp_path):
+    folder = _folder("fashioniq")
+    from diffusers_cir.evaluation import run_evaluation
+
+    only_dress = tmp_path / "fiq"
+    only_dress.mkdir()
+    for path in folder.glob("*.dress.*.json"):
+        (only_dress / path.name).write_bytes(path.read_bytes())
+
+    class CountingEncoder(IdHashEncoder):
+        calls = 0
+
+        def encode_images(self, *args, **kwargs):
+            CountingEncoder.calls += 1
+            return super().encode_images(*args, **kwargs)
+
+    with pytest.raises(FileNotFoundError, match="shirt"):
+        run_evaluation(CountingEncoder(), "fashioniq", only_dress, output_dir=tmp_path / "out", progress=False)
+    assert CountingEncoder.calls == 0 and not (tmp_path / "out").exists()

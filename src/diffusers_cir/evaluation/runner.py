@@ -295,13 +295,18 @@ def run_evaluation(
         raise ValueError(f"`caption_style` must be one of {FASHIONIQ_CAPTION_STYLES}, got {caption_style!r}.")
     if "{}" not in prompt_template:
         raise ValueError(f"`prompt_template` must contain '{{}}' where the text goes, got {prompt_template!r}.")
+    # Every split's annotation files are read before any work is done (or any folder created): a missing
+    # category or task fails at once instead of after the model has embedded and ranked the ones before it.
+    loaded_splits = [
+        load_benchmark(benchmark, data_root, split, subset=subset, **(loader_kwargs or {}))
+        for subset in _subsets_for(benchmark, subsets)
+    ]
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     cache = EmbeddingCache(output_dir / "embedding_cache" if cache_dir is None else cache_dir, encoder.fingerprint)
 
     outputs: list[SplitOutput] = []
-    for subset in _subsets_for(benchmark, subsets):
-        loaded = load_benchmark(benchmark, data_root, split, subset=subset, **(loader_kwargs or {}))
+    for loaded in loaded_splits:
         outputs.append(evaluate_split(
             encoder, loaded, cache, caption_style=caption_style, prompt_template=prompt_template,
             query_batch_size=query_batch_size, image_batch_size=image_batch_size, searcher_factory=searcher_factory,
