@@ -254,3 +254,28 @@ def test_defaults_parse():
     args = parse_args(BASE)
     assert isinstance(args, argparse.Namespace) and args.stage == "triplet" and args.embedding_scale == "auto"
     assert np.isclose(ObjectiveRatios.parse(args.objective_ratios).caption_row_probability, 0.3)
+
+
+def _main_args(tmp_path, *extra):
+    """Arguments naming data and encoders that do not exist: the run must stop before it touches them."""
+    return parse_args(["--train_data_dir", str(tmp_path / "no-data"), "--transformer_config", "{}",
+                       "--text_encoder_name_or_path", str(tmp_path / "te"), "--tokenizer_name_or_path",
+                       str(tmp_path / "tok"), "--report_to", "none", "--output_dir", str(tmp_path / "run"), *extra])
+
+
+def test_new_run_over_an_earlier_runs_checkpoints_is_refused_before_any_work(tmp_path):
+    from diffusers_cir.training import main
+
+    (tmp_path / "run" / "checkpoint-6").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"already holds checkpoints .*checkpoint-6.*--resume_from_checkpoint latest"):
+        main(_main_args(tmp_path))
+    # Continuing it is what the message asks for: it gets past the check (and fails on the missing data).
+    with pytest.raises(FileNotFoundError, match="no-data"):
+        main(_main_args(tmp_path, "--resume_from_checkpoint", "latest"))
+
+
+def test_unknown_resume_checkpoint_is_refused_before_any_work(tmp_path):
+    from diffusers_cir.training import main
+
+    with pytest.raises(ValueError, match="--resume_from_checkpoint 'checkpoint-99' is not a checkpoint-<step> folder"):
+        main(_main_args(tmp_path, "--resume_from_checkpoint", "checkpoint-99"))

@@ -124,6 +124,8 @@ def train_prior(world, recipe: DemoRecipe, work_dir: str | os.PathLike) -> tuple
     work_dir = Path(work_dir)
     data_dir = write_training_data(world, work_dir / "data", recipe.train_triplets, recipe.seed)
     output_dir = str(work_dir / "compodiff")
+    # The demo trains from scratch each time: an earlier demo run's checkpoints there would be refused.
+    shutil.rmtree(output_dir, ignore_errors=True)
     summary = main(parse_args(recipe.training_argv(data_dir, output_dir)))
     return output_dir, summary
 

@@ -177,7 +177,8 @@ def build_argument_parser() -> argparse.ArgumentParser:
     checkpointing.add_argument("--checkpoints_total_limit", type=int, default=None)
     checkpointing.add_argument(
         "--resume_from_checkpoint", type=str, default=None,
-        help='"latest" or a checkpoint folder name/path. "latest" with no checkpoint starts a new run.',
+        help='"latest" or a checkpoint folder name/path. "latest" with no checkpoint starts a new run. Without it, an '
+        "--output_dir that already holds checkpoints is refused (a new run would mix its checkpoints with them).",
     )
     checkpointing.add_argument(
         "--stop_after_steps", type=int, default=None,
@@ -328,6 +329,22 @@ def resolve_resume_checkpoint(output_dir: str, resume_from_checkpoint: str | Non
             f"{resume_from_checkpoint!r} and {str(Path(output_dir) / resume_from_checkpoint)!r})."
         )
     return path
+
+
+def check_output_dir(output_dir: str, resume_from_checkpoint: str | None) -> Path | None:
+    """The checkpoint to resume from, resolved before any work; refuses a new run over an earlier run's checkpoints
+    (its checkpoints would mix with the old ones, and ``latest`` could later pick an old one)."""
+    checkpoint = resolve_resume_checkpoint(output_dir, resume_from_checkpoint)
+    if resume_from_checkpoint is None:
+        earlier = list_checkpoints(output_dir)
+        if earlier:
+            names = ", ".join(path.name for _, path in earlier)
+            raise ValueError(
+                f"--output_dir {output_dir!r} already holds checkpoints of an earlier run ({names}) and "
+                "--resume_from_checkpoint is not set: pass --resume_from_checkpoint latest to continue that run, or "
+                "choose another --output_dir (or delete those checkpoints) to start a new one."
+            )
+    return checkpoint
 
 
 def _prune_checkpoints(output_dir: str, total_limit: int | None) -> None:
@@ -592,6 +609,7 @@ def main(args: argparse.Namespace) -> dict:
     from .masking import masked_image_embeds, random_box_masks
 
     check_args(args)
+    checkpoint = check_output_dir(args.output_dir, args.resume_from_checkpoint)
     run_logger = get_logger("diffusers_cir.training")
     logging_dir = Path(args.output_dir, args.logging_dir)
     report_to = _resolve_report_to(args.report_to)
@@ -774,7 +792,6 @@ def main(args: argparse.Namespace) -> dict:
 
     # ---- resume
     global_step = 0
-    checkpoint = resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
     if args.resume_from_checkpoint and checkpoint is None:
         accelerator.print(f"No checkpoint in {args.output_dir} to resume from: starting a new training run.")
     if checkpoint is not None:
