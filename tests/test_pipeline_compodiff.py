@@ -332,3 +332,18 @@ def test_array_mask_of_the_photo_size_covers_what_the_pil_mask_covers(pipe):
     # a mask already at the CLIP input size (preprocessed pixel values) is read in that grid as it is
     grid = (torch.rand(32, 32, generator=_gen()) > 0.5).float()
     assert torch.equal(pipe.prepare_mask(grid, 1, torch.device("cpu"))[1][0, 0], grid)
+
+
+def test_readme_notebook_snippet_runs(monkeypatch):
+    """The README's "In a notebook" code, on tiny components and CPU (same dtype, bfloat16): the query (always
+    float32) must be comparable with the gallery embeddings (model dtype) as written."""
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    snippet = re.search(r"## In a notebook\s+```python\n(.*?)```", readme, re.S).group(1)
+    monkeypatch.setattr(CompoDiffPipeline, "from_pretrained", classmethod(lambda cls, *args, **kwargs: tiny_pipeline()))
+    monkeypatch.setattr(Image, "open", lambda path: _images(1, seed=len(path))[0])
+    namespace = {"paths": ["a.jpg", "bb.jpg", "ccc.jpg"]}
+    exec(compile(snippet.replace('"cuda"', '"cpu"'), "README.md", "exec"), namespace)
+    assert namespace["scores"].shape == (1, 3) and torch.isfinite(namespace["scores"]).all()
