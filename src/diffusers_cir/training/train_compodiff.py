@@ -745,9 +745,11 @@ def main(args: argparse.Namespace) -> dict:
     def load_model_hook(models, input_dir):
         path = os.path.join(input_dir, f"loop_state_{accelerator.process_index}.pt")
         if not os.path.isfile(path):
+            written = sorted(Path(input_dir).glob("loop_state_*.pt"))
             raise FileNotFoundError(
-                f"{path} is missing: the checkpoint was written by a run with fewer processes than this one "
-                f"({accelerator.num_processes}); resume with the same number of processes."
+                f"{path} is missing: the checkpoint was written by a run with fewer processes ({len(written)}) than "
+                f"this one ({accelerator.num_processes}); resume with the same number of processes."
+                if written else f"{path} is missing: the checkpoint is incomplete."
             )
         state = torch.load(path, map_location="cpu", weights_only=False)
         for name, loader in loaders.items():
@@ -796,7 +798,16 @@ def main(args: argparse.Namespace) -> dict:
         accelerator.print(f"No checkpoint in {args.output_dir} to resume from: starting a new training run.")
     if checkpoint is not None:
         accelerator.print(f"Resuming from checkpoint {checkpoint}")
-        accelerator.load_state(str(checkpoint))
+        try:
+            accelerator.load_state(str(checkpoint))
+        except Exception as error:
+            others = [path.name for _, path in list_checkpoints(args.output_dir) if path != checkpoint]
+            raise RuntimeError(
+                f"Cannot resume from {checkpoint} (--resume_from_checkpoint {args.resume_from_checkpoint}): "
+                f"{type(error).__name__}: {error}. If the checkpoint is damaged, resume from another one with "
+                f"--resume_from_checkpoint <name> ({', '.join(others) if others else 'this run has no other'}) or "
+                "delete it."
+            ) from error
         if ema is not None:
             ema.to(accelerator.device)
         global_step = int(CHECKPOINT_PATTERN.match(checkpoint.name).group(1))

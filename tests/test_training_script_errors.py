@@ -1,0 +1,49 @@
+"""The CompoDiff training script on the user's mistakes and accidents: damaged checkpoints, validation settings the
+data cannot honour, and what a time-limited run reports. Tiny in-process runs on the tiny synthetic world."""
+
+import json
+import logging
+import os
+
+import pytest
+
+from diffusers_cir.demo import build_world, write_training_data
+from diffusers_cir.training import main, parse_args
+
+TINY_MODEL = {"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 8, "num_cross_attention_heads": 2}
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return write_training_data(build_world("tiny", seed=0), tmp_path_factory.mktemp("tiny_world"), num_train_triplets=200)
+
+
+def run_args(data: str, output, *extra) -> list[str]:
+    return [
+        "--train_data_dir", data,
+        "--text_encoder_name_or_path", os.path.join(data, "text_encoder"),
+        "--tokenizer_name_or_path", os.path.join(data, "tokenizer"),
+        "--transformer_config", json.dumps(TINY_MODEL),
+        "--train_batch_size", "8", "--shuffle_buffer_size", "0", "--report_to", "none",
+        "--output_dir", str(output), *extra,
+    ]
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_resuming_from_a_damaged_checkpoint_names_it_and_the_other_checkpoints(tiny_data, tmp_path):
+    output = tmp_path / "run"
+    main(parse_args(run_args(tiny_data, output, "--max_train_steps", "4", "--checkpointing_steps", "2",
+                             "--stop_after_steps", "4")))
+    assert (output / "checkpoint-2").is_dir() and (output / "checkpoint-4").is_dir()
+    with open(output / "checkpoint-4" / "model.safetensors", "r+b") as handle:
+        handle.truncate(100)  # e.g. a disk that filled up while a copy of the run was made
+    resume = run_args(tiny_data, output, "--max_train_steps", "6", "--resume_from_checkpoint", "latest")
+    with pytest.raises(RuntimeError, match=r"Cannot resume from .*checkpoint-4 .*--resume_from_checkpoint <name> "
+                                           r"\(checkpoint-2\)"):
+        main(parse_args(resume))
+    # An emptied checkpoint is reported as incomplete, not as one written by fewer processes.
+    for path in (output / "checkpoint-4").iterdir():
+        path.unlink()
+    with pytest.raises(RuntimeError, match="checkpoint is incomplete") as error:
+        main(parse_args(resume))
+    assert "fewer processes" not in str(error.value)
