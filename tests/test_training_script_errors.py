@@ -47,3 +47,14 @@ def test_resuming_from_a_damaged_checkpoint_names_it_and_the_other_checkpoints(t
     with pytest.raises(RuntimeError, match="checkpoint is incomplete") as error:
         main(parse_args(resume))
     assert "fewer processes" not in str(error.value)
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_validation_recall_ks_larger_than_the_gallery_are_reported_not_silently_dropped(tiny_data, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="diffusers_cir.training")
+    summary = main(parse_args(run_args(tiny_data, tmp_path / "run", "--max_train_steps", "1", "--validation_steps", "1",
+                                       "--num_validation_queries", "8", "--validation_recall_ks", "1,5000",
+                                       "--validation_inference_steps", "2")))
+    assert "recall_at1" in summary["metrics"] and "recall_at5000" not in summary["metrics"]
+    warnings = [record.getMessage() for record in caplog.records if "--validation_recall_ks" in record.getMessage()]
+    assert len(warnings) == 1 and "K=[5000]" in warnings[0], warnings

@@ -788,6 +788,14 @@ def main(args: argparse.Namespace) -> dict:
     if args.validation_steps is not None and accelerator.is_main_process:
         retrieval_set = load_validation_set(args, args.num_validation_queries)
         run_logger.info(f"Validation: {len(retrieval_set)} queries, gallery of {len(retrieval_set.gallery_ids)}")
+        gallery_size = len(retrieval_set.gallery_ids)
+        too_large = [k for k in recall_ks(args) if k > gallery_size]
+        if too_large:
+            # recall_of_queries leaves out the K a gallery this small cannot rank: say so instead of dropping them.
+            run_logger.warning(
+                f"--validation_recall_ks {args.validation_recall_ks!r}: Recall@K for K={too_large} will not be reported, "
+                f"the validation gallery has only {gallery_size} images."
+            )
 
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name, _tracker_config(args))
