@@ -58,3 +58,13 @@ def test_validation_recall_ks_larger_than_the_gallery_are_reported_not_silently_
     assert "recall_at1" in summary["metrics"] and "recall_at5000" not in summary["metrics"]
     warnings = [record.getMessage() for record in caplog.records if "--validation_recall_ks" in record.getMessage()]
     assert len(warnings) == 1 and "K=[5000]" in warnings[0], warnings
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_a_run_stopped_by_stop_after_steps_reports_its_data_and_skipped_rows(tiny_data, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="diffusers_cir.training")
+    summary = main(parse_args(run_args(tiny_data, tmp_path / "run", "--max_train_steps", "4", "--stop_after_steps", "1")))
+    assert summary["stopped_early"]
+    messages = [record.getMessage() for record in caplog.records]
+    assert any(message.endswith(f"Data (triplets): {summary['data']['triplets']}") for message in messages), messages[-5:]
+    assert any("Rows per objective" in message for message in messages)

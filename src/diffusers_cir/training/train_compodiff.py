@@ -1016,6 +1016,7 @@ def main(args: argparse.Namespace) -> dict:
             pipeline.save_pretrained(args.output_dir)
             saved["pipeline"] = args.output_dir
         run_logger.info(f"Saved {', '.join(saved)} to {args.output_dir}")
+    if accelerator.is_main_process:  # a run stopped by --stop_after_steps reports its data too
         for name, loader in loaders.items():
             run_logger.info(f"Data ({name}): {loader.summary()}")
         run_logger.info("Rows per objective (this rank): " + ", ".join(f"{k} {v}" for k, v in objective_rows.items()))
