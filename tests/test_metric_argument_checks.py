@@ -26,3 +26,14 @@ def test_cutoffs_as_arrays_and_integral_floats_still_work():
                              recall_ks="50", subset_ks=())
     with pytest.raises(ValueError, match="`ks` must"):
         genecis_recall_at_k(SCORES, ks=(0.5,))
+
+
+@pytest.mark.parametrize("form", ["scores", "ranked"])
+def test_a_query_without_a_target_is_refused_not_counted_as_a_miss(form):
+    inputs = dict(scores=[[0.9, 0.1, 0.5]] * 2, gallery_ids=GALLERY) if form == "scores" else dict(
+        ranked_ids=[["a", "c", "b"]] * 2)
+    with pytest.raises(ValueError, match=r"`target_ids` is None for 1 queries \(first: query 1\)"):
+        recall_at_k(target_ids=["a", None], ks=(1,), **inputs)
+    with pytest.raises(ValueError, match="`target_ids` is None"):
+        compute_cirr_metrics(target_ids=[None, "c"], reference_ids=["b", "b"], subset_ks=(), **inputs)
+    assert recall_at_k(target_ids=["a", "c"], ks=(1,), **inputs) == {"recall_at1": 50.0}

@@ -84,8 +84,19 @@ def ranks_of_single_positive(
     positive_name: str,
     exclude_name: str = "reference id",
 ) -> PositiveRanks:
-    """Ranks of one positive per query (the target) from either input form, with optional deletion."""
+    """Ranks of one positive per query (the target) from either input form, with optional deletion.
+
+    Every query needs its positive: a ``None`` one is refused rather than scored as a miss (which would lower
+    the mean without saying so).
+    """
     source = check_one_source(scores, gallery_ids, ranked_ids, metric)
+    _, positive_mask = as_id_vector(positive_ids, "target_ids")
+    if not positive_mask.all():
+        missing = np.flatnonzero(~positive_mask)
+        raise ValueError(
+            f"{metric}: `target_ids` is None for {missing.size} queries (first: query {int(missing[0])}); every "
+            "query needs a target id. Drop the queries without one."
+        )
     if source == "ranked":
         return ranks_from_ranked_lists(ranked_ids, positive_ids, exclude_ids, positives_per_query=False)
     scores = as_score_array(scores)
