@@ -226,3 +226,21 @@ def test_hub_card_declares_the_library_schema_and_loads_local_shards(tmp_path):
     assert len(next(iter(embeddings))["target_image_embeds"]) == 768
     # No stray split sizes in the card: a user's local shards are whatever they hold.
     assert validate_dataset(str(tmp_path), progress=False).ok
+
+
+def test_write_triplets_names_jsonl_lines_as_they_are_in_the_file(jsonl_source, tmp_path):
+    """Skipped records point at their real line (blank lines count), and a malformed line is named, not a bare
+    JSONDecodeError."""
+    lines = jsonl_source.read_text().splitlines()
+    spaced = jsonl_source.parent / "spaced.jsonl"  # image paths are relative to the file
+    spaced.write_text("\n\n".join(lines) + "\n")  # a blank line after each record: record n is on line 2n - 1
+    summary = write_triplets(str(spaced), str(tmp_path / "out"), column_mapping=MAPPING, progress=False)
+    reasons = {record.source: record.reason for record in summary.skipped}
+    assert reasons["spaced.jsonl:15"].startswith("undecodable reference_image")  # the 8th record
+    assert reasons["spaced.jsonl:21"] == "empty modification_text"  # the 11th
+
+    malformed = jsonl_source.parent / "malformed.jsonl"
+    malformed.write_text(lines[0] + "\n\n" + lines[1][:-1] + "\n")  # line 3 lost its closing brace
+    with pytest.raises(ValueError, match=r"malformed\.jsonl:3 is not a JSON record"):
+        write_triplets(str(malformed), str(tmp_path / "out2"), column_mapping=MAPPING, progress=False)
+    assert not os.path.exists(tmp_path / "out2")  # nothing written

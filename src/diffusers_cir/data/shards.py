@@ -300,9 +300,21 @@ def read_triplet_records(source: str, column_mapping: Mapping[str, str] | None =
         raise FileNotFoundError(f"Triplet source {source!r} is neither a file nor a folder.")
     base = os.path.dirname(os.path.abspath(source))
     lower = source.lower()
+    line_numbers = None  # of each JSONL record in the file (blank lines skipped); CSV records are counted
     if lower.endswith((".jsonl", ".json")):
+        raw, line_numbers = [], []
         with open(source, encoding="utf-8") as handle:
-            raw = [json.loads(line) for line in handle if line.strip()]
+            for line_number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    raw.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise ValueError(
+                        f"{source}:{line_number} is not a JSON record ({error.msg}, column {error.colno}): "
+                        f"{line.strip()[:200]!r}"
+                    ) from None
+                line_numbers.append(line_number)
     elif lower.endswith((".csv", ".tsv")):
         with open(source, encoding="utf-8", newline="") as handle:
             raw = list(csv.DictReader(handle, delimiter="\t" if lower.endswith(".tsv") else ","))
@@ -316,7 +328,8 @@ def read_triplet_records(source: str, column_mapping: Mapping[str, str] | None =
             where=f"{source} (first record)",
         )
     records = []
-    for line_number, entry in enumerate(raw, start=1):
+    for index, entry in enumerate(raw):
+        line_number = line_numbers[index] if line_numbers is not None else index + 1
         record = {"_source": f"{os.path.basename(source)}:{line_number}"}
         for name in schema.IMAGES_COLUMNS:
             value = schema.get_field(entry, mapping[name], default=None)
