@@ -37,3 +37,16 @@ def test_a_query_without_a_target_is_refused_not_counted_as_a_miss(form):
     with pytest.raises(ValueError, match="`target_ids` is None"):
         compute_cirr_metrics(target_ids=[None, "c"], reference_ids=["b", "b"], subset_ks=(), **inputs)
     assert recall_at_k(target_ids=["a", "c"], ks=(1,), **inputs) == {"recall_at1": 50.0}
+
+
+def test_zero_queries_are_refused_with_a_message_in_both_input_forms():
+    # The score-matrix form crashed in a reshape ("cannot reshape array of size 0"); the ranked form returned NaN
+    # with numpy's "Mean of empty slice" warning.
+    with pytest.raises(ValueError, match="no queries to average"):
+        recall_at_k(target_ids=[], ks=(1,), scores=np.zeros((0, 3)), gallery_ids=GALLERY)
+    with pytest.raises(ValueError, match="no queries to average"):
+        recall_at_k(target_ids=[], ks=(1,), ranked_ids=[])
+    from diffusers_cir.metrics import recall_per_query
+
+    per_query = recall_per_query(target_ids=[], ks=(1,), scores=np.zeros((0, 3)), gallery_ids=GALLERY)
+    assert per_query["recall_at1"].shape == (0,)

@@ -74,7 +74,15 @@ def check_scale(scale: str) -> float:
 
 
 def mean_over_queries(per_query: Mapping[str, np.ndarray], factor: float) -> dict[str, float]:
-    """Each per-query array averaged over the queries, times ``factor`` (the :func:`check_scale` multiplier)."""
+    """Each per-query array averaged over the queries, times ``factor`` (the :func:`check_scale` multiplier).
+
+    A mean over no queries is refused: it is always an upstream mistake (an empty split or filter), and NaN
+    would travel into reports and averages.
+    """
+    if any(len(values) == 0 for values in per_query.values()):
+        raise ValueError(
+            "There are no queries to average: the inputs hold 0 queries (scores with 0 rows, or empty id lists)."
+        )
     return {name: factor * float(np.mean(values)) for name, values in per_query.items()}
 
 
@@ -138,7 +146,7 @@ def ranks_from_scores(
     num_queries, num_gallery = score_array.shape
     positives = _as_index_array(positive_indices, "positive_indices", num_queries, num_gallery)
     squeeze = positives.ndim == 1
-    positives = positives.reshape(num_queries, -1)
+    positives = positives.reshape(num_queries, 1 if squeeze else positives.shape[1])  # -1 fails for 0 queries
     excludes = None
     if exclude_indices is not None:
         excludes = _as_index_array(exclude_indices, "exclude_indices", num_queries, num_gallery)
