@@ -115,6 +115,30 @@ def test_half_precision_forward_uses_its_own_eps():
     assert model.norm_out.half_precision_eps == 1e-3
 
 
+def test_float64_is_a_more_precise_float32_not_a_half_precision():
+    """The larger LayerNorm epsilon is for bf16/fp16 only: float64 tracks float32 (and the softmax stays in float64)."""
+    model = tiny_transformer()
+    inputs = _inputs()
+    negative = torch.randn(1, 77, TEXT_DIM)
+    with torch.no_grad():
+        single = model(**inputs).predicted_image_embedding
+        context = model.encode_guidance_context(
+            inputs["image_embeds"], inputs["text_hidden_states"], negative, inputs["mask"], fused=False
+        )
+        guided = model(torch.cat([inputs["hidden_states"]] * 3), 500, context=context).predicted_image_embedding
+        model.double()
+        double_inputs = {k: (v.double() if v.is_floating_point() else v) for k, v in inputs.items()}
+        single64 = model(**double_inputs).predicted_image_embedding
+        context = model.encode_guidance_context(
+            double_inputs["image_embeds"], double_inputs["text_hidden_states"], negative.double(), double_inputs["mask"],
+            fused=False,
+        )
+        guided64 = model(torch.cat([double_inputs["hidden_states"]] * 3), 500, context=context).predicted_image_embedding
+    assert single64.dtype == guided64.dtype == torch.float64
+    assert torch.allclose(single64.float(), single, atol=1e-5)
+    assert torch.allclose(guided64.float(), guided, atol=1e-5)
+
+
 def _count_linear_forwards(monkeypatch):
     calls = []
     original = torch.nn.Linear.forward

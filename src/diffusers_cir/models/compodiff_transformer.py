@@ -32,6 +32,15 @@ from torch import nn
 from . import fused_inference
 
 
+# The reference's LayerNorm takes its larger epsilon in half precision; float32 and float64 keep the small one.
+HALF_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Attention softmax in float32 for half precision, in the scores' own dtype for float32 and float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 # A few rows on CPU: MKL's sgemm splits `x @ W.T` over the rows of `x`, so with a handful of rows (single queries:
 # 3 guidance branches x 2 tokens) one thread does all the work while the others wait; as `(W @ x.T).T` the weight's
 # output features are split instead. On 2 AVX2 cores (benchmarks/bench_compodiff.py --device cpu) this takes a
@@ -185,7 +194,7 @@ class GainLayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        eps = self.eps if hidden_states.dtype == torch.float32 else self.half_precision_eps
+        eps = self.half_precision_eps if hidden_states.dtype in HALF_PRECISION else self.eps
         if self.stable:
             hidden_states = hidden_states / hidden_states.amax(dim=-1, keepdim=True).detach()
         return F.layer_norm(hidden_states, hidden_states.shape[-1:], self.weight.to(hidden_states.dtype), None, eps)
@@ -281,7 +290,7 @@ class CompoDiffSelfAttention(nn.Module):
         # and falls back to its unfused path for this shape).
         scores = torch.bmm(query.reshape(batch, self.heads * length, self.head_dim), key.transpose(1, 2))
         scores = scores.view(batch, self.heads, length, length + 1) + position_bias.to(scores.dtype)
-        weights = scores.softmax(dim=-1, dtype=torch.float32).to(value.dtype)
+        weights = scores.softmax(dim=-1, dtype=_softmax_dtype(scores.dtype)).to(value.dtype)
         weights = F.dropout(weights, p=self.dropout, training=self.training)
         attention = torch.bmm(weights.view(batch, self.heads * length, length + 1), value)
         attention = attention.view(batch, self.heads, length, self.head_dim).transpose(1, 2)
@@ -338,7 +347,7 @@ class CompoDiffCrossAttention(nn.Module):
         scores = torch.bmm(
             query.reshape(rows, length, self.head_dim), key.reshape(rows, -1, self.head_dim).transpose(1, 2)
         ) * (self.head_dim**-0.5)
-        weights = scores.softmax(dim=-1, dtype=torch.float32).to(value.dtype)
+        weights = scores.softmax(dim=-1, dtype=_softmax_dtype(scores.dtype)).to(value.dtype)
         return torch.bmm(weights, value.reshape(rows, -1, self.head_dim)).view(batch, heads, length, -1)
 
     def _guidance_attention(self, query, kv: GuidanceKeyValues):
@@ -364,7 +373,7 @@ class CompoDiffCrossAttention(nn.Module):
         tail_key, tail_value = kv.tail_key.to(dtype), kv.tail_value.to(dtype)
         tail_scores = torch.matmul(negative, tail_key.transpose(-1, -2))
         scores = torch.cat((shared_scores, tail_scores), dim=-1) * scale
-        weights = scores.softmax(dim=-1, dtype=torch.float32).to(dtype)
+        weights = scores.softmax(dim=-1, dtype=_softmax_dtype(scores.dtype)).to(dtype)
         shared_length = shared_key.shape[2]
         shared_weights, tail_weights = weights[..., :shared_length], weights[..., shared_length:]
         if shared_key.shape[0] == 1:
@@ -664,7 +673,7 @@ class CompoDiffTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         token's output is read, so the last feed-forward runs on that token alone."""
 
         def eps(norm: GainLayerNorm) -> float:
-            return norm.eps if tokens.dtype == torch.float32 else norm.half_precision_eps
+            return norm.half_precision_eps if tokens.dtype in HALF_PRECISION else norm.eps
 
         tables = context.self_attention_tables
         blocks = list(self.blocks)
