@@ -68,3 +68,14 @@ def test_a_run_stopped_by_stop_after_steps_reports_its_data_and_skipped_rows(tin
     messages = [record.getMessage() for record in caplog.records]
     assert any(message.endswith(f"Data (triplets): {summary['data']['triplets']}") for message in messages), messages[-5:]
     assert any("Rows per objective" in message for message in messages)
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_data_that_cannot_be_opened_is_named_by_its_flags_before_the_models_load(tiny_data, tmp_path):
+    args = run_args(tiny_data, tmp_path / "run", "--max_train_steps", "1")
+    args[args.index("--text_encoder_name_or_path") + 1] = str(tmp_path / "no-text-encoder")  # never reached
+    with pytest.raises(ValueError, match=r"--train_data_dir .*--train_split 'trian'\) could not be opened: .*trian"):
+        main(parse_args(args + ["--train_split", "trian"]))
+    with pytest.raises(ValueError, match=r"--text_to_image_data_dir .*--text_to_image_split 'tset'\) could not be opened"):
+        main(parse_args(args + ["--text_to_image_data_dir", tiny_data, "--text_to_image_config_name", "gallery",
+                                "--text_to_image_split", "tset"]))

@@ -270,7 +270,7 @@ def test_new_run_over_an_earlier_runs_checkpoints_is_refused_before_any_work(tmp
     with pytest.raises(ValueError, match=r"already holds checkpoints .*checkpoint-6.*--resume_from_checkpoint latest"):
         main(_main_args(tmp_path))
     # Continuing it is what the message asks for: it gets past the check (and fails on the missing data).
-    with pytest.raises(FileNotFoundError, match="no-data"):
+    with pytest.raises(ValueError, match="--train_data_dir .*no-data.* could not be opened"):
         main(_main_args(tmp_path, "--resume_from_checkpoint", "latest"))
 
 

@@ -637,10 +637,31 @@ def main(args: argparse.Namespace) -> dict:
 
     # ---- data (sharded per rank) and components
     ratios = ObjectiveRatios.parse(args.objective_ratios)
-    stream = load_triplet_stream(
+    def open_stream(flags: str, *load_args, **load_kwargs):
+        try:
+            return load_triplet_stream(*load_args, **load_kwargs)
+        except (FileNotFoundError, ValueError) as error:  # not MissingColumnsError (a KeyError): it names its columns
+            raise ValueError(f"{flags} could not be opened: {error}") from error
+
+    stream = open_stream(
+        f"--train_data_dir {args.train_data_dir!r} (--dataset_config_name {args.dataset_config_name!r}, --train_split "
+        f"{args.train_split!r})",
         args.train_data_dir, args.dataset_config_name, split=args.train_split,
         column_mapping=_json_mapping(args.column_mapping, "--column_mapping"), stage=args.stage, revision=args.revision,
     )
+    caption_stream = None
+    if args.text_to_image_data_dir is not None:  # opened now: a wrong flag fails before the models load
+        caption_config = args.text_to_image_config_name or args.dataset_config_name
+        caption_stream = open_stream(
+            f"--text_to_image_data_dir {args.text_to_image_data_dir!r} (--text_to_image_config_name "
+            f"{caption_config!r}, --text_to_image_split {args.text_to_image_split!r})",
+            args.text_to_image_data_dir,
+            caption_config,
+            split=args.text_to_image_split,
+            column_mapping=_json_mapping(args.text_to_image_column_mapping, "--text_to_image_column_mapping"),
+            stage="text_to_image",
+            revision=args.revision,
+        )
     transformer, noise_scheduler, text_encoder, tokenizer, image_encoder, image_processor = load_components(args, stream)
     caption_share = ratios.caption_row_probability if args.stage == "triplet" else 0.0
     caption_rows = 0
@@ -673,14 +694,6 @@ def main(args: argparse.Namespace) -> dict:
         )
     }
     if caption_rows:
-        caption_stream = load_triplet_stream(
-            args.text_to_image_data_dir,
-            args.text_to_image_config_name or args.dataset_config_name,
-            split=args.text_to_image_split,
-            column_mapping=_json_mapping(args.text_to_image_column_mapping, "--text_to_image_column_mapping"),
-            stage="text_to_image",
-            revision=args.revision,
-        )
         if caption_stream.source != stream.source:
             raise ValueError(
                 f"--text_to_image_data_dir holds {caption_stream.source} but the triplets hold {stream.source}; "
