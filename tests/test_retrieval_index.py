@@ -298,3 +298,16 @@ def test_ids_mixing_ints_and_strings_in_one_call_or_overflowing_int64_are_reject
     index = GalleryIndex.from_embeddings(gallery[:3], ids=np.array([5, 6, 7], dtype=np.uint64))
     assert index.ids.tolist() == [5, 6, 7]
     assert index.search(gallery[:1], k=1, exclude_ids=[5]).ids[0] != [5]
+
+
+def test_unsaveable_metadata_fails_before_an_earlier_save_is_touched(tmp_path, small_gallery):
+    gallery, _ = small_gallery
+    index = GalleryIndex.from_embeddings(gallery[:4], ids=[f"x{i}" for i in range(4)], metadata=[{"n": i} for i in range(4)])
+    index.save(tmp_path / "idx")
+    index.add(gallery[4:5], ids=["x4"], metadata=[{"score": np.float32(0.5)}])
+    with pytest.raises(ValueError, match=r"`metadata` of item 4 \(id 'x4'\) cannot be saved as JSON"):
+        index.save(tmp_path / "idx")
+    # The earlier save is intact (its index file used to be replaced before the metadata failed).
+    reloaded = GalleryIndex.load(tmp_path / "idx")
+    assert reloaded.ntotal == 4 and reloaded.metadata == [{"n": i} for i in range(4)]
+    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == ["ids.npy", "index.faiss", "manifest.json", "metadata.jsonl"]

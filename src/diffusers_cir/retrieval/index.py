@@ -611,6 +611,21 @@ class GalleryIndex:
             os.replace(temporary, directory / final_name)
             files[final_name] = (directory / final_name).stat().st_size
 
+        metadata_temporary = directory / (METADATA_NAME + ".tmp")
+        if self._metadata is not None:
+            # Written before anything is replaced: metadata that JSON cannot hold (numpy scalars, paths, ...)
+            # must fail here, not halfway, which left an earlier save in this folder with mismatched files.
+            try:
+                with open(metadata_temporary, "w", encoding="utf-8") as handle:
+                    for position, item in enumerate(self._metadata):
+                        handle.write(json.dumps(item, ensure_ascii=False) + "\n")
+            except (TypeError, ValueError) as error:
+                metadata_temporary.unlink()
+                raise ValueError(
+                    f"`metadata` of item {position} (id {self.ids[position].item()!r}) cannot be saved as JSON: "
+                    f"{error}. Use plain Python values (str, int, float, bool, None, lists and dicts of them)."
+                ) from error
+
         if self._ondisk:
             # The inverted lists stay in their .ivfdata file; the index file only refers to it by name.
             ivfdata = self._source_directory / IVFDATA_NAME
@@ -627,10 +642,7 @@ class GalleryIndex:
             np.save(handle, self.ids, allow_pickle=False)
         commit(directory / (IDS_NAME + ".tmp"), IDS_NAME)
         if self._metadata is not None:
-            with open(directory / (METADATA_NAME + ".tmp"), "w", encoding="utf-8") as handle:
-                for item in self._metadata:
-                    handle.write(json.dumps(item, ensure_ascii=False) + "\n")
-            commit(directory / (METADATA_NAME + ".tmp"), METADATA_NAME)
+            commit(metadata_temporary, METADATA_NAME)
         elif (directory / METADATA_NAME).exists():
             (directory / METADATA_NAME).unlink()
         manifest["parts"] = [{"file": name, "ntotal": int(part.ntotal)} for part, name in zip(self._parts, part_names)]
