@@ -311,3 +311,21 @@ def test_unsaveable_metadata_fails_before_an_earlier_save_is_touched(tmp_path, s
     reloaded = GalleryIndex.load(tmp_path / "idx")
     assert reloaded.ntotal == 4 and reloaded.metadata == [{"n": i} for i in range(4)]
     assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == ["ids.npy", "index.faiss", "manifest.json", "metadata.jsonl"]
+
+
+def test_a_save_interrupted_over_an_earlier_one_is_not_vouched_for_by_the_old_manifest(tmp_path, small_gallery, monkeypatch):
+    gallery, _ = small_gallery
+    GalleryIndex.from_embeddings(gallery[:5], ids=[f"old{i}" for i in range(5)]).save(tmp_path / "idx")
+    # Same count and id width: the new files have the sizes the old manifest lists.
+    new = GalleryIndex.from_embeddings(gallery[5:10], ids=[f"new{i}" for i in range(5)])
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "save", interrupted)  # dies after index.faiss is replaced, before ids.npy
+    with pytest.raises(KeyboardInterrupt):
+        new.save(tmp_path / "idx")
+    monkeypatch.undo()
+    # Before: the old manifest loaded the new vectors under the old ids, silently.
+    with pytest.raises(IndexFormatError, match="interrupted save"):
+        GalleryIndex.load(tmp_path / "idx")

@@ -626,6 +626,9 @@ class GalleryIndex:
                     f"{error}. Use plain Python values (str, int, float, bool, None, lists and dicts of them)."
                 ) from error
 
+        # An earlier save's manifest goes first: were this save interrupted, it would otherwise vouch for a
+        # mix of old and new files (same sizes pass its checks: new vectors under the old ids).
+        (directory / MANIFEST_NAME).unlink(missing_ok=True)
         if self._ondisk:
             # The inverted lists stay in their .ivfdata file; the index file only refers to it by name.
             ivfdata = self._source_directory / IVFDATA_NAME
