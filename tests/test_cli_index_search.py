@@ -166,3 +166,16 @@ def test_index_records_an_absolute_model_folder_so_search_works_from_elsewhere(w
         "--k", "3", "--steps", "2", "--device", "cpu",
     ]) == 0
     assert (elsewhere / "diffusers-cir-search.html").exists()
+
+
+@pytest.mark.parametrize("flag", ["--shard-size", "--nprobe", "--ef-search", "--train-size", "--batch-size", "--part-size"])
+def test_index_build_refuses_non_positive_sizes_before_embedding_anything(workspace, tmp_path, capsys, flag):
+    root = workspace
+    with pytest.raises(SystemExit) as exit_info:
+        main([
+            "index", "build", "--images", str(root / "images"), "--model", str(root / "model"),
+            "--output", str(tmp_path / "index"), "--num-workers", "0", "--device", "cpu", flag, "0",
+        ])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: expected a positive integer, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "index").exists()  # --shard-size 0 used to fail only after the whole gallery was embedded

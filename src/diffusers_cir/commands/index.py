@@ -20,6 +20,17 @@ from pathlib import Path
 from . import errors_as_messages
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: checked when the command line is read, not after the gallery has been embedded."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser("index", help="Embed a gallery of images and build a searchable index.")
     actions = parser.add_subparsers(dest="index_command", metavar="ACTION")
@@ -35,13 +46,19 @@ def register(subparsers) -> None:
     build.add_argument("--model", required=True, help="CIR pipeline folder (or CLIP vision model folder).")
     build.add_argument("--output", required=True, help="Index folder to write.")
     build.add_argument("--factory", default="Flat", help="faiss index-factory string. Default: Flat (exact).")
-    build.add_argument("--train-size", type=int, default=None, help="Training sample for IVF/PQ (default 64*nlist).")
-    build.add_argument("--nprobe", type=int, default=None, help="IVF lists visited per query (saved with the index).")
-    build.add_argument("--ef-search", type=int, default=None, help="HNSW efSearch (saved with the index).")
+    build.add_argument(
+        "--train-size", type=_positive_int, default=None,
+        help="Training sample for IVF/PQ (default: 64 x nlist, at least 16384).",
+    )
+    build.add_argument(
+        "--nprobe", type=_positive_int, default=None, help="IVF lists visited per query (saved with the index).")
+    build.add_argument("--ef-search", type=_positive_int, default=None, help="HNSW efSearch (saved with the index).")
     build.add_argument("--ondisk", action="store_true", help="Keep IVF inverted lists on disk (larger than memory).")
-    build.add_argument("--shard-size", type=int, default=None, help="Split a Flat/HNSW index into parts of N vectors.")
-    build.add_argument("--batch-size", type=int, default=64, help="Images per encoder call. Default: 64.")
-    build.add_argument("--part-size", type=int, default=4096, help="Images per resumable part. Default: 4096.")
+    build.add_argument(
+        "--shard-size", type=_positive_int, default=None, help="Split a Flat/HNSW index into parts of N vectors.")
+    build.add_argument("--batch-size", type=_positive_int, default=64, help="Images per encoder call. Default: 64.")
+    build.add_argument(
+        "--part-size", type=_positive_int, default=4096, help="Images per resumable part. Default: 4096.")
     build.add_argument("--num-workers", type=int, default=2, help="Image-decoding workers. Default: 2.")
     build.add_argument("--device", default=None, help="cpu / cuda (default: accelerate's device).")
     build.add_argument("--fp16", action="store_true", help="Run the image encoder in float16 (GPU).")
