@@ -164,7 +164,8 @@ def test_return_tuple_and_numpy(pipe):
     "kwargs, message",
     [
         (dict(image_embeds=torch.randn(1, EMBED_DIM + 1), prompt="x"), "image_embeds"),
-        (dict(image_embeds=torch.randn(2, EMBED_DIM), prompt=["x"]), "Batch sizes"),
+        (dict(image_embeds=torch.randn(2, EMBED_DIM), prompt=["x", "y", "z"]), "Batch sizes"),
+        (dict(image_embeds=torch.randn(2, EMBED_DIM), prompt="x", mask_image=[Image.new("L", (8, 8))] * 3), "Batch sizes"),
         (dict(image_embeds=torch.randn(1, EMBED_DIM), prompt="x", mask=torch.zeros(1, 32, 32)), "mask"),
         (dict(prompt="x", num_inference_steps=-1), "num_inference_steps"),
         (dict(prompt="x", num_inference_steps=0), "num_inference_steps"),
@@ -347,3 +348,32 @@ def test_readme_notebook_snippet_runs(monkeypatch):
     namespace = {"paths": ["a.jpg", "bb.jpg", "ccc.jpg"]}
     exec(compile(snippet.replace('"cuda"', '"cpu"'), "README.md", "exec"), namespace)
     assert namespace["scores"].shape == (1, 3) and torch.isfinite(namespace["scores"]).all()
+
+
+def test_one_reference_one_text_or_one_mask_serves_every_query(pipe):
+    """A single entry of a condition is shared by every query, as if it were repeated."""
+    image = _images(1)
+    texts = ["make it red", "as a sketch", "at night"]
+    embeds = pipe.encode_image(image)
+    shared = pipe(image=image, prompt=texts, generator=_gen()).image_embeds
+    repeated = pipe(image_embeds=embeds.expand(3, -1), prompt=texts, generator=_gen()).image_embeds
+    assert shared.shape == (3, EMBED_DIM)
+    assert torch.allclose(shared, repeated, atol=1e-6)
+    assert not torch.allclose(shared[0], shared[1])
+
+    references = torch.randn(3, EMBED_DIM)
+    one_text = pipe(image_embeds=references, prompt="as a sketch", generator=_gen()).image_embeds
+    three_texts = pipe(image_embeds=references, prompt=["as a sketch"] * 3, generator=_gen()).image_embeds
+    assert torch.allclose(one_text, three_texts, atol=1e-6)
+
+    left, right = np.zeros((40, 48), dtype=np.uint8), np.zeros((40, 48), dtype=np.uint8)
+    left[:, :24], right[:, 24:] = 255, 255
+    masks = [Image.fromarray(left), Image.fromarray(right)]
+    one_image = pipe(image=image, prompt="x", mask_image=masks, generator=_gen()).image_embeds
+    two_images = pipe(image=image * 2, prompt=["x", "x"], mask_image=masks, generator=_gen()).image_embeds
+    assert one_image.shape == (2, EMBED_DIM)
+    assert torch.allclose(one_image, two_images, atol=1e-6)
+    assert not torch.allclose(one_image[0], one_image[1])
+    one_mask = pipe(image=image * 2, prompt=["x", "y"], mask_image=masks[0], generator=_gen()).image_embeds
+    both_masks = pipe(image=image * 2, prompt=["x", "y"], mask_image=[masks[0]] * 2, generator=_gen()).image_embeds
+    assert torch.allclose(one_mask, both_masks, atol=1e-6)

@@ -201,10 +201,8 @@ class CompoDiffPipeline(DiffusionPipeline, CompoDiffLoraLoaderMixin):
         """
         size = self.transformer.config.mask_size
         masks = _as_image_list(mask_image, "mask_image")
-        if len(masks) == 1 and batch_size > 1:
-            masks = masks * batch_size
-        if len(masks) != batch_size:
-            raise ValueError(f"`mask_image` has {len(masks)} masks for {batch_size} queries.")
+        if len(masks) not in (1, batch_size):
+            raise ValueError(f"`mask_image` has {len(masks)} masks for {batch_size} queries (give one, or one per query).")
         clip_size = self._clip_input_size()
         pixel_masks = []
         for index, item in enumerate(masks):
@@ -235,6 +233,8 @@ class CompoDiffPipeline(DiffusionPipeline, CompoDiffLoraLoaderMixin):
         pixel_mask = (torch.cat(pixel_masks) > 0.5).float().to(device)
         mask = F.interpolate(pixel_mask, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         mask = (mask[:, 0] > 0.5).float()
+        if mask.shape[0] != batch_size:  # one mask for every query: prepared once
+            mask, pixel_mask = mask.expand(batch_size, -1, -1), pixel_mask.expand(batch_size, -1, -1, -1)
         return mask, pixel_mask
 
     def _clip_input_size(self) -> tuple[int, int] | None:
@@ -330,17 +330,18 @@ class CompoDiffPipeline(DiffusionPipeline, CompoDiffLoraLoaderMixin):
                 f"`negative_prompt` must be a string or a list of strings, got {type(negative_prompt).__name__}"
                 + (f" holding {sorted({type(text).__name__ for text in negative_prompt})}." if isinstance(negative_prompt, (list, tuple)) else ".")
             )
-        if isinstance(negative_prompt, (list, tuple)) and len(negative_prompt) != 1:
+        if isinstance(negative_prompt, (list, tuple)):
             sizes["negative_prompt"] = len(negative_prompt)
+        if mask_image is not None:
+            sizes["mask_image"] = len(_as_image_list(mask_image, "mask_image"))
 
-        batch_sizes = set(sizes.values())
-        # A single negative text/embedding or mask may serve every query.
-        for broadcastable in ("negative_prompt_embeds", "mask"):
-            if sizes.get(broadcastable) == 1 and len(batch_sizes) > 1:
-                sizes.pop(broadcastable)
-        if len(set(sizes.values())) > 1:
-            raise ValueError(f"Batch sizes do not match: {sizes}.")
-        batch_size = next(iter(sizes.values()))
+        # Every condition holds one entry per query, or a single one that serves every query (one reference image
+        # with several modification texts, one text applied to several images, one negative text or mask).
+        batch_size = max(sizes.values())
+        if any(size not in (1, batch_size) for size in sizes.values()):
+            raise ValueError(
+                f"Batch sizes do not match: {sizes}. Give each condition one entry per query, or a single one for all."
+            )
         if batch_size == 0:
             raise ValueError(f"No query to compose: {' and '.join(f'`{name}`' for name in sizes)} hold no entries.")
         return batch_size
@@ -502,6 +503,9 @@ class CompoDiffPipeline(DiffusionPipeline, CompoDiffLoraLoaderMixin):
         r"""
         Compose queries: reference image(s) + modification text(s) -> CLIP image embedding(s).
 
+        Every condition holds one entry per query, or a single entry shared by every query: one reference image
+        with several texts, one text applied to several images, one negative text or mask for all.
+
         Args:
             image (PIL image(s), or pixel values `[B, 3, H, W]`, *optional*): Reference images. Without `image` and
                 `image_embeds` the query is text only (the image condition is a zero embedding).
@@ -563,6 +567,8 @@ class CompoDiffPipeline(DiffusionPipeline, CompoDiffLoraLoaderMixin):
                 if self.image_encoder is not None else dtype,
             )
             if pixel_mask is not None:
+                if pixel_values.shape[0] == 1 and len(_as_image_list(mask_image, "mask_image")) == 1:
+                    pixel_mask = pixel_mask[:1]  # one image, one mask: encode the masked image once
                 if pixel_mask.shape[-2:] != pixel_values.shape[-2:]:
                     pixel_mask = F.interpolate(pixel_mask, size=pixel_values.shape[-2:], mode="nearest")
                 pixel_values = pixel_values * (1 - pixel_mask.to(pixel_values.dtype))
@@ -573,6 +579,8 @@ class CompoDiffPipeline(DiffusionPipeline, CompoDiffLoraLoaderMixin):
             image_embeds = torch.zeros(batch_size, self.embedding_dim)
         if image_embeds.ndim == 3:
             image_embeds = image_embeds[:, 0]
+        if image_embeds.shape[0] == 1 and batch_size > 1:  # one reference image for every query
+            image_embeds = image_embeds.expand(batch_size, -1)
         image_embeds = image_embeds.to(device=device, dtype=dtype)
 
         # 3. texts: the prompts and negative texts given as strings go through the text tower in one call
@@ -587,6 +595,8 @@ class CompoDiffPipeline(DiffusionPipeline, CompoDiffLoraLoaderMixin):
             encoded = dict(zip(pending, encoded.split([len(texts) for texts in pending.values()])))
             prompt_embeds = encoded.get("prompt", prompt_embeds)
             negative_prompt_embeds = encoded.get("negative", negative_prompt_embeds)
+        if prompt_embeds.shape[0] == 1 and batch_size > 1:  # one modification text for every query
+            prompt_embeds = prompt_embeds.expand(batch_size, -1, -1)
         prompt_embeds = prompt_embeds.to(device=device, dtype=dtype)
         negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
         if negative_prompt_embeds.shape[1] != prompt_embeds.shape[1]:
