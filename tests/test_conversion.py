@@ -88,6 +88,15 @@ def test_unknown_key_is_refused():
         convert_compodiff_state_dict(state)
 
 
+def test_unknown_noise_scheduler_key_is_reported_not_dropped():
+    state = _tiny_state()
+    state["model.noise_scheduler.biass"] = torch.zeros(1)  # known: dropped
+    convert_compodiff_state_dict(state)
+    state["model.noise_scheduler.ema_decay"] = torch.zeros(1)  # not a schedule buffer of the releases
+    with pytest.raises(CompoDiffConversionError, match="model.noise_scheduler.ema_decay"):
+        convert_compodiff_state_dict(state)
+
+
 def test_incomplete_checkpoint_is_refused(tmp_path):
     state = _tiny_state()
     del state["model.net.transformer.layers.1.2.1.weight"]

@@ -60,6 +60,16 @@ _COMPILED_RULES = [(re.compile(pattern + r"$"), target) for pattern, target in _
 _ROTARY_KEY = re.compile(r"transformer\.layers\.(\d+)\.0\.rotary_emb\.freqs$")
 _NET_PREFIX = "model.net."
 _SCHEDULE_PREFIX = "model.noise_scheduler."
+# The schedule buffers of the released checkpoints (recomputed by CompoDiffScheduler, so dropped), plus the
+# misspelled `biass` buffer some of them carry. Any other `model.noise_scheduler.*` key is reported, not dropped.
+_SCHEDULE_BUFFERS = frozenset(
+    {
+        "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+        "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+        "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+        "p2_loss_weight", "biass",
+    }
+)
 
 
 class CompoDiffConversionError(ValueError):
@@ -150,7 +160,7 @@ def convert_compodiff_state_dict(
 ) -> tuple[dict, dict[str, torch.Tensor]]:
     """Map a released state dict to ``(config, state_dict)`` of :class:`CompoDiffTransformer`.
 
-    Every key is either mapped or deliberately dropped (``model.noise_scheduler.*`` buffers; the per-layer copies of
+    Every key is either mapped or deliberately dropped (the known ``model.noise_scheduler.*`` buffers; the per-layer copies of
     the shared rotary frequencies, after checking they agree). Unknown keys raise, so a wrong file cannot convert
     "successfully" into a half-initialised model.
     """
@@ -158,7 +168,7 @@ def convert_compodiff_state_dict(
     for key, value in state_dict.items():
         if key.startswith(_NET_PREFIX):
             net_state[key[len(_NET_PREFIX) :]] = value
-        elif not key.startswith(_SCHEDULE_PREFIX):
+        elif not (key.startswith(_SCHEDULE_PREFIX) and key[len(_SCHEDULE_PREFIX) :] in _SCHEDULE_BUFFERS):
             unknown.append(key)
     if not net_state:
         raise CompoDiffConversionError(
