@@ -248,3 +248,20 @@ def test_a_text_tower_without_projection_is_refused(tmp_path):
     CLIPTextModel.from_pretrained(str(LINCIR_TINY / "text_encoder")).save_pretrained(tmp_path / "text_only")
     with pytest.raises(LinCIRConversionError, match="text_projection"):
         load_clip_text_encoder(tmp_path / "text_only")
+
+
+@pytest.mark.parametrize(
+    "layout, drop",
+    [("phi", "layers.3."), ("phi", "layers.0."), ("pic2word", "layers.1.0."), ("diffusers", "hidden_layers.0.")],
+)
+def test_a_missing_hidden_layer_is_refused_not_skipped(layout, drop):
+    if layout == "phi":
+        state, wrap = {f"layers.{k}": v for k, v in lincir_sequential(6, 20, 10, num_hidden=2).state_dict().items()}, "Phi"
+    elif layout == "pic2word":
+        state, wrap = Pic2WordProjection(6, 20, 10, n_layer=3).state_dict(), "state_dict_img2text"
+    else:
+        state, wrap = TextualInversionProjection(input_dim=6, hidden_dim=20, output_dim=10, num_hidden_layers=3).state_dict(), None
+    convert_lincir_phi_checkpoint({wrap: state} if wrap else state)  # complete: converts
+    broken = {key: value for key, value in state.items() if not key.startswith(drop)}
+    with pytest.raises(LinCIRConversionError, match="a layer is missing"):
+        convert_lincir_phi_checkpoint({wrap: broken} if wrap else broken)

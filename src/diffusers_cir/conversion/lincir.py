@@ -137,6 +137,17 @@ def convert_phi_state_dict(
         parts = output if position == "output" else linears[position]
         if set(parts) != {"weight", "bias"}:
             raise LinCIRConversionError(f"Layer {position!r} needs a weight and a bias, found {sorted(parts)}.")
+    # The layers are mapped by their order, so a missing one would silently give a shallower projection.
+    if layout == "phi":  # nn.Sequential(Linear, GELU, Dropout, ..., Linear): Linear modules at 0, 3, 6, ...
+        found, expected, where = positions + [last], [3 * i for i in range(len(positions) + 1)], "layers.<i>"
+    else:
+        found, expected = positions, list(range(len(positions)))
+        where = "layers.<i>.0" if layout == "pic2word" else "hidden_layers.<i>"
+    if found != expected:
+        raise LinCIRConversionError(
+            f"The {layout!r} projection's linear layers are at {where} for i in {found}, expected {expected}: "
+            "a layer is missing from the checkpoint."
+        )
 
     weights = [linears[p]["weight"] for p in positions] + [output["weight"]]
     for previous, current in zip(weights, weights[1:]):
