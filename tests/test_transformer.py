@@ -259,3 +259,40 @@ def test_precomputed_time_tokens_equal_the_timestep_path():
         model(**inputs, timestep_embeds=tokens[:2])
     with pytest.raises(ValueError, match=r"`timestep` must have shape \[n\], got \(\)"):
         model.embed_timesteps(torch.tensor(5))
+
+
+def test_dtype_cast_drops_only_diffusers_empty_float32_list_warning():
+    """diffusers 0.42 warns "... should be kept in float32: []" on every cast; ours drop exactly that record."""
+    import logging
+
+    from diffusers import ModelMixin
+
+    from diffusers_cir.models._dtype_cast import QuietDtypeCastMixin
+
+    class Plain(ModelMixin):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(2, 2)
+
+    class Listing(QuietDtypeCastMixin, Plain):
+        _keep_in_fp32_modules = ["linear"]
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+    logger.addHandler(handler)
+    try:
+        def warnings_of(model):
+            records.clear()
+            model.to(torch.bfloat16)
+            return [r.getMessage() for r in records if "should be kept in float32" in r.getMessage()]
+
+        assert warnings_of(tiny_transformer()) == []
+        from diffusers_cir import TextualInversionProjection
+
+        assert warnings_of(TextualInversionProjection(8, 16, 8)) == []
+        assert len(warnings_of(Plain())) == 1  # the filter is gone after our cast: diffusers' own models still warn
+        assert "float32: ['linear']" in warnings_of(Listing())[0]  # a model that lists modules keeps its warning
+    finally:
+        logger.removeHandler(handler)

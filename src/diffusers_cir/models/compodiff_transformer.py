@@ -30,6 +30,7 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 from . import fused_inference
+from ._dtype_cast import QuietDtypeCastMixin
 
 
 # The reference's LayerNorm takes its larger epsilon in half precision; float32 and float64 keep the small one.
@@ -427,7 +428,7 @@ class CompoDiffBlock(nn.Module):
         return self.ff(hidden_states) + hidden_states
 
 
-class CompoDiffTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
+class CompoDiffTransformer(QuietDtypeCastMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
     r"""
     The CompoDiff denoiser. Given a noisy CLIP image embedding ``x_t``, a timestep and the conditions (reference image
     embedding, text hidden states, a 64x64 mask) it predicts the clean embedding ``x0``.

@@ -34,6 +34,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
+from ._dtype_cast import QuietDtypeCastMixin
+
 
 @dataclass
 class TextualInversionProjectionOutput(BaseOutput):
@@ -47,7 +49,7 @@ class TextualInversionProjectionOutput(BaseOutput):
     pseudo_tokens: torch.Tensor
 
 
-class TextualInversionProjection(ModelMixin, ConfigMixin):
+class TextualInversionProjection(QuietDtypeCastMixin, ModelMixin, ConfigMixin):
     r"""
     phi: CLIP joint-space embedding -> pseudo-word token embedding (LinCIR / SEARLE / Pic2Word).
 
