@@ -139,6 +139,18 @@ def test_pickle_with_code_is_not_executed(tmp_path):
         convert_compodiff_checkpoint(str(tmp_path))
 
 
+def test_unreadable_files_are_named(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CompoDiffConversionError, match="model.safetensors"):
+        convert_compodiff_checkpoint(str(tmp_path))
+    folder = tmp_path / "bad_config"
+    folder.mkdir()
+    torch.save(_tiny_state(), folder / "pytorch_model.bin")
+    (folder / "config.json").write_text("{model_depth: 2")
+    with pytest.raises(CompoDiffConversionError, match="config.json"):
+        convert_compodiff_checkpoint(str(folder))
+
+
 def test_missing_paths(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a folder nor a file"):
         convert_compodiff_checkpoint(str(tmp_path / "nope"))

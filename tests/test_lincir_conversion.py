@@ -160,6 +160,16 @@ def test_conversion_errors_say_what_is_wrong(tmp_path):
         convert_lincir_phi_checkpoint(tmp_path / "missing.pt")
 
 
+def test_unreadable_checkpoint_files_are_named(tmp_path):
+    for name in ("phi.pt", "phi.safetensors"):
+        (tmp_path / name).write_bytes(b"truncated")
+        with pytest.raises(LinCIRConversionError, match=name):
+            convert_lincir_phi_checkpoint(tmp_path / name)
+    torch.save([torch.zeros(2)], tmp_path / "list.pt")
+    with pytest.raises(LinCIRConversionError, match=r"list\.pt.*list"):
+        convert_lincir_phi_checkpoint(tmp_path / "list.pt")
+
+
 # ------------------------------------------------------------------------------------------- the script
 
 

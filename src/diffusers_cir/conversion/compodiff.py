@@ -97,13 +97,21 @@ def load_original_checkpoint(checkpoint_path: str) -> tuple[dict, dict[str, torc
     config = {}
     config_file = os.path.join(folder, "config.json")
     if os.path.isfile(config_file):
-        with open(config_file, encoding="utf-8") as handle:
-            config = json.load(handle)
+        try:
+            with open(config_file, encoding="utf-8") as handle:
+                config = json.load(handle)
+        except ValueError as error:
+            raise CompoDiffConversionError(f"{config_file!r} is not valid JSON: {error}") from error
+        if not isinstance(config, Mapping):
+            raise CompoDiffConversionError(f"{config_file!r} must hold a JSON object, got {type(config).__name__}.")
 
     if weights.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        state_dict = load_file(weights)
+        try:
+            state_dict = load_file(weights)
+        except Exception as error:  # SafetensorError does not name the file
+            raise CompoDiffConversionError(f"Could not read {weights!r} as a safetensors file: {error}") from error
     else:
         try:
             state_dict = torch.load(weights, map_location="cpu", weights_only=True)

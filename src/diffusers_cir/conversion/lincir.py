@@ -56,12 +56,19 @@ def load_original_phi_checkpoint(checkpoint: str | os.PathLike | Mapping) -> tup
         path = os.fspath(checkpoint)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"`checkpoint` {path!r} is not a file (expected e.g. LinCIR's `lincir_large.pt`).")
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
+        try:
+            if path.endswith(".safetensors"):
+                from safetensors.torch import load_file
 
-            loaded = load_file(path)
-        else:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
+                loaded = load_file(path)
+            else:
+                loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # pickle with code in it, a truncated file...: the library errors omit the path
+            raise LinCIRConversionError(
+                f"Could not read {path!r} as plain tensors (safetensors, or torch.load with weights_only=True): {error}"
+            ) from error
+        if not isinstance(loaded, Mapping):
+            raise LinCIRConversionError(f"{path!r} holds a {type(loaded).__name__}, not a checkpoint dict.")
     elif isinstance(checkpoint, Mapping):
         loaded = checkpoint
     else:
