@@ -31,7 +31,11 @@ installed, else the built-in rule (:mod:`diffusers_cir.text.keywords`).
 
 Resuming (``--resume_from_checkpoint``) restores phi, the optimizer, the scheduler, EMA and the position in the
 caption stream (torchdata's ``StatefulDataLoader``); the contents of the shuffle buffer are not saved, so the
-captions that were in it at save time are skipped after a resume.
+captions that were in it at save time are skipped after a resume. ``latest`` with no checkpoint yet starts a new
+run (so a time-limited job can always pass it). Checkpoints are written to ``checkpoint-<step>.partial`` and renamed
+when complete, so ``latest`` never picks one a killed run left half-written. A run without
+``--resume_from_checkpoint`` refuses an ``--output_dir`` that already holds checkpoints (they would mix with the new
+run's, and ``latest`` could later resume the old run).
 """
 
 from __future__ import annotations
@@ -41,7 +45,6 @@ import copy
 import json
 import logging
 import os
-import shutil
 import sys
 
 import torch
@@ -97,7 +100,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     training.add_argument("--seed", type=int, default=None)
     training.add_argument("--checkpointing_steps", type=int, default=None)
     training.add_argument("--checkpoints_total_limit", type=int, default=None)
-    training.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint folder or "latest".')
+    training.add_argument(
+        "--resume_from_checkpoint",
+        default=None,
+        help='A checkpoint-<step> folder (a path, or a name in --output_dir) or "latest" (the newest complete one; '
+        "a new run when there is none).",
+    )
     training.add_argument("--report_to", default=None, help="accelerate tracker (tensorboard, wandb, ...).")
     training.add_argument("--logging_steps", type=int, default=50)
     training.add_argument("--no_image_encoder", action="store_true", help="Do not add the vision tower to the saved pipeline.")
@@ -213,7 +221,10 @@ def main(argv: list[str] | None = None) -> dict:
     from diffusers_cir.pipelines.pipeline_lincir import LinCIRPipeline
     from diffusers_cir.pipelines.utils import resolve_pretrained_path
     from diffusers_cir.text import SelfMaskingCollator, load_keyword_extractor, self_masking_projection_loss
+    from diffusers_cir.training.train_compodiff import CHECKPOINT_PATTERN, check_output_dir, save_checkpoint
 
+    # Before any model or data is loaded: a new run must not mix its checkpoints with an earlier run's.
+    checkpoint = check_output_dir(args.output_dir, args.resume_from_checkpoint)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -221,6 +232,8 @@ def main(argv: list[str] | None = None) -> dict:
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs")),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if args.resume_from_checkpoint == "latest" and checkpoint is None:
+        logger.info("--resume_from_checkpoint latest: no checkpoint in %s yet, starting a new run.", args.output_dir)
     if args.seed is not None:
         set_seed(args.seed)
     os.makedirs(args.output_dir, exist_ok=True)
@@ -291,18 +304,10 @@ def main(argv: list[str] | None = None) -> dict:
         accelerator.init_trackers("train_lincir", config={k: str(v) for k, v in vars(args).items()})
 
     global_step, resumed_from_step = 0, None
-    if args.resume_from_checkpoint:
-        path = args.resume_from_checkpoint
-        if path == "latest":
-            checkpoints = sorted(
-                (d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[1])
-            )
-            if not checkpoints:
-                raise FileNotFoundError(f"--resume_from_checkpoint latest: no checkpoint-* folder in {args.output_dir}.")
-            path = os.path.join(args.output_dir, checkpoints[-1])
-        accelerator.load_state(path)
-        global_step = resumed_from_step = int(os.path.basename(os.path.normpath(path)).split("-")[1])
-        logger.info("Resumed from %s at step %d.", path, global_step)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        global_step = resumed_from_step = int(CHECKPOINT_PATTERN.match(checkpoint.name).group(1))
+        logger.info("Resumed from %s at step %d.", checkpoint, global_step)
 
     def unwrapped_phi(use_ema: bool) -> TextualInversionProjection:
         model = accelerator.unwrap_model(phi)
@@ -385,7 +390,7 @@ def main(argv: list[str] | None = None) -> dict:
                 progress.set_postfix(loss=f"{logs['train/loss']:.4g}")
                 running_loss, keyword_share, logged_batches = 0.0, 0.0, 0
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args, global_step)
+                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
             if args.validation_steps and global_step % args.validation_steps == 0:
                 validate(global_step)
             if global_step >= args.max_train_steps:
@@ -424,20 +429,6 @@ class EpochCounter:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch = int(state["epoch"])
-
-
-def save_checkpoint(accelerator, args, global_step: int) -> None:
-    if not accelerator.is_main_process:
-        # accelerate's save_state must run on every process (it gathers), the pruning only on the main one.
-        accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{global_step}"))
-        return
-    if args.checkpoints_total_limit is not None:
-        checkpoints = sorted(
-            (d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[1])
-        )
-        for old in checkpoints[: max(0, len(checkpoints) - args.checkpoints_total_limit + 1)]:
-            shutil.rmtree(os.path.join(args.output_dir, old))
-    accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{global_step}"))
 
 
 if __name__ == "__main__":
