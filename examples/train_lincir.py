@@ -119,8 +119,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
 
-    if args.batch_size < 1 or args.max_train_steps < 1 or args.gradient_accumulation_steps < 1:
-        parser.error("--batch_size, --max_train_steps and --gradient_accumulation_steps must be positive.")
+    # Every number is checked here, not when first used (--logging_steps 0 failed at the first step, a bad
+    # --validation_ks at the first validation, --checkpoints_total_limit 0 kept one checkpoint anyway).
+    for flag, low, what in (
+        ("batch_size", 1, "a positive integer"),
+        ("max_train_steps", 1, "a positive integer"),
+        ("gradient_accumulation_steps", 1, "a positive integer"),
+        ("logging_steps", 1, "a positive integer"),
+        ("checkpointing_steps", 1, "a positive integer"),
+        ("checkpoints_total_limit", 1, "a positive integer"),
+        ("validation_steps", 1, "a positive integer"),
+        ("shuffle_buffer_size", 0, "0 (no shuffling) or a positive integer"),
+        ("dataloader_num_workers", 0, "0 or a positive integer"),
+        ("lr_warmup_steps", 0, "0 or a positive integer"),
+        ("noise_scale", 0, "a number >= 0"),
+    ):
+        value = getattr(args, flag)
+        if value is not None and value < low:
+            parser.error(f"--{flag} must be {what}, got {value}.")
+    for flag in ("learning_rate", "max_grad_norm"):
+        value = getattr(args, flag)
+        if value is not None and not value > 0:
+            parser.error(f"--{flag} must be a positive number, got {value}.")
+    if not 0 <= args.phi_dropout < 1:
+        parser.error(f"--phi_dropout must be in [0, 1), got {args.phi_dropout}.")
+    if not 0 <= args.ema_decay <= 1:
+        parser.error(f"--ema_decay must be in [0, 1], got {args.ema_decay}.")
+    if min(args.validation_ks) < 1:
+        parser.error(f"--validation_ks must be positive integers, got {' '.join(map(str, args.validation_ks))}.")
     if args.validation_steps is not None and args.validation_data is None:
         parser.error("--validation_steps needs --validation_data.")
     if "{text}" not in args.prompt_template:
@@ -145,7 +171,13 @@ def caption_stream(args, process_index: int = 0, num_processes: int = 1):
             stream = load_dataset(_FILE_BUILDERS[extension], data_files=[source], split="train", streaming=True)
             column = "text" if extension == ".txt" else args.caption_column
         else:
-            stream = load_dataset(source, args.dataset_config_name, split=args.dataset_split, streaming=True)
+            try:
+                stream = load_dataset(source, args.dataset_config_name, split=args.dataset_split, streaming=True)
+            except Exception as error:  # datasets raises several types (missing path, Hub offline, unknown split)
+                raise ValueError(
+                    f"--train_data {source!r} (--dataset_config_name {args.dataset_config_name!r}, --dataset_split "
+                    f"{args.dataset_split!r}) cannot be opened: {type(error).__name__}: {error}"
+                ) from error
             column = args.caption_column
         if stream.column_names is not None and column not in stream.column_names:
             raise ValueError(f"--train_data {source!r} has no column {column!r} (it has {stream.column_names}); set --caption_column.")
@@ -183,6 +215,14 @@ def load_validation_set(folder: str):
             queries.append(query)
     if not queries:
         raise ValueError(f"{queries_path} holds no queries.")
+    gallery_size = tensors["image_embeds"].shape[0]
+    for line_number, query in enumerate(queries, 1):
+        for key in ("reference", "target"):
+            if not isinstance(query[key], int) or not 0 <= query[key] < gallery_size:
+                raise ValueError(
+                    f"{queries_path}: query {line_number} has {key}={query[key]!r}, expected a gallery position in "
+                    f"[0, {gallery_size}) (gallery.safetensors holds {gallery_size} embeddings)."
+                )
     return tensors["image_embeds"], queries
 
 
@@ -237,6 +277,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.seed is not None:
         set_seed(args.seed)
     os.makedirs(args.output_dir, exist_ok=True)
+    # The data is opened before the models load, so a wrong --train_data / --validation_data fails at once.
+    stream = caption_stream(args, accelerator.process_index, accelerator.num_processes)
+    validation_set = load_validation_set(args.validation_data) if args.validation_data else None
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     source_folder = resolve_pretrained_path(args.pretrained_model_name_or_path, {})
@@ -278,7 +321,6 @@ def main(argv: list[str] | None = None) -> dict:
     keyword_extractor = load_keyword_extractor(args.keyword_extractor, args.spacy_model)
     padding = "max_length" if args.pad_to_max_length else "longest"
     collator = SelfMaskingCollator(tokenizer, keyword_extractor, seed=args.seed, padding=padding)
-    stream = caption_stream(args, accelerator.process_index, accelerator.num_processes)
     try:
         from torchdata.stateful_dataloader import StatefulDataLoader as DataLoader
     except ImportError:  # exact resume of the stream position needs torchdata
@@ -299,7 +341,6 @@ def main(argv: list[str] | None = None) -> dict:
     epochs = EpochCounter()  # passes over the caption stream, restored on resume (it seeds the reshuffle)
     accelerator.register_for_checkpointing(epochs)
 
-    validation_set = load_validation_set(args.validation_data) if args.validation_data else None
     if accelerator.is_main_process:
         accelerator.init_trackers("train_lincir", config={k: str(v) for k, v in vars(args).items()})
 

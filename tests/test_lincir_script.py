@@ -1,10 +1,12 @@
 """`examples/train_lincir.py` as a user drives it: output folders, resuming, argument checks (tiny CLIP, seconds)."""
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from diffusers_cir import LinCIRPipeline
@@ -65,3 +67,41 @@ def test_latest_without_checkpoints_starts_and_a_partial_checkpoint_is_never_res
     resumed = script.main(_args(tiny_world, out, "--max_train_steps", "3", "--resume_from_checkpoint", "latest"))
     assert resumed["resumed_from_step"] == 2 and resumed["global_step"] == 3
     assert LinCIRPipeline.from_pretrained(out).phi.config.input_dim == 16
+
+
+@pytest.mark.parametrize(
+    "flag, value, expected",
+    [
+        ("--logging_steps", "0", "--logging_steps must be a positive integer, got 0"),
+        ("--checkpointing_steps", "0", "--checkpointing_steps must be a positive integer, got 0"),
+        ("--checkpoints_total_limit", "0", "--checkpoints_total_limit must be a positive integer, got 0"),
+        ("--shuffle_buffer_size", "-1", r"--shuffle_buffer_size must be 0 \(no shuffling\) or a positive integer, got -1"),
+        ("--learning_rate", "0", "--learning_rate must be a positive number, got 0.0"),
+        ("--phi_dropout", "1", r"--phi_dropout must be in \[0, 1\), got 1.0"),
+        ("--ema_decay", "1.5", r"--ema_decay must be in \[0, 1\], got 1.5"),
+        ("--validation_ks", "0", "--validation_ks must be positive integers, got 0"),
+        ("--batch_size", "0", "--batch_size must be a positive integer, got 0"),
+    ],
+)
+def test_bad_numbers_are_refused_when_the_command_line_is_read(script, flag, value, expected, capsys):
+    with pytest.raises(SystemExit):
+        script.parse_args(["--pretrained_model_name_or_path", "m", "--train_data", "c.txt", "--output_dir", "o", flag, value])
+    err = capsys.readouterr().err
+    assert re.search(expected, err), err
+
+
+def test_bad_training_and_validation_data_fail_before_the_models_load(script, tiny_world, tmp_path):
+    missing_model = tmp_path / "no-such-model"  # would fail to load if the script got that far
+    args = _args(tiny_world, tmp_path / "out", "--max_train_steps", "1", clip=missing_model)
+    typo = args.copy()
+    typo[typo.index("--train_data") + 1] = str(tiny_world / "captions.tx")
+    with pytest.raises(ValueError, match=r"--train_data '.*captions\.tx' .*cannot be opened"):
+        script.main(typo)
+    with pytest.raises(FileNotFoundError, match="--validation_data needs"):
+        script.main([*args, "--validation_data", str(tmp_path / "no-such-validation")])
+    validation = tmp_path / "validation"
+    validation.mkdir()
+    save_file({"image_embeds": torch.randn(3, 16)}, str(validation / "gallery.safetensors"))
+    (validation / "queries.jsonl").write_text('{"reference": 0, "text": "red", "target": 1}\n{"reference": 1, "text": "x", "target": 3}\n')
+    with pytest.raises(ValueError, match=r"query 2 has target=3, expected a gallery position in \[0, 3\)"):
+        script.main([*args, "--validation_data", str(validation)])
