@@ -26,6 +26,9 @@ Validation (optional) reads a precomputed CIR set, ``--validation_data DIR`` wit
 ``{"reference": int, "text": str or [str, str], "target": int}`` per line, gallery positions), and reports
 Recall@K (``diffusers_cir.metrics``) at ``--validation_steps`` and at the end (``validation_results.json``).
 
+Captions that are empty after cleaning (blank lines, null values) are skipped, counted, and reported at the end
+(``skipped_empty_captions``) and in the trackers; a batch trains on the captions it has left.
+
 Keyword extraction uses spaCy when ``--keyword_extractor`` is ``spacy``/``auto`` and the spaCy pipeline is
 installed, else the built-in rule (:mod:`diffusers_cir.text.keywords`).
 
@@ -328,7 +331,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         logger.warning("torchdata is not installed: a resumed run restarts the caption stream from its beginning.")
     dataloader = DataLoader(
-        stream, batch_size=args.batch_size, collate_fn=collator, num_workers=args.dataloader_num_workers, drop_last=True
+        stream, batch_size=args.batch_size, collate_fn=SkipEmptyCaptions(collator), num_workers=args.dataloader_num_workers, drop_last=True
     )
 
     # The dataloader is not prepared: each process already reads its own part of the stream.
@@ -388,12 +391,16 @@ def main(argv: list[str] | None = None) -> dict:
     placeholder_id = collator.placeholder_token_id
     generator = torch.Generator(device=accelerator.device).manual_seed(args.seed + accelerator.process_index) if args.seed is not None else None
     running_loss, keyword_share, logged_batches = 0.0, 0.0, 0
+    skipped_captions = 0  # empty after cleaning (blank lines, nulls): no caption to mask, so not trained on
     first_pass_after_resume = resumed_from_step is not None  # may legitimately find the restored epoch exhausted
     while global_step < args.max_train_steps:
         if hasattr(stream, "set_epoch"):
             stream.set_epoch(epochs.epoch)
         batches_this_epoch = 0
         for batch in dataloader:
+            skipped_captions += batch["num_skipped_captions"]
+            if "input_ids" not in batch:  # every caption of the batch was empty
+                continue
             batches_this_epoch += 1
             with accelerator.accumulate(phi), accelerator.autocast():
                 loss = self_masking_projection_loss(
@@ -426,6 +433,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "train/loss": running_loss / logged_batches,
                     "train/lr": lr_scheduler.get_last_lr()[0],
                     "train/keyword_masked_share": keyword_share / logged_batches,
+                    "train/skipped_empty_captions": skipped_captions,
                 }
                 accelerator.log(logs, step=global_step)
                 progress.set_postfix(loss=f"{logs['train/loss']:.4g}")
@@ -445,7 +453,19 @@ def main(argv: list[str] | None = None) -> dict:
     progress.close()
 
     accelerator.wait_for_everyone()
-    summary = {"global_step": global_step, "resumed_from_step": resumed_from_step, "output_dir": args.output_dir}
+    skipped_captions = int(accelerator.reduce(torch.tensor(skipped_captions, device=accelerator.device), "sum").item())
+    summary = {
+        "global_step": global_step,
+        "resumed_from_step": resumed_from_step,
+        "output_dir": args.output_dir,
+        "skipped_empty_captions": skipped_captions,
+    }
+    if skipped_captions and accelerator.is_main_process:
+        logger.warning(
+            "Skipped %d caption(s) of --train_data that are empty after cleaning (blank lines, null values, only '$'): "
+            "there is nothing to mask in them, so the batches they were in trained on the others.",
+            skipped_captions,
+        )
     if accelerator.is_main_process:
         pipeline = build_pipeline(with_vision=not args.no_image_encoder)
         pipeline.save_pretrained(args.output_dir)
@@ -457,6 +477,27 @@ def main(argv: list[str] | None = None) -> dict:
         logger.info("Saved the LinCIR pipeline to %s.", args.output_dir)
     accelerator.end_training()
     return summary
+
+
+class SkipEmptyCaptions:
+    """Collate the captions that have text left after cleaning and count the others, instead of training on
+    ``"a photo of $"`` against the embedding of an empty caption (what the collator makes of one)."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, rows) -> dict:
+        from diffusers_cir.text.self_masking import clean_caption
+
+        def has_text(row) -> bool:
+            caption = row[self.collator.caption_column] if isinstance(row, dict) else row
+            # Not a string: kept, so that the collator names the row and its type.
+            return caption is not None and (not isinstance(caption, str) or bool(clean_caption(caption, self.collator.placeholder)))
+
+        kept = [row for row in rows if has_text(row)]
+        batch = self.collator(kept) if kept else {}
+        batch["num_skipped_captions"] = len(rows) - len(kept)
+        return batch
 
 
 class EpochCounter:

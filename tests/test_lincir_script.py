@@ -105,3 +105,21 @@ def test_bad_training_and_validation_data_fail_before_the_models_load(script, ti
     (validation / "queries.jsonl").write_text('{"reference": 0, "text": "red", "target": 1}\n{"reference": 1, "text": "x", "target": 3}\n')
     with pytest.raises(ValueError, match=r"query 2 has target=3, expected a gallery position in \[0, 3\)"):
         script.main([*args, "--validation_data", str(validation)])
+
+
+def test_empty_captions_are_skipped_counted_and_reported(script, tiny_world, tmp_path, caplog):
+    rows = ["a red car on a road", "", "a blue dog on a table", "   ", "$ $", "a green cup", "a white dog", "a red cup"]
+    (tmp_path / "captions.txt").write_text("\n".join(rows + CAPTIONS) + "\n")
+    args = _args(tiny_world, tmp_path / "out", "--max_train_steps", "2")
+    args[args.index("--train_data") + 1] = str(tmp_path / "captions.txt")
+    with caplog.at_level("WARNING", logger="train_lincir"):
+        summary = script.main(args)
+    # No shuffling, no workers: the two steps read the first 8 rows, 3 of them empty once cleaned.
+    assert summary["skipped_empty_captions"] == 3 and summary["global_step"] == 2
+    assert "Skipped 3 caption(s)" in caplog.text
+
+    (tmp_path / "blank.txt").write_text("\n" * 12)
+    args[args.index("--train_data") + 1] = str(tmp_path / "blank.txt")
+    args[args.index("--output_dir") + 1] = str(tmp_path / "blank-out")
+    with pytest.raises(ValueError, match="yielded no full batch"):
+        script.main(args)
