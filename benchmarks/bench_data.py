@@ -134,8 +134,10 @@ def time_precompute(folder: str, encoder: str, device: str, rows: int, batch_siz
 
     source = os.path.join(folder, "precompute")
     reshard(folder, "images", "train", rows_per_shard=rows, output_folder=source, progress=False)
-    for extra in sorted(os.listdir(os.path.join(source, "images")))[1:]:  # keep one shard of `rows` rows
+    first, *extras = sorted(os.listdir(os.path.join(source, "images")))
+    for extra in extras:  # keep one shard of `rows` rows, named as a complete set of one
         os.remove(os.path.join(source, "images", extra))
+    os.replace(os.path.join(source, "images", first), os.path.join(source, "images", "train-00000-of-00001.parquet"))
     model_folder = os.path.join(folder, f"encoder-{encoder}")
     torch.manual_seed(0)
     CLIPVisionModelWithProjection(CLIPVisionConfig(**ENCODERS[encoder])).save_pretrained(model_folder)

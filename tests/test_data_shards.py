@@ -18,6 +18,7 @@ from diffusers_cir.data.schema import embeddings_features, images_features  # no
 from diffusers_cir.data.shards import (  # noqa: E402
     ParquetShardWriter,
     content_id,
+    record_split,
     count_rows,
     reshard,
     shard_files,
@@ -244,3 +245,45 @@ def test_write_triplets_names_jsonl_lines_as_they_are_in_the_file(jsonl_source, 
     with pytest.raises(ValueError, match=r"malformed\.jsonl:3 is not a JSON record"):
         write_triplets(str(malformed), str(tmp_path / "out2"), column_mapping=MAPPING, progress=False)
     assert not os.path.exists(tmp_path / "out2")  # nothing written
+
+
+def _embedding_shards(folder, rows=6, rows_per_shard=2):
+    with ParquetShardWriter(str(folder), "embeddings", "train", embeddings_features(4), rows_per_shard=rows_per_shard) as writer:
+        writer.add_batch({"id": [f"e{i}" for i in range(rows)], "reference_image_embeds": np.ones((rows, 4), np.float32),
+                          "target_image_embeds": np.ones((rows, 4), np.float32) + np.arange(rows)[:, None],
+                          "modification_text": [f"t{i}" for i in range(rows)], "reference_caption": [None] * rows,
+                          "target_caption": [None] * rows})
+    record_split(str(folder), "embeddings", embeddings_features(4), "train", rows)
+    return writer.files
+
+
+def test_a_missing_shard_is_named_instead_of_its_rows_silently_dropped(tmp_path):
+    from diffusers_cir.data.streaming import load_triplet_stream
+
+    files = _embedding_shards(tmp_path)
+    assert load_triplet_stream(str(tmp_path), "embeddings").num_shards == 3
+    os.remove(files[1])
+    assert len(list(datasets.load_dataset(str(tmp_path), "embeddings", split="train", streaming=True))) == 4  # datasets: silent
+    for call in (lambda: count_rows(str(tmp_path), "embeddings", "train"),
+                 lambda: reshard(str(tmp_path), "embeddings", num_shards=1, progress=False),
+                 lambda: load_triplet_stream(str(tmp_path), "embeddings")):
+        with pytest.raises(FileNotFoundError, match="missing shard.*train-00001-of-00003.parquet"):
+            call()
+    report = validate_dataset(str(tmp_path), configs=["embeddings"], progress=False)
+    assert any("train-00001-of-00003.parquet" in problem for problem in report.problems)
+    # Shards of an earlier write with another total, left next to a complete set, would be read too.
+    shutil.copy(files[0], files[1])
+    shutil.copy(files[0], tmp_path / "embeddings" / "train-00000-of-00005.parquet")
+    assert any("different writes" in p for p in validate_dataset(str(tmp_path), configs=["embeddings"], progress=False).problems)
+
+
+def test_a_corrupt_shard_is_named(tmp_path):
+    files = _embedding_shards(tmp_path)
+    with open(files[2], "r+b") as handle:
+        handle.truncate(os.path.getsize(files[2]) // 2)
+    with pytest.raises(ValueError, match="train-00002-of-00003.parquet is not a readable Parquet file"):
+        count_rows(str(tmp_path), "embeddings", "train")
+    with pytest.raises(ValueError, match="train-00002-of-00003.parquet"):
+        reshard(str(tmp_path), "embeddings", num_shards=1, progress=False)
+    report = validate_dataset(str(tmp_path), configs=["embeddings"], progress=False)  # a report, not an ArrowInvalid traceback
+    assert not report.ok and any("train-00002-of-00003.parquet" in problem for problem in report.problems)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from . import schema
-from .shards import shard_files
+from .shards import check_shard_set, shard_files
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ def precompute_embeddings(
     from .shards import ParquetShardWriter
 
     output_folder = output_folder or input_folder
-    inputs = shard_files(input_folder, schema.IMAGES_CONFIG, split)
+    inputs = check_shard_set(shard_files(input_folder, schema.IMAGES_CONFIG, split))
     if not inputs:
         raise FileNotFoundError(
             f"No images shards in {input_folder}/images/{split}-*.parquet; write some with `diffusers-cir data write`."

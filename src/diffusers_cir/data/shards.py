@@ -33,6 +33,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections import Counter
@@ -58,6 +59,61 @@ def _tqdm(*args, **kwargs):
 def shard_files(folder: str, config_name: str, split: str) -> list[str]:
     """Sorted Parquet files of one configuration's split (the card's ``data_files`` glob)."""
     return sorted(glob.glob(os.path.join(folder, data_files_pattern(config_name, split))))
+
+
+_SHARD_NAME = re.compile(r"^(?P<split>.+)-(?P<index>\d+)-of-(?P<total>\d+)\.parquet$")
+
+
+def shard_set_problems(files: Iterable[str]) -> list[str]:
+    """What is wrong with the ``{split}-{i}-of-{n}.parquet`` sets that ``files`` belong to (empty if nothing).
+
+    ``datasets`` reads whatever matches the card's glob, so a deleted or never-copied shard would silently drop
+    its rows, and shards left by an earlier write with another total (``-of-00004`` next to ``-of-00006``)
+    would be read too. Files named otherwise are not checked.
+    """
+    present: dict[tuple[str, str], dict[str, set[int]]] = {}  # (folder, split) -> {total as written: indices}
+    width: dict[tuple[str, str, str], int] = {}
+    for path in files:
+        match = _SHARD_NAME.match(os.path.basename(path))
+        if match is not None:
+            group = (os.path.dirname(path), match.group("split"))
+            present.setdefault(group, {}).setdefault(match.group("total"), set()).add(int(match.group("index")))
+            width[(*group, match.group("total"))] = len(match.group("index"))
+    problems = []
+    for (directory, split), totals in sorted(present.items()):
+        if len(totals) > 1:
+            problems.append(
+                f"{os.path.join(directory, split)}-*: shards of {len(totals)} different writes "
+                f"(-of-{', -of-'.join(sorted(totals))}) in one folder"
+            )
+        for total, indices in sorted(totals.items()):
+            absent = [i for i in range(int(total)) if i not in indices]
+            if absent:
+                names = [f"{split}-{i:0{width[(directory, split, total)]}d}-of-{total}.parquet" for i in absent]
+                shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+                problems.append(f"{directory}: missing shard(s) {shown}")
+    return problems
+
+
+def check_shard_set(files: Iterable[str]) -> list[str]:
+    """``files``, after checking that their ``-of-N`` sets are complete (FileNotFoundError naming what is not)."""
+    files = list(files)
+    problems = shard_set_problems(files)
+    if problems:
+        raise FileNotFoundError(
+            "Incomplete shard set (its rows would be silently left out or read twice): " + "; ".join(problems) + "."
+        )
+    return files
+
+
+def parquet_file(path: str):
+    """``pyarrow.parquet.ParquetFile`` of a shard; a corrupt or truncated file is named in the error."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except Exception as error:  # ArrowInvalid does not say which file
+        raise ValueError(f"Shard {path} is not a readable Parquet file ({type(error).__name__}: {error}).") from error
 
 
 def content_id(reference: bytes | str, modification_text: str, target: bytes | str) -> str:
@@ -249,9 +305,8 @@ def record_split(folder: str, config_name: str, features, split: str, num_rows: 
 
 def count_rows(folder: str, config_name: str, split: str) -> int:
     """Rows in a split, from the Parquet footers (no data read)."""
-    import pyarrow.parquet as pq
-
-    return sum(pq.ParquetFile(path).metadata.num_rows for path in shard_files(folder, config_name, split))
+    files = check_shard_set(shard_files(folder, config_name, split))
+    return sum(parquet_file(path).metadata.num_rows for path in files)
 
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -474,18 +529,16 @@ def iter_record_batches(
     approximation of a global shuffle (memory: one row group) that spreads every shard's rows over the
     new shards, so the streaming block shuffle has well-mixed input.
     """
-    import pyarrow.parquet as pq
-
-    files = shard_files(folder, config_name, split)
+    files = check_shard_set(shard_files(folder, config_name, split))
     if shuffle_seed is None:
         for path in files:
-            yield from pq.ParquetFile(path).iter_batches(batch_size=batch_size)
+            yield from parquet_file(path).iter_batches(batch_size=batch_size)
         return
     rng = np.random.default_rng(shuffle_seed)
-    groups = [(path, g) for path in files for g in range(pq.ParquetFile(path).num_row_groups)]
+    groups = [(path, g) for path in files for g in range(parquet_file(path).num_row_groups)]
     for index in rng.permutation(len(groups)):
         path, group = groups[index]
-        table = pq.ParquetFile(path).read_row_group(group)
+        table = parquet_file(path).read_row_group(group)
         table = table.take(rng.permutation(table.num_rows))
         yield from table.to_batches(max_chunksize=batch_size)
 
@@ -514,10 +567,10 @@ def reshard(
 
     if (rows_per_shard is None) == (num_shards is None):
         raise ValueError("Pass exactly one of rows_per_shard or num_shards.")
-    files = shard_files(folder, config_name, split)
+    files = check_shard_set(shard_files(folder, config_name, split))
     if not files:
         raise FileNotFoundError(f"No shards match {data_files_pattern(config_name, split)} in {folder}.")
-    total = sum(pq.ParquetFile(path).metadata.num_rows for path in files)
+    total = sum(parquet_file(path).metadata.num_rows for path in files)
     if num_shards is not None:
         if num_shards <= 0 or num_shards > max(total, 1):
             raise ValueError(f"num_shards must be in [1, {total}] (rows in {config_name}/{split}), got {num_shards}.")
@@ -526,7 +579,7 @@ def reshard(
         if rows_per_shard <= 0:
             raise ValueError(f"rows_per_shard must be positive, got {rows_per_shard}.")
         sizes = [rows_per_shard] * (total // rows_per_shard) + ([total % rows_per_shard] if total % rows_per_shard else [])
-    schema_arrow = pq.ParquetFile(files[0]).schema_arrow
+    schema_arrow = parquet_file(files[0]).schema_arrow
     target = output_folder or folder
     os.makedirs(target, exist_ok=True)
     # Stage next to the destination so the final os.replace never crosses file systems.
@@ -643,6 +696,16 @@ def validate_dataset(
             key = f"{config_name}/{split}"
             if not files:
                 report.problems.append(f"{key}: no files match {data_files_pattern(config_name, split)}")
+                continue
+            report.problems += [f"{key}: {problem}" for problem in shard_set_problems(files)]
+            unreadable = []
+            for path in files:
+                try:
+                    parquet_file(path)
+                except ValueError as error:
+                    unreadable.append(str(error))
+            if unreadable:  # nothing more can be checked on this split
+                report.problems += [f"{key}: {message}" for message in unreadable]
                 continue
             card_features = infos[config_name].features if config_name in infos else None
             file_features = Features.from_arrow_schema(pq.ParquetFile(files[0]).schema_arrow)

@@ -52,7 +52,9 @@ from __future__ import annotations
 
 import copy
 import io
+import glob
 import logging
+import os
 import zlib
 from collections import Counter
 from dataclasses import dataclass
@@ -115,6 +117,24 @@ def infer_source(columns: Sequence[str], column_mapping: Mapping[str, str]) -> s
     )
 
 
+def _check_local_shards(folder: str, name: str | None, split: str) -> None:
+    """For a local dataset folder, refuse a split whose ``-of-N`` shard set is incomplete (streaming would read the
+    remaining shards and silently leave the missing ones' rows out)."""
+    from .card import read_card_configs
+    from .shards import check_shard_set
+
+    configs = read_card_configs(folder)
+    if name is None:
+        defaults = [config for config, entry in configs.items() if entry.get("default")]
+        name = defaults[0] if defaults else (next(iter(configs)) if len(configs) == 1 else None)
+    entries = configs.get(name, {}).get("data_files", []) if name is not None else []
+    for entry in entries:
+        if isinstance(entry, Mapping) and entry.get("split", "train") == split:
+            patterns = entry.get("path", [])
+            for pattern in [patterns] if isinstance(patterns, str) else patterns:
+                check_shard_set(sorted(glob.glob(os.path.join(folder, pattern))))
+
+
 def load_triplet_stream(
     path: str,
     name: str | None = None,
@@ -142,10 +162,13 @@ def load_triplet_stream(
 
     Raises:
         MissingColumnsError: a needed column is absent (the message lists expected and found names).
+        FileNotFoundError: a local folder's split lacks shards of its ``{split}-{i}-of-{n}.parquet`` set.
     """
     import datasets
 
     mapping = schema.resolve_column_mapping(column_mapping)
+    if dataset is None and data_files is None and isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
+        _check_local_shards(os.fspath(path), name, split)
     if dataset is None:
         dataset = datasets.load_dataset(
             path, name, split=split, data_files=data_files, streaming=True, **load_dataset_kwargs
