@@ -361,25 +361,30 @@ def main(argv: list[str] | None = None) -> dict:
             model = averaged
         return model
 
-    def build_pipeline(with_vision: bool = False) -> LinCIRPipeline:
+    def build_pipeline(with_vision: bool = False, for_saving: bool = False) -> LinCIRPipeline:
         image_encoder = image_processor = None
+        frozen_text_encoder = text_encoder
+        if for_saving and weight_dtype != torch.float32:
+            # The frozen tower was cast to the mixed-precision dtype for training only: the saved pipeline gets the
+            # source's weights as stored, not a half-precision copy next to a float32 phi and vision tower.
+            frozen_text_encoder = load_clip_text_encoder(source_folder).eval().to(accelerator.device)
         if with_vision:
             image_encoder, image_processor = load_clip_image_encoder(source_folder)
             if image_encoder is None:
                 logger.info("%s has no CLIP vision tower: the saved pipeline runs on precomputed image embeddings.", source_folder)
         return LinCIRPipeline(
             phi=unwrapped_phi(use_ema=True).eval(),
-            text_encoder=text_encoder,
+            text_encoder=frozen_text_encoder,
             tokenizer=tokenizer,
             image_encoder=image_encoder,
             image_processor=image_processor,
             prompt_template=args.prompt_template,
         )
 
-    def validate(step: int) -> dict | None:
+    def validate(step: int, pipeline: LinCIRPipeline | None = None) -> dict | None:
         if validation_set is None or not accelerator.is_main_process:
             return None
-        pipeline = build_pipeline()
+        pipeline = pipeline or build_pipeline()
         pipeline.set_progress_bar_config(disable=True)
         results = evaluate_recall(pipeline, *validation_set, ks=args.validation_ks, exclude_reference=args.validation_exclude_reference)
         phi.train()
@@ -467,9 +472,9 @@ def main(argv: list[str] | None = None) -> dict:
             skipped_captions,
         )
     if accelerator.is_main_process:
-        pipeline = build_pipeline(with_vision=not args.no_image_encoder)
+        pipeline = build_pipeline(with_vision=not args.no_image_encoder, for_saving=True)
         pipeline.save_pretrained(args.output_dir)
-        results = validate(global_step)
+        results = validate(global_step, pipeline)  # the numbers of the pipeline as saved
         if results is not None:
             summary["validation"] = results
             with open(os.path.join(args.output_dir, "validation_results.json"), "w", encoding="utf-8") as handle:

@@ -123,3 +123,22 @@ def test_empty_captions_are_skipped_counted_and_reported(script, tiny_world, tmp
     args[args.index("--output_dir") + 1] = str(tmp_path / "blank-out")
     with pytest.raises(ValueError, match="yielded no full batch"):
         script.main(args)
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state: a run with another --mixed_precision needs it reset (before and after)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_mixed_precision_does_not_leak_into_the_saved_text_encoder(script, tiny_world, tmp_path, fresh_accelerator_state):
+    script.main(_args(tiny_world, tmp_path / "out", "--max_train_steps", "1", "--mixed_precision", "bf16"))
+    pipe = LinCIRPipeline.from_pretrained(tmp_path / "out")
+    assert pipe.text_encoder.dtype == torch.float32 and pipe.phi.dtype == torch.float32
+    source = CLIPTextModelWithProjection.from_pretrained(tiny_world / "clip" / "text_encoder")
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(pipe.text_encoder.state_dict()[name], tensor), name
