@@ -38,7 +38,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--fp16", action="store_true", help="Encode in float16 (GPU).")
     parser.add_argument("--no-normalize", action="store_true", help="Store raw embeddings instead of L2-normalised.")
     parser.add_argument("--no-progress", action="store_true", help="Disable the progress bar.")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # Checked here, not by the DataLoader after the CLIP model has loaded (its message names no flag).
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be a positive integer, got {args.batch_size}.")
+    if args.num_workers < 0:
+        parser.error(f"--num-workers must be 0 or a positive integer, got {args.num_workers}.")
+    return args
 
 
 def main(argv=None) -> int:
@@ -52,8 +58,16 @@ def main(argv=None) -> int:
         transformers_embedder,
     )
 
+    from diffusers_cir.data import schema
+    from diffusers_cir.data.shards import shard_files
+
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if not shard_files(args.dataset, schema.IMAGES_CONFIG, args.split):  # before the model loads
+        raise FileNotFoundError(
+            f"--dataset {args.dataset!r} --split {args.split!r}: no {args.dataset}/{schema.IMAGES_CONFIG}/{args.split}-*.parquet "
+            "shards; write some with `diffusers-cir data write`."
+        )
     accelerator = Accelerator()
     if args.backend == "transformers":
         dtype = torch.float16 if args.fp16 else torch.float32

@@ -142,3 +142,19 @@ def test_open_clip_backend(image_dataset, tmp_path):
 def test_missing_images_split_is_a_clear_error(tmp_path, tiny_clip_folder):
     with pytest.raises(FileNotFoundError, match="diffusers-cir data write"):
         precompute_embeddings(str(tmp_path), transformers_embedder(tiny_clip_folder), progress=False)
+
+
+@pytest.mark.parametrize("flag, value, expected", [("--batch-size", "0", "--batch-size must be a positive integer, got 0"),
+                                                   ("--num-workers", "-1", "--num-workers must be 0 or a positive integer, got -1")])
+def test_example_script_refuses_bad_numbers_when_reading_the_command_line(flag, value, expected, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["precompute_embeddings.py", "--dataset", "d", "--model", "m", flag, value])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(SCRIPT, run_name="__main__")
+    assert exit_info.value.code == 2 and expected in capsys.readouterr().err
+
+
+def test_example_script_names_a_dataset_without_image_shards_before_loading_the_model(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["precompute_embeddings.py", "--dataset", str(tmp_path), "--model",
+                                      str(tmp_path / "no-such-model"), "--split", "validation"])
+    with pytest.raises(FileNotFoundError, match=r"--dataset .* --split 'validation': no .*images/validation-\*\.parquet"):
+        runpy.run_path(SCRIPT, run_name="__main__")
