@@ -1,11 +1,11 @@
 """`examples/train_lincir.py` as a user drives it: output folders, resuming, argument checks (tiny CLIP, seconds)."""
 
-import importlib.util
 import re
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
@@ -18,10 +18,7 @@ CAPTIONS = [f"a {color} {thing} on a {place}" for color in ("red", "blue", "gree
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("train_lincir_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "train_lincir_script")
 
 
 @pytest.fixture(scope="module")

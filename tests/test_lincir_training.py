@@ -7,12 +7,12 @@ its captions are the only training data, and its held-out `test` triplets (preco
 reference excluded from the ranking) are the validation set.
 """
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 from safetensors.torch import save_file
 
 from diffusers_cir import LinCIRPipeline, TextualInversionProjection
@@ -25,10 +25,7 @@ FIRST_RUN_STEPS, TOTAL_STEPS, CHECKPOINTING_STEPS = 200, 300, 100
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("train_lincir", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "train_lincir")
 
 
 @pytest.fixture(scope="module")
