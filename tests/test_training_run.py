@@ -1,7 +1,6 @@
 """End-to-end runs of the CompoDiff training script: it learns to compose on the synthetic world, a killed run resumes
 to exactly the weights of an uninterrupted one, and a 2-process ``accelerate launch`` trains and saves once."""
 
-import json
 import os
 import shutil
 import subprocess
@@ -13,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffusers_cir import CompoDiffPipeline
-from diffusers_cir.demo import TEXT_TO_IMAGE_MAPPING, build_world, write_training_data
+from diffusers_cir.demo import build_world, world_training_data_argv, write_training_data
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "train_compodiff.py"
@@ -31,19 +30,7 @@ def tiny_data(tiny_world, tmp_path_factory):
 
 
 def common_args(data: str, output: str) -> list[str]:
-    return [
-        "--train_data_dir", data,
-        "--text_encoder_name_or_path", os.path.join(data, "text_encoder"),
-        "--tokenizer_name_or_path", os.path.join(data, "tokenizer"),
-        "--transformer_config", json.dumps(SMALL_MODEL),
-        "--text_to_image_data_dir", data,
-        "--text_to_image_config_name", "gallery",
-        "--text_to_image_split", "test",
-        "--text_to_image_column_mapping", json.dumps(TEXT_TO_IMAGE_MAPPING),
-        "--objective_ratios", "triplet=0.7,text_to_image=0.3",
-        "--report_to", "none",
-        "--output_dir", output,
-    ]
+    return world_training_data_argv(data, SMALL_MODEL) + ["--report_to", "none", "--output_dir", output]
 
 
 def run_script(argv: list[str], env_extra: dict | None = None, launcher: list[str] | None = None, timeout: int = 300):

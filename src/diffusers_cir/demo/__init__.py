@@ -38,6 +38,22 @@ DEMO_TRANSFORMER_CONFIG = {
 DEMO_GUIDANCE = {"guidance_scale": 2.0, "image_guidance_scale": 1.5}
 
 
+def world_training_data_argv(data_dir: str, transformer_config: dict) -> list[str]:
+    """The training script's data and model flags for a world written by `write_training_data`: its triplets and
+    text encoder, its gallery as text-to-image pairs (30% of the batches), and a denoiser of `transformer_config`."""
+    return [
+        "--train_data_dir", data_dir,
+        "--text_encoder_name_or_path", os.path.join(data_dir, "text_encoder"),
+        "--tokenizer_name_or_path", os.path.join(data_dir, "tokenizer"),
+        "--transformer_config", json.dumps(transformer_config),
+        "--text_to_image_data_dir", data_dir,
+        "--text_to_image_config_name", "gallery",
+        "--text_to_image_split", "test",
+        "--text_to_image_column_mapping", json.dumps(TEXT_TO_IMAGE_MAPPING),
+        "--objective_ratios", "triplet=0.7,text_to_image=0.3",
+    ]
+
+
 @dataclass
 class DemoRecipe:
     """How the demo trains: world size, training steps and the training flags."""
@@ -58,16 +74,7 @@ class DemoRecipe:
         return 200_000 if self.world == "default" else 20_000
 
     def training_argv(self, data_dir: str, output_dir: str) -> list[str]:
-        argv = [
-            "--train_data_dir", data_dir,
-            "--text_encoder_name_or_path", os.path.join(data_dir, "text_encoder"),
-            "--tokenizer_name_or_path", os.path.join(data_dir, "tokenizer"),
-            "--transformer_config", json.dumps(DEMO_TRANSFORMER_CONFIG),
-            "--text_to_image_data_dir", data_dir,
-            "--text_to_image_config_name", "gallery",
-            "--text_to_image_split", "test",
-            "--text_to_image_column_mapping", json.dumps(TEXT_TO_IMAGE_MAPPING),
-            "--objective_ratios", "triplet=0.7,text_to_image=0.3",
+        argv = world_training_data_argv(data_dir, DEMO_TRANSFORMER_CONFIG) + [
             "--text_drop_prob", "0.05", "--image_drop_prob", "0.05", "--both_drop_prob", "0.05",
             "--learning_rate", str(self.learning_rate),
             "--lr_warmup_steps", "100",
