@@ -289,13 +289,9 @@ class CompoDiffPipeline(DiffusionPipeline, CompoDiffLoraLoaderMixin):
                 raise ValueError(f"`callback_on_step_end_tensor_inputs` may name {self._callback_tensor_inputs}, got {name!r}.")
 
         sizes = {}
-        if prompt is not None:
-            if isinstance(prompt, str):
-                sizes["prompt"] = 1
-            elif isinstance(prompt, (list, tuple)) and all(isinstance(text, str) for text in prompt):
-                sizes["prompt"] = len(prompt)
-            else:
-                raise ValueError(f"`prompt` must be a string or a list of strings, got {type(prompt).__name__}.")
+        for name, texts in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            if texts is not None:
+                sizes[name] = _count_texts(name, texts)
         text_dim = self.transformer.config.text_embedding_dim
         for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
             if embeds is None:
@@ -322,16 +318,6 @@ class CompoDiffPipeline(DiffusionPipeline, CompoDiffLoraLoaderMixin):
                 shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
                 raise ValueError(f"`mask` must be a tensor of shape [batch, {size}, {size}], got {shape}.")
             sizes["mask"] = mask.shape[0]
-        if negative_prompt is not None and not (
-            isinstance(negative_prompt, str)
-            or (isinstance(negative_prompt, (list, tuple)) and all(isinstance(text, str) for text in negative_prompt))
-        ):
-            raise ValueError(
-                f"`negative_prompt` must be a string or a list of strings, got {type(negative_prompt).__name__}"
-                + (f" holding {sorted({type(text).__name__ for text in negative_prompt})}." if isinstance(negative_prompt, (list, tuple)) else ".")
-            )
-        if isinstance(negative_prompt, (list, tuple)):
-            sizes["negative_prompt"] = len(negative_prompt)
         if mask_image is not None:
             sizes["mask_image"] = len(_as_image_list(mask_image, "mask_image"))
 
@@ -645,6 +631,16 @@ class CompoDiffPipeline(DiffusionPipeline, CompoDiffLoraLoaderMixin):
         if not return_dict:
             return (result,)
         return CompoDiffPipelineOutput(image_embeds=result)
+
+
+def _count_texts(name: str, texts) -> int:
+    """How many texts `texts` holds (a string is one); anything but a string or a list/tuple of strings is refused."""
+    if isinstance(texts, str):
+        return 1
+    if isinstance(texts, (list, tuple)) and all(isinstance(text, str) for text in texts):
+        return len(texts)
+    holding = f" holding {sorted({type(text).__name__ for text in texts})}" if isinstance(texts, (list, tuple)) else ""
+    raise ValueError(f"`{name}` must be a string or a list of strings, got {type(texts).__name__}{holding}.")
 
 
 def _as_image_list(images, name: str) -> list:
