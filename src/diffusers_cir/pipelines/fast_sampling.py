@@ -3,9 +3,9 @@
 
 Everything that does not depend on the step is done once per query (text projection, mask embedding and the
 cross-attention keys/values of the three guidance contexts, see
-`CompoDiffTransformer.encode_guidance_context`); the three guidance branches run as one batch; the time tokens
-of all steps come from one call of the time MLP (`CompoDiffTransformer.embed_timesteps`); all random draws are made up front, in the reference order (initial noise, then one draw per
-noisy step), so a seeded generator gives the same numbers as the reference whether or not a graph is used.
+`CompoDiffTransformer.encode_guidance_context`); the three guidance branches run as one batch; the time tokens of
+all steps come from one call of the time MLP (`CompoDiffTransformer.embed_timesteps`); all random draws are made up
+front, in the reference order (initial noise, then one draw per noisy step), so a seeded generator gives the same numbers as the reference whether or not a graph is used.
 
 On CUDA the transformer runs the fused Triton kernels of `diffusers_cir.models.fused_inference` (about 1,700 kernels
 for 10 steps of the 12-layer model instead of 2,600 to 4,300). A CUDA graph removes the launch overhead that still
@@ -66,7 +66,7 @@ def reference_sampling_loop(
     guidance_scale: float,
     image_guidance_scale: float,
     num_samples_per_query: int,
-    timestep_tensors: list[torch.Tensor] | None = None,
+    timesteps: torch.Tensor | None = None,
     on_step: Callable[[int, int, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Run the whole reference loop; returns the final sample `[batch * samples, D]` (samples not yet averaged)."""
@@ -78,12 +78,11 @@ def reference_sampling_loop(
     # multiplies the branch difference by up to 7.5, which would amplify half-precision rounding step after step.
     latents = latents.float()
     model_dtype = transformer.dtype
-    # every step's time token in one call of the time MLP (the grid is known up front)
-    if timestep_tensors is not None:
-        steps = torch.stack([timestep.reshape(()) for timestep in timestep_tensors])
-    else:
-        steps = torch.tensor(plan.timesteps, device=latents.device)
-    time_tokens = transformer.embed_timesteps(steps)
+    # every step's time token in one call of the time MLP (the grid is known up front); a graph capture passes the
+    # grid already on the device, since a host-to-device copy cannot be captured
+    if timesteps is None:
+        timesteps = torch.tensor(plan.timesteps, device=latents.device)
+    time_tokens = transformer.embed_timesteps(timesteps)
     for index, (t, coefficients) in enumerate(zip(plan.timesteps, plan.coefficients)):
         model_input = torch.cat([latents] * 3).to(model_dtype)
         prediction = transformer(
@@ -139,10 +138,10 @@ class CompoDiffGraphSampler:
             for name, value in inputs.items()
         }
         device = static["latents"].device
-        timestep_tensors = [torch.tensor(t, device=device) for t in plan.timesteps]
+        timesteps = torch.tensor(plan.timesteps, device=device)
 
         def run():
-            return reference_sampling_loop(transformer, plan, timestep_tensors=timestep_tensors, **static, **options)
+            return reference_sampling_loop(transformer, plan, timesteps=timesteps, **static, **options)
 
         stream = torch.cuda.Stream(device=device)
         stream.wait_stream(torch.cuda.current_stream(device))
@@ -154,4 +153,4 @@ class CompoDiffGraphSampler:
         with torch.cuda.graph(graph):
             output = run()
         # The graph reads the plan's coefficient and timestep tensors by address: keep them alive with it.
-        return graph, static, output, (plan, timestep_tensors)
+        return graph, static, output, (plan, timesteps)
