@@ -221,11 +221,16 @@ def clip_configs(tiny: bool):
 
 @torch.no_grad()
 def bench_encoders_and_pipeline(args, config, device, results):
+    for dtype_name in args.pipeline_dtypes or (["float16"] if device.type == "cuda" else ["float32"]):
+        bench_pipeline_in(getattr(torch, dtype_name), args, config, device, results)
+
+
+def bench_pipeline_in(dtype, args, config, device, results):
+    """The two CLIP towers, the denoiser and the whole pipeline, all in `dtype`."""
     from transformers import CLIPImageProcessor, CLIPTextModel, CLIPVisionModelWithProjection
 
     from diffusers_cir.utils import build_offline_clip_tokenizer
 
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
     text_config, vision_config = clip_configs(args.tiny)
     torch.manual_seed(0)
     text_encoder = CLIPTextModel(text_config).to(device, dtype).eval()
@@ -270,14 +275,17 @@ def bench_encoders_and_pipeline(args, config, device, results):
         median = statistics.median(time_call(whole, device, args.repeats))
         row = {"part": "pipeline (pixels + token ids -> embedding)", "dtype": str(dtype).replace("torch.", ""),
                "batch": batch, "ms_median": round(median, 3), "queries_per_s": round(batch / median * 1000, 1),
-               "denoiser_share": round(denoise / median, 3)}
+               "denoiser_ms": round(denoise, 3), "denoiser_share": round(denoise / median, 3)}
         results.append(row)
         print_row(row)
+    del pipe, text_encoder, image_encoder, transformer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def print_row(row: dict) -> None:
     keys = ["part", "mode", "dtype", "steps", "batch", "ms_median", "queries_per_s", "peak_mem_mib", "floor_ms",
-            "fraction_of_floor", "denoiser_share", "half_precision_norm_eps", "float32_norm_eps", "min_cosine_bf16_vs_fp32",
+            "fraction_of_floor", "denoiser_ms", "denoiser_share", "half_precision_norm_eps", "float32_norm_eps", "min_cosine_bf16_vs_fp32",
             "mean_cosine_bf16_vs_fp32"]
     print(" | ".join(f"{key}={row[key]}" for key in keys if row.get(key) is not None), flush=True)
 
@@ -291,6 +299,9 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--modes", nargs="+", default=["reference", "fast", "graph"], choices=["reference", "fast", "graph", "compiled", "compiled-graph", "fast-unfused", "graph-unfused"])
     parser.add_argument("--pipeline_batch_sizes", type=int, nargs="+", default=[1, 256])
+    parser.add_argument("--pipeline_dtypes", nargs="+", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="Precision(s) of the encoder and whole-pipeline section (default float16 on CUDA, "
+                             "float32 on CPU).")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--peak_tflops", type=float, default=None, help="Hardware peak for the FLOP floor.")
     parser.add_argument("--skip_encoders", action="store_true")

@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_tiny_benchmark_writes_its_table(tmp_path):
     output = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_compodiff.py"), "--tiny", "--output", str(output)],
+        [sys.executable, str(ROOT / "benchmarks" / "bench_compodiff.py"), "--tiny", "--output", str(output),
+         "--pipeline_dtypes", "float32", "bfloat16"],
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
@@ -22,7 +23,9 @@ def test_tiny_benchmark_writes_its_table(tmp_path):
     assert {row["mode"] for row in denoiser} == {"reference", "fast"}
     assert all(row["ms_median"] > 0 and row["queries_per_s"] > 0 for row in denoiser)
     assert {row["half_precision_norm_eps"] for row in rows if row["part"] == "accuracy"} == {1e-3, 1e-5}
-    assert any(row["part"].startswith("pipeline") for row in rows)
+    pipeline = [row for row in rows if row["part"].startswith("pipeline")]
+    assert {row["dtype"] for row in pipeline} == {"float32", "bfloat16"}
+    assert all(row["denoiser_ms"] > 0 and 0 < row["denoiser_share"] for row in pipeline)
 
 
 def test_flop_count_matches_the_issue_estimate():
