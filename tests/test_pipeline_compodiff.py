@@ -377,3 +377,22 @@ def test_one_reference_one_text_or_one_mask_serves_every_query(pipe):
     one_mask = pipe(image=image * 2, prompt=["x", "y"], mask_image=masks[0], generator=_gen()).image_embeds
     both_masks = pipe(image=image * 2, prompt=["x", "y"], mask_image=[masks[0]] * 2, generator=_gen()).image_embeds
     assert torch.allclose(one_mask, both_masks, atol=1e-6)
+
+
+def test_a_list_mixing_pil_images_and_pixel_tensors_prepares_each_as_it_would_be_alone(pipe):
+    """A pixel-value tensor next to a PIL image was normalised a second time by the image processor (a silently
+    different query), and a tensor first made stacking fail with a bare TypeError."""
+    images = _images(3, seed=4)
+    pixels = pipe.image_processor(images=images, return_tensors="pt").pixel_values  # [3, 3, H, W]
+    alone = pipe.encode_image(images)
+    for mixed in ([images[0], pixels[1], images[2]], [pixels[0], images[1], pixels[2]], [pixels[0][None], images[1], images[2]]):
+        torch.testing.assert_close(pipe.encode_image(mixed), alone, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(pipe.encode_image(mixed, batch_size=2), alone, atol=1e-5, rtol=1e-5)
+        expected = pipe(image=images, prompt=["a", "b", "c"], generator=_gen()).image_embeds
+        got = pipe(image=mixed, prompt=["a", "b", "c"], generator=_gen()).image_embeds
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+    with pytest.raises(ValueError, match=r"`image` mixes .*PIL.* at index 0 -> \(3, 32, 32\), Tensor at index 1 -> \(3, 20, 20\)"):
+        pipe(image=[images[0], torch.zeros(3, 20, 20)], prompt=["a", "b"])
+    with pytest.raises(ValueError, match=r"`image`\[1\] is a tensor of shape \(2, 3, 32, 32\)"):
+        pipe(image=[images[0], pixels[:2]], prompt=["a", "b"])

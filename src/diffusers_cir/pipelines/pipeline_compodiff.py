@@ -156,6 +156,44 @@ class CompoDiffPipeline(DiffusionPipeline, CompoDiffLoraLoaderMixin):
         pixel_values = self.image_processor(images=images, return_tensors="pt").pixel_values
         return pixel_values.to(device=device, dtype=dtype)
 
+    def _pixel_values_of_list(self, images: list, name: str, device, dtype) -> torch.Tensor:
+        """`[N, 3, H, W]` pixel values of per-query images, each prepared as it would be alone.
+
+        A tensor is the pixel values of one image already (`[3, H, W]`, or `[1, 3, H, W]`); anything else (a PIL
+        image, an array) goes through the image processor. A list may mix them: without this, a tensor next to a PIL
+        image was preprocessed a second time (normalised twice), or stacking failed with a bare TypeError.
+        """
+        runs = []  # consecutive items of one kind: [is_tensor, first index, items]
+        for index, item in enumerate(images):
+            is_tensor = isinstance(item, torch.Tensor)
+            if is_tensor:
+                if item.ndim == 4 and item.shape[0] == 1:
+                    item = item[0]
+                if item.ndim != 3:
+                    raise ValueError(
+                        f"`{name}`[{index}] is a tensor of shape {tuple(item.shape)}: a tensor in a list of images must "
+                        "be the pixel values of one image, [3, H, W]."
+                    )
+            if runs and runs[-1][0] == is_tensor:
+                runs[-1][2].append(item)
+            else:
+                runs.append([is_tensor, index, [item]])
+        blocks = [
+            torch.stack(items).to(device=device, dtype=dtype) if is_tensor else self._pixel_values(items, device, dtype)
+            for is_tensor, _, items in runs
+        ]
+        if len({tuple(block.shape[1:]) for block in blocks}) > 1:
+            found = ", ".join(
+                f"{'PIL image' if isinstance(items[0], PIL.Image.Image) else type(items[0]).__name__} at index {start} "
+                f"-> {tuple(block.shape[1:])}"
+                for (_, start, items), block in zip(runs, blocks)
+            )
+            raise ValueError(
+                f"`{name}` mixes pixel-value tensors and images whose pixel values differ in size ({found}): give "
+                "tensors at the image processor's output size, or give every item as a PIL image."
+            )
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+
     @torch.no_grad()
     def encode_image(
         self,
@@ -180,10 +218,8 @@ class CompoDiffPipeline(DiffusionPipeline, CompoDiffLoraLoaderMixin):
             chunks = self.progress_bar(chunks)
         embeds = []
         for start in chunks:
-            batch = images[start : start + batch_size]
-            if isinstance(batch, list) and batch and isinstance(batch[0], torch.Tensor):
-                batch = torch.stack(batch)
-            embeds.append(self.image_encoder(pixel_values=self._pixel_values(batch, device, dtype)).image_embeds)
+            pixel_values = self._pixel_values_of_list(images[start : start + batch_size], "images", device, dtype)
+            embeds.append(self.image_encoder(pixel_values=pixel_values).image_embeds)
         return torch.cat(embeds)
 
     def prepare_mask(
@@ -494,7 +530,8 @@ class CompoDiffPipeline(DiffusionPipeline, CompoDiffLoraLoaderMixin):
 
         Args:
             image (PIL image(s), or pixel values `[B, 3, H, W]`, *optional*): Reference images. Without `image` and
-                `image_embeds` the query is text only (the image condition is a zero embedding).
+                `image_embeds` the query is text only (the image condition is a zero embedding). A list may mix PIL
+                images and `[3, H, W]` pixel-value tensors: each is prepared as it would be alone.
             prompt (`str` or `list[str]`): Modification texts ("as a pencil sketch").
             negative_prompt (`str` or `list[str]`, *optional*): What the result should not have. Defaults to `""`.
             mask_image (PIL image(s) or `[H, W]` tensors/arrays, *optional*): Region of the reference to change
@@ -547,10 +584,9 @@ class CompoDiffPipeline(DiffusionPipeline, CompoDiffLoraLoaderMixin):
 
         # 2. reference image embedding
         if image is not None:
-            images = _as_image_list(image, "image")
-            pixel_values = self._pixel_values(
-                torch.stack(images) if isinstance(images[0], torch.Tensor) else images, device, self.image_encoder.dtype
-                if self.image_encoder is not None else dtype,
+            pixel_values = self._pixel_values_of_list(
+                _as_image_list(image, "image"), "image", device,
+                self.image_encoder.dtype if self.image_encoder is not None else dtype,
             )
             if pixel_mask is not None:
                 if pixel_values.shape[0] == 1 and len(_as_image_list(mask_image, "mask_image")) == 1:
