@@ -64,10 +64,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model = parser.add_argument_group("model")
     model.add_argument("--pretrained_model_name_or_path", required=True, help="CLIP checkpoint (folder or Hub id).")
     model.add_argument("--tokenizer_name_or_path", default=None, help="Tokenizer if not stored with the CLIP model.")
-    model.add_argument("--phi_hidden_dim", type=int, default=None, help="Hidden width of phi (default 4 x projection_dim).")
-    model.add_argument("--phi_dropout", type=float, default=0.5)
-    model.add_argument("--l2_normalize", action="store_true", help="L2-normalise phi's input (LinCIR's option).")
-    model.add_argument("--resume_phi", default=None, help="Start from a released phi (.pt) or a converted phi folder.")
+    model.add_argument(
+        "--phi_hidden_dim",
+        type=int,
+        default=None,
+        help="Hidden width of a new phi (default 4 x projection_dim). With --resume_phi the width is the checkpoint's; "
+        "a different value is refused.",
+    )
+    model.add_argument(
+        "--phi_dropout",
+        type=float,
+        default=None,
+        help="Dropout of phi while training (default 0.5 for a new phi; with --resume_phi the checkpoint's: a folder's "
+        "config, or the method's published value for a released file). Given, it replaces the checkpoint's.",
+    )
+    model.add_argument(
+        "--l2_normalize",
+        action="store_true",
+        default=None,
+        help="L2-normalise phi's input (LinCIR's option). A released .pt file does not record it, so pass it when the "
+        "file was trained with it; a phi folder records it, and --l2_normalize on a folder saved without it is refused.",
+    )
+    model.add_argument(
+        "--resume_phi",
+        default=None,
+        help="Start from a released phi (.pt), a converted phi folder, or a LinCIR pipeline folder (its phi/).",
+    )
     model.add_argument("--prompt_template", default="a photo of $ that {text}", help="Saved with the pipeline.")
 
     data = parser.add_argument_group("data")
@@ -125,6 +147,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # Every number is checked here, not when first used (--logging_steps 0 failed at the first step, a bad
     # --validation_ks at the first validation, --checkpoints_total_limit 0 kept one checkpoint anyway).
     for flag, low, what in (
+        ("phi_hidden_dim", 1, "a positive integer"),
         ("batch_size", 1, "a positive integer"),
         ("max_train_steps", 1, "a positive integer"),
         ("gradient_accumulation_steps", 1, "a positive integer"),
@@ -144,7 +167,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         value = getattr(args, flag)
         if value is not None and not value > 0:
             parser.error(f"--{flag} must be a positive number, got {value}.")
-    if not 0 <= args.phi_dropout < 1:
+    if args.phi_dropout is not None and not 0 <= args.phi_dropout < 1:
         parser.error(f"--phi_dropout must be in [0, 1), got {args.phi_dropout}.")
     if not 0 <= args.ema_decay <= 1:
         parser.error(f"--ema_decay must be in [0, 1], got {args.ema_decay}.")
@@ -229,6 +252,40 @@ def load_validation_set(folder: str):
     return tensors["image_embeds"], queries
 
 
+def load_resumed_phi(args):
+    """phi from ``--resume_phi``, with the phi flags of the command line checked against it.
+
+    The weights fix phi's widths, so a ``--phi_hidden_dim`` that differs from the checkpoint's is refused rather than
+    ignored. Input normalisation changes the function the weights were trained for: a folder records it and
+    ``--l2_normalize`` on a folder saved without it is refused; a released ``.pt`` file does not record it, so the flag
+    sets it. ``--phi_dropout`` leaves the weights alone: given, it replaces the checkpoint's dropout.
+    """
+    from diffusers_cir.conversion.lincir import convert_lincir_phi_checkpoint
+    from diffusers_cir.models.textual_inversion_projection import TextualInversionProjection
+
+    path = args.resume_phi
+    if os.path.isdir(path):
+        # A LinCIR pipeline folder (an earlier run's --output_dir) holds phi in its phi/ subfolder.
+        is_pipeline = not os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, "phi", "config.json"))
+        phi = TextualInversionProjection.from_pretrained(path, subfolder="phi" if is_pipeline else None)
+        if args.l2_normalize and not phi.config.normalize_input:
+            raise ValueError(
+                f"--l2_normalize was given but --resume_phi {path!r} was saved with normalize_input=False: its weights "
+                "expect unnormalised input. Leave --l2_normalize out to train it as saved."
+            )
+    else:
+        phi = convert_lincir_phi_checkpoint(path, dropout=args.phi_dropout, normalize_input=bool(args.l2_normalize))
+    if args.phi_hidden_dim is not None and args.phi_hidden_dim != phi.config.hidden_dim:
+        raise ValueError(
+            f"--phi_hidden_dim {args.phi_hidden_dim} does not match --resume_phi {path!r}, whose hidden layers have "
+            f"width {phi.config.hidden_dim}. Leave --phi_hidden_dim out to train at the checkpoint's width."
+        )
+    if args.phi_dropout is not None and args.phi_dropout != phi.config.dropout:
+        phi.hidden_dropout.p = args.phi_dropout
+        phi.register_to_config(dropout=args.phi_dropout)  # saved with the pipeline as trained
+    return phi
+
+
 @torch.no_grad()
 def evaluate_recall(pipeline, gallery_embeds: torch.Tensor, queries: list[dict], ks, exclude_reference: bool) -> dict:
     """Recall@K (in %) of the pipeline's queries on a precomputed gallery (``diffusers_cir.metrics.recall_at_k``)."""
@@ -255,7 +312,6 @@ def main(argv: list[str] | None = None) -> dict:
     from diffusers.training_utils import EMAModel
 
     from diffusers_cir.conversion.lincir import (
-        convert_lincir_phi_checkpoint,
         load_clip_image_encoder,
         load_clip_text_encoder,
         load_clip_tokenizer,
@@ -284,6 +340,9 @@ def main(argv: list[str] | None = None) -> dict:
     stream = caption_stream(args, accelerator.process_index, accelerator.num_processes)
     validation_set = load_validation_set(args.validation_data) if args.validation_data else None
 
+    # Before the CLIP towers load: a checkpoint that contradicts the phi flags fails at once.
+    phi = load_resumed_phi(args) if args.resume_phi else None
+
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     source_folder = resolve_pretrained_path(args.pretrained_model_name_or_path, {})
     text_encoder = load_clip_text_encoder(source_folder)
@@ -291,18 +350,13 @@ def main(argv: list[str] | None = None) -> dict:
     text_encoder.requires_grad_(False).eval().to(accelerator.device, dtype=weight_dtype)
 
     projection_dim, hidden_size = text_encoder.config.projection_dim, text_encoder.config.hidden_size
-    if args.resume_phi:
-        if os.path.isdir(args.resume_phi):
-            phi = TextualInversionProjection.from_pretrained(args.resume_phi)
-        else:
-            phi = convert_lincir_phi_checkpoint(args.resume_phi, dropout=args.phi_dropout, normalize_input=args.l2_normalize)
-    else:
+    if phi is None:
         phi = TextualInversionProjection(
             input_dim=projection_dim,
             hidden_dim=args.phi_hidden_dim or 4 * projection_dim,
             output_dim=hidden_size,
-            dropout=args.phi_dropout,
-            normalize_input=args.l2_normalize,
+            dropout=0.5 if args.phi_dropout is None else args.phi_dropout,
+            normalize_input=bool(args.l2_normalize),
         )
     if (phi.config.input_dim, phi.config.output_dim) != (projection_dim, hidden_size):
         raise ValueError(

@@ -9,7 +9,7 @@ from conftest import load_script
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-from diffusers_cir import LinCIRPipeline
+from diffusers_cir import LinCIRPipeline, TextualInversionProjection
 from diffusers_cir.utils import build_offline_clip_tokenizer
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_lincir.py"
@@ -78,6 +78,7 @@ def test_latest_without_checkpoints_starts_and_a_partial_checkpoint_is_never_res
         ("--ema_decay", "1.5", r"--ema_decay must be in \[0, 1\], got 1.5"),
         ("--validation_ks", "0", "--validation_ks must be positive integers, got 0"),
         ("--batch_size", "0", "--batch_size must be a positive integer, got 0"),
+        ("--phi_hidden_dim", "0", "--phi_hidden_dim must be a positive integer, got 0"),
     ],
 )
 def test_bad_numbers_are_refused_when_the_command_line_is_read(script, flag, value, expected, capsys):
@@ -139,3 +140,49 @@ def test_mixed_precision_does_not_leak_into_the_saved_text_encoder(script, tiny_
     source = CLIPTextModelWithProjection.from_pretrained(tiny_world / "clip" / "text_encoder")
     for name, tensor in source.state_dict().items():
         assert torch.equal(pipe.text_encoder.state_dict()[name], tensor), name
+
+
+def _released_phi_file(path, input_dim=16, hidden_dim=8, output_dim=32):
+    """A phi in LinCIR's released layout (an nn.Sequential under 'Phi'), as `lincir_large.pt` holds it."""
+    torch.manual_seed(1)
+    sequential = torch.nn.Sequential(torch.nn.Linear(input_dim, hidden_dim), torch.nn.GELU(), torch.nn.Dropout(0.5),
+                                     torch.nn.Linear(hidden_dim, hidden_dim), torch.nn.GELU(), torch.nn.Dropout(0.5),
+                                     torch.nn.Linear(hidden_dim, output_dim))
+    torch.save({"Phi": {f"layers.{k}": v for k, v in sequential.state_dict().items()}}, path)
+    return path
+
+
+def test_resume_phi_refuses_a_phi_hidden_dim_that_is_not_the_checkpoints(script, tiny_world, tmp_path):
+    folder = tmp_path / "phi"
+    TextualInversionProjection(input_dim=16, hidden_dim=8, output_dim=32).save_pretrained(folder)
+    released = _released_phi_file(tmp_path / "lincir.pt")
+    missing_model = tmp_path / "no-such-model"  # would fail to load if the script got that far
+    for checkpoint in (folder, released):
+        args = _args(tiny_world, tmp_path / "out", "--max_train_steps", "1", "--resume_phi", str(checkpoint), "--phi_hidden_dim", "64",
+                     clip=missing_model)
+        with pytest.raises(ValueError, match=r"--phi_hidden_dim 64 does not match --resume_phi '.*', whose hidden layers have width 8"):
+            script.main(args)
+
+
+def test_resume_phi_trains_the_checkpoint_as_saved_unless_a_flag_says_otherwise(script, tiny_world, tmp_path):
+    folder = tmp_path / "phi"
+    TextualInversionProjection(input_dim=16, hidden_dim=8, output_dim=32, dropout=0.1, normalize_input=True).save_pretrained(folder)
+
+    def trained_phi_config(name, *extra):
+        script.main(_args(tiny_world, tmp_path / name, "--max_train_steps", "1", *extra))
+        config = LinCIRPipeline.from_pretrained(tmp_path / name).phi.config
+        return config.hidden_dim, config.dropout, config.normalize_input
+
+    assert trained_phi_config("as-saved", "--resume_phi", str(folder)) == (8, 0.1, True)
+    assert trained_phi_config("flags", "--resume_phi", str(folder), "--phi_hidden_dim", "8", "--phi_dropout", "0.3") == (8, 0.3, True)
+    # An earlier run's output folder is a LinCIR pipeline: its phi/ is resumed.
+    assert trained_phi_config("from-pipeline", "--resume_phi", str(tmp_path / "flags")) == (8, 0.3, True)
+    # A released file records neither dropout nor normalisation: the method's published dropout, and the flag's choice.
+    released = str(_released_phi_file(tmp_path / "lincir.pt"))
+    assert trained_phi_config("released", "--resume_phi", released) == (8, 0.5, False)
+    assert trained_phi_config("released-l2", "--resume_phi", released, "--l2_normalize") == (8, 0.5, True)
+
+    TextualInversionProjection(input_dim=16, hidden_dim=8, output_dim=32).save_pretrained(tmp_path / "raw")
+    with pytest.raises(ValueError, match=r"--l2_normalize was given but --resume_phi '.*raw' was saved with normalize_input=False"):
+        script.main(_args(tiny_world, tmp_path / "refused", "--max_train_steps", "1", "--resume_phi", str(tmp_path / "raw"), "--l2_normalize",
+                          clip=tmp_path / "no-such-model"))
