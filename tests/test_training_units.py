@@ -243,11 +243,47 @@ BASE = ["--train_data_dir", "data", "--transformer_config", "{}", "--text_encode
         (["--text_to_image_data_dir", "d", "--objective_ratios", "triplet=1"], "strictly between 0 and 1"),
         (["--lr_scheduler", "cosin"], "--lr_scheduler must be one of .*'cosin'"),
         (["--lr_scheduler", "piecewise_constant"], "--lr_scheduler must be one of"),  # needs step rules we never pass
+        (["--lora_dropout", "1"], r"--lora_dropout must be in \[0, 1\), got 1.0"),
+        (["--lora_dropout", "-0.1"], r"--lora_dropout must be in \[0, 1\), got -0.1"),
+        (["--lora_dropout", "nan"], r"--lora_dropout must be in \[0, 1\), got nan"),
+        (["--ema_decay", "1.5"], r"--ema_decay must be in \[0, 1\], got 1.5"),
+        (["--ema_decay", "-0.5"], r"--ema_decay must be in \[0, 1\], got -0.5"),
+        (["--dataloader_num_workers", "-1"], "--dataloader_num_workers must be >= 0, got -1"),
+        (["--learning_rate=-1e-4"], "--learning_rate must be positive, got -0.0001"),
+        (["--adam_beta1", "1"], r"--adam_beta1 must be in \[0, 1\), got 1.0"),
+        (["--adam_beta2", "-0.9"], r"--adam_beta2 must be in \[0, 1\), got -0.9"),
+        (["--adam_epsilon=-1e-8"], "--adam_epsilon must be >= 0, got -1e-08"),
+        (["--adam_weight_decay", "-0.01"], "--adam_weight_decay must be >= 0, got -0.01"),
+        (["--max_grad_norm", "-1"], "--max_grad_norm must be >= 0 .*, got -1.0"),
+        (["--lora_alpha", "0"], "--lora_alpha must be positive .*, got 0.0"),
+        (["--lora_target_modules", r"blocks\.(to_q"], r"--lora_target_modules is not a valid regular expression"),
+        (["--validation_inference_steps", "0"], "--validation_inference_steps must be positive, got 0"),
+        (["--report_to", "tensorbaord"], r"--report_to must be one of \[.*'none'.*'all'.*'tensorboard'.*\], got 'tensorbaord'"),
     ],
 )
 def test_bad_argument_combinations_fail_before_any_work(extra, message):
     with pytest.raises(ValueError, match=message):
         parse_args(BASE + extra)
+
+
+def test_range_boundaries_are_accepted():
+    args = parse_args(BASE + ["--ema_decay", "0", "--lora_dropout", "0", "--max_grad_norm", "0", "--adam_beta1", "0",
+                              "--dataloader_num_workers", "0", "--adam_epsilon", "0", "--report_to", "all"])
+    assert args.ema_decay == 0 and args.max_grad_norm == 0
+    assert parse_args(BASE + ["--ema_decay", "1", "--lora_dropout", "0.999"]).ema_decay == 1  # 1: no cap on the warm-up
+
+
+def test_report_to_a_tracker_that_is_not_installed_is_refused():
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    installed = {LoggerType(tracker).value for tracker in get_available_trackers()}
+    missing = [tracker.value for tracker in LoggerType if tracker != LoggerType.ALL and tracker.value not in installed]
+    if not missing:
+        pytest.skip("every accelerate tracker is installed")
+    # accelerate itself only warns and then logs nothing.
+    with pytest.raises(ValueError, match=f"--report_to '{missing[0]}': the {missing[0]} package is not installed"):
+        parse_args(BASE + ["--report_to", missing[0]])
 
 
 def test_defaults_parse():

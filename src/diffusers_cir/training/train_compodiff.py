@@ -41,6 +41,22 @@ VALIDATION_LOG = "validation_log.jsonl"
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
+# Numeric flags checked by check_args against a range: name -> (the range in words, test). The optimizer bounds are
+# torch.optim.AdamW's, which it would only enforce after the models are loaded, naming no flag.
+NUMBER_RANGES = {
+    "learning_rate": ("positive", lambda value: value > 0),
+    "adam_beta1": ("in [0, 1)", lambda value: 0 <= value < 1),
+    "adam_beta2": ("in [0, 1)", lambda value: 0 <= value < 1),
+    "adam_epsilon": (">= 0", lambda value: value >= 0),
+    "adam_weight_decay": (">= 0", lambda value: value >= 0),
+    "max_grad_norm": (">= 0 (0 turns clipping off)", lambda value: value >= 0),
+    "ema_decay": ("in [0, 1]", lambda value: 0 <= value <= 1),
+    "lora_alpha": ("positive (the adapter's output is scaled by alpha / rank)", lambda value: value > 0),
+    "lora_dropout": ("in [0, 1)", lambda value: 0 <= value < 1),
+    "dataloader_num_workers": (">= 0", lambda value: value >= 0),
+}
+
+
 # --------------------------------------------------------------------------------------------------- arguments
 def build_argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -109,7 +125,8 @@ def build_argument_parser() -> argparse.ArgumentParser:
         help="Rows mixed across shards. 0 shuffles only the shard order and makes resuming exact; with a buffer, "
         "the rows in it at checkpoint time are skipped for that epoch (see diffusers_cir.data.streaming).",
     )
-    data.add_argument("--dataloader_num_workers", type=int, default=0)
+    data.add_argument("--dataloader_num_workers", type=int, default=0, help="Worker processes per dataloader (0: "
+                      "read in the training process).")
 
     validation = parser.add_argument_group("validation")
     validation.add_argument(
@@ -152,9 +169,13 @@ def build_argument_parser() -> argparse.ArgumentParser:
     training.add_argument("--adam_beta2", type=float, default=0.999)
     training.add_argument("--adam_weight_decay", type=float, default=0.0)
     training.add_argument("--adam_epsilon", type=float, default=1e-8)
-    training.add_argument("--max_grad_norm", type=float, default=1.0)
+    training.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm; 0 turns it off.")
     training.add_argument("--use_ema", action="store_true", help="Keep an EMA of the weights (saved and validated).")
-    training.add_argument("--ema_decay", type=float, default=0.9999)
+    training.add_argument(
+        "--ema_decay", type=float, default=0.9999,
+        help="Upper bound, in [0, 1], of the EMA decay: diffusers' EMAModel raises the per-step decay along "
+        "(1 + step) / (10 + step) (or the --ema_warmup curve) and caps it here; 0 makes the EMA the weights themselves.",
+    )
     training.add_argument(
         "--ema_warmup", action="store_true",
         help="EMA decay warm-up (1 - (1 + step/inv_gamma)^-power), useful for short runs.",
@@ -187,7 +208,8 @@ def build_argument_parser() -> argparse.ArgumentParser:
     )
     checkpointing.add_argument(
         "--report_to", type=str, default="auto",
-        help='"tensorboard", "wandb", "all", "none", or "auto" (tensorboard when installed, else none).',
+        help='"auto" (tensorboard when installed, else none), "none", "all" (every installed tracker), or one tracker '
+        'accelerate supports and that is installed ("tensorboard", "wandb", "mlflow", ...).',
     )
     checkpointing.add_argument("--tracker_project_name", type=str, default="train_compodiff")
     checkpointing.add_argument("--logging_dir", type=str, default="logs", help="Relative to --output_dir.")
@@ -196,7 +218,7 @@ def build_argument_parser() -> argparse.ArgumentParser:
     lora.add_argument("--use_lora", action="store_true", help="Train LoRA adapters only (needs a pretrained model).")
     lora.add_argument("--lora_rank", type=int, default=4)
     lora.add_argument("--lora_alpha", type=float, default=4.0)
-    lora.add_argument("--lora_dropout", type=float, default=0.0)
+    lora.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the adapters' input, in [0, 1).")
     lora.add_argument(
         "--lora_target_modules", type=str, default=DEFAULT_LORA_TARGETS,
         help="Regex of the linear layers to adapt (default: every attention and feed-forward projection).",
@@ -225,7 +247,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.dataset_config_name not in ("embeddings", "images"):
         raise ValueError(f"--dataset_config_name must be 'embeddings' or 'images', got {args.dataset_config_name!r}.")
     for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "checkpointing_steps",
-                 "num_validation_queries", "validation_batch_size", "lora_rank"):
+                 "num_validation_queries", "validation_batch_size", "validation_inference_steps", "lora_rank"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name} must be positive, got {getattr(args, name)}.")
     if args.validation_steps is not None and args.validation_steps <= 0:
@@ -238,6 +260,16 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--lr_warmup_steps, --shuffle_buffer_size and --text_embedding_cache_size must be >= 0.")
     if args.lr_scheduler not in LR_SCHEDULERS:
         raise ValueError(f"--lr_scheduler must be one of {list(LR_SCHEDULERS)}, got {args.lr_scheduler!r}.")
+    for name, (allowed, is_allowed) in NUMBER_RANGES.items():
+        value = getattr(args, name)
+        if not is_allowed(value):  # written so that NaN fails too
+            raise ValueError(f"--{name} must be {allowed}, got {value!r}.")
+    try:
+        re.compile(args.lora_target_modules)
+    except re.error as error:
+        raise ValueError(f"--lora_target_modules is not a valid regular expression ({error}): "
+                         f"{args.lora_target_modules!r}.") from None
+    check_report_to(args.report_to)
     from .conditioning import ConditionDropout, ObjectiveRatios
 
     ConditionDropout(args.text_drop_prob, args.image_drop_prob, args.both_drop_prob)
@@ -482,6 +514,23 @@ def load_components(args, stream):
             f"size is {text_encoder.config.hidden_size}."
         )
     return transformer, scheduler, text_encoder, tokenizer, image_encoder, image_processor
+
+
+def check_report_to(report_to: str) -> None:
+    """Refuse a --report_to that accelerate does not know, or whose package is not installed (accelerate would only
+    warn, then log nothing)."""
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    trackers = [tracker.value for tracker in LoggerType if tracker != LoggerType.ALL]
+    accepted = ["auto", "none", "all", *trackers]
+    if report_to not in accepted:
+        raise ValueError(f"--report_to must be one of {accepted}, got {report_to!r}.")
+    if report_to in trackers and report_to not in {LoggerType(tracker).value for tracker in get_available_trackers()}:
+        raise ValueError(
+            f"--report_to {report_to!r}: the {report_to} package is not installed, so nothing would be logged. Install "
+            "it, or pass --report_to none (or auto: tensorboard when installed)."
+        )
 
 
 def _resolve_report_to(report_to: str):
