@@ -499,7 +499,8 @@ def main(argv: list[str] | None = None) -> dict:
                 running_loss, keyword_share, logged_batches = 0.0, 0.0, 0
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
                 save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
-            if args.validation_steps and global_step % args.validation_steps == 0:
+            # The last step is validated once, after training, on the pipeline as saved.
+            if args.validation_steps and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
                 validate(global_step)
             if global_step >= args.max_train_steps:
                 break

@@ -1,5 +1,6 @@
 """`examples/train_lincir.py` as a user drives it: output folders, resuming, argument checks (tiny CLIP, seconds)."""
 
+import json
 import re
 from pathlib import Path
 
@@ -186,3 +187,23 @@ def test_resume_phi_trains_the_checkpoint_as_saved_unless_a_flag_says_otherwise(
     with pytest.raises(ValueError, match=r"--l2_normalize was given but --resume_phi '.*raw' was saved with normalize_input=False"):
         script.main(_args(tiny_world, tmp_path / "refused", "--max_train_steps", "1", "--resume_phi", str(tmp_path / "raw"), "--l2_normalize",
                           clip=tmp_path / "no-such-model"))
+
+
+def test_the_last_step_is_validated_once_with_the_numbers_returned(script, tiny_world, tmp_path, monkeypatch):
+    validation = tmp_path / "validation"
+    validation.mkdir()
+    save_file({"image_embeds": torch.randn(4, 16)}, str(validation / "gallery.safetensors"))
+    (validation / "queries.jsonl").write_text('{"reference": 0, "text": "red", "target": 1}\n{"reference": 2, "text": "blue", "target": 3}\n')
+    logged = []
+    original_evaluate = script.evaluate_recall
+
+    def recording_evaluate(*args, **kwargs):
+        logged.append(original_evaluate(*args, **kwargs))
+        return logged[-1]
+
+    monkeypatch.setattr(script, "evaluate_recall", recording_evaluate)
+    summary = script.main(_args(tiny_world, tmp_path / "out", "--max_train_steps", "2", "--validation_steps", "1",
+                                "--validation_data", str(validation), "--validation_ks", "1", "2"))
+    assert len(logged) == 2  # steps 1 and 2, not step 2 again
+    assert summary["validation"] == logged[-1]
+    assert json.loads((tmp_path / "out" / "validation_results.json").read_text()) == {"step": 2, **logged[-1]}
