@@ -329,3 +329,37 @@ def test_a_save_interrupted_over_an_earlier_one_is_not_vouched_for_by_the_old_ma
     # Before: the old manifest loaded the new vectors under the old ids, silently.
     with pytest.raises(IndexFormatError, match="interrupted save"):
         GalleryIndex.load(tmp_path / "idx")
+
+
+def test_k_must_be_a_real_positive_integer_and_numpy_integers_are_accepted(small_gallery):
+    """`k=True` is an int subclass: it failed inside faiss with a bare 'an integer is required' (and was taken as
+    k=1 by the torch backend). numpy integers (from argsort, a config array...) are fine; k beyond the gallery pads."""
+    gallery, queries = small_gallery
+    index = GalleryIndex.from_embeddings(gallery[:6], ids=[f"g{i}" for i in range(6)])
+    expected, _ = brute_force_ranking(queries[:2], gallery[:6], k=6)
+    for backend in ("faiss", "torch"):
+        index.to("cpu", backend=backend)
+        for bad in (True, False, np.bool_(True), 2.0, "3", 0, -1, np.int64(0)):
+            with pytest.raises(ValueError, match=r"`k` must be a positive integer; got .*\(" + type(bad).__name__):
+                index.search(queries[:2], k=bad)
+        for k in (np.int64(3), np.int32(3), np.uint8(3)):
+            result = index.search(queries[:2], k=k)
+            assert result.positions.shape == (2, 3) and result.positions.dtype == np.int64
+            np.testing.assert_array_equal(result.positions, expected[:, :3])
+        # k larger than the gallery (after exclusion): padded with -inf / -1, ids hold only what was found
+        padded = index.search(queries[:2], k=np.int64(9), exclude_ids=["g0", None])
+        assert padded.scores.shape == (2, 9)
+        assert [len(ids) for ids in padded.ids] == [5, 6]
+        assert (padded.positions[0, 5:] == -1).all() and np.isneginf(padded.scores[0, 5:]).all()
+        assert (padded.positions[1, 6:] == -1).all() and np.isfinite(padded.scores[1, :6]).all()
+        assert padded.ids[1] == [f"g{i}" for i in expected[1]]
+        with pytest.raises(ValueError, match=r"`batch_size` must be a positive integer; got 0"):
+            index.search(queries[:2], k=1, batch_size=0)
+    with pytest.raises(ValueError, match=r"`k` must be a positive integer; got True \(bool\)"):
+        torch_exact_search(torch.eye(2), torch.eye(2), k=True)
+    with pytest.raises(ValueError, match=r"`nprobe` must be a positive integer; got True \(bool\)"):
+        GalleryIndex.from_embeddings(gallery[:500], factory="IVF4,Flat").set_search_parameters(nprobe=True)
+    with pytest.raises(ValueError, match=r"`embedding_dim` must be a positive integer; got True \(bool\)"):
+        GalleryIndex(True)
+    with pytest.raises(ValueError, match=r"`batch_size` must be a positive integer; got 0"):
+        GalleryIndex(48).add(gallery[:2], batch_size=0)

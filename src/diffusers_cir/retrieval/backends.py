@@ -36,6 +36,16 @@ def _import_faiss():
     return faiss
 
 
+def _positive_int(value: object, name: str) -> int:
+    """``value`` as an ``int`` if it is a positive Python or numpy integer; a clear ``ValueError`` otherwise.
+
+    ``bool`` is refused although it is an ``int`` subclass: ``k=True`` is a mistake, not a request for one result.
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer; got {value!r} ({type(value).__name__}).")
+    return int(value)
+
+
 def faiss_gpu_count() -> int:
     """Number of GPUs faiss can use (0 with faiss-cpu, or without faiss)."""
     try:
@@ -83,8 +93,7 @@ def torch_exact_search(
             f"`queries` must be [Q, D] and `gallery` [N, D] with the same D; got {tuple(queries.shape)} "
             f"and {tuple(gallery.shape)}."
         )
-    if k < 1:
-        raise ValueError(f"`k` must be a positive integer, got {k}.")
+    k = _positive_int(k, "k")
     num_queries, num_gallery = queries.shape[0], gallery.shape[0]
     device = gallery.device
     out_scores = torch.full((num_queries, k), -math.inf, dtype=torch.float32, device=device)

@@ -31,7 +31,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from .backends import FaissSearchBackend, TorchExactSearchBackend, _import_faiss, faiss_gpu_count
+from .backends import FaissSearchBackend, TorchExactSearchBackend, _import_faiss, _positive_int, faiss_gpu_count
 from .errors import IndexFormatError, IndexMismatchError
 
 INDEX_FORMAT = "diffusers-cir-gallery-index"
@@ -189,9 +189,7 @@ class GalleryIndex:
         model_fingerprint: str | None = None,
     ):
         faiss = _import_faiss()
-        if not isinstance(embedding_dim, (int, np.integer)) or embedding_dim < 1:
-            raise ValueError(f"`embedding_dim` must be a positive integer; got {embedding_dim!r}.")
-        self.embedding_dim = int(embedding_dim)
+        self.embedding_dim = _positive_int(embedding_dim, "embedding_dim")
         self.factory = str(factory)
         self.model = model
         self.model_fingerprint = model_fingerprint
@@ -316,6 +314,7 @@ class GalleryIndex:
                 f"The {self.factory!r} index must be trained before adding: call `index.train(sample)` with a sample "
                 "of the gallery, or build it with `GalleryIndex.from_embeddings`."
             )
+        batch_size = _positive_int(batch_size, "batch_size")
         vectors = normalize_embeddings(embeddings, "embeddings", self.embedding_dim)
         count, start = vectors.shape[0], self.ntotal
         new_ids = np.arange(start, start + count, dtype=np.int64) if ids is None else _as_id_array(ids, count)
@@ -418,8 +417,7 @@ class GalleryIndex:
         for name, value in (("nprobe", nprobe), ("efSearch", efSearch)):
             if value is None:
                 continue
-            if not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer; got {value!r}.")
+            value = _positive_int(value, name)
             for part in self._parts:
                 try:
                     space.set_index_parameter(part, name, int(value))
@@ -545,21 +543,23 @@ class GalleryIndex:
 
         Args:
             queries: query embeddings, e.g. composed CIR queries (numpy or torch).
-            k: results per query.
+            k: results per query: a positive ``int`` (numpy integers too; ``bool`` is refused). When fewer than ``k``
+                items can be returned (a small gallery, exclusions, an IVF list visited short), the row is padded
+                with ``-inf`` scores and ``-1`` positions and ``ids`` lists only the items found.
             exclude_ids: per query, ids never to return (typically the reference image): an id, a list of ids,
                 or None. The search fetches extra candidates so that ``k`` results remain after exclusion.
             model, model_fingerprint: the model the queries come from; checked against the index's model.
             batch_size: queries per backend call (a progress bar is shown when there are several batches).
         """
-        if not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"`k` must be a positive integer; got {k!r}.")
+        k = _positive_int(k, "k")
+        batch_size = _positive_int(batch_size, "batch_size")
         self.check_query_model(model, model_fingerprint)
         query_vectors = normalize_embeddings(queries, "queries", self.embedding_dim)
         num_queries = query_vectors.shape[0]
         exclusions = self._exclusions(exclude_ids, num_queries)
         extra = max((len(positions) for positions in exclusions), default=0) if exclusions else 0
         backend = self._get_backend()
-        fetch = int(k) + extra
+        fetch = k + extra
         scores = np.full((num_queries, k), -math.inf, dtype=np.float32)
         positions = np.full((num_queries, k), -1, dtype=np.int64)
         batches = range(0, num_queries, batch_size)
