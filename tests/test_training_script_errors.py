@@ -6,6 +6,7 @@ import logging
 import os
 
 import pytest
+import torch
 
 from diffusers_cir.demo import build_world, write_training_data
 from diffusers_cir.training import main, parse_args
@@ -47,6 +48,27 @@ def test_resuming_from_a_damaged_checkpoint_names_it_and_the_other_checkpoints(t
     with pytest.raises(RuntimeError, match="checkpoint is incomplete") as error:
         main(parse_args(resume))
     assert "fewer processes" not in str(error.value)
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_resuming_at_max_train_steps_says_it_only_saves_the_final_model(tiny_data, tmp_path, caplog):
+    from safetensors.torch import load_file
+
+    output = tmp_path / "run"
+    main(parse_args(run_args(tiny_data, output, "--max_train_steps", "4", "--stop_after_steps", "2",
+                             "--checkpointing_steps", "100")))
+    assert [path.name for path in output.glob("checkpoint-*")] == ["checkpoint-2"]
+    assert not (output / "model_index.json").exists()
+    caplog.set_level(logging.WARNING, logger="diffusers_cir.training")
+    summary = main(parse_args(run_args(tiny_data, output, "--max_train_steps", "2", "--resume_from_checkpoint", "latest")))
+    assert summary["global_step"] == 2 and not summary["stopped_early"]
+    warnings = [record.getMessage() for record in caplog.records if "nothing left to train" in record.getMessage()]
+    assert len(warnings) == 1 and warnings[0].endswith(
+        "checkpoint-2 is already at --max_train_steps 2: nothing left to train, saving the final model from it."
+    ), warnings
+    saved = load_file(str(output / "transformer" / "diffusion_pytorch_model.safetensors"))
+    checkpointed = load_file(str(output / "checkpoint-2" / "model.safetensors"))
+    assert saved.keys() == checkpointed.keys() and all(torch.equal(saved[k], checkpointed[k]) for k in saved)
 
 
 @pytest.mark.usefixtures("single_thread")

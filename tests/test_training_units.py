@@ -315,3 +315,18 @@ def test_unknown_resume_checkpoint_is_refused_before_any_work(tmp_path):
 
     with pytest.raises(ValueError, match="--resume_from_checkpoint 'checkpoint-99' is not a checkpoint-<step> folder"):
         main(_main_args(tmp_path, "--resume_from_checkpoint", "checkpoint-99"))
+
+
+def test_resuming_from_a_checkpoint_past_max_train_steps_is_refused_before_any_work(tmp_path):
+    from diffusers_cir.training import main
+
+    for name in ("checkpoint-2", "checkpoint-6"):
+        (tmp_path / "run" / name).mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"--resume_from_checkpoint 'latest' is checkpoint-6, at step 6, past "
+                                         r"--max_train_steps 4: .*above 6.* \(checkpoint-2\)"):
+        main(_main_args(tmp_path, "--resume_from_checkpoint", "latest", "--max_train_steps", "4"))
+    with pytest.raises(ValueError, match=r"checkpoint-6, at step 6, past --max_train_steps 1: .*\('.*run' has none\)"):
+        main(_main_args(tmp_path, "--resume_from_checkpoint", "checkpoint-6", "--max_train_steps", "1"))
+    # A checkpoint at or before the last step gets past the check (and fails on the missing data).
+    with pytest.raises(ValueError, match="--train_data_dir .*no-data.* could not be opened"):
+        main(_main_args(tmp_path, "--resume_from_checkpoint", "checkpoint-2", "--max_train_steps", "2"))

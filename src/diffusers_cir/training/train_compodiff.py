@@ -199,7 +199,8 @@ def build_argument_parser() -> argparse.ArgumentParser:
     checkpointing.add_argument(
         "--resume_from_checkpoint", type=str, default=None,
         help='"latest" or a checkpoint folder name/path. "latest" with no checkpoint starts a new run. Without it, an '
-        "--output_dir that already holds checkpoints is refused (a new run would mix its checkpoints with them).",
+        "--output_dir that already holds checkpoints is refused (a new run would mix its checkpoints with them), and so "
+        "is a checkpoint past --max_train_steps.",
     )
     checkpointing.add_argument(
         "--stop_after_steps", type=int, default=None,
@@ -363,10 +364,25 @@ def resolve_resume_checkpoint(output_dir: str, resume_from_checkpoint: str | Non
     return path
 
 
-def check_output_dir(output_dir: str, resume_from_checkpoint: str | None) -> Path | None:
+def check_output_dir(
+    output_dir: str, resume_from_checkpoint: str | None, max_train_steps: int | None = None
+) -> Path | None:
     """The checkpoint to resume from, resolved before any work; refuses a new run over an earlier run's checkpoints
-    (its checkpoints would mix with the old ones, and ``latest`` could later pick an old one)."""
+    (its checkpoints would mix with the old ones, and ``latest`` could later pick an old one), and a checkpoint past
+    ``max_train_steps`` (there is nothing left to train, and its weights would be saved as a final model of more
+    steps than asked for)."""
     checkpoint = resolve_resume_checkpoint(output_dir, resume_from_checkpoint)
+    if checkpoint is not None and max_train_steps is not None:
+        step = int(CHECKPOINT_PATTERN.match(checkpoint.name).group(1))
+        if step > max_train_steps:
+            earlier = [path.name for other, path in list_checkpoints(output_dir) if other <= max_train_steps]
+            raise ValueError(
+                f"--resume_from_checkpoint {resume_from_checkpoint!r} is {checkpoint.name}, at step {step}, past "
+                f"--max_train_steps {max_train_steps}: there is nothing left to train, and its weights are not those "
+                f"of step {max_train_steps}. Raise --max_train_steps above {step} to train on, or resume from a "
+                f"checkpoint at or before step {max_train_steps} ("
+                + (", ".join(earlier) if earlier else f"{output_dir!r} has none") + ")."
+            )
     if resume_from_checkpoint is None:
         earlier = list_checkpoints(output_dir)
         if earlier:
@@ -658,7 +674,7 @@ def main(args: argparse.Namespace) -> dict:
     from .masking import masked_image_embeds, random_box_masks
 
     check_args(args)
-    checkpoint = check_output_dir(args.output_dir, args.resume_from_checkpoint)
+    checkpoint = check_output_dir(args.output_dir, args.resume_from_checkpoint, args.max_train_steps)
     run_logger = get_logger("diffusers_cir.training")
     logging_dir = Path(args.output_dir, args.logging_dir)
     report_to = _resolve_report_to(args.report_to)
@@ -881,6 +897,12 @@ def main(args: argparse.Namespace) -> dict:
         if ema is not None:
             ema.to(accelerator.device)
         global_step = int(CHECKPOINT_PATTERN.match(checkpoint.name).group(1))
+        if global_step == args.max_train_steps:
+            # e.g. the run was stopped after its last checkpoint, before the final save
+            run_logger.warning(
+                f"{checkpoint.name} is already at --max_train_steps {args.max_train_steps}: nothing left to train, "
+                "saving the final model from it."
+            )
 
     condition_dropout = ConditionDropout(args.text_drop_prob, args.image_drop_prob, args.both_drop_prob)
     encode_text = CachedTextEncoder(text_encoder, tokenizer.eos_token_id, args.text_embedding_cache_size)
