@@ -287,3 +287,35 @@ def test_a_corrupt_shard_is_named(tmp_path):
         reshard(str(tmp_path), "embeddings", num_shards=1, progress=False)
     report = validate_dataset(str(tmp_path), configs=["embeddings"], progress=False)  # a report, not an ArrowInvalid traceback
     assert not report.ok and any("train-00002-of-00003.parquet" in problem for problem in report.problems)
+
+
+def test_write_triplets_names_csv_rows_by_the_line_they_start_on(jsonl_source, tmp_path):
+    """CSV/TSV records were numbered by counting (the header is line 1, so every skipped row pointed one line too
+    high, and blank lines or quoted line breaks shifted them further): the report now names the line an editor
+    shows."""
+    for delimiter, suffix in ((",", "csv"), ("\t", "tsv")):
+        path = jsonl_source.parent / f"spaced.{suffix}"  # image paths are relative to the file
+        with open(path, "w", newline="") as handle:
+            writer = csv.writer(handle, delimiter=delimiter)
+            writer.writerow(["ref", "tgt", "edit"])
+            writer.writerow(["images/ref0.png", "images/tgt0.jpg", "good 0"])
+            writer.writerow(["images/ref1.png", "images/missing.png", "missing A"])
+            writer.writerow(["images/ref2.png", "images/tgt2.jpg", "a quoted\nline break"])
+            handle.write("\n")  # a blank line
+            writer.writerow(["images/broken.png", "images/tgt3.jpg", "broken B"])
+            writer.writerow(["images/ref4.png", "images/tgt4.jpg", "   "])
+        text = path.read_text()
+
+        def line_of(marker):
+            return text[: text.index(marker)].count("\n") + 1
+
+        mapping = {"reference_image": "ref", "target_image": "tgt", "modification_text": "edit"}
+        summary = write_triplets(str(path), str(tmp_path / suffix), column_mapping=mapping, progress=False)
+        assert summary.num_rows == 2
+        reasons = {record.source: record.reason for record in summary.skipped}
+        assert set(reasons) == {f"spaced.{suffix}:{line_of(marker)}" for marker in ("missing A", "broken B", "ref4")}
+        assert reasons[f"spaced.{suffix}:{line_of('missing A')}"].startswith("unreadable target_image")
+        assert reasons[f"spaced.{suffix}:{line_of('broken B')}"].startswith("undecodable reference_image")
+        assert reasons[f"spaced.{suffix}:{line_of('ref4')}"] == "empty modification_text"
+        rows = list(datasets.load_dataset(str(tmp_path / suffix), split="train", streaming=True))
+        assert [row["modification_text"] for row in rows] == ["good 0", "a quoted\nline break"]

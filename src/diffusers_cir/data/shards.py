@@ -355,9 +355,9 @@ def read_triplet_records(source: str, column_mapping: Mapping[str, str] | None =
         raise FileNotFoundError(f"Triplet source {source!r} is neither a file nor a folder.")
     base = os.path.dirname(os.path.abspath(source))
     lower = source.lower()
-    line_numbers = None  # of each JSONL record in the file (blank lines skipped); CSV records are counted
+    line_numbers = []  # the line each record starts on in the file, as an editor numbers it
     if lower.endswith((".jsonl", ".json")):
-        raw, line_numbers = [], []
+        raw = []
         with open(source, encoding="utf-8") as handle:
             for line_number, line in enumerate(handle, start=1):
                 if not line.strip():
@@ -371,8 +371,7 @@ def read_triplet_records(source: str, column_mapping: Mapping[str, str] | None =
                     ) from None
                 line_numbers.append(line_number)
     elif lower.endswith((".csv", ".tsv")):
-        with open(source, encoding="utf-8", newline="") as handle:
-            raw = list(csv.DictReader(handle, delimiter="\t" if lower.endswith(".tsv") else ","))
+        raw, line_numbers = _read_csv_records(source, delimiter="\t" if lower.endswith(".tsv") else ",")
     else:
         raise ValueError(f"Unsupported triplet source {source!r}: expected a .jsonl, .csv or .tsv file, or a folder.")
     if raw:
@@ -384,13 +383,41 @@ def read_triplet_records(source: str, column_mapping: Mapping[str, str] | None =
         )
     records = []
     for index, entry in enumerate(raw):
-        line_number = line_numbers[index] if line_numbers is not None else index + 1
-        record = {"_source": f"{os.path.basename(source)}:{line_number}"}
+        record = {"_source": f"{os.path.basename(source)}:{line_numbers[index]}"}
         for name in schema.IMAGES_COLUMNS:
             value = schema.get_field(entry, mapping[name], default=None)
             record[name] = None if value in ("", None) else value
         records.append(record)
     return records, base
+
+
+def _read_csv_records(source: str, delimiter: str) -> tuple[list[dict], list[int]]:
+    """``csv.DictReader``'s records of a CSV/TSV file, with the line each one starts on.
+
+    Counting records misnumbers them: the header is line 1, and blank lines and quoted fields holding line breaks
+    shift every later record. ``csv.reader.line_num`` counts the lines read so far, so a record starts on the line
+    after the previous one ended. Extra fields go under the ``None`` key and missing ones are ``None``, as in
+    ``csv.DictReader``.
+    """
+    records, starts = [], []
+    with open(source, encoding="utf-8", newline="") as handle:
+        reader = csv.reader(handle, delimiter=delimiter)
+        fieldnames, previous_end = None, 0
+        for row in reader:
+            start, previous_end = previous_end + 1, reader.line_num
+            if not row:  # a blank line (DictReader skips them too)
+                continue
+            if fieldnames is None:
+                fieldnames = row
+                continue
+            record = dict(zip(fieldnames, row))
+            if len(row) > len(fieldnames):
+                record[None] = row[len(fieldnames) :]
+            for name in fieldnames[len(row) :]:
+                record[name] = None
+            records.append(record)
+            starts.append(start)
+    return records, starts
 
 
 def _read_triplet_folders(folder: str) -> list[dict]:
