@@ -261,6 +261,23 @@ def test_input_errors_name_the_argument():
         tiny_pipeline(placeholder_token="two words").placeholder_token_id
 
 
+def test_a_batch_with_no_rows_is_refused_by_name():
+    """Zero references broadcast against one prompt (or zero prompts against one reference) used to return an empty
+    result that silently dropped the other argument; the CompoDiff pipeline refuses empty input too."""
+    pipe = tiny_pipeline(with_vision=True)
+    with pytest.raises(ValueError, match=r"`image_embeds` holds no reference embedding \(shape \(0, 24\)\)"):
+        pipe(image_embeds=torch.randn(0, 24), prompt="x")
+    with pytest.raises(ValueError, match=r"`image_embeds` holds no reference embedding \(shape \(0, 24\)\)"):
+        pipe(image_embeds=torch.randn(0, 24), prompt=["x", "y"])
+    with pytest.raises(ValueError, match=r"`pseudo_tokens` holds no pseudo token \(shape \(0, 32\)\)"):
+        pipe(pseudo_tokens=torch.randn(0, 32), prompt="x")
+    ids = pipe.tokenizer(["a photo of $"], return_tensors="pt").input_ids
+    with pytest.raises(ValueError, match=r"`prompt_input_ids` holds no prompt \(shape \(0, 6\)\)"):
+        pipe(image_embeds=torch.randn(1, 24), prompt_input_ids=ids[:0])
+    with pytest.raises(ValueError, match=r"`images` holds no image \(shape \(0, 3, 30, 30\)\)"):
+        pipe(image=torch.zeros(0, 3, 30, 30), prompt="x")
+
+
 # ------------------------------------------------------------------------------------------- images
 
 

@@ -181,6 +181,7 @@ class LinCIRPipeline(DiffusionPipeline):
         if torch.is_tensor(images):
             if images.ndim != 4:
                 raise ValueError(f"`images` as a tensor must be pixel values of shape (N, 3, H, W), got {tuple(images.shape)}.")
+            _check_not_empty("images", images, "image")
             batches = list(images.split(batch_size))
         else:
             if isinstance(images, PIL.Image.Image):
@@ -358,6 +359,7 @@ class LinCIRPipeline(DiffusionPipeline):
             if not torch.is_tensor(prompt_input_ids) or prompt_input_ids.ndim != 2:
                 got = tuple(prompt_input_ids.shape) if torch.is_tensor(prompt_input_ids) else type(prompt_input_ids).__name__
                 raise ValueError(f"`prompt_input_ids` must be a tensor of shape (batch_size, sequence_length), got {got}.")
+            _check_not_empty("prompt_input_ids", prompt_input_ids, "prompt")
             input_ids, paired, num_prompts = prompt_input_ids, [], prompt_input_ids.shape[0]
 
         # 2. Reference -> pseudo tokens.
@@ -369,6 +371,7 @@ class LinCIRPipeline(DiffusionPipeline):
                 raise ValueError(
                     f"`image_embeds` must be a tensor of shape (batch_size, {self.phi.config.input_dim}), got {got}."
                 )
+            _check_not_empty("image_embeds", image_embeds, "reference embedding")
             phi_dtype = self.phi.output_layer.weight.dtype
             pseudo_tokens = torch.cat(
                 [
@@ -379,6 +382,8 @@ class LinCIRPipeline(DiffusionPipeline):
         elif not torch.is_tensor(pseudo_tokens) or pseudo_tokens.ndim != 2 or pseudo_tokens.shape[1] != hidden_size:
             got = tuple(pseudo_tokens.shape) if torch.is_tensor(pseudo_tokens) else type(pseudo_tokens).__name__
             raise ValueError(f"`pseudo_tokens` must be a tensor of shape (batch_size, {hidden_size}), got {got}.")
+        else:
+            _check_not_empty("pseudo_tokens", pseudo_tokens, "pseudo token")
         pseudo_tokens = pseudo_tokens.to(device=device, dtype=text_dtype)
 
         # 3. Broadcast a single reference or a single prompt against the other batch.
@@ -431,6 +436,13 @@ class LinCIRPipeline(DiffusionPipeline):
         if not return_dict:
             return (query_embeds, pseudo_tokens)
         return LinCIRPipelineOutput(image_embeds=query_embeds, pseudo_tokens=pseudo_tokens)
+
+
+def _check_not_empty(name: str, tensor: torch.Tensor, item: str) -> None:
+    """A batch with no rows composes no query; broadcast against the other argument's single entry it would even drop
+    that entry silently and return an empty result."""
+    if tensor.shape[0] == 0:
+        raise ValueError(f"`{name}` holds no {item} (shape {tuple(tensor.shape)}): pass at least one.")
 
 
 def _check_prompt_template(prompt_template) -> None:
