@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from diffusers_cir.metrics import compute_cirr_metrics, genecis_recall_at_k, recall_at_k
+from diffusers_cir.metrics import compute_cirr_metrics, genecis_per_query, genecis_recall_at_k, recall_at_k
 
 SCORES = [[0.9, 0.1, 0.5]]
 GALLERY = ["a", "b", "c"]
@@ -50,3 +50,53 @@ def test_zero_queries_are_refused_with_a_message_in_both_input_forms():
 
     per_query = recall_per_query(target_ids=[], ks=(1,), scores=np.zeros((0, 3)), gallery_ids=GALLERY)
     assert per_query["recall_at1"].shape == (0,)
+
+
+@pytest.mark.parametrize("candidate_scores", [[], np.zeros((0, 3))])
+def test_genecis_without_templates_says_what_is_empty(candidate_scores):
+    # An empty list of templates with an empty list of targets used to fail with a TypeError about
+    # `positive_indices` dtype float64 (np.asarray([]) is float), naming an argument the caller never passed.
+    with pytest.raises(ValueError, match="`candidate_scores` holds 0 templates"):
+        genecis_recall_at_k(candidate_scores, target_indices=[])
+    with pytest.raises(ValueError, match="`candidate_scores` holds 0 templates"):
+        genecis_recall_at_k(candidate_scores)
+    assert genecis_per_query(candidate_scores, target_indices=[], ks=(1,))["recall_at1"].shape == (0,)
+
+
+def test_genecis_template_without_candidates_is_refused_not_counted_as_a_hit():
+    # The empty row was padded with -inf, so its "target" tied with the padding and ranked first: a hit.
+    with pytest.raises(ValueError, match=r"`candidate_scores\[1\]` is empty"):
+        genecis_recall_at_k([[0.5, 0.2], []], ks=(1,))
+    with pytest.raises(ValueError, match=r"`candidate_scores` has shape \(1, 0\)"):
+        genecis_recall_at_k(np.zeros((1, 0)), ks=(1,))
+
+
+def test_genecis_target_index_into_the_padding_of_a_short_template_is_refused():
+    scores = [[0.5, 0.1], [0.2, 0.3, 0.4]]
+    # Template 0 has 2 candidates; index 2 pointed at its -inf padding and counted as a Recall@3 hit.
+    with pytest.raises(ValueError, match=r"`target_indices\[0\]` is 2 but template 0 has 2 candidates"):
+        genecis_per_query(scores, target_indices=[2, 0], ks=(3,))
+    assert genecis_per_query(scores, target_indices=[1, 2], ks=(1, 2))["recall_at2"].tolist() == [True, True]
+
+
+@pytest.mark.parametrize("target_indices, error", [([0.0], TypeError), (True, TypeError), (np.array([True]), TypeError)])
+def test_genecis_target_indices_must_be_integers(target_indices, error):
+    # Floats were reported as `positive_indices` (an internal name); True was silently read as index 1.
+    with pytest.raises(error, match="`target_indices`"):
+        genecis_per_query([[0.5, 0.1]], target_indices=target_indices)
+
+
+@pytest.mark.parametrize(
+    "candidate_scores, error, message",
+    [
+        (np.array([[np.nan, 0.1]]), ValueError, r"`candidate_scores` row 0 contains NaN"),
+        (np.array([0.5, 0.1]), ValueError, r"`candidate_scores` must be a 2-D"),
+        ([0.5, 0.1], ValueError, r"one list of candidate scores per template; `candidate_scores\[0\]` is 0.5"),
+        ([["a", "b"]], TypeError, r"`candidate_scores\[0\]` must be a list of numbers"),
+        ("scores", TypeError, r"`candidate_scores` must be a \[num_templates, num_candidates\] array"),
+        (None, TypeError, r"`candidate_scores` must be a \[num_templates, num_candidates\] array"),
+    ],
+)
+def test_genecis_bad_candidate_scores_are_named(candidate_scores, error, message):
+    with pytest.raises(error, match=message):
+        genecis_per_query(candidate_scores)

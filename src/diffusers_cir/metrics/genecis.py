@@ -33,21 +33,78 @@ GENECIS_TASKS = ("focus_attribute", "change_attribute", "focus_object", "change_
 GENECIS_RECALL_KS = (1, 2, 3)
 
 
-def _candidate_score_matrix(candidate_scores: Any) -> np.ndarray:
-    """Rectangular ``[T, C]`` scores; ragged rows (templates with fewer candidates) are padded with -inf."""
+def _candidate_score_matrix(candidate_scores: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Rectangular ``[T, C]`` scores and each template's number of candidates ``[T]``; ragged rows (templates
+    with fewer candidates) are padded with -inf."""
     if isinstance(candidate_scores, np.ndarray) or hasattr(candidate_scores, "detach"):
-        matrix = as_score_array(candidate_scores)
-    else:
-        rows = [np.asarray(row, dtype=np.float64) for row in candidate_scores]
-        if any(row.ndim != 1 for row in rows):
-            raise ValueError("`candidate_scores` must hold one list of candidate scores per template.")
-        width = max((row.shape[0] for row in rows), default=0)
-        matrix = np.full((len(rows), width), -np.inf, dtype=np.float64)
-        for index, row in enumerate(rows):
-            if not np.all(np.isfinite(row)):
-                raise ValueError(f"`candidate_scores[{index}]` has a non-finite score; scores must be finite.")
-            matrix[index, : row.shape[0]] = row
-    return matrix
+        matrix = as_score_array(candidate_scores, "candidate_scores")
+        nan_rows = np.isnan(matrix).any(axis=1)
+        if nan_rows.any():
+            raise ValueError(f"`candidate_scores` row {int(np.flatnonzero(nan_rows)[0])} contains NaN; scores must be comparable.")
+        num_templates, num_candidates = matrix.shape
+        if num_templates and not num_candidates:
+            raise ValueError(f"`candidate_scores` has shape {matrix.shape}: every template needs at least its target candidate.")
+        return matrix, np.full(num_templates, num_candidates, dtype=np.int64)
+    if isinstance(candidate_scores, (str, bytes)) or not isinstance(candidate_scores, Sequence):
+        raise TypeError(
+            "`candidate_scores` must be a [num_templates, num_candidates] array or one list of candidate scores "
+            f"per template, got {type(candidate_scores).__name__}."
+        )
+    rows = []
+    for index, given in enumerate(candidate_scores):
+        if hasattr(given, "detach"):
+            given = given.detach().cpu().numpy()
+        if isinstance(given, (str, bytes)):
+            raise TypeError(f"`candidate_scores[{index}]` must be a list of numbers (the candidates' scores), got {given!r:.80}.")
+        try:
+            row = np.asarray(given, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"`candidate_scores[{index}]` must be a list of numbers (the candidates' scores), got {given!r:.80}."
+            ) from None
+        if row.ndim != 1:
+            raise ValueError(
+                "`candidate_scores` must hold one list of candidate scores per template; "
+                f"`candidate_scores[{index}]` is {given!r:.80} (shape {row.shape})."
+            )
+        if row.shape[0] == 0:
+            raise ValueError(
+                f"`candidate_scores[{index}]` is empty; every template needs its candidates ([target] + gallery)."
+            )
+        if not np.all(np.isfinite(row)):
+            raise ValueError(f"`candidate_scores[{index}]` has a non-finite score; scores must be finite.")
+        rows.append(row)
+    lengths = np.array([row.shape[0] for row in rows], dtype=np.int64)
+    matrix = np.full((len(rows), int(lengths.max(initial=0))), -np.inf, dtype=np.float64)
+    for index, row in enumerate(rows):
+        matrix[index, : row.shape[0]] = row
+    return matrix, lengths
+
+
+def _target_index_array(target_indices: Any, lengths: np.ndarray) -> np.ndarray:
+    num_templates = lengths.shape[0]
+    if isinstance(target_indices, (bool, np.bool_)):
+        raise TypeError(f"`target_indices` must be an int candidate position, got the boolean {target_indices!r}.")
+    if isinstance(target_indices, (int, np.integer)):
+        target_indices = np.full(num_templates, int(target_indices), dtype=np.int64)
+    if hasattr(target_indices, "detach"):
+        target_indices = target_indices.detach().cpu().numpy()
+    target_indices = np.asarray(target_indices)
+    if target_indices.shape != (num_templates,):
+        raise ValueError(f"`target_indices` must be an int or have shape [{num_templates}], got {target_indices.shape}.")
+    if target_indices.size == 0:
+        return target_indices.astype(np.int64)  # np.asarray([]) is float64
+    if target_indices.dtype.kind not in "iu":
+        raise TypeError(f"`target_indices` must hold integer candidate positions, got dtype {target_indices.dtype}.")
+    # A ragged row is padded with -inf: a target index into the padding would be scored as a real candidate.
+    outside = (target_indices < 0) | (target_indices >= lengths)
+    if outside.any():
+        row = int(np.flatnonzero(outside)[0])
+        raise ValueError(
+            f"`target_indices[{row}]` is {int(target_indices[row])} but template {row} has {int(lengths[row])} "
+            f"candidates; a target index must be a candidate position in [0, {int(lengths[row])})."
+        )
+    return target_indices.astype(np.int64, copy=False)
 
 
 def genecis_per_query(
@@ -60,8 +117,11 @@ def genecis_per_query(
 
     Args:
         candidate_scores: ``[T, C]`` (or ragged) similarity of each template's query to its candidates,
-            ordered ``[target] + gallery`` as the official datasets do.
-        target_indices: the target's candidate index, an int for all templates (0, official) or ``[T]``.
+            ordered ``[target] + gallery`` as the official datasets do; every template has at least one.
+        target_indices: the target's candidate index, an int for all templates (0, official) or ``[T]``; it
+            must point into its own template's candidates (not into the padding of a shorter one).
+
+    Zero templates give empty arrays; :func:`genecis_recall_at_k` refuses to average them.
 
     Example:
 
@@ -72,15 +132,8 @@ def genecis_per_query(
     ```
     """
     ks = check_ks(ks, "ks")
-    scores = _candidate_score_matrix(candidate_scores)
-    num_templates, num_candidates = scores.shape
-    if isinstance(target_indices, (int, np.integer)):
-        target_indices = np.full(num_templates, int(target_indices), dtype=np.int64)
-    target_indices = np.asarray(target_indices)
-    if target_indices.shape != (num_templates,):
-        raise ValueError(f"`target_indices` must be an int or have shape [{num_templates}], got {target_indices.shape}.")
-    if num_templates and (target_indices.min() < 0 or target_indices.max() >= num_candidates):
-        raise ValueError(f"`target_indices` must be candidate positions in [0, {num_candidates}).")
+    scores, lengths = _candidate_score_matrix(candidate_scores)
+    target_indices = _target_index_array(target_indices, lengths)
     ranks = ranks_from_scores(scores, target_indices)
     return {f"recall_at{k}": hits_at_k(ranks, k) for k in ks}
 
@@ -104,6 +157,8 @@ def genecis_recall_at_k(
     """
     factor = check_scale(scale)
     hits = genecis_per_query(candidate_scores, target_indices=target_indices, ks=ks)
+    if not len(next(iter(hits.values()))):
+        raise ValueError("`candidate_scores` holds 0 templates: there is nothing to average (an empty task or split?).")
     return mean_over_queries(hits, factor)
 
 

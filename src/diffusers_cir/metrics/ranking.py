@@ -86,8 +86,9 @@ def mean_over_queries(per_query: Mapping[str, np.ndarray], factor: float) -> dic
     return {name: factor * float(np.mean(values)) for name, values in per_query.items()}
 
 
-def as_score_array(scores: Any) -> np.ndarray:
-    """``scores`` (numpy, torch or nested lists) as a 2-D floating numpy array, checked.
+def as_score_array(scores: Any, name: str = "scores") -> np.ndarray:
+    """``scores`` (numpy, torch or nested lists) as a 2-D floating numpy array, checked; ``name`` is the
+    argument named in error messages.
 
     The ranking math runs in numpy: on CPU its boolean reductions are several times faster than torch's.
     """
@@ -99,11 +100,11 @@ def as_score_array(scores: Any) -> np.ndarray:
         try:
             array = np.asarray(scores)
         except ValueError as error:  # ragged nested lists
-            raise ValueError(f"`scores` must be a rectangular [num_queries, num_gallery] matrix: {error}") from None
+            raise ValueError(f"`{name}` must be a rectangular [num_queries, num_gallery] matrix: {error}") from None
     if array.ndim != 2:
-        raise ValueError(f"`scores` must be a 2-D [num_queries, num_gallery] matrix, got shape {tuple(array.shape)}.")
+        raise ValueError(f"`{name}` must be a 2-D [num_queries, num_gallery] matrix, got shape {tuple(array.shape)}.")
     if array.dtype.kind not in "fiu":
-        raise TypeError(f"`scores` must hold numbers, got dtype {array.dtype}.")
+        raise TypeError(f"`{name}` must hold numbers, got dtype {array.dtype}.")
     return array if array.dtype.kind == "f" else array.astype(np.float64)
 
 
