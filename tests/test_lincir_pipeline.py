@@ -278,6 +278,22 @@ def test_a_batch_with_no_rows_is_refused_by_name():
         pipe(image=torch.zeros(0, 3, 30, 30), prompt="x")
 
 
+def test_prompt_input_ids_and_batch_size_are_checked_before_the_towers_run():
+    pipe = tiny_pipeline(with_vision=True)
+    ids = pipe.tokenizer(["a photo of $"], return_tensors="pt").input_ids
+    with pytest.raises(ValueError, match=r"`prompt_input_ids` must hold integer token ids, got dtype torch.float32"):
+        pipe(image_embeds=torch.randn(1, 24), prompt_input_ids=ids.float())
+    outside = ids.clone()
+    outside[0, 1], outside[0, 2] = 49408, -1
+    with pytest.raises(ValueError, match=r"`prompt_input_ids` holds ids outside the text encoder's vocabulary \[0, 49408\): \[-1, 49408\]"):
+        pipe(image_embeds=torch.randn(1, 24), prompt_input_ids=outside)
+    # A bool is an int to Python: True was taken as a chunk size and failed inside torch.
+    with pytest.raises(ValueError, match="`batch_size` must be a positive integer, got True"):
+        pipe(image_embeds=torch.randn(1, 24), prompt="x", batch_size=True)
+    with pytest.raises(ValueError, match="`batch_size` must be a positive integer, got True"):
+        pipe.encode_image(_images(2), batch_size=True)
+
+
 # ------------------------------------------------------------------------------------------- images
 
 

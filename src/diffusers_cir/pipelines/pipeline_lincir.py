@@ -174,7 +174,7 @@ class LinCIRPipeline(DiffusionPipeline):
                 "This pipeline has no `image_encoder`, so it cannot encode pixels: pass CLIP `image_embeds` "
                 "instead, or load the pipeline with a CLIPVisionModelWithProjection."
             )
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
         device = device or self._execution_device
         dtype = self.image_encoder.dtype
@@ -331,7 +331,7 @@ class LinCIRPipeline(DiffusionPipeline):
         """
         if output_type not in ("pt", "np"):
             raise ValueError(f"`output_type` must be 'pt' or 'np', got {output_type!r}.")
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
         given = [name for name, value in (("image", image), ("image_embeds", image_embeds), ("pseudo_tokens", pseudo_tokens)) if value is not None]
         if len(given) != 1:
@@ -359,8 +359,16 @@ class LinCIRPipeline(DiffusionPipeline):
             if not torch.is_tensor(prompt_input_ids) or prompt_input_ids.ndim != 2:
                 got = tuple(prompt_input_ids.shape) if torch.is_tensor(prompt_input_ids) else type(prompt_input_ids).__name__
                 raise ValueError(f"`prompt_input_ids` must be a tensor of shape (batch_size, sequence_length), got {got}.")
+            if prompt_input_ids.dtype.is_floating_point or prompt_input_ids.dtype.is_complex or prompt_input_ids.dtype == torch.bool:
+                raise ValueError(f"`prompt_input_ids` must hold integer token ids, got dtype {prompt_input_ids.dtype}.")
             _check_not_empty("prompt_input_ids", prompt_input_ids, "prompt")
-            input_ids, paired, num_prompts = prompt_input_ids, [], prompt_input_ids.shape[0]
+            input_ids, paired, num_prompts = prompt_input_ids.long(), [], prompt_input_ids.shape[0]
+            vocab_size = self.text_encoder.get_input_embeddings().num_embeddings
+            outside = input_ids[(input_ids < 0) | (input_ids >= vocab_size)].unique().tolist()
+            if outside:
+                raise ValueError(
+                    f"`prompt_input_ids` holds ids outside the text encoder's vocabulary [0, {vocab_size}): {outside[:10]}."
+                )
 
         # 2. Reference -> pseudo tokens.
         if image is not None:
