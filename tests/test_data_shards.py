@@ -319,3 +319,25 @@ def test_write_triplets_names_csv_rows_by_the_line_they_start_on(jsonl_source, t
         assert reasons[f"spaced.{suffix}:{line_of('ref4')}"] == "empty modification_text"
         rows = list(datasets.load_dataset(str(tmp_path / suffix), split="train", streaming=True))
         assert [row["modification_text"] for row in rows] == ["good 0", "a quoted\nline break"]
+
+
+def test_write_triplets_reads_files_that_start_with_a_byte_order_mark(tmp_path):
+    """Excel's "CSV UTF-8" and Windows editors start files with a BOM: it became part of the first CSV column name
+    (a missing-column error naming '\\ufeffreference_image'), failed the first JSONL line, and was silently kept at
+    the start of a folder triplet's modification text."""
+    _save_image(tmp_path / "r.png", 0)
+    _save_image(tmp_path / "t.png", 1)
+    record = {"reference_image": "r.png", "target_image": "t.png", "modification_text": "make it red"}
+    bom = "\ufeff"
+    (tmp_path / "bom.csv").write_text(bom + "reference_image,target_image,modification_text\nr.png,t.png,make it red\n", encoding="utf-8")
+    (tmp_path / "bom.jsonl").write_text(bom + json.dumps(record) + "\n", encoding="utf-8")
+    folder = tmp_path / "folders" / "a"
+    folder.mkdir(parents=True)
+    shutil.copy(tmp_path / "r.png", folder / "reference.png")
+    shutil.copy(tmp_path / "t.png", folder / "target.png")
+    (folder / "modification.txt").write_text(bom + "make it red\n", encoding="utf-8")
+    for name, source in (("csv", tmp_path / "bom.csv"), ("jsonl", tmp_path / "bom.jsonl"), ("folder", tmp_path / "folders")):
+        summary = write_triplets(str(source), str(tmp_path / f"out-{name}"), progress=False)
+        assert summary.num_rows == 1 and not summary.skipped, name
+        row = next(iter(datasets.load_dataset(str(tmp_path / f"out-{name}"), split="train", streaming=True)))
+        assert row["modification_text"] == "make it red", name

@@ -344,6 +344,9 @@ def read_triplet_records(source: str, column_mapping: Mapping[str, str] | None =
     as in ``datasets``' ImageFolder) or one sub-folder per triplet with ``reference.<ext>``,
     ``target.<ext>``, ``modification.txt`` and optional ``reference_caption.txt`` / ``target_caption.txt``
     (the sub-folder name is the id). Returns the records and the directory image paths are relative to.
+
+    Text files are read as UTF-8 with an optional byte-order mark, which Excel's "CSV UTF-8" and Windows editors
+    write: it would otherwise stick to the first column name, fail the first JSON line, or start a modification text.
     """
     mapping = schema.resolve_column_mapping(column_mapping)
     if os.path.isdir(source):
@@ -358,7 +361,7 @@ def read_triplet_records(source: str, column_mapping: Mapping[str, str] | None =
     line_numbers = []  # the line each record starts on in the file, as an editor numbers it
     if lower.endswith((".jsonl", ".json")):
         raw = []
-        with open(source, encoding="utf-8") as handle:
+        with open(source, encoding="utf-8-sig") as handle:
             for line_number, line in enumerate(handle, start=1):
                 if not line.strip():
                     continue
@@ -400,7 +403,7 @@ def _read_csv_records(source: str, delimiter: str) -> tuple[list[dict], list[int
     ``csv.DictReader``.
     """
     records, starts = [], []
-    with open(source, encoding="utf-8", newline="") as handle:
+    with open(source, encoding="utf-8-sig", newline="") as handle:
         reader = csv.reader(handle, delimiter=delimiter)
         fieldnames, previous_end = None, 0
         for row in reader:
@@ -439,7 +442,7 @@ def _read_triplet_folders(folder: str) -> list[dict]:
             text_file = files.get(key)
             record[column] = None
             if text_file is not None:
-                with open(os.path.join(path, text_file), encoding="utf-8") as handle:
+                with open(os.path.join(path, text_file), encoding="utf-8-sig") as handle:
                     record[column] = handle.read().strip() or None
         records.append(record)
     if not records:
