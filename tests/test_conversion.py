@@ -200,3 +200,93 @@ def test_cli_convert_lincir(tmp_path):
     assert main(["convert", "lincir", "--checkpoint_path", str(phi_file), "--output_dir", str(tmp_path / "phi")]) == 0
     phi = TextualInversionProjection.from_pretrained(tmp_path / "phi")
     assert phi.config.input_dim == 24 and phi.config.output_dim == 32
+
+
+# ------------------------------------------------------------------------------------------ output folder
+def _other_checkpoint(folder):
+    """The tiny checkpoint with other weights: a conversion whose result differs from TINY's."""
+    folder.mkdir()
+    state = {key: value + 1 if key.startswith("model.net.") else value for key, value in _tiny_state().items()}
+    torch.save(state, folder / "pytorch_model.bin")
+    (folder / "config.json").write_text((TINY / "config.json").read_text())
+    return folder
+
+
+def _snapshot(folder):
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_converting_over_an_earlier_conversion_is_refused_then_replaced_without_stale_files(tmp_path):
+    from diffusers_cir import CompoDiffPipeline
+    from diffusers_cir.conversion import convert_compodiff_checkpoint_to_pipeline
+
+    output = tmp_path / "pipe"
+    convert_compodiff_checkpoint_to_pipeline(str(TINY), str(output))
+    earlier = _snapshot(output)
+    other = _other_checkpoint(tmp_path / "other")
+    with pytest.raises(FileExistsError, match=r"already holds a converted model .*overwrite=True"):
+        convert_compodiff_checkpoint_to_pipeline(str(other), str(output), safe_serialization=False)
+    assert _snapshot(output) == earlier
+
+    # .bin this time: a stale .safetensors next to it would be what from_pretrained loads.
+    new = convert_compodiff_checkpoint_to_pipeline(str(other), str(output), safe_serialization=False, overwrite=True)
+    assert sorted(os.listdir(output / "transformer")) == ["config.json", "diffusion_pytorch_model.bin"]
+    assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".")] == []  # no staging left behind
+    loaded = CompoDiffPipeline.from_pretrained(output)
+    reference = convert_compodiff_checkpoint(str(TINY))
+    for key, value in new.transformer.state_dict().items():
+        assert torch.equal(loaded.transformer.state_dict()[key], value), key
+    assert not torch.equal(loaded.transformer.text_proj.bias, reference.text_proj.bias)
+
+
+def test_a_folder_that_is_not_a_conversion_is_never_replaced(tmp_path):
+    from diffusers_cir.conversion import convert_compodiff_checkpoint_to_pipeline
+
+    output = tmp_path / "my-files"
+    output.mkdir()
+    (output / "notes.txt").write_text("keep me")
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match=r"not empty \(notes.txt\) and is not an earlier conversion"):
+            convert_compodiff_checkpoint_to_pipeline(str(TINY), str(output), overwrite=overwrite)
+    assert _snapshot(output) == {"notes.txt": b"keep me"}
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file, not a folder"):
+        convert_compodiff_checkpoint_to_pipeline(str(TINY), str(tmp_path / "a-file"))
+    (tmp_path / "empty").mkdir()  # an empty folder is simply used
+    convert_compodiff_checkpoint_to_pipeline(str(TINY), str(tmp_path / "empty"))
+    assert (tmp_path / "empty" / "model_index.json").is_file()
+
+
+def test_a_failed_conversion_leaves_the_earlier_one_as_it_was(tmp_path, monkeypatch):
+    from diffusers_cir import CompoDiffPipeline
+    from diffusers_cir.conversion import convert_compodiff_checkpoint_to_pipeline
+
+    output = tmp_path / "pipe"
+    convert_compodiff_checkpoint_to_pipeline(str(TINY), str(output))
+    earlier = _snapshot(output)
+    original_save = CompoDiffPipeline.save_pretrained
+
+    def save_then_fail(self, folder, **kwargs):
+        original_save(self, folder, **kwargs)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(CompoDiffPipeline, "save_pretrained", save_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        convert_compodiff_checkpoint_to_pipeline(str(_other_checkpoint(tmp_path / "other")), str(output), overwrite=True)
+    assert _snapshot(output) == earlier
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["other", "pipe"]
+
+
+def test_cli_convert_refuses_an_earlier_conversion_without_overwrite(tmp_path):
+    from diffusers_cir.cli import main
+
+    output = tmp_path / "p"
+    assert main(["convert", "compodiff", "--checkpoint_path", str(TINY), "--output_path", str(output)]) == 0
+    argv = ["convert", "compodiff", "--checkpoint_path", str(TINY), "--output_path", str(output), "--dtype", "bf16"]
+    with pytest.raises(FileExistsError, match="Pass --overwrite to replace it"):
+        main(argv)
+    assert main(argv + ["--overwrite"]) == 0
+    from safetensors.torch import load_file
+
+    weights = load_file(str(output / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert {value.dtype for value in weights.values()} == {torch.bfloat16}

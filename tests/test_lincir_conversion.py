@@ -275,3 +275,29 @@ def test_a_missing_hidden_layer_is_refused_not_skipped(layout, drop):
     broken = {key: value for key, value in state.items() if not key.startswith(drop)}
     with pytest.raises(LinCIRConversionError, match="a layer is missing"):
         convert_lincir_phi_checkpoint({wrap: broken} if wrap else broken)
+
+
+def test_converting_the_projection_over_an_earlier_pipeline_conversion(tmp_path):
+    """The projection alone over a whole pipeline: refused without --overwrite (before loading anything), and with it
+    the folder holds the projection only, not the earlier pipeline's components around it."""
+    clip = _tiny_clip_folder(tmp_path / "clip")
+    output = tmp_path / "converted"
+    phi_file = str(LINCIR_TINY / "phi_original.pt")
+    _load_script().main(["--checkpoint_path", phi_file, "--clip_model_name_or_path", str(clip), "--output_dir", str(output)])
+    assert (output / "model_index.json").is_file()
+    with pytest.raises(FileExistsError, match="already holds a converted model .*Pass --overwrite"):
+        _load_script().main(["--checkpoint_path", str(tmp_path / "missing.pt"), "--output_dir", str(output)])
+    _load_script().main(["--checkpoint_path", phi_file, "--output_dir", str(output), "--dropout", "0.3", "--overwrite"])
+    assert sorted(path.name for path in output.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert TextualInversionProjection.from_pretrained(output).config.dropout == 0.3
+
+
+def test_library_conversion_refuses_a_non_empty_output_dir_unless_overwrite(tmp_path):
+    phi_file = LINCIR_TINY / "phi_original.pt"
+    output = tmp_path / "phi"
+    convert_lincir_phi_checkpoint(phi_file, output_dir=output)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        convert_lincir_phi_checkpoint(phi_file, output_dir=output, dropout=0.3)
+    assert TextualInversionProjection.from_pretrained(output).config.dropout != 0.3
+    convert_lincir_phi_checkpoint(phi_file, output_dir=output, dropout=0.3, overwrite=True)
+    assert TextualInversionProjection.from_pretrained(output).config.dropout == 0.3

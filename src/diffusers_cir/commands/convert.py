@@ -13,19 +13,31 @@ def add_compodiff_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text_encoder_path", default=None, help="transformers CLIP text model folder (hidden width 1280 for the releases).")
     parser.add_argument("--image_encoder_path", default=None, help="transformers CLIPVisionModelWithProjection folder (ViT-L/14 for the releases).")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="Precision of the saved weights.")
+    _add_overwrite_argument(parser)
+
+
+def _add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="Replace an output folder that holds an earlier conversion (it is swapped for the new one at the end). "
+        "Without it a non-empty output folder is refused; a folder that is not a conversion is never replaced.",
+    )
 
 
 def run_compodiff(args: argparse.Namespace) -> int:
     import torch
 
     from ..conversion import convert_compodiff_checkpoint_to_pipeline
+    from ..conversion.output import check_output_folder
 
+    check_output_folder(args.output_path, args.overwrite, flag="--overwrite")  # the library would say overwrite=True
     pipe = convert_compodiff_checkpoint_to_pipeline(
         args.checkpoint_path,
         args.output_path,
         text_encoder_path=args.text_encoder_path,
         image_encoder_path=args.image_encoder_path,
         torch_dtype=getattr(torch, DTYPES[args.dtype]),
+        overwrite=args.overwrite,
     )
     count = sum(parameter.numel() for parameter in pipe.transformer.parameters())
     print(f"Wrote {args.output_path}: CompoDiffTransformer with {count:,} parameters ({dict(pipe.transformer.config)['num_layers']} layers).")
@@ -44,13 +56,16 @@ def add_lincir_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt_template", default="a photo of $ that {text}")
     parser.add_argument("--placeholder_token", default="$")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="Precision of the saved weights.")
+    _add_overwrite_argument(parser)
 
 
 def run_lincir(args: argparse.Namespace) -> int:
     import torch
 
     from ..conversion.lincir import build_lincir_pipeline, convert_lincir_phi_checkpoint
+    from ..conversion.output import check_output_folder, replace_output_folder
 
+    check_output_folder(args.output_dir, args.overwrite, flag="--overwrite")  # before loading anything
     dtype = getattr(torch, DTYPES[args.dtype])
     phi = convert_lincir_phi_checkpoint(
         args.checkpoint_path, dropout=args.dropout, activation=args.activation,
@@ -62,7 +77,8 @@ def run_lincir(args: argparse.Namespace) -> int:
         f"({config.activation}, dropout {config.dropout})"
     )
     if args.clip_model_name_or_path is None:
-        phi.save_pretrained(args.output_dir, safe_serialization=True)
+        with replace_output_folder(args.output_dir, args.overwrite, flag="--overwrite") as staging:
+            phi.save_pretrained(staging, safe_serialization=True)
         print(f"Saved the projection to {args.output_dir}")
         return 0
     pipeline = build_lincir_pipeline(
@@ -70,7 +86,8 @@ def run_lincir(args: argparse.Namespace) -> int:
         with_image_encoder=not args.no_image_encoder, torch_dtype=dtype,
         prompt_template=args.prompt_template, placeholder_token=args.placeholder_token,
     )
-    pipeline.save_pretrained(args.output_dir, safe_serialization=True)
+    with replace_output_folder(args.output_dir, args.overwrite, flag="--overwrite") as staging:
+        pipeline.save_pretrained(staging, safe_serialization=True)
     print(f"Saved the LinCIR pipeline to {args.output_dir}")
     return 0
 

@@ -257,6 +257,7 @@ def convert_compodiff_checkpoint_to_pipeline(
     image_encoder_path: str | None = None,
     torch_dtype: torch.dtype | None = None,
     safe_serialization: bool = True,
+    overwrite: bool = False,
 ):
     """Convert a released checkpoint into a complete :class:`~diffusers_cir.CompoDiffPipeline` folder.
 
@@ -264,6 +265,10 @@ def convert_compodiff_checkpoint_to_pipeline(
     reachable) of the CLIP towers the model was trained with: for CompoDiff-Aesthetic the open_clip ViT-bigG/14 text
     tower (hidden states, width 1280; with its tokenizer) and the OpenAI ViT-L/14 vision tower (with its image
     processor). Without them the folder holds the denoiser and scheduler and runs on precomputed embeddings.
+
+    ``output_path`` ends up holding exactly the new pipeline: it is written next to it and swapped in at the end (a
+    failed conversion leaves it as it was). A non-empty ``output_path`` is refused unless ``overwrite=True``, and
+    even then unless it holds an earlier conversion (see :mod:`diffusers_cir.conversion.output`).
 
     Example:
         >>> from diffusers_cir.conversion import convert_compodiff_checkpoint_to_pipeline
@@ -273,7 +278,9 @@ def convert_compodiff_checkpoint_to_pipeline(
     """
     from ..pipelines.pipeline_compodiff import CompoDiffPipeline
     from ..schedulers.scheduling_compodiff import CompoDiffScheduler
+    from .output import check_output_folder, replace_output_folder
 
+    check_output_folder(output_path, overwrite)  # before the (long) conversion
     transformer = convert_compodiff_checkpoint(checkpoint_path, torch_dtype=torch_dtype)
     components = dict(
         transformer=transformer,
@@ -302,5 +309,6 @@ def convert_compodiff_checkpoint_to_pipeline(
             image_encoder=image_encoder, image_processor=CLIPImageProcessor.from_pretrained(image_encoder_path)
         )
     pipe = CompoDiffPipeline(**components)
-    pipe.save_pretrained(output_path, safe_serialization=safe_serialization)
+    with replace_output_folder(output_path, overwrite) as staging:
+        pipe.save_pretrained(staging, safe_serialization=safe_serialization)
     return pipe

@@ -26,6 +26,7 @@ import torch
 
 from ..models.textual_inversion_projection import TextualInversionProjection
 from ..pipelines.utils import resolve_pretrained_path
+from .output import check_output_folder, replace_output_folder
 
 # Dropout the authors trained with (LinCIR's train_phi.py default `--phi_dropout 0.5`, SEARLE's 0.5,
 # Pic2Word's IM2TEXT default 0.1). It only matters if the converted model is trained further.
@@ -191,6 +192,7 @@ def convert_lincir_phi_checkpoint(
     activation: str | None = None,
     normalize_input: bool = False,
     torch_dtype: torch.dtype | None = None,
+    overwrite: bool = False,
 ) -> TextualInversionProjection:
     """Load a released phi (LinCIR / SEARLE) or Pic2Word projection as a :class:`TextualInversionProjection`.
 
@@ -201,6 +203,8 @@ def convert_lincir_phi_checkpoint(
         activation: override the activation read from the layout (``"gelu"`` for phi, ``"relu"`` for Pic2Word).
         normalize_input: set when the checkpoint was trained with LinCIR's ``--l2_normalize``.
         torch_dtype: cast the weights (default: keep float32).
+        overwrite: replace an ``output_dir`` that holds an earlier conversion; a non-empty ``output_dir`` is refused
+            otherwise. The folder ends up holding exactly the new model (see :mod:`diffusers_cir.conversion.output`).
 
     Example:
         >>> import torch
@@ -212,6 +216,8 @@ def convert_lincir_phi_checkpoint(
         >>> phi.config.input_dim, phi.config.hidden_dim, phi.config.output_dim
         (8, 32, 16)
     """
+    if output_dir is not None:
+        check_output_folder(output_dir, overwrite)
     state_dict, layout = load_original_phi_checkpoint(checkpoint)
     converted, config = convert_phi_state_dict(state_dict, layout=layout, dropout=dropout)
     if activation is not None:
@@ -226,7 +232,8 @@ def convert_lincir_phi_checkpoint(
     if torch_dtype is not None:
         model = model.to(torch_dtype)
     if output_dir is not None:
-        model.save_pretrained(output_dir, safe_serialization=True)
+        with replace_output_folder(output_dir, overwrite) as staging:
+            model.save_pretrained(staging, safe_serialization=True)
     return model
 
 
