@@ -82,3 +82,13 @@ def test_data_cli_bad_paths_and_existing_output_are_messages_not_tracebacks(tmp_
     assert main(["data", "synthetic", out, "--tiny", "--train", "8"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert main(["data", "synthetic", out, "--tiny", "--train", "8", "--overwrite"]) == 0
+
+
+def test_data_write_names_missing_columns_and_the_map_flag_instead_of_a_traceback(tmp_path, capsys):
+    source = tmp_path / "t.jsonl"
+    source.write_text(json.dumps({"src": "a.png", "dst": "b.png", "edit": "x"}) + "\n")
+    assert main(["data", "write", str(source), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "has no column for 'reference_image'" in err and "'src'" in err
+    assert "--map CANONICAL=COLUMN" in err
+    assert not (tmp_path / "out").exists()

@@ -90,18 +90,24 @@ def register(subparsers) -> None:
 
 @errors_as_messages
 def run_write(args) -> int:
+    from diffusers_cir.data.schema import MissingColumnsError
     from diffusers_cir.data.shards import write_triplets
 
-    summary = write_triplets(
-        args.source,
-        args.output,
-        split=args.split,
-        column_mapping=_parse_mapping(args.map),
-        rows_per_shard=args.rows_per_shard,
-        row_group_size=args.row_group_size,
-        verify_images=not args.no_verify_images,
-        overwrite=args.overwrite,
-    )
+    try:
+        summary = write_triplets(
+            args.source,
+            args.output,
+            split=args.split,
+            column_mapping=_parse_mapping(args.map),
+            rows_per_shard=args.rows_per_shard,
+            row_group_size=args.row_group_size,
+            verify_images=not args.no_verify_images,
+            overwrite=args.overwrite,
+        )
+    except MissingColumnsError as error:  # the usual first-run mistake: a message naming --map, not a traceback
+        print(f"error: {error}\nOn the command line, name your columns with --map CANONICAL=COLUMN "
+              "(e.g. --map reference_image=src --map modification_text=edit.text).", file=sys.stderr)
+        return 2
     print(summary.format())
     if summary.skipped:
         report = f"{args.output}/skipped-{args.split}.jsonl"
