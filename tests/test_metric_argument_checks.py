@@ -100,3 +100,60 @@ def test_genecis_target_indices_must_be_integers(target_indices, error):
 def test_genecis_bad_candidate_scores_are_named(candidate_scores, error, message):
     with pytest.raises(error, match=message):
         genecis_per_query(candidate_scores)
+
+
+@pytest.mark.parametrize("form", ["scores", "ranked"])
+def test_circo_target_ids_none_or_of_the_wrong_length_are_refused(form):
+    from diffusers_cir.metrics import compute_circo_metrics
+
+    ground_truths = [[1, 2], [3]]
+    inputs = dict(scores=[[0.9, 0.5, 0.1, 0.0], [0.1, 0.2, 0.9, 0.0]], gallery_ids=[1, 2, 3, 4]) if form == "scores" \
+        else dict(ranked_ids=[[1, 2], [3, 4]])
+    # A None target used to be scored as a miss (Recall@5 = 50 here instead of an error).
+    with pytest.raises(ValueError, match=r"`target_ids` is None for 1 queries \(first: query 1\)"):
+        compute_circo_metrics(ground_truth_ids=ground_truths, target_ids=[1, None], ks=(5,), **inputs)
+    # Too many targets were reported as `positive_indices` (scores) or "the positives" (ranked lists).
+    with pytest.raises(ValueError, match="`target_ids` has 3 ids but `ground_truth_ids` has 2 queries"):
+        compute_circo_metrics(ground_truth_ids=ground_truths, target_ids=[1, 3, 4], ks=(5,), **inputs)
+    assert compute_circo_metrics(ground_truth_ids=ground_truths, target_ids=[1, 3], ks=(5,), **inputs)["recall_at5"] == 100.0
+
+
+def test_circo_ranked_lists_and_ground_truths_of_different_lengths_are_named():
+    from diffusers_cir.metrics import compute_circo_metrics
+
+    with pytest.raises(ValueError, match="`ranked_ids` has 2 lists but `ground_truth_ids` has 1; one per query"):
+        compute_circo_metrics(ground_truth_ids=[[1, 2]], ranked_ids=[[1, 2], [3]], ks=(5,))
+
+
+def test_circo_semantic_aspects_given_as_one_string_is_refused():
+    from diffusers_cir.metrics import compute_circo_metrics
+
+    # len("addition") == 8 used to be compared with the number of queries.
+    with pytest.raises(TypeError, match="`semantic_aspects` must hold one list of aspect names per query"):
+        compute_circo_metrics(ground_truth_ids=[[1, 2]], ranked_ids=[[1, 2]], semantic_aspects="addition", ks=(5,))
+
+
+@pytest.mark.parametrize("form", ["scores", "ranked"])
+def test_circo_accepts_arbitrary_string_ids_as_documented(form):
+    # The docstring used to say "ints or digit strings": any string id works, as a relabelling of int ids.
+    from diffusers_cir.metrics import compute_circo_metrics
+
+    rng = np.random.default_rng(0)
+    gallery = np.arange(100, 130)
+    scores = rng.normal(size=(6, gallery.size))
+    ground_truths = [rng.choice(gallery, size=int(rng.integers(1, 5)), replace=False).tolist() for _ in range(6)]
+    targets = [row[-1] for row in ground_truths]
+    ranked = [gallery[np.argsort(-row, kind="stable")][:12].tolist() for row in scores]
+
+    def name(ids):
+        return [f"img_{i}" for i in ids] if isinstance(ids, list) else f"img_{ids}"
+
+    as_ints = dict(scores=scores, gallery_ids=gallery.tolist()) if form == "scores" else dict(ranked_ids=ranked)
+    as_strings = dict(scores=scores, gallery_ids=name(gallery.tolist())) if form == "scores" else dict(
+        ranked_ids=[name(row) for row in ranked])
+    for target_ids in (None, targets):
+        expected = compute_circo_metrics(ground_truth_ids=ground_truths, target_ids=target_ids, ks=(1, 5, 10), **as_ints)
+        got = compute_circo_metrics(ground_truth_ids=[name(row) for row in ground_truths], ks=(1, 5, 10),
+                                    target_ids=None if target_ids is None else name(target_ids), **as_strings)
+        assert got == expected
+    assert 0 < expected["map_at10"] < 100

@@ -90,8 +90,12 @@ def circo_per_query(
         ground_truth_ids: ``[Q][|G_q|]`` ``gt_img_ids`` (1-14 per CIRCO query).
         scores, gallery_ids: ``[Q, G]`` similarities over the gallery (the reference is not removed), or
         ranked_ids: the submission, ``[Q][L]`` ids best first (usually the top-50; shorter lists are scored
-            as they are, not padded; ids may be ints or digit strings).
-        target_ids: ids counted by Recall@K; default ``gt_img_ids[0]`` (= ``target_img_id``).
+            as they are, not padded).
+        target_ids: ``[Q]`` ids counted by Recall@K, one per query; default ``gt_img_ids[0]`` (= ``target_img_id``).
+
+    Ids may be ints (COCO ids) or any strings (``"img_12"``), in every argument. A digit string matches the
+    int it spells (``"101"`` is ``101``, as the server's int cast) when the other ids are ints; otherwise ids
+    compare as strings.
         query_ids: ids used in error messages (default: row numbers).
         on_empty_ground_truth: ``"raise"`` (default) or ``"nan"`` (AP = NaN, as the official code).
 
@@ -116,6 +120,17 @@ def circo_per_query(
         raise ValueError(f"`query_ids` has {len(query_ids)} entries but there are {num_queries} queries.")
     gt_rows = _ground_truth_rows(gt_rows, on_empty_ground_truth, query_ids)
     num_positives = gt_rows.lengths
+    if target_ids is not None:
+        target, target_mask = as_id_vector(target_ids, "target_ids")
+        if target.shape[0] != num_queries:
+            raise ValueError(f"`target_ids` has {target.shape[0]} ids but `ground_truth_ids` has {num_queries} queries.")
+        if not target_mask.all():
+            # Scored as a miss, a missing target would lower Recall@K without saying so.
+            missing = np.flatnonzero(~target_mask)
+            raise ValueError(
+                f"`target_ids` is None for {missing.size} queries (first: query {query_ids[int(missing[0])]!r}); pass "
+                "every query's target, or leave `target_ids` unset to count gt_img_ids[0]."
+            )
 
     if source == "scores":
         scores = as_score_array(scores)
@@ -126,11 +141,11 @@ def circo_per_query(
         gt_index = np.where(gt_rows.mask, index_of_ids(gallery, gt_rows.values), -1)
         gt_ranks = ranks_from_scores(scores, gt_index)
         if target_ids is not None:
-            target, target_mask = as_id_vector(target_ids, "target_ids")
-            target_index = np.where(target_mask, index_of_ids(gallery, target), -1)
-            target_ranks = ranks_from_scores(scores, target_index)
+            target_ranks = ranks_from_scores(scores, index_of_ids(gallery, target))
     else:
         rows = as_id_rows(ranked_ids, "ranked_ids")
+        if len(rows) != num_queries:
+            raise ValueError(f"`ranked_ids` has {len(rows)} lists but `ground_truth_ids` has {num_queries}; one per query.")
         try:
             gt_ranks = ranks_from_ranked_lists(rows, gt_rows, positives_per_query=True)
         except DuplicateIdError as error:
@@ -169,6 +184,8 @@ def circo_semantic_map(
     ```
     """
     average_precision = np.asarray(average_precision, dtype=np.float64)
+    if isinstance(semantic_aspects, (str, bytes)):
+        raise TypeError(f"`semantic_aspects` must hold one list of aspect names per query, got the string {semantic_aspects!r}.")
     if len(semantic_aspects) != average_precision.shape[0]:
         raise ValueError(f"`semantic_aspects` has {len(semantic_aspects)} entries but there are {average_precision.shape[0]} queries.")
     known = set(aspects)
