@@ -229,12 +229,21 @@ def load_validation_set(folder: str):
     tensors = load_file(gallery_path)
     if "image_embeds" not in tensors:
         raise ValueError(f"{gallery_path} must hold a tensor named 'image_embeds', it has {sorted(tensors)}.")
+    if tensors["image_embeds"].ndim != 2:
+        raise ValueError(
+            f"{gallery_path}: 'image_embeds' must have shape [gallery size, embedding width], got {tuple(tensors['image_embeds'].shape)}."
+        )
     queries = []
     with open(queries_path, encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
-            query = json.loads(line)
+            try:
+                query = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{queries_path}:{line_number} is not valid JSON: {error}.") from error
+            if not isinstance(query, dict):
+                raise ValueError(f"{queries_path}:{line_number} must be a JSON object, got {type(query).__name__}.")
             missing = {"reference", "text", "target"} - set(query)
             if missing:
                 raise ValueError(f"{queries_path}:{line_number} lacks {sorted(missing)}.")
@@ -249,6 +258,12 @@ def load_validation_set(folder: str):
                     f"{queries_path}: query {line_number} has {key}={query[key]!r}, expected a gallery position in "
                     f"[0, {gallery_size}) (gallery.safetensors holds {gallery_size} embeddings)."
                 )
+        text = query["text"]
+        if not (isinstance(text, str) or (isinstance(text, list) and len(text) == 2 and all(isinstance(t, str) for t in text))):
+            raise ValueError(
+                f"{queries_path}: query {line_number} has text={text!r}, expected a string or a list of two strings "
+                "(FashionIQ's two captions)."
+            )
     return tensors["image_embeds"], queries
 
 
@@ -350,6 +365,11 @@ def main(argv: list[str] | None = None) -> dict:
     text_encoder.requires_grad_(False).eval().to(accelerator.device, dtype=weight_dtype)
 
     projection_dim, hidden_size = text_encoder.config.projection_dim, text_encoder.config.hidden_size
+    if validation_set is not None and validation_set[0].shape[1] != projection_dim:
+        raise ValueError(
+            f"--validation_data {args.validation_data!r}: gallery.safetensors holds embeddings of width "
+            f"{validation_set[0].shape[1]}, the CLIP joint space of --pretrained_model_name_or_path has width {projection_dim}."
+        )
     if phi is None:
         phi = TextualInversionProjection(
             input_dim=projection_dim,

@@ -207,3 +207,36 @@ def test_the_last_step_is_validated_once_with_the_numbers_returned(script, tiny_
     assert len(logged) == 2  # steps 1 and 2, not step 2 again
     assert summary["validation"] == logged[-1]
     assert json.loads((tmp_path / "out" / "validation_results.json").read_text()) == {"step": 2, **logged[-1]}
+
+
+def test_validation_data_the_pipeline_cannot_run_is_refused_before_training(script, tiny_world, tmp_path):
+    """These failed at the first validation, after training (at the end of it without --validation_steps)."""
+
+    def validation_set(name, gallery, *texts):
+        folder = tmp_path / name
+        folder.mkdir()
+        save_file({"image_embeds": gallery}, str(folder / "gallery.safetensors"))
+        (folder / "queries.jsonl").write_text("".join(json.dumps({"reference": 0, "text": t, "target": 1}) + "\n" for t in texts))
+        return str(folder)
+
+    missing_model = tmp_path / "no-such-model"  # would fail to load if the script got that far
+    args = _args(tiny_world, tmp_path / "out", "--max_train_steps", "1", clip=missing_model)
+    bad_texts = ((["is red", "is long", "has dots"], r"\['is red', 'is long', 'has dots'\]"), (5, "5"), (["is red", 3], r"\['is red', 3\]"))
+    for index, (text, shown) in enumerate(bad_texts):
+        folder = validation_set(f"text-{index}", torch.randn(3, 16), "is blue", text)
+        with pytest.raises(ValueError, match=rf"query 2 has text={shown}, expected a string or a list of two strings"):
+            script.main([*args, "--validation_data", folder])
+    with pytest.raises(ValueError, match=r"'image_embeds' must have shape \[gallery size, embedding width\], got \(3, 4, 4\)"):
+        script.main([*args, "--validation_data", validation_set("3d", torch.randn(3, 4, 4), "is red")])
+    broken = validation_set("json", torch.randn(3, 16), "is red")
+    with open(Path(broken) / "queries.jsonl", "a") as handle:
+        handle.write('{"reference": 0, "text": "is red", "target": 1\n')
+    with pytest.raises(ValueError, match=r"queries\.jsonl:2 is not valid JSON"):
+        script.main([*args, "--validation_data", broken])
+
+    # The gallery's width is checked against the text tower's joint space once the tower is loaded.
+    out = tmp_path / "width-out"
+    args = _args(tiny_world, out, "--max_train_steps", "1", "--validation_data", validation_set("width", torch.randn(3, 7), "is red"))
+    with pytest.raises(ValueError, match=r"gallery\.safetensors holds embeddings of width 7, the CLIP joint space .* has width 16"):
+        script.main(args)
+    assert not (out / "model_index.json").exists()
