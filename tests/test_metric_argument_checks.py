@@ -110,8 +110,12 @@ def test_circo_target_ids_none_or_of_the_wrong_length_are_refused(form):
     inputs = dict(scores=[[0.9, 0.5, 0.1, 0.0], [0.1, 0.2, 0.9, 0.0]], gallery_ids=[1, 2, 3, 4]) if form == "scores" \
         else dict(ranked_ids=[[1, 2], [3, 4]])
     # A None target used to be scored as a miss (Recall@5 = 50 here instead of an error).
-    with pytest.raises(ValueError, match=r"`target_ids` is None for 1 queries \(first: query 1\)"):
+    with pytest.raises(ValueError, match=r"`target_ids` is None for 1 queries with ground truths \(first: query 1\)"):
         compute_circo_metrics(ground_truth_ids=ground_truths, target_ids=[1, None], ks=(5,), **inputs)
+    # A query without ground truths has no target (the official zero_gts case): Recall@K counts it as a miss.
+    kept = compute_circo_metrics(ground_truth_ids=[[1, 2], []], target_ids=[1, None], ks=(5,),
+                                 on_empty_ground_truth="nan", **inputs)
+    assert kept["recall_at5"] == 50.0
     # Too many targets were reported as `positive_indices` (scores) or "the positives" (ranked lists).
     with pytest.raises(ValueError, match="`target_ids` has 3 ids but `ground_truth_ids` has 2 queries"):
         compute_circo_metrics(ground_truth_ids=ground_truths, target_ids=[1, 3, 4], ks=(5,), **inputs)

@@ -124,12 +124,14 @@ def circo_per_query(
         target, target_mask = as_id_vector(target_ids, "target_ids")
         if target.shape[0] != num_queries:
             raise ValueError(f"`target_ids` has {target.shape[0]} ids but `ground_truth_ids` has {num_queries} queries.")
-        if not target_mask.all():
-            # Scored as a miss, a missing target would lower Recall@K without saying so.
-            missing = np.flatnonzero(~target_mask)
+        # Scored as a miss, a missing target would lower Recall@K without saying so. A query without ground
+        # truths (kept only with on_empty_ground_truth="nan") has no target either: the server counts a miss.
+        missing = np.flatnonzero(~target_mask & (num_positives > 0))
+        if missing.size:
             raise ValueError(
-                f"`target_ids` is None for {missing.size} queries (first: query {query_ids[int(missing[0])]!r}); pass "
-                "every query's target, or leave `target_ids` unset to count gt_img_ids[0]."
+                f"`target_ids` is None for {missing.size} queries with ground truths (first: query "
+                f"{query_ids[int(missing[0])]!r}); pass every query's target, or leave `target_ids` unset to count "
+                "gt_img_ids[0]."
             )
 
     if source == "scores":
@@ -141,7 +143,7 @@ def circo_per_query(
         gt_index = np.where(gt_rows.mask, index_of_ids(gallery, gt_rows.values), -1)
         gt_ranks = ranks_from_scores(scores, gt_index)
         if target_ids is not None:
-            target_ranks = ranks_from_scores(scores, index_of_ids(gallery, target))
+            target_ranks = ranks_from_scores(scores, np.where(target_mask, index_of_ids(gallery, target), -1))
     else:
         rows = as_id_rows(ranked_ids, "ranked_ids")
         if len(rows) != num_queries:
