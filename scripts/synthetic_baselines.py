@@ -117,7 +117,15 @@ def evaluate_world(world: SyntheticCIRWorld, splits, mlp_seconds: float) -> dict
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small matmuls: one thread is faster than contended ones
+    try:
+        return _run(args)
+    finally:  # called from Python (a notebook, a test), the process keeps its own thread count
+        torch.set_num_threads(threads)
+
+
+def _run(args) -> int:
     report = {"config": args.config, "clip_like": args.clip_like, "ks": list(KS), "worlds": {}}
     rows = []
     for seed in args.seeds:

@@ -95,3 +95,23 @@ def test_data_benchmark_quick(tmp_path, monkeypatch, capsys):
     assert {row["config"] for row in result["stream"]} == {"images", "embeddings"}
     assert all(row["rows"] == 32 and row["rows_per_s"] > 0 for row in result["stream"])
     assert result["precompute"]["images"] == 32 and result["precompute"]["images_per_s"] > 0
+
+
+def test_synthetic_baselines_main_gives_the_process_its_thread_count_back(tmp_path):
+    """main() runs single-threaded; called from Python (a notebook, a test) it left the whole process at one torch
+    thread, also when it failed."""
+    import torch
+    from conftest import load_script
+
+    script = load_script(os.path.join(ROOT, "scripts", "synthetic_baselines.py"), "synthetic_baselines_threads")
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        argv = ["--config", "tiny", "--seeds", "1", "--splits", "test", "--output_json", str(tmp_path / "b.json")]
+        assert script.main(argv) == 0
+        assert torch.get_num_threads() == 3
+        with pytest.raises(ValueError):
+            script.main(["--config", "tiny", "--seeds", "1", "--splits", "no-such-split", "--output_json", str(tmp_path / "c.json")])
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(previous)
