@@ -330,3 +330,24 @@ def test_resuming_from_a_checkpoint_past_max_train_steps_is_refused_before_any_w
     # A checkpoint at or before the last step gets past the check (and fails on the missing data).
     with pytest.raises(ValueError, match="--train_data_dir .*no-data.* could not be opened"):
         main(_main_args(tmp_path, "--resume_from_checkpoint", "checkpoint-2", "--max_train_steps", "2"))
+
+
+def test_new_run_over_an_earlier_runs_final_model_or_validation_log_is_refused_before_any_work(tmp_path):
+    from diffusers_cir.training import main
+
+    run = tmp_path / "run"
+    (run / "logs").mkdir(parents=True)  # tracker logs alone (e.g. a run that failed early) do not block a new run
+    with pytest.raises(ValueError, match="--train_data_dir .*no-data.* could not be opened"):
+        main(_main_args(tmp_path))
+    for name in ("validation_log.jsonl", "model_index.json", "pytorch_lora_weights.safetensors"):
+        (run / name).write_text("{}")
+        for resume in ([], ["--resume_from_checkpoint", "latest"]):  # "latest" finds no checkpoint: a new run
+            with pytest.raises(ValueError, match=rf"--output_dir .*run' already holds the outputs of an earlier run "
+                                                 rf"\(.*{name}.*\) and there is no checkpoint to resume from"):
+                main(_main_args(tmp_path, *resume))
+        (run / name).unlink()
+    # Resuming that run is fine: it gets past the check (and fails on the missing data).
+    (run / "model_index.json").write_text("{}")
+    (run / "checkpoint-2").mkdir()
+    with pytest.raises(ValueError, match="--train_data_dir .*no-data.* could not be opened"):
+        main(_main_args(tmp_path, "--resume_from_checkpoint", "latest", "--max_train_steps", "4"))

@@ -200,7 +200,8 @@ def build_argument_parser() -> argparse.ArgumentParser:
         "--resume_from_checkpoint", type=str, default=None,
         help='"latest" or a checkpoint folder name/path. "latest" with no checkpoint starts a new run. Without it, an '
         "--output_dir that already holds checkpoints is refused (a new run would mix its checkpoints with them), and so "
-        "is a checkpoint past --max_train_steps.",
+        "is a checkpoint past --max_train_steps. A new run is also refused where an earlier one left its final model "
+        "or validation log.",
     )
     checkpointing.add_argument(
         "--stop_after_steps", type=int, default=None,
@@ -393,6 +394,22 @@ def check_output_dir(
                 "choose another --output_dir (or delete those checkpoints) to start a new one."
             )
     return checkpoint
+
+
+# What a finished (or validated) run leaves in --output_dir besides its checkpoints.
+RUN_OUTPUTS = ("model_index.json", "pytorch_lora_weights.safetensors", VALIDATION_LOG)
+
+
+def check_no_earlier_run_outputs(output_dir: str) -> None:
+    """Refuse to start a new run in an --output_dir holding an earlier run's final model or validation log: the new
+    run would overwrite that model and append its validation records to the earlier run's."""
+    found = [name for name in RUN_OUTPUTS if (Path(output_dir) / name).exists()]
+    if found:
+        raise ValueError(
+            f"--output_dir {output_dir!r} already holds the outputs of an earlier run ({', '.join(found)}) and there is "
+            "no checkpoint to resume from: a new run would overwrite that model and mix its validation log with the "
+            "earlier one. Choose another --output_dir, or delete them to start over."
+        )
 
 
 def _prune_checkpoints(output_dir: str, total_limit: int | None) -> None:
@@ -675,6 +692,8 @@ def main(args: argparse.Namespace) -> dict:
 
     check_args(args)
     checkpoint = check_output_dir(args.output_dir, args.resume_from_checkpoint, args.max_train_steps)
+    if checkpoint is None:
+        check_no_earlier_run_outputs(args.output_dir)
     run_logger = get_logger("diffusers_cir.training")
     logging_dir = Path(args.output_dir, args.logging_dir)
     report_to = _resolve_report_to(args.report_to)
