@@ -175,8 +175,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--validation_ks must be positive integers, got {' '.join(map(str, args.validation_ks))}.")
     if args.validation_steps is not None and args.validation_data is None:
         parser.error("--validation_steps needs --validation_data.")
+    # The saved pipeline fills the template with str.format(text=...) and writes the pseudo token at its "$": a bad
+    # template would otherwise fail only when the pipeline is built, after training (or never, giving a pipeline
+    # that refuses every query).
     if "{text}" not in args.prompt_template:
         parser.error(f"--prompt_template must contain '{{text}}', got {args.prompt_template!r}.")
+    try:
+        filled = args.prompt_template.format(text="")
+    except (KeyError, IndexError, ValueError) as error:
+        parser.error(
+            f"--prompt_template {args.prompt_template!r}: '{{text}}' must be its only replacement field (write other "
+            f"braces as '{{{{' and '}}}}'); str.format failed with {type(error).__name__}: {error}."
+        )
+    if "$" not in filled:
+        parser.error(f"--prompt_template must contain '$' (where the reference image goes), got {args.prompt_template!r}.")
     return args
 
 

@@ -80,6 +80,8 @@ def test_latest_without_checkpoints_starts_and_a_partial_checkpoint_is_never_res
         ("--validation_ks", "0", "--validation_ks must be positive integers, got 0"),
         ("--batch_size", "0", "--batch_size must be a positive integer, got 0"),
         ("--phi_hidden_dim", "0", "--phi_hidden_dim must be a positive integer, got 0"),
+        ("--prompt_template", "a photo of $ that {text} {x}", r"'\{text\}' must be its only replacement field"),
+        ("--prompt_template", "a photo that {text}", r"--prompt_template must contain '\$'"),
     ],
 )
 def test_bad_numbers_are_refused_when_the_command_line_is_read(script, flag, value, expected, capsys):
