@@ -258,6 +258,8 @@ BASE = ["--train_data_dir", "data", "--transformer_config", "{}", "--text_encode
         (["--lora_alpha", "0"], "--lora_alpha must be positive .*, got 0.0"),
         (["--lora_target_modules", r"blocks\.(to_q"], r"--lora_target_modules is not a valid regular expression"),
         (["--validation_inference_steps", "0"], "--validation_inference_steps must be positive, got 0"),
+        (["--seed", "-1"], r"--seed must be in \[0, 2\*\*32 - 1\] .*, got -1"),
+        (["--seed", str(2**32)], r"--seed must be in \[0, 2\*\*32 - 1\] .*, got 4294967296"),
         (["--report_to", "tensorbaord"], r"--report_to must be one of \[.*'none'.*'all'.*'tensorboard'.*\], got 'tensorbaord'"),
     ],
 )
@@ -271,6 +273,7 @@ def test_range_boundaries_are_accepted():
                               "--dataloader_num_workers", "0", "--adam_epsilon", "0", "--report_to", "all"])
     assert args.ema_decay == 0 and args.max_grad_norm == 0
     assert parse_args(BASE + ["--ema_decay", "1", "--lora_dropout", "0.999"]).ema_decay == 1  # 1: no cap on the warm-up
+    assert parse_args(BASE + ["--seed", str(2**32 - 1)]).seed == 2**32 - 1
 
 
 def test_report_to_a_tracker_that_is_not_installed_is_refused():

@@ -54,6 +54,7 @@ NUMBER_RANGES = {
     "lora_alpha": ("positive (the adapter's output is scaled by alpha / rank)", lambda value: value > 0),
     "lora_dropout": ("in [0, 1)", lambda value: 0 <= value < 1),
     "dataloader_num_workers": (">= 0", lambda value: value >= 0),
+    "seed": ("in [0, 2**32 - 1] (numpy's seed range, used by accelerate's set_seed)", lambda value: 0 <= value < 2**32),
 }
 
 
