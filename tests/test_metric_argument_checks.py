@@ -161,3 +161,13 @@ def test_circo_accepts_arbitrary_string_ids_as_documented(form):
                                     target_ids=None if target_ids is None else name(target_ids), **as_strings)
         assert got == expected
     assert 0 < expected["map_at10"] < 100
+
+
+def test_a_digit_string_beyond_int64_is_compared_as_a_string_not_an_overflow():
+    # unify_id_dtypes tried to cast it to int64 and raised OverflowError ("Python int too large to convert to C long").
+    from diffusers_cir.metrics import compute_circo_metrics
+
+    huge = "99999999999999999999"
+    got = compute_circo_metrics(ground_truth_ids=[[1]], ranked_ids=[[huge, "1"]], ks=(5,), scale="fraction")
+    assert got == compute_circo_metrics(ground_truth_ids=[["1"]], ranked_ids=[[huge, "1"]], ks=(5,), scale="fraction")
+    assert got == compute_circo_metrics(ground_truth_ids=[[1]], ranked_ids=[[2, 1]], ks=(5,), scale="fraction")

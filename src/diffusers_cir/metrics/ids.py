@@ -174,7 +174,7 @@ def _cast_strings_to_int(values: np.ndarray, mask: np.ndarray | None) -> np.ndar
         out = np.zeros(values.shape, dtype=np.int64)
         out[mask] = values[mask].astype(np.int64)
         return out
-    except ValueError:
+    except (ValueError, OverflowError):  # not an integer, or one beyond int64: compare as strings
         return None
 
 
