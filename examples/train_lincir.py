@@ -392,7 +392,8 @@ def main(argv: list[str] | None = None) -> dict:
         )
     if (phi.config.input_dim, phi.config.output_dim) != (projection_dim, hidden_size):
         raise ValueError(
-            f"phi maps {phi.config.input_dim} -> {phi.config.output_dim}, the text tower needs {projection_dim} -> {hidden_size}."
+            f"--resume_phi {args.resume_phi!r} maps {phi.config.input_dim} -> {phi.config.output_dim}, but the CLIP text tower of "
+            f"--pretrained_model_name_or_path needs {projection_dim} (its projection_dim) -> {hidden_size} (its hidden_size)."
         )
     phi.train()
     ema_phi = None

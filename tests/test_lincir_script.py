@@ -155,7 +155,7 @@ def _released_phi_file(path, input_dim=16, hidden_dim=8, output_dim=32):
     return path
 
 
-def test_resume_phi_refuses_a_phi_hidden_dim_that_is_not_the_checkpoints(script, tiny_world, tmp_path):
+def test_resume_phi_whose_widths_contradict_the_flags_or_the_text_tower_is_refused_by_name(script, tiny_world, tmp_path):
     folder = tmp_path / "phi"
     TextualInversionProjection(input_dim=16, hidden_dim=8, output_dim=32).save_pretrained(folder)
     released = _released_phi_file(tmp_path / "lincir.pt")
@@ -165,6 +165,10 @@ def test_resume_phi_refuses_a_phi_hidden_dim_that_is_not_the_checkpoints(script,
                      clip=missing_model)
         with pytest.raises(ValueError, match=r"--phi_hidden_dim 64 does not match --resume_phi '.*', whose hidden layers have width 8"):
             script.main(args)
+    # The other widths are the text tower's, known once it is loaded.
+    TextualInversionProjection(input_dim=12, hidden_dim=8, output_dim=32).save_pretrained(tmp_path / "phi-12")
+    with pytest.raises(ValueError, match=r"--resume_phi '.*phi-12' maps 12 -> 32, but the CLIP text tower .* needs 16 \(its projection_dim\)"):
+        script.main(_args(tiny_world, tmp_path / "out", "--max_train_steps", "1", "--resume_phi", str(tmp_path / "phi-12")))
 
 
 def test_resume_phi_trains_the_checkpoint_as_saved_unless_a_flag_says_otherwise(script, tiny_world, tmp_path):
