@@ -13,6 +13,8 @@ the dataset card, so training can stream embeddings instead of decoding and enco
 
 Interrupted? Run the same command again: finished shards are kept, the interrupted one is redone. The log
 reports throughput (images/s) per shard and overall; rows whose images do not decode are skipped and listed.
+The main process prints one JSON line summing every process's work (``rows``, ``images``, ``shards_encoded``,
+``shards_already_done``, ``skipped_rows``, ``images_per_second``), with each process's own counts in ``per_rank``.
 """
 
 from __future__ import annotations
@@ -47,11 +49,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def _counts(summary) -> dict:
+    return {
+        "rows": summary.num_rows,
+        "images": summary.num_images,
+        "shards_encoded": len(summary.shards_done),
+        "shards_already_done": len(summary.shards_skipped),
+        "skipped_rows": len(summary.skipped_rows),
+        "images_per_second": round(summary.images_per_second, 1),
+    }
+
+
 def main(argv=None) -> int:
     import torch
     from accelerate import Accelerator
 
+    from accelerate.utils import gather_object
+
     from diffusers_cir.data.precompute import (
+        PrecomputeSummary,
         open_clip_embedder,
         precompute_embeddings,
         record_embeddings_card,
@@ -91,6 +107,9 @@ def main(argv=None) -> int:
     logger.info("rank %d: %s", accelerator.process_index, summary.format())
     for row_id, reason in summary.skipped_rows:
         logger.warning("rank %d skipped %s: %s", accelerator.process_index, row_id, reason)
+    # Each process only knows its own shards: the summary of the run is gathered from all of them (this also
+    # waits for every rank to finish before the card counts the rows).
+    per_rank = gather_object([summary])
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         card = record_embeddings_card(
@@ -98,8 +117,10 @@ def main(argv=None) -> int:
             normalize=not args.no_normalize,
         )
         logger.info("recorded the embeddings configuration in %s", card)
-        print(json.dumps({"rank": 0, "rows": summary.num_rows, "images_per_second": round(summary.images_per_second, 1),
-                          "skipped_rows": len(summary.skipped_rows)}))
+        total = PrecomputeSummary.combine(per_rank)
+        logger.info("all %d process(es): %s", len(per_rank), total.format())
+        print(json.dumps({"processes": len(per_rank), **_counts(total),
+                          "per_rank": [{"rank": rank, **_counts(s)} for rank, s in enumerate(per_rank)]}))
     accelerator.end_training()
     return 0
 

@@ -158,3 +158,75 @@ def test_example_script_names_a_dataset_without_image_shards_before_loading_the_
                                       str(tmp_path / "no-such-model"), "--split", "validation"])
     with pytest.raises(FileNotFoundError, match=r"--dataset .* --split 'validation': no .*images/validation-\*\.parquet"):
         runpy.run_path(SCRIPT, run_name="__main__")
+
+
+class _ThreadAccelerator:
+    """`accelerate.Accelerator` for one of several processes (threads here, synchronised by a barrier)."""
+
+    def __init__(self, process_index, num_processes, barrier):
+        self.process_index, self.num_processes, self.barrier = process_index, num_processes, barrier
+        self.device = torch.device("cpu")
+        self.is_main_process = self.is_local_main_process = process_index == 0
+
+    def wait_for_everyone(self):
+        self.barrier.wait(timeout=120)
+
+    def end_training(self):
+        pass
+
+
+def test_example_script_summary_covers_every_process(image_dataset, tiny_clip_folder, monkeypatch, capsys):
+    """Under `accelerate launch` the printed summary was rank 0's alone (here 4 of 7 rows, none of the skipped
+    row, which rank 1 met): it is now gathered from every process, with each one's counts alongside."""
+    import threading
+
+    import accelerate
+    import accelerate.utils
+
+    from conftest import load_script
+
+    script = load_script(SCRIPT, "precompute_embeddings_ranks")
+    world_size, barrier, lock = 2, threading.Barrier(2), threading.Lock()
+    ranks = iter(range(world_size))
+    gathered, errors = [None] * world_size, []
+    local = threading.local()
+
+    def accelerator_factory(*args, **kwargs):
+        with lock:
+            local.rank = next(ranks)
+        return _ThreadAccelerator(local.rank, world_size, barrier)
+
+    def gather_object(items):  # what accelerate's does across processes: every rank's list, concatenated
+        gathered[local.rank] = items
+        barrier.wait(timeout=120)
+        return [item for rank_items in gathered for item in rank_items]
+
+    monkeypatch.setattr(accelerate, "Accelerator", accelerator_factory)
+    monkeypatch.setattr(accelerate.utils, "gather_object", gather_object)
+    argv = ["--dataset", image_dataset, "--model", tiny_clip_folder, "--num-workers", "0", "--batch-size", "4", "--no-progress"]
+
+    def run():
+        try:
+            assert script.main(argv) == 0
+        except BaseException as error:  # noqa: BLE001 - surfaced by the assertion below
+            errors.append(error)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run) for _ in range(world_size)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert len(lines) == 1  # printed once, by the main process
+    result = json.loads(lines[0])
+    per_rank = result["per_rank"]
+    assert result["processes"] == 2 and [entry["rank"] for entry in per_rank] == [0, 1]
+    assert [entry["shards_encoded"] for entry in per_rank] == [2, 2]
+    embedded = _read(image_dataset)
+    assert result["rows"] == len(embedded) == sum(entry["rows"] for entry in per_rank)
+    assert result["images"] == 2 * result["rows"] and result["shards_encoded"] == 4
+    assert result["skipped_rows"] == sum(entry["skipped_rows"] for entry in per_rank) == 1
+    assert 0 < min(entry["rows"] for entry in per_rank) < result["rows"] and result["images_per_second"] > 0
+    assert read_card_infos(image_dataset)["embeddings"].splits["train"].num_examples == result["rows"]

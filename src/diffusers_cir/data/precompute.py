@@ -138,7 +138,7 @@ def _collate(items):
 
 @dataclass
 class PrecomputeSummary:
-    """What :func:`precompute_embeddings` did on this rank."""
+    """What :func:`precompute_embeddings` did on this rank (:meth:`combine` sums the ranks of a run)."""
 
     shards_done: list[str] = field(default_factory=list)
     shards_skipped: list[str] = field(default_factory=list)  # already complete (resume)
@@ -150,6 +150,20 @@ class PrecomputeSummary:
     @property
     def images_per_second(self) -> float:
         return self.num_images / self.seconds if self.seconds else 0.0
+
+    @classmethod
+    def combine(cls, summaries: list["PrecomputeSummary"]) -> "PrecomputeSummary":
+        """One summary of a run from every rank's: counts and lists are summed; ``seconds`` is the longest rank's
+        encoding time, since the ranks encode at the same time (so ``images_per_second`` is the run's throughput)."""
+        combined = cls()
+        for summary in summaries:
+            combined.shards_done += summary.shards_done
+            combined.shards_skipped += summary.shards_skipped
+            combined.num_rows += summary.num_rows
+            combined.num_images += summary.num_images
+            combined.skipped_rows += summary.skipped_rows
+            combined.seconds = max(combined.seconds, summary.seconds)
+        return combined
 
     def format(self) -> str:
         return (
