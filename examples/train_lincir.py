@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> dict:
     from diffusers_cir.training.train_compodiff import CHECKPOINT_PATTERN, check_output_dir, save_checkpoint
 
     # Before any model or data is loaded: a new run must not mix its checkpoints with an earlier run's.
-    checkpoint = check_output_dir(args.output_dir, args.resume_from_checkpoint)
+    checkpoint = check_output_dir(args.output_dir, args.resume_from_checkpoint, args.max_train_steps)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,

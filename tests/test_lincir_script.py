@@ -67,6 +67,15 @@ def test_latest_without_checkpoints_starts_and_a_partial_checkpoint_is_never_res
     assert LinCIRPipeline.from_pretrained(out).phi.config.input_dim == 16
 
 
+def test_resuming_a_checkpoint_past_max_train_steps_is_refused_before_loading_anything(script, tiny_world, tmp_path):
+    out = tmp_path / "out"
+    script.main(_args(tiny_world, out, "--max_train_steps", "2", "--checkpointing_steps", "2"))
+    missing_model = tmp_path / "no-such-model"  # would fail to load if the script got that far
+    with pytest.raises(ValueError, match=r"checkpoint-2, at step 2, past --max_train_steps 1"):
+        script.main(_args(tiny_world, out, "--max_train_steps", "1", "--resume_from_checkpoint", "latest",
+                          clip=missing_model))
+
+
 @pytest.mark.parametrize(
     "flag, value, expected",
     [
