@@ -274,8 +274,12 @@ def test_a_batch_with_no_rows_is_refused_by_name():
     ids = pipe.tokenizer(["a photo of $"], return_tensors="pt").input_ids
     with pytest.raises(ValueError, match=r"`prompt_input_ids` holds no prompt \(shape \(0, 6\)\)"):
         pipe(image_embeds=torch.randn(1, 24), prompt_input_ids=ids[:0])
-    with pytest.raises(ValueError, match=r"`images` holds no image \(shape \(0, 3, 30, 30\)\)"):
+    with pytest.raises(ValueError, match=r"`image` holds no image \(shape \(0, 3, 30, 30\)\)"):
         pipe(image=torch.zeros(0, 3, 30, 30), prompt="x")
+    with pytest.raises(ValueError, match=r"`images` holds no image \(shape \(0, 3, 30, 30\)\)"):
+        pipe.encode_image(torch.zeros(0, 3, 30, 30))
+    with pytest.raises(ValueError, match=r"`image` is an empty list"):
+        pipe(image=[], prompt="x")
 
 
 def test_prompt_input_ids_and_batch_size_are_checked_before_the_towers_run():

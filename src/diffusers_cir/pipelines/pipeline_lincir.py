@@ -372,6 +372,11 @@ class LinCIRPipeline(DiffusionPipeline):
 
         # 2. Reference -> pseudo tokens.
         if image is not None:
+            # named as the caller wrote it (encode_image's own messages say `images`)
+            if isinstance(image, (list, tuple)) and not image:
+                raise ValueError("`image` is an empty list: pass at least one reference image.")
+            if torch.is_tensor(image):
+                _check_not_empty("image", image, "image")
             image_embeds = self.encode_image(image, batch_size=batch_size)
         if image_embeds is not None:
             if not torch.is_tensor(image_embeds) or image_embeds.ndim != 2 or image_embeds.shape[1] != self.phi.config.input_dim:
