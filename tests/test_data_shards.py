@@ -341,3 +341,35 @@ def test_write_triplets_reads_files_that_start_with_a_byte_order_mark(tmp_path):
         assert summary.num_rows == 1 and not summary.skipped, name
         row = next(iter(datasets.load_dataset(str(tmp_path / f"out-{name}"), split="train", streaming=True)))
         assert row["modification_text"] == "make it red", name
+
+
+def _run_card_example(folder):
+    """Run the card's own Python example against the folder it describes; returns its `triplets`."""
+    import re
+
+    from huggingface_hub import DatasetCard
+
+    text = DatasetCard.load(os.path.join(folder, "README.md")).text
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1).replace("path/to/this/folder", folder)
+    namespace = {}
+    exec(code, namespace)
+    return namespace["triplets"]
+
+
+def test_a_new_card_describes_the_configuration_and_split_it_was_created_with(jsonl_source, tmp_path):
+    """The prose of a new card said `written by diffusers-cir data write` and loaded `images`/`train` whatever the
+    folder held: a card created by the embedding precomputation in its own folder, or by `data write --split
+    validation`, gave an example that fails."""
+    validation = str(tmp_path / "validation-only")
+    write_triplets(str(jsonl_source), validation, split="validation", column_mapping=MAPPING, progress=False)
+    assert len(list(_run_card_example(validation))) == 7
+
+    embeddings = str(tmp_path / "embeddings-only")
+    _embedding_dataset(embeddings, [f"id{i}" for i in range(3)])
+    assert [row["id"] for row in _run_card_example(embeddings)] == ["id0", "id1", "id2"]
+    assert "data write" not in open(os.path.join(embeddings, "README.md")).read()
+
+    # An existing card's prose is kept when another configuration is recorded.
+    before = open(os.path.join(embeddings, "README.md")).read().split("---\n")[-1]
+    update_dataset_card(embeddings, "images", images_features(), {"train": 3})
+    assert open(os.path.join(embeddings, "README.md")).read().split("---\n")[-1] == before

@@ -22,16 +22,24 @@ from typing import Mapping
 
 CARD_NAME = "README.md"
 
-DEFAULT_BODY = """# Composed image retrieval triplets
 
-Triplets (reference image, modification text, target image) written by `diffusers-cir data write`,
-in the SynthTriplets layout of `diffusers-cir`: an `images` configuration with
-image bytes and, once computed, an `embeddings` configuration with CLIP image embeddings.
+def default_body(config_name: str, split: str) -> str:
+    """Prose of a new card, true of the folder it is written in: its first configuration is ``config_name``.
+
+    The card is created by whichever tool writes a folder first (``data write`` writes ``images``; the embedding
+    precomputation may write ``embeddings`` alone into another folder), so the prose must not claim an ``images``
+    configuration or a ``data write`` origin, and its example loads the configuration that exists.
+    """
+    return f"""# Composed image retrieval triplets
+
+Triplets (reference image, modification text, target image) in the SynthTriplets layout of `diffusers-cir`:
+an `images` configuration holds the image bytes, an `embeddings` configuration CLIP image embeddings of the
+same rows. The configurations and splits this folder holds are listed in the YAML header above.
 
 ```python
 from datasets import load_dataset
 
-triplets = load_dataset("path/to/this/folder", "images", split="train", streaming=True)
+triplets = load_dataset("path/to/this/folder", "{config_name}", split="{split}", streaming=True)
 ```
 """
 
@@ -42,14 +50,14 @@ def data_files_pattern(config_name: str, split: str) -> str:
 
 
 def _load_card(folder: str):
-    """``(card data, markdown body)`` of the card in ``folder``; an empty card with the default body if none."""
+    """``(card data, markdown body)`` of the card in ``folder``; an empty card and ``None`` if there is none."""
     from huggingface_hub import DatasetCard, DatasetCardData
 
     path = os.path.join(folder, CARD_NAME)
     if os.path.isfile(path):
         card = DatasetCard.load(path)
         return card.data, card.text
-    return DatasetCardData(), DEFAULT_BODY
+    return DatasetCardData(), None
 
 
 def read_card_configs(folder: str) -> dict[str, dict]:
@@ -118,7 +126,10 @@ def update_dataset_card(
         data.pretty_name = pretty_name
     for key, value in (extra_metadata or {}).items():
         data[key] = value
-    text = text if body is None else body
+    if body is not None:
+        text = body
+    elif text is None:  # a new card
+        text = default_body(config_name, next(iter(split_sizes)))
     new_card = DatasetCard(f"---\n{data.to_yaml()}\n---\n{text.lstrip()}")
     path = os.path.join(folder, CARD_NAME)
     new_card.save(path)
