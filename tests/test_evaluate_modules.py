@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from diffusers_cir.metrics import compute_circo_metrics
+
 evaluate = pytest.importorskip("evaluate")
 
 from test_metrics_fixtures import (  # noqa: E402  (helpers only; no tests are imported)
@@ -147,3 +149,70 @@ def test_modules_report_bad_input_clearly(modules):
     with pytest.raises(ValueError, match="target 't' of query 0 is not among its `group_members`"):
         modules["cirr"].compute(predictions=[["r", "t", "a"]], references=["t"], reference_ids=["r"],
                                 group_members=[["r", "a"]], recall_ks=(1,), subset_ks=(1,))
+
+
+def fresh(name):
+    """A module instance of its own, for tests that add batches (the shared `modules` ones must stay empty)."""
+    return evaluate.load(str(MODULES / name), keep_in_memory=True)
+
+
+def _circo_columns(data):
+    queries = data["inputs"]["queries"]
+    submission = data["inputs"]["submission_top50"]
+    return [submission[str(query["id"])] for query in queries], [query["gt_img_ids"] for query in queries]
+
+
+@pytest.mark.parametrize("path", fixtures_of("circo_map"))
+def test_circo_module_accepts_any_string_ids_also_mixed_with_int_batches(path):
+    # The module declared int64 ids first: evaluate cast digit strings to int but refused "img_12"-style ids, and
+    # the first batch fixed the column type, so a string batch after an int batch was refused too.
+    data = load_fixture(path)
+    predictions, references = _circo_columns(data)
+    expected = official_circo_server_metrics(data)
+    expected = {name: value for name, value in expected.items() if not name.startswith("semantic")}
+
+    def name(ids):
+        return [f"img_{image_id}" for image_id in ids]
+
+    module = fresh("circo")
+    got = module.compute(predictions=[name(row) for row in predictions], references=[name(row) for row in references],
+                         scale="fraction")
+    assert_all_close(got, expected, FRACTION_TOLERANCE)
+    half = len(predictions) // 2
+    module.add_batch(predictions=predictions[:half], references=references[:half])
+    module.add_batch(predictions=[name(row) for row in predictions[half:]],
+                     references=[name(row) for row in references[half:]])
+    assert_all_close(module.compute(scale="fraction"), expected, FRACTION_TOLERANCE)
+    # Digit strings still are the ints they spell, as the server's int cast reads them.
+    module.add_batch(predictions=[[str(i) for i in row] for row in predictions[:half]],
+                     references=[[f"0{i}" for i in row] for row in references[:half]])
+    module.add_batch(predictions=predictions[half:], references=references[half:])
+    assert_all_close(module.compute(scale="fraction"), expected, FRACTION_TOLERANCE)
+
+
+@pytest.mark.parametrize(
+    "bad, error, message",
+    [
+        (dict(predictions=[[1, 2, 1]], references=[[1]]), ValueError, r"`predictions\[0\]` lists id '1' more than once"),
+        (dict(predictions=[[1, 2]], references=[[3, 3]]), ValueError, r"`references\[0\]` lists id '3' more than once"),
+        (dict(predictions=[[1, 2]], references=[[1], [2]]), ValueError,
+         "`predictions` has 1 ranked lists but `references` has 2 ground-truth lists"),
+        (dict(predictions=[1, 2], references=[[1], [2]]), TypeError, r"`predictions\[0\]` must be a list of ids, got int"),
+        (dict(predictions=[[1.5]], references=[[1]]), TypeError, "`predictions` must contain int or str image ids"),
+        (dict(predictions=[[1]], references=None), TypeError, "`references` must be a list of id lists"),
+    ],
+)
+def test_circo_module_refuses_a_bad_batch_when_added_and_keeps_the_good_ones(bad, error, message):
+    # A duplicate used to be stored and made compute() fail (losing every batch); the other bad batches were
+    # refused with evaluate's generic "don't match the expected format" or not at all.
+    module = fresh("circo")
+    module.add_batch(predictions=[[5000, 101, 5001]], references=[[101, 102]])
+    with pytest.raises(error, match=message):
+        module.add_batch(**bad)
+    with pytest.raises(ValueError, match=r"`predictions\[0\]` lists id 'x' more than once"):
+        module.add(prediction=["x", "x"], reference=["img_1"])
+    module.add(prediction=["x", "img_1", "y"], reference=["img_1", "img_2"])
+    good = dict(predictions=[[5000, 101, 5001], ["x", "img_1", "y"]], references=[[101, 102], ["img_1", "img_2"]])
+    expected = compute_circo_metrics(ranked_ids=good["predictions"], ground_truth_ids=good["references"], ks=(5,))
+    assert module.compute(ks=(5,)) == expected
+    assert fresh("circo").compute(**good, ks=(5,)) == expected
