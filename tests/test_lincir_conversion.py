@@ -301,3 +301,32 @@ def test_library_conversion_refuses_a_non_empty_output_dir_unless_overwrite(tmp_
     assert TextualInversionProjection.from_pretrained(output).config.dropout != 0.3
     convert_lincir_phi_checkpoint(phi_file, output_dir=output, dropout=0.3, overwrite=True)
     assert TextualInversionProjection.from_pretrained(output).config.dropout == 0.3
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--dropout", "2"], r"--dropout must be in \[0, 1\), got 2.0"),
+        (["--dropout", "nan"], r"--dropout must be in \[0, 1\), got nan"),
+        (["--activation", "gleu"], r"--activation must be one of gelu, mish, relu, silu, swish, got 'gleu'"),
+    ],
+)
+def test_bad_dropout_or_activation_is_refused_by_flag_before_the_checkpoint_loads(tmp_path, flags, expected):
+    missing = str(tmp_path / "missing.pt")  # would fail to load if the command got that far
+    with pytest.raises(ValueError, match=expected):
+        _load_script().main(["--checkpoint_path", missing, "--output_dir", str(tmp_path / "phi"), *flags])
+
+
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [
+        (dict(hidden_dim=True), r"`hidden_dim` must be a positive integer, got True"),
+        (dict(num_hidden_layers=True), r"`num_hidden_layers` must be an integer >= 1, got True"),
+        (dict(dropout=False), r"`dropout` must be a number in \[0, 1\), got False"),
+        (dict(dropout="0.1"), r"`dropout` must be a number in \[0, 1\), got '0.1'"),
+        (dict(activation="gleu"), r"`activation` must be one of \['gelu', 'mish', 'relu', 'silu', 'swish'\], got 'gleu'"),
+    ],
+)
+def test_projection_config_refuses_bools_strings_and_unknown_activations(kwargs, expected):
+    with pytest.raises(ValueError, match=expected):
+        TextualInversionProjection(input_dim=6, output_dim=10, **kwargs)

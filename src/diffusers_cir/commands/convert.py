@@ -62,10 +62,16 @@ def add_lincir_arguments(parser: argparse.ArgumentParser) -> None:
 def run_lincir(args: argparse.Namespace) -> int:
     import torch
 
+    from diffusers.models.activations import ACT2CLS
+
     from ..conversion.lincir import build_lincir_pipeline, convert_lincir_phi_checkpoint
     from ..conversion.output import check_output_folder, replace_output_folder
 
     check_output_folder(args.output_dir, args.overwrite, flag="--overwrite")  # before loading anything
+    if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
+        raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}.")
+    if args.activation is not None and args.activation not in ACT2CLS:
+        raise ValueError(f"--activation must be one of {', '.join(sorted(ACT2CLS))}, got {args.activation!r}.")
     dtype = getattr(torch, DTYPES[args.dtype])
     phi = convert_lincir_phi_checkpoint(
         args.checkpoint_path, dropout=args.dropout, activation=args.activation,

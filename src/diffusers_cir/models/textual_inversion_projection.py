@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.activations import get_activation
+from diffusers.models.activations import ACT2CLS, get_activation
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
@@ -91,13 +91,16 @@ class TextualInversionProjection(QuietDtypeCastMixin, ModelMixin, ConfigMixin):
         normalize_input: bool = False,
     ):
         super().__init__()
+        # (a bool is an int in Python: `True` as a width would build a 1-wide layer)
         for name, value in (("input_dim", input_dim), ("hidden_dim", hidden_dim), ("output_dim", output_dim)):
-            if not isinstance(value, int) or value <= 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        if not isinstance(num_hidden_layers, int) or num_hidden_layers < 1:
+        if not isinstance(num_hidden_layers, int) or isinstance(num_hidden_layers, bool) or num_hidden_layers < 1:
             raise ValueError(f"`num_hidden_layers` must be an integer >= 1, got {num_hidden_layers!r}.")
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"`dropout` must be in [0, 1), got {dropout!r}.")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"`dropout` must be a number in [0, 1), got {dropout!r}.")
+        if activation not in ACT2CLS:
+            raise ValueError(f"`activation` must be one of {sorted(ACT2CLS)}, got {activation!r}.")
 
         widths = [input_dim] + [hidden_dim] * num_hidden_layers
         self.hidden_layers = nn.ModuleList(nn.Linear(widths[i], widths[i + 1]) for i in range(num_hidden_layers))
