@@ -179,3 +179,15 @@ def test_index_build_refuses_non_positive_sizes_before_embedding_anything(worksp
     assert exit_info.value.code == 2
     assert f"argument {flag}: expected a positive integer, got 0" in capsys.readouterr().err
     assert not (tmp_path / "index").exists()  # --shard-size 0 used to fail only after the whole gallery was embedded
+
+
+def test_index_build_refuses_negative_num_workers_when_reading_the_command_line(workspace, tmp_path, capsys):
+    """`--num-workers -1` was only refused by the DataLoader once the model had loaded, naming no flag."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([
+            "index", "build", "--images", str(workspace / "images"), "--model", str(workspace / "model"),
+            "--output", str(tmp_path / "index"), "--num-workers", "-1", "--device", "cpu",
+        ])
+    assert exit_info.value.code == 2
+    assert "argument --num-workers: expected 0 or a positive integer, got -1" in capsys.readouterr().err
+    assert not (tmp_path / "index").exists()

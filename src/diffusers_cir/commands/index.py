@@ -20,15 +20,24 @@ from pathlib import Path
 from . import errors_as_messages
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: checked when the command line is read, not after the gallery has been embedded."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _int_at_least(minimum: int, what: str):
+    """argparse type: checked when the command line is read, not after the model has loaded or the gallery has been
+    embedded."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_at_least(1, "a positive integer")
+_non_negative_int = _int_at_least(0, "0 or a positive integer")
 
 
 def register(subparsers) -> None:
@@ -59,7 +68,7 @@ def register(subparsers) -> None:
     build.add_argument("--batch-size", type=_positive_int, default=64, help="Images per encoder call. Default: 64.")
     build.add_argument(
         "--part-size", type=_positive_int, default=4096, help="Images per resumable part. Default: 4096.")
-    build.add_argument("--num-workers", type=int, default=2, help="Image-decoding workers. Default: 2.")
+    build.add_argument("--num-workers", type=_non_negative_int, default=2, help="Image-decoding workers. Default: 2.")
     build.add_argument("--device", default=None, help="cpu / cuda (default: accelerate's device).")
     build.add_argument("--fp16", action="store_true", help="Run the image encoder in float16 (GPU).")
     build.add_argument("--no-resume", action="store_true", help="Delete embeddings of an earlier run and start over.")
