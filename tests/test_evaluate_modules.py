@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from diffusers_cir.metrics import compute_circo_metrics
+from diffusers_cir.metrics import compute_circo_metrics, genecis_recall_at_k
 
 evaluate = pytest.importorskip("evaluate")
 
@@ -216,3 +217,39 @@ def test_circo_module_refuses_a_bad_batch_when_added_and_keeps_the_good_ones(bad
     expected = compute_circo_metrics(ranked_ids=good["predictions"], ground_truth_ids=good["references"], ks=(5,))
     assert module.compute(ks=(5,)) == expected
     assert fresh("circo").compute(**good, ks=(5,)) == expected
+
+
+@pytest.mark.parametrize(
+    "bad, error, message",
+    [
+        # Stored, then compute() failed (and, outside keep_in_memory, dropped every batch added before it).
+        (dict(predictions=[[0.1, 0.2]], references=[5]), ValueError, r"`references\[0\]` is 5 but template 0 has 2 candidates"),
+        (dict(predictions=[[float("nan"), 0.2]], references=[0]), ValueError, r"`predictions\[0\]` has a non-finite score"),
+        (dict(predictions=[[]], references=[0]), ValueError, r"`predictions\[0\]` is empty"),
+        (dict(predictions=[[0.1, 0.2]], references=[0.5]), TypeError, r"`references\[0\]` must be an int"),
+        # Refused before, but with evaluate's generic messages.
+        (dict(predictions=[[0.1, 0.2]], references=[0, 1]), ValueError, "`predictions` has 1 templates but `references` has 2"),
+        (dict(predictions=[0.1, 0.2], references=[0, 0]), ValueError, r"`predictions\[0\]` must be a list of candidate scores"),
+        (dict(predictions=None, references=[0]), TypeError, "`predictions` must hold one list of candidate scores per template"),
+    ],
+)
+def test_genecis_module_refuses_a_bad_batch_when_added_and_keeps_the_good_ones(bad, error, message):
+    module = fresh("genecis")
+    module.add_batch(predictions=[[0.9, 0.2, 0.5]], references=[0])
+    with pytest.raises(error, match=message):
+        module.add_batch(**bad)
+    with pytest.raises(ValueError, match=r"`references\[0\]` is 1 but template 0 has 1 candidates"):
+        module.add(prediction=[0.3], reference=1)
+    module.add_batch(predictions=[[0.1, 0.9], [0.4, 0.6, 0.5]], references=np.zeros(2))  # integral floats are fine
+    expected = genecis_recall_at_k([[0.9, 0.2, 0.5], [0.1, 0.9], [0.4, 0.6, 0.5]], ks=(1, 2))
+    assert module.compute(ks=(1, 2)) == expected
+    assert 0 < expected["recall_at1"] < expected["recall_at2"] < 100
+
+
+@pytest.mark.parametrize("tasks", [None, []])
+def test_genecis_module_without_templates_says_predictions_is_empty(tasks, modules):
+    # Used to be a TypeError about `positive_indices` (without tasks) or "`per_task` is empty" (with tasks).
+    with pytest.raises(ValueError, match="There are no templates to score: `predictions` is empty"):
+        modules["genecis"].compute(predictions=[], references=[], tasks=tasks)
+    with pytest.raises(TypeError, match="`tasks` must hold one task name per template"):
+        modules["genecis"].compute(predictions=[[0.5, 0.1]], references=[0], tasks="focus_object")
