@@ -257,3 +257,17 @@ def test_encode_split_across_processes(tmp_path):
     for (a, ids_a, _), (b, ids_b, _) in zip(results[0].iter_parts(), single.iter_parts()):
         np.testing.assert_allclose(a, b, rtol=1e-6)
         assert ids_a == ids_b
+
+
+def test_a_list_file_starting_with_a_byte_order_mark_keeps_its_first_id_and_path(tmp_path):
+    """Windows editors start a saved list file with a BOM: it became part of the first id (or path), so the first
+    image was not found, or was indexed under an id that searching and exclusion by that id never matched."""
+    from diffusers_cir.retrieval.gallery import read_image_list
+
+    paths = _make_images(tmp_path / "images", 2)
+    for first, expected_id in ((f"first\t{paths[0]}", "first"), (str(paths[0]), str(paths[0]))):
+        list_file = tmp_path / "gallery.txt"
+        list_file.write_text("\ufeff" + first + f"\nsecond\t{paths[1]}\n", encoding="utf-8")
+        items = read_image_list(list_file)
+        assert [item.id for item in items] == [expected_id, "second"]
+        assert items[0].path == str(paths[0].resolve())

@@ -68,7 +68,8 @@ def read_image_list(list_file: str | os.PathLike) -> list[GalleryItem]:
     if not list_file.is_file():
         raise ValueError(f"Image list file {list_file} does not exist.")
     items = []
-    for line_number, line in enumerate(list_file.read_text(encoding="utf-8").splitlines(), start=1):
+    # utf-8-sig: a byte-order mark (Windows editors) would otherwise start the first id or path.
+    for line_number, line in enumerate(list_file.read_text(encoding="utf-8-sig").splitlines(), start=1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
