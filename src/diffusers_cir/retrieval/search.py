@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .backends import _positive_int
 from .encoders import image_encoder_fingerprint, load_cir_pipeline
 from .index import GalleryIndex, SearchHit, SearchResult
 
@@ -193,6 +194,7 @@ def composed_search(
     Returns:
         A ``ComposedSearchResult``: ``hits`` (rank, id, score, metadata), ``format_table()``, ``save_html(path)``.
     """
+    k = _positive_int(k, "k")  # before loading a pipeline and composing the query, not after
     if isinstance(pipeline, (str, os.PathLike)):
         pipeline = load_cir_pipeline(pipeline, device=device or "cpu")
     if isinstance(index, (str, os.PathLike)):
