@@ -253,3 +253,67 @@ def test_genecis_module_without_templates_says_predictions_is_empty(tasks, modul
         modules["genecis"].compute(predictions=[], references=[], tasks=tasks)
     with pytest.raises(TypeError, match="`tasks` must hold one task name per template"):
         modules["genecis"].compute(predictions=[[0.5, 0.1]], references=[0], tasks="focus_object")
+
+
+CIRR_GOOD = dict(predictions=[["r", "t", "a", "b"]], references=["t"], reference_ids=["r"], group_members=[["r", "t", "a"]])
+
+
+@pytest.mark.parametrize(
+    "bad, error, message",
+    [
+        # These were stored, and compute() then failed (dropping, outside keep_in_memory, every batch added before).
+        (dict(group_members=[["r", "a"]]), ValueError, "target 't' of query 0 is not among its `group_members`"),
+        (dict(predictions=[["r", "t", "t"]]), ValueError, r"`predictions\[0\]` lists id 't' more than once"),
+        (dict(references=["r"]), ValueError, r"Query 0 has its reference as target \(`references\[0\]` = `reference_ids\[0\]`"),
+        (dict(references=[None]), ValueError, r"`references\[0\]` is None"),
+        # These were refused, with evaluate's generic messages or a KeyError.
+        (dict(reference_ids=["r", "q"]), ValueError, "The columns of a batch must have one entry per query"),
+        (dict(group_members=None), ValueError, "`group_members` missing"),
+        (dict(references=[1.5]), TypeError, "`references` must contain int or str image ids"),
+    ],
+)
+def test_cirr_module_refuses_a_bad_batch_when_added_and_keeps_the_good_ones(bad, error, message):
+    from diffusers_cir.metrics import compute_cirr_metrics
+
+    module = fresh("cirr")
+    module.add_batch(**CIRR_GOOD)
+    with pytest.raises(error, match=message):
+        module.add_batch(**{key: value for key, value in dict(CIRR_GOOD, **bad).items() if value is not None})
+    with pytest.raises(ValueError, match="target 't' of query 0 is not among its `group_members`"):
+        module.add(prediction=["r", "x", "t"], reference="t", reference_ids="r", group_members=["r", "x"])
+    module.add(prediction=["r", "x", "t"], reference="t", reference_ids="r", group_members=["r", "t", "x"])
+    expected = compute_cirr_metrics(target_ids=["t", "t"], reference_ids=["r", "r"], recall_ks=(1,), subset_ks=(1,),
+                                    ranked_ids=[["r", "t", "a", "b"], ["r", "x", "t"]],
+                                    group_members=[["r", "t", "a"], ["r", "t", "x"]])
+    assert module.compute(recall_ks=(1,), subset_ks=(1,)) == expected
+    assert 0 < expected["recall_at1"] < 100
+
+
+FASHIONIQ_GOOD = dict(predictions=[["a", "b"]], references=["b"], categories=["dress"])
+
+
+@pytest.mark.parametrize(
+    "bad, error, message",
+    [
+        (dict(categories=["shoes"]), ValueError, r"Unknown FashionIQ categories \['shoes'\] in `categories`"),
+        (dict(predictions=[["a", "a"]]), ValueError, r"`predictions\[0\]` lists id 'a' more than once"),
+        (dict(references=[None]), ValueError, r"`references\[0\]` is None"),
+        (dict(categories="dress"), TypeError, "`categories` must hold one category name per query"),
+        (dict(references=["b", "c"]), ValueError, "The columns of a batch must have one entry per query"),
+        (dict(categories=None), ValueError, "`categories` missing"),
+    ],
+)
+def test_fashioniq_module_refuses_a_bad_batch_when_added_and_keeps_the_good_ones(bad, error, message):
+    from diffusers_cir.metrics import compute_fashioniq_metrics
+
+    module = fresh("fashioniq")
+    module.add_batch(**FASHIONIQ_GOOD)
+    with pytest.raises(error, match=message):
+        module.add_batch(**{key: value for key, value in dict(FASHIONIQ_GOOD, **bad).items() if value is not None})
+    with pytest.raises(ValueError, match="Unknown FashionIQ categories"):
+        module.add(prediction=["c", "d"], reference="c", categories="shoe")
+    module.add(prediction=["c", "d"], reference="d", categories="shirt")
+    expected = compute_fashioniq_metrics({"dress": {"target_ids": ["b"], "ranked_ids": [["a", "b"]]},
+                                          "shirt": {"target_ids": ["d"], "ranked_ids": [["c", "d"]]}}, ks=(1, 2))
+    assert module.compute(ks=(1, 2)) == expected
+    assert expected["average_recall_at2"] == 100 > expected["average_recall_at1"]

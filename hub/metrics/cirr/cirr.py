@@ -2,8 +2,10 @@
 
 import datasets
 import evaluate
+import numpy as np
 
 from diffusers_cir.metrics import CIRR_RECALL_KS, CIRR_SUBSET_KS, compute_cirr_metrics
+from diffusers_cir.metrics.ids import as_id_rows, as_id_vector, check_id_lists, unify_id_dtypes
 
 _CITATION = """\
 @inproceedings{liu2021cirr,
@@ -28,6 +30,9 @@ Args:
     references (`list` of `str` or `int`): per query, the target image id (`target_hard`).
     reference_ids (`list` of `str` or `int`): per query, the reference image id (deleted from its ranking).
     group_members (`list` of `list` of `str` or `int`): per query, `img_set.members` (6 ids, reference included).
+        A batch that cannot be scored (a column missing or of another length, a ranked list naming an id twice,
+        a missing target, a target equal to the reference or not among `group_members`) is refused by
+        `add_batch` / `add` and not stored.
     recall_ks (`tuple` of `int`, optional): Recall@K cutoffs, default (1, 5, 10, 50).
     subset_ks (`tuple` of `int`, optional): Recall_subset@K cutoffs, default (1, 2, 3).
     scale (`str`, optional): "percent" (default, as published) or "fraction".
@@ -52,6 +57,44 @@ def _features(id_type: str) -> datasets.Features:
     )
 
 
+def _check_batch(predictions, references, reference_ids, group_members) -> None:
+    """Refuse a batch that compute() could never score, before evaluate stores it (a stored one would make every
+    later compute() fail)."""
+    columns = {"predictions": predictions, "references": references, "reference_ids": reference_ids,
+               "group_members": group_members}
+    missing = [f"`{name}`" for name, column in columns.items() if column is None]
+    if missing:
+        raise ValueError(
+            f"{', '.join(missing)} missing: every batch needs `predictions`, `references`, `reference_ids` and "
+            "`group_members`, one entry per query."
+        )
+    check_id_lists(predictions, "predictions")
+    members = as_id_rows(group_members, "group_members")
+    target, target_mask = as_id_vector(references, "references")
+    reference, reference_mask = as_id_vector(reference_ids, "reference_ids")
+    counts = {"predictions": len(predictions), "references": len(target), "reference_ids": len(reference),
+              "group_members": len(members)}
+    if len(set(counts.values())) > 1:
+        raise ValueError(f"The columns of a batch must have one entry per query, got {counts}.")
+    if not target_mask.all():
+        raise ValueError(f"`references[{int(np.flatnonzero(~target_mask)[0])}]` is None; every query needs its target id.")
+    values, target, reference = unify_id_dtypes([members.values, target, reference], [members.mask, target_mask, reference_mask])
+    same = (target == reference) & reference_mask
+    if same.any():
+        row = int(np.flatnonzero(same)[0])
+        raise ValueError(
+            f"Query {row} has its reference as target (`references[{row}]` = `reference_ids[{row}]` = "
+            f"{target[row].item()!r}); CIRR deletes the reference from the ranking, so the target could never be retrieved."
+        )
+    in_group = ((values == target[:, None]) & members.mask).any(axis=1)
+    if not in_group.all():
+        row = int(np.flatnonzero(~in_group)[0])
+        raise ValueError(
+            f"The target {target[row].item()!r} of query {row} is not among its `group_members` "
+            f"({values[row][members.mask[row]].tolist()}); CIRR's img_set.members always contains the target."
+        )
+
+
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class CIRR(evaluate.Metric):
     def _info(self):
@@ -63,6 +106,16 @@ class CIRR(evaluate.Metric):
             features=[_features("string"), _features("int64")],
             reference_urls=["https://github.com/Cuberick-Orion/CIRR", "https://github.com/ABaldrati/CLIP4Cir"],
         )
+
+    def add_batch(self, *, predictions=None, references=None, reference_ids=None, group_members=None, **kwargs):
+        """Add a batch of queries; a batch that cannot be scored is refused with an error and not stored."""
+        _check_batch(predictions, references, reference_ids, group_members)
+        super().add_batch(predictions=predictions, references=references, reference_ids=reference_ids,
+                          group_members=group_members, **kwargs)
+
+    def add(self, *, prediction=None, reference=None, **kwargs):
+        """Add one query (checked as a batch of one)."""
+        self.add_batch(predictions=[prediction], references=[reference], **{key: [value] for key, value in kwargs.items()})
 
     def _compute(self, predictions, references, reference_ids, group_members, recall_ks=CIRR_RECALL_KS,
                  subset_ks=CIRR_SUBSET_KS, scale="percent"):

@@ -2,8 +2,10 @@
 
 import datasets
 import evaluate
+import numpy as np
 
 from diffusers_cir.metrics import FASHIONIQ_CATEGORIES, FASHIONIQ_RECALL_KS, compute_fashioniq_metrics
+from diffusers_cir.metrics.ids import as_id_vector, check_id_lists
 
 _CITATION = """\
 @inproceedings{wu2021fashioniq,
@@ -27,6 +29,8 @@ Args:
         first (at least max(K) ids).
     references (`list` of `str` or `int`): per query, the target id.
     categories (`list` of `str`): per query, its category ("dress", "shirt" or "toptee").
+        A batch that cannot be scored (a column missing or of another length, a ranked list naming an id twice,
+        a missing target, an unknown category) is refused by `add_batch` / `add` and not stored.
     ks (`tuple` of `int`, optional): cutoffs, default (10, 50).
     scale (`str`, optional): "percent" (default) or "fraction".
 Returns:
@@ -48,6 +52,34 @@ def _features(id_type: str) -> datasets.Features:
     )
 
 
+def _check_categories(categories) -> None:
+    if isinstance(categories, (str, bytes)) or not hasattr(categories, "__len__"):
+        raise TypeError(f"`categories` must hold one category name per query, got {categories!r:.80}.")
+    unknown = sorted({str(name) for name in categories} - set(FASHIONIQ_CATEGORIES))
+    if unknown:
+        raise ValueError(f"Unknown FashionIQ categories {unknown} in `categories`; expected {list(FASHIONIQ_CATEGORIES)}.")
+
+
+def _check_batch(predictions, references, categories) -> None:
+    """Refuse a batch that compute() could never score, before evaluate stores it (a stored one would make every
+    later compute() fail)."""
+    columns = {"predictions": predictions, "references": references, "categories": categories}
+    missing = [f"`{name}`" for name, column in columns.items() if column is None]
+    if missing:
+        raise ValueError(
+            f"{', '.join(missing)} missing: every batch needs `predictions`, `references` and `categories`, one entry "
+            "per query."
+        )
+    check_id_lists(predictions, "predictions")
+    _, target_mask = as_id_vector(references, "references")
+    _check_categories(categories)
+    counts = {"predictions": len(predictions), "references": len(target_mask), "categories": len(categories)}
+    if len(set(counts.values())) > 1:
+        raise ValueError(f"The columns of a batch must have one entry per query, got {counts}.")
+    if not target_mask.all():
+        raise ValueError(f"`references[{int(np.flatnonzero(~target_mask)[0])}]` is None; every query needs its target id.")
+
+
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class FashionIQ(evaluate.Metric):
     def _info(self):
@@ -59,10 +91,17 @@ class FashionIQ(evaluate.Metric):
             reference_urls=["https://github.com/XiaoxiaoGuo/fashion-iq", "https://github.com/ABaldrati/CLIP4Cir"],
         )
 
+    def add_batch(self, *, predictions=None, references=None, categories=None, **kwargs):
+        """Add a batch of queries; a batch that cannot be scored is refused with an error and not stored."""
+        _check_batch(predictions, references, categories)
+        super().add_batch(predictions=predictions, references=references, categories=categories, **kwargs)
+
+    def add(self, *, prediction=None, reference=None, **kwargs):
+        """Add one query (checked as a batch of one)."""
+        self.add_batch(predictions=[prediction], references=[reference], **{key: [value] for key, value in kwargs.items()})
+
     def _compute(self, predictions, references, categories, ks=FASHIONIQ_RECALL_KS, scale="percent"):
-        unknown = sorted(set(categories) - set(FASHIONIQ_CATEGORIES))
-        if unknown:
-            raise ValueError(f"Unknown FashionIQ categories {unknown}; expected {list(FASHIONIQ_CATEGORIES)}.")
+        _check_categories(categories)
         per_category = {}
         for category in FASHIONIQ_CATEGORIES:
             rows = [index for index, name in enumerate(categories) if name == category]

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["IdRows", "as_id_vector", "as_id_rows", "unify_id_dtypes", "index_of_ids"]
+__all__ = ["IdRows", "as_id_vector", "as_id_rows", "check_id_lists", "unify_id_dtypes", "index_of_ids"]
 
 
 @dataclass
@@ -165,6 +165,46 @@ def as_id_rows(rows: Any, name: str) -> IdRows:
     values = np.zeros((len(row_list), width), dtype=flat_values.dtype)
     values[mask] = flat_values
     return IdRows(values, mask)
+
+
+def check_id_lists(rows: Any, name: str) -> None:
+    """Check, without converting, that ``rows`` holds one list of int/str ids per query with no id listed twice.
+
+    For callers that keep the lists as they are (the evaluate modules check each batch before storing it): on long
+    ranked lists of string ids a set per row is several times cheaper than :func:`as_id_rows` and a sort.
+
+    Example:
+
+    ```py
+    >>> check_id_lists([["a", "b"], ["c", "a", "c"]], name="predictions")
+    Traceback (most recent call last):
+      ...
+    ValueError: `predictions[1]` lists id 'c' more than once; each id may appear once per query.
+
+    ```
+    """
+    if hasattr(rows, "tolist"):  # numpy arrays, torch tensors
+        rows = rows.tolist()
+    if isinstance(rows, (str, bytes)) or not isinstance(rows, Sequence):
+        raise TypeError(f"`{name}` must be a list of id lists (one per query), got {type(rows).__name__}.")
+    for index, row in enumerate(rows):
+        if hasattr(row, "tolist"):
+            row = row.tolist()
+        if isinstance(row, (str, bytes)) or not isinstance(row, Sequence):
+            raise TypeError(
+                f"`{name}[{index}]` must be a list of ids, got {type(row).__name__} ({row!r:.80}); "
+                f"`{name}` holds one list per query."
+            )
+        kinds = {type(image_id) for image_id in row}
+        bad_kinds = [kind for kind in kinds if issubclass(kind, (bool, np.bool_))
+                     or not issubclass(kind, (int, np.integer, str))]
+        if bad_kinds:
+            bad = next(image_id for image_id in row if type(image_id) in bad_kinds)
+            raise TypeError(f"`{name}[{index}]` must hold int or str image ids, got a {type(bad).__name__}: {bad!r}.")
+        if len(set(row)) != len(row):
+            seen = set()
+            repeated = next(image_id for image_id in row if image_id in seen or seen.add(image_id))
+            raise ValueError(f"`{name}[{index}]` lists id {repeated!r} more than once; each id may appear once per query.")
 
 
 def _cast_strings_to_int(values: np.ndarray, mask: np.ndarray | None) -> np.ndarray | None:
