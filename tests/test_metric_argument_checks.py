@@ -171,3 +171,17 @@ def test_a_digit_string_beyond_int64_is_compared_as_a_string_not_an_overflow():
     got = compute_circo_metrics(ground_truth_ids=[[1]], ranked_ids=[[huge, "1"]], ks=(5,), scale="fraction")
     assert got == compute_circo_metrics(ground_truth_ids=[["1"]], ranked_ids=[[huge, "1"]], ks=(5,), scale="fraction")
     assert got == compute_circo_metrics(ground_truth_ids=[[1]], ranked_ids=[[2, 1]], ks=(5,), scale="fraction")
+
+
+def test_ranked_lists_and_target_or_reference_counts_that_differ_are_named_like_the_score_form():
+    # The ranked form said "the positives have 2" / "the excluded ids have 2" (internal names).
+    with pytest.raises(ValueError, match="CIRR recall: `ranked_ids` has 1 lists but 2 reference ids were given"):
+        compute_cirr_metrics(target_ids=["t"], reference_ids=["r", "q"], ranked_ids=[["r", "t"]], subset_ks=())
+    with pytest.raises(ValueError, match="CIRR recall: `ranked_ids` has 1 lists but 2 target ids were given"):
+        compute_cirr_metrics(target_ids=["t", "a"], reference_ids=["r", "r"], ranked_ids=[["r", "t"]], subset_ks=())
+    with pytest.raises(ValueError, match="Recall@K: `ranked_ids` has 2 lists but 1 target ids were given"):
+        recall_at_k(target_ids=["a"], ks=(1,), ranked_ids=[["a"], ["b"]])
+    with pytest.raises(ValueError, match="Recall@K: `ranked_ids` has 1 lists but 2 excluded ids were given"):
+        recall_at_k(target_ids=["a"], ks=(1,), ranked_ids=[["a"]], exclude_ids=["b", "c"])
+    with pytest.raises(ValueError, match="CIRR recall: `scores` has 1 rows but 2 reference ids were given"):
+        compute_cirr_metrics(target_ids=["c"], reference_ids=["a", "b"], scores=SCORES, gallery_ids=GALLERY, subset_ks=())

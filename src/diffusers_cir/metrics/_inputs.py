@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .ids import as_id_vector, index_of_ids, unify_id_dtypes
+from .ids import as_id_rows, as_id_vector, index_of_ids, unify_id_dtypes
 from .ranking import PositiveRanks, as_score_array, ranks_from_ranked_lists, ranks_from_scores
 
 
@@ -98,6 +98,11 @@ def ranks_of_single_positive(
             "query needs a target id. Drop the queries without one."
         )
     if source == "ranked":
+        ranked_ids = as_id_rows(ranked_ids, "ranked_ids")
+        for ids, name in ((positive_ids, positive_name), (exclude_ids, exclude_name)):
+            count = None if ids is None else as_id_vector(ids, name)[0].shape[0]
+            if count is not None and count != len(ranked_ids):
+                raise ValueError(f"{metric}: `ranked_ids` has {len(ranked_ids)} lists but {count} {name}s were given.")
         return ranks_from_ranked_lists(ranked_ids, positive_ids, exclude_ids, positives_per_query=False)
     scores = as_score_array(scores)
     num_queries, num_columns = scores.shape
