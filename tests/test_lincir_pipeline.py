@@ -319,7 +319,30 @@ def test_encode_image_batches_and_matches_the_vision_tower():
     from_pixels = pipe(image=images, prompt=["a", "b", "c"]).image_embeds
     assert torch.allclose(from_pixels, pipe(image_embeds=embeds, prompt=["a", "b", "c"]).image_embeds, atol=TOLERANCE)
     with pytest.raises(TypeError, match="`images` must be"):
-        pipe.encode_image(["not an image"])
+        pipe.encode_image([3])
+
+
+def test_image_paths_are_read_like_the_pil_images_of_the_files(tmp_path):
+    """CompoDiffPipeline and LinCIRPipeline both take a path wherever they take a PIL image (LinCIR refused paths,
+    CompoDiff a single one)."""
+    pipe = tiny_pipeline(with_vision=True)
+    images = _images(2)
+    for index, image in enumerate(images):
+        image.save(tmp_path / f"{index}.png")
+    files = [PIL.Image.open(tmp_path / f"{index}.png") for index in range(2)]
+    expected = pipe(image=files[0], prompt="is red").image_embeds
+    for path in (str(tmp_path / "0.png"), tmp_path / "0.png", [tmp_path / "0.png"]):
+        torch.testing.assert_close(pipe(image=path, prompt="is red").image_embeds, expected, atol=0, rtol=0)
+    mixed = pipe(image=[files[0], str(tmp_path / "1.png")], prompt=["a", "b"]).image_embeds
+    torch.testing.assert_close(mixed, pipe(image=files, prompt=["a", "b"]).image_embeds, atol=0, rtol=0)
+    torch.testing.assert_close(
+        pipe.encode_image([tmp_path / "1.png", files[0]], batch_size=1), pipe.encode_image(files[::-1], batch_size=1),
+        atol=0, rtol=0,
+    )
+    with pytest.raises(ValueError, match=r"`image` is the path 'not an image', but there is no file there"):
+        pipe(image="not an image", prompt="x")
+    with pytest.raises(ValueError, match=r"`images`\[2\] is the path .*missing\.png', but there is no file there"):
+        pipe.encode_image([files[0], files[1], tmp_path / "missing.png"], batch_size=1)
 
 
 def test_without_vision_tower_images_are_an_error():

@@ -396,3 +396,49 @@ def test_a_list_mixing_pil_images_and_pixel_tensors_prepares_each_as_it_would_be
         pipe(image=[images[0], torch.zeros(3, 20, 20)], prompt=["a", "b"])
     with pytest.raises(ValueError, match=r"`image`\[1\] is a tensor of shape \(2, 3, 32, 32\)"):
         pipe(image=[images[0], pixels[:2]], prompt=["a", "b"])
+
+
+def test_image_and_mask_paths_are_read_like_the_pil_images_of_the_files(pipe, tmp_path, monkeypatch):
+    """A single path was refused (`image` must be a PIL image ...) while a list of paths was accepted, and a list of
+    mask paths failed with a bare numpy TypeError."""
+    from pathlib import Path
+
+    from PIL import ImageOps
+
+    photo, other = _images(2, seed=7)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotated, as phone photos are stored
+    photo.save(tmp_path / "photo.jpg", exif=exif.tobytes())
+    other.save(tmp_path / "other.png")
+    mask = np.zeros((40, 48), dtype=np.uint8)
+    mask[:, 24:] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    photo_image = ImageOps.exif_transpose(Image.open(tmp_path / "photo.jpg")).convert("RGB")
+    other_image, mask_image = Image.open(tmp_path / "other.png"), Image.open(tmp_path / "mask.png")
+    assert photo_image.size == (40, 48)  # the rotation is applied
+
+    expected = pipe(image=photo_image, prompt="x", mask_image=mask_image, generator=_gen()).image_embeds
+    for path in (str(tmp_path / "photo.jpg"), tmp_path / "photo.jpg", [tmp_path / "photo.jpg"]):
+        for mask_path in (str(tmp_path / "mask.png"), Path(tmp_path / "mask.png"), [str(tmp_path / "mask.png")]):
+            got = pipe(image=path, prompt="x", mask_image=mask_path, generator=_gen()).image_embeds
+            torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    mixed = pipe(image=[photo_image, tmp_path / "other.png"], prompt=["a", "b"], generator=_gen()).image_embeds
+    torch.testing.assert_close(
+        mixed, pipe(image=[photo_image, other_image], prompt=["a", "b"], generator=_gen()).image_embeds, atol=0, rtol=0
+    )
+    torch.testing.assert_close(
+        pipe.encode_image([tmp_path / "other.png", str(tmp_path / "photo.jpg")], batch_size=1),
+        pipe.encode_image([other_image, photo_image], batch_size=1), atol=0, rtol=0,
+    )
+
+    def no_text_tower(*args, **kwargs):
+        raise AssertionError("the text tower ran before the missing file was noticed")
+
+    monkeypatch.setattr(pipe, "encode_prompt", no_text_tower)
+    missing = str(tmp_path / "missing.png")
+    with pytest.raises(ValueError, match=r"`image` is the path .*missing\.png', but there is no file there"):
+        pipe(image=missing, prompt="x")
+    with pytest.raises(ValueError, match=r"`mask_image`\[1\] is the path .*missing\.png'"):
+        pipe(image=[photo_image] * 2, prompt="x", mask_image=[mask_image, missing])
+    with pytest.raises(ValueError, match=r"`images`\[2\] is the path .*missing\.png'"):
+        pipe.encode_image([other_image, other_image, missing], batch_size=1)

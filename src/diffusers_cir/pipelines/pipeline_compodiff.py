@@ -31,7 +31,7 @@ from transformers import (
 from ..models.compodiff_transformer import CompoDiffTransformer
 from ..schedulers.scheduling_compodiff import CompoDiffScheduler
 from .lora import CompoDiffLoraLoaderMixin
-from .utils import resolve_pretrained_path
+from .utils import check_image_paths, is_image_path, load_image_paths, resolve_pretrained_path
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -62,7 +62,7 @@ class CompoDiffPipelineOutput(BaseOutput):
 
 
 PromptType = str | list[str] | None
-ImageType = PIL.Image.Image | list[PIL.Image.Image] | torch.Tensor | np.ndarray | None
+ImageType = PIL.Image.Image | str | os.PathLike | list[PIL.Image.Image | str | os.PathLike] | torch.Tensor | np.ndarray | None
 
 
 class CompoDiffPipeline(DiffusionPipeline, CompoDiffLoraLoaderMixin):
@@ -202,15 +202,18 @@ class CompoDiffPipeline(DiffusionPipeline, CompoDiffLoraLoaderMixin):
         device: torch.device | None = None,
         show_progress: bool = False,
     ) -> torch.Tensor:
-        """CLIP image embeddings `[N, embedding_dim]` (projected, not normalised) of PIL images or pixel values.
+        """CLIP image embeddings `[N, embedding_dim]` (projected, not normalised) of PIL images, image file paths
+        or pixel values.
 
-        This is how gallery images are encoded, so that queries and gallery share one space.
+        This is how gallery images are encoded, so that queries and gallery share one space. Paths are read one batch
+        at a time.
         """
         if self.image_encoder is None:
             raise ValueError("This pipeline has no `image_encoder`: pass `image_embeds` instead of images.")
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
         images = _as_image_list(images, "images")
+        check_image_paths(images, "images")
         device = device or self._execution_device
         dtype = self.image_encoder.dtype
         chunks = range(0, len(images), batch_size)
@@ -218,7 +221,8 @@ class CompoDiffPipeline(DiffusionPipeline, CompoDiffLoraLoaderMixin):
             chunks = self.progress_bar(chunks)
         embeds = []
         for start in chunks:
-            pixel_values = self._pixel_values_of_list(images[start : start + batch_size], "images", device, dtype)
+            batch = load_image_paths(images[start : start + batch_size], "images", offset=start)
+            pixel_values = self._pixel_values_of_list(batch, "images", device, dtype)
             embeds.append(self.image_encoder(pixel_values=pixel_values).image_embeds)
         return torch.cat(embeds)
 
@@ -236,7 +240,7 @@ class CompoDiffPipeline(DiffusionPipeline, CompoDiffLoraLoaderMixin):
         Returns `(mask [batch, mask_size, mask_size], pixel_mask [batch, 1, H, W] or None)`; an all-zero mask stays zero.
         """
         size = self.transformer.config.mask_size
-        masks = _as_image_list(mask_image, "mask_image")
+        masks = load_image_paths(_as_image_list(mask_image, "mask_image"), "mask_image")
         if len(masks) not in (1, batch_size):
             raise ValueError(f"`mask_image` has {len(masks)} masks for {batch_size} queries (give one, or one per query).")
         clip_size = self._clip_input_size()
@@ -348,6 +352,7 @@ class CompoDiffPipeline(DiffusionPipeline, CompoDiffLoraLoaderMixin):
             sizes["image_embeds"] = image_embeds.shape[0]
         if image is not None:
             sizes["image"] = len(_as_image_list(image, "image"))
+            check_image_paths(image, "image")
         if mask is not None:
             size = self.transformer.config.mask_size
             if not isinstance(mask, torch.Tensor) or mask.ndim != 3 or tuple(mask.shape[1:]) != (size, size):
@@ -356,6 +361,7 @@ class CompoDiffPipeline(DiffusionPipeline, CompoDiffLoraLoaderMixin):
             sizes["mask"] = mask.shape[0]
         if mask_image is not None:
             sizes["mask_image"] = len(_as_image_list(mask_image, "mask_image"))
+            check_image_paths(mask_image, "mask_image")
 
         # Every condition holds one entry per query, or a single one that serves every query (one reference image
         # with several modification texts, one text applied to several images, one negative text or mask).
@@ -529,15 +535,16 @@ class CompoDiffPipeline(DiffusionPipeline, CompoDiffLoraLoaderMixin):
         with several texts, one text applied to several images, one negative text or mask for all.
 
         Args:
-            image (PIL image(s), or pixel values `[B, 3, H, W]`, *optional*): Reference images. Without `image` and
-                `image_embeds` the query is text only (the image condition is a zero embedding). A list may mix PIL
-                images and `[3, H, W]` pixel-value tensors: each is prepared as it would be alone.
+            image (PIL image(s), image file path(s), or pixel values `[B, 3, H, W]`, *optional*): Reference images.
+                Without `image` and `image_embeds` the query is text only (the image condition is a zero embedding).
+                A path (`str` / `os.PathLike`, or an http(s) URL) is read with `diffusers.utils.load_image`. A list
+                may mix PIL images, paths and `[3, H, W]` pixel-value tensors: each is prepared as it would be alone.
             prompt (`str` or `list[str]`): Modification texts ("as a pencil sketch").
             negative_prompt (`str` or `list[str]`, *optional*): What the result should not have. Defaults to `""`.
-            mask_image (PIL image(s) or `[H, W]` tensors/arrays, *optional*): Region of the reference to change
-                (white = 1): those pixels are zeroed before CLIP encoding and the mask conditions the denoiser. A mask
-                is resized and cropped like the reference image, unless it is a tensor/array already at the CLIP
-                input size (see `prepare_mask`).
+            mask_image (PIL image(s), image file path(s) or `[H, W]` tensors/arrays, *optional*): Region of the
+                reference to change (white = 1): those pixels are zeroed before CLIP encoding and the mask conditions
+                the denoiser. A mask is resized and cropped like the reference image, unless it is a tensor/array
+                already at the CLIP input size (see `prepare_mask`).
             image_embeds (`[B, D]`), prompt_embeds (`[B, L, text_dim]`), negative_prompt_embeds, mask
                 (`[B, mask_size, mask_size]`), *optional*: Precomputed conditions instead of images/texts/masks.
             num_inference_steps (`int`, defaults to 10): Steps of the sampler. With `CompoDiffScheduler` the
@@ -568,6 +575,11 @@ class CompoDiffPipeline(DiffusionPipeline, CompoDiffLoraLoaderMixin):
             num_inference_steps, num_samples_per_query, output_type, callback_on_step_end_tensor_inputs,
         )
         self.check_generator(generator, batch_size, num_samples_per_query)
+        # Paths are read once, here, after the cheap checks and before any tower runs.
+        if image is not None:
+            image = load_image_paths(image, "image")
+        if mask_image is not None:
+            mask_image = load_image_paths(mask_image, "mask_image")
         device = self._execution_device
         dtype = self.transformer.dtype
         text_only = image is None and image_embeds is None
@@ -680,8 +692,8 @@ def _count_texts(name: str, texts) -> int:
 
 
 def _as_image_list(images, name: str) -> list:
-    """A list of per-query images (PIL, arrays or tensors) from one image, a list, or a batched tensor/array."""
-    if isinstance(images, PIL.Image.Image):
+    """A list of per-query images (PIL, paths, arrays or tensors) from one image, a list, or a batched tensor/array."""
+    if isinstance(images, PIL.Image.Image) or is_image_path(images):
         return [images]
     if isinstance(images, torch.Tensor):
         if images.ndim == 4 or (name == "mask_image" and images.ndim == 3):
@@ -694,7 +706,7 @@ def _as_image_list(images, name: str) -> list:
     if isinstance(images, (list, tuple)) and len(images) > 0:
         return list(images)
     raise ValueError(
-        f"`{name}` must be a PIL image, a list of PIL images, or a tensor/array, got {type(images).__name__}"
+        f"`{name}` must be a PIL image, an image file path, a list of them, or a tensor/array, got {type(images).__name__}"
         + (" (empty)" if isinstance(images, (list, tuple)) else "")
         + "."
     )

@@ -30,7 +30,7 @@ from transformers import (
 )
 
 from ..models.textual_inversion_projection import TextualInversionProjection
-from .utils import resolve_pretrained_path
+from .utils import check_image_paths, is_image_path, load_image_paths, resolve_pretrained_path
 
 DEFAULT_PROMPT_TEMPLATE = "a photo of $ that {text}"
 
@@ -161,10 +161,13 @@ class LinCIRPipeline(DiffusionPipeline):
         device: torch.device | None = None,
         show_progress: bool = False,
     ) -> torch.Tensor:
-        """CLIP image embeddings `(N, projection_dim)` (projected, not normalised) of PIL images or pixel values.
+        """CLIP image embeddings `(N, projection_dim)` (projected, not normalised) of PIL images, image file paths
+        or pixel values.
 
         Args:
-            images: a PIL image, a list of PIL images, or preprocessed `pixel_values` of shape `(N, 3, H, W)`.
+            images: a PIL image or an image file path (`str` / `os.PathLike`, or an http(s) URL, read with
+                `diffusers.utils.load_image` one batch at a time), a list of them, or preprocessed `pixel_values`
+                of shape `(N, 3, H, W)`.
             batch_size (`int`, defaults to 64): images per forward pass of the vision tower.
             device (`torch.device`, *optional*): where to run (defaults to the pipeline's execution device).
             show_progress (`bool`, defaults to `False`): a progress bar over the batches (gallery encoding).
@@ -184,20 +187,24 @@ class LinCIRPipeline(DiffusionPipeline):
             _check_not_empty("images", images, "image")
             batches = list(images.split(batch_size))
         else:
-            if isinstance(images, PIL.Image.Image):
+            if isinstance(images, PIL.Image.Image) or is_image_path(images):
                 images = [images]
-            if not isinstance(images, Sequence) or not all(isinstance(image, PIL.Image.Image) for image in images):
+            if not isinstance(images, Sequence) or not all(
+                isinstance(image, PIL.Image.Image) or is_image_path(image) for image in images
+            ):
                 kinds = sorted({type(i).__name__ for i in images}) if isinstance(images, Sequence) else []
                 raise TypeError(
-                    "`images` must be a PIL image, a list of PIL images or a pixel tensor, got "
+                    "`images` must be a PIL image, an image file path, a list of them or a pixel tensor, got "
                     f"{type(images).__name__}{f' of {kinds}' if kinds else ''}."
                 )
             if self.image_processor is None:
                 raise ValueError("This pipeline has no `image_processor`: pass preprocessed pixel values or `image_embeds`.")
+            check_image_paths(images, "images")
             batches = [list(images[start : start + batch_size]) for start in range(0, len(images), batch_size)]
         embeds = []
-        for batch in self.progress_bar(batches) if show_progress else batches:
+        for index, batch in enumerate(self.progress_bar(batches) if show_progress else batches):
             if not torch.is_tensor(batch):
+                batch = load_image_paths(batch, "images", offset=index * batch_size)
                 batch = self.image_processor(images=batch, return_tensors="pt").pixel_values
             embeds.append(self.image_encoder(pixel_values=batch.to(device=device, dtype=dtype)).image_embeds)
         if not embeds:
@@ -287,7 +294,7 @@ class LinCIRPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        image: PIL.Image.Image | list[PIL.Image.Image] | None = None,
+        image: PIL.Image.Image | str | os.PathLike | list[PIL.Image.Image | str | os.PathLike] | None = None,
         prompt: str | list[str] | list[tuple[str, str]] | None = None,
         image_embeds: torch.Tensor | None = None,
         pseudo_tokens: torch.Tensor | None = None,
@@ -302,8 +309,9 @@ class LinCIRPipeline(DiffusionPipeline):
         Encode composed queries (reference image + modification text) into the CLIP joint space.
 
         Args:
-            image (`PIL.Image.Image` or list of them, *optional*):
-                Reference images (needs `image_encoder`). Exactly one of `image`, `image_embeds`,
+            image (`PIL.Image.Image`, an image file path, or a list of them, *optional*):
+                Reference images (needs `image_encoder`); a path (`str` / `os.PathLike`, or an http(s) URL) is read
+                with `diffusers.utils.load_image`. Exactly one of `image`, `image_embeds`,
                 `pseudo_tokens` must be given.
             prompt (`str`, list of `str`, or list of `(str, str)` pairs):
                 Modification texts, formatted with `prompt_template`. A pair of captions follows FashionIQ's
@@ -377,6 +385,7 @@ class LinCIRPipeline(DiffusionPipeline):
                 raise ValueError("`image` is an empty list: pass at least one reference image.")
             if torch.is_tensor(image):
                 _check_not_empty("image", image, "image")
+            check_image_paths(image, "image")
             image_embeds = self.encode_image(image, batch_size=batch_size)
         if image_embeds is not None:
             if not torch.is_tensor(image_embeds) or image_embeds.ndim != 2 or image_embeds.shape[1] != self.phi.config.input_dim:
