@@ -92,3 +92,44 @@ def test_data_write_names_missing_columns_and_the_map_flag_instead_of_a_tracebac
     assert err.startswith("error: ") and "has no column for 'reference_image'" in err and "'src'" in err
     assert "--map CANONICAL=COLUMN" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, flag, allowed, value",
+    [
+        (["inspect", "DATA", "--rows", "-2"], "--rows", "0 or a positive integer", "-2"),
+        (["write", "SRC", "OUT", "--rows-per-shard", "0"], "--rows-per-shard", "a positive integer", "0"),
+        (["write", "SRC", "OUT", "--row-group-size", "-1"], "--row-group-size", "a positive integer", "-1"),
+        (["reshard", "DATA", "--num-shards", "0"], "--num-shards", "a positive integer", "0"),
+        (["reshard", "DATA", "--rows-per-shard", "-5"], "--rows-per-shard", "a positive integer", "-5"),
+        (["reshard", "DATA", "--num-shards", "2", "--row-group-size", "0"], "--row-group-size", "a positive integer", "0"),
+        (["reshard", "DATA", "--num-shards", "2", "--shuffle-seed", "-1"], "--shuffle-seed", "0 or a positive integer", "-1"),
+        (["synthetic", "OUT", "--train", "0"], "--train", "a positive integer", "0"),
+        (["synthetic", "OUT", "--rows-per-shard", "0"], "--rows-per-shard", "a positive integer", "0"),
+        (["synthetic", "OUT", "--seed", "-3"], "--seed", "0 or a positive integer", "-3"),
+        (["inspect", "DATA", "--rows", "two"], "--rows", "0 or a positive integer", "'two'"),
+    ],
+)
+def test_data_size_and_count_flags_are_checked_when_the_command_line_is_read(tmp_path, capsys, argv, flag, allowed, value):
+    """`inspect --rows -2` printed no rows without complaint, `synthetic --train 0` wrote a train split that `data
+    validate` then refused, and the other bad sizes failed later naming a library argument (`rows_per_shard`,
+    `batch_size`) or nothing ("expected non-negative integer") instead of the flag."""
+    (tmp_path / "DATA").mkdir()
+    argv = [str(tmp_path / word) if word.isupper() else word for word in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data", *argv])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: expected {allowed}, got {value}" in capsys.readouterr().err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["DATA"]  # nothing was written
+
+
+def test_data_inspect_rows_zero_prints_only_the_columns(tmp_path, capsys):
+    out = str(tmp_path / "world")
+    assert main(["data", "synthetic", out, "--tiny", "--train", "8"]) == 0
+    capsys.readouterr()
+    assert main(["data", "inspect", out, "--name", "embeddings", "--rows", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "columns (" in printed and "row 0:" not in printed
+    assert main(["data", "inspect", out, "--name", "embeddings", "--rows", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "row 1:" in printed and "row 2:" not in printed

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import sys
 
-from . import errors_as_messages
+from . import errors_as_messages, non_negative_int, positive_int
 
 
 def _parse_mapping(pairs: list[str] | None) -> dict[str, str]:
@@ -43,8 +43,9 @@ def register(subparsers) -> None:
         help="Column mapping, repeatable: reference_image, target_image, modification_text, reference_caption, "
         "target_caption, id -> your column (dotted paths reach into nested JSON fields).",
     )
-    write.add_argument("--rows-per-shard", type=int, default=1000, help="Rows per Parquet file. Default: 1000.")
-    write.add_argument("--row-group-size", type=int, default=100, help="Rows per Parquet row group. Default: 100.")
+    write.add_argument("--rows-per-shard", type=positive_int, default=1000, help="Rows per Parquet file. Default: 1000.")
+    write.add_argument(
+        "--row-group-size", type=positive_int, default=100, help="Rows per Parquet row group. Default: 100.")
     write.add_argument("--no-verify-images", action="store_true", help="Do not decode images before writing them.")
     write.add_argument("--overwrite", action="store_true", help="Replace existing shards of this split.")
     write.set_defaults(func=run_write)
@@ -54,11 +55,13 @@ def register(subparsers) -> None:
     reshard.add_argument("--config", default="images", help="Configuration (images / embeddings). Default: images.")
     reshard.add_argument("--split", default="train", help="Split. Default: train.")
     size = reshard.add_mutually_exclusive_group(required=True)
-    size.add_argument("--num-shards", type=int, help="Number of shards (>= world_size x num_workers).")
-    size.add_argument("--rows-per-shard", type=int, help="Rows per shard.")
+    size.add_argument("--num-shards", type=positive_int, help="Number of shards (>= world_size x num_workers).")
+    size.add_argument("--rows-per-shard", type=positive_int, help="Rows per shard.")
     reshard.add_argument("--output", default=None, help="Write to another folder (default: in place).")
-    reshard.add_argument("--shuffle-seed", type=int, default=None, help="Shuffle row groups and rows with this seed.")
-    reshard.add_argument("--row-group-size", type=int, default=100, help="Rows per Parquet row group. Default: 100.")
+    reshard.add_argument(
+        "--shuffle-seed", type=non_negative_int, default=None, help="Shuffle row groups and rows with this seed.")
+    reshard.add_argument(
+        "--row-group-size", type=positive_int, default=100, help="Rows per Parquet row group. Default: 100.")
     reshard.set_defaults(func=run_reshard)
 
     validate = actions.add_parser("validate", help="Check schema, decodability, duplicates and counts.")
@@ -73,15 +76,18 @@ def register(subparsers) -> None:
     inspect.add_argument("--name", default=None, help="Configuration name.")
     inspect.add_argument("--split", default="train", help="Split. Default: train.")
     inspect.add_argument("--data-files", default=None, help="Glob of data files (for 'webdataset', 'parquet'...).")
-    inspect.add_argument("--rows", type=int, default=1, help="Rows to print. Default: 1.")
+    inspect.add_argument(
+        "--rows", type=non_negative_int, default=1, help="Rows to print (0: only the columns). Default: 1.")
     inspect.set_defaults(func=run_inspect)
 
     synthetic = actions.add_parser("synthetic", help="Write the synthetic CIR world in the embeddings layout.")
     synthetic.add_argument("output", help="Dataset folder to write.")
-    synthetic.add_argument("--seed", type=int, default=0, help="World seed. Default: 0.")
+    synthetic.add_argument("--seed", type=non_negative_int, default=0, help="World seed. Default: 0.")
     synthetic.add_argument("--tiny", action="store_true", help="The 96-item test world instead of the 2,400-item one.")
-    synthetic.add_argument("--train", type=int, default=None, help="Training triplets to sample (default: every single edit).")
-    synthetic.add_argument("--rows-per-shard", type=int, default=10000, help="Rows per Parquet file. Default: 10000.")
+    synthetic.add_argument(
+        "--train", type=positive_int, default=None, help="Training triplets to sample (default: every single edit).")
+    synthetic.add_argument(
+        "--rows-per-shard", type=positive_int, default=10000, help="Rows per Parquet file. Default: 10000.")
     synthetic.add_argument("--overwrite", action="store_true", help="Replace existing shards.")
     synthetic.set_defaults(func=run_synthetic)
 

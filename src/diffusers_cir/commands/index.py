@@ -17,27 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import errors_as_messages
-
-
-def _int_at_least(minimum: int, what: str):
-    """argparse type: checked when the command line is read, not after the model has loaded or the gallery has been
-    embedded."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
-        return value
-
-    return parse
-
-
-_positive_int = _int_at_least(1, "a positive integer")
-_non_negative_int = _int_at_least(0, "0 or a positive integer")
+from . import errors_as_messages, non_negative_int, positive_int
 
 
 def register(subparsers) -> None:
@@ -56,19 +36,19 @@ def register(subparsers) -> None:
     build.add_argument("--output", required=True, help="Index folder to write.")
     build.add_argument("--factory", default="Flat", help="faiss index-factory string. Default: Flat (exact).")
     build.add_argument(
-        "--train-size", type=_positive_int, default=None,
+        "--train-size", type=positive_int, default=None,
         help="Training sample for IVF/PQ (default: 64 x nlist, at least 16384).",
     )
     build.add_argument(
-        "--nprobe", type=_positive_int, default=None, help="IVF lists visited per query (saved with the index).")
-    build.add_argument("--ef-search", type=_positive_int, default=None, help="HNSW efSearch (saved with the index).")
+        "--nprobe", type=positive_int, default=None, help="IVF lists visited per query (saved with the index).")
+    build.add_argument("--ef-search", type=positive_int, default=None, help="HNSW efSearch (saved with the index).")
     build.add_argument("--ondisk", action="store_true", help="Keep IVF inverted lists on disk (larger than memory).")
     build.add_argument(
-        "--shard-size", type=_positive_int, default=None, help="Split a Flat/HNSW index into parts of N vectors.")
-    build.add_argument("--batch-size", type=_positive_int, default=64, help="Images per encoder call. Default: 64.")
+        "--shard-size", type=positive_int, default=None, help="Split a Flat/HNSW index into parts of N vectors.")
+    build.add_argument("--batch-size", type=positive_int, default=64, help="Images per encoder call. Default: 64.")
     build.add_argument(
-        "--part-size", type=_positive_int, default=4096, help="Images per resumable part. Default: 4096.")
-    build.add_argument("--num-workers", type=_non_negative_int, default=2, help="Image-decoding workers. Default: 2.")
+        "--part-size", type=positive_int, default=4096, help="Images per resumable part. Default: 4096.")
+    build.add_argument("--num-workers", type=non_negative_int, default=2, help="Image-decoding workers. Default: 2.")
     build.add_argument("--device", default=None, help="cpu / cuda (default: accelerate's device).")
     build.add_argument("--fp16", action="store_true", help="Run the image encoder in float16 (GPU).")
     build.add_argument("--no-resume", action="store_true", help="Delete embeddings of an earlier run and start over.")
