@@ -185,3 +185,46 @@ def test_ranked_lists_and_target_or_reference_counts_that_differ_are_named_like_
         recall_at_k(target_ids=["a"], ks=(1,), ranked_ids=[["a"]], exclude_ids=["b", "c"])
     with pytest.raises(ValueError, match="CIRR recall: `scores` has 1 rows but 2 reference ids were given"):
         compute_cirr_metrics(target_ids=["c"], reference_ids=["a", "b"], scores=SCORES, gallery_ids=GALLERY, subset_ks=())
+
+
+FASHIONIQ_DRESS = {"target_ids": ["b"], "ranked_ids": [["a", "b"]]}
+
+
+@pytest.mark.parametrize(
+    "shirt, error, message",
+    [
+        ({"target_ids": ["c"]}, ValueError, r"FashionIQ category 'shirt': Recall@K: pass `scores`"),
+        ({"ranked_ids": [["c", "d"]]}, ValueError, "FashionIQ category 'shirt' has no `target_ids`"),
+        ({"target_ids": ["c"], "ranked_ids": [["d", "c", "c"]]}, ValueError,
+         r"FashionIQ category 'shirt': `ranked_ids\[0\]` lists id 'c' more than once"),
+        ({"target_ids": ["c"], "ranked_ids": [["d"]]}, ValueError, "FashionIQ category 'shirt': Recall@2 is undetermined"),
+        ({"target_ids": ["c"], "scores": [[0.1, 0.2]], "gallery_ids": ["c", "c"]}, ValueError,
+         "FashionIQ category 'shirt': `gallery_ids` must be unique"),
+        ([["c", "d"]], TypeError, "The inputs of category 'shirt' must be a dict"),
+    ],
+)
+def test_fashioniq_names_the_category_whose_inputs_are_wrong(shirt, error, message):
+    # The message used to be the same whichever category it came from (a list missing from "shirt" read as
+    # "Recall@K: pass `scores` ..."), and a missing `target_ids` was a TypeError about a function argument.
+    from diffusers_cir.metrics import DuplicateIdError, compute_fashioniq_metrics
+
+    with pytest.raises(error, match=message) as raised:
+        compute_fashioniq_metrics({"dress": FASHIONIQ_DRESS, "shirt": shirt}, ks=(1, 2))
+    if "more than once" in message:
+        assert isinstance(raised.value, DuplicateIdError)  # the class callers may catch is kept
+
+
+def test_fashioniq_scores_custom_categories_and_reports_bad_options_without_a_category():
+    from diffusers_cir.metrics import compute_fashioniq_metrics, fashioniq_recall_at_k
+
+    # A custom split is scored like an official category (the averages are over the categories given).
+    shoes = {"target_ids": ["c", "e"], "ranked_ids": [["c", "d"], ["d", "e"]]}
+    got = compute_fashioniq_metrics({"dress": FASHIONIQ_DRESS, "shoes": shoes}, ks=(1,))
+    assert got["shoes_recall_at1"] == fashioniq_recall_at_k(**shoes, ks=(1,))["recall_at1"] == 50.0
+    assert got["average_recall_at1"] == (got["dress_recall_at1"] + got["shoes_recall_at1"]) / 2
+    for options, message in ((dict(ks=(0,)), "`ks` must hold positive cutoffs"), (dict(scale="%"), "`scale` must be")):
+        with pytest.raises(ValueError, match=message) as raised:
+            compute_fashioniq_metrics({"dress": FASHIONIQ_DRESS}, **options)
+        assert "category" not in str(raised.value)
+    with pytest.raises(ValueError, match="`categories` is empty"):
+        compute_fashioniq_metrics({})

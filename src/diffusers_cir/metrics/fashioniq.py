@@ -17,6 +17,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ._inputs import check_ks
+from .ranking import check_scale
 from .recall import recall_at_k, recall_per_query
 
 __all__ = [
@@ -117,6 +119,9 @@ def compute_fashioniq_metrics(
 ) -> dict[str, float]:
     """Per-category recall and averages; ``categories`` maps a category to :func:`fashioniq_recall_at_k` inputs.
 
+    The official categories are :data:`FASHIONIQ_CATEGORIES`; any other name is scored the same way (a custom
+    split), and the averages are over the categories given. An error in one category's inputs names it.
+
     Example:
 
     ```py
@@ -127,10 +132,30 @@ def compute_fashioniq_metrics(
 
     ```
     """
+    if not isinstance(categories, Mapping):
+        raise TypeError(f"`categories` must map each category name to its inputs, got {type(categories).__name__}.")
+    if not categories:
+        raise ValueError("`categories` is empty; pass at least one category's inputs.")
+    # Checked once here, so that a bad cutoff or scale is not reported as a problem of the first category.
+    ks = check_ks(ks, "ks")
+    check_scale(scale)
     per_category = {}
     for category, inputs in categories.items():
+        if not isinstance(inputs, Mapping):
+            raise TypeError(
+                f"The inputs of category {category!r} must be a dict (`target_ids` and `ranked_ids`, or `scores` + "
+                f"`gallery_ids`), got {type(inputs).__name__}."
+            )
         unknown = set(inputs) - {"target_ids", "scores", "gallery_ids", "ranked_ids"}
         if unknown:
             raise ValueError(f"Unexpected inputs for category {category!r}: {sorted(unknown)}.")
-        per_category[category] = fashioniq_recall_at_k(**inputs, ks=ks, scale=scale)
+        if "target_ids" not in inputs:
+            raise ValueError(f"FashionIQ category {category!r} has no `target_ids`; every category needs its queries' targets.")
+        try:
+            per_category[category] = fashioniq_recall_at_k(**inputs, ks=ks, scale=scale)
+        except (ValueError, TypeError) as error:
+            # Same exception (class, traceback), its message prefixed with the category it is about.
+            if error.args and isinstance(error.args[0], str):
+                error.args = (f"FashionIQ category {category!r}: {error.args[0]}",) + error.args[1:]
+            raise
     return fashioniq_average_recall(per_category)
