@@ -347,7 +347,12 @@ def main(argv: list[str] | None = None) -> dict:
     from diffusers_cir.pipelines.pipeline_lincir import LinCIRPipeline
     from diffusers_cir.pipelines.utils import resolve_pretrained_path
     from diffusers_cir.text import SelfMaskingCollator, load_keyword_extractor, self_masking_projection_loss
-    from diffusers_cir.training.train_compodiff import CHECKPOINT_PATTERN, check_output_dir, save_checkpoint
+    from diffusers_cir.training.train_compodiff import (
+        CHECKPOINT_PATTERN,
+        check_output_dir,
+        lr_warmup_warning,
+        save_checkpoint,
+    )
 
     # Before any model or data is loaded: a new run must not mix its checkpoints with an earlier run's.
     checkpoint = check_output_dir(args.output_dir, args.resume_from_checkpoint, args.max_train_steps)
@@ -358,6 +363,9 @@ def main(argv: list[str] | None = None) -> dict:
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs")),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    warmup_warning = lr_warmup_warning(args)
+    if warmup_warning is not None and accelerator.is_main_process:
+        logger.warning(warmup_warning)
     if args.resume_from_checkpoint == "latest" and checkpoint is None:
         logger.info("--resume_from_checkpoint latest: no checkpoint in %s yet, starting a new run.", args.output_dir)
     if args.seed is not None:

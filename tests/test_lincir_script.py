@@ -255,3 +255,18 @@ def test_validation_data_the_pipeline_cannot_run_is_refused_before_training(scri
     with pytest.raises(ValueError, match=r"gallery\.safetensors holds embeddings of width 7, the CLIP joint space .* has width 16"):
         script.main(args)
     assert not (out / "model_index.json").exists()
+
+
+def test_a_warmup_longer_than_the_run_is_a_logged_warning_naming_both_flags(script, tiny_world, tmp_path, caplog):
+    """As in train_compodiff: --lr_warmup_steps above --max_train_steps was accepted without a word."""
+    with caplog.at_level("WARNING", logger="train_lincir"):
+        script.main(_args(tiny_world, tmp_path / "out", "--max_train_steps", "2", "--lr_warmup_steps", "5"))
+    warnings = [record.getMessage() for record in caplog.records if "--lr_warmup_steps" in record.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith("--lr_warmup_steps 5 is larger than --max_train_steps 2: the learning rate is still "
+                                  "warming up when training ends and never reaches its peak (--learning_rate 0.0001), "
+                                  "only about 40% of it.")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="train_lincir"):
+        script.main(_args(tiny_world, tmp_path / "out2", "--max_train_steps", "2", "--lr_warmup_steps", "2"))
+    assert not [record for record in caplog.records if "--lr_warmup_steps" in record.getMessage()]

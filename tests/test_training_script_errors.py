@@ -101,3 +101,24 @@ def test_data_that_cannot_be_opened_is_named_by_its_flags_before_the_models_load
     with pytest.raises(ValueError, match=r"--text_to_image_data_dir .*--text_to_image_split 'tset'\) could not be opened"):
         main(parse_args(args + ["--text_to_image_data_dir", tiny_data, "--text_to_image_config_name", "gallery",
                                 "--text_to_image_split", "tset"]))
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_a_warmup_longer_than_the_run_is_a_logged_warning_naming_both_flags(tiny_data, tmp_path, caplog):
+    """--lr_warmup_steps above --max_train_steps was accepted without a word: the learning rate never peaks."""
+    caplog.set_level(logging.WARNING, logger="diffusers_cir.training")
+    main(parse_args(run_args(tiny_data, tmp_path / "run", "--max_train_steps", "2", "--lr_warmup_steps", "8",
+                             "--learning_rate", "0.001")))
+    warnings = [record.getMessage() for record in caplog.records if "--lr_warmup_steps" in record.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert ("--lr_warmup_steps 8 is larger than --max_train_steps 2: the learning rate is still warming up when "
+            "training ends and never reaches its peak (--learning_rate 0.001), only about 25% of it") in warnings[0]
+    from diffusers_cir.training.train_compodiff import lr_warmup_warning
+
+    # Nothing to say when the warmup ends within the run, or when the scheduler has no warmup.
+    for extra in (["--lr_warmup_steps", "2"], ["--lr_warmup_steps", "8", "--lr_scheduler", "constant"]):
+        assert lr_warmup_warning(parse_args(run_args(tiny_data, tmp_path / "other", "--max_train_steps", "2", *extra))) is None
+    for scheduler in ("linear", "cosine", "constant_with_warmup"):
+        args = parse_args(run_args(tiny_data, tmp_path / "other", "--max_train_steps", "2", "--lr_warmup_steps", "3",
+                                   "--lr_scheduler", scheduler))
+        assert "--lr_warmup_steps 3 is larger than --max_train_steps 2" in lr_warmup_warning(args)

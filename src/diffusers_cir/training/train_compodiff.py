@@ -297,6 +297,22 @@ def check_args(args: argparse.Namespace) -> None:
     recall_ks(args)
 
 
+def lr_warmup_warning(args: argparse.Namespace) -> str | None:
+    """What to warn about when the warmup outlasts the run: the learning rate would still be rising at the last step.
+
+    A warning, not an error: a short run with the warmup of the full one (a smoke test) can be intentional. The
+    ``constant`` scheduler has no warmup, so there is nothing to say about it. ``examples/train_lincir.py`` uses it too.
+    """
+    if args.lr_scheduler == "constant" or args.lr_warmup_steps <= args.max_train_steps:
+        return None
+    return (
+        f"--lr_warmup_steps {args.lr_warmup_steps} is larger than --max_train_steps {args.max_train_steps}: the "
+        f"learning rate is still warming up when training ends and never reaches its peak (--learning_rate "
+        f"{args.learning_rate:g}{' scaled by --scale_lr' if getattr(args, 'scale_lr', False) else ''}), only about "
+        f"{args.max_train_steps / args.lr_warmup_steps:.0%} of it. Lower --lr_warmup_steps if that is not intended."
+    )
+
+
 def _json_mapping(text: str | None, flag: str, invalid: str = "is not valid JSON") -> dict | None:
     if text is None:
         return None
@@ -706,6 +722,9 @@ def main(args: argparse.Namespace) -> dict:
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     run_logger.info(accelerator.state, main_process_only=False)
+    warmup_warning = lr_warmup_warning(args)
+    if warmup_warning is not None:
+        run_logger.warning(warmup_warning)
     if accelerator.is_local_main_process:
         datasets.utils.logging.set_verbosity_warning()
         transformers.utils.logging.set_verbosity_warning()
