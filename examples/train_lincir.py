@@ -60,6 +60,8 @@ _FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "cs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from diffusers_cir.training.train_compodiff import LR_SCHEDULERS
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     model = parser.add_argument_group("model")
     model.add_argument("--pretrained_model_name_or_path", required=True, help="CLIP checkpoint (folder or Hub id).")
@@ -114,7 +116,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     training.add_argument("--max_train_steps", type=int, default=20_000)
     training.add_argument("--learning_rate", type=float, default=1e-4)
     training.add_argument("--weight_decay", type=float, default=0.01)
-    training.add_argument("--lr_scheduler", default="constant_with_warmup")
+    # Checked here: a misspelt name failed in get_scheduler only after the data was opened and the CLIP towers loaded.
+    training.add_argument("--lr_scheduler", default="constant_with_warmup", choices=LR_SCHEDULERS)
     training.add_argument("--lr_warmup_steps", type=int, default=0)
     training.add_argument("--gradient_accumulation_steps", type=int, default=1)
     training.add_argument("--max_grad_norm", type=float, default=None)

@@ -91,6 +91,9 @@ def test_resuming_a_checkpoint_past_max_train_steps_is_refused_before_loading_an
         ("--phi_hidden_dim", "0", "--phi_hidden_dim must be a positive integer, got 0"),
         ("--prompt_template", "a photo of $ that {text} {x}", r"'\{text\}' must be its only replacement field"),
         ("--prompt_template", "a photo that {text}", r"--prompt_template must contain '\$'"),
+        # get_scheduler refused these only after the data was opened and the CLIP towers loaded
+        ("--lr_scheduler", "cosinus", r"argument --lr_scheduler: invalid choice: 'cosinus' \(choose from .*'cosine'"),
+        ("--lr_scheduler", "piecewise_constant", r"argument --lr_scheduler: invalid choice: 'piecewise_constant'"),
     ],
 )
 def test_bad_numbers_are_refused_when_the_command_line_is_read(script, flag, value, expected, capsys):
