@@ -317,3 +317,141 @@ def test_fashioniq_module_refuses_a_bad_batch_when_added_and_keeps_the_good_ones
                                           "shirt": {"target_ids": ["d"], "ranked_ids": [["c", "d"]]}}, ks=(1, 2))
     assert module.compute(ks=(1, 2)) == expected
     assert expected["average_recall_at2"] == 100 > expected["average_recall_at1"]
+
+
+# One small valid batch per module, and the library's numbers for it.
+SMALL_BATCHES = {
+    "cirr": dict(predictions=[["r", "x", "t", "y"], ["q", "t", "y", "x"]], references=["t", "t"],
+                 reference_ids=["r", "q"], group_members=[["r", "t", "x"], ["q", "t", "x"]]),
+    "fashioniq": dict(predictions=[["a", "b"], ["c", "d"]], references=["b", "c"], categories=["dress", "shirt"]),
+    "circo": dict(predictions=[[5000, 101, 5001], [7, 8, 9]], references=[[101, 102], [9]]),
+    "genecis": dict(predictions=[[0.2, 0.9, 0.1], [0.8, 0.3, 0.1]], references=[0, 0]),
+}
+BAD_OPTIONS = {
+    "cirr": [(dict(recall_ks=(0, 1)), ValueError, "`recall_ks` must hold positive cutoffs"),
+             (dict(scale="percentage"), ValueError, "`scale` must be"),
+             (dict(recal_ks=(1,)), TypeError, r"compute\(\) got unknown options \['recal_ks'\]")],
+    "fashioniq": [(dict(ks="10"), ValueError, "`ks` must be a positive integer K"),
+                  (dict(scale=100), ValueError, "`scale` must be")],
+    "circo": [(dict(on_empty_ground_truth="skip"), ValueError, "`on_empty_ground_truth` must be"),
+              (dict(ks=(1.5,)), ValueError, "`ks` must hold integer cutoffs")],
+    "genecis": [(dict(tasks="focus_object"), TypeError, "`tasks` must hold one task name per template"),
+                (dict(ks=(0,)), ValueError, "`ks` must hold positive cutoffs")],
+}
+
+
+def library_metrics(name, columns, **options):
+    from diffusers_cir.metrics import compute_cirr_metrics, compute_fashioniq_metrics
+
+    if name == "cirr":
+        return compute_cirr_metrics(target_ids=columns["references"], reference_ids=columns["reference_ids"],
+                                    ranked_ids=columns["predictions"], group_members=columns["group_members"], **options)
+    if name == "fashioniq":
+        per_category = {}
+        for prediction, reference, category in zip(columns["predictions"], columns["references"], columns["categories"]):
+            inputs = per_category.setdefault(category, {"target_ids": [], "ranked_ids": []})
+            inputs["target_ids"].append(reference)
+            inputs["ranked_ids"].append(prediction)
+        return compute_fashioniq_metrics(per_category, **options)
+    if name == "circo":
+        return compute_circo_metrics(ground_truth_ids=columns["references"], ranked_ids=columns["predictions"], **options)
+    return genecis_recall_at_k(columns["predictions"], target_indices=columns["references"], **options)
+
+
+GOOD_OPTIONS = {"cirr": dict(recall_ks=(1, 2), subset_ks=(1,)), "fashioniq": dict(ks=(1, 2)), "circo": dict(ks=(1, 5)),
+                "genecis": dict(ks=(1, 2))}
+
+
+@pytest.mark.parametrize("keep_in_memory", [True, False])
+@pytest.mark.parametrize("name", MODULE_NAMES)
+def test_compute_with_nothing_stored_says_so_in_both_storage_modes(name, keep_in_memory, tmp_path):
+    # With keep_in_memory=True this was an AttributeError ('NoneType' object has no attribute 'getvalue') from
+    # inside evaluate; the cache-file mode said "cache file doesn't exist".
+    module = evaluate.load(str(MODULES / name), keep_in_memory=keep_in_memory, cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="There is nothing to compute: no batch is stored"):
+        module.compute()
+    module.add_batch(**SMALL_BATCHES[name])
+    assert module.compute(**GOOD_OPTIONS[name]) == library_metrics(name, SMALL_BATCHES[name], **GOOD_OPTIONS[name])
+    with pytest.raises(ValueError, match="There is nothing to compute: no batch is stored"):
+        module.compute()  # the last compute() consumed the batches
+
+
+@pytest.mark.parametrize("keep_in_memory", [True, False])
+@pytest.mark.parametrize("name", MODULE_NAMES)
+def test_a_compute_with_bad_options_keeps_the_stored_batches(name, keep_in_memory, tmp_path):
+    # The options reached the metric only after evaluate had read (and so dropped) every stored batch: the next
+    # compute() said nothing was added.
+    module = evaluate.load(str(MODULES / name), keep_in_memory=keep_in_memory, cache_dir=str(tmp_path))
+    module.add_batch(**SMALL_BATCHES[name])
+    for options, error, message in BAD_OPTIONS[name]:
+        with pytest.raises(error, match=message):
+            module.compute(**options)
+        assert len(module) == 2
+    assert module.compute(**GOOD_OPTIONS[name]) == library_metrics(name, SMALL_BATCHES[name], **GOOD_OPTIONS[name])
+    assert not list(tmp_path.rglob("*.arrow"))  # evaluate still deletes its cache file after the compute
+
+
+CIRR_SHORT = dict(predictions=[["q", "y", "x"]], references=["t"], reference_ids=["q"], group_members=[["q", "t", "x"]])
+
+
+@pytest.mark.parametrize("keep_in_memory", [True, False])
+def test_a_compute_that_fails_on_the_data_keeps_the_batches_added_before_it(keep_in_memory, tmp_path):
+    # Recall@5 of a top-3 list (2 ids once the reference is deleted) that misses the target is undetermined: the
+    # error is right, but it used to cost every stored batch. The batches added before are stored again; the inputs
+    # passed to the failed compute() are not (the caller still has them, and a retry must not count them twice).
+    module = evaluate.load(str(MODULES / "cirr"), keep_in_memory=keep_in_memory, cache_dir=str(tmp_path))
+    first = SMALL_BATCHES["cirr"]
+    module.add_batch(**first)
+    with pytest.raises(ValueError, match="Recall@5 is undetermined") as raised:
+        module.compute(**CIRR_SHORT)
+    assert "The 2 examples added before this compute() are still stored" in "".join(raised.value.__notes__)
+    assert len(module) == 2
+    both = {key: first[key] + CIRR_SHORT[key] for key in first}
+    options = dict(recall_ks=(1, 2), subset_ks=(1,))
+    assert module.compute(**CIRR_SHORT, **options) == library_metrics("cirr", both, **options)
+    assert not list(tmp_path.rglob("*.arrow"))
+
+
+@pytest.mark.parametrize("keep_in_memory", [True, False])
+def test_circo_query_without_ground_truth_can_be_scored_after_the_refusal(keep_in_memory, tmp_path):
+    # In the cache-file mode the refusal dropped every batch; with keep_in_memory=True the next add_batch started a
+    # new buffer, so the batches added before the refusal were silently left out of the next compute().
+    module = evaluate.load(str(MODULES / "circo"), keep_in_memory=keep_in_memory, cache_dir=str(tmp_path))
+    module.add_batch(**SMALL_BATCHES["circo"])
+    module.add(prediction=[3, 4], reference=[])
+    with pytest.raises(ValueError, match="has no ground truth"):
+        module.compute(ks=(5,))
+    module.add(prediction=["img_1", 12], reference=[12])
+    columns = {"predictions": SMALL_BATCHES["circo"]["predictions"] + [[3, 4], ["img_1", 12]],
+               "references": SMALL_BATCHES["circo"]["references"] + [[], [12]]}
+    got = module.compute(ks=(5,), on_empty_ground_truth="nan", scale="fraction")
+    expected = library_metrics("circo", columns, ks=(5,), on_empty_ground_truth="nan", scale="fraction")
+    assert np.isnan(got["map_at5"]) and 0 < got["recall_at5"] < 1
+    np.testing.assert_equal(got, expected)  # NaN equals NaN here
+
+
+def test_genecis_tasks_of_another_length_keep_the_templates():
+    from diffusers_cir.metrics import genecis_average_over_tasks
+
+    module = fresh("genecis")
+    module.add_batch(**SMALL_BATCHES["genecis"])
+    with pytest.raises(ValueError, match="`tasks` has 3 entries but there are 2 templates"):
+        module.compute(tasks=["focus_object"] * 3)
+    module.add(prediction=[0.1, 0.7], reference=1)
+    got = module.compute(tasks=["focus_object", "change_object", "change_object"], ks=(1, 2))
+    predictions = SMALL_BATCHES["genecis"]["predictions"]
+    expected = genecis_average_over_tasks({
+        "focus_object": genecis_recall_at_k(predictions[:1], ks=(1, 2)),
+        "change_object": genecis_recall_at_k([predictions[1], [0.1, 0.7]], target_indices=[0, 1], ks=(1, 2)),
+    })
+    assert got == expected
+
+
+def test_stored_batches_mixin_example_runs(monkeypatch):
+    import doctest
+
+    from diffusers_cir.metrics import evaluate_support
+
+    monkeypatch.chdir(MODULES.parents[1])  # the example loads "hub/metrics/cirr"
+    result = doctest.testmod(evaluate_support, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

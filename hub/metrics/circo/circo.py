@@ -5,7 +5,11 @@ import evaluate
 import numpy as np
 
 from diffusers_cir.metrics import CIRCO_MAP_KS, compute_circo_metrics
+from diffusers_cir.metrics._inputs import check_ks
+from diffusers_cir.metrics.circo import check_on_empty_ground_truth
+from diffusers_cir.metrics.evaluate_support import StoredBatchesMixin
 from diffusers_cir.metrics.ids import IdRows, as_id_rows
+from diffusers_cir.metrics.ranking import check_scale
 
 _CITATION = """\
 @inproceedings{baldrati2023zero,
@@ -100,7 +104,7 @@ def _server_ids(rows: list[list[str]]) -> IdRows:
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
-class CIRCO(evaluate.Metric):
+class CIRCO(StoredBatchesMixin, evaluate.Metric):
     def _info(self):
         return evaluate.MetricInfo(
             description=_DESCRIPTION,
@@ -126,8 +130,13 @@ class CIRCO(evaluate.Metric):
         """Add one query (checked as a batch of one)."""
         self.add_batch(predictions=[prediction], references=[reference], **{key: [value] for key, value in kwargs.items()})
 
-    def _compute(self, predictions, references, semantic_aspects=None, ks=CIRCO_MAP_KS, scale="percent",
-                 on_empty_ground_truth="raise"):
+    def _check_options(self, semantic_aspects=None, ks=CIRCO_MAP_KS, scale="percent", on_empty_ground_truth="raise"):
+        check_ks(ks, "ks")
+        check_scale(scale)
+        check_on_empty_ground_truth(on_empty_ground_truth)
+
+    def _score(self, predictions, references, semantic_aspects=None, ks=CIRCO_MAP_KS, scale="percent",
+               on_empty_ground_truth="raise"):
         return compute_circo_metrics(
             ground_truth_ids=_server_ids(references),
             ranked_ids=_server_ids(predictions),

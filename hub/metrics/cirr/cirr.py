@@ -5,7 +5,10 @@ import evaluate
 import numpy as np
 
 from diffusers_cir.metrics import CIRR_RECALL_KS, CIRR_SUBSET_KS, compute_cirr_metrics
+from diffusers_cir.metrics._inputs import check_ks
+from diffusers_cir.metrics.evaluate_support import StoredBatchesMixin
 from diffusers_cir.metrics.ids import as_id_rows, as_id_vector, check_id_lists, unify_id_dtypes
+from diffusers_cir.metrics.ranking import check_scale
 
 _CITATION = """\
 @inproceedings{liu2021cirr,
@@ -96,7 +99,7 @@ def _check_batch(predictions, references, reference_ids, group_members) -> None:
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
-class CIRR(evaluate.Metric):
+class CIRR(StoredBatchesMixin, evaluate.Metric):
     def _info(self):
         return evaluate.MetricInfo(
             description=_DESCRIPTION,
@@ -117,8 +120,13 @@ class CIRR(evaluate.Metric):
         """Add one query (checked as a batch of one)."""
         self.add_batch(predictions=[prediction], references=[reference], **{key: [value] for key, value in kwargs.items()})
 
-    def _compute(self, predictions, references, reference_ids, group_members, recall_ks=CIRR_RECALL_KS,
-                 subset_ks=CIRR_SUBSET_KS, scale="percent"):
+    def _check_options(self, recall_ks=CIRR_RECALL_KS, subset_ks=CIRR_SUBSET_KS, scale="percent"):
+        check_ks(recall_ks, "recall_ks")
+        check_ks(subset_ks, "subset_ks")
+        check_scale(scale)
+
+    def _score(self, predictions, references, reference_ids, group_members, recall_ks=CIRR_RECALL_KS,
+               subset_ks=CIRR_SUBSET_KS, scale="percent"):
         return compute_cirr_metrics(
             target_ids=references,
             reference_ids=reference_ids,

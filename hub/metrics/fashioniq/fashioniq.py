@@ -5,7 +5,10 @@ import evaluate
 import numpy as np
 
 from diffusers_cir.metrics import FASHIONIQ_CATEGORIES, FASHIONIQ_RECALL_KS, compute_fashioniq_metrics
+from diffusers_cir.metrics._inputs import check_ks
+from diffusers_cir.metrics.evaluate_support import StoredBatchesMixin
 from diffusers_cir.metrics.ids import as_id_vector, check_id_lists
+from diffusers_cir.metrics.ranking import check_scale
 
 _CITATION = """\
 @inproceedings{wu2021fashioniq,
@@ -81,7 +84,7 @@ def _check_batch(predictions, references, categories) -> None:
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
-class FashionIQ(evaluate.Metric):
+class FashionIQ(StoredBatchesMixin, evaluate.Metric):
     def _info(self):
         return evaluate.MetricInfo(
             description=_DESCRIPTION,
@@ -100,7 +103,11 @@ class FashionIQ(evaluate.Metric):
         """Add one query (checked as a batch of one)."""
         self.add_batch(predictions=[prediction], references=[reference], **{key: [value] for key, value in kwargs.items()})
 
-    def _compute(self, predictions, references, categories, ks=FASHIONIQ_RECALL_KS, scale="percent"):
+    def _check_options(self, ks=FASHIONIQ_RECALL_KS, scale="percent"):
+        check_ks(ks, "ks")
+        check_scale(scale)
+
+    def _score(self, predictions, references, categories, ks=FASHIONIQ_RECALL_KS, scale="percent"):
         _check_categories(categories)
         per_category = {}
         for category in FASHIONIQ_CATEGORIES:

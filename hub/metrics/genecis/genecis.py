@@ -5,6 +5,9 @@ import evaluate
 import numpy as np
 
 from diffusers_cir.metrics import GENECIS_RECALL_KS, genecis_average_over_tasks, genecis_recall_at_k
+from diffusers_cir.metrics._inputs import check_ks
+from diffusers_cir.metrics.evaluate_support import StoredBatchesMixin
+from diffusers_cir.metrics.ranking import check_scale
 
 _CITATION = """\
 @inproceedings{vaze2023genecis,
@@ -83,7 +86,7 @@ def _check_batch(predictions, references) -> None:
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
-class GeneCIS(evaluate.Metric):
+class GeneCIS(StoredBatchesMixin, evaluate.Metric):
     def _info(self):
         return evaluate.MetricInfo(
             description=_DESCRIPTION,
@@ -104,13 +107,17 @@ class GeneCIS(evaluate.Metric):
         """Add one template (checked as a batch of one)."""
         self.add_batch(predictions=[prediction], references=[reference], **{key: [value] for key, value in kwargs.items()})
 
-    def _compute(self, predictions, references, tasks=None, ks=GENECIS_RECALL_KS, scale="percent"):
+    def _check_options(self, tasks=None, ks=GENECIS_RECALL_KS, scale="percent"):
+        if tasks is not None and (isinstance(tasks, str) or not hasattr(tasks, "__len__")):
+            raise TypeError(f"`tasks` must hold one task name per template, got {tasks!r:.80}.")
+        check_ks(ks, "ks")
+        check_scale(scale)
+
+    def _score(self, predictions, references, tasks=None, ks=GENECIS_RECALL_KS, scale="percent"):
         if not len(predictions):
             raise ValueError("There are no templates to score: `predictions` is empty (no batch was added, or only empty ones).")
         if tasks is None:
             return genecis_recall_at_k(predictions, target_indices=references, ks=ks, scale=scale)
-        if isinstance(tasks, str) or not hasattr(tasks, "__len__"):
-            raise TypeError(f"`tasks` must hold one task name per template, got {tasks!r:.80}.")
         if len(tasks) != len(predictions):
             raise ValueError(f"`tasks` has {len(tasks)} entries but there are {len(predictions)} templates.")
         per_task = {}

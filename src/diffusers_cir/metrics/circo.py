@@ -53,6 +53,12 @@ CIRCO_SEMANTIC_ASPECTS = (
 )
 
 
+def check_on_empty_ground_truth(on_empty_ground_truth: str) -> None:
+    """``on_empty_ground_truth`` is ``"raise"`` or ``"nan"``; anything else is refused by name."""
+    if on_empty_ground_truth not in ("raise", "nan"):
+        raise ValueError(f'`on_empty_ground_truth` must be "raise" or "nan", got {on_empty_ground_truth!r}.')
+
+
 def _ground_truth_rows(rows: IdRows, on_empty_ground_truth: str, query_ids: Sequence[Any]) -> IdRows:
     lengths = rows.lengths
     empty = lengths == 0
@@ -110,8 +116,7 @@ def circo_per_query(
     ```
     """
     ks = check_ks(ks, "ks")
-    if on_empty_ground_truth not in ("raise", "nan"):
-        raise ValueError(f'`on_empty_ground_truth` must be "raise" or "nan", got {on_empty_ground_truth!r}.')
+    check_on_empty_ground_truth(on_empty_ground_truth)
     source = check_one_source(scores, gallery_ids, ranked_ids, "CIRCO mAP")
     gt_rows = as_id_rows(ground_truth_ids, "ground_truth_ids")
     num_queries = len(gt_rows)
