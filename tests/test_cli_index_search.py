@@ -191,3 +191,41 @@ def test_index_build_refuses_negative_num_workers_when_reading_the_command_line(
     assert exit_info.value.code == 2
     assert "argument --num-workers: expected 0 or a positive integer, got -1" in capsys.readouterr().err
     assert not (tmp_path / "index").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--factory", "IVFX"], r"--factory 'IVFX' is not a valid faiss index-factory string for 16-wide vectors: .*IVFX"),
+        (["--factory", "PQ5"], r"--factory 'PQ5' is not a valid faiss index-factory string for 16-wide vectors"),
+        (["--ondisk"], r"--ondisk needs an IVF factory \(on-disk inverted lists\); got 'Flat'"),
+        (["--factory", "IVF2,Flat", "--shard-size", "4"], r"--shard-size applies to factories that need no training"),
+        (["--nprobe", "3"], r"--nprobe applies to IVF indexes; 'Flat' is not one"),
+        (["--factory", "IVF2,Flat", "--ef-search", "3"], r"--ef-search applies to HNSW indexes; 'IVF2,Flat' is not one"),
+        (["--train-size", "10"], r"--train-size is the training sample of factories that need training .*'Flat' needs none"),
+        (["--split", "validation"], r"--split applies to --dataset only; the gallery here comes from --images"),
+        (["--image-column", "img", "--id-column", "name"], r"--image-column, --id-column apply to --dataset only; the gallery here comes from --images"),
+    ],
+)
+def test_index_build_refuses_index_options_that_cannot_work_before_embedding_anything(workspace, tmp_path, capsys, extra,
+                                                                                        message):
+    """A bad --factory, --ondisk / --nprobe / --ef-search / --shard-size for the wrong kind of index failed only after
+    the whole gallery had been embedded (naming `ondisk`, `nprobe`...); --train-size with a factory that needs no
+    training and --split / --image-column / --id-column without --dataset were silently ignored."""
+    assert main([
+        "index", "build", "--images", str(workspace / "images"), "--model", str(workspace / "model"),
+        "--output", str(tmp_path / "index"), "--num-workers", "0", "--device", "cpu", *extra,
+    ]) == 2
+    assert re.search(f"^error: {message}", capsys.readouterr().err, flags=re.MULTILINE)
+    assert not (tmp_path / "index").exists()
+
+
+def test_index_options_are_checked_with_the_names_of_the_library_arguments():
+    from diffusers_cir.retrieval import check_index_options
+
+    check_index_options(16, "IVF4,PQ4", train_size=100, nprobe=2, ondisk=True)
+    check_index_options(16, "HNSW32", efSearch=8, shard_size=10)
+    with pytest.raises(ValueError, match=r"`train_size` is the training sample .*'HNSW32' needs none"):
+        check_index_options(16, "HNSW32", train_size=100)
+    with pytest.raises(ValueError, match=r"`efSearch` applies to HNSW indexes; 'IVF4,Flat' is not one"):
+        check_index_options(16, "IVF4,Flat", efSearch=3)

@@ -20,6 +20,11 @@ from pathlib import Path
 from . import errors_as_messages, non_negative_int, positive_int
 
 
+# What `check_index_options` calls its arguments here.
+INDEX_FLAGS = {"factory": "--factory", "train_size": "--train-size", "shard_size": "--shard-size", "ondisk": "--ondisk",
+               "nprobe": "--nprobe", "efSearch": "--ef-search"}
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser("index", help="Embed a gallery of images and build a searchable index.")
     actions = parser.add_subparsers(dest="index_command", metavar="ACTION")
@@ -29,9 +34,10 @@ def register(subparsers) -> None:
     source.add_argument("--images", help="Folder of images (searched recursively).")
     source.add_argument("--list", dest="list_file", help="List file: one PATH or ID<TAB>PATH per line.")
     source.add_argument("--dataset", help="A datasets dataset: a save_to_disk folder or a load_dataset path.")
-    build.add_argument("--split", default="train", help="Dataset split (with --dataset). Default: train.")
-    build.add_argument("--image-column", default="image", help="Dataset image column. Default: image.")
-    build.add_argument("--id-column", default=None, help="Dataset id column (default: row numbers).")
+    # Defaults applied in run_build: given without --dataset, these would be ignored, so they are refused.
+    build.add_argument("--split", default=None, help="Dataset split (with --dataset). Default: train.")
+    build.add_argument("--image-column", default=None, help="Dataset image column (with --dataset). Default: image.")
+    build.add_argument("--id-column", default=None, help="Dataset id column (with --dataset; default: row numbers).")
     build.add_argument("--model", required=True, help="CIR pipeline folder (or CLIP vision model folder).")
     build.add_argument("--output", required=True, help="Index folder to write.")
     build.add_argument("--factory", default="Flat", help="faiss index-factory string. Default: Flat (exact).")
@@ -81,8 +87,20 @@ def run_build(args: argparse.Namespace) -> int:
     import torch
     from accelerate import Accelerator
 
-    from diffusers_cir.retrieval import build_index_from_embedding_files, encode_gallery, load_image_encoder
+    from diffusers_cir.retrieval import (
+        build_index_from_embedding_files,
+        check_index_options,
+        encode_gallery,
+        load_image_encoder,
+    )
 
+    if args.dataset is None:
+        given = [flag for flag, value in (("--split", args.split), ("--image-column", args.image_column),
+                                          ("--id-column", args.id_column)) if value is not None]
+        if given:
+            verb = "applies" if len(given) == 1 else "apply"
+            source = "--images" if args.images else "--list"
+            raise ValueError(f"{', '.join(given)} {verb} to --dataset only; the gallery here comes from {source}.")
     accelerator = Accelerator(cpu=args.device == "cpu")
     if accelerator.num_processes > 1:
         device = accelerator.device  # `accelerate launch`: one device per process
@@ -91,12 +109,17 @@ def run_build(args: argparse.Namespace) -> int:
         accelerator = None
     dtype = torch.float16 if args.fp16 else None
     encoder, processor = load_image_encoder(args.model, device=device, torch_dtype=dtype)
+    # The index options are checked for the model's embedding width now, not after the gallery has been embedded.
+    check_index_options(
+        encoder.config.projection_dim, args.factory, train_size=args.train_size, shard_size=args.shard_size,
+        ondisk=args.ondisk, nprobe=args.nprobe, efSearch=args.ef_search, names=INDEX_FLAGS,
+    )
     if args.images:
         source = args.images
     elif args.list_file:
         source = args.list_file
     else:
-        source = _load_dataset(args.dataset, args.split)
+        source = _load_dataset(args.dataset, args.split or "train")
     output = Path(args.output)
     gallery = encode_gallery(
         encoder,
@@ -111,7 +134,7 @@ def run_build(args: argparse.Namespace) -> int:
         num_workers=args.num_workers,
         resume=not args.no_resume,
         skip_unreadable=args.skip_unreadable,
-        image_column=args.image_column,
+        image_column=args.image_column or "image",
         id_column=args.id_column,
         accelerator=accelerator,
     )

@@ -10,7 +10,7 @@ Example:
 """
 
 from .backends import FaissSearchBackend, TorchExactSearchBackend, faiss_gpu_count, torch_exact_search
-from .build import build_index_from_embedding_files
+from .build import build_index_from_embedding_files, check_index_options
 from .encoders import (
     ClipVisionEmbedder,
     PipelineEmbedder,
@@ -46,6 +46,7 @@ __all__ = [
     "TorchExactSearchBackend",
     "as_image_embedder",
     "build_index_from_embedding_files",
+    "check_index_options",
     "composed_search",
     "encode_gallery",
     "faiss_gpu_count",

@@ -26,6 +26,57 @@ from .gallery import GalleryEmbeddings
 from .index import IVFDATA_NAME, GalleryIndex, normalize_embeddings
 
 
+def check_index_options(
+    embedding_dim: int,
+    factory: str = "Flat",
+    *,
+    train_size: int | None = None,
+    shard_size: int | None = None,
+    ondisk: bool = False,
+    nprobe: int | None = None,
+    efSearch: int | None = None,
+    names: dict[str, str] | None = None,
+) -> None:
+    """Refuse index options that cannot work together, before anything is embedded or trained.
+
+    A factory string faiss cannot build for ``embedding_dim``-wide vectors, ``ondisk`` without IVF, ``shard_size``
+    with a factory that needs training, ``train_size`` with one that needs none (it would be ignored), ``nprobe``
+    without IVF and ``efSearch`` without HNSW. ``names`` maps the argument names to what the caller calls them in
+    the messages (``diffusers-cir index build`` passes its flags).
+    """
+    faiss = _import_faiss()
+
+    def name(key: str) -> str:
+        return (names or {}).get(key, f"`{key}`")
+
+    try:
+        index = faiss.index_factory(int(embedding_dim), str(factory), faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as error:
+        raise ValueError(
+            f"{name('factory')} {factory!r} is not a valid faiss index-factory string for {embedding_dim}-wide "
+            f"vectors: {str(error).strip().splitlines()[-1]}"
+        ) from error
+    if ondisk and not _is_ivf(faiss, index):
+        raise ValueError(f"{name('ondisk')} needs an IVF factory (on-disk inverted lists); got {factory!r}.")
+    if shard_size is not None and (ondisk or not index.is_trained):
+        raise ValueError(
+            f"{name('shard_size')} applies to factories that need no training (Flat, HNSW...); {factory!r} is better "
+            f"served by one trained index with on-disk inverted lists ({name('ondisk')})."
+        )
+    if train_size is not None and index.is_trained:
+        raise ValueError(
+            f"{name('train_size')} is the training sample of factories that need training (IVF, PQ...); {factory!r} "
+            "needs none, so it would be ignored."
+        )
+    space = faiss.ParameterSpace()
+    for key, value, kind in (("nprobe", nprobe, "IVF"), ("efSearch", efSearch, "HNSW")):
+        if value is not None:
+            try:
+                space.set_index_parameter(index, key, int(value))
+            except RuntimeError as error:
+                raise ValueError(f"{name(key)} applies to {kind} indexes; {factory!r} is not one.") from error
+
+
 def build_index_from_embedding_files(
     gallery: GalleryEmbeddings | str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -43,6 +94,7 @@ def build_index_from_embedding_files(
     Args:
         factory: faiss index-factory string (``"Flat"``, ``"IVF4096,PQ64"``, ``"HNSW32"``, ...).
         train_size: vectors sampled (uniformly, across parts) to train IVF / PQ; default ``64 * nlist``, >= 16k.
+            Refused for a factory that needs no training (see :func:`check_index_options`).
         shard_size: split the index into parts of this many vectors (for factories that need no training).
         ondisk: keep the inverted lists of an IVF index in ``index.ivfdata`` (merged with faiss'
             ``OnDiskInvertedLists``) instead of memory.
@@ -58,19 +110,15 @@ def build_index_from_embedding_files(
     faiss = _import_faiss()
     if not isinstance(gallery, GalleryEmbeddings):
         gallery = GalleryEmbeddings(gallery)
+    check_index_options(
+        gallery.embedding_dim, factory, train_size=train_size, shard_size=shard_size, ondisk=ondisk, nprobe=nprobe,
+        efSearch=efSearch,
+    )
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     template = GalleryIndex(
         gallery.embedding_dim, factory=factory, model=gallery.model, model_fingerprint=gallery.model_fingerprint
     )
-    is_ivf = _is_ivf(faiss, template._parts[0])
-    if ondisk and not is_ivf:
-        raise ValueError(f"`ondisk` needs an IVF factory (on-disk inverted lists); got {factory!r}.")
-    if shard_size is not None and (ondisk or not template.is_trained):
-        raise ValueError(
-            f"`shard_size` applies to factories that need no training (Flat, HNSW...); {factory!r} is better "
-            "served by one trained index with on-disk inverted lists (`ondisk=True`)."
-        )
     if not template.is_trained:
         sample_size = train_size or template.default_train_size()
         sample = gallery.sample(sample_size, seed=seed)
