@@ -229,3 +229,49 @@ def test_index_options_are_checked_with_the_names_of_the_library_arguments():
         check_index_options(16, "HNSW32", train_size=100)
     with pytest.raises(ValueError, match=r"`efSearch` applies to HNSW indexes; 'IVF4,Flat' is not one"):
         check_index_options(16, "IVF4,Flat", efSearch=3)
+
+
+def test_search_checks_its_command_line_before_loading_the_pipeline(workspace, tmp_path, capsys, monkeypatch):
+    """A missing or unreadable --image / --mask, --steps 0 and an --exclude-id that is not in the index failed only
+    after the pipeline had loaded (naming `image`, `num_inference_steps`) or, for the id, excluded nothing without a
+    word; --mask without --image was used as a mask of no reference."""
+    import diffusers_cir.retrieval
+
+    assert main(["index", "build", "--images", str(workspace / "images"), "--model", str(workspace / "model"),
+                 "--output", str(tmp_path / "index"), "--num-workers", "0", "--device", "cpu"]) == 0
+    capsys.readouterr()
+
+    def no_pipeline(*args, **kwargs):
+        raise AssertionError("the pipeline was loaded before the command line was checked")
+
+    monkeypatch.setattr(diffusers_cir.retrieval, "load_cir_pipeline", no_pipeline)
+    (tmp_path / "notes.png").write_text("not an image")
+    search = ["search", "--index", str(tmp_path / "index"), "--text", "red", "--device", "cpu",
+              "--html", str(tmp_path / "page.html")]
+    reference = str(workspace / "images" / "photo03.png")
+    for flag in ("--steps", "--k"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*search, "--image", reference, flag, "0"])
+        assert exit_info.value.code == 2
+        assert f"argument {flag}: expected a positive integer, got 0" in capsys.readouterr().err
+    for extra, message in [
+        (["--image", str(tmp_path / "missing.png")], r"--image '.*missing\.png': there is no file there\."),
+        (["--image", reference, "--mask", str(tmp_path / "missing.png")], r"--mask '.*missing\.png': there is no file"),
+        (["--image", str(tmp_path / "notes.png")], r"--image '.*notes\.png' could not be read as an image"),
+        (["--mask", str(workspace / "mask.png")], r"--mask marks the region of the reference image to change: give "
+                                                  r"the reference with --image\."),
+        (["--image", reference, "--exclude-id", "photo99.png"], r"--exclude-id 'photo99\.png': not an id of this index "
+                                                                r"\(its ids look like '.*photo00\.png'"),
+    ]:
+        assert main([*search, *extra]) == 2
+        assert re.search(f"^error: {message}", capsys.readouterr().err, flags=re.MULTILINE), message
+    assert not (tmp_path / "page.html").exists()
+
+    from diffusers_cir.commands.search import _exclude_ids
+
+    integer_ids = np.array([10, 11, 12], dtype=np.int64)
+    assert _exclude_ids(["11", "12"], integer_ids) == [11, 12]
+    with pytest.raises(ValueError, match=r"--exclude-id 'x11': the ids of this index are integers"):
+        _exclude_ids(["x11"], integer_ids)
+    with pytest.raises(ValueError, match=r"--exclude-id 13: not an id of this index \(its ids look like 10, 11, 12\)"):
+        _exclude_ids(["13"], integer_ids)

@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import errors_as_messages
+from . import errors_as_messages, positive_int
 
 
 def register(subparsers) -> None:
@@ -26,9 +26,10 @@ def register(subparsers) -> None:
     parser.add_argument("--image", default=None, help="Reference image (omit for a text-only query).")
     parser.add_argument("--text", required=True, help='Modification text, e.g. "as a pencil sketch".')
     parser.add_argument("--negative-text", default=None, help="What the results should not have.")
-    parser.add_argument("--mask", default=None, help="Mask image: the region of the reference to change (white).")
-    parser.add_argument("--k", type=int, default=20, help="Number of results. Default: 20.")
-    parser.add_argument("--steps", type=int, default=10, help="Sampler steps of the pipeline. Default: 10.")
+    parser.add_argument(
+        "--mask", default=None, help="Mask image: the region of the reference to change (white); needs --image.")
+    parser.add_argument("--k", type=positive_int, default=20, help="Number of results. Default: 20.")
+    parser.add_argument("--steps", type=positive_int, default=10, help="Sampler steps of the pipeline. Default: 10.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the pipeline's sampler. Default: 0.")
     parser.add_argument("--html", default="diffusers-cir-search.html", help="HTML page to write.")
     parser.add_argument("--json", dest="json_path", default=None, help="Also write the results as JSON here.")
@@ -38,25 +39,56 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run_search)
 
 
+def _check_image_file(flag: str, path: str) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise ValueError(f"{flag} {path!r}: there is no file there.")
+    try:
+        with Image.open(path):
+            pass
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"{flag} {path!r} could not be read as an image: {error}") from error
+
+
+def _exclude_ids(given: list[str], index_ids) -> list:
+    """The --exclude-id values as index ids; an id the index does not hold (a typo) would exclude nothing."""
+    import numpy as np
+
+    if index_ids.dtype.kind == "i":
+        not_integers = [item for item in given if not item.strip().lstrip("-").isdigit()]
+        if not_integers:
+            raise ValueError(f"--exclude-id {not_integers[0]!r}: the ids of this index are integers.")
+        given = [int(item) for item in given]
+    unknown = [item for item, known in zip(given, np.isin(np.asarray(given), index_ids)) if not known]
+    if unknown:
+        raise ValueError(
+            f"--exclude-id {', '.join(repr(item) for item in unknown)}: not an id of this index (its ids look like "
+            f"{', '.join(repr(item) for item in index_ids[:3].tolist())})."
+        )
+    return given
+
+
 @errors_as_messages
 def run_search(args: argparse.Namespace) -> int:
     import torch
 
     from diffusers_cir.retrieval import GalleryIndex, composed_search, load_cir_pipeline
 
-    if args.k < 1:
-        print(f"--k must be a positive integer; got {args.k}.", file=sys.stderr)
-        return 2
+    # Everything the command line names is checked before the pipeline loads (a missing image failed after it).
+    if args.mask is not None and args.image is None:
+        raise ValueError("--mask marks the region of the reference image to change: give the reference with --image.")
+    for flag, path in (("--image", args.image), ("--mask", args.mask)):
+        if path is not None:
+            _check_image_file(flag, path)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     index = GalleryIndex.load(args.index)
     model = args.model or index.model
     if model is None:
         print("--model is required: the index does not record the model it was built with.", file=sys.stderr)
         return 2
+    exclude_ids = _exclude_ids(args.exclude_id, index.ids)
     pipeline = load_cir_pipeline(model, device=device)
-    exclude_ids = list(args.exclude_id)
-    if index.ids.dtype.kind == "i":
-        exclude_ids = [int(item) for item in exclude_ids]
     result = composed_search(
         pipeline,
         index,
