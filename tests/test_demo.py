@@ -51,3 +51,46 @@ def test_demo_rejects_inconsistent_options():
         main(["demo", "--update-shipped-checkpoint"])
     with pytest.raises(SystemExit, match="--num-queries"):
         main(["demo", "--num-queries", "0"])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--steps", "5"], r"--steps needs --train \(without it the demo loads a trained checkpoint"),
+        (["--train-triplets", "100", "--output-dir", "run"], r"--train-triplets, --output-dir need --train"),
+        (["--train", "--checkpoint", "somewhere"], r"--checkpoint loads a trained demo checkpoint, --train trains a new"),
+    ],
+)
+def test_demo_refuses_options_it_would_ignore(monkeypatch, argv, message):
+    """Training options without --train, and --checkpoint with it, were silently ignored."""
+    import diffusers_cir.demo
+
+    def no_demo(**kwargs):
+        raise AssertionError("the demo ran")
+
+    monkeypatch.setattr(diffusers_cir.demo, "run_demo", no_demo)
+    with pytest.raises(SystemExit, match=message):
+        main(["demo", *argv])
+
+
+@pytest.mark.parametrize("flag", ["--examples", "--seed"])
+def test_demo_negative_examples_or_seed_are_refused_when_the_command_line_is_read(capsys, flag):
+    """--examples -1 printed no example without a word; --seed -1 failed in numpy with a traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", flag, "-1"])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: expected 0 or a positive integer, got -1" in capsys.readouterr().err
+
+
+def test_demo_json_report_goes_into_a_folder_that_does_not_exist_yet(tmp_path, monkeypatch, capsys):
+    """--json into a new folder failed with a FileNotFoundError traceback after the whole demo had run."""
+    import diffusers_cir.demo
+    from diffusers_cir.demo import DemoResult
+
+    measured = DemoResult(recalls={"compodiff": {"recall_at1": 0.5}, "image_only": {"recall_at1": 0.25}}, examples=[],
+                          num_queries=4, gallery_size=8, seconds={"total": 0.0}, source="stand-in")
+    monkeypatch.setattr(diffusers_cir.demo, "run_demo", lambda **kwargs: measured)
+    report = tmp_path / "reports" / "demo.json"
+    assert main(["demo", "--json", str(report)]) == 0
+    assert json.loads(report.read_text())["recalls"] == measured.recalls
+    assert "CompoDiff R@1 0.500" in capsys.readouterr().out

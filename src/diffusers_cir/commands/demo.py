@@ -7,6 +7,9 @@ import json
 import os
 import sys
 import tempfile
+from pathlib import Path
+
+from . import non_negative_int
 
 
 def register(subparsers) -> None:
@@ -22,7 +25,8 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="Fewer queries (1,000) for a fast check.")
     parser.add_argument("--num-queries", type=int, default=None, help="Test queries to run (default: all).")
-    parser.add_argument("--examples", type=int, default=3, help="Example queries to print with their top results.")
+    parser.add_argument(
+        "--examples", type=non_negative_int, default=3, help="Example queries to print with their top results.")
     parser.add_argument(
         "--train", action="store_true",
         help="Train the prior now with the real training loop (about 10 minutes on 2 CPU cores) instead of loading "
@@ -38,9 +42,10 @@ def register(subparsers) -> None:
         "--update-shipped-checkpoint", action="store_true",
         help="With --train: write the trained denoiser (float16) as the package's shipped demo checkpoint.",
     )
-    parser.add_argument("--checkpoint", type=str, default=None, help="A demo checkpoint folder to load instead.")
+    parser.add_argument(
+        "--checkpoint", type=str, default=None, help="A demo checkpoint folder to load instead (not with --train).")
     parser.add_argument("--world", choices=["default", "tiny"], default="default")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="World and query seed. Default: 0.")
     parser.add_argument("--json", type=str, default=None, help="Also write the measurements to this JSON file.")
     parser.set_defaults(func=run)
 
@@ -50,6 +55,15 @@ def run(args: argparse.Namespace) -> int:
 
     if args.update_shipped_checkpoint and not args.train:
         raise SystemExit("--update-shipped-checkpoint needs --train (it ships what this command trains).")
+    # Training options without --train, or a checkpoint to load with it, were silently ignored.
+    if not args.train:
+        given = [flag for flag, value in (("--steps", args.steps), ("--train-triplets", args.train_triplets),
+                                          ("--output-dir", args.output_dir)) if value is not None]
+        if given:
+            raise SystemExit(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --train (without it the "
+                             "demo loads a trained checkpoint and trains nothing).")
+    elif args.checkpoint is not None:
+        raise SystemExit("--checkpoint loads a trained demo checkpoint, --train trains a new one: give one of them.")
     if args.num_queries is not None and args.num_queries <= 0:
         raise SystemExit(f"--num-queries must be positive, got {args.num_queries}.")
     num_queries = args.num_queries if args.num_queries is not None else (1000 if args.quick else None)
@@ -100,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
             target = export_checkpoint(os.path.join(work_dir, "compodiff"), SHIPPED_CHECKPOINT, info)
             print(f"\nShipped checkpoint updated: {target}")
         if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)  # as `search --json` does
             with open(args.json, "w", encoding="utf-8") as handle:
                 json.dump(
                     {"recalls": result.recalls, "examples": result.examples, "num_queries": result.num_queries,
