@@ -359,3 +359,87 @@ def test_a_missing_category_fails_before_any_other_is_embedded(tmp_path):
     with pytest.raises(FileNotFoundError, match="shirt"):
         run_evaluation(CountingEncoder(), "fashioniq", only_dress, output_dir=tmp_path / "out", progress=False)
     assert CountingEncoder.calls == 0 and not (tmp_path / "out").exists()
+
+
+def _tiny_cirr(root: Path) -> Path:
+    """A CIRR-style val split (annotation files only: the cases below fail before any image is read)."""
+    names = [f"dev-{i}-0-img0" for i in range(8)]
+    root.mkdir(parents=True)
+    (root / "split.rc2.val.json").write_text(json.dumps({name: f"./dev/{name}.png" for name in names}))
+    captions = [{"pairid": i, "reference": names[i], "target_hard": names[i + 1], "caption": f"change {i}",
+                 "target_soft": {names[i + 1]: 1.0}, "img_set": {"id": i, "members": names[i : i + 6]}}
+                for i in range(2)]
+    (root / "cap.rc2.val.json").write_text(json.dumps(captions))
+    return root
+
+
+@pytest.mark.parametrize(
+    "flag, value, allowed",
+    [("--batch-size", "0", "a positive integer"), ("--image-batch-size", "0", "a positive integer"),
+     ("--num-workers", "-1", "0 or a positive integer"), ("--num-inference-steps", "0", "a positive integer")],
+)
+def test_evaluate_sizes_are_checked_when_the_command_line_is_read(tmp_path, capsys, flag, value, allowed):
+    """These failed only after the pipeline had loaded, as "range() arg 3 must not be zero", a DataLoader message or
+    `num_inference_steps`, naming no flag."""
+    with pytest.raises(SystemExit) as exit_info:
+        _cli(["evaluate", "cirr", "--dry-run", "--data-root", str(tmp_path), "--output-dir", str(tmp_path / "o"),
+              flag, value])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: expected {allowed}, got {value}" in capsys.readouterr().err
+
+
+def test_evaluate_checks_arguments_and_annotation_files_before_the_pipeline_loads(tmp_path, capsys, monkeypatch):
+    """A misspelt --split, a --subset for CIRR, a --prompt-template without '{}' and CompoDiff options for a LinCIR
+    folder failed only after the pipeline had loaded; --fashioniq-captions for another benchmark was ignored."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from diffusers_cir import LinCIRPipeline, TextualInversionProjection
+    from diffusers_cir.evaluation import encoders
+    from diffusers_cir.utils import build_offline_clip_tokenizer
+
+    root = _tiny_cirr(tmp_path / "CIRR")
+    folder = tmp_path / "lincir"
+    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                                              num_attention_heads=4, projection_dim=16))
+    LinCIRPipeline(phi=TextualInversionProjection(input_dim=16, hidden_dim=32, output_dim=32), text_encoder=text_encoder,
+                   tokenizer=build_offline_clip_tokenizer()).save_pretrained(folder)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the pipeline was loaded before the arguments were checked")
+
+    monkeypatch.setattr(encoders.PipelineEncoder, "from_pretrained", no_loading)
+    command = ["evaluate", "cirr", "--pipeline", str(folder), "--data-root", str(root), "--output-dir",
+               str(tmp_path / "out"), "--no-progress"]
+    for extra, message in [
+        (["--split", "vall"], "CIRR has splits ('train', 'val', 'test1'), got 'vall'"),
+        (["--subset", "dress"], "cirr has no subsets"),
+        (["--prompt-template", "a photo of $"], "`prompt_template` must contain '{}'"),
+        (["--num-inference-steps", "3"], f"--num-inference-steps: LinCIRPipeline ({folder}) does not take this option"),
+        (["--guidance-scale", "2", "--negative-prompt", "x"],
+         f"--negative-prompt, --guidance-scale: LinCIRPipeline ({folder}) does not take these options"),
+    ]:
+        assert _cli(command + extra) == 2
+        assert f"diffusers-cir evaluate: error: {message}" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--fashioniq-captions applies to FashionIQ only"):
+        _cli(command + ["--fashioniq-captions", "searle"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_evaluation_builds_an_encoder_factory_after_its_checks_and_refuses_bad_batch_sizes(tmp_path):
+    from diffusers_cir.evaluation import run_evaluation
+
+    root = _tiny_cirr(tmp_path / "CIRR")
+
+    def no_encoder():
+        raise AssertionError("the encoder was built before the split was checked")
+
+    with pytest.raises(ValueError, match="got 'vall'"):
+        run_evaluation(no_encoder, "cirr", root, "vall", output_dir=tmp_path / "out")
+    for name in ("query_batch_size", "image_batch_size"):
+        with pytest.raises(ValueError, match=f"`{name}` must be a positive integer, got 0"):
+            run_evaluation(no_encoder, "cirr", root, "val", output_dir=tmp_path / "out", **{name: 0})
+    built = []
+    encoder = IdHashEncoder()
+    result = run_evaluation(lambda: built.append(1) or encoder, "cirr", root, "val", output_dir=tmp_path / "out",
+                            progress=False)
+    assert built == [1] and result.report["encoder"] == encoder.fingerprint

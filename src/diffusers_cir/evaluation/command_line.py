@@ -1,15 +1,19 @@
 """Command-line arguments shared by ``diffusers-cir evaluate`` and ``examples/evaluate_cir.py``.
 
-Only the standard library is imported at module level so that ``diffusers-cir --help`` stays fast; the
-choices below are checked against the library constants by the tests.
+Only the standard library (and ``diffusers_cir.commands``, which imports nothing else) is imported at module level
+so that ``diffusers-cir --help`` stays fast; the choices below are checked against the library constants by the
+tests.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
+
+from ..commands import non_negative_int, positive_int
 
 __all__ = ["add_evaluation_arguments", "run_from_args", "read_id_list"]
 
@@ -34,13 +38,14 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
                         help="FashionIQ categories or GeneCIS tasks (default: all).")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="Gallery-embedding cache (default: <output-dir>/embedding_cache); reused across runs.")
-    parser.add_argument("--fashioniq-captions", choices=CAPTION_STYLE_CHOICES, default="clip4cir",
-                        help="FashionIQ caption joining: CLIP4Cir's single prompt, or SEARLE/LinCIR's two orders averaged.")
+    parser.add_argument("--fashioniq-captions", choices=CAPTION_STYLE_CHOICES, default=None,
+                        help="FashionIQ caption joining: CLIP4Cir's single prompt (default), or SEARLE/LinCIR's two "
+                             "orders averaged.")
     parser.add_argument("--prompt-template", default="{}", help="Wraps every query text, e.g. 'a photo of $ that {}'.")
-    parser.add_argument("--batch-size", type=int, default=32, help="Queries composed per pipeline call.")
-    parser.add_argument("--image-batch-size", type=int, default=64, help="Images per image-encoder call.")
-    parser.add_argument("--num-workers", type=int, default=0, help="Image-decoding worker processes.")
-    parser.add_argument("--num-inference-steps", type=int, default=None, help="CompoDiff sampler steps.")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="Queries composed per pipeline call.")
+    parser.add_argument("--image-batch-size", type=positive_int, default=64, help="Images per image-encoder call.")
+    parser.add_argument("--num-workers", type=non_negative_int, default=0, help="Image-decoding worker processes.")
+    parser.add_argument("--num-inference-steps", type=positive_int, default=None, help="CompoDiff sampler steps.")
     parser.add_argument("--negative-prompt", default=None, help="CompoDiff negative text.")
     parser.add_argument("--guidance-scale", type=float, default=None, help="CompoDiff text guidance.")
     parser.add_argument("--image-guidance-scale", type=float, default=None, help="CompoDiff image guidance.")
@@ -83,23 +88,40 @@ def read_id_list(path: Path) -> list:
     return [int(i) if isinstance(i, str) and i.isdigit() else i for i in ids]
 
 
-def _encoder_from_args(args: argparse.Namespace):
+# Pipeline-call options: flag -> argument of the pipeline call (and attribute of the parsed arguments).
+PIPELINE_CALL_FLAGS = {
+    "--num-inference-steps": "num_inference_steps",
+    "--negative-prompt": "negative_prompt",
+    "--guidance-scale": "guidance_scale",
+    "--image-guidance-scale": "image_guidance_scale",
+}
+
+
+def _pipeline_call_kwargs(args: argparse.Namespace) -> dict:
+    """The pipeline-call options given on the command line; refused, naming their flags, when the pipeline class in
+    ``--pipeline`` does not take them (LinCIR has no sampler): read from ``model_index.json``, before loading."""
+    import inspect
+
+    from .encoders import pipeline_class_for_folder
+
+    given = {flag: getattr(args, name) for flag, name in PIPELINE_CALL_FLAGS.items() if getattr(args, name) is not None}
+    if given and args.pipeline is not None:
+        pipeline_class = pipeline_class_for_folder(args.pipeline)
+        accepted = set(inspect.signature(pipeline_class.__call__).parameters)
+        refused = [flag for flag in given if PIPELINE_CALL_FLAGS[flag] not in accepted]
+        if refused:
+            raise ValueError(f"{', '.join(refused)}: {pipeline_class.__name__} ({args.pipeline}) does not take "
+                             f"{'this option' if len(refused) == 1 else 'these options'} (CompoDiff only).")
+    return {PIPELINE_CALL_FLAGS[flag]: value for flag, value in given.items()}
+
+
+def _encoder_from_args(args: argparse.Namespace, call_kwargs: dict):
     import torch
 
     from .encoders import IdHashEncoder, PipelineEncoder
 
     if args.dry_run:
         return IdHashEncoder()
-    call_kwargs = {
-        name: value
-        for name, value in (
-            ("num_inference_steps", args.num_inference_steps),
-            ("negative_prompt", args.negative_prompt),
-            ("guidance_scale", args.guidance_scale),
-            ("image_guidance_scale", args.image_guidance_scale),
-        )
-        if value is not None
-    }
     return PipelineEncoder.from_pretrained(
         args.pipeline, device=args.device, torch_dtype=None if args.dtype is None else getattr(torch, args.dtype), image_batch_size=args.image_batch_size,
         num_workers=args.num_workers, seed=args.seed, call_kwargs=call_kwargs,
@@ -112,6 +134,8 @@ def run_from_args(args: argparse.Namespace, encoder=None) -> int:
     from .runner import metrics_markdown, run_evaluation
 
     loader_kwargs = {}
+    if args.fashioniq_captions is not None and args.benchmark != "fashioniq":
+        raise SystemExit("--fashioniq-captions applies to FashionIQ only (the other benchmarks have one caption per query).")
     if args.gallery_ids is not None:
         if args.benchmark != "circo":
             raise SystemExit("--gallery-ids applies to CIRCO only (CIRR and FashionIQ galleries come from their split files).")
@@ -121,15 +145,19 @@ def run_from_args(args: argparse.Namespace, encoder=None) -> int:
             raise SystemExit("--image-root applies to GeneCIS only (the other benchmarks keep images in their folder).")
         loader_kwargs["image_root"] = args.image_root
     try:
+        if encoder is None:
+            call_kwargs = _pipeline_call_kwargs(args)
+            # Built by run_evaluation once the arguments and the annotation files are known to be good.
+            encoder = functools.partial(_encoder_from_args, args, call_kwargs)
         result = run_evaluation(
-            encoder if encoder is not None else _encoder_from_args(args),
+            encoder,
             args.benchmark,
             args.data_root,
             args.split,
             output_dir=args.output_dir,
             subsets=args.subset,
             cache_dir=args.cache_dir,
-            caption_style=args.fashioniq_captions,
+            caption_style=args.fashioniq_captions or "clip4cir",
             prompt_template=args.prompt_template,
             query_batch_size=args.batch_size,
             image_batch_size=args.image_batch_size,

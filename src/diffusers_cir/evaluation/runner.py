@@ -248,7 +248,7 @@ def _subsets_for(name: str, subsets: Sequence[str] | None) -> list[str | None]:
 
 
 def run_evaluation(
-    encoder: CIREncoder,
+    encoder: CIREncoder | Callable[[], CIREncoder],
     benchmark: str,
     data_root: str | os.PathLike,
     split: str = "val",
@@ -268,7 +268,9 @@ def run_evaluation(
     """Evaluate ``encoder`` on ``benchmark`` / ``split`` read from ``data_root`` (official layout).
 
     Args:
-        encoder: a :class:`~diffusers_cir.evaluation.CIREncoder` (e.g. ``PipelineEncoder.from_pretrained(folder)``).
+        encoder: a :class:`~diffusers_cir.evaluation.CIREncoder` (e.g. ``PipelineEncoder.from_pretrained(folder)``),
+            or a function without arguments that builds one: it is called once the arguments and the annotation
+            files have been checked, so a typo in them fails before the model loads.
         benchmark: ``"cirr"``, ``"fashioniq"``, ``"circo"`` or ``"genecis"``.
         subsets: FashionIQ categories or GeneCIS tasks (default: all); FashionIQ and GeneCIS averages are over them.
         output_dir: receives ``metrics.json``, ``metrics.md``, ``rankings*.json``, ``query_embeddings*.safetensors``
@@ -295,12 +297,17 @@ def run_evaluation(
         raise ValueError(f"`caption_style` must be one of {FASHIONIQ_CAPTION_STYLES}, got {caption_style!r}.")
     if "{}" not in prompt_template:
         raise ValueError(f"`prompt_template` must contain '{{}}' where the text goes, got {prompt_template!r}.")
+    for name, value in (("query_batch_size", query_batch_size), ("image_batch_size", image_batch_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
     # Every split's annotation files are read before any work is done (or any folder created): a missing
     # category or task fails at once instead of after the model has embedded and ranked the ones before it.
     loaded_splits = [
         load_benchmark(benchmark, data_root, split, subset=subset, **(loader_kwargs or {}))
         for subset in _subsets_for(benchmark, subsets)
     ]
+    if not hasattr(encoder, "encode_images") and callable(encoder):
+        encoder = encoder()
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     cache = EmbeddingCache(output_dir / "embedding_cache" if cache_dir is None else cache_dir, encoder.fingerprint)
