@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from diffusers_cir.metrics import compute_circo_metrics, genecis_recall_at_k
+from diffusers_cir.metrics import compute_circo_metrics, compute_cirr_metrics, genecis_recall_at_k
 
 evaluate = pytest.importorskip("evaluate")
 
@@ -455,3 +455,119 @@ def test_stored_batches_mixin_example_runs(monkeypatch):
     monkeypatch.chdir(MODULES.parents[1])  # the example loads "hub/metrics/cirr"
     result = doctest.testmod(evaluate_support, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def _cirr_columns(data, name):
+    """The fixture's CIRR columns with every id passed through `name`."""
+    queries = data["inputs"]["queries"]
+    rankings = rankings_from_scores(data["inputs"]["scores"], data["inputs"]["gallery_ids"])
+    return dict(predictions=[[name(i) for i in ranking] for ranking in rankings],
+                references=[name(query["target_id"]) for query in queries],
+                reference_ids=[name(query["reference_id"]) for query in queries],
+                group_members=[[name(i) for i in query["group_members"]] for query in queries])
+
+
+@pytest.mark.parametrize("path", fixtures_of("cirr_recall"))
+def test_cirr_module_mixes_string_and_int_batches(path):
+    # The first batch fixed the id type: an int batch after a string one was refused with evaluate's generic
+    # "Module inputs don't match the expected format", a string batch after an int one failed with "invalid
+    # literal for int()", and a batch mixing both inside it was stored with its strings JSON-quoted ('"t"').
+    data = load_fixture(path)
+    position = {image: index for index, image in enumerate(data["inputs"]["gallery_ids"])}
+    names = _cirr_columns(data, str)
+    ints = _cirr_columns(data, position.__getitem__)
+    digits = _cirr_columns(data, lambda image: str(position[image]))
+    expected = official_cirr_metrics(data)
+    half = len(names["references"]) // 2
+
+    def halves(first, second):
+        return ({key: values[:half] for key, values in first.items()}, {key: values[half:] for key, values in second.items()})
+
+    module = fresh("cirr")
+    for first, second in (halves(names, ints), halves(ints, digits), halves(digits, ints)):
+        module.add_batch(**first)
+        module.add_batch(**second)
+        assert_all_close(module.compute(), expected, PERCENT_TOLERANCE)
+    # Ints and strings inside one batch (each query compares its own ids: as strings here, ints as their spelling).
+    mixed = {key: [row if index % 2 else (ints[key][index]) for index, row in enumerate(values)]
+             for key, values in names.items()}
+    assert_all_close(module.compute(**mixed), expected, PERCENT_TOLERANCE)
+    assert module.compute(**mixed) == compute_cirr_metrics(
+        target_ids=mixed["references"], reference_ids=mixed["reference_ids"], ranked_ids=mixed["predictions"],
+        group_members=mixed["group_members"])
+
+
+def test_cirr_module_refuses_names_after_int_batches_naming_the_argument():
+    # Int batches are stored as ints (converting them would slow every int evaluation down); a later id that no int
+    # spells cannot join them, and "07" would become 7 (equal to a "7" it is not equal to as a name).
+    module = fresh("cirr")
+    ints = dict(predictions=[[0, 2, 1, 3]], references=[1], reference_ids=[0], group_members=[[0, 1, 2]])
+    module.add_batch(**ints)
+    for bad, shown in (({"references": ["t"], "group_members": [[0, "t", 2]], "predictions": [[0, "t", 2]]}, "'t'"),
+                       ({"references": ["07"], "group_members": [["00", "07"]], "predictions": [["00", "07"]],
+                         "reference_ids": ["00"]}, "'00'")):
+        with pytest.raises(ValueError, match=rf"`predictions` holds the string id {shown}, but the batches added "
+                                             "before hold int ids"):
+            module.add_batch(**dict(ints, **bad))
+    module.add(prediction=["5", "7", "6"], reference="7", reference_ids="5", group_members=["5", "6", "7"])
+    assert module.compute(recall_ks=(1, 2), subset_ks=(1,)) == compute_cirr_metrics(
+        target_ids=[1, 7], reference_ids=[0, 5], ranked_ids=[[0, 2, 1, 3], [5, 7, 6]],
+        group_members=[[0, 1, 2], [5, 6, 7]], recall_ks=(1, 2), subset_ks=(1,))
+
+
+def cirr_batches_as_the_library_scores_each(batches, recall_ks, subset_ks):
+    """Each batch scored by the library on its own (its queries compare their own ids), the hits pooled."""
+    from diffusers_cir.metrics import cirr_per_query
+
+    hits = [cirr_per_query(target_ids=batch["references"], reference_ids=batch["reference_ids"],
+                           ranked_ids=batch["predictions"], group_members=batch["group_members"],
+                           recall_ks=recall_ks, subset_ks=subset_ks) for batch in batches]
+    metrics = {name: 100 * float(np.mean(np.concatenate([batch[name] for batch in hits]))) for name in hits[0]}
+    if "recall_at5" in metrics and "recall_subset_at1" in metrics:
+        metrics["avg"] = (metrics["recall_at5"] + metrics["recall_subset_at1"]) / 2
+    return metrics
+
+
+def test_cirr_module_batch_mixing_ints_and_digit_strings_compares_them_like_the_library():
+    # String columns next to int columns compare as ints when every string spells one ("07" is 7), as the library
+    # casts them, whatever kind of ids the batches stored before hold.
+    batch = dict(predictions=[[7, 5, 9], [1, 2, 3]], references=["07", "03"], reference_ids=[5, 1],
+                 group_members=[[5, 7, 8], [1, 2, 3]])
+    options = dict(recall_ks=(1, 2), subset_ks=(1,))
+    alone = compute_cirr_metrics(target_ids=batch["references"], reference_ids=batch["reference_ids"],
+                                 ranked_ids=batch["predictions"], group_members=batch["group_members"], **options)
+    assert alone["recall_at1"] == 50.0  # "07" is the target 7 of the first query
+    assert cirr_batches_as_the_library_scores_each([batch], **options) == alone
+    names = dict(predictions=[["a", "c", "b"]], references=["b"], reference_ids=["a"], group_members=[["a", "b"]])
+    ints = dict(predictions=[[10, 11]], references=[11], reference_ids=[10], group_members=[[10, 11]])
+    for stored_first in (names, ints):
+        module = fresh("cirr")
+        module.add_batch(**stored_first)
+        module.add_batch(**batch)
+        assert module.compute(**options) == cirr_batches_as_the_library_scores_each([stored_first, batch], **options)
+    module = fresh("cirr")
+    module.add_batch(**batch)
+    assert module.compute(**options) == alone
+    with pytest.raises(ValueError, match=r"`predictions\[0\]` lists id '?7'? more than once"):
+        module.add_batch(**dict(batch, predictions=[["07", 7, 9], [1, 2, 3]]))
+
+
+def test_fashioniq_module_mixes_string_and_int_batches():
+    from diffusers_cir.metrics import compute_fashioniq_metrics
+
+    module = fresh("fashioniq")
+    module.add_batch(predictions=[["a", "b"], ["c", "d"]], references=["b", "c"], categories=["dress", "shirt"])
+    module.add_batch(predictions=[[1, 2], [3, "x"]], references=[2, "x"], categories=["dress", "toptee"])
+    module.add(prediction=[4, "04"], reference="04", categories="shirt")  # compared as strings, "04" is not 4
+    got = module.compute(ks=(1, 2))
+    assert got == compute_fashioniq_metrics({
+        "dress": {"target_ids": ["b", "2"], "ranked_ids": [["a", "b"], ["1", "2"]]},
+        "shirt": {"target_ids": ["c", "04"], "ranked_ids": [["c", "d"], ["4", "04"]]},
+        "toptee": {"target_ids": ["x"], "ranked_ids": [["3", "x"]]}}, ks=(1, 2))
+    assert got["shirt_recall_at1"] == 50.0 and got["dress_recall_at1"] == 0.0
+    module.add_batch(predictions=[[1, 2]], references=[1], categories=["dress"])
+    with pytest.raises(ValueError, match="`references` holds the string id 'B0D1', but the batches added before hold int"):
+        module.add_batch(predictions=[[3, 4]], references=["B0D1"], categories=["dress"])
+    module.add_batch(predictions=[["3", "4"]], references=["4"], categories=["dress"])  # spells ints exactly: stored so
+    assert module.compute(ks=(1,)) == compute_fashioniq_metrics(
+        {"dress": {"target_ids": [1, 4], "ranked_ids": [[1, 2], [3, 4]]}}, ks=(1,))

@@ -6,8 +6,8 @@ import numpy as np
 
 from diffusers_cir.metrics import CIRR_RECALL_KS, CIRR_SUBSET_KS, compute_cirr_metrics
 from diffusers_cir.metrics._inputs import check_ks
-from diffusers_cir.metrics.evaluate_support import StoredBatchesMixin
-from diffusers_cir.metrics.ids import as_id_rows, as_id_vector, check_id_lists, unify_id_dtypes
+from diffusers_cir.metrics.evaluate_support import StoredBatchesMixin, ids_for_storage
+from diffusers_cir.metrics.ids import as_id_rows, as_id_vector, check_id_lists, id_kinds, unify_id_dtypes
 from diffusers_cir.metrics.ranking import check_scale
 
 _CITATION = """\
@@ -36,6 +36,9 @@ Args:
         A batch that cannot be scored (a column missing or of another length, a ranked list naming an id twice,
         a missing target, a target equal to the reference or not among `group_members`) is refused by
         `add_batch` / `add` and not stored.
+        Ids may be strings or ints, mixed within and across batches; they compare as strings ("0101" is not
+        "101", an int is its decimal spelling) except where string columns meet int columns in a batch and spell
+        ints. After int batches, a string id that is not an int's exact spelling is refused (store strings then).
     recall_ks (`tuple` of `int`, optional): Recall@K cutoffs, default (1, 5, 10, 50).
     subset_ks (`tuple` of `int`, optional): Recall_subset@K cutoffs, default (1, 2, 3).
     scale (`str`, optional): "percent" (default, as published) or "fraction".
@@ -60,9 +63,9 @@ def _features(id_type: str) -> datasets.Features:
     )
 
 
-def _check_batch(predictions, references, reference_ids, group_members) -> None:
+def _check_batch(predictions, references, reference_ids, group_members) -> dict[str, set[str]]:
     """Refuse a batch that compute() could never score, before evaluate stores it (a stored one would make every
-    later compute() fail)."""
+    later compute() fail); return the kinds of ids ("int", "str") of each column."""
     columns = {"predictions": predictions, "references": references, "reference_ids": reference_ids,
                "group_members": group_members}
     missing = [f"`{name}`" for name, column in columns.items() if column is None]
@@ -71,7 +74,7 @@ def _check_batch(predictions, references, reference_ids, group_members) -> None:
             f"{', '.join(missing)} missing: every batch needs `predictions`, `references`, `reference_ids` and "
             "`group_members`, one entry per query."
         )
-    check_id_lists(predictions, "predictions")
+    prediction_kinds = check_id_lists(predictions, "predictions")
     members = as_id_rows(group_members, "group_members")
     target, target_mask = as_id_vector(references, "references")
     reference, reference_mask = as_id_vector(reference_ids, "reference_ids")
@@ -96,6 +99,8 @@ def _check_batch(predictions, references, reference_ids, group_members) -> None:
             f"The target {target[row].item()!r} of query {row} is not among its `group_members` "
             f"({values[row][members.mask[row]].tolist()}); CIRR's img_set.members always contains the target."
         )
+    return {"predictions": prediction_kinds, "references": id_kinds(references), "reference_ids": id_kinds(reference_ids),
+            "group_members": id_kinds(group_members)}
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
@@ -112,9 +117,14 @@ class CIRR(StoredBatchesMixin, evaluate.Metric):
 
     def add_batch(self, *, predictions=None, references=None, reference_ids=None, group_members=None, **kwargs):
         """Add a batch of queries; a batch that cannot be scored is refused with an error and not stored."""
-        _check_batch(predictions, references, reference_ids, group_members)
-        super().add_batch(predictions=predictions, references=references, reference_ids=reference_ids,
-                          group_members=group_members, **kwargs)
+        columns = dict(predictions=predictions, references=references, reference_ids=reference_ids,
+                       group_members=group_members)
+        kinds = _check_batch(**columns)
+        stored_type = None if self.writer is None else self.selected_feature_format["references"].dtype
+        stored = ids_for_storage(columns, ("predictions", "group_members"), kinds, stored_type)
+        if len(set().union(*kinds.values())) > 1:  # compared as ints, "07" and 7 are one id: checked again as stored
+            _check_batch(**stored)
+        super().add_batch(**stored, **kwargs)
 
     def add(self, *, prediction=None, reference=None, **kwargs):
         """Add one query (checked as a batch of one)."""

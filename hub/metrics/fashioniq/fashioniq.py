@@ -6,8 +6,8 @@ import numpy as np
 
 from diffusers_cir.metrics import FASHIONIQ_CATEGORIES, FASHIONIQ_RECALL_KS, compute_fashioniq_metrics
 from diffusers_cir.metrics._inputs import check_ks
-from diffusers_cir.metrics.evaluate_support import StoredBatchesMixin
-from diffusers_cir.metrics.ids import as_id_vector, check_id_lists
+from diffusers_cir.metrics.evaluate_support import StoredBatchesMixin, ids_for_storage
+from diffusers_cir.metrics.ids import as_id_vector, check_id_lists, id_kinds
 from diffusers_cir.metrics.ranking import check_scale
 
 _CITATION = """\
@@ -34,6 +34,9 @@ Args:
     categories (`list` of `str`): per query, its category ("dress", "shirt" or "toptee").
         A batch that cannot be scored (a column missing or of another length, a ranked list naming an id twice,
         a missing target, an unknown category) is refused by `add_batch` / `add` and not stored.
+        Ids may be strings or ints, mixed within and across batches; they compare as strings ("0101" is not
+        "101", an int is its decimal spelling) except where string columns meet int columns in a batch and spell
+        ints. After int batches, a string id that is not an int's exact spelling is refused (store strings then).
     ks (`tuple` of `int`, optional): cutoffs, default (10, 50).
     scale (`str`, optional): "percent" (default) or "fraction".
 Returns:
@@ -63,9 +66,9 @@ def _check_categories(categories) -> None:
         raise ValueError(f"Unknown FashionIQ categories {unknown} in `categories`; expected {list(FASHIONIQ_CATEGORIES)}.")
 
 
-def _check_batch(predictions, references, categories) -> None:
+def _check_batch(predictions, references, categories) -> dict[str, set[str]]:
     """Refuse a batch that compute() could never score, before evaluate stores it (a stored one would make every
-    later compute() fail)."""
+    later compute() fail); return the kinds of ids ("int", "str") of each id column."""
     columns = {"predictions": predictions, "references": references, "categories": categories}
     missing = [f"`{name}`" for name, column in columns.items() if column is None]
     if missing:
@@ -73,7 +76,7 @@ def _check_batch(predictions, references, categories) -> None:
             f"{', '.join(missing)} missing: every batch needs `predictions`, `references` and `categories`, one entry "
             "per query."
         )
-    check_id_lists(predictions, "predictions")
+    prediction_kinds = check_id_lists(predictions, "predictions")
     _, target_mask = as_id_vector(references, "references")
     _check_categories(categories)
     counts = {"predictions": len(predictions), "references": len(target_mask), "categories": len(categories)}
@@ -81,6 +84,7 @@ def _check_batch(predictions, references, categories) -> None:
         raise ValueError(f"The columns of a batch must have one entry per query, got {counts}.")
     if not target_mask.all():
         raise ValueError(f"`references[{int(np.flatnonzero(~target_mask)[0])}]` is None; every query needs its target id.")
+    return {"predictions": prediction_kinds, "references": id_kinds(references)}
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
@@ -96,8 +100,12 @@ class FashionIQ(StoredBatchesMixin, evaluate.Metric):
 
     def add_batch(self, *, predictions=None, references=None, categories=None, **kwargs):
         """Add a batch of queries; a batch that cannot be scored is refused with an error and not stored."""
-        _check_batch(predictions, references, categories)
-        super().add_batch(predictions=predictions, references=references, categories=categories, **kwargs)
+        kinds = _check_batch(predictions, references, categories)
+        stored_type = None if self.writer is None else self.selected_feature_format["references"].dtype
+        stored = ids_for_storage(dict(predictions=predictions, references=references), ("predictions",), kinds, stored_type)
+        if len(set().union(*kinds.values())) > 1:  # compared as ints, "07" and 7 are one id: checked again as stored
+            _check_batch(stored["predictions"], stored["references"], categories)
+        super().add_batch(**stored, categories=categories, **kwargs)
 
     def add(self, *, prediction=None, reference=None, **kwargs):
         """Add one query (checked as a batch of one)."""

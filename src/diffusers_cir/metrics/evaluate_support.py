@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from typing import Any
+from typing import Any, Collection
 
-__all__ = ["StoredBatchesMixin"]
+__all__ = ["StoredBatchesMixin", "ids_for_storage"]
+
+# evaluate's column type of the stored ids -> the kind of id it holds.
+_STORED_KIND = {"string": "str", "int64": "int"}
 
 
 def _add_note(error: BaseException, note: str) -> None:
@@ -116,3 +119,85 @@ class StoredBatchesMixin:
             columns = {name: inputs_and_options[name] for name in self._feature_names()}
             self._scoring_failure = (error, columns)
             return None
+
+
+def _spelled_int(image_id: str) -> int | None:
+    try:
+        value = int(image_id)
+    except ValueError:
+        return None
+    return value if -(2**63) <= value < 2**63 else None
+
+
+def _map_ids(columns: dict[str, Any], nested: Collection[str], function) -> dict[str, list]:
+    def as_list(values):
+        return values.tolist() if hasattr(values, "tolist") else list(values)
+
+    return {
+        name: [[function(image_id) for image_id in as_list(row)] for row in as_list(column)] if name in nested
+        else [function(image_id) for image_id in as_list(column)]
+        for name, column in columns.items()
+    }
+
+
+def _strings(columns: dict[str, Any], nested: Collection[str]):
+    """(column name, string id) for every string id of the columns, in order."""
+    for name, column in columns.items():
+        for value in column:
+            values = (value.tolist() if hasattr(value, "tolist") else value) if name in nested else (value,)
+            for image_id in values:
+                if isinstance(image_id, str):
+                    yield name, image_id
+
+
+def ids_for_storage(columns: dict[str, Any], nested: Collection[str], kinds: dict[str, set[str]],
+                    stored_type: str | None) -> dict[str, Any]:
+    """The id columns of a checked batch as a module whose ids may be ints or strings stores them.
+
+    evaluate gives a column one type, fixed by the first batch (``stored_type``: ``"string"``, ``"int64"`` or
+    ``None`` before the first one), while a batch may hold int ids, string ids or both (``kinds``: those of each
+    column, from :func:`~diffusers_cir.metrics.ids.id_kinds`). Ids are compared within a query, so within a batch,
+    and the batch is stored so that they compare as the metric functions compare them: a column holding a string is
+    a string column (an int in it is its decimal spelling); string columns next to int columns compare as ints if
+    every string spells one (as :func:`~diffusers_cir.metrics.ids.unify_id_dtypes` casts ``"0101"`` to ``101``),
+    otherwise everything compares as strings (``"0101"`` is not ``"101"``). In a string column an int is stored as
+    its decimal spelling; into an int column a string goes only as the exact spelling of an int (so that equal stays
+    equal and unequal stays unequal); anything else is refused by name. ``nested`` names the columns that hold one
+    list of ids per query.
+
+    Example:
+
+    ```py
+    >>> ids_for_storage({"references": ["7", "img_1"]}, (), {"references": {"str"}}, "int64")
+    Traceback (most recent call last):
+      ...
+    ValueError: `references` holds the string id 'img_1', but the batches added before hold int ids, ...
+    >>> ids_for_storage({"predictions": [[7, 8]], "references": ["07"]}, {"predictions"},
+    ...                 {"predictions": {"int"}, "references": {"str"}}, "string")
+    {'predictions': [['7', '8']], 'references': ['7']}
+
+    ```
+    """
+    seen = set().union(*kinds.values())
+    if len(seen) < 2 and (stored_type is None or seen <= {_STORED_KIND[stored_type]}):
+        return columns  # one kind, the stored one (or nothing stored yet): the common case, stored as given
+    column_kinds = {"str" if "str" in column else "int" for column in kinds.values() if column}
+    compare_as = next(iter(column_kinds)) if len(column_kinds) == 1 else "str"
+    if len(column_kinds) > 1 and all(_spelled_int(image_id) is not None for _, image_id in _strings(columns, nested)):
+        compare_as = "int"
+    store_as = _STORED_KIND[stored_type] if stored_type is not None else compare_as
+    if store_as == "int":
+        for name, image_id in _strings(columns, nested):
+            value = _spelled_int(image_id)
+            if value is None or (compare_as == "str" and str(value) != image_id):
+                raise ValueError(
+                    f"`{name}` holds the string id {image_id!r}, but the batches added before hold int ids, which "
+                    "this module stores as ints (evaluate fixes the type with the first batch), and "
+                    f"{image_id!r} is not the exact spelling of an int. Give the ids of this evaluation as strings "
+                    "from its first batch (str(id) for an int), or compute() the int batches first."
+                )
+        return _map_ids(columns, nested, lambda image_id: int(image_id) if isinstance(image_id, str) else image_id)
+    if compare_as == "int":  # digit strings and ints, stored as the int's decimal spelling: "07" and 7 are "7"
+        return _map_ids(columns, nested, lambda image_id: None if image_id is None else str(int(image_id)))
+    return _map_ids(columns, nested, lambda image_id: image_id if image_id is None or isinstance(image_id, str)
+                    else str(int(image_id)))

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["IdRows", "as_id_vector", "as_id_rows", "check_id_lists", "unify_id_dtypes", "index_of_ids"]
+__all__ = ["IdRows", "as_id_vector", "as_id_rows", "check_id_lists", "id_kinds", "unify_id_dtypes", "index_of_ids"]
 
 
 @dataclass
@@ -167,8 +167,9 @@ def as_id_rows(rows: Any, name: str) -> IdRows:
     return IdRows(values, mask)
 
 
-def check_id_lists(rows: Any, name: str) -> None:
-    """Check, without converting, that ``rows`` holds one list of int/str ids per query with no id listed twice.
+def check_id_lists(rows: Any, name: str) -> set[str]:
+    """Check, without converting, that ``rows`` holds one list of int/str ids per query with no id listed twice;
+    return the kinds of ids seen (``"int"``, ``"str"``), as :func:`id_kinds` does.
 
     For callers that keep the lists as they are (the evaluate modules check each batch before storing it): on long
     ranked lists of string ids a set per row is several times cheaper than :func:`as_id_rows` and a sort.
@@ -176,6 +177,8 @@ def check_id_lists(rows: Any, name: str) -> None:
     Example:
 
     ```py
+    >>> sorted(check_id_lists([["a", "b"], [3, "a"]], name="predictions"))
+    ['int', 'str']
     >>> check_id_lists([["a", "b"], ["c", "a", "c"]], name="predictions")
     Traceback (most recent call last):
       ...
@@ -187,6 +190,7 @@ def check_id_lists(rows: Any, name: str) -> None:
         rows = rows.tolist()
     if isinstance(rows, (str, bytes)) or not isinstance(rows, Sequence):
         raise TypeError(f"`{name}` must be a list of id lists (one per query), got {type(rows).__name__}.")
+    types_seen = set()
     for index, row in enumerate(rows):
         if hasattr(row, "tolist"):
             row = row.tolist()
@@ -205,6 +209,36 @@ def check_id_lists(rows: Any, name: str) -> None:
             seen = set()
             repeated = next(image_id for image_id in row if image_id in seen or seen.add(image_id))
             raise ValueError(f"`{name}[{index}]` lists id {repeated!r} more than once; each id may appear once per query.")
+        types_seen |= kinds
+    return {"str" if issubclass(kind, str) else "int" for kind in types_seen}
+
+
+def id_kinds(ids: Any) -> set[str]:
+    """The kinds of image ids (``"int"``, ``"str"``) in ``ids``: one id per query or one list per query, as lists,
+    arrays or tensors (an integral float array counts as ints, as :func:`as_id_vector` reads it); ``None`` is skipped.
+
+    Example:
+
+    ```py
+    >>> sorted(id_kinds(["a", None, 3])), sorted(id_kinds([[1, 2], [np.int64(3)]])), sorted(id_kinds(np.zeros(2)))
+    (['int', 'str'], ['int'], ['int'])
+
+    ```
+    """
+    array = _to_numpy(ids)
+    if array is not None and array.dtype.kind != "O":
+        if array.size == 0:
+            return set()
+        return {"str"} if array.dtype.kind == "U" else {"int"} if array.dtype.kind in "iuf" else set()
+    kinds = set()
+    for value in array.tolist() if array is not None else ids:
+        if isinstance(value, str):
+            kinds.add("str")
+        elif isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+            kinds.add("int")
+        elif value is not None and not isinstance(value, bytes) and hasattr(value, "__iter__"):
+            kinds |= id_kinds(value)
+    return kinds
 
 
 def _cast_strings_to_int(values: np.ndarray, mask: np.ndarray | None) -> np.ndarray | None:
