@@ -330,3 +330,34 @@ def test_bad_dropout_or_activation_is_refused_by_flag_before_the_checkpoint_load
 def test_projection_config_refuses_bools_strings_and_unknown_activations(kwargs, expected):
     with pytest.raises(ValueError, match=expected):
         TextualInversionProjection(input_dim=6, output_dim=10, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--prompt_template", "a $ that {text}"], r"^--prompt_template configures the pipeline built with "
+                                                   r"--clip_model_name_or_path; without it only the projection is saved"),
+        (["--no_image_encoder", "--tokenizer_name_or_path", "tok"], r"^--tokenizer_name_or_path, --no_image_encoder configure"),
+        (["--clip_model_name_or_path", "clip", "--prompt_template", "a photo that {text}"],
+         r"--prompt_template 'a photo that \{text\}' has no '\$' \(--placeholder_token\) where the reference image goes"),
+        (["--clip_model_name_or_path", "clip", "--prompt_template", "a $ of {text} {x}"],
+         r"^--prompt_template: `prompt_template` 'a \$ of \{text\} \{x\}' is filled with str.format"),
+        (["--clip_model_name_or_path", "clip", "--placeholder_token", "*"], r"has no '\*' \(--placeholder_token\)"),
+    ],
+)
+def test_pipeline_options_are_checked_before_the_checkpoint_loads(tmp_path, flags, expected):
+    """Pipeline options without --clip_model_name_or_path were ignored (only the projection is saved), and a template
+    without the placeholder gave a saved pipeline that refused every query."""
+    missing = str(tmp_path / "missing.pt")  # would fail to load if the command got that far
+    with pytest.raises(ValueError, match=expected):
+        _load_script().main(["--checkpoint_path", missing, "--output_dir", str(tmp_path / "out"), *flags])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_placeholder_token_the_tokenizer_splits_is_refused_before_the_pipeline_is_saved(tmp_path):
+    clip = _tiny_clip_folder(tmp_path / "clip")
+    with pytest.raises(ValueError, match=r"--placeholder_token: `placeholder_token` 'zzqx' must be a single token"):
+        _load_script().main(["--checkpoint_path", str(LINCIR_TINY / "phi_original.pt"), "--clip_model_name_or_path",
+                             str(clip), "--output_dir", str(tmp_path / "out"), "--placeholder_token", "zzqx",
+                             "--prompt_template", "a photo of zzqx that {text}"])
+    assert not (tmp_path / "out").exists()

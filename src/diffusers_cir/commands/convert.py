@@ -48,15 +48,41 @@ def add_lincir_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint_path", required=True, help="The released .pt file (e.g. lincir_large.pt).")
     parser.add_argument("--output_dir", "--output_path", dest="output_dir", required=True)
     parser.add_argument("--clip_model_name_or_path", default=None, help="Build a full LinCIRPipeline with this CLIP model.")
+    # The pipeline options below need --clip_model_name_or_path (without it only the projection is saved).
     parser.add_argument("--tokenizer_name_or_path", default=None)
     parser.add_argument("--no_image_encoder", action="store_true", help="Leave the CLIP vision tower out of the pipeline.")
     parser.add_argument("--dropout", type=float, default=None, help="Dropout to record (default: the method's value).")
     parser.add_argument("--activation", default=None, help="Override the activation (gelu for phi, relu for Pic2Word).")
     parser.add_argument("--normalize_input", action="store_true", help="The checkpoint was trained with --l2_normalize.")
-    parser.add_argument("--prompt_template", default="a photo of $ that {text}")
-    parser.add_argument("--placeholder_token", default="$")
+    parser.add_argument("--prompt_template", default=None, help="Default: 'a photo of $ that {text}'.")
+    parser.add_argument("--placeholder_token", default=None, help="Default: '$'.")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="Precision of the saved weights.")
     _add_overwrite_argument(parser)
+
+
+def _check_lincir_pipeline_arguments(args: argparse.Namespace) -> tuple[str, str]:
+    """The pipeline's template and placeholder, checked before anything loads; pipeline options without
+    --clip_model_name_or_path (only the projection is saved then) are refused instead of ignored."""
+    from ..pipelines.pipeline_lincir import DEFAULT_PROMPT_TEMPLATE, _check_prompt_template
+
+    if args.clip_model_name_or_path is None:
+        given = [flag for flag, value in (("--tokenizer_name_or_path", args.tokenizer_name_or_path),
+                                          ("--no_image_encoder", args.no_image_encoder or None),
+                                          ("--prompt_template", args.prompt_template),
+                                          ("--placeholder_token", args.placeholder_token)) if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} {'configures' if len(given) == 1 else 'configure'} the pipeline built "
+                             "with --clip_model_name_or_path; without it only the projection is saved.")
+    template = DEFAULT_PROMPT_TEMPLATE if args.prompt_template is None else args.prompt_template
+    token = "$" if args.placeholder_token is None else args.placeholder_token
+    try:
+        _check_prompt_template(template)
+    except ValueError as error:
+        raise ValueError(f"--prompt_template: {error}") from None
+    if token not in template.format(text=""):
+        raise ValueError(f"--prompt_template {template!r} has no {token!r} (--placeholder_token) where the reference "
+                         "image goes: every query of the saved pipeline would be refused.")
+    return template, token
 
 
 def run_lincir(args: argparse.Namespace) -> int:
@@ -72,6 +98,7 @@ def run_lincir(args: argparse.Namespace) -> int:
         raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}.")
     if args.activation is not None and args.activation not in ACT2CLS:
         raise ValueError(f"--activation must be one of {', '.join(sorted(ACT2CLS))}, got {args.activation!r}.")
+    prompt_template, placeholder_token = _check_lincir_pipeline_arguments(args)
     dtype = getattr(torch, DTYPES[args.dtype])
     phi = convert_lincir_phi_checkpoint(
         args.checkpoint_path, dropout=args.dropout, activation=args.activation,
@@ -90,8 +117,12 @@ def run_lincir(args: argparse.Namespace) -> int:
     pipeline = build_lincir_pipeline(
         phi, args.clip_model_name_or_path, tokenizer_name_or_path=args.tokenizer_name_or_path,
         with_image_encoder=not args.no_image_encoder, torch_dtype=dtype,
-        prompt_template=args.prompt_template, placeholder_token=args.placeholder_token,
+        prompt_template=prompt_template, placeholder_token=placeholder_token,
     )
+    try:  # needs the tokenizer: a token it splits would make the saved pipeline refuse every query
+        pipeline.placeholder_token_id
+    except ValueError as error:
+        raise ValueError(f"--placeholder_token: {error}") from None
     with replace_output_folder(args.output_dir, args.overwrite, flag="--overwrite") as staging:
         pipeline.save_pretrained(staging, safe_serialization=True)
     print(f"Saved the LinCIR pipeline to {args.output_dir}")
