@@ -6,7 +6,7 @@ import numpy as np
 
 from diffusers_cir.metrics import CIRR_RECALL_KS, CIRR_SUBSET_KS, compute_cirr_metrics
 from diffusers_cir.metrics._inputs import check_ks
-from diffusers_cir.metrics.evaluate_support import StoredBatchesMixin, ids_for_storage
+from diffusers_cir.metrics.evaluate_support import StoredBatchesMixin, check_columns_given, ids_for_storage
 from diffusers_cir.metrics.ids import as_id_rows, as_id_vector, check_id_lists, id_kinds, unify_id_dtypes
 from diffusers_cir.metrics.ranking import check_scale
 
@@ -68,12 +68,7 @@ def _check_batch(predictions, references, reference_ids, group_members) -> dict[
     later compute() fail); return the kinds of ids ("int", "str") of each column."""
     columns = {"predictions": predictions, "references": references, "reference_ids": reference_ids,
                "group_members": group_members}
-    missing = [f"`{name}`" for name, column in columns.items() if column is None]
-    if missing:
-        raise ValueError(
-            f"{', '.join(missing)} missing: every batch needs `predictions`, `references`, `reference_ids` and "
-            "`group_members`, one entry per query."
-        )
+    check_columns_given(columns)
     prediction_kinds = check_id_lists(predictions, "predictions")
     members = as_id_rows(group_members, "group_members")
     target, target_mask = as_id_vector(references, "references")

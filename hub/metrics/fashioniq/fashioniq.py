@@ -6,7 +6,7 @@ import numpy as np
 
 from diffusers_cir.metrics import FASHIONIQ_CATEGORIES, FASHIONIQ_RECALL_KS, compute_fashioniq_metrics
 from diffusers_cir.metrics._inputs import check_ks
-from diffusers_cir.metrics.evaluate_support import StoredBatchesMixin, ids_for_storage
+from diffusers_cir.metrics.evaluate_support import StoredBatchesMixin, check_columns_given, ids_for_storage
 from diffusers_cir.metrics.ids import as_id_vector, check_id_lists, id_kinds
 from diffusers_cir.metrics.ranking import check_scale
 
@@ -70,12 +70,7 @@ def _check_batch(predictions, references, categories) -> dict[str, set[str]]:
     """Refuse a batch that compute() could never score, before evaluate stores it (a stored one would make every
     later compute() fail); return the kinds of ids ("int", "str") of each id column."""
     columns = {"predictions": predictions, "references": references, "categories": categories}
-    missing = [f"`{name}`" for name, column in columns.items() if column is None]
-    if missing:
-        raise ValueError(
-            f"{', '.join(missing)} missing: every batch needs `predictions`, `references` and `categories`, one entry "
-            "per query."
-        )
+    check_columns_given(columns)
     prediction_kinds = check_id_lists(predictions, "predictions")
     _, target_mask = as_id_vector(references, "references")
     _check_categories(categories)

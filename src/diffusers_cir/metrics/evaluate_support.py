@@ -24,10 +24,19 @@ import inspect
 import warnings
 from typing import Any, Collection
 
-__all__ = ["StoredBatchesMixin", "ids_for_storage"]
+__all__ = ["StoredBatchesMixin", "check_columns_given", "ids_for_storage"]
 
 # evaluate's column type of the stored ids -> the kind of id it holds.
 _STORED_KIND = {"string": "str", "int64": "int"}
+
+
+def check_columns_given(columns: dict[str, Any]) -> None:
+    """Refuse a batch in which any of ``columns`` (name -> column, in the order the message lists them) is None."""
+    missing = [f"`{name}`" for name, column in columns.items() if column is None]
+    if missing:
+        names = [f"`{name}`" for name in columns]
+        needed = ", ".join(names[:-1]) + f" and {names[-1]}"
+        raise ValueError(f"{', '.join(missing)} missing: every batch needs {needed}, one entry per query.")
 
 
 def _add_note(error: BaseException, note: str) -> None:
