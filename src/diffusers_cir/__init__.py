@@ -1,32 +1,62 @@
-"""diffusers-cir: Composed Image Retrieval (CompoDiff, LinCIR) in the Hugging Face ecosystem.
+"""diffusers-cir: Composed Image Retrieval in the Hugging Face ecosystem.
 
-Every component class that can appear in a saved pipeline's ``model_index.json`` is imported here:
-diffusers 0.42 only imports ``diffusers``/``transformers`` itself when it loads a pipeline folder.
+Names are imported on first use (``import diffusers_cir`` loads neither torch nor diffusers), so the command line
+starts fast. Loading a saved pipeline imports its class's module, and with it every component class its
+``model_index.json`` can name: diffusers 0.42 resolves a component's library from ``sys.modules`` only.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0.dev0"
 
-# diffusers resolves a short `["diffusers_cir", "Class"]` entry of model_index.json by looking up the loadable
-# base classes on this module, so they must be reachable here too (not part of the public API).
-from diffusers import DiffusionPipeline as DiffusionPipeline  # noqa: F401
-from diffusers import ModelMixin as ModelMixin  # noqa: F401
-from diffusers import SchedulerMixin as SchedulerMixin  # noqa: F401
+# public name -> module that defines it (relative to this package)
+_LAZY_NAMES = {
+    "AutoCIRPipeline": ".pipelines.auto",
+    "CIRPipelineMixin": ".pipelines.auto",
+    "CompoDiffPipeline": ".pipelines.pipeline_compodiff",
+    "CompoDiffPipelineOutput": ".pipelines.pipeline_compodiff",
+    "CompoDiffScheduler": ".schedulers.scheduling_compodiff",
+    "CompoDiffTransformer": ".models.compodiff_transformer",
+    "CompoDiffTransformerOutput": ".models.compodiff_transformer",
+    "LinCIRPipeline": ".pipelines.pipeline_lincir",
+    "LinCIRPipelineOutput": ".pipelines.pipeline_lincir",
+    "TextualInversionProjection": ".models.textual_inversion_projection",
+    "TextualInversionProjectionOutput": ".models.textual_inversion_projection",
+    "composed_search": ".retrieval.search",
+    "load_image": ".retrieval.images",
+    # diffusers resolves a short `["diffusers_cir", "Class"]` entry of model_index.json by looking up the loadable
+    # base classes on this module, so they must be reachable here too (not part of the public API).
+    "DiffusionPipeline": "diffusers",
+    "ModelMixin": "diffusers",
+    "SchedulerMixin": "diffusers",
+}
 
-# CORE-IMPORTS
-from .models import TextualInversionProjection, TextualInversionProjectionOutput
-from .pipelines import LinCIRPipeline, LinCIRPipelineOutput
-from .models import CompoDiffTransformer, CompoDiffTransformerOutput
-from .schedulers import CompoDiffScheduler
-from .pipelines import CompoDiffPipeline, CompoDiffPipelineOutput
+__all__ = sorted(name for name in _LAZY_NAMES if name not in ("DiffusionPipeline", "ModelMixin", "SchedulerMixin"))
 
-__all__ = [
-    "TextualInversionProjection",
-    "TextualInversionProjectionOutput",
-    "LinCIRPipeline",
-    "LinCIRPipelineOutput",
-    "CompoDiffTransformer",
-    "CompoDiffTransformerOutput",
-    "CompoDiffScheduler",
-    "CompoDiffPipeline",
-    "CompoDiffPipelineOutput",
-]
+
+def __getattr__(name: str):
+    module_name = _LAZY_NAMES.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'diffusers_cir' has no attribute {name!r}")
+    module = importlib.import_module(module_name, __name__) if module_name.startswith(".") else importlib.import_module(module_name)
+    value = getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY_NAMES))
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .models.compodiff_transformer import CompoDiffTransformer, CompoDiffTransformerOutput
+    from .models.textual_inversion_projection import TextualInversionProjection, TextualInversionProjectionOutput
+    from .pipelines.auto import AutoCIRPipeline, CIRPipelineMixin
+    from .pipelines.pipeline_compodiff import CompoDiffPipeline, CompoDiffPipelineOutput
+    from .pipelines.pipeline_lincir import LinCIRPipeline, LinCIRPipelineOutput
+    from .retrieval.images import load_image
+    from .retrieval.search import composed_search
+    from .schedulers.scheduling_compodiff import CompoDiffScheduler

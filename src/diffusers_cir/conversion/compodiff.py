@@ -312,3 +312,44 @@ def convert_compodiff_checkpoint_to_pipeline(
     with replace_output_folder(output_path, overwrite) as staging:
         pipe.save_pretrained(staging, safe_serialization=safe_serialization)
     return pipe
+
+
+_RELEASED_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pt")
+
+
+def is_released_compodiff_folder(path) -> bool:
+    """The authors' release layout: ``config.json`` with CompoDiff's keys next to a weights file."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_dir() or not any((path / name).is_file() for name in _RELEASED_WEIGHTS):
+        return False
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and {"embed_dim", "model_depth"} <= set(config) and "_class_name" not in config
+
+
+def _convert_released_compodiff(source, output_dir, text_encoder_path=None, image_encoder_path=None, torch_dtype=None):
+    convert_compodiff_checkpoint_to_pipeline(
+        str(source), str(output_dir), text_encoder_path=text_encoder_path, image_encoder_path=image_encoder_path,
+        torch_dtype=torch_dtype,
+    )
+
+
+def _register_layout() -> None:
+    from ..pipelines.auto import ReleasedLayout, register_layout
+
+    register_layout(ReleasedLayout(
+        name="compodiff-released",
+        description="the authors' CompoDiff release (navervision/CompoDiff-*): config.json with embed_dim/model_depth "
+        "+ pytorch_model.bin; CLIP towers as text_encoder_path= / image_encoder_path=",
+        matches=is_released_compodiff_folder,
+        convert=_convert_released_compodiff,
+        options=("text_encoder_path", "image_encoder_path", "torch_dtype"),
+        path_options=("text_encoder_path", "image_encoder_path"),
+    ))
+
+
+_register_layout()

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 import torch
 
 from ..models.textual_inversion_projection import TextualInversionProjection
-from ..pipelines.utils import resolve_pretrained_path
+from ..pipelines.auto import resolve_pretrained_path
 from .output import check_output_folder, replace_output_folder
 
 # Dropout the authors trained with (LinCIR's train_phi.py default `--phi_dropout 0.5`, SEARLE's 0.5,
@@ -349,3 +349,64 @@ def build_lincir_pipeline(
         image_processor=image_processor,
         **pipeline_kwargs,
     )
+
+
+_RELEASED_SUFFIXES = (".pt", ".pth")
+
+
+def _released_phi_file(path) -> "os.PathLike | None":
+    """The released LinCIR / SEARLE / Pic2Word file at ``path``: the file itself, or the one such file of a folder."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_file():
+        return path if path.suffix in _RELEASED_SUFFIXES else None
+    if path.is_dir() and not (path / "model_index.json").exists() and not (path / "config.json").exists():
+        files = [file for file in path.iterdir() if file.is_file() and file.suffix in _RELEASED_SUFFIXES]
+        return files[0] if len(files) == 1 else None
+    return None
+
+
+def _convert_released_phi(
+    source, output_dir, clip_model_name_or_path=None, tokenizer_name_or_path=None, with_image_encoder=True,
+    normalize_input=False, dropout=None, activation=None, prompt_template=None, placeholder_token=None,
+    torch_dtype=None,
+):
+    if clip_model_name_or_path is None:
+        raise ValueError(
+            f"{str(source)!r} is a released LinCIR / SEARLE / Pic2Word projection: pass the CLIP model it was trained "
+            "for as `clip_model_name_or_path=` (e.g. a local copy of openai/clip-vit-large-patch14)."
+        )
+    phi = convert_lincir_phi_checkpoint(
+        _released_phi_file(source), dropout=dropout, activation=activation, normalize_input=normalize_input,
+        torch_dtype=torch_dtype,
+    )
+    pipeline_kwargs = {}
+    if prompt_template is not None:
+        pipeline_kwargs["prompt_template"] = prompt_template
+    if placeholder_token is not None:
+        pipeline_kwargs["placeholder_token"] = placeholder_token
+    pipeline = build_lincir_pipeline(
+        phi, clip_model_name_or_path, tokenizer_name_or_path=tokenizer_name_or_path,
+        with_image_encoder=with_image_encoder, torch_dtype=torch_dtype, **pipeline_kwargs,
+    )
+    pipeline.placeholder_token_id  # noqa: B018 - refuses a placeholder the tokenizer splits, before saving
+    pipeline.save_pretrained(output_dir, safe_serialization=True)
+
+
+def _register_layout() -> None:
+    from ..pipelines.auto import ReleasedLayout, register_layout
+
+    register_layout(ReleasedLayout(
+        name="lincir-phi",
+        description="a released LinCIR / SEARLE phi or Pic2Word img2text checkpoint (.pt / .pth file, or a folder "
+        "holding one); the CLIP model as clip_model_name_or_path=",
+        matches=lambda path: _released_phi_file(path) is not None,
+        convert=_convert_released_phi,
+        options=("clip_model_name_or_path", "tokenizer_name_or_path", "with_image_encoder", "normalize_input", "dropout",
+                 "activation", "prompt_template", "placeholder_token", "torch_dtype"),
+        path_options=("clip_model_name_or_path", "tokenizer_name_or_path"),
+    ))
+
+
+_register_layout()

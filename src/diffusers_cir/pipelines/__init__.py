@@ -1,4 +1,18 @@
+"""Every CIR system as a pipeline meeting one contract (see :mod:`diffusers_cir.pipelines.auto`).
+
+Importing this package imports every pipeline module, so each class joins the registry ``PIPELINES``.
+"""
+
+from .auto import PIPELINES, AutoCIRPipeline, CIRPipelineMixin
 from .pipeline_compodiff import CompoDiffPipeline, CompoDiffPipelineOutput
 from .pipeline_lincir import LinCIRPipeline, LinCIRPipelineOutput
 
-__all__ = ["CompoDiffPipeline", "CompoDiffPipelineOutput", "LinCIRPipeline", "LinCIRPipelineOutput"]
+__all__ = [
+    "PIPELINES",
+    "AutoCIRPipeline",
+    "CIRPipelineMixin",
+    "CompoDiffPipeline",
+    "CompoDiffPipelineOutput",
+    "LinCIRPipeline",
+    "LinCIRPipelineOutput",
+]

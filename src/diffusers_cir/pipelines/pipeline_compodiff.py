@@ -31,7 +31,8 @@ from transformers import (
 from ..models.compodiff_transformer import CompoDiffTransformer
 from ..schedulers.scheduling_compodiff import CompoDiffScheduler
 from .lora import CompoDiffLoraLoaderMixin
-from .utils import check_image_paths, is_image_path, load_image_paths, resolve_pretrained_path
+from .auto import CIRPipelineMixin
+from .utils import check_image_paths, is_image_path, load_image_paths
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -65,7 +66,7 @@ PromptType = str | list[str] | None
 ImageType = PIL.Image.Image | str | os.PathLike | list[PIL.Image.Image | str | os.PathLike] | torch.Tensor | np.ndarray | None
 
 
-class CompoDiffPipeline(DiffusionPipeline, CompoDiffLoraLoaderMixin):
+class CompoDiffPipeline(CIRPipelineMixin, DiffusionPipeline, CompoDiffLoraLoaderMixin):
     r"""
     Pipeline for composed image retrieval with CompoDiff.
 
@@ -105,13 +106,6 @@ class CompoDiffPipeline(DiffusionPipeline, CompoDiffLoraLoaderMixin):
             image_encoder=image_encoder,
             image_processor=image_processor,
         )
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
-        """Load a pipeline folder, or a Hub repo id (downloaded with `huggingface_hub.snapshot_download` first,
-        because diffusers' own download step rejects libraries it does not know)."""
-        local = resolve_pretrained_path(pretrained_model_name_or_path, kwargs)
-        return super().from_pretrained(local, **kwargs)
 
     # ------------------------------------------------------------------ encoders
 

@@ -30,7 +30,8 @@ from transformers import (
 )
 
 from ..models.textual_inversion_projection import TextualInversionProjection
-from .utils import check_image_paths, is_image_path, load_image_paths, resolve_pretrained_path
+from .auto import CIRPipelineMixin
+from .utils import check_image_paths, is_loadable_image, load_image_paths
 
 DEFAULT_PROMPT_TEMPLATE = "a photo of $ that {text}"
 
@@ -55,7 +56,7 @@ class LinCIRPipelineOutput(BaseOutput):
     pseudo_tokens: torch.Tensor | np.ndarray
 
 
-class LinCIRPipeline(DiffusionPipeline):
+class LinCIRPipeline(CIRPipelineMixin, DiffusionPipeline):
     r"""
     Zero-shot composed image retrieval with a textual-inversion projection (LinCIR, SEARLE, Pic2Word).
 
@@ -132,14 +133,12 @@ class LinCIRPipeline(DiffusionPipeline):
                     f"encoder's projection_dim) has width {text_encoder.config.projection_dim}."
                 )
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
-        """Load a pipeline folder, or a Hub repo id (downloaded with `huggingface_hub.snapshot_download` first,
-        because diffusers' own download step rejects libraries it does not know)."""
-        local = resolve_pretrained_path(pretrained_model_name_or_path, kwargs)
-        return super().from_pretrained(local, **kwargs)
-
     # ------------------------------------------------------------------------------------------------ helpers
+
+    @property
+    def embedding_dim(self) -> int:
+        """Width of the CLIP joint space (the text tower's `projection_dim`), where queries and gallery live."""
+        return self.text_encoder.config.projection_dim
 
     @property
     def placeholder_token_id(self) -> int:
@@ -187,11 +186,9 @@ class LinCIRPipeline(DiffusionPipeline):
             _check_not_empty("images", images, "image")
             batches = list(images.split(batch_size))
         else:
-            if isinstance(images, PIL.Image.Image) or is_image_path(images):
+            if is_loadable_image(images):
                 images = [images]
-            if not isinstance(images, Sequence) or not all(
-                isinstance(image, PIL.Image.Image) or is_image_path(image) for image in images
-            ):
+            if not isinstance(images, Sequence) or not all(is_loadable_image(image) for image in images):
                 kinds = sorted({type(i).__name__ for i in images}) if isinstance(images, Sequence) else []
                 raise TypeError(
                     "`images` must be a PIL image, an image file path, a list of them or a pixel tensor, got "

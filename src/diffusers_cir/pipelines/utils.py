@@ -5,33 +5,12 @@ from __future__ import annotations
 import os
 
 
-def resolve_pretrained_path(pretrained_model_name_or_path: str | os.PathLike, kwargs: dict) -> str:
-    """A local folder for `from_pretrained`: the path itself, or a Hub snapshot downloaded first.
+def is_loadable_image(item) -> bool:
+    """A PIL image, a file path or URL, encoded bytes or a `datasets` image dict: what `load_image` reads (tensors and
+    arrays are pixel values, prepared by the pipeline itself)."""
+    import PIL.Image
 
-    diffusers 0.42's own download step rejects libraries it does not know (ours), so a repo id is resolved with
-    `huggingface_hub.snapshot_download` and the pipeline is loaded from the local snapshot. Download-related keyword
-    arguments are consumed here.
-    """
-    path = os.fspath(pretrained_model_name_or_path)
-    if os.path.isdir(path):
-        return path
-    if os.path.exists(path):
-        raise ValueError(f"{path!r} is a file; `from_pretrained` needs a pipeline folder or a Hub repo id.")
-    from huggingface_hub import snapshot_download
-
-    download_kwargs = {}
-    for key in ("revision", "cache_dir", "token", "local_files_only", "force_download", "proxies"):
-        if key in kwargs:
-            download_kwargs[key] = kwargs.pop(key)
-    if "use_auth_token" in kwargs:
-        download_kwargs["token"] = kwargs.pop("use_auth_token")
-    try:
-        return snapshot_download(path, **download_kwargs)
-    except Exception as error:
-        raise OSError(
-            f"{path!r} is not a local folder and could not be fetched from the Hugging Face Hub ({error}). "
-            "Pass the path of a saved pipeline folder, or check the repo id and your connection."
-        ) from error
+    return isinstance(item, (PIL.Image.Image, str, os.PathLike, bytes, dict))
 
 
 def is_image_path(item) -> bool:
@@ -59,24 +38,22 @@ def check_image_paths(images, name: str, offset: int = 0) -> None:
 
 
 def load_image_paths(images, name: str, offset: int = 0):
-    """`images` with every path (or http(s) URL) replaced by the RGB PIL image it names; other items unchanged.
+    """`images` with every PIL image, path (or http(s) URL), encoded bytes or image dict replaced by the 8-bit PIL
+    image :func:`diffusers_cir.load_image` makes of it (EXIF orientation applied, wide and transparent images
+    converted by value range; masks (`name == "mask_image"`) in mode L); tensors and arrays unchanged.
 
-    `images` is one item or a list/tuple of items. Paths are read with `diffusers.utils.load_image` (EXIF rotation
-    applied, converted to RGB), as transformers' image processors read them, so a path gives the same pixel values
-    as the PIL image of the file. `offset` is the index of `images[0]` in the caller's list, for the messages.
+    `images` is one item or a list/tuple of items; `offset` is the index of `images[0]` in the caller's list, for the
+    messages.
     """
-    from diffusers.utils import load_image
+    from ..retrieval.images import load_image
 
     check_image_paths(images, name, offset)
+    mode = "L" if name == "mask_image" else "RGB"
 
     def load(item, where: str):
-        if not is_image_path(item):
+        if not is_loadable_image(item):
             return item
-        path = _path_text(item)
-        try:
-            return load_image(path)
-        except Exception as error:
-            raise ValueError(f"`{name}`{where}: {path!r} could not be read as an image ({error}).") from error
+        return load_image(item, mode, name=f"{name}{where}")
 
     if isinstance(images, (list, tuple)):
         return [load(item, f"[{offset + index}]") for index, item in enumerate(images)]

@@ -480,7 +480,7 @@ def _embedding_width(stream) -> int | None:
 
 
 def _pretrained_folder(args) -> str | None:
-    from ..pipelines.utils import resolve_pretrained_path
+    from ..pipelines.auto import resolve_pretrained_path
 
     if args.pretrained_model_name_or_path is None:
         return None

@@ -1,0 +1,50 @@
+"""Every registered CIR pipeline meets the contract (tests in `pipeline_tester.CIRPipelineTesterMixin`)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from pipeline_tester import CIRPipelineTesterMixin  # noqa: E402
+from tiny_components import tiny_pipeline  # noqa: E402
+
+from diffusers_cir import CompoDiffPipeline, LinCIRPipeline  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+class TestCompoDiffPipelineContract(CIRPipelineTesterMixin):
+    pipeline_class = CompoDiffPipeline
+
+    def get_pipeline(self):
+        return tiny_pipeline()
+
+    def query_kwargs(self):
+        return {"generator": torch.Generator().manual_seed(0), "num_inference_steps": 4}
+
+
+class TestLinCIRPipelineContract(CIRPipelineTesterMixin):
+    pipeline_class = LinCIRPipeline
+
+    def get_pipeline(self):
+        from test_lincir_pipeline import tiny_pipeline as tiny_lincir
+
+        pipe = tiny_lincir(with_vision=True)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+
+def test_every_registered_pipeline_has_a_contract_test():
+    from diffusers_cir.pipelines import PIPELINES
+
+    tested = {cls.pipeline_class.__name__ for cls in _all_subclasses(CIRPipelineTesterMixin) if cls.pipeline_class}
+    assert set(PIPELINES) <= tested, f"no contract test for {sorted(set(PIPELINES) - tested)}"
+
+
+def _all_subclasses(cls):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _all_subclasses(sub)
