@@ -5,11 +5,8 @@ import evaluate
 import numpy as np
 
 from diffusers_cir.metrics import CIRCO_MAP_KS, compute_circo_metrics
-from diffusers_cir.metrics._inputs import check_ks
-from diffusers_cir.metrics.circo import check_on_empty_ground_truth
+from diffusers_cir.metrics.checks import IdRows, as_id_rows, check_ks, check_on_empty_ground_truth, check_scale
 from diffusers_cir.metrics.evaluate_support import StoredBatchesMixin
-from diffusers_cir.metrics.ids import IdRows, as_id_rows
-from diffusers_cir.metrics.ranking import check_scale
 
 _CITATION = """\
 @inproceedings{baldrati2023zero,

@@ -5,10 +5,16 @@ import evaluate
 import numpy as np
 
 from diffusers_cir.metrics import CIRR_RECALL_KS, CIRR_SUBSET_KS, compute_cirr_metrics
-from diffusers_cir.metrics._inputs import check_ks
+from diffusers_cir.metrics.checks import (
+    as_id_rows,
+    as_id_vector,
+    check_id_lists,
+    check_ks,
+    check_scale,
+    id_kinds,
+    unify_id_dtypes,
+)
 from diffusers_cir.metrics.evaluate_support import StoredBatchesMixin, check_columns_given, ids_for_storage
-from diffusers_cir.metrics.ids import as_id_rows, as_id_vector, check_id_lists, id_kinds, unify_id_dtypes
-from diffusers_cir.metrics.ranking import check_scale
 
 _CITATION = """\
 @inproceedings{liu2021cirr,

@@ -5,10 +5,8 @@ import evaluate
 import numpy as np
 
 from diffusers_cir.metrics import FASHIONIQ_CATEGORIES, FASHIONIQ_RECALL_KS, compute_fashioniq_metrics
-from diffusers_cir.metrics._inputs import check_ks
+from diffusers_cir.metrics.checks import as_id_vector, check_id_lists, check_ks, check_scale, id_kinds
 from diffusers_cir.metrics.evaluate_support import StoredBatchesMixin, check_columns_given, ids_for_storage
-from diffusers_cir.metrics.ids import as_id_vector, check_id_lists, id_kinds
-from diffusers_cir.metrics.ranking import check_scale
 
 _CITATION = """\
 @inproceedings{wu2021fashioniq,

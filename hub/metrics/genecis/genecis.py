@@ -5,9 +5,8 @@ import evaluate
 import numpy as np
 
 from diffusers_cir.metrics import GENECIS_RECALL_KS, genecis_average_over_tasks, genecis_recall_at_k
-from diffusers_cir.metrics._inputs import check_ks
+from diffusers_cir.metrics.checks import check_ks, check_scale
 from diffusers_cir.metrics.evaluate_support import StoredBatchesMixin
-from diffusers_cir.metrics.ranking import check_scale
 
 _CITATION = """\
 @inproceedings{vaze2023genecis,

@@ -7,34 +7,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .ids import as_id_rows, as_id_vector, index_of_ids, unify_id_dtypes
-from .ranking import PositiveRanks, as_score_array, ranks_from_ranked_lists, ranks_from_scores
-
-
-def _is_whole_number(value: Any) -> bool:
-    if isinstance(value, (bool, np.bool_)):
-        return False
-    if isinstance(value, (int, np.integer)):
-        return True
-    return isinstance(value, (float, np.floating)) and float(value).is_integer()
-
-
-def check_ks(ks: Sequence[int], name: str) -> tuple[int, ...]:
-    """Cutoffs as a tuple of ints; a single K is accepted. Strings, fractional and boolean cutoffs are refused
-    (``int()`` would have turned ``"10"`` into ``(1, 0)`` and ``1.5`` into ``1``)."""
-    if hasattr(ks, "tolist"):  # numpy arrays and scalars, torch tensors
-        ks = ks.tolist()
-    if _is_whole_number(ks):
-        ks = (ks,)
-    if isinstance(ks, (str, bytes)) or not hasattr(ks, "__iter__"):
-        raise ValueError(f"`{name}` must be a positive integer K or a sequence of them, e.g. (1, 5, 10); got {ks!r}.")
-    ks = tuple(ks)
-    bad = [k for k in ks if not _is_whole_number(k)]
-    if bad:
-        raise ValueError(f"`{name}` must hold integer cutoffs K, e.g. (1, 5, 10); got {bad[0]!r} in {ks!r}.")
-    ks = tuple(int(k) for k in ks)
-    if any(k < 1 for k in ks):
-        raise ValueError(f"`{name}` must hold positive cutoffs K, got {ks}.")
-    return ks
+from .ranking import PositiveRanks, as_score_array, check_ks, ranks_from_ranked_lists, ranks_from_scores
 
 
 def check_one_source(scores: Any, gallery_ids: Any, ranked_ids: Any, metric: str) -> str:
