@@ -4,8 +4,8 @@
     diffusers-cir search --index photos-index --model models/compodiff --image room.jpg --text "a red sofa" \\
         --mask sofa_mask.png --negative-text "leather" --k 30 --html results.html
 
-Prints the ranked results (rank, score, id, path) and writes an HTML page with the reference and the result
-thumbnails. The reference image itself is left out of the results when it is part of the gallery (say so with
+Prints the ranked results (rank, score, id, path); with ``--html PAGE`` also writes an HTML page with the reference
+and the result thumbnails. The reference image itself is left out of the results when it is part of the gallery (say so with
 ``--keep-reference`` to keep it).
 """
 
@@ -31,7 +31,9 @@ def register(subparsers) -> None:
     parser.add_argument("--k", type=positive_int, default=20, help="Number of results. Default: 20.")
     parser.add_argument("--steps", type=positive_int, default=10, help="Sampler steps of the pipeline. Default: 10.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the pipeline's sampler. Default: 0.")
-    parser.add_argument("--html", default="diffusers-cir-search.html", help="HTML page to write.")
+    parser.add_argument(
+        "--html", default=None,
+        help="Also write an HTML page (the query and the result thumbnails) to this file. Default: no page.")
     parser.add_argument("--json", dest="json_path", default=None, help="Also write the results as JSON here.")
     parser.add_argument("--keep-reference", action="store_true", help="Do not leave the reference image out.")
     parser.add_argument("--exclude-id", action="append", default=[], help="Gallery id to leave out (repeatable).")
@@ -105,8 +107,8 @@ def run_search(args: argparse.Namespace) -> int:
     if result.excluded_ids:
         print(f"Left out of the results: {', '.join(str(item) for item in result.excluded_ids)}")
     print(result.format_table())
-    page = result.save_html(args.html)
-    print(f"Wrote {page}")
+    if args.html:
+        print(f"Wrote {result.save_html(args.html)}")
     if args.json_path:
         json_path = Path(args.json_path)
         json_path.parent.mkdir(parents=True, exist_ok=True)  # as save_html does for --html
