@@ -102,7 +102,7 @@ def test_images_are_decoded_clip_preprocessed_and_tokenized(dataset_folder):
     skipped = {row_id: reason for batch in batches for row_id, reason in batch["skipped"]}
     assert set(skipped) == CORRUPT_IMAGE_IDS
     assert sum(batch["num_skipped"] for batch in batches) == 2
-    assert "UnidentifiedImageError" in skipped["row-05"] and "OSError" in skipped["row-17"]
+    assert "cannot identify image file" in skipped["row-05"] and "truncated" in skipped["row-17"]
 
     batch = batches[0]
     assert batch["target_pixel_values"].shape == (len(batch["ids"]), 3, 224, 224)

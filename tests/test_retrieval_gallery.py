@@ -126,7 +126,7 @@ def test_list_file_and_unreadable_images(tmp_path):
     assert ids == ["first", "images/img001.png", "last"] and embeddings.shape == (3, 6)
     assert metadata[1]["path"] == str(paths[1].resolve())
     skipped = gallery.skipped()
-    assert [s["id"] for s in skipped] == ["bad"] and "UnidentifiedImageError" in skipped[0]["error"]
+    assert [s["id"] for s in skipped] == ["bad"] and "could not be read as an image" in skipped[0]["error"]
 
 
 def test_datasets_source_with_id_column(tmp_path):

@@ -42,15 +42,14 @@ def register(subparsers) -> None:
 
 
 def _check_image_file(flag: str, path: str) -> None:
-    from PIL import Image, UnidentifiedImageError
+    from diffusers_cir import load_image
 
     if not Path(path).is_file():
         raise ValueError(f"{flag} {path!r}: there is no file there.")
     try:
-        with Image.open(path):
-            pass
-    except (UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"{flag} {path!r} could not be read as an image: {error}") from error
+        load_image(path, name=flag)
+    except ValueError as error:  # load_image's message names the argument; say it with the flag, and why
+        raise ValueError(f"{flag} {path!r} could not be read as an image: {error.__cause__ or error}") from error
 
 
 def _exclude_ids(given: list[str], index_ids) -> list:

@@ -31,6 +31,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..retrieval.images import load_image
 from . import schema
 from .shards import check_shard_set, shard_files
 
@@ -123,10 +124,11 @@ class _ShardRows(torch.utils.data.Dataset):
         return len(self.ids)
 
     def __getitem__(self, index: int):
-        from .streaming import decode_image
-
         try:
-            images = [decode_image(self.references[index]), decode_image(self.targets[index])]
+            images = [
+                load_image(self.references[index], name=schema.REFERENCE_IMAGE),
+                load_image(self.targets[index], name=schema.TARGET_IMAGE),
+            ]
             return index, self.preprocess(images), None
         except Exception as error:  # reported, never fatal
             return index, None, f"{type(error).__name__}: {error}"

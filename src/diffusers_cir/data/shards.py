@@ -29,7 +29,6 @@ from __future__ import annotations
 import csv
 import glob
 import hashlib
-import io
 import json
 import logging
 import os
@@ -42,6 +41,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
+from ..retrieval.images import load_image
 from . import schema
 from .card import data_files_pattern, read_card_configs, read_card_infos, update_dataset_card
 
@@ -465,16 +465,6 @@ def _read_image_bytes(value: Any, base: str) -> tuple[bytes, str]:
         return handle.read(), os.path.basename(path)
 
 
-def check_image_bytes(data: bytes) -> None:
-    """Raise if ``data`` is not a fully decodable image (a truncated JPEG fails here, not at training)."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as image:
-        image.load()
-        if image.width == 0 or image.height == 0:
-            raise ValueError("empty image")
-
-
 def write_triplets(
     source: str,
     folder: str,
@@ -519,7 +509,7 @@ def write_triplets(
                         raise ValueError(f"unreadable {column}: {error}") from error
                     if verify_images:
                         try:
-                            check_image_bytes(data)
+                            load_image(data)
                         except Exception as error:  # PIL raises many types for bad data
                             raise ValueError(f"undecodable {column}: {error}") from error
                     images[column] = {"bytes": data, "path": name}
@@ -794,7 +784,7 @@ def _validate_rows(report, key, files, features, config_name, check_images, max_
                         try:
                             if not data:
                                 raise ValueError("no image bytes")
-                            check_image_bytes(data)
+                            load_image(data)
                         except Exception as error:
                             undecodable += 1
                             report.undecodable.append((row_id, f"{name}: {type(error).__name__}: {error}"))

@@ -51,7 +51,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import io
 import glob
 import logging
 import os
@@ -63,6 +62,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from ..retrieval.images import load_image
 from . import schema
 
 logger = logging.getLogger(__name__)
@@ -233,34 +233,6 @@ def _rows_from_tables(tables: Sequence[Any]) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------- decoding
-def decode_image(value: Any):
-    """An RGB ``PIL.Image`` from image bytes, a ``{"bytes", "path"}`` dict, a file path or a PIL image.
-
-    The image is fully decoded here (``convert`` forces it), so a truncated file fails now, in the
-    collator's ``try``, and not later inside the image processor.
-    """
-    from PIL import Image
-
-    if isinstance(value, Image.Image):
-        image = value
-    elif isinstance(value, dict):
-        if value.get("bytes"):
-            image = Image.open(io.BytesIO(value["bytes"]))
-        elif value.get("path"):
-            image = Image.open(value["path"])
-        else:
-            raise ValueError("image value has neither bytes nor path")
-    elif isinstance(value, (bytes, bytearray, memoryview)):
-        image = Image.open(io.BytesIO(bytes(value)))
-    elif isinstance(value, str):
-        image = Image.open(value)
-    elif value is None:
-        raise ValueError("image is missing (None)")
-    else:
-        raise TypeError(f"cannot decode an image from {type(value).__name__}")
-    return image.convert("RGB")
-
-
 def decode_mask(value: Any, size: int) -> np.ndarray:
     """A ``[size, size]`` float32 {0, 1} mask from a mask image (white = 1) or an array."""
     from PIL import Image
@@ -271,7 +243,7 @@ def decode_mask(value: Any, size: int) -> np.ndarray:
             raise ValueError(f"mask array must be 2-D, got shape {array.shape}")
         image = Image.fromarray((array > 0.5).astype(np.uint8) * 255)
     else:
-        image = decode_image(value).convert("L")
+        image = load_image(value, "L", name=schema.MASK)
     image = image.resize((size, size), Image.NEAREST)
     return (np.asarray(image, dtype=np.float32) > 127).astype(np.float32)
 
@@ -416,11 +388,15 @@ class TripletCollator:
                 )
             )
         else:
-            decoded["target"] = decode_image(schema.get_field(row, self.mapping[schema.TARGET_IMAGE], default=None))
+            decoded["target"] = load_image(
+                schema.get_field(row, self.mapping[schema.TARGET_IMAGE], default=None), name=schema.TARGET_IMAGE
+            )
             decoded["reference"] = (
                 None
                 if text_to_image
-                else decode_image(schema.get_field(row, self.mapping[schema.REFERENCE_IMAGE], default=None))
+                else load_image(
+                    schema.get_field(row, self.mapping[schema.REFERENCE_IMAGE], default=None), name=schema.REFERENCE_IMAGE
+                )
             )
         if self.return_mask:
             value = schema.get_field(row, self.mapping[schema.MASK], default=None)

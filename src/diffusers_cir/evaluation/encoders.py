@@ -82,15 +82,16 @@ def _folder_fingerprint(folder: Path, class_name: str) -> str:
 
 
 def load_image(ref: ImageRef):
-    """Open an image of a benchmark as RGB, cropped to ``ref.crop_box`` (x, y, width, height) when set."""
-    import PIL.Image
+    """An image of a benchmark read by :func:`diffusers_cir.load_image` (upright, 8-bit RGB), cropped to
+    ``ref.crop_box`` (x, y, width, height) when set."""
+    from ..retrieval.images import load_image as read_image
 
     if not Path(ref.path).is_file():
         raise FileNotFoundError(
             f"Image {ref.image_id!r} should be at {ref.path}; the benchmark annotation files do not include the "
             "images: download them from the benchmark's site into the official layout."
         )
-    image = PIL.Image.open(ref.path).convert("RGB")
+    image = read_image(ref.path, name=f"image {ref.image_id!r}")
     if ref.crop_box is not None:
         x, y, width, height = ref.crop_box
         image = image.crop((x, y, x + width, y + height))

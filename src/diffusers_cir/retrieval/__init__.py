@@ -1,5 +1,8 @@
 """Retrieval at any scale: gallery encoding, faiss / torch indexes, and composed search.
 
+Names are imported on first use, so that ``diffusers_cir.retrieval.images`` (the one image loader, used by the data
+tools) does not import torch or faiss.
+
 Example:
     >>> import numpy as np
     >>> from diffusers_cir.retrieval import GalleryIndex
@@ -9,54 +12,54 @@ Example:
     [['img7']]
 """
 
-from .backends import FaissSearchBackend, TorchExactSearchBackend, faiss_gpu_count, torch_exact_search
-from .build import build_index_from_embedding_files, check_index_options
-from .encoders import (
-    ClipVisionEmbedder,
-    PipelineEmbedder,
-    as_image_embedder,
-    image_encoder_fingerprint,
-    load_cir_pipeline,
-    load_image_encoder,
-)
-from .errors import IndexFormatError, IndexMismatchError
-from .gallery import (
-    GalleryEmbeddings,
-    GalleryItem,
-    encode_gallery,
-    list_image_folder,
-    read_image_list,
-    resolve_source,
-)
-from .index import GalleryIndex, SearchHit, SearchResult, normalize_embeddings, read_manifest
-from .search import ComposedSearchResult, composed_search
+from __future__ import annotations
 
-__all__ = [
-    "ClipVisionEmbedder",
-    "ComposedSearchResult",
-    "FaissSearchBackend",
-    "GalleryEmbeddings",
-    "GalleryIndex",
-    "GalleryItem",
-    "IndexFormatError",
-    "IndexMismatchError",
-    "PipelineEmbedder",
-    "SearchHit",
-    "SearchResult",
-    "TorchExactSearchBackend",
-    "as_image_embedder",
-    "build_index_from_embedding_files",
-    "check_index_options",
-    "composed_search",
-    "encode_gallery",
-    "faiss_gpu_count",
-    "image_encoder_fingerprint",
-    "list_image_folder",
-    "load_cir_pipeline",
-    "load_image_encoder",
-    "normalize_embeddings",
-    "read_image_list",
-    "read_manifest",
-    "resolve_source",
-    "torch_exact_search",
-]
+import importlib
+
+# public name -> module that defines it (relative to this package)
+_LAZY_NAMES = {
+    "FaissSearchBackend": ".backends",
+    "TorchExactSearchBackend": ".backends",
+    "faiss_gpu_count": ".backends",
+    "torch_exact_search": ".backends",
+    "build_index_from_embedding_files": ".build",
+    "check_index_options": ".build",
+    "ClipVisionEmbedder": ".encoders",
+    "PipelineEmbedder": ".encoders",
+    "as_image_embedder": ".encoders",
+    "image_encoder_fingerprint": ".encoders",
+    "load_cir_pipeline": ".encoders",
+    "load_image_encoder": ".encoders",
+    "IndexFormatError": ".errors",
+    "IndexMismatchError": ".errors",
+    "GalleryEmbeddings": ".gallery",
+    "GalleryItem": ".gallery",
+    "encode_gallery": ".gallery",
+    "list_image_folder": ".gallery",
+    "read_image_list": ".gallery",
+    "resolve_source": ".gallery",
+    "ImageSource": ".images",
+    "load_image": ".images",
+    "GalleryIndex": ".index",
+    "SearchHit": ".index",
+    "SearchResult": ".index",
+    "normalize_embeddings": ".index",
+    "read_manifest": ".index",
+    "ComposedSearchResult": ".search",
+    "composed_search": ".search",
+}
+
+__all__ = sorted(_LAZY_NAMES)
+
+
+def __getattr__(name: str):
+    module_name = _LAZY_NAMES.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'diffusers_cir.retrieval' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module_name, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY_NAMES))

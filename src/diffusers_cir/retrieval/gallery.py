@@ -26,10 +26,10 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from .encoders import as_image_embedder, embeddings_to_numpy, image_encoder_fingerprint
+from .images import load_image
 
 GALLERY_FORMAT = "diffusers-cir-gallery-embeddings"
 GALLERY_FORMAT_VERSION = 1
@@ -126,7 +126,8 @@ def items_digest(items: Sequence[GalleryItem]) -> str:
 
 
 class _ImageLoadingDataset(torch.utils.data.Dataset):
-    """Decodes images in DataLoader workers; a failure is returned (not raised) so the caller decides."""
+    """Reads images with :func:`~diffusers_cir.load_image` in DataLoader workers; a failure is returned (not raised)
+    so the caller decides."""
 
     def __init__(self, items: Sequence[GalleryItem], dataset=None, image_column: str = "image"):
         self.items, self.dataset, self.image_column = items, dataset, image_column
@@ -137,23 +138,21 @@ class _ImageLoadingDataset(torch.utils.data.Dataset):
     def __getitem__(self, position: int):
         item = self.items[position]
         try:
-            if item.path is not None:
-                with Image.open(item.path) as image:
-                    return position, image.convert("RGB"), None
-            value = self.dataset[item.row][self.image_column]
-            if isinstance(value, dict) and value.get("bytes") is not None:
-                import io
-
-                value = Image.open(io.BytesIO(value["bytes"]))
-            elif isinstance(value, dict) and value.get("path"):
-                value = Image.open(value["path"])
-            elif isinstance(value, (str, os.PathLike)):
-                value = Image.open(value)
-            if not isinstance(value, Image.Image):
-                raise TypeError(f"column {self.image_column!r} holds {type(value).__name__}, not an image")
-            return position, value.convert("RGB"), None
+            source = item.path if item.path is not None else self.dataset[item.row][self.image_column]
+            return position, load_image(source), None
         except Exception as error:  # noqa: BLE001 - reported with the item by the caller
             return position, None, f"{type(error).__name__}: {error}"
+
+
+def _undecoded(dataset, image_column: str):
+    """``dataset`` with its image column left encoded (``{"bytes", "path"}``), so that the workers decode each image
+    once, through :func:`~diffusers_cir.load_image`, instead of ``datasets`` decoding it first."""
+    import datasets
+
+    feature = dataset.features.get(image_column)
+    if isinstance(feature, datasets.Image) and feature.decode:
+        return dataset.cast_column(image_column, datasets.Image(decode=False))
+    return dataset
 
 
 def _collate(batch):
@@ -233,6 +232,8 @@ def encode_gallery(
     dataset = source if hasattr(source, "column_names") else None
     if dataset is not None and image_column not in dataset.column_names:
         raise ValueError(f"`image_column` {image_column!r} is not a column of the dataset ({dataset.column_names}).")
+    if dataset is not None:
+        dataset = _undecoded(dataset, image_column)
     items = resolve_source(source, id_column=id_column)
     ids = [item.id for item in items]
     if len(set(ids)) != len(ids):

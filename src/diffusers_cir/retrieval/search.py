@@ -26,24 +26,17 @@ from PIL import Image
 
 from .backends import _positive_int
 from .encoders import image_encoder_fingerprint, load_cir_pipeline
+from .images import load_image
 from .index import GalleryIndex, SearchHit, SearchResult
 
 THUMBNAIL_SIZE = 224
 
 
-def _open_image(image: Any, name: str) -> tuple[Image.Image, str | None]:
-    if isinstance(image, Image.Image):
-        return image.convert("RGB"), None
-    if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        if not path.is_file():
-            raise ValueError(f"`{name}` {str(image)!r} is not an image file.")
-        try:
-            with Image.open(path) as opened:
-                return opened.convert("RGB"), str(path.resolve())
-        except OSError as error:
-            raise ValueError(f"`{name}` {str(image)!r} could not be read as an image: {error}") from error
-    raise ValueError(f"`{name}` must be a PIL image or an image path; got {type(image).__name__}.")
+def _open_image(image: Any, name: str, mode: str = "RGB") -> tuple[Image.Image, str | None]:
+    """The image read by :func:`~diffusers_cir.load_image` and, for a file, its absolute path (to find it in the
+    gallery)."""
+    path = str(Path(image).resolve()) if isinstance(image, (str, os.PathLike)) else None
+    return load_image(image, mode, name=name), path
 
 
 @dataclass
@@ -109,9 +102,8 @@ def _thumbnail_of(path: str | None) -> str | None:
     if not path:
         return None
     try:
-        with Image.open(path) as image:
-            return _data_uri(image)
-    except OSError:
+        return _data_uri(load_image(path))
+    except (OSError, ValueError):
         return None  # the card then says the file is unavailable
 
 
@@ -202,7 +194,7 @@ def composed_search(
     if not isinstance(text, str):
         raise ValueError(f"`text` must be a string; got {type(text).__name__}.")
     reference_image, reference_path = _open_image(image, "image") if image is not None else (None, None)
-    mask_image = _open_image(mask, "mask")[0].convert("L") if mask is not None else None
+    mask_image = _open_image(mask, "mask", mode="L")[0] if mask is not None else None
 
     fingerprint = image_encoder_fingerprint(pipeline) if getattr(pipeline, "image_encoder", None) is not None else None
     model_name = getattr(pipeline, "name_or_path", None)
