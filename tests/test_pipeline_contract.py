@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pipeline_tester import CIRPipelineTesterMixin  # noqa: E402
 from tiny_components import tiny_pipeline  # noqa: E402
 
-from diffusers_cir import CompoDiffPipeline, LinCIRPipeline  # noqa: E402
+from diffusers_cir import BGEVLPipeline, CompoDiffPipeline, LinCIRPipeline  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -35,6 +35,15 @@ class TestLinCIRPipelineContract(CIRPipelineTesterMixin):
         pipe = tiny_lincir(with_vision=True)
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+
+class TestBGEVLPipelineContract(CIRPipelineTesterMixin):
+    pipeline_class = BGEVLPipeline
+
+    def get_pipeline(self):
+        from test_pipeline_bgevl import tiny_bgevl_pipeline
+
+        return tiny_bgevl_pipeline()
 
 
 def test_every_registered_pipeline_has_a_contract_test():

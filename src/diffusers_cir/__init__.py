@@ -15,6 +15,8 @@ __version__ = "0.1.0.dev0"
 # public name -> module that defines it (relative to this package)
 _LAZY_NAMES = {
     "AutoCIRPipeline": ".pipelines.auto",
+    "BGEVLPipeline": ".pipelines.pipeline_bgevl",
+    "BGEVLPipelineOutput": ".pipelines.pipeline_bgevl",
     "CIRPipelineMixin": ".pipelines.auto",
     "CompoDiffPipeline": ".pipelines.pipeline_compodiff",
     "CompoDiffPipelineOutput": ".pipelines.pipeline_compodiff",
@@ -55,6 +57,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .models.compodiff_transformer import CompoDiffTransformer, CompoDiffTransformerOutput
     from .models.textual_inversion_projection import TextualInversionProjection, TextualInversionProjectionOutput
     from .pipelines.auto import AutoCIRPipeline, CIRPipelineMixin
+    from .pipelines.pipeline_bgevl import BGEVLPipeline, BGEVLPipelineOutput
     from .pipelines.pipeline_compodiff import CompoDiffPipeline, CompoDiffPipelineOutput
     from .pipelines.pipeline_lincir import LinCIRPipeline, LinCIRPipelineOutput
     from .retrieval.images import load_image

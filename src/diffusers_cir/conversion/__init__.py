@@ -1,3 +1,4 @@
+from .bgevl import BGEVLConversionError, convert_bgevl_checkpoint_to_pipeline
 from .lincir import LinCIRConversionError, convert_lincir_phi_checkpoint, convert_phi_state_dict
 from .compodiff import (
     CompoDiffConversionError,
@@ -8,6 +9,8 @@ from .compodiff import (
 )
 
 __all__ = [
+    "BGEVLConversionError",
+    "convert_bgevl_checkpoint_to_pipeline",
     "LinCIRConversionError",
     "convert_lincir_phi_checkpoint",
     "convert_phi_state_dict",

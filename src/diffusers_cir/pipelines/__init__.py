@@ -4,12 +4,15 @@ Importing this package imports every pipeline module, so each class joins the re
 """
 
 from .auto import PIPELINES, AutoCIRPipeline, CIRPipelineMixin
+from .pipeline_bgevl import BGEVLPipeline, BGEVLPipelineOutput
 from .pipeline_compodiff import CompoDiffPipeline, CompoDiffPipelineOutput
 from .pipeline_lincir import LinCIRPipeline, LinCIRPipelineOutput
 
 __all__ = [
     "PIPELINES",
     "AutoCIRPipeline",
+    "BGEVLPipeline",
+    "BGEVLPipelineOutput",
     "CIRPipelineMixin",
     "CompoDiffPipeline",
     "CompoDiffPipelineOutput",
