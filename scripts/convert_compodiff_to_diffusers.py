@@ -7,16 +7,16 @@
 Same as `diffusers-cir convert compodiff ...`.
 """
 
-import argparse
+from __future__ import annotations
+
 import sys
 
-from diffusers_cir.commands.convert import add_compodiff_arguments, run_compodiff
+from diffusers_cir.cli import main as cli_main
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_compodiff_arguments(parser)
-    return run_compodiff(parser.parse_args(argv))
+    """Same as ``diffusers-cir convert compodiff ...``: one-line errors, exit status 2."""
+    return cli_main(["convert", "compodiff", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -17,16 +17,14 @@ The result loads with ``TextualInversionProjection.from_pretrained`` / ``LinCIRP
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from diffusers_cir.commands.convert import add_lincir_arguments, run_lincir
+from diffusers_cir.cli import main as cli_main
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_lincir_arguments(parser)
-    return run_lincir(parser.parse_args(argv))
+    """Same as ``diffusers-cir convert lincir ...``: one-line errors, exit status 2."""
+    return cli_main(["convert", "lincir", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

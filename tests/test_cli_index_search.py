@@ -143,7 +143,7 @@ def test_search_refuses_an_index_of_another_model(workspace, tmp_path, capsys):
 
 def test_index_info_of_a_missing_or_foreign_folder_is_a_message(tmp_path, capsys):
     assert main(["index", "info", str(tmp_path / "missing")]) == 2
-    assert capsys.readouterr().err.startswith("error: Index folder")
+    assert capsys.readouterr().err.startswith("diffusers-cir index info: error: Index folder")
     assert main(["index", "info", str(tmp_path)]) == 2
     assert "has no manifest.json" in capsys.readouterr().err
 
@@ -217,7 +217,7 @@ def test_index_build_refuses_index_options_that_cannot_work_before_embedding_any
         "index", "build", "--images", str(workspace / "images"), "--model", str(workspace / "model"),
         "--output", str(tmp_path / "index"), "--num-workers", "0", "--device", "cpu", *extra,
     ]) == 2
-    assert re.search(f"^error: {message}", capsys.readouterr().err, flags=re.MULTILINE)
+    assert re.search(f"^diffusers-cir (index build|search): error: {message}", capsys.readouterr().err, flags=re.MULTILINE)
     assert not (tmp_path / "index").exists()
 
 
@@ -265,7 +265,7 @@ def test_search_checks_its_command_line_before_loading_the_pipeline(workspace, t
                                                                 r"\(its ids look like '.*photo00\.png'"),
     ]:
         assert main([*search, *extra]) == 2
-        assert re.search(f"^error: {message}", capsys.readouterr().err, flags=re.MULTILINE), message
+        assert re.search(f"^diffusers-cir (index build|search): error: {message}", capsys.readouterr().err, flags=re.MULTILINE), message
     assert not (tmp_path / "page.html").exists()
 
     from diffusers_cir.commands.search import _exclude_ids

@@ -277,14 +277,17 @@ def test_a_failed_conversion_leaves_the_earlier_one_as_it_was(tmp_path, monkeypa
     assert sorted(path.name for path in tmp_path.iterdir()) == ["other", "pipe"]
 
 
-def test_cli_convert_refuses_an_earlier_conversion_without_overwrite(tmp_path):
+def test_cli_convert_refuses_an_earlier_conversion_without_overwrite(tmp_path, capsys):
     from diffusers_cir.cli import main
 
     output = tmp_path / "p"
     assert main(["convert", "compodiff", "--checkpoint_path", str(TINY), "--output_path", str(output)]) == 0
     argv = ["convert", "compodiff", "--checkpoint_path", str(TINY), "--output_path", str(output), "--dtype", "bf16"]
-    with pytest.raises(FileExistsError, match="Pass --overwrite to replace it"):
-        main(argv)
+    capsys.readouterr()
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("diffusers-cir convert compodiff: error: ") and "Pass --overwrite to replace it" in error
+    assert len(error.strip().splitlines()) == 1  # one line, no traceback
     assert main(argv + ["--overwrite"]) == 0
     from safetensors.torch import load_file
 

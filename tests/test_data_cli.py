@@ -69,7 +69,7 @@ def test_data_cli_synthetic_world(tmp_path, capsys):
 def test_data_cli_bad_paths_and_existing_output_are_messages_not_tracebacks(tmp_path, capsys):
     missing = str(tmp_path / "missing")
     assert main(["data", "write", missing, str(tmp_path / "out")]) == 2
-    assert capsys.readouterr().err.startswith(f"error: Triplet source {missing!r}")
+    assert capsys.readouterr().err.startswith(f"diffusers-cir data write: error: Triplet source {missing!r}")
     assert main(["data", "reshard", missing, "--num-shards", "2"]) == 2
     assert "No shards match" in capsys.readouterr().err
     assert main(["data", "inspect", missing]) == 2
@@ -89,7 +89,7 @@ def test_data_write_names_missing_columns_and_the_map_flag_instead_of_a_tracebac
     source.write_text(json.dumps({"src": "a.png", "dst": "b.png", "edit": "x"}) + "\n")
     assert main(["data", "write", str(source), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "has no column for 'reference_image'" in err and "'src'" in err
+    assert err.startswith("diffusers-cir data write: error: ") and "has no column for 'reference_image'" in err and "'src'" in err
     assert "--map CANONICAL=COLUMN" in err
     assert not (tmp_path / "out").exists()
 

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -180,6 +181,17 @@ def _load_script():
     return module
 
 
+def _script_error(argv, capsys) -> str:
+    """The script's one-line error (after `diffusers-cir convert lincir: error: `); it must exit with status 2."""
+    capsys.readouterr()
+    assert _load_script().main(argv) == 2
+    output = capsys.readouterr().err
+    error = output.strip().splitlines()[-1]  # progress bars of the loading may come first
+    prefix = "diffusers-cir convert lincir: error: "
+    assert error.startswith(prefix) and "Traceback" not in output, output
+    return error[len(prefix):]
+
+
 def _tiny_clip_folder(folder: Path) -> Path:
     """A CLIP checkpoint folder in the pipeline layout: the fixture's text tower + a tiny vision tower."""
     shutil.copytree(LINCIR_TINY / "text_encoder", folder / "text_encoder")
@@ -277,7 +289,7 @@ def test_a_missing_hidden_layer_is_refused_not_skipped(layout, drop):
         convert_lincir_phi_checkpoint({wrap: broken} if wrap else broken)
 
 
-def test_converting_the_projection_over_an_earlier_pipeline_conversion(tmp_path):
+def test_converting_the_projection_over_an_earlier_pipeline_conversion(tmp_path, capsys):
     """The projection alone over a whole pipeline: refused without --overwrite (before loading anything), and with it
     the folder holds the projection only, not the earlier pipeline's components around it."""
     clip = _tiny_clip_folder(tmp_path / "clip")
@@ -285,8 +297,8 @@ def test_converting_the_projection_over_an_earlier_pipeline_conversion(tmp_path)
     phi_file = str(LINCIR_TINY / "phi_original.pt")
     _load_script().main(["--checkpoint_path", phi_file, "--clip_model_name_or_path", str(clip), "--output_dir", str(output)])
     assert (output / "model_index.json").is_file()
-    with pytest.raises(FileExistsError, match="already holds a converted model .*Pass --overwrite"):
-        _load_script().main(["--checkpoint_path", str(tmp_path / "missing.pt"), "--output_dir", str(output)])
+    error = _script_error(["--checkpoint_path", str(tmp_path / "missing.pt"), "--output_dir", str(output)], capsys)
+    assert re.search("already holds a converted model .*Pass --overwrite", error)
     _load_script().main(["--checkpoint_path", phi_file, "--output_dir", str(output), "--dropout", "0.3", "--overwrite"])
     assert sorted(path.name for path in output.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
     assert TextualInversionProjection.from_pretrained(output).config.dropout == 0.3
@@ -311,10 +323,9 @@ def test_library_conversion_refuses_a_non_empty_output_dir_unless_overwrite(tmp_
         (["--activation", "gleu"], r"--activation must be one of gelu, mish, relu, silu, swish, got 'gleu'"),
     ],
 )
-def test_bad_dropout_or_activation_is_refused_by_flag_before_the_checkpoint_loads(tmp_path, flags, expected):
+def test_bad_dropout_or_activation_is_refused_by_flag_before_the_checkpoint_loads(tmp_path, capsys, flags, expected):
     missing = str(tmp_path / "missing.pt")  # would fail to load if the command got that far
-    with pytest.raises(ValueError, match=expected):
-        _load_script().main(["--checkpoint_path", missing, "--output_dir", str(tmp_path / "phi"), *flags])
+    assert re.search(expected, _script_error(["--checkpoint_path", missing, "--output_dir", str(tmp_path / "phi"), *flags], capsys))
 
 
 @pytest.mark.parametrize(
@@ -345,19 +356,18 @@ def test_projection_config_refuses_bools_strings_and_unknown_activations(kwargs,
         (["--clip_model_name_or_path", "clip", "--placeholder_token", "*"], r"has no '\*' \(--placeholder_token\)"),
     ],
 )
-def test_pipeline_options_are_checked_before_the_checkpoint_loads(tmp_path, flags, expected):
+def test_pipeline_options_are_checked_before_the_checkpoint_loads(tmp_path, capsys, flags, expected):
     """Pipeline options without --clip_model_name_or_path were ignored (only the projection is saved), and a template
     without the placeholder gave a saved pipeline that refused every query."""
     missing = str(tmp_path / "missing.pt")  # would fail to load if the command got that far
-    with pytest.raises(ValueError, match=expected):
-        _load_script().main(["--checkpoint_path", missing, "--output_dir", str(tmp_path / "out"), *flags])
+    assert re.search(expected, _script_error(["--checkpoint_path", missing, "--output_dir", str(tmp_path / "out"), *flags], capsys))
     assert not (tmp_path / "out").exists()
 
 
-def test_a_placeholder_token_the_tokenizer_splits_is_refused_before_the_pipeline_is_saved(tmp_path):
+def test_a_placeholder_token_the_tokenizer_splits_is_refused_before_the_pipeline_is_saved(tmp_path, capsys):
     clip = _tiny_clip_folder(tmp_path / "clip")
-    with pytest.raises(ValueError, match=r"--placeholder_token: `placeholder_token` 'zzqx' must be a single token"):
-        _load_script().main(["--checkpoint_path", str(LINCIR_TINY / "phi_original.pt"), "--clip_model_name_or_path",
-                             str(clip), "--output_dir", str(tmp_path / "out"), "--placeholder_token", "zzqx",
-                             "--prompt_template", "a photo of zzqx that {text}"])
+    error = _script_error(["--checkpoint_path", str(LINCIR_TINY / "phi_original.pt"), "--clip_model_name_or_path",
+                           str(clip), "--output_dir", str(tmp_path / "out"), "--placeholder_token", "zzqx",
+                           "--prompt_template", "a photo of zzqx that {text}"], capsys)
+    assert re.search(r"--placeholder_token: `placeholder_token` 'zzqx' must be a single token", error)
     assert not (tmp_path / "out").exists()

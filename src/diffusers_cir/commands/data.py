@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import sys
 
-from . import errors_as_messages, non_negative_int, positive_int
+from . import non_negative_int, positive_int
 
 
 def _parse_mapping(pairs: list[str] | None) -> dict[str, str]:
@@ -94,7 +94,6 @@ def register(subparsers) -> None:
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
 
 
-@errors_as_messages
 def run_write(args) -> int:
     from diffusers_cir.data.schema import MissingColumnsError
     from diffusers_cir.data.shards import write_triplets
@@ -110,10 +109,9 @@ def run_write(args) -> int:
             verify_images=not args.no_verify_images,
             overwrite=args.overwrite,
         )
-    except MissingColumnsError as error:  # the usual first-run mistake: a message naming --map, not a traceback
-        print(f"error: {error}\nOn the command line, name your columns with --map CANONICAL=COLUMN "
-              "(e.g. --map reference_image=src --map modification_text=edit.text).", file=sys.stderr)
-        return 2
+    except MissingColumnsError as error:  # the usual first-run mistake: the message names --map
+        raise ValueError(f"{error} On the command line, name your columns with --map CANONICAL=COLUMN "
+                         "(e.g. --map reference_image=src --map modification_text=edit.text).") from None
     print(summary.format())
     if summary.skipped:
         report = f"{args.output}/skipped-{args.split}.jsonl"
@@ -124,7 +122,6 @@ def run_write(args) -> int:
     return 0 if summary.num_rows else 1
 
 
-@errors_as_messages
 def run_reshard(args) -> int:
     from diffusers_cir.data.shards import reshard
 
@@ -142,7 +139,6 @@ def run_reshard(args) -> int:
     return 0
 
 
-@errors_as_messages
 def run_validate(args) -> int:
     from diffusers_cir.data.shards import validate_dataset
 
@@ -170,7 +166,6 @@ def _describe(value, depth: int = 0):
     return value
 
 
-@errors_as_messages
 def run_inspect(args) -> int:
     import datasets
 
@@ -188,7 +183,6 @@ def run_inspect(args) -> int:
     return 0
 
 
-@errors_as_messages
 def run_synthetic(args) -> int:
     from diffusers_cir.data.synthetic import SPLITS, SyntheticCIRWorld, SyntheticWorldConfig
 

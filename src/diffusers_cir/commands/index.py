@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import errors_as_messages, non_negative_int, positive_int
+from . import non_negative_int, positive_int
 
 
 # What `check_index_options` calls its arguments here.
@@ -82,7 +82,6 @@ def _load_dataset(path: str, split: str):
     return datasets.load_dataset(path, split=split)
 
 
-@errors_as_messages
 def run_build(args: argparse.Namespace) -> int:
     import torch
     from accelerate import Accelerator
@@ -159,7 +158,6 @@ def run_build(args: argparse.Namespace) -> int:
     return 0
 
 
-@errors_as_messages
 def run_info(args: argparse.Namespace) -> int:
     from diffusers_cir.retrieval import read_manifest
 

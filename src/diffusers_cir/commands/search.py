@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import errors_as_messages, positive_int
+from . import positive_int
 
 
 def register(subparsers) -> None:
@@ -70,7 +70,6 @@ def _exclude_ids(given: list[str], index_ids) -> list:
     return given
 
 
-@errors_as_messages
 def run_search(args: argparse.Namespace) -> int:
     import torch
 
