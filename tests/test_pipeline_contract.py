@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pipeline_tester import CIRPipelineTesterMixin  # noqa: E402
 from tiny_components import tiny_pipeline  # noqa: E402
 
-from diffusers_cir import BGEVLPipeline, CompoDiffPipeline, LinCIRPipeline  # noqa: E402
+from diffusers_cir import BGEVLPipeline, CompoDiffPipeline, LinCIRPipeline, MagicLensPipeline  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -44,6 +44,15 @@ class TestBGEVLPipelineContract(CIRPipelineTesterMixin):
         from test_pipeline_bgevl import tiny_bgevl_pipeline
 
         return tiny_bgevl_pipeline()
+
+
+class TestMagicLensPipelineContract(CIRPipelineTesterMixin):
+    pipeline_class = MagicLensPipeline
+
+    def get_pipeline(self):
+        from test_magiclens_pipeline import tiny_magiclens_pipeline
+
+        return tiny_magiclens_pipeline()
 
 
 def test_every_registered_pipeline_has_a_contract_test():

@@ -25,6 +25,11 @@ _LAZY_NAMES = {
     "CompoDiffTransformerOutput": ".models.compodiff_transformer",
     "LinCIRPipeline": ".pipelines.pipeline_lincir",
     "LinCIRPipelineOutput": ".pipelines.pipeline_lincir",
+    "MagicLensFusion": ".models.magiclens_fusion",
+    "MagicLensFusionOutput": ".models.magiclens_fusion",
+    "MagicLensImageProcessor": ".pipelines.image_processing_magiclens",
+    "MagicLensPipeline": ".pipelines.pipeline_magiclens",
+    "MagicLensPipelineOutput": ".pipelines.pipeline_magiclens",
     "TextualInversionProjection": ".models.textual_inversion_projection",
     "TextualInversionProjectionOutput": ".models.textual_inversion_projection",
     "composed_search": ".retrieval.search",
@@ -55,11 +60,14 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover
     from .models.compodiff_transformer import CompoDiffTransformer, CompoDiffTransformerOutput
+    from .models.magiclens_fusion import MagicLensFusion, MagicLensFusionOutput
     from .models.textual_inversion_projection import TextualInversionProjection, TextualInversionProjectionOutput
     from .pipelines.auto import AutoCIRPipeline, CIRPipelineMixin
     from .pipelines.pipeline_bgevl import BGEVLPipeline, BGEVLPipelineOutput
     from .pipelines.pipeline_compodiff import CompoDiffPipeline, CompoDiffPipelineOutput
+    from .pipelines.image_processing_magiclens import MagicLensImageProcessor
     from .pipelines.pipeline_lincir import LinCIRPipeline, LinCIRPipelineOutput
+    from .pipelines.pipeline_magiclens import MagicLensPipeline, MagicLensPipelineOutput
     from .retrieval.images import load_image
     from .retrieval.search import composed_search
     from .schedulers.scheduling_compodiff import CompoDiffScheduler

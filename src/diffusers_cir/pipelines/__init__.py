@@ -7,6 +7,7 @@ from .auto import PIPELINES, AutoCIRPipeline, CIRPipelineMixin
 from .pipeline_bgevl import BGEVLPipeline, BGEVLPipelineOutput
 from .pipeline_compodiff import CompoDiffPipeline, CompoDiffPipelineOutput
 from .pipeline_lincir import LinCIRPipeline, LinCIRPipelineOutput
+from .pipeline_magiclens import MagicLensPipeline, MagicLensPipelineOutput
 
 __all__ = [
     "PIPELINES",
@@ -18,4 +19,6 @@ __all__ = [
     "CompoDiffPipelineOutput",
     "LinCIRPipeline",
     "LinCIRPipelineOutput",
+    "MagicLensPipeline",
+    "MagicLensPipelineOutput",
 ]
