@@ -129,6 +129,31 @@ def run_lincir(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_magiclens_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint-path", required=True, help="The released .pkl (magic_lens_clip_base.pkl or magic_lens_clip_large.pkl); read without unpickling.")
+    stated = parser.add_mutually_exclusive_group()
+    stated.add_argument("--model-size", choices=("base", "large"), default=None, help="What the checkpoint is (checked against its weights; without it the architecture is read from them).")
+    stated.add_argument("--config-path", default=None, help="An authors'-style config.json ('magiclens' and 'clip' sections, 'preprocess_size') stating what the checkpoint is.")
+    parser.add_argument("--output", required=True, help="Folder to write the MagicLensPipeline to.")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="Precision of the saved weights.")
+    _add_overwrite_argument(parser)
+
+
+def run_magiclens(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..conversion.magiclens import convert_magiclens_checkpoint_to_pipeline
+
+    pipe = convert_magiclens_checkpoint_to_pipeline(
+        args.checkpoint_path, args.output, model_size=args.model_size, config_path=args.config_path,
+        torch_dtype=getattr(torch, DTYPES[args.dtype]), overwrite=args.overwrite, overwrite_flag="--overwrite",
+    )
+    models = [pipe.image_encoder, pipe.text_encoder, pipe.fusion]
+    count = sum(parameter.numel() for model in models for parameter in model.parameters())
+    print(f"Wrote {args.output}: MagicLensPipeline with {count:,} parameters (embedding width {pipe.embedding_dim}).")
+    return 0
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser("convert", help="Convert released checkpoints to diffusers folders.")
     kinds = parser.add_subparsers(dest="kind", metavar="MODEL", required=True)
@@ -138,3 +163,6 @@ def register(subparsers) -> None:
     lincir = kinds.add_parser("lincir", help="A released LinCIR / SEARLE phi or Pic2Word img2text checkpoint (.pt).")
     add_lincir_arguments(lincir)
     lincir.set_defaults(func=run_lincir)
+    magiclens = kinds.add_parser("magiclens", help="A released MagicLens checkpoint (magic_lens_clip_{base,large}.pkl).")
+    add_magiclens_arguments(magiclens)
+    magiclens.set_defaults(func=run_magiclens)

@@ -1,5 +1,6 @@
 from .bgevl import BGEVLConversionError, convert_bgevl_checkpoint_to_pipeline
 from .lincir import LinCIRConversionError, convert_lincir_phi_checkpoint, convert_phi_state_dict
+from .magiclens import MagicLensConversionError, convert_magiclens_checkpoint_to_pipeline
 from .compodiff import (
     CompoDiffConversionError,
     convert_compodiff_checkpoint,
@@ -19,4 +20,6 @@ __all__ = [
     "convert_compodiff_checkpoint_to_pipeline",
     "convert_compodiff_state_dict",
     "load_original_checkpoint",
+    "MagicLensConversionError",
+    "convert_magiclens_checkpoint_to_pipeline",
 ]
