@@ -145,3 +145,20 @@ def test_auto_pipeline_never_unpickles_a_file_that_looks_like_a_checkpoint(tmp_p
     with pytest.raises(UnsafePickleError, match="magic_lens_clip_large.pkl"):
         AutoCIRPipeline.from_pretrained(path, conversion_cache_dir=tmp_path / "cache")
     assert not marker.exists()
+
+
+def test_the_model_card_commands_parse_and_its_parameter_counts_are_the_released_ones():
+    import re
+    import shlex
+
+    from diffusers_cir.cli import build_parser
+
+    card = (FIXTURES.parents[1] / "hub" / "models" / "magiclens" / "README.md").read_text()
+    commands = [line for line in card.splitlines() if line.startswith("diffusers-cir ")]
+    assert len(commands) >= 4
+    parser = build_parser()
+    for command in commands:
+        parser.parse_args(shlex.split(command)[1:])  # argparse exits on a flag the command line does not know
+    for size, name in (("base", "MagicLens-B"), ("large", "MagicLens-L")):
+        row = re.search(rf"^\| {name} \| [^|]+ \| ([\d,]+) \|", card, re.MULTILINE)
+        assert row and int(row[1].replace(",", "")) == RELEASED[size]["num_params"] - 1
