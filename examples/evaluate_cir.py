@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Evaluate a CompoDiff or LinCIR pipeline folder on CIRR, FashionIQ, CIRCO or GeneCIS.
+"""Evaluate a CIR pipeline (CompoDiff, LinCIR, ...: anything AutoCIRPipeline loads) on CIRR, FashionIQ, CIRCO or
+GeneCIS.
 
 The numbers match the official evaluation code (see ``diffusers_cir.metrics``); hidden-label test splits get
 the official submission files (CIRR: top-50 and top-3 subset JSONs; CIRCO: top-50 per query id).
@@ -27,10 +28,10 @@ import sys
 from diffusers_cir.evaluation.command_line import add_evaluation_arguments, run_from_args
 
 
-def main(argv=None, encoder=None) -> int:
+def main(argv=None, pipeline=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_evaluation_arguments(parser)
-    return run_from_args(parser.parse_args(argv), encoder=encoder)
+    return run_from_args(parser.parse_args(argv), pipeline=pipeline)
 
 
 if __name__ == "__main__":

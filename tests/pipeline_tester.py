@@ -116,6 +116,23 @@ class CIRPipelineTesterMixin:
         assert not torch.allclose(pipe.encode_image([picture(7)]).float(), before.float())
         assert pipe.fingerprint != fingerprint
 
+    def test_a_clip_tower_gallery_side_embeds_as_the_bare_tower(self):
+        """`index build` embeds the gallery of a pipeline whose gallery side is exactly `image_encoder` +
+        `image_processor` (a CLIPVisionModelWithProjection) with that tower alone, under the same fingerprint."""
+        from transformers import CLIPVisionModelWithProjection
+
+        from diffusers_cir.retrieval import CLIPVisionEncoder
+
+        pipe = self.get_pipeline()
+        if tuple(pipe._gallery_components) != CLIPVisionEncoder._gallery_components or not isinstance(
+            pipe.image_encoder, CLIPVisionModelWithProjection
+        ):
+            return  # its gallery side is more than a CLIP tower: index build loads the whole pipeline
+        tower = CLIPVisionEncoder(pipe.image_encoder, pipe.image_processor)
+        assert tower.fingerprint == pipe.fingerprint and tower.embedding_dim == pipe.embedding_dim
+        images = [picture(10), picture(11)]
+        assert (cosine(tower.encode_image(images), pipe.encode_image(images)) >= 0.9999).all()
+
     def test_saved_folder_reloads_through_auto_pipeline(self, tmp_path):
         pipe = self.get_pipeline()
         pipe.save_pretrained(tmp_path / "saved")

@@ -10,7 +10,7 @@ from PIL import Image
 from tiny_components import tiny_image_encoder, tiny_image_processor, tiny_pipeline
 
 from diffusers_cir.cli import main
-from diffusers_cir.retrieval import GalleryIndex, IndexMismatchError, composed_search, image_encoder_fingerprint
+from diffusers_cir.retrieval import GalleryIndex, IndexMismatchError, composed_search
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_index_build_then_search_end_to_end(workspace, tmp_path, capsys):
     assert index.ntotal == 12 and index.model == str(root / "model")
 
     pipe = tiny_pipeline()  # same seeded weights as the saved one
-    assert index.model_fingerprint == image_encoder_fingerprint(pipe)
+    assert index.model_fingerprint == pipe.fingerprint
     # The indexed vectors are the pipeline's own (normalised) image embeddings of the files.
     paths = [m["path"] for m in index.metadata]
     embeds = pipe.encode_image([Image.open(p).convert("RGB") for p in paths]).numpy()
@@ -245,7 +245,7 @@ def test_search_checks_its_command_line_before_loading_the_pipeline(workspace, t
     def no_pipeline(*args, **kwargs):
         raise AssertionError("the pipeline was loaded before the command line was checked")
 
-    monkeypatch.setattr(diffusers_cir.retrieval, "load_cir_pipeline", no_pipeline)
+    monkeypatch.setattr(diffusers_cir.retrieval, "load_pipeline", no_pipeline)
     (tmp_path / "notes.png").write_text("not an image")
     search = ["search", "--index", str(tmp_path / "index"), "--text", "red", "--device", "cpu",
               "--html", str(tmp_path / "page.html")]
@@ -276,3 +276,22 @@ def test_search_checks_its_command_line_before_loading_the_pipeline(workspace, t
         _exclude_ids(["x11"], integer_ids)
     with pytest.raises(ValueError, match=r"--exclude-id 13: not an id of this index \(its ids look like 10, 11, 12\)"):
         _exclude_ids(["13"], integer_ids)
+
+
+def test_index_and_search_with_a_pipeline_without_a_sampler(workspace, tmp_path, capsys):
+    """LinCIR through the same road: its tower embeds the gallery, its queries are composed from the reference's
+    pixels; the sampler's --steps and a --negative-text it cannot take are refused by flag before it loads."""
+    from test_lincir_pipeline import tiny_pipeline as tiny_lincir
+
+    tiny_lincir(with_vision=True).save_pretrained(tmp_path / "lincir")
+    assert main(["index", "build", "--images", str(workspace / "images"), "--model", str(tmp_path / "lincir"),
+                 "--output", str(tmp_path / "index"), "--num-workers", "0", "--device", "cpu"]) == 0
+    search = ["search", "--index", str(tmp_path / "index"), "--image", str(workspace / "images" / "photo02.png"),
+              "--text", "is red", "--k", "3", "--device", "cpu"]
+    capsys.readouterr()
+    assert main(search) == 0
+    assert "Left out of the results: photo02.png" in capsys.readouterr().out
+    for extra, message in ((["--steps", "4"], "--steps: LinCIRPipeline"),
+                           (["--negative-text", "x", "--steps", "2"], "--steps, --negative-text: LinCIRPipeline")):
+        assert main(search + extra) == 2
+        assert message in capsys.readouterr().err

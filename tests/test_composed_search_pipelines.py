@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 from test_lincir_pipeline import tiny_pipeline as tiny_lincir_pipeline
 
-from diffusers_cir.retrieval import GalleryIndex, composed_search, image_encoder_fingerprint
+from diffusers_cir.retrieval import GalleryIndex, composed_search
 
 
 def _images(count):
@@ -18,7 +18,7 @@ def test_lincir_composed_search_equals_the_pipeline_ranking():
     pipe = tiny_lincir_pipeline(with_vision=True)
     images = _images(6)
     gallery = pipe.encode_image(images).float()
-    index = GalleryIndex(gallery.shape[1], model_fingerprint=image_encoder_fingerprint(pipe))
+    index = GalleryIndex(gallery.shape[1], model_fingerprint=pipe.fingerprint)
     index.add(gallery.numpy(), ids=[f"g{i}" for i in range(6)])
     result = composed_search(pipe, index, image=images[0], text="is red", k=3, exclude_reference=False)
     query = pipe(image=[images[0]], prompt=["is red"]).image_embeds.float()

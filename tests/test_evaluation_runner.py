@@ -14,19 +14,16 @@ import torch
 from safetensors import safe_open
 
 from diffusers_cir import metrics
-from diffusers_cir.data.benchmarks import ImageRef, load_circo, load_cirr, load_genecis
+from diffusers_cir.data.benchmarks import load_circo, load_cirr, load_genecis
 from diffusers_cir.evaluation import (
-    EmbeddingCache,
     ExactSearcher,
     IdHashEncoder,
-    PipelineEncoder,
     circo_submission,
     cirr_submissions,
-    compose_queries,
     drop_excluded,
     normalize,
-    pipeline_class_for_folder,
 )
+from diffusers_cir.retrieval import compose_queries
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_BENCHMARKS = REPO.parent / "shared" / "benchmarks"
@@ -58,7 +55,7 @@ def _saved_queries(path: Path) -> tuple[torch.Tensor, list]:
 
 
 def _gallery_embeds(image_ids: list) -> torch.Tensor:
-    return normalize(IdHashEncoder().encode_images([ImageRef(i, Path("unused")) for i in image_ids]))
+    return normalize(IdHashEncoder().encode_image(image_ids))
 
 
 def _assert_metrics_equal(written: dict, expected: dict) -> None:
@@ -83,8 +80,8 @@ def test_cirr_val_end_to_end(tmp_path):
     queries, query_ids = _saved_queries(output / "query_embeddings.safetensors")
     assert query_ids == [q.query_id for q in cirr.queries]
     encoder = IdHashEncoder()
-    references = encoder.encode_images([cirr.image(q.reference_id) for q in cirr.queries[:64]])
-    recomposed = normalize(encoder.compose(references, [q.captions[0] for q in cirr.queries[:64]]))
+    references = encoder.encode_image([q.reference_id for q in cirr.queries[:64]])
+    recomposed = normalize(encoder(image_embeds=references, prompt=[q.captions[0] for q in cirr.queries[:64]]).image_embeds)
     torch.testing.assert_close(queries[:64], recomposed)
 
     # Written metrics = the metric functions applied to the scores of the whole split gallery.
@@ -206,56 +203,63 @@ def test_fashioniq_and_genecis_metrics_equal_the_functions_on_the_same_scores(tm
 
 def test_searle_style_queries_average_both_caption_orders():
     class Recorder(IdHashEncoder):
-        def compose(self, reference_embeds, prompts):
-            return reference_embeds + torch.stack([self._embed(p) for p in prompts])
+        def __call__(self, image_embeds, prompt, output_type="pt"):
+            output = super().__call__(image_embeds, prompt)
+            output.image_embeds = image_embeds + torch.stack([self._embed(p) for p in prompt])
+            return output
 
     encoder = Recorder(8)
     references = torch.randn(2, 8)
-    got = compose_queries(encoder, references, [["a and b", "b and a"], ["c"]], batch_size=2, progress=False)
+    got = compose_queries(encoder, [["a and b", "b and a"], ["c"]], reference_embeds=references, batch_size=2)
     forward = normalize(references[:1] + encoder._embed("a and b"))
     backward = normalize(references[:1] + encoder._embed("b and a"))
     torch.testing.assert_close(got[0], normalize((forward + backward) / 2)[0])
     torch.testing.assert_close(got[1], normalize(references[1:] + encoder._embed("c"))[0])
 
 
+class _Counting(IdHashEncoder):
+    """The stand-in, counting the images it embeds; it can stop (as an interruption would) after `fail_after`."""
+
+    def __init__(self, fail_after=None):
+        super().__init__()
+        self.encoded, self.fail_after = 0, fail_after
+
+    def encode_image(self, images, **kwargs):
+        if self.fail_after is not None and self.encoded >= self.fail_after:
+            raise KeyboardInterrupt
+        self.encoded += len(images)
+        return super().encode_image(images, **kwargs)
+
+
 def test_gallery_cache_is_reused_and_resumes_after_an_interruption(tmp_path):
-    class Counting(IdHashEncoder):
-        def __init__(self, fail_after=None):
-            super().__init__(8)
-            self.encoded, self.fail_after = 0, fail_after
+    """The evaluation's gallery goes through retrieval's resumable cache (encode_gallery): finished parts survive an
+    interruption, a rerun embeds only the rest, and a run after it embeds nothing."""
+    from diffusers_cir.evaluation import run_evaluation
 
-        def encode_images(self, images):
-            if self.fail_after is not None and self.encoded >= self.fail_after:
-                raise KeyboardInterrupt
-            self.encoded += len(images)
-            return super().encode_images(images)
-
-    refs = [ImageRef(i, Path(f"{i}.jpg")) for i in range(100)]
-    interrupted = Counting(fail_after=40)
+    root = _tiny_cirr(tmp_path / "CIRR", num_images=100)
+    options = dict(output_dir=tmp_path / "out", image_batch_size=10, cache_part_size=20, progress=False)
     with pytest.raises(KeyboardInterrupt):
-        EmbeddingCache(tmp_path, interrupted.fingerprint).get_or_encode(refs, interrupted, batch_size=10, shard_size=20,
-                                                                       progress=False)
-    resumed = Counting()
-    cache = EmbeddingCache(tmp_path, resumed.fingerprint)
-    assert len(cache) == 40  # two full shards of 20 survived
-    embeds = cache.get_or_encode(refs, resumed, batch_size=10, shard_size=20, progress=False)
-    assert resumed.encoded == 60
-    torch.testing.assert_close(embeds, IdHashEncoder(8).encode_images(refs))
-    again = Counting()
-    EmbeddingCache(tmp_path, again.fingerprint).get_or_encode(refs, again, progress=False)
-    assert again.encoded == 0
-    with pytest.raises(ValueError, match="holds 'id-hash-8' embeddings"):
-        cache.get_or_encode(refs, IdHashEncoder(16), progress=False)
+        run_evaluation(_Counting(fail_after=40), "cirr", root, **options)
+    resumed = _Counting()
+    result = run_evaluation(resumed, "cirr", root, **options)
+    assert resumed.encoded == 60  # two full parts of 20 survived
+    again = _Counting()
+    assert run_evaluation(again, "cirr", root, **options).metrics == result.metrics and again.encoded == 0
+    other = _Counting()
+    other.fingerprint = "another-model"
+    run_evaluation(other, "cirr", root, **options)
+    assert other.encoded == 100  # another model's embeddings are never reused
 
 
 def test_a_real_compodiff_pipeline_folder_plugs_in(tmp_path):
-    pytest.importorskip("diffusers_cir.pipelines")
     from PIL import Image
     from tiny_components import EMBED_DIM, tiny_pipeline
 
+    from diffusers_cir import AutoCIRPipeline
+    from diffusers_cir.evaluation import run_evaluation
+
     folder = tmp_path / "pipe"
     tiny_pipeline().save_pretrained(folder)
-    assert pipeline_class_for_folder(folder).__name__ == "CompoDiffPipeline"
 
     # A 10-image CIRR-style val split with real pixels and 3 queries.
     root = tmp_path / "CIRR"
@@ -274,28 +278,35 @@ def test_a_real_compodiff_pipeline_folder_plugs_in(tmp_path):
     assert _cli(["evaluate", "cirr", "--pipeline", str(folder), "--data-root", str(root), "--output-dir", str(output),
                  "--num-inference-steps", "3", "--device", "cpu", "--no-progress"]) == 0
     report = json.loads((output / "metrics.json").read_text())
-    assert report["encoder"].startswith("CompoDiffPipeline-") and set(report["metrics"]) >= {"recall_at1", "avg"}
+    pipe = AutoCIRPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    assert report["encoder"] == pipe.fingerprint and set(report["metrics"]) >= {"recall_at1", "avg"}
     queries, _ = _saved_queries(output / "query_embeddings.safetensors")
     assert queries.shape == (3, EMBED_DIM) and torch.isfinite(queries).all()
+    # The queries are the pipeline's compositions of the references' gallery embeddings, seeded per batch.
+    references = pipe.encode_image([str(root / "dev" / f"{name}.png") for name in names[:3]])
+    expected = compose_queries(pipe, [f"change {i}" for i in range(3)], reference_embeds=references,
+                               num_inference_steps=3)
+    torch.testing.assert_close(queries, expected, atol=1e-5, rtol=0)
 
-    encoder = PipelineEncoder.from_pretrained(folder, device="cpu", call_kwargs={"num_inference_steps": 3})
-    assert encoder.fingerprint == report["encoder"]
-    pipe = encoder.pipeline
-    images = [Image.open(root / "dev" / f"{name}.png").convert("RGB") for name in names[:2]]
-    expected = pipe.encode_image(images).float()
-    torch.testing.assert_close(encoder.encode_images([ImageRef(n, root / "dev" / f"{n}.png") for n in names[:2]]), expected)
     with pytest.raises(ValueError, match="does not accept \\['num_steps'\\]"):
-        PipelineEncoder(pipe, "x", call_kwargs={"num_steps": 3})
-    with pytest.raises(FileNotFoundError, match="should be at"):
-        encoder.encode_images([ImageRef("missing", tmp_path / "missing.png")])
+        run_evaluation(pipe, "cirr", root, output_dir=output, call_kwargs={"num_steps": 3}, progress=False)
+    (root / "dev" / f"{names[9]}.png").unlink()
+    with pytest.raises(FileNotFoundError, match=f"Image '{names[9]}' should be at"):
+        run_evaluation(pipe, "cirr", root, output_dir=tmp_path / "out2", progress=False)
 
 
-def test_pipeline_folder_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="model_index.json is missing"):
-        pipeline_class_for_folder(tmp_path)
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
-    with pytest.raises(ValueError, match="names 'StableDiffusionPipeline'"):
-        pipeline_class_for_folder(tmp_path)
+def test_pipeline_folder_errors(tmp_path, capsys):
+    """An --pipeline that is not a CIR pipeline fails with AutoCIRPipeline's message, before any image is read."""
+    root = _tiny_cirr(tmp_path / "CIRR")
+    command = ["evaluate", "cirr", "--pipeline", str(tmp_path / "nothing"), "--data-root", str(root),
+               "--output-dir", str(tmp_path / "o"), "--no-progress", "--device", "cpu"]
+    (tmp_path / "nothing").mkdir()
+    assert _cli(command) == 2
+    assert "is not a CIR pipeline folder (no model_index.json)" in capsys.readouterr().err
+    (tmp_path / "nothing" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    assert _cli(command) == 2
+    assert "names the pipeline class 'StableDiffusionPipeline'" in capsys.readouterr().err
 
 
 def test_search_and_submission_helpers():
@@ -331,7 +342,7 @@ def test_missing_files_exit_with_a_message(tmp_path, capsys):
     assert "cap.rc2.val.json" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("module", ["cache", "encoders", "search", "submissions", "runner", "command_line"])
+@pytest.mark.parametrize("module", ["encoders", "search", "submissions", "runner", "command_line"])
 def test_docstring_examples_run(module):
     import doctest
     import importlib
@@ -352,18 +363,18 @@ def test_a_missing_category_fails_before_any_other_is_embedded(tmp_path):
     class CountingEncoder(IdHashEncoder):
         calls = 0
 
-        def encode_images(self, *args, **kwargs):
+        def encode_image(self, *args, **kwargs):
             CountingEncoder.calls += 1
-            return super().encode_images(*args, **kwargs)
+            return super().encode_image(*args, **kwargs)
 
     with pytest.raises(FileNotFoundError, match="shirt"):
         run_evaluation(CountingEncoder(), "fashioniq", only_dress, output_dir=tmp_path / "out", progress=False)
     assert CountingEncoder.calls == 0 and not (tmp_path / "out").exists()
 
 
-def _tiny_cirr(root: Path) -> Path:
-    """A CIRR-style val split (annotation files only: the cases below fail before any image is read)."""
-    names = [f"dev-{i}-0-img0" for i in range(8)]
+def _tiny_cirr(root: Path, num_images: int = 8) -> Path:
+    """A CIRR-style val split (annotation files only: the stand-in reads no image)."""
+    names = [f"dev-{i}-0-img0" for i in range(num_images)]
     root.mkdir(parents=True)
     (root / "split.rc2.val.json").write_text(json.dumps({name: f"./dev/{name}.png" for name in names}))
     captions = [{"pairid": i, "reference": names[i], "target_hard": names[i + 1], "caption": f"change {i}",
@@ -375,8 +386,9 @@ def _tiny_cirr(root: Path) -> Path:
 
 @pytest.mark.parametrize(
     "flag, value, allowed",
-    [("--batch-size", "0", "a positive integer"), ("--image-batch-size", "0", "a positive integer"),
-     ("--num-workers", "-1", "0 or a positive integer"), ("--num-inference-steps", "0", "a positive integer")],
+    [("--batch-size", "0", "an integer >= 1"), ("--image-batch-size", "0", "an integer >= 1"),
+     ("--num-workers", "-1", "an integer >= 0"), ("--num-inference-steps", "0", "an integer >= 1"),
+     ("--seed", "-1", "an integer in [0, 18446744073709551615]")],
 )
 def test_evaluate_sizes_are_checked_when_the_command_line_is_read(tmp_path, capsys, flag, value, allowed):
     """These failed only after the pipeline had loaded, as "range() arg 3 must not be zero", a DataLoader message or
@@ -385,7 +397,7 @@ def test_evaluate_sizes_are_checked_when_the_command_line_is_read(tmp_path, caps
         _cli(["evaluate", "cirr", "--dry-run", "--data-root", str(tmp_path), "--output-dir", str(tmp_path / "o"),
               flag, value])
     assert exit_info.value.code == 2
-    assert f"argument {flag}: expected {allowed}, got {value}" in capsys.readouterr().err
+    assert f"argument {flag}: expected {allowed}, got '{value}'" in capsys.readouterr().err
 
 
 def test_evaluate_checks_arguments_and_annotation_files_before_the_pipeline_loads(tmp_path, capsys, monkeypatch):
@@ -394,7 +406,7 @@ def test_evaluate_checks_arguments_and_annotation_files_before_the_pipeline_load
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     from diffusers_cir import LinCIRPipeline, TextualInversionProjection
-    from diffusers_cir.evaluation import encoders
+    from diffusers_cir.retrieval import encoders as retrieval_encoders
     from diffusers_cir.utils import build_offline_clip_tokenizer
 
     root = _tiny_cirr(tmp_path / "CIRR")
@@ -407,7 +419,7 @@ def test_evaluate_checks_arguments_and_annotation_files_before_the_pipeline_load
     def no_loading(*args, **kwargs):
         raise AssertionError("the pipeline was loaded before the arguments were checked")
 
-    monkeypatch.setattr(encoders.PipelineEncoder, "from_pretrained", no_loading)
+    monkeypatch.setattr(retrieval_encoders, "load_pipeline", no_loading)
     command = ["evaluate", "cirr", "--pipeline", str(folder), "--data-root", str(root), "--output-dir",
                str(tmp_path / "out"), "--no-progress"]
     for extra, message in [
@@ -435,9 +447,13 @@ def test_run_evaluation_builds_an_encoder_factory_after_its_checks_and_refuses_b
 
     with pytest.raises(ValueError, match="got 'vall'"):
         run_evaluation(no_encoder, "cirr", root, "vall", output_dir=tmp_path / "out")
-    for name in ("query_batch_size", "image_batch_size"):
-        with pytest.raises(ValueError, match=f"`{name}` must be a positive integer, got 0"):
-            run_evaluation(no_encoder, "cirr", root, "val", output_dir=tmp_path / "out", **{name: 0})
+    for name, value, expected in [("query_batch_size", 0, "an integer >= 1, got 0"),
+                                  ("image_batch_size", 0, "an integer >= 1, got 0"),
+                                  ("num_workers", -1, "an integer >= 0, got -1"),
+                                  ("cache_part_size", True, "an integer >= 1, got True"),
+                                  ("seed", -1, r"an integer in \[0, ")]:
+        with pytest.raises(ValueError, match=f"`{name}` must be {expected}"):
+            run_evaluation(no_encoder, "cirr", root, "val", output_dir=tmp_path / "out", **{name: value})
     built = []
     encoder = IdHashEncoder()
     result = run_evaluation(lambda: built.append(1) or encoder, "cirr", root, "val", output_dir=tmp_path / "out",

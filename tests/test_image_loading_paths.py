@@ -17,7 +17,7 @@ from tiny_components import tiny_pipeline
 
 from diffusers_cir import load_image
 from diffusers_cir.cli import main
-from diffusers_cir.retrieval import GalleryIndex
+from diffusers_cir.retrieval import GalleryEmbeddings, GalleryIndex
 
 
 @pytest.fixture(scope="module")
@@ -89,12 +89,11 @@ def _cirr_root(root, files):
 
 
 def _cached_gallery(output):
-    """The evaluation's gallery embeddings by image id, read from its cache."""
+    """The evaluation's gallery embeddings by image id, read from its gallery cache."""
+    (folder,) = (output / "embedding_cache").glob("*/*/gallery.json")
     embeddings = {}
-    for shard in sorted((output / "embedding_cache").glob("*/shard-*.safetensors")):
-        with safe_open(shard, framework="pt") as handle:
-            ids = json.loads(handle.metadata()["ids"])
-            embeddings.update(zip(ids, handle.get_tensor("embeds")))
+    for vectors, ids, _ in GalleryEmbeddings(folder.parent).iter_parts():
+        embeddings.update(zip(ids, torch.from_numpy(np.asarray(vectors))))
     return embeddings
 
 

@@ -389,29 +389,27 @@ def test_saved_folder_with_the_short_library_form_loads(tmp_path):
 # ------------------------------------------------------------------------------------------- integration
 
 
-def test_evaluation_runner_encoder_and_gallery_embedder_drive_the_pipeline(tmp_path):
-    """The evaluation runner's PipelineEncoder and the retrieval gallery embedder load and call LinCIR."""
-    from diffusers_cir.data.benchmarks.base import ImageRef
-    from diffusers_cir.evaluation.encoders import PipelineEncoder
-    from diffusers_cir.evaluation.runner import compose_queries
-    from diffusers_cir.retrieval.encoders import as_image_embedder
+def test_gallery_cache_and_compose_path_drive_the_pipeline(tmp_path):
+    """Retrieval's gallery cache (what index build and evaluate embed with) and its compose path call LinCIR."""
+    from diffusers_cir.retrieval import compose_queries, encode_gallery, load_gallery_encoder
 
     pipe = tiny_pipeline(with_vision=True)
     pipe.save_pretrained(tmp_path / "lincir")
     images = _images(3)
-    refs = []
     for index, image in enumerate(images):
         image.save(tmp_path / f"{index}.png")
-        refs.append(ImageRef(index, tmp_path / f"{index}.png"))
-    encoder = PipelineEncoder.from_pretrained(tmp_path / "lincir", device="cpu", image_batch_size=2)
-    reference_embeds = encoder.encode_images(refs)
+    encoder = load_gallery_encoder(tmp_path / "lincir")
+    assert encoder.fingerprint == pipe.fingerprint
+    gallery = encode_gallery(encoder, [tmp_path / f"{index}.png" for index in range(3)], tmp_path / "gallery",
+                             batch_size=2, show_progress=False)
+    reference_embeds = torch.from_numpy(np.concatenate([part[0] for part in gallery.iter_parts()]))
     assert torch.allclose(reference_embeds, pipe.encode_image(images), atol=TOLERANCE)
-    assert torch.allclose(as_image_embedder(pipe)(images), reference_embeds, atol=TOLERANCE)
-    composed = encoder.compose(reference_embeds, ["is red", "is blue", "is green"])
-    expected = pipe(image_embeds=reference_embeds, prompt=["is red", "is blue", "is green"]).image_embeds
+    composed = compose_queries(pipe, ["is red", "is blue", "is green"], reference_embeds=reference_embeds)
+    expected = pipe(image_embeds=reference_embeds, prompt=["is red", "is blue", "is green"], normalize=True).image_embeds
     assert torch.allclose(composed, expected, atol=TOLERANCE)
-    # FashionIQ through the runner (both caption orders as separate prompts) equals the pipeline's pair mode.
-    queries = compose_queries(encoder, reference_embeds[:1], [["is dark and has a logo", "has a logo and is dark"]], progress=False)
+    # FashionIQ (both caption orders as separate prompts, averaged) equals the pipeline's pair mode.
+    queries = compose_queries(pipe, [["is dark and has a logo", "has a logo and is dark"]],
+                              reference_embeds=reference_embeds[:1])
     paired = pipe(image_embeds=reference_embeds[:1], prompt=[("is dark", "has a logo")], normalize=True).image_embeds
     assert torch.allclose(queries, paired, atol=TOLERANCE)
 

@@ -9,11 +9,11 @@ from PIL import Image
 from tiny_components import tiny_image_encoder, tiny_image_processor
 
 from diffusers_cir.retrieval import (
+    CLIPVisionEncoder,
     GalleryEmbeddings,
     GalleryIndex,
     build_index_from_embedding_files,
     encode_gallery,
-    image_encoder_fingerprint,
 )
 from diffusers_cir.retrieval.gallery import parts_for_process
 
@@ -32,32 +32,51 @@ def _make_images(folder, count, size=32, seed=0):
 
 
 class CountingEmbedder:
-    """A deterministic embedder (mean colour + a fixed random projection) that counts and can fail on demand."""
+    """A deterministic gallery encoder (mean colour + a fixed random projection) that counts and can fail on demand."""
+
+    fingerprint = "counting"
 
     def __init__(self, fail_after_calls=None, dim=6):
         self.calls = 0
         self.images_seen = 0
         self.fail_after_calls = fail_after_calls
+        self.embedding_dim = dim
         self.projection = np.random.default_rng(1).normal(size=(3 * 4, dim)).astype(np.float32)
 
-    def __call__(self, images):
+    def to(self, device):
+        return self
+
+    def encode_image(self, images, batch_size=64, device=None, show_progress=False):
         if self.fail_after_calls is not None and self.calls >= self.fail_after_calls:
             raise KeyboardInterrupt("simulated interruption")
         self.calls += 1
         self.images_seen += len(images)
         features = [np.asarray(image.resize((2, 2)), dtype=np.float32).reshape(-1) / 255.0 for image in images]
-        return np.stack(features) @ self.projection
+        return torch.from_numpy(np.stack(features) @ self.projection)
+
+
+class LookupEncoder(CountingEmbedder):
+    """Embeds 1x1 images whose (r, g) encode a row number as that row of a table."""
+
+    def __init__(self, table):
+        super().__init__(dim=table.shape[1])
+        self.table = table
+
+    def encode_image(self, images, batch_size=64, device=None, show_progress=False):
+        rows = [image.getpixel((0, 0))[0] * 256 + image.getpixel((0, 0))[1] for image in images]
+        return torch.from_numpy(self.table[rows])
 
 
 def test_encode_folder_with_clip_vision_model_matches_direct_encoding(tmp_path):
     paths = _make_images(tmp_path / "images", 10)
     model, processor = tiny_image_encoder(), tiny_image_processor()
+    encoder = CLIPVisionEncoder(model, processor)
     gallery = encode_gallery(
-        model, tmp_path / "images", tmp_path / "emb", image_processor=processor, model_name="tiny", batch_size=4,
-        part_size=6, show_progress=False,
+        encoder, tmp_path / "images", tmp_path / "emb", model_name="tiny", batch_size=4, part_size=6,
+        show_progress=False,
     )
     assert gallery.num_items == 10 and gallery.num_parts == 2 and gallery.embedding_dim == 16
-    assert gallery.model == "tiny" and gallery.model_fingerprint == image_encoder_fingerprint(model)
+    assert gallery.model == "tiny" and gallery.model_fingerprint == encoder.fingerprint
 
     parts = list(gallery.iter_parts())
     embeddings = np.concatenate([p[0] for p in parts])
@@ -141,7 +160,7 @@ def test_datasets_source_with_id_column(tmp_path):
     gallery = encode_gallery(embedder, dataset, tmp_path / "emb", id_column="key", batch_size=2, show_progress=False)
     embeddings, ids, metadata = gallery.part(0)
     assert ids == [f"k{i}" for i in range(5)] and metadata[2] == {"row": 2}
-    np.testing.assert_allclose(embeddings, CountingEmbedder()(images), rtol=1e-5, atol=1e-6)  # float32 matmul
+    np.testing.assert_allclose(embeddings, CountingEmbedder().encode_image(images), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="`id_column` 'nope'"):
         encode_gallery(embedder, dataset, tmp_path / "x", id_column="nope", show_progress=False)
 
@@ -167,13 +186,10 @@ def _embedding_folder(tmp_path, count=3000, dim=24, part_size=700):
     datasets = pytest.importorskip("datasets")
     rng = np.random.default_rng(7)
     table = rng.normal(size=(count, dim)).astype(np.float32)
-    def lookup(images):
-        # Images are 1x1 RGB whose (r, g) encode the row number.
-        return table[[image.getpixel((0, 0))[0] * 256 + image.getpixel((0, 0))[1] for image in images]]
-
     codes = [Image.new("RGB", (1, 1), (i // 256, i % 256, 0)) for i in range(count)]
     dataset = datasets.Dataset.from_dict({"image": codes}, features=datasets.Features({"image": datasets.Image()}))
-    encode_gallery(lookup, dataset, tmp_path / "emb", part_size=part_size, batch_size=256, show_progress=False)
+    encode_gallery(LookupEncoder(table), dataset, tmp_path / "emb", part_size=part_size, batch_size=256,
+                   show_progress=False)
     return tmp_path / "emb", table
 
 

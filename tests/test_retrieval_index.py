@@ -369,5 +369,5 @@ def test_k_must_be_a_real_positive_integer_and_numpy_integers_are_accepted(small
 def test_composed_search_refuses_a_bad_k_before_loading_or_running_the_pipeline(tmp_path, k):
     from diffusers_cir.retrieval import composed_search
 
-    with pytest.raises(ValueError, match="`k` must be a positive integer"):
+    with pytest.raises(ValueError, match="`k` must be an integer >= 1"):
         composed_search(str(tmp_path / "no-such-pipeline"), str(tmp_path / "no-such-index"), text="red", k=k)

@@ -48,7 +48,7 @@ def test_compodiff_learns_to_compose_held_out_combinations(tiny_world, tiny_data
     """The small-scale version of the 10-minute check: on held-out compositions the trained prior must reach
     Recall@1 >= 0.5 and beat the best baseline (image only, text only, image+text sum) by >= 0.15."""
     from diffusers_cir.training import main, parse_args
-    from diffusers_cir.training.validation import compose_queries
+    from diffusers_cir.retrieval import compose_queries
 
     output = str(tmp_path / "model")
     argv = common_args(tiny_data, output) + [
@@ -63,8 +63,8 @@ def test_compodiff_learns_to_compose_held_out_combinations(tiny_world, tiny_data
     pipe.set_progress_bar_config(disable=True)
     test = tiny_world.triplets("test")
     references = tiny_world.image_embeds[torch.from_numpy(test.reference_indices)]
-    queries = compose_queries(pipe, references, test.modification_texts, guidance_scale=1.5, image_guidance_scale=1.5,
-                              num_samples_per_query=4)
+    queries = compose_queries(pipe, test.modification_texts, reference_embeds=references, batch_size=256,
+                              guidance_scale=1.5, image_guidance_scale=1.5, num_samples_per_query=4)
     compodiff = tiny_world.recall_at_k(queries, test)["recall_at1"]
     baselines = {name: tiny_world.recall_at_k(q, test)["recall_at1"] for name, q in tiny_world.baseline_queries(test).items()}
     best = max(baselines.values())

@@ -90,7 +90,7 @@ def run_build(args: argparse.Namespace) -> int:
         build_index_from_embedding_files,
         check_index_options,
         encode_gallery,
-        load_image_encoder,
+        load_gallery_encoder,
     )
 
     if args.dataset is None:
@@ -107,10 +107,10 @@ def run_build(args: argparse.Namespace) -> int:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         accelerator = None
     dtype = torch.float16 if args.fp16 else None
-    encoder, processor = load_image_encoder(args.model, device=device, torch_dtype=dtype)
+    encoder = load_gallery_encoder(args.model, device=device, torch_dtype=dtype)
     # The index options are checked for the model's embedding width now, not after the gallery has been embedded.
     check_index_options(
-        encoder.config.projection_dim, args.factory, train_size=args.train_size, shard_size=args.shard_size,
+        encoder.embedding_dim, args.factory, train_size=args.train_size, shard_size=args.shard_size,
         ondisk=args.ondisk, nprobe=args.nprobe, efSearch=args.ef_search, names=INDEX_FLAGS,
     )
     if args.images:
@@ -124,7 +124,6 @@ def run_build(args: argparse.Namespace) -> int:
         encoder,
         source,
         output / "embeddings",
-        image_processor=processor,
         # Recorded in the index, where `diffusers-cir search` finds its default --model: a relative folder
         # would only resolve from the directory the index was built in.
         model_name=str(Path(args.model).resolve()) if Path(args.model).exists() else str(args.model),

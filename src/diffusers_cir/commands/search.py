@@ -29,7 +29,8 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--mask", default=None, help="Mask image: the region of the reference to change (white); needs --image.")
     parser.add_argument("--k", type=positive_int, default=20, help="Number of results. Default: 20.")
-    parser.add_argument("--steps", type=positive_int, default=10, help="Sampler steps of the pipeline. Default: 10.")
+    parser.add_argument(
+        "--steps", type=positive_int, default=None, help="Sampler steps of a sampling pipeline. Default: its own (10).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the pipeline's sampler. Default: 0.")
     parser.add_argument(
         "--html", default=None,
@@ -70,10 +71,14 @@ def _exclude_ids(given: list[str], index_ids) -> list:
     return given
 
 
+# Query options: flag -> the pipeline argument it becomes.
+SEARCH_CALL_FLAGS = {"--steps": "num_inference_steps", "--negative-text": "negative_prompt", "--mask": "mask_image"}
+
+
 def run_search(args: argparse.Namespace) -> int:
     import torch
 
-    from diffusers_cir.retrieval import GalleryIndex, composed_search, load_cir_pipeline
+    from diffusers_cir.retrieval import GalleryIndex, check_pipeline_options, composed_search, load_pipeline
 
     # Everything the command line names is checked before the pipeline loads (a missing image failed after it).
     if args.mask is not None and args.image is None:
@@ -88,7 +93,9 @@ def run_search(args: argparse.Namespace) -> int:
         print("--model is required: the index does not record the model it was built with.", file=sys.stderr)
         return 2
     exclude_ids = _exclude_ids(args.exclude_id, index.ids)
-    pipeline = load_cir_pipeline(model, device=device)
+    given = {"--steps": args.steps, "--negative-text": args.negative_text, "--mask": args.mask}
+    check_pipeline_options(model, {flag: SEARCH_CALL_FLAGS[flag] for flag, value in given.items() if value is not None})
+    pipeline = load_pipeline(model, device=device)
     result = composed_search(
         pipeline,
         index,

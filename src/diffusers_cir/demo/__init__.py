@@ -230,7 +230,7 @@ def run_demo(
     from diffusers_cir.metrics import recall_at_k
     from diffusers_cir.pipelines import CompoDiffPipeline
     from diffusers_cir.retrieval import GalleryIndex
-    from diffusers_cir.training.validation import compose_queries
+    from diffusers_cir.retrieval.compose import compose_queries
 
     seconds: dict[str, float] = {}
     start = time.perf_counter()
@@ -279,8 +279,8 @@ def run_demo(
     started = time.perf_counter()
     queries = {
         "compodiff": compose_queries(
-            pipeline, references, prompts, batch_size=batch_size, seed=seed, show_progress=show_progress,
-            **DEMO_GUIDANCE,
+            pipeline, prompts, reference_embeds=references, batch_size=batch_size, seed=seed,
+            show_progress=show_progress, **DEMO_GUIDANCE,
         )
     }
     seconds["compose"] = time.perf_counter() - started

@@ -1,8 +1,7 @@
 """Command-line arguments shared by ``diffusers-cir evaluate`` and ``examples/evaluate_cir.py``.
 
-Only the standard library (and ``diffusers_cir.commands``, which imports nothing else) is imported at module level
-so that ``diffusers-cir --help`` stays fast; the choices below are checked against the library constants by the
-tests.
+Only the standard library and ``diffusers_cir.checks`` are imported at module level so that ``diffusers-cir --help``
+stays fast; the choices below are checked against the library constants by the tests.
 """
 
 from __future__ import annotations
@@ -13,7 +12,10 @@ import json
 import sys
 from pathlib import Path
 
-from ..commands import non_negative_int, positive_int
+from ..checks import argparse_type, check_int, check_seed
+
+positive_int = argparse_type(check_int, minimum=1)
+non_negative_int = argparse_type(check_int, minimum=0)
 
 __all__ = ["add_evaluation_arguments", "run_from_args", "read_id_list"]
 
@@ -29,7 +31,8 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
                         help="Benchmark folder in its official layout (e.g. the CIRR folder holding cirr/captions/).")
     parser.add_argument("--output-dir", required=True, type=Path, help="Where metrics, rankings and submissions go.")
     model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument("--pipeline", type=Path, help="Local pipeline folder (CompoDiff or LinCIR, model_index.json).")
+    model.add_argument("--pipeline", type=Path,
+                       help="CIR pipeline: a saved folder (model_index.json), a Hub id or a released layout.")
     model.add_argument("--dry-run", action="store_true",
                        help="Use a model-free stand-in encoder (random embedding per image id) to check the data "
                             "layout and the output files; the scores are meaningless.")
@@ -49,7 +52,7 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
     parser.add_argument("--negative-prompt", default=None, help="CompoDiff negative text.")
     parser.add_argument("--guidance-scale", type=float, default=None, help="CompoDiff text guidance.")
     parser.add_argument("--image-guidance-scale", type=float, default=None, help="CompoDiff image guidance.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the composed batches (CompoDiff samples).")
+    parser.add_argument("--seed", type=argparse_type(check_seed), default=0, help="Seed of the composed batches (CompoDiff samples).")
     parser.add_argument("--device", default=None, help="Device (default: cuda when available).")
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="Pipeline weights dtype.")
     parser.add_argument("--gallery-ids", type=Path, default=None,
@@ -100,37 +103,29 @@ PIPELINE_CALL_FLAGS = {
 def _pipeline_call_kwargs(args: argparse.Namespace) -> dict:
     """The pipeline-call options given on the command line; refused, naming their flags, when the pipeline class in
     ``--pipeline`` does not take them (LinCIR has no sampler): read from ``model_index.json``, before loading."""
-    import inspect
-
-    from .encoders import pipeline_class_for_folder
+    from ..retrieval.encoders import check_pipeline_options
 
     given = {flag: getattr(args, name) for flag, name in PIPELINE_CALL_FLAGS.items() if getattr(args, name) is not None}
-    if given and args.pipeline is not None:
-        pipeline_class = pipeline_class_for_folder(args.pipeline)
-        accepted = set(inspect.signature(pipeline_class.__call__).parameters)
-        refused = [flag for flag in given if PIPELINE_CALL_FLAGS[flag] not in accepted]
-        if refused:
-            raise ValueError(f"{', '.join(refused)}: {pipeline_class.__name__} ({args.pipeline}) does not take "
-                             f"{'this option' if len(refused) == 1 else 'these options'} (CompoDiff only).")
+    if args.pipeline is not None:
+        check_pipeline_options(args.pipeline, {flag: PIPELINE_CALL_FLAGS[flag] for flag in given})
     return {PIPELINE_CALL_FLAGS[flag]: value for flag, value in given.items()}
 
 
-def _encoder_from_args(args: argparse.Namespace, call_kwargs: dict):
+def _pipeline_from_args(args: argparse.Namespace):
     import torch
 
-    from .encoders import IdHashEncoder, PipelineEncoder
+    from ..retrieval.encoders import load_pipeline
+    from .encoders import IdHashEncoder
 
     if args.dry_run:
         return IdHashEncoder()
-    return PipelineEncoder.from_pretrained(
-        args.pipeline, device=args.device, torch_dtype=None if args.dtype is None else getattr(torch, args.dtype), image_batch_size=args.image_batch_size,
-        num_workers=args.num_workers, seed=args.seed, call_kwargs=call_kwargs,
-    )
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return load_pipeline(args.pipeline, device=device, torch_dtype=None if args.dtype is None else getattr(torch, args.dtype))
 
 
-def run_from_args(args: argparse.Namespace, encoder=None) -> int:
-    """Run the evaluation described by parsed arguments (``encoder``: a ready :class:`CIREncoder`, else built
-    from ``--pipeline`` / ``--dry-run``); prints the metrics table and returns an exit code."""
+def run_from_args(args: argparse.Namespace, pipeline=None) -> int:
+    """Run the evaluation described by parsed arguments (``pipeline``: a ready pipeline, else loaded from
+    ``--pipeline``, or the stand-in of ``--dry-run``); prints the metrics table and returns an exit code."""
     from .runner import metrics_markdown, run_evaluation
 
     loader_kwargs = {}
@@ -145,12 +140,12 @@ def run_from_args(args: argparse.Namespace, encoder=None) -> int:
             raise SystemExit("--image-root applies to GeneCIS only (the other benchmarks keep images in their folder).")
         loader_kwargs["image_root"] = args.image_root
     try:
-        if encoder is None:
-            call_kwargs = _pipeline_call_kwargs(args)
-            # Built by run_evaluation once the arguments and the annotation files are known to be good.
-            encoder = functools.partial(_encoder_from_args, args, call_kwargs)
+        call_kwargs = {} if args.dry_run else _pipeline_call_kwargs(args)  # the stand-in takes none
+        if pipeline is None:
+            # Loaded by run_evaluation once the arguments and the annotation files are known to be good.
+            pipeline = functools.partial(_pipeline_from_args, args)
         result = run_evaluation(
-            encoder,
+            pipeline,
             args.benchmark,
             args.data_root,
             args.split,
@@ -161,6 +156,9 @@ def run_from_args(args: argparse.Namespace, encoder=None) -> int:
             prompt_template=args.prompt_template,
             query_batch_size=args.batch_size,
             image_batch_size=args.image_batch_size,
+            num_workers=args.num_workers,
+            seed=args.seed,
+            call_kwargs=call_kwargs,
             write_submissions=True if args.write_submissions else None,
             loader_kwargs=loader_kwargs,
             progress=not args.no_progress,

@@ -1,7 +1,8 @@
-"""Evaluate a CIR model on CIRR, FashionIQ, CIRCO or GeneCIS the way the official code does.
+"""Evaluate a CIR pipeline on CIRR, FashionIQ, CIRCO or GeneCIS the way the official code does.
 
-Flow: load the benchmark's official files -> embed the gallery once (disk cache, resumable) -> compose the
-queries in batches -> rank (exact search, or any :class:`~diffusers_cir.evaluation.search.Searcher`) ->
+Flow: load the benchmark's official files -> embed the gallery once (``retrieval``'s resumable gallery cache) ->
+compose the queries in batches (``retrieval.compose``) -> rank (exact search, or any
+:class:`~diffusers_cir.evaluation.search.Searcher`) ->
 metrics from ``diffusers_cir.metrics`` -> ``metrics.json`` + ``metrics.md``, the rankings, the query
 embeddings, and the official submission files for hidden-label test splits.
 """
@@ -10,20 +11,22 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
+from ..checks import check_non_negative_int, check_positive_int, check_seed
 from ..data.benchmarks import (
     BENCHMARKS,
     FASHIONIQ_CAPTION_STYLES,
     GENECIS_TASKS,
     CIRBenchmark,
+    ImageRef,
     join_fashioniq_captions,
     load_benchmark,
 )
@@ -41,8 +44,8 @@ from ..metrics import (
     genecis_average_over_tasks,
     genecis_recall_at_k,
 )
-from .cache import EmbeddingCache
-from .encoders import CIREncoder
+from ..retrieval.compose import compose_queries
+from ..retrieval.gallery import GalleryItem, encode_gallery, items_digest, read_item
 from .search import ExactSearcher, Searcher, drop_excluded, normalize
 from .submissions import CIRCO_DEPTH, CIRR_RECALL_DEPTH, CIRR_SUBSET_DEPTH, circo_submission, cirr_submissions, write_json
 
@@ -79,32 +82,6 @@ def _query_prompts(benchmark: CIRBenchmark, caption_style: str, prompt_template:
     return [[prompt_template.format(query.captions[0])] for query in benchmark.queries]
 
 
-def compose_queries(
-    encoder: CIREncoder,
-    reference_embeds: torch.Tensor,
-    prompts: Sequence[Sequence[str]],
-    batch_size: int = 32,
-    progress: bool = True,
-) -> torch.Tensor:
-    """L2-normalised query embeddings ``[Q, D]``. A query with several prompts (SEARLE/LinCIR FashionIQ: both
-    caption orders) is ``normalize(mean(normalize(compose(reference, prompt)) for each prompt))``."""
-    pairs = [(row, prompt) for row, query_prompts in enumerate(prompts) for prompt in query_prompts]
-    if len(reference_embeds) != len(prompts):
-        raise ValueError(f"{len(reference_embeds)} reference embeddings for {len(prompts)} queries.")
-    composed = []
-    for start in tqdm(range(0, len(pairs), batch_size), desc="Composing queries", unit="batch", disable=not progress):
-        batch = pairs[start : start + batch_size]
-        rows = torch.tensor([row for row, _ in batch])
-        output = encoder.compose(reference_embeds[rows], [prompt for _, prompt in batch])
-        if output.ndim != 2 or output.shape[0] != len(batch):
-            raise ValueError(f"compose returned shape {tuple(output.shape)} for {len(batch)} queries; expected [B, D].")
-        composed.append(normalize(output.cpu()))
-    composed = torch.cat(composed)
-    rows = torch.tensor([row for row, _ in pairs])
-    summed = torch.zeros(len(prompts), composed.shape[1]).index_add_(0, rows, composed)
-    return normalize(summed)
-
-
 def _ids(benchmark: CIRBenchmark, positions: np.ndarray) -> list[list]:
     gallery = benchmark.gallery_ids
     return [[gallery[j] for j in row] for row in positions.tolist()]
@@ -121,15 +98,79 @@ def _cirr_subset_rankings(benchmark, query_embeds, gallery_embeds, position_of) 
     return rankings
 
 
+@dataclass
+class _Embedder:
+    """Embeds a split's images with the pipeline, through the resumable gallery cache under ``cache_dir``."""
+
+    pipeline: Any
+    cache_dir: Path
+    batch_size: int = 256
+    num_workers: int = 0
+    part_size: int = 4096
+    progress: bool = True
+
+    def __call__(self, benchmark: CIRBenchmark, image_ids: Sequence, what: str) -> torch.Tensor:
+        """``[N, D]`` raw float32 gallery embeddings of ``image_ids``, in their order."""
+        unique = list(dict.fromkeys(image_ids))
+        items = [_gallery_item(benchmark.image(image_id)) for image_id in unique]
+        if getattr(self.pipeline, "reads_pixels", True):
+            _check_images_exist(benchmark, unique)
+        fingerprint = self.pipeline.fingerprint
+        folder = self.cache_dir / _folder_name(fingerprint) / items_digest(items)[:20]
+        gallery = encode_gallery(
+            self.pipeline, items, folder, model_name=getattr(self.pipeline, "name_or_path", None),
+            batch_size=self.batch_size, part_size=self.part_size, num_workers=self.num_workers,
+            show_progress=self.progress,
+            description=f"Encoding {benchmark.description} {what}",
+        )
+        return torch.from_numpy(gallery.embeddings_of(list(image_ids)))
+
+    def reference_images(self, benchmark: CIRBenchmark) -> "_ReferenceImages | None":
+        """The queries' reference images, read as the pipeline composes each batch (None for a pixel-free one)."""
+        if not getattr(self.pipeline, "reads_pixels", True):
+            return None
+        return _ReferenceImages([_gallery_item(benchmark.image(q.reference_id)) for q in benchmark.queries])
+
+
+class _ReferenceImages(Sequence):
+    def __init__(self, items: list[GalleryItem]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, row: int):
+        return read_item(self.items[row])
+
+
+def _gallery_item(ref: ImageRef) -> GalleryItem:
+    return GalleryItem(ref.image_id, path=str(Path(ref.path).resolve()), crop_box=ref.crop_box)
+
+
+def _folder_name(fingerprint: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", fingerprint)[:120] or "encoder"
+
+
+def _check_images_exist(benchmark: CIRBenchmark, image_ids: Sequence) -> None:
+    missing = benchmark.missing_images(image_ids, limit=1)
+    if missing:
+        image_id = next(i for i in image_ids if benchmark.image(i).path == missing[0])
+        raise FileNotFoundError(
+            f"Image {image_id!r} should be at {missing[0]}; the benchmark annotation files do not include the "
+            "images: download them from the benchmark's site into the official layout."
+        )
+
+
 def evaluate_split(
-    encoder: CIREncoder,
+    pipeline: Any,
     benchmark: CIRBenchmark,
-    cache: EmbeddingCache,
+    embed: _Embedder,
     *,
     caption_style: str = "clip4cir",
     prompt_template: str = "{}",
     query_batch_size: int = 32,
-    image_batch_size: int = 256,
+    seed: int = 0,
+    call_kwargs: dict | None = None,
     searcher_factory: SearcherFactory = ExactSearcher,
     write_submissions: bool | None = None,
     progress: bool = True,
@@ -137,32 +178,32 @@ def evaluate_split(
     """Rank and score one loaded benchmark split (see :func:`run_evaluation` for the arguments)."""
     if write_submissions is None:
         write_submissions = not benchmark.has_labels
-    description = benchmark.description
-    reference_refs = [benchmark.image(query.reference_id) for query in benchmark.queries]
+    reference_ids = [query.reference_id for query in benchmark.queries]
+
+    def compose(reference_embeds: torch.Tensor) -> torch.Tensor:
+        return compose_queries(
+            pipeline, _query_prompts(benchmark, caption_style, prompt_template), reference_embeds=reference_embeds,
+            reference_images=embed.reference_images(benchmark), batch_size=query_batch_size, seed=seed,
+            show_progress=progress, **(call_kwargs or {}),
+        )
 
     if benchmark.name == "genecis":
         candidate_ids = list(dict.fromkeys(i for query in benchmark.queries for i in query.candidate_ids))
-        candidate_embeds = normalize(cache.get_or_encode(
-            [benchmark.image(i) for i in candidate_ids], encoder, batch_size=image_batch_size, progress=progress,
-            description=f"Encoding {description} candidates"))
-        reference_embeds = cache.get_or_encode(reference_refs, encoder, batch_size=image_batch_size, progress=progress,
-                                               description=f"Encoding {description} references")
-        query_embeds = compose_queries(encoder, reference_embeds, _query_prompts(benchmark, caption_style, prompt_template),
-                                       query_batch_size, progress)
+        embeds = embed(benchmark, candidate_ids + reference_ids, "candidates")
+        candidate_embeds = normalize(embeds[: len(candidate_ids)])
+        query_embeds = compose(embeds[len(candidate_ids):])
         row_of = {image_id: row for row, image_id in enumerate(candidate_ids)}
-        scores = [(candidate_embeds[[row_of[i] for i in query.candidate_ids]] @ embed).tolist()
-                  for query, embed in zip(benchmark.queries, query_embeds)]
+        scores = [(candidate_embeds[[row_of[i] for i in query.candidate_ids]] @ query_embed).tolist()
+                  for query, query_embed in zip(benchmark.queries, query_embeds)]
         rankings = {str(query.query_id): [query.candidate_ids[j] for j in np.argsort(-np.asarray(row), kind="stable")]
                     for query, row in zip(benchmark.queries, scores)}
         metrics = genecis_recall_at_k(scores, ks=GENECIS_RECALL_KS)
         return SplitOutput(benchmark, query_embeds, rankings, metrics)
 
-    gallery_embeds = normalize(cache.get_or_encode(
-        [benchmark.image(i) for i in benchmark.gallery_ids], encoder, batch_size=image_batch_size, progress=progress,
-        description=f"Encoding {description} gallery"))
-    reference_embeds = cache.get_or_encode(reference_refs, encoder, batch_size=image_batch_size, progress=False)
-    query_embeds = compose_queries(encoder, reference_embeds, _query_prompts(benchmark, caption_style, prompt_template),
-                                   query_batch_size, progress)
+    # Gallery and references are embedded together: a reference outside the gallery is one more image.
+    embeds = embed(benchmark, list(benchmark.gallery_ids) + reference_ids, "gallery")
+    gallery_embeds = normalize(embeds[: len(benchmark.gallery_ids)])
+    query_embeds = compose(embeds[len(benchmark.gallery_ids):])
     searcher = searcher_factory(gallery_embeds)
     position_of = {image_id: position for position, image_id in enumerate(benchmark.gallery_ids)}
     queries = benchmark.queries
@@ -248,7 +289,7 @@ def _subsets_for(name: str, subsets: Sequence[str] | None) -> list[str | None]:
 
 
 def run_evaluation(
-    encoder: CIREncoder | Callable[[], CIREncoder],
+    pipeline: Any,
     benchmark: str,
     data_root: str | os.PathLike,
     split: str = "val",
@@ -260,24 +301,36 @@ def run_evaluation(
     prompt_template: str = "{}",
     query_batch_size: int = 32,
     image_batch_size: int = 256,
+    num_workers: int = 0,
+    cache_part_size: int = 4096,
+    seed: int = 0,
+    call_kwargs: dict | None = None,
     write_submissions: bool | None = None,
     searcher_factory: SearcherFactory = ExactSearcher,
     loader_kwargs: dict | None = None,
     progress: bool = True,
 ) -> EvaluationResult:
-    """Evaluate ``encoder`` on ``benchmark`` / ``split`` read from ``data_root`` (official layout).
+    """Evaluate ``pipeline`` on ``benchmark`` / ``split`` read from ``data_root`` (official layout).
 
     Args:
-        encoder: a :class:`~diffusers_cir.evaluation.CIREncoder` (e.g. ``PipelineEncoder.from_pretrained(folder)``),
-            or a function without arguments that builds one: it is called once the arguments and the annotation
-            files have been checked, so a typo in them fails before the model loads.
+        pipeline: a CIR pipeline (anything meeting the pipeline contract, e.g. ``AutoCIRPipeline.from_pretrained``'s
+            result, or the model-free :class:`~diffusers_cir.evaluation.IdHashEncoder`), or a function without
+            arguments that builds one: it is called once the arguments and the annotation files have been checked,
+            so a typo in them fails before the model loads.
         benchmark: ``"cirr"``, ``"fashioniq"``, ``"circo"`` or ``"genecis"``.
         subsets: FashionIQ categories or GeneCIS tasks (default: all); FashionIQ and GeneCIS averages are over them.
         output_dir: receives ``metrics.json``, ``metrics.md``, ``rankings*.json``, ``query_embeddings*.safetensors``
             and the submission files.
-        cache_dir: gallery-embedding cache (default ``<output_dir>/embedding_cache``); reruns reuse it.
+        cache_dir: the gallery cache (default ``<output_dir>/embedding_cache``): one resumable
+            :func:`~diffusers_cir.retrieval.encode_gallery` folder per pipeline fingerprint and split; reruns reuse
+            it, an interrupted run resumes.
         caption_style: FashionIQ caption joining, ``"clip4cir"`` or ``"searle"`` (both orders, averaged).
         prompt_template: wraps every query text (``"{}"``: unchanged; pipelines apply their own templates).
+        image_batch_size, num_workers: images per ``encode_image`` call, and image-reading worker processes.
+        cache_part_size: images per resumable part of the gallery cache (an interruption loses at most one part).
+        seed: seeds the generator of each composed batch (sampling pipelines): every split is reproducible alone.
+        call_kwargs: further pipeline-call arguments (``{"num_inference_steps": 10}``); refused if the pipeline
+            does not take them.
         write_submissions: write the server files; default: only for hidden-label splits.
         searcher_factory: builds the searcher from the normalised gallery embeddings (exact search by default).
         loader_kwargs: extra arguments of the benchmark loader (``gallery_ids`` for CIRCO, ``image_root`` for GeneCIS).
@@ -285,9 +338,10 @@ def run_evaluation(
     Example:
 
     ```py
-    >>> from diffusers_cir.evaluation import PipelineEncoder, run_evaluation
-    >>> encoder = PipelineEncoder.from_pretrained("compodiff-aesthetic-diffusers")  # doctest: +SKIP
-    >>> run_evaluation(encoder, "cirr", "/data/CIRR", "val", output_dir="eval/cirr").metrics["avg"]  # doctest: +SKIP
+    >>> from diffusers_cir import AutoCIRPipeline
+    >>> from diffusers_cir.evaluation import run_evaluation
+    >>> pipe = AutoCIRPipeline.from_pretrained("compodiff-aesthetic-diffusers").to("cuda")  # doctest: +SKIP
+    >>> run_evaluation(pipe, "cirr", "/data/CIRR", "val", output_dir="eval/cirr").metrics["avg"]  # doctest: +SKIP
 
     ```
     """
@@ -297,26 +351,29 @@ def run_evaluation(
         raise ValueError(f"`caption_style` must be one of {FASHIONIQ_CAPTION_STYLES}, got {caption_style!r}.")
     if "{}" not in prompt_template:
         raise ValueError(f"`prompt_template` must contain '{{}}' where the text goes, got {prompt_template!r}.")
-    for name, value in (("query_batch_size", query_batch_size), ("image_batch_size", image_batch_size)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+    query_batch_size = check_positive_int(query_batch_size, "query_batch_size")
+    image_batch_size = check_positive_int(image_batch_size, "image_batch_size")
+    num_workers = check_non_negative_int(num_workers, "num_workers")
+    cache_part_size = check_positive_int(cache_part_size, "cache_part_size")
+    seed = check_seed(seed)
     # Every split's annotation files are read before any work is done (or any folder created): a missing
     # category or task fails at once instead of after the model has embedded and ranked the ones before it.
     loaded_splits = [
         load_benchmark(benchmark, data_root, split, subset=subset, **(loader_kwargs or {}))
         for subset in _subsets_for(benchmark, subsets)
     ]
-    if not hasattr(encoder, "encode_images") and callable(encoder):
-        encoder = encoder()
+    if not hasattr(pipeline, "encode_image"):
+        pipeline = pipeline()
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    cache = EmbeddingCache(output_dir / "embedding_cache" if cache_dir is None else cache_dir, encoder.fingerprint)
+    embed = _Embedder(pipeline, output_dir / "embedding_cache" if cache_dir is None else Path(cache_dir),
+                      image_batch_size, num_workers, cache_part_size, progress)
 
     outputs: list[SplitOutput] = []
     for loaded in loaded_splits:
         outputs.append(evaluate_split(
-            encoder, loaded, cache, caption_style=caption_style, prompt_template=prompt_template,
-            query_batch_size=query_batch_size, image_batch_size=image_batch_size, searcher_factory=searcher_factory,
+            pipeline, loaded, embed, caption_style=caption_style, prompt_template=prompt_template,
+            query_batch_size=query_batch_size, seed=seed, call_kwargs=call_kwargs, searcher_factory=searcher_factory,
             write_submissions=write_submissions, progress=progress))
 
     if not all(output.benchmark.has_labels for output in outputs):
@@ -344,7 +401,7 @@ def run_evaluation(
         "benchmark": benchmark,
         "split": split,
         "subsets": [o.benchmark.subset for o in outputs if o.benchmark.subset],
-        "encoder": encoder.fingerprint,
+        "encoder": pipeline.fingerprint,
         "scale": "percent",
         "num_queries": {o.benchmark.subset or benchmark: len(o.benchmark) for o in outputs},
         "gallery_size": {o.benchmark.subset or benchmark: len(o.benchmark.gallery_ids) for o in outputs

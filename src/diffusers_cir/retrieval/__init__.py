@@ -1,4 +1,5 @@
-"""Retrieval at any scale: gallery encoding, faiss / torch indexes, and composed search.
+"""The road from pixels to ranks: reading images, gallery encoders and their resumable cache, composing queries,
+faiss / torch indexes, and composed search.
 
 Names are imported on first use, so that ``diffusers_cir.retrieval.images`` (the one image loader, used by the data
 tools) does not import torch or faiss.
@@ -24,17 +25,18 @@ _LAZY_NAMES = {
     "torch_exact_search": ".backends",
     "build_index_from_embedding_files": ".build",
     "check_index_options": ".build",
-    "ClipVisionEmbedder": ".encoders",
-    "PipelineEmbedder": ".encoders",
-    "as_image_embedder": ".encoders",
-    "image_encoder_fingerprint": ".encoders",
-    "load_cir_pipeline": ".encoders",
-    "load_image_encoder": ".encoders",
+    "compose_queries": ".compose",
+    "CLIPVisionEncoder": ".encoders",
+    "GalleryEncoder": ".encoders",
+    "check_pipeline_options": ".encoders",
+    "load_gallery_encoder": ".encoders",
+    "load_pipeline": ".encoders",
     "IndexFormatError": ".errors",
     "IndexMismatchError": ".errors",
     "GalleryEmbeddings": ".gallery",
     "GalleryItem": ".gallery",
     "encode_gallery": ".gallery",
+    "read_item": ".gallery",
     "list_image_folder": ".gallery",
     "read_image_list": ".gallery",
     "resolve_source": ".gallery",

@@ -1,9 +1,14 @@
-"""Image encoders for galleries: one interface over a CIR pipeline, a bare CLIP vision model, or a callable.
+"""Gallery encoders: the gallery side of the pipeline contract, and loading one from a folder.
 
-Queries and gallery must live in one embedding space, so a gallery is embedded with the image encoder of the
-pipeline that will compose the queries (``pipe.encode_image``: projected CLIP image embeddings, not normalised).
-``image_encoder_fingerprint`` identifies that encoder by its weights, so an index can refuse queries from a
-different model even when the model folder was moved or renamed.
+Whatever embeds a gallery meets the gallery side of the pipeline contract (:class:`GalleryEncoder`):
+``encode_image(images, batch_size=64, device=None, show_progress=False) -> [N, D]`` (raw embeddings; retrieval
+normalises), ``fingerprint`` (changes whenever the embeddings would) and ``embedding_dim``. Every CIR pipeline
+does; :class:`CLIPVisionEncoder` is a bare CLIP vision tower (``index build --model`` on a
+``CLIPVisionModelWithProjection`` folder) with the same contract, and its fingerprint is the one of a pipeline
+holding the same tower, so an index built from the bare tower serves that pipeline's queries.
+
+An encoder whose ``reads_pixels`` attribute is ``False`` (the model-free
+:class:`~diffusers_cir.evaluation.IdHashEncoder`) is given the images' ids instead of their pixels.
 """
 
 from __future__ import annotations
@@ -12,38 +17,189 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Protocol, runtime_checkable
 
-import numpy as np
 import torch
 
+__all__ = [
+    "CLIPVisionEncoder",
+    "GalleryEncoder",
+    "check_pipeline_options",
+    "legacy_fingerprint",
+    "load_gallery_encoder",
+    "load_pipeline",
+    "query_fingerprint",
+]
 
-def _vision_model_of(encoder: Any):
-    """The ``CLIPVisionModelWithProjection`` inside a pipeline, or the model itself."""
-    return getattr(encoder, "image_encoder", None) or encoder
+
+@runtime_checkable
+class GalleryEncoder(Protocol):
+    """The gallery side of the pipeline contract (what ``index build`` and ``evaluate`` embed galleries with)."""
+
+    fingerprint: str
+    embedding_dim: int
+
+    def encode_image(self, images, batch_size: int = 64, device=None, show_progress: bool = False) -> torch.Tensor: ...
 
 
-def image_encoder_fingerprint(encoder: Any) -> str | None:
-    """A short hash identifying an image encoder by its weights (``None`` if it has no recognisable weights).
+class CLIPVisionEncoder:
+    """A bare CLIP vision tower (``CLIPVisionModelWithProjection`` + ``CLIPImageProcessor``) as a gallery encoder.
 
-    It hashes the output projection (``visual_projection.weight``, rounded to float16 so that float32 and float16
-    loads of the same checkpoint agree) together with its shape: two different CLIP checkpoints never share it.
-    For other ``torch.nn.Module`` encoders it hashes the last parameter tensor instead.
+    ``encode_image`` returns the projected ``image_embeds`` (not normalised), as a CIR pipeline holding the same tower
+    as its ``image_encoder`` does; ``fingerprint`` hashes the same components under the same names, so the two agree.
 
     Example:
-        >>> from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-        >>> config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        ...                           num_attention_heads=2, image_size=32, patch_size=16, projection_dim=16)
-        >>> _ = torch.manual_seed(0)
-        >>> len(image_encoder_fingerprint(CLIPVisionModelWithProjection(config)))
-        16
+        >>> from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+        >>> config = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+        ...                           num_attention_heads=2, image_size=32, patch_size=16, projection_dim=8)
+        >>> processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        >>> encoder = CLIPVisionEncoder(CLIPVisionModelWithProjection(config), processor)
+        >>> import numpy as np
+        >>> encoder.encode_image([np.zeros((40, 40, 3), dtype=np.uint8)]).shape, encoder.embedding_dim
+        (torch.Size([1, 8]), 8)
     """
-    model = _vision_model_of(encoder)
-    projection = getattr(model, "visual_projection", None)
-    weight = getattr(projection, "weight", None)
-    if weight is None and isinstance(model, torch.nn.Module):
-        parameters = list(model.parameters())
-        weight = parameters[-1] if parameters else None
+
+    _gallery_components = ("image_encoder", "image_processor")
+
+    def __init__(self, image_encoder, image_processor):
+        self.image_encoder = image_encoder.eval()
+        self.image_processor = image_processor
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, processor_folder: str | os.PathLike | None = None,
+                        torch_dtype: torch.dtype | None = None) -> "CLIPVisionEncoder":
+        """Load the tower from ``folder`` and its preprocessing from ``processor_folder`` (default: ``folder``)."""
+        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+        kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
+        encoder = CLIPVisionModelWithProjection.from_pretrained(folder, **kwargs)
+        return cls(encoder, CLIPImageProcessor.from_pretrained(processor_folder or folder))
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.image_encoder.config.projection_dim)
+
+    @property
+    def fingerprint(self) -> str:
+        from ..utils.fingerprint import gallery_fingerprint
+
+        return gallery_fingerprint(self, self._gallery_components)
+
+    @property
+    def device(self) -> torch.device:
+        return self.image_encoder.device
+
+    def to(self, device) -> "CLIPVisionEncoder":
+        self.image_encoder.to(device)
+        return self
+
+    @torch.no_grad()
+    def encode_image(self, images, batch_size: int = 64, device=None, show_progress: bool = False) -> torch.Tensor:
+        """``[N, D]`` projected image embeddings of anything :func:`~diffusers_cir.load_image` reads."""
+        from tqdm.auto import tqdm
+
+        from .images import is_image_source, load_image
+
+        images = [images] if is_image_source(images) and not isinstance(images, (list, tuple)) else list(images)
+        device = device or self.device
+        starts = range(0, len(images), batch_size)
+        embeds = []
+        for start in tqdm(starts, desc="Encoding images", unit="batch", disable=not show_progress):
+            batch = [load_image(item, name=f"images[{start + i}]") for i, item in enumerate(images[start : start + batch_size])]
+            pixels = self.image_processor(images=batch, return_tensors="pt").pixel_values
+            pixels = pixels.to(device=device, dtype=self.image_encoder.dtype)
+            embeds.append(self.image_encoder(pixel_values=pixels).image_embeds)
+        return torch.cat(embeds) if embeds else torch.empty(0, self.embedding_dim)
+
+
+def _is_clip_vision_folder(folder: Path) -> bool:
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "CLIPVisionModelWithProjection" in (config.get("architectures") or [])
+
+
+def _load_tower_of_pipeline(folder: Path, torch_dtype) -> CLIPVisionEncoder | None:
+    """The CLIP tower of a pipeline folder whose gallery side is exactly ``image_encoder`` + ``image_processor``
+    (CompoDiff, LinCIR), loaded alone: the text encoder and the denoiser stay on disk. ``None`` for other pipelines.
+
+    Such a pipeline embeds galleries as its bare tower does (the contract tests check it for every registered class).
+    """
+    from ..pipelines.auto import pipeline_class_for_folder, read_model_index
+
+    index = read_model_index(folder)
+    pipeline_class = pipeline_class_for_folder(folder)
+    if tuple(pipeline_class._gallery_components) != CLIPVisionEncoder._gallery_components:
+        return None
+    entry = index.get("image_encoder")
+    if not isinstance(entry, (list, tuple)) or len(entry) != 2 or entry[1] is None:
+        raise ValueError(f"The pipeline in {folder} has no `image_encoder`: it cannot embed gallery images.")
+    if entry[1] != "CLIPVisionModelWithProjection":
+        return None
+    return CLIPVisionEncoder.from_pretrained(folder / "image_encoder", folder / "image_processor", torch_dtype)
+
+
+def load_pipeline(model: str | os.PathLike, device=None, torch_dtype: torch.dtype | None = None):
+    """A CIR pipeline through :class:`~diffusers_cir.AutoCIRPipeline` (a saved folder, a Hub id or a released
+    layout), moved to ``device``, progress bars off (callers show their own)."""
+    from ..pipelines.auto import AutoCIRPipeline
+
+    kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
+    pipeline = AutoCIRPipeline.from_pretrained(model, **kwargs)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(device) if device is not None else pipeline
+
+
+def load_gallery_encoder(model: str | os.PathLike, device=None, torch_dtype: torch.dtype | None = None):
+    """What ``index build --model`` embeds a gallery with: a CLIP vision folder as :class:`CLIPVisionEncoder`; a
+    pipeline whose gallery side is its CLIP tower as that tower alone (same fingerprint, less memory); any other
+    pipeline folder, Hub id or released layout through :func:`load_pipeline`."""
+    folder = Path(model)
+    encoder = None
+    if folder.is_dir() and (folder / "model_index.json").is_file():
+        encoder = _load_tower_of_pipeline(folder, torch_dtype)
+    elif folder.is_dir() and _is_clip_vision_folder(folder):
+        encoder = CLIPVisionEncoder.from_pretrained(folder, torch_dtype=torch_dtype)
+    if encoder is None:
+        try:
+            encoder = load_pipeline(model, torch_dtype=torch_dtype)
+        except ValueError as error:
+            if "matches no released layout" not in str(error):
+                raise
+            raise ValueError(
+                f"{error}\n  - a CLIP vision model folder: config.json of a CLIPVisionModelWithProjection and its "
+                "preprocessor_config.json"
+            ) from error
+    return encoder.to(device) if device is not None else encoder
+
+
+def check_pipeline_options(model: str | os.PathLike, options: dict[str, str]) -> None:
+    """Refuse options the pipeline in ``model`` cannot take, before anything loads: ``options`` maps how the caller
+    names each option given (a command-line flag) to the pipeline argument it becomes; the class is read from
+    ``model_index.json``. A Hub id or a released layout is checked when its pipeline is called instead."""
+    from ..pipelines.auto import pipeline_class_for_folder
+
+    if not options or not (Path(model) / "model_index.json").is_file():
+        return
+    pipeline_class = pipeline_class_for_folder(model)
+    refused = [name for name, argument in options.items() if argument not in pipeline_class.call_parameters()]
+    if refused:
+        raise ValueError(
+            f"{', '.join(refused)}: {pipeline_class.__name__} ({model}) does not take "
+            f"{'this option' if len(refused) == 1 else 'these options'}."
+        )
+
+
+# ------------------------------------------------------------------------------------------- older fingerprints
+
+
+def legacy_fingerprint(encoder: Any) -> str | None:
+    """The model fingerprint diffusers-cir 0.1.0.dev0 recorded before ``pipe.fingerprint``: 16 hex characters of a
+    SHA-256 over the shape and float16 values of the image tower's ``visual_projection`` weight. ``None`` when the
+    encoder has no such tower."""
+    tower = getattr(encoder, "image_encoder", None)
+    weight = getattr(getattr(tower, "visual_projection", None), "weight", None)
     if weight is None:
         return None
     values = weight.detach().to("cpu", torch.float16).contiguous().numpy()
@@ -52,112 +208,15 @@ def image_encoder_fingerprint(encoder: Any) -> str | None:
     return digest.hexdigest()[:16]
 
 
-class ClipVisionEmbedder:
-    """Embed PIL images with a ``CLIPVisionModelWithProjection`` and its ``CLIPImageProcessor``.
+def query_fingerprint(encoder: Any, recorded: str | None) -> str | None:
+    """The fingerprint of ``encoder`` to compare with one a gallery ``recorded``.
 
-    Returns the projected ``image_embeds`` (not normalised), exactly like ``CompoDiffPipeline.encode_image``.
+    Galleries embedded before ``pipe.fingerprint`` recorded a 16-character digest of the tower's output projection
+    (:func:`legacy_fingerprint`); for them the same digest of ``encoder`` is returned, so they keep serving the
+    model that made them, checked as they were when built.
     """
-
-    def __init__(self, model, image_processor, device: str | torch.device | None = None):
-        if image_processor is None:
-            raise ValueError(
-                "A bare CLIP vision model needs its `image_processor` (a transformers CLIPImageProcessor)."
-            )
-        self.model = model.eval()
-        self.image_processor = image_processor
-        if device is not None:
-            self.model.to(device)
-
-    @torch.no_grad()
-    def __call__(self, images: list) -> torch.Tensor:
-        parameter = next(self.model.parameters())
-        pixel_values = self.image_processor(images=images, return_tensors="pt").pixel_values
-        pixel_values = pixel_values.to(device=parameter.device, dtype=parameter.dtype)
-        return self.model(pixel_values=pixel_values).image_embeds
-
-
-class PipelineEmbedder:
-    """Embed PIL images with a CIR pipeline's ``encode_image`` (CompoDiff, LinCIR)."""
-
-    def __init__(self, pipeline, device: str | torch.device | None = None):
-        self.pipeline = pipeline
-        if device is not None:
-            pipeline.to(device)
-
-    @torch.no_grad()
-    def __call__(self, images: list) -> torch.Tensor:
-        return self.pipeline.encode_image(images, batch_size=len(images))
-
-
-def as_image_embedder(encoder: Any, image_processor=None, device: str | torch.device | None = None) -> Callable:
-    """Wrap ``encoder`` as ``embed(list_of_PIL_images) -> [B, D]`` (a tensor or array).
-
-    ``encoder`` may be a pipeline with ``encode_image``, a ``CLIPVisionModelWithProjection`` (with
-    ``image_processor``), or any callable with that signature (returned unchanged).
-
-    Example:
-        >>> embed = as_image_embedder(lambda images: np.ones((len(images), 4)))
-        >>> embed([None, None]).shape
-        (2, 4)
-    """
-    if hasattr(encoder, "encode_image"):
-        return PipelineEmbedder(encoder, device=device)
-    if isinstance(encoder, torch.nn.Module) and hasattr(encoder, "visual_projection"):
-        return ClipVisionEmbedder(encoder, image_processor, device=device)
-    if callable(encoder):
-        return encoder
-    raise TypeError(
-        "`encoder` must be a pipeline with `encode_image`, a CLIPVisionModelWithProjection (with `image_processor`),"
-        f" or a callable mapping a list of PIL images to [B, D] embeddings; got {type(encoder).__name__}."
-    )
-
-
-def load_image_encoder(model: str | os.PathLike, device: str | torch.device = "cpu", torch_dtype=None):
-    """Load the gallery image encoder of ``model``: ``(CLIPVisionModelWithProjection, CLIPImageProcessor)``.
-
-    ``model`` is a CIR pipeline folder (``model_index.json``, whose ``image_encoder`` / ``image_processor``
-    sub-folders are loaded, so the text encoder and denoiser stay on disk) or a CLIP vision model folder.
-    """
-    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
-
-    folder = Path(model)
-    if (folder / "model_index.json").exists():
-        index = json.loads((folder / "model_index.json").read_text())
-        if not index.get("image_encoder") or index["image_encoder"][0] is None:
-            raise ValueError(f"The pipeline in {folder} has no `image_encoder`: it cannot embed gallery images.")
-        encoder_folder, processor_folder = folder / "image_encoder", folder / "image_processor"
-    elif (folder / "config.json").exists():
-        encoder_folder = processor_folder = folder
-    else:
-        raise ValueError(
-            f"`model` {str(model)!r} is neither a pipeline folder (model_index.json) nor a CLIP vision model folder "
-            "(config.json). Download a Hub model first (huggingface_hub.snapshot_download) and pass its folder."
-        )
-    encoder = CLIPVisionModelWithProjection.from_pretrained(encoder_folder, torch_dtype=torch_dtype).to(device)
-    processor = CLIPImageProcessor.from_pretrained(processor_folder)
-    return encoder.eval(), processor
-
-
-def load_cir_pipeline(model: str | os.PathLike, device: str | torch.device = "cpu", torch_dtype=None):
-    """Load a CIR pipeline folder with the class named in its ``model_index.json`` (CompoDiff or LinCIR)."""
-    import diffusers_cir
-
-    folder = Path(model)
-    index_path = folder / "model_index.json"
-    if not index_path.exists():
-        raise ValueError(f"`model` {str(model)!r} is not a pipeline folder: it has no model_index.json.")
-    class_name = json.loads(index_path.read_text()).get("_class_name")
-    pipeline_class = getattr(diffusers_cir, str(class_name), None)
-    if pipeline_class is None or not hasattr(pipeline_class, "from_pretrained"):
-        raise ValueError(
-            f"{index_path} names pipeline class {class_name!r}, which diffusers_cir does not provide "
-            "(expected CompoDiffPipeline or LinCIRPipeline)."
-        )
-    kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
-    return pipeline_class.from_pretrained(folder, **kwargs).to(device)
-
-
-def embeddings_to_numpy(embeddings: Any) -> np.ndarray:
-    if hasattr(embeddings, "detach"):
-        embeddings = embeddings.detach().float().cpu().numpy()
-    return np.asarray(embeddings, dtype=np.float32)
+    if recorded is not None and len(recorded) == 16:
+        legacy = legacy_fingerprint(encoder)
+        if legacy is not None:
+            return legacy
+    return getattr(encoder, "fingerprint", None)

@@ -1,6 +1,9 @@
-"""Gallery encoding: image folder / list file / ``datasets`` dataset -> embedding parts on disk.
+"""The one resumable gallery cache: image folder / list file / ``datasets`` dataset / benchmark images -> embedding
+parts on disk. ``diffusers-cir index build`` and ``diffusers-cir evaluate`` both embed their galleries here.
 
-``encode_gallery`` embeds a gallery in parts of ``part_size`` images. Each finished part is written atomically
+``encode_gallery`` embeds a gallery with any gallery encoder (the gallery side of the pipeline contract: a CIR
+pipeline, :class:`~diffusers_cir.retrieval.encoders.CLIPVisionEncoder`, the model-free ``IdHashEncoder``) in parts
+of ``part_size`` images. Each finished part is written atomically
 (``parts/embeddings-00007.npy`` + ``parts/items-00007.jsonl``), so an interrupted run resumes where it stopped,
 and parts are split across processes when launched with ``accelerate launch`` (one GPU per process). The
 folder is then turned into an index by ``build_index_from_embedding_files``, which streams the parts and so
@@ -10,7 +13,7 @@ Layout of an embeddings folder::
 
     gallery.json                  model, width, item count, part size, a digest of the item list, status
     parts/embeddings-00000.npy    float32 [n, D], the encoder's raw (unnormalised) embeddings
-    parts/items-00000.jsonl       one {"id": ..., "path": ...} per embedded row
+    parts/items-00000.jsonl       one {"id": ..., "path": ...} per embedded row (+ "crop_box" for a cropped image)
     parts/skipped-00000.jsonl     images that could not be read (only with skip_unreadable=True)
 """
 
@@ -28,7 +31,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .encoders import as_image_embedder, embeddings_to_numpy, image_encoder_fingerprint
+from ..checks import check_positive_int
+from .encoders import query_fingerprint
 from .images import load_image
 
 GALLERY_FORMAT = "diffusers-cir-gallery-embeddings"
@@ -39,14 +43,17 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 
 @dataclass(frozen=True)
 class GalleryItem:
-    """One gallery image: its id, and either a file path or a row of a ``datasets`` dataset."""
+    """One gallery image: its id, either a file path or a row of a ``datasets`` dataset, and an optional crop
+    ``(x, y, width, height)`` in pixels (a GeneCIS attribute task embeds one object of a Visual Genome image)."""
 
     id: Any
     path: str | None = None
     row: int | None = None
+    crop_box: tuple[int, int, int, int] | None = None
 
     def metadata(self) -> dict:
-        return {"path": self.path} if self.path is not None else {"row": self.row}
+        where = {"path": self.path} if self.path is not None else {"row": self.row}
+        return where if self.crop_box is None else {**where, "crop_box": list(self.crop_box)}
 
 
 def list_image_folder(folder: str | os.PathLike, recursive: bool = True) -> list[GalleryItem]:
@@ -112,34 +119,47 @@ def resolve_source(source: Any, id_column: str | None = None) -> list[GalleryIte
         return dataset_items(source, id_column=id_column)
     if isinstance(source, Sequence) and all(isinstance(p, (str, os.PathLike)) for p in source):
         return [GalleryItem(id=str(p), path=str(Path(p).resolve())) for p in source]
+    if isinstance(source, Sequence) and all(isinstance(item, GalleryItem) for item in source):
+        return list(source)
     raise ValueError(
-        "`source` must be an image folder, a list file, a list of image paths or a datasets.Dataset; got "
-        f"{type(source).__name__}."
+        "`source` must be an image folder, a list file, a list of image paths or of GalleryItem, or a "
+        f"datasets.Dataset; got {type(source).__name__}."
     )
 
 
 def items_digest(items: Sequence[GalleryItem]) -> str:
     digest = hashlib.sha256()
     for item in items:
-        digest.update(f"{item.id}\t{item.path}\t{item.row}\n".encode())
+        crop = "" if item.crop_box is None else "\t" + ",".join(map(str, item.crop_box))
+        digest.update(f"{item.id}\t{item.path}\t{item.row}{crop}\n".encode())
     return digest.hexdigest()
 
 
-class _ImageLoadingDataset(torch.utils.data.Dataset):
-    """Reads images with :func:`~diffusers_cir.load_image` in DataLoader workers; a failure is returned (not raised)
-    so the caller decides."""
+def read_item(item: GalleryItem, dataset=None, image_column: str = "image"):
+    """The image of ``item`` read by :func:`~diffusers_cir.load_image` (upright, 8-bit RGB), cropped to its box."""
+    image = load_image(item.path if item.path is not None else dataset[item.row][image_column])
+    if item.crop_box is not None:
+        x, y, width, height = item.crop_box
+        image = image.crop((x, y, x + width, y + height))
+    return image
 
-    def __init__(self, items: Sequence[GalleryItem], dataset=None, image_column: str = "image"):
-        self.items, self.dataset, self.image_column = items, dataset, image_column
+
+class _ImageLoadingDataset(torch.utils.data.Dataset):
+    """Reads images in DataLoader workers (their ids, for an encoder that reads no pixels); a failure is returned
+    (not raised) so the caller decides."""
+
+    def __init__(self, items: Sequence[GalleryItem], dataset=None, image_column: str = "image", pixels: bool = True):
+        self.items, self.dataset, self.image_column, self.pixels = items, dataset, image_column, pixels
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, position: int):
         item = self.items[position]
+        if not self.pixels:
+            return position, item.id, None
         try:
-            source = item.path if item.path is not None else self.dataset[item.row][self.image_column]
-            return position, load_image(source), None
+            return position, read_item(item, self.dataset, self.image_column), None
         except Exception as error:  # noqa: BLE001 - reported with the item by the caller
             return position, None, f"{type(error).__name__}: {error}"
 
@@ -183,11 +203,21 @@ def _write_atomically(path: Path, write) -> None:
     os.replace(temporary, path)
 
 
+def _unique_ids(items: Sequence[GalleryItem]) -> None:
+    ids = [item.id for item in items]
+    if len(set(ids)) != len(ids):
+        seen, duplicates = set(), []
+        for item_id in ids:
+            if item_id in seen:
+                duplicates.append(item_id)
+            seen.add(item_id)
+        raise ValueError(f"Gallery ids must be unique; duplicated: {duplicates[:5]}.")
+
+
 def encode_gallery(
     encoder: Any,
     source: Any,
     output_dir: str | os.PathLike,
-    image_processor=None,
     model_name: str | None = None,
     batch_size: int = 64,
     part_size: int = 4096,
@@ -198,14 +228,16 @@ def encode_gallery(
     id_column: str | None = None,
     accelerator=None,
     show_progress: bool = True,
+    description: str = "Embedding gallery",
 ) -> "GalleryEmbeddings":
     """Embed every image of a gallery into ``output_dir`` (resumable; parts split across accelerate processes).
 
     Args:
-        encoder: a CIR pipeline (``encode_image``), a ``CLIPVisionModelWithProjection`` (with
-            ``image_processor``), or a callable ``list[PIL.Image] -> [B, D]``.
-        source: an image folder, a list file (``PATH`` or ``ID<TAB>PATH`` per line), a list of paths, or a
-            map-style ``datasets.Dataset`` (images in ``image_column``, ids in ``id_column`` or row numbers).
+        encoder: a gallery encoder (``encode_image``, ``fingerprint``, ``embedding_dim``): a CIR pipeline, a
+            :class:`~diffusers_cir.retrieval.encoders.CLIPVisionEncoder`, ... (see :mod:`.encoders`).
+        source: an image folder, a list file (``PATH`` or ``ID<TAB>PATH`` per line), a list of paths or of
+            :class:`GalleryItem`, or a map-style ``datasets.Dataset`` (images in ``image_column``, ids in
+            ``id_column`` or row numbers).
         output_dir: the embeddings folder (see the module docstring).
         model_name: recorded in the manifest and later in the index (e.g. the model folder or Hub id).
         batch_size: images per encoder call.
@@ -214,102 +246,97 @@ def encode_gallery(
         resume: keep finished parts of an earlier run of the same gallery and model (``False`` starts over).
         skip_unreadable: record unreadable images in ``parts/skipped-*.jsonl`` and go on, instead of failing.
         accelerator: an ``accelerate.Accelerator``; each process embeds its share of the parts on its device.
+        description: the progress bar's label.
 
     Example:
-        >>> import numpy as np, tempfile
+        >>> import tempfile
         >>> from PIL import Image
+        >>> from diffusers_cir.evaluation import IdHashEncoder
         >>> folder = tempfile.mkdtemp()
         >>> for i in range(3):
         ...     Image.new("RGB", (8, 8), (80 * i, 0, 0)).save(f"{folder}/{i}.png")
-        >>> embed = lambda images: np.array([np.asarray(im, dtype="float32").mean((0, 1)) + 1 for im in images])
-        >>> gallery = encode_gallery(embed, folder, tempfile.mkdtemp(), show_progress=False)
+        >>> gallery = encode_gallery(IdHashEncoder(4), folder, tempfile.mkdtemp(), show_progress=False)
         >>> gallery.num_items, gallery.embedding_dim
-        (3, 3)
+        (3, 4)
     """
+    batch_size = check_positive_int(batch_size, "batch_size")
+    part_size = check_positive_int(part_size, "part_size")
     output_dir = Path(output_dir)
-    if batch_size < 1 or part_size < 1:
-        raise ValueError(f"`batch_size` and `part_size` must be positive; got {batch_size} and {part_size}.")
     dataset = source if hasattr(source, "column_names") else None
     if dataset is not None and image_column not in dataset.column_names:
         raise ValueError(f"`image_column` {image_column!r} is not a column of the dataset ({dataset.column_names}).")
     if dataset is not None:
         dataset = _undecoded(dataset, image_column)
     items = resolve_source(source, id_column=id_column)
-    ids = [item.id for item in items]
-    if len(set(ids)) != len(ids):
-        seen, duplicates = set(), []
-        for item_id in ids:
-            if item_id in seen:
-                duplicates.append(item_id)
-            seen.add(item_id)
-        raise ValueError(f"Gallery ids must be unique; duplicated: {duplicates[:5]}.")
+    _unique_ids(items)
 
     process_index = accelerator.process_index if accelerator is not None else 0
     num_processes = accelerator.num_processes if accelerator is not None else 1
     is_main = process_index == 0
-    device = accelerator.device if accelerator is not None else None
-    embed = as_image_embedder(encoder, image_processor=image_processor, device=device)
-    fingerprint = image_encoder_fingerprint(encoder)
+    if accelerator is not None:
+        encoder = encoder.to(accelerator.device)
+    ranges = part_ranges(len(items), part_size)
     manifest = {
         "format": GALLERY_FORMAT,
         "format_version": GALLERY_FORMAT_VERSION,
-        "model": {"name": model_name, "fingerprint": fingerprint},
+        "model": {"name": model_name, "fingerprint": encoder.fingerprint},
         "num_items": len(items),
         "part_size": part_size,
-        "num_parts": len(part_ranges(len(items), part_size)),
+        "num_parts": len(ranges),
         "items_digest": items_digest(items),
         "source": str(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__,
         "status": "in_progress",
     }
-    manifest_path = output_dir / GALLERY_MANIFEST
     if is_main:
-        _prepare_output(output_dir, manifest, resume)
+        _prepare_output(output_dir, manifest, resume, encoder)
     if accelerator is not None:
         accelerator.wait_for_everyone()
 
-    ranges = part_ranges(len(items), part_size)
     my_parts = parts_for_process(len(ranges), process_index, num_processes)
     pending = [part for part in my_parts if not _part_paths(output_dir, part)[0].exists()]
-    done_items = sum(ranges[p][1] - ranges[p][0] for p in my_parts if p not in pending)
-    total_items = sum(ranges[p][1] - ranges[p][0] for p in my_parts)
     progress = tqdm(
-        total=total_items,
-        initial=done_items,
-        desc="Embedding gallery" + (f" [process {process_index}]" if num_processes > 1 else ""),
+        total=sum(ranges[p][1] - ranges[p][0] for p in my_parts),
+        initial=sum(ranges[p][1] - ranges[p][0] for p in my_parts if p not in pending),
+        desc=description + (f" [process {process_index}]" if num_processes > 1 else ""),
         unit="img",
         disable=not show_progress or not is_main,
     )
-    loader_dataset = _ImageLoadingDataset(items, dataset=dataset, image_column=image_column)
+    pixels = getattr(encoder, "reads_pixels", True)
+    loader_dataset = _ImageLoadingDataset(items, dataset=dataset, image_column=image_column, pixels=pixels)
     for part in pending:
-        start, end = ranges[part]
-        _encode_part(
-            embed, loader_dataset, items, part, start, end, output_dir, batch_size, num_workers, skip_unreadable, progress
-        )
+        _encode_part(encoder, loader_dataset, items, part, ranges[part], output_dir, batch_size, num_workers,
+                     skip_unreadable, progress)
     progress.close()
 
     if accelerator is not None:
         accelerator.wait_for_everyone()
     if is_main:
-        missing = [part for part in range(len(ranges)) if not _part_paths(output_dir, part)[0].exists()]
-        if missing:
-            raise RuntimeError(f"Parts {missing[:10]} of {output_dir} were not written; run again to resume.")
-        embedding_dims = {np.load(_part_paths(output_dir, p)[0], mmap_mode="r").shape[1] for p in range(len(ranges))}
-        skipped = sum(_count_lines(_part_paths(output_dir, p)[2]) for p in range(len(ranges)))
-        manifest.update(status="complete", num_skipped=skipped, embedding_dim=embedding_dims.pop())
-        if skipped:
-            warnings.warn(f"{skipped} unreadable images were skipped; see {output_dir}/parts/skipped-*.jsonl.")
-        _write_atomically(manifest_path, lambda p: p.write_text(json.dumps(manifest, indent=2)))
+        _finish(output_dir, manifest, len(ranges))
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return GalleryEmbeddings(output_dir)
 
 
-def _prepare_output(output_dir: Path, manifest: dict, resume: bool) -> None:
+def _finish(output_dir: Path, manifest: dict, num_parts: int) -> None:
+    """Mark the folder complete once every part is there."""
+    missing = [part for part in range(num_parts) if not _part_paths(output_dir, part)[0].exists()]
+    if missing:
+        raise RuntimeError(f"Parts {missing[:10]} of {output_dir} were not written; run again to resume.")
+    widths = {np.load(_part_paths(output_dir, p)[0], mmap_mode="r").shape[1] for p in range(num_parts)} - {0}
+    skipped = sum(_count_lines(_part_paths(output_dir, p)[2]) for p in range(num_parts))
+    manifest.update(status="complete", num_skipped=skipped, embedding_dim=widths.pop() if widths else 0)
+    if skipped:
+        warnings.warn(f"{skipped} unreadable images were skipped; see {output_dir}/parts/skipped-*.jsonl.")
+    _write_atomically(output_dir / GALLERY_MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=2)))
+
+
+def _prepare_output(output_dir: Path, manifest: dict, resume: bool, encoder) -> None:
     manifest_path = output_dir / GALLERY_MANIFEST
     if manifest_path.exists():
         previous = json.loads(manifest_path.read_text())
+        recorded = previous.get("model", {}).get("fingerprint")
         same = all(previous.get(key) == manifest[key] for key in ("items_digest", "part_size")) and (
-            previous.get("model", {}).get("fingerprint") == manifest["model"]["fingerprint"]
+            query_fingerprint(encoder, recorded) == recorded
         )
         if resume and not same:
             raise ValueError(
@@ -325,7 +352,9 @@ def _prepare_output(output_dir: Path, manifest: dict, resume: bool) -> None:
     _write_atomically(manifest_path, lambda p: p.write_text(json.dumps(manifest, indent=2)))
 
 
-def _encode_part(embed, loader_dataset, items, part, start, end, output_dir, batch_size, num_workers, skip, progress):
+@torch.no_grad()
+def _encode_part(encoder, loader_dataset, items, part, bounds, output_dir, batch_size, num_workers, skip, progress):
+    start, end = bounds
     subset = torch.utils.data.Subset(loader_dataset, range(start, end))
     loader = torch.utils.data.DataLoader(
         subset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate, shuffle=False
@@ -339,14 +368,16 @@ def _encode_part(embed, loader_dataset, items, part, start, end, output_dir, bat
                 if not skip:
                     raise ValueError(
                         f"Could not read gallery image {item.path or f'row {item.row}'} (id {item.id!r}): {error}. "
-                        "Fix or remove it, or pass skip_unreadable=True (--skip-unreadable) to record and skip it."
+                        "Fix or remove it, or skip unreadable images (skip_unreadable=True; index build: "
+                        "--skip-unreadable) to record them and go on."
                     )
                 skipped.append({"id": item.id, **item.metadata(), "error": error})
                 continue
             images.append(image)
             kept.append(items[position])
         if images:
-            embeddings.append(embeddings_to_numpy(embed(images)))
+            embeds = encoder.encode_image(images, batch_size=len(images))
+            embeddings.append(np.asarray(embeds.detach().float().cpu(), dtype=np.float32))
         progress.update(len(batch))
     embedding_path, items_path, skipped_path = _part_paths(output_dir, part)
     if skipped:
@@ -355,13 +386,12 @@ def _encode_part(embed, loader_dataset, items, part, start, end, output_dir, bat
         items_path,
         lambda p: p.write_text("".join(json.dumps({"id": item.id, **item.metadata()}) + "\n" for item in kept)),
     )
-    array = np.concatenate(embeddings) if embeddings else np.zeros((0, 0), dtype=np.float32)
-    if array.ndim != 2 or array.shape[0] != len(kept):
-        raise RuntimeError(f"The encoder returned {array.shape} embeddings for {len(kept)} images.")
+    array = np.concatenate(embeddings) if embeddings else np.zeros((0, encoder.embedding_dim), dtype=np.float32)
+    assert array.ndim == 2 and array.shape[0] == len(kept), f"{array.shape} embeddings for {len(kept)} images"
 
     def write_embeddings(path: Path) -> None:
         with open(path, "wb") as handle:
-            np.save(handle, array.astype(np.float32), allow_pickle=False)
+            np.save(handle, array, allow_pickle=False)
 
     _write_atomically(embedding_path, write_embeddings)  # written last: its presence marks the part as done
 
@@ -374,7 +404,8 @@ def _count_lines(path: Path) -> int:
 
 
 class GalleryEmbeddings:
-    """Read an embeddings folder written by ``encode_gallery`` (parts are memory-mapped, never all loaded).
+    """Read an embeddings folder written by ``encode_gallery`` (parts are memory-mapped; only ``embeddings_of`` reads
+    them all).
 
     Example:
         >>> gallery = GalleryEmbeddings("out/embeddings")  # doctest: +SKIP
@@ -422,6 +453,21 @@ class GalleryEmbeddings:
             raise ValueError(f"{items_path} lists {len(records)} items for {embeddings.shape[0]} embeddings.")
         ids = [record.pop("id") for record in records]
         return embeddings, ids, records
+
+    def embeddings_of(self, ids: Sequence) -> np.ndarray:
+        """``[len(ids), D]`` float32 embeddings of the given ids, in their order (every part is read)."""
+        rows, arrays = {}, []
+        for embeddings, part_ids, _ in self.iter_parts():
+            rows.update((item_id, (len(arrays), row)) for row, item_id in enumerate(part_ids))
+            arrays.append(embeddings)
+        missing = [item_id for item_id in ids if item_id not in rows]
+        if missing:
+            raise ValueError(f"{self.directory} holds no embedding of {missing[:5]} (skipped as unreadable?).")
+        out = np.empty((len(ids), self.embedding_dim), dtype=np.float32)
+        for position, item_id in enumerate(ids):
+            part, row = rows[item_id]
+            out[position] = arrays[part][row]
+        return out
 
     def iter_parts(self) -> Iterator[tuple[np.ndarray, list, list[dict]]]:
         for part in range(self.num_parts):

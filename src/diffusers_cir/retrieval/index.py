@@ -169,7 +169,7 @@ class GalleryIndex:
             ``"OPQ64,IVF1024,PQ64"``, ... The metric is always inner product.
         model: name of the model that produced the embeddings (stored in the manifest, checked at search time).
         model_fingerprint: a hash of that model's image-encoder weights (see
-            ``diffusers_cir.retrieval.image_encoder_fingerprint``); compared in preference to ``model``.
+            ``pipe.fingerprint``); compared in preference to ``model``.
 
     Example:
         >>> import numpy as np

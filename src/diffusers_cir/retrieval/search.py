@@ -14,18 +14,17 @@ from __future__ import annotations
 import base64
 import html
 import io
-import inspect
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
-from .backends import _positive_int
-from .encoders import image_encoder_fingerprint, load_cir_pipeline
+from ..checks import check_positive_int, check_string
+from .compose import compose_queries
+from .encoders import load_pipeline, query_fingerprint
 from .images import load_image
 from .index import GalleryIndex, SearchHit, SearchResult
 
@@ -161,7 +160,7 @@ def composed_search(
     k: int = 20,
     exclude_reference: bool = True,
     exclude_ids: list | None = None,
-    num_inference_steps: int = 10,
+    num_inference_steps: int | None = None,
     generator: torch.Generator | None = None,
     device: str | None = None,
     **pipeline_kwargs,
@@ -169,67 +168,54 @@ def composed_search(
     """Compose a query (reference image + text, optional negative text and mask) and search a gallery index.
 
     Args:
-        pipeline: a ``CompoDiffPipeline`` / ``LinCIRPipeline``, or the folder of one.
-        index: a ``GalleryIndex`` or the folder of a saved one. Its embedding model must be the pipeline's image
-            encoder (checked by weight fingerprint, then by name).
-        image: the reference image (PIL or path); ``None`` for a text-only query.
+        pipeline: a CIR pipeline, or what ``AutoCIRPipeline.from_pretrained`` loads (a folder, a Hub id, ...).
+        index: a ``GalleryIndex`` or the folder of a saved one. Its embedding model must be the pipeline's gallery
+            encoder (checked by fingerprint, then by name).
+        image: the reference image (anything :func:`~diffusers_cir.load_image` reads); ``None`` for a text-only
+            query.
         text: the modification text ("as a pencil sketch").
         negative_text: what the result should not have.
-        mask: a mask image (PIL or path): the region of the reference to change.
+        mask: a mask image: the region of the reference to change.
         k: number of results.
         exclude_reference: leave out the gallery item whose file is the reference image (reported in
             ``excluded_ids``), as CIR benchmarks do.
         exclude_ids: further ids to leave out.
-        generator: makes the query deterministic (the pipelines sample).
+        num_inference_steps: sampler steps (default: the pipeline's own).
+        generator: makes a sampling pipeline's query deterministic (a deterministic pipeline does not need one).
         pipeline_kwargs: forwarded to the pipeline (``guidance_scale``, ``image_guidance_scale``, ...).
+
+    A negative text, a mask or an argument the pipeline cannot take is refused, not dropped.
 
     Returns:
         A ``ComposedSearchResult``: ``hits`` (rank, id, score, metadata), ``format_table()``, ``save_html(path)``.
     """
-    k = _positive_int(k, "k")  # before loading a pipeline and composing the query, not after
+    k = check_positive_int(k, "k")  # before loading a pipeline and composing the query, not after
+    text = check_string(text, "text")
     if isinstance(pipeline, (str, os.PathLike)):
-        pipeline = load_cir_pipeline(pipeline, device=device or "cpu")
+        pipeline = load_pipeline(pipeline, device=device or "cpu")
     if isinstance(index, (str, os.PathLike)):
         index = GalleryIndex.load(index)
-    if not isinstance(text, str):
-        raise ValueError(f"`text` must be a string; got {type(text).__name__}.")
     reference_image, reference_path = _open_image(image, "image") if image is not None else (None, None)
     mask_image = _open_image(mask, "mask", mode="L")[0] if mask is not None else None
 
-    fingerprint = image_encoder_fingerprint(pipeline) if getattr(pipeline, "image_encoder", None) is not None else None
-    model_name = getattr(pipeline, "name_or_path", None)
     # Fail before the (slow) pipeline call when the gallery comes from another encoder.
-    index.check_query_model(model=model_name, model_fingerprint=fingerprint)
+    index.check_query_model(getattr(pipeline, "name_or_path", None), query_fingerprint(pipeline, index.model_fingerprint))
 
-    call_kwargs = dict(
-        prompt=[text],
-        negative_prompt=None if negative_text is None else [negative_text],
-        num_inference_steps=num_inference_steps,
-        generator=generator,
-        output_type="pt",
-        **pipeline_kwargs,
+    if num_inference_steps is not None:
+        pipeline_kwargs["num_inference_steps"] = num_inference_steps
+    if generator is not None and "generator" in pipeline.call_parameters():
+        pipeline_kwargs["generator"] = generator
+    query_embeds = compose_queries(
+        pipeline, [text], reference_images=None if reference_image is None else [reference_image],
+        negative_prompts=[negative_text], mask_images=[mask_image], seed=None, **pipeline_kwargs,
     )
-    if reference_image is not None:
-        call_kwargs["image"] = [reference_image]
-    if mask_image is not None:
-        call_kwargs["mask_image"] = [mask_image]
-    # Pipelines differ in what they take (LinCIR has no sampler, no negative text, no mask): pass only what the
-    # pipeline accepts, and refuse, rather than silently drop, a mask or negative text it cannot use.
-    accepted = set(inspect.signature(pipeline.__call__).parameters)
-    for name in ("mask_image", "negative_prompt"):
-        if call_kwargs.get(name) is not None and name not in accepted:
-            raise ValueError(f"{type(pipeline).__name__} does not take `{name}`; leave it out for this pipeline.")
-    call_kwargs = {name: value for name, value in call_kwargs.items() if name in accepted}
-    query_embeds = pipeline(**call_kwargs).image_embeds
 
     excluded = list(exclude_ids or [])
     if exclude_reference and reference_path is not None:
         reference_id = _path_lookup(index).get(reference_path)
         if reference_id is not None and reference_id not in excluded:
             excluded.append(reference_id)
-    result = index.search(
-        np.asarray(query_embeds.detach().float().cpu()), k=k, exclude_ids=[excluded] if excluded else None
-    )
+    result = index.search(query_embeds.numpy(), k=k, exclude_ids=[excluded] if excluded else None)
     return ComposedSearchResult(
         hits=result.hits(0),
         query_embeds=query_embeds,

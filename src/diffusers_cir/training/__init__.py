@@ -18,7 +18,7 @@ from .conditioning import (
 from .losses import compodiff_loss, sample_timesteps
 from .masking import masked_image_embeds, random_box_masks
 from .train_compodiff import build_argument_parser, list_checkpoints, main, parse_args
-from .validation import RetrievalSet, compose_queries, evaluate_composed_retrieval, recall_of_queries
+from .validation import RetrievalSet, evaluate_composed_retrieval, recall_of_queries
 
 __all__ = [
     "OBJECTIVES",
@@ -28,7 +28,6 @@ __all__ = [
     "RetrievalSet",
     "build_argument_parser",
     "compodiff_loss",
-    "compose_queries",
     "encode_text_hidden_states",
     "evaluate_composed_retrieval",
     "list_checkpoints",

@@ -1,9 +1,8 @@
 # Copyright 2026 The diffusers-cir authors. Apache-2.0.
 """Validation of a CompoDiff prior: compose queries with the pipeline, rank a gallery, Recall@K.
 
-The metric itself is :func:`diffusers_cir.metrics.recall_at_k` (the one implementation of the formula). Queries are
-composed in batches with a seeded generator per batch, so a validation run never touches the global random state
-(training resumed from a checkpoint draws the same noise as an uninterrupted run).
+Queries are composed by the one compose path (:func:`diffusers_cir.retrieval.compose_queries`); the metric itself is
+:func:`diffusers_cir.metrics.recall_at_k` (the one implementation of the formula).
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 
 @dataclass
@@ -142,48 +140,6 @@ def _absent_id(gallery_ids):
     return -1 if np.issubdtype(np.asarray(gallery_ids).dtype, np.integer) else "<not-in-gallery>"
 
 
-@torch.no_grad()
-def compose_queries(
-    pipeline,
-    reference_image_embeds: torch.Tensor,
-    prompts: Sequence[str],
-    batch_size: int = 256,
-    num_inference_steps: int = 10,
-    guidance_scale: float = 7.5,
-    image_guidance_scale: float = 1.5,
-    seed: int = 0,
-    show_progress: bool = False,
-    num_samples_per_query: int = 1,
-) -> torch.Tensor:
-    """Composed query embeddings ``[Q, D]`` (L2-normalised, float32, on CPU) from a :class:`CompoDiffPipeline`.
-
-    Each batch gets its own generator seeded with ``seed + batch index``, so results do not depend on the global
-    random state. All-zero reference rows are text-only queries (the pipeline's zero image embedding). With
-    ``num_samples_per_query > 1`` the pipeline averages that many samples per query (less sampling noise).
-    """
-    if len(prompts) != reference_image_embeds.shape[0]:
-        raise ValueError(f"{len(prompts)} prompts for {reference_image_embeds.shape[0]} reference embeddings.")
-    device = pipeline._execution_device
-    generator_device = device if torch.device(device).type == "cuda" else "cpu"
-    starts = range(0, len(prompts), batch_size)
-    progress = tqdm(starts, desc="Composing queries", disable=not show_progress, leave=False)
-    outputs = []
-    for index, start in enumerate(progress):
-        generator = torch.Generator(generator_device).manual_seed(seed + index)
-        result = pipeline(
-            image_embeds=reference_image_embeds[start : start + batch_size].to(device),
-            prompt=list(prompts[start : start + batch_size]),
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            image_guidance_scale=image_guidance_scale,
-            num_samples_per_query=num_samples_per_query,
-            generator=generator,
-            normalize=True,
-        ).image_embeds
-        outputs.append(result.float().cpu())
-    return torch.cat(outputs) if outputs else reference_image_embeds.new_zeros(0, reference_image_embeds.shape[1])
-
-
 def recall_of_queries(query_embeds: torch.Tensor, retrieval_set: RetrievalSet, ks: Sequence[int] = (1, 5, 10)) -> dict:
     """Recall@K (fractions) of query embeddings against the gallery by cosine similarity."""
     from diffusers_cir.metrics import recall_at_k
@@ -215,17 +171,24 @@ def evaluate_composed_retrieval(
     show_progress: bool = False,
     num_samples_per_query: int = 1,
 ) -> dict[str, float]:
-    """Recall@K (fractions, keys ``recall_at{K}``) of the pipeline's composed queries on ``retrieval_set``."""
+    """Recall@K (fractions, keys ``recall_at{K}``) of the pipeline's composed queries on ``retrieval_set``.
+
+    Queries are composed by :func:`diffusers_cir.retrieval.compose_queries` (one generator per batch, seeded
+    ``seed + batch number``, so validation never touches the global random state and a resumed run draws the same
+    noise); all-zero reference rows are text-only queries.
+    """
+    from ..retrieval.compose import compose_queries
+
     queries = compose_queries(
         pipeline,
-        retrieval_set.reference_image_embeds,
         retrieval_set.prompts,
+        reference_embeds=retrieval_set.reference_image_embeds,
         batch_size=batch_size,
+        seed=seed,
+        show_progress=show_progress,
         num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale,
         image_guidance_scale=image_guidance_scale,
-        seed=seed,
-        show_progress=show_progress,
         num_samples_per_query=num_samples_per_query,
     )
     return recall_of_queries(queries, retrieval_set, ks)
