@@ -93,7 +93,7 @@ def _cached_gallery(output):
     (folder,) = (output / "embedding_cache").glob("*/*/gallery.json")
     embeddings = {}
     for vectors, ids, _ in GalleryEmbeddings(folder.parent).iter_parts():
-        embeddings.update(zip(ids, torch.from_numpy(np.asarray(vectors))))
+        embeddings.update(zip(ids, torch.from_numpy(np.array(vectors))))
     return embeddings
 
 
