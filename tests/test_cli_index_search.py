@@ -230,6 +230,9 @@ def test_index_options_are_checked_with_the_names_of_the_library_arguments():
         check_index_options(16, "HNSW32", train_size=100)
     with pytest.raises(ValueError, match=r"`efSearch` applies to HNSW indexes; 'IVF4,Flat' is not one"):
         check_index_options(16, "IVF4,Flat", efSearch=3)
+    for key, value in (("shard_size", 0), ("train_size", True), ("nprobe", 2.5), ("efSearch", -1)):
+        with pytest.raises(ValueError, match=f"`{key}` must be an integer >= 1, got {value!r}"):
+            check_index_options(16, "Flat", **{key: value})
 
 
 def test_search_checks_its_command_line_before_loading_the_pipeline(workspace, tmp_path, capsys, monkeypatch):

@@ -15,15 +15,12 @@ from safetensors import safe_open
 
 from diffusers_cir import metrics
 from diffusers_cir.data.benchmarks import load_circo, load_cirr, load_genecis
-from diffusers_cir.evaluation import (
-    ExactSearcher,
-    IdHashEncoder,
-    circo_submission,
-    cirr_submissions,
-    drop_excluded,
-    normalize,
-)
+from diffusers_cir.evaluation import IdHashEncoder, circo_submission, cirr_submissions
 from diffusers_cir.retrieval import compose_queries
+
+
+def normalize(embeds: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(embeds.float(), dim=-1)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_BENCHMARKS = REPO.parent / "shared" / "benchmarks"
@@ -309,21 +306,40 @@ def test_pipeline_folder_errors(tmp_path, capsys):
     assert "names the pipeline class 'StableDiffusionPipeline'" in capsys.readouterr().err
 
 
-def test_search_and_submission_helpers():
-    gallery = normalize(torch.randn(30, 8, generator=torch.Generator().manual_seed(0)))
-    queries = normalize(torch.randn(5, 8, generator=torch.Generator().manual_seed(1)))
-    scores, indices = ExactSearcher(gallery, chunk_size=2).search(queries, k=4)
-    full = queries @ gallery.T
-    assert torch.equal(indices, torch.topk(full, 4).indices)
-    assert drop_excluded(indices.numpy(), indices[:, 0].numpy(), k=3).tolist() == indices[:, 1:].tolist()
-    with pytest.raises(ValueError, match="search at least 4"):
-        drop_excluded(indices[:, :3].numpy(), indices[:, 0].numpy(), k=3)
+def test_submission_helpers_refuse_what_the_servers_would():
     with pytest.raises(ValueError, match="still lists its reference"):
         cirr_submissions([1], ["r"], [["r"] + [f"g{i}" for i in range(49)]], [["a", "b", "c"]])
     with pytest.raises(ValueError, match="expects 50"):
         circo_submission([0], [[1, 2, 3]])
     with pytest.raises(ValueError, match="lists an id twice"):
         circo_submission([0], [[1] * 50])
+
+
+def test_a_gallery_smaller_than_the_ranking_depth_gives_shorter_rankings(tmp_path):
+    """k beyond the gallery: the index pads (faiss' rule) and a ranking keeps only the ids found, so a toy CIRR split
+    of 8 images ranks 7 (its reference left out) where the official depth is 50."""
+    from diffusers_cir.evaluation import run_evaluation
+
+    root = _tiny_cirr(tmp_path / "CIRR")
+    run_evaluation(IdHashEncoder(), "cirr", root, output_dir=tmp_path / "out", progress=False)
+    rankings = json.loads((tmp_path / "out" / "rankings.json").read_text())
+    captions = json.loads((root / "cap.rc2.val.json").read_text())
+    for query in captions:
+        ranking = rankings[str(query["pairid"])]
+        assert len(ranking) == 7 and query["reference"] not in ranking and len(set(ranking)) == 7
+
+
+def test_a_pipeline_giving_a_nan_query_is_named_with_the_queries(tmp_path):
+    from diffusers_cir.evaluation import run_evaluation
+
+    class Broken(IdHashEncoder):
+        def __call__(self, image_embeds, prompt, output_type="pt"):
+            output = super().__call__(image_embeds, prompt)
+            output.image_embeds[-1, 0] = float("nan")
+            return output
+
+    with pytest.raises(ValueError, match=r"composed for queries 0-1` contain NaN or inf in rows \[1\]"):
+        run_evaluation(Broken(), "cirr", _tiny_cirr(tmp_path / "CIRR"), output_dir=tmp_path / "out", progress=False)
 
 
 def test_cli_choices_follow_the_library():
@@ -342,7 +358,7 @@ def test_missing_files_exit_with_a_message(tmp_path, capsys):
     assert "cap.rc2.val.json" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("module", ["encoders", "search", "submissions", "runner", "command_line"])
+@pytest.mark.parametrize("module", ["encoders", "submissions", "runner", "command_line"])
 def test_docstring_examples_run(module):
     import doctest
     import importlib

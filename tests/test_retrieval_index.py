@@ -340,7 +340,7 @@ def test_k_must_be_a_real_positive_integer_and_numpy_integers_are_accepted(small
     for backend in ("faiss", "torch"):
         index.to("cpu", backend=backend)
         for bad in (True, False, np.bool_(True), 2.0, "3", 0, -1, np.int64(0)):
-            with pytest.raises(ValueError, match=r"`k` must be a positive integer; got .*\(" + type(bad).__name__):
+            with pytest.raises(ValueError, match=r"`k` must be an integer >= 1, got .*\(" + type(bad).__name__):
                 index.search(queries[:2], k=bad)
         for k in (np.int64(3), np.int32(3), np.uint8(3)):
             result = index.search(queries[:2], k=k)
@@ -353,15 +353,15 @@ def test_k_must_be_a_real_positive_integer_and_numpy_integers_are_accepted(small
         assert (padded.positions[0, 5:] == -1).all() and np.isneginf(padded.scores[0, 5:]).all()
         assert (padded.positions[1, 6:] == -1).all() and np.isfinite(padded.scores[1, :6]).all()
         assert padded.ids[1] == [f"g{i}" for i in expected[1]]
-        with pytest.raises(ValueError, match=r"`batch_size` must be a positive integer; got 0"):
+        with pytest.raises(ValueError, match=r"`batch_size` must be an integer >= 1, got 0"):
             index.search(queries[:2], k=1, batch_size=0)
-    with pytest.raises(ValueError, match=r"`k` must be a positive integer; got True \(bool\)"):
+    with pytest.raises(ValueError, match=r"`k` must be an integer >= 1, got True \(bool\)"):
         torch_exact_search(torch.eye(2), torch.eye(2), k=True)
-    with pytest.raises(ValueError, match=r"`nprobe` must be a positive integer; got True \(bool\)"):
+    with pytest.raises(ValueError, match=r"`nprobe` must be an integer >= 1, got True \(bool\)"):
         GalleryIndex.from_embeddings(gallery[:500], factory="IVF4,Flat").set_search_parameters(nprobe=True)
-    with pytest.raises(ValueError, match=r"`embedding_dim` must be a positive integer; got True \(bool\)"):
+    with pytest.raises(ValueError, match=r"`embedding_dim` must be an integer >= 1, got True \(bool\)"):
         GalleryIndex(True)
-    with pytest.raises(ValueError, match=r"`batch_size` must be a positive integer; got 0"):
+    with pytest.raises(ValueError, match=r"`batch_size` must be an integer >= 1, got 0"):
         GalleryIndex(48).add(gallery[:2], batch_size=0)
 
 

@@ -16,20 +16,16 @@ Example:
 """
 
 from .encoders import IdHashEncoder
-from .runner import EvaluationResult, evaluate_split, metrics_markdown, run_evaluation
-from .search import ExactSearcher, Searcher, drop_excluded, normalize
+from .runner import EvaluationResult, evaluate_split, exact_index, metrics_markdown, run_evaluation
 from .submissions import circo_submission, cirr_submissions
 
 __all__ = [
     "EvaluationResult",
-    "ExactSearcher",
     "IdHashEncoder",
-    "Searcher",
     "circo_submission",
     "cirr_submissions",
-    "drop_excluded",
     "evaluate_split",
+    "exact_index",
     "metrics_markdown",
-    "normalize",
     "run_evaluation",
 ]

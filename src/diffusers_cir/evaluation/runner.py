@@ -1,9 +1,8 @@
 """Evaluate a CIR pipeline on CIRR, FashionIQ, CIRCO or GeneCIS the way the official code does.
 
 Flow: load the benchmark's official files -> embed the gallery once (``retrieval``'s resumable gallery cache) ->
-compose the queries in batches (``retrieval.compose``) -> rank (exact search, or any
-:class:`~diffusers_cir.evaluation.search.Searcher`) ->
-metrics from ``diffusers_cir.metrics`` -> ``metrics.json`` + ``metrics.md``, the rankings, the query
+compose the queries in batches (``retrieval.compose``) -> rank (a ``retrieval.GalleryIndex``: exact search by
+default) -> metrics from ``diffusers_cir.metrics`` -> ``metrics.json`` + ``metrics.md``, the rankings, the query
 embeddings, and the official submission files for hidden-label test splits.
 """
 
@@ -46,12 +45,21 @@ from ..metrics import (
 )
 from ..retrieval.compose import compose_queries
 from ..retrieval.gallery import GalleryItem, encode_gallery, items_digest, read_item
-from .search import ExactSearcher, Searcher, drop_excluded, normalize
+from ..retrieval.index import GalleryIndex, normalize_embeddings
 from .submissions import CIRCO_DEPTH, CIRR_RECALL_DEPTH, CIRR_SUBSET_DEPTH, circo_submission, cirr_submissions, write_json
 
 __all__ = ["EvaluationResult", "evaluate_split", "run_evaluation", "metrics_markdown"]
 
-SearcherFactory = Callable[[torch.Tensor], Searcher]
+IndexFactory = Callable[[np.ndarray, list], GalleryIndex]
+
+
+def exact_index(gallery_embeds: np.ndarray, gallery_ids: list) -> GalleryIndex:
+    """The default ranking of an evaluation: exact cosine search (``torch_exact_search`` in float32 on the CPU)."""
+    return GalleryIndex.from_embeddings(gallery_embeds, ids=gallery_ids).to("cpu", backend="torch")
+
+
+def _unit(embeds: torch.Tensor, name: str) -> torch.Tensor:
+    return torch.from_numpy(normalize_embeddings(embeds, name))
 
 
 @dataclass
@@ -80,11 +88,6 @@ def _query_prompts(benchmark: CIRBenchmark, caption_style: str, prompt_template:
     if benchmark.name == "fashioniq":
         return [join_fashioniq_captions(query.captions, caption_style, prompt_template) for query in benchmark.queries]
     return [[prompt_template.format(query.captions[0])] for query in benchmark.queries]
-
-
-def _ids(benchmark: CIRBenchmark, positions: np.ndarray) -> list[list]:
-    gallery = benchmark.gallery_ids
-    return [[gallery[j] for j in row] for row in positions.tolist()]
 
 
 def _cirr_subset_rankings(benchmark, query_embeds, gallery_embeds, position_of) -> list[list]:
@@ -171,7 +174,7 @@ def evaluate_split(
     query_batch_size: int = 32,
     seed: int = 0,
     call_kwargs: dict | None = None,
-    searcher_factory: SearcherFactory = ExactSearcher,
+    index_factory: IndexFactory = exact_index,
     write_submissions: bool | None = None,
     progress: bool = True,
 ) -> SplitOutput:
@@ -190,7 +193,7 @@ def evaluate_split(
     if benchmark.name == "genecis":
         candidate_ids = list(dict.fromkeys(i for query in benchmark.queries for i in query.candidate_ids))
         embeds = embed(benchmark, candidate_ids + reference_ids, "candidates")
-        candidate_embeds = normalize(embeds[: len(candidate_ids)])
+        candidate_embeds = _unit(embeds[: len(candidate_ids)], "candidate embeddings")
         query_embeds = compose(embeds[len(candidate_ids):])
         row_of = {image_id: row for row, image_id in enumerate(candidate_ids)}
         scores = [(candidate_embeds[[row_of[i] for i in query.candidate_ids]] @ query_embed).tolist()
@@ -202,19 +205,16 @@ def evaluate_split(
 
     # Gallery and references are embedded together: a reference outside the gallery is one more image.
     embeds = embed(benchmark, list(benchmark.gallery_ids) + reference_ids, "gallery")
-    gallery_embeds = normalize(embeds[: len(benchmark.gallery_ids)])
+    gallery_embeds = _unit(embeds[: len(benchmark.gallery_ids)], "gallery embeddings")
     query_embeds = compose(embeds[len(benchmark.gallery_ids):])
-    searcher = searcher_factory(gallery_embeds)
+    index = index_factory(gallery_embeds.numpy(), list(benchmark.gallery_ids))
     position_of = {image_id: position for position, image_id in enumerate(benchmark.gallery_ids)}
     queries = benchmark.queries
     output = SplitOutput(benchmark, query_embeds, {})
 
     if benchmark.name == "cirr":
-        # Galleries smaller than the submission depth only occur in tests and toy data: rank all of them.
-        depth = min(max(max(CIRR_RECALL_KS), CIRR_RECALL_DEPTH), len(benchmark.gallery_ids) - 1)
-        _, positions = searcher.search(query_embeds, depth + 1)  # one more: the reference is deleted
-        references = np.array([position_of[query.reference_id] for query in queries])
-        ranked = _ids(benchmark, drop_excluded(positions.numpy(), references, depth))
+        depth = max(max(CIRR_RECALL_KS), CIRR_RECALL_DEPTH)
+        ranked = index.search(query_embeds, k=depth, exclude_ids=[[q.reference_id] for q in queries]).ids
         subsets = _cirr_subset_rankings(benchmark, query_embeds, gallery_embeds, position_of)
         output.rankings = {str(q.query_id): row for q, row in zip(queries, ranked)}
         if benchmark.has_labels:
@@ -226,14 +226,13 @@ def evaluate_split(
                 [q.query_id for q in queries], [q.reference_id for q in queries],
                 [row[:CIRR_RECALL_DEPTH] for row in ranked], [row[:CIRR_SUBSET_DEPTH] for row in subsets])
     elif benchmark.name == "fashioniq":
-        _, positions = searcher.search(query_embeds, max(FASHIONIQ_RECALL_KS))
-        ranked = _ids(benchmark, positions.numpy())
+        ranked = index.search(query_embeds, k=max(FASHIONIQ_RECALL_KS)).ids
         output.rankings = {str(q.query_id): row for q, row in zip(queries, ranked)}
         if benchmark.has_labels:
             output.metrics = fashioniq_recall_at_k(target_ids=[q.target_id for q in queries], ranked_ids=ranked)
     elif benchmark.name == "circo":
-        _, positions = searcher.search(query_embeds, max(max(CIRCO_MAP_KS), CIRCO_DEPTH))
-        ranked = _ids(benchmark, positions.numpy())  # the reference stays: CIRCO does not remove it
+        # the reference stays: CIRCO does not remove it
+        ranked = index.search(query_embeds, k=max(max(CIRCO_MAP_KS), CIRCO_DEPTH)).ids
         output.rankings = {str(q.query_id): row for q, row in zip(queries, ranked)}
         if benchmark.has_labels:
             output.metrics = compute_circo_metrics(
@@ -306,7 +305,7 @@ def run_evaluation(
     seed: int = 0,
     call_kwargs: dict | None = None,
     write_submissions: bool | None = None,
-    searcher_factory: SearcherFactory = ExactSearcher,
+    index_factory: IndexFactory = exact_index,
     loader_kwargs: dict | None = None,
     progress: bool = True,
 ) -> EvaluationResult:
@@ -332,7 +331,11 @@ def run_evaluation(
         call_kwargs: further pipeline-call arguments (``{"num_inference_steps": 10}``); refused if the pipeline
             does not take them.
         write_submissions: write the server files; default: only for hidden-label splits.
-        searcher_factory: builds the searcher from the normalised gallery embeddings (exact search by default).
+        index_factory: builds the :class:`~diffusers_cir.retrieval.GalleryIndex` a split is ranked with from its
+            normalised gallery embeddings and ids (default :func:`exact_index`; a faiss factory string for huge
+            galleries: ``lambda e, ids: GalleryIndex.from_embeddings(e, ids, factory="IVF4096,Flat", nprobe=64)``).
+            A ranking is as deep as the metrics and submissions need; a gallery smaller than that gives shorter
+            lists (the index pads, and only the ids found are kept).
         loader_kwargs: extra arguments of the benchmark loader (``gallery_ids`` for CIRCO, ``image_root`` for GeneCIS).
 
     Example:
@@ -373,7 +376,7 @@ def run_evaluation(
     for loaded in loaded_splits:
         outputs.append(evaluate_split(
             pipeline, loaded, embed, caption_style=caption_style, prompt_template=prompt_template,
-            query_batch_size=query_batch_size, seed=seed, call_kwargs=call_kwargs, searcher_factory=searcher_factory,
+            query_batch_size=query_batch_size, seed=seed, call_kwargs=call_kwargs, index_factory=index_factory,
             write_submissions=write_submissions, progress=progress))
 
     if not all(output.benchmark.has_labels for output in outputs):
@@ -407,7 +410,7 @@ def run_evaluation(
         "gallery_size": {o.benchmark.subset or benchmark: len(o.benchmark.gallery_ids) for o in outputs
                          if o.benchmark.gallery_ids is not None},
         "settings": {"caption_style": caption_style, "prompt_template": prompt_template,
-                     "query_batch_size": query_batch_size, "search": getattr(searcher_factory, "__name__", "custom")},
+                     "query_batch_size": query_batch_size, "search": getattr(index_factory, "__name__", "custom")},
         "metrics": metrics,
         "files": {role: path.name for role, path in files.items()},
     }

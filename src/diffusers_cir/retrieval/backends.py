@@ -21,6 +21,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..checks import check_positive_int
+
 # One score matrix block of the torch backend is kept under this many bytes, so that a 1M gallery and thousands
 # of queries never need the full [Q, N] score matrix at once.
 DEFAULT_SCORE_BLOCK_BYTES = 1 << 30
@@ -34,16 +36,6 @@ def _import_faiss():
             "diffusers_cir.retrieval needs faiss: `pip install faiss-cpu` (or `faiss-gpu-cu12` on a CUDA machine)."
         ) from error
     return faiss
-
-
-def _positive_int(value: object, name: str) -> int:
-    """``value`` as an ``int`` if it is a positive Python or numpy integer; a clear ``ValueError`` otherwise.
-
-    ``bool`` is refused although it is an ``int`` subclass: ``k=True`` is a mistake, not a request for one result.
-    """
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer; got {value!r} ({type(value).__name__}).")
-    return int(value)
 
 
 def faiss_gpu_count() -> int:
@@ -93,7 +85,7 @@ def torch_exact_search(
             f"`queries` must be [Q, D] and `gallery` [N, D] with the same D; got {tuple(queries.shape)} "
             f"and {tuple(gallery.shape)}."
         )
-    k = _positive_int(k, "k")
+    k = check_positive_int(k, "k")
     num_queries, num_gallery = queries.shape[0], gallery.shape[0]
     device = gallery.device
     out_scores = torch.full((num_queries, k), -math.inf, dtype=torch.float32, device=device)

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..checks import check_positive_int
 from .backends import _import_faiss
 from .gallery import GalleryEmbeddings
 from .index import IVFDATA_NAME, GalleryIndex, normalize_embeddings
@@ -39,15 +40,19 @@ def check_index_options(
 ) -> None:
     """Refuse index options that cannot work together, before anything is embedded or trained.
 
-    A factory string faiss cannot build for ``embedding_dim``-wide vectors, ``ondisk`` without IVF, ``shard_size``
-    with a factory that needs training, ``train_size`` with one that needs none (it would be ignored), ``nprobe``
-    without IVF and ``efSearch`` without HNSW. ``names`` maps the argument names to what the caller calls them in
+    A size that is not a positive integer, a factory string faiss cannot build for ``embedding_dim``-wide vectors,
+    ``ondisk`` without IVF, ``shard_size`` with a factory that needs training, ``train_size`` with one that needs none
+    (it would be ignored), ``nprobe`` without IVF and ``efSearch`` without HNSW. ``names`` maps the argument names to what the caller calls them in
     the messages (``diffusers-cir index build`` passes its flags).
     """
     faiss = _import_faiss()
 
     def name(key: str) -> str:
         return (names or {}).get(key, f"`{key}`")
+
+    for key, value in (("train_size", train_size), ("shard_size", shard_size), ("nprobe", nprobe), ("efSearch", efSearch)):
+        if value is not None:
+            check_positive_int(value, name(key).strip("`"))
 
     try:
         index = faiss.index_factory(int(embedding_dim), str(factory), faiss.METRIC_INNER_PRODUCT)
@@ -150,8 +155,7 @@ def _is_ivf(faiss, index) -> bool:
 
 
 def _build_sharded(faiss, template: GalleryIndex, parts, shard_size: int) -> GalleryIndex:
-    if shard_size < 1:
-        raise ValueError(f"`shard_size` must be positive; got {shard_size}.")
+    assert shard_size >= 1, shard_size  # checked by check_index_options
     index = template
     for embeddings, ids, metadata in parts:
         start = 0

@@ -24,6 +24,8 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .index import normalize_embeddings
+
 __all__ = ["compose_queries"]
 
 # Query parts the caller gives per query, and the pipeline argument each one becomes.
@@ -115,9 +117,10 @@ def compose_queries(
             arguments["generator"] = torch.Generator().manual_seed(seed + number)
         output = torch.as_tensor(pipeline(**arguments).image_embeds)
         assert output.shape[0] == len(rows), f"{type(pipeline).__name__} returned {tuple(output.shape)} for {len(rows)}"
-        composed.append(torch.nn.functional.normalize(output.float().cpu(), dim=-1))
+        name = f"the query embeddings {type(pipeline).__name__} composed for queries {rows[0]}-{rows[-1]}"
+        composed.append(torch.from_numpy(normalize_embeddings(output, name)))
     if not composed:
         return torch.empty(0, 0)
     rows = torch.tensor([row for row, _ in pairs])
     summed = torch.zeros(len(texts), composed[0].shape[1]).index_add_(0, rows, torch.cat(composed))
-    return torch.nn.functional.normalize(summed, dim=-1)
+    return torch.from_numpy(normalize_embeddings(summed, "the averaged query embeddings"))

@@ -31,7 +31,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from .backends import FaissSearchBackend, TorchExactSearchBackend, _import_faiss, _positive_int, faiss_gpu_count
+from ..checks import check_positive_int
+from .backends import FaissSearchBackend, TorchExactSearchBackend, _import_faiss, faiss_gpu_count
 from .errors import IndexFormatError, IndexMismatchError
 
 INDEX_FORMAT = "diffusers-cir-gallery-index"
@@ -189,7 +190,7 @@ class GalleryIndex:
         model_fingerprint: str | None = None,
     ):
         faiss = _import_faiss()
-        self.embedding_dim = _positive_int(embedding_dim, "embedding_dim")
+        self.embedding_dim = check_positive_int(embedding_dim, "embedding_dim")
         self.factory = str(factory)
         self.model = model
         self.model_fingerprint = model_fingerprint
@@ -314,7 +315,7 @@ class GalleryIndex:
                 f"The {self.factory!r} index must be trained before adding: call `index.train(sample)` with a sample "
                 "of the gallery, or build it with `GalleryIndex.from_embeddings`."
             )
-        batch_size = _positive_int(batch_size, "batch_size")
+        batch_size = check_positive_int(batch_size, "batch_size")
         vectors = normalize_embeddings(embeddings, "embeddings", self.embedding_dim)
         count, start = vectors.shape[0], self.ntotal
         new_ids = np.arange(start, start + count, dtype=np.int64) if ids is None else _as_id_array(ids, count)
@@ -417,7 +418,7 @@ class GalleryIndex:
         for name, value in (("nprobe", nprobe), ("efSearch", efSearch)):
             if value is None:
                 continue
-            value = _positive_int(value, name)
+            value = check_positive_int(value, name)
             for part in self._parts:
                 try:
                     space.set_index_parameter(part, name, int(value))
@@ -551,8 +552,8 @@ class GalleryIndex:
             model, model_fingerprint: the model the queries come from; checked against the index's model.
             batch_size: queries per backend call (a progress bar is shown when there are several batches).
         """
-        k = _positive_int(k, "k")
-        batch_size = _positive_int(batch_size, "batch_size")
+        k = check_positive_int(k, "k")
+        batch_size = check_positive_int(batch_size, "batch_size")
         self.check_query_model(model, model_fingerprint)
         query_vectors = normalize_embeddings(queries, "queries", self.embedding_dim)
         num_queries = query_vectors.shape[0]

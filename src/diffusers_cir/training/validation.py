@@ -13,7 +13,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 
 @dataclass
@@ -141,22 +140,21 @@ def _absent_id(gallery_ids):
 
 
 def recall_of_queries(query_embeds: torch.Tensor, retrieval_set: RetrievalSet, ks: Sequence[int] = (1, 5, 10)) -> dict:
-    """Recall@K (fractions) of query embeddings against the gallery by cosine similarity."""
+    """Recall@K (fractions) of query embeddings against the gallery by cosine similarity: an exact search of the
+    gallery (each query's reference left out), ranked as deep as the largest K the gallery can rank."""
     from diffusers_cir.metrics import recall_at_k
+
+    from ..retrieval.index import GalleryIndex
 
     if query_embeds.shape[0] != len(retrieval_set):
         raise ValueError(f"{query_embeds.shape[0]} query embeddings for {len(retrieval_set)} queries.")
-    gallery = F.normalize(retrieval_set.gallery_embeds.float(), dim=-1)
-    scores = F.normalize(query_embeds.float(), dim=-1) @ gallery.T
     ks = tuple(k for k in ks if k <= len(retrieval_set.gallery_ids))
-    return recall_at_k(
-        target_ids=retrieval_set.target_ids,
-        exclude_ids=retrieval_set.reference_ids,
-        scores=scores,
-        gallery_ids=retrieval_set.gallery_ids,
-        ks=ks,
-        scale="fraction",
-    )
+    if not ks:
+        return {}
+    index = GalleryIndex.from_embeddings(retrieval_set.gallery_embeds, ids=retrieval_set.gallery_ids)
+    exclude = None if retrieval_set.reference_ids is None else [[item] for item in retrieval_set.reference_ids]
+    ranked = index.to("cpu", backend="torch").search(query_embeds, k=max(ks), exclude_ids=exclude).ids
+    return recall_at_k(target_ids=retrieval_set.target_ids, ranked_ids=ranked, ks=ks, scale="fraction")
 
 
 def evaluate_composed_retrieval(
