@@ -139,6 +139,8 @@ class CIRPipelineTesterMixin:
         loaded = AutoCIRPipeline.from_pretrained(tmp_path / "saved")
         loaded.set_progress_bar_config(disable=True)
         assert type(loaded) is self.pipeline_class
+        card = (tmp_path / "saved" / "README.md").read_text()  # every saved folder has a model card
+        assert "library_name: diffusers-cir" in card and f"`{self.pipeline_class.__name__}`" in card
         assert loaded.fingerprint == pipe.fingerprint
         assert loaded.embedding_dim == pipe.embedding_dim
         query = dict(image=picture(8), prompt="has two dogs")

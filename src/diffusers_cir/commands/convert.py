@@ -90,7 +90,7 @@ def run_lincir(args: argparse.Namespace) -> int:
 
     from diffusers.models.activations import ACT2CLS
 
-    from ..conversion.lincir import build_lincir_pipeline, convert_lincir_phi_checkpoint
+    from ..conversion.lincir import build_lincir_pipeline, convert_lincir_phi_checkpoint, lincir_conversion_card
     from ..conversion.output import check_output_folder, replace_output_folder
 
     check_output_folder(args.output_dir, args.overwrite, flag="--overwrite")  # before loading anything
@@ -123,8 +123,13 @@ def run_lincir(args: argparse.Namespace) -> int:
         pipeline.placeholder_token_id
     except ValueError as error:
         raise ValueError(f"--placeholder_token: {error}") from None
+    card = lincir_conversion_card(
+        args.checkpoint_path, args.output_dir, args.clip_model_name_or_path, args.tokenizer_name_or_path,
+        args.no_image_encoder, args.normalize_input, args.dropout, args.activation, args.prompt_template,
+        args.placeholder_token, dtype,
+    )
     with replace_output_folder(args.output_dir, args.overwrite, flag="--overwrite") as staging:
-        pipeline.save_pretrained(staging, safe_serialization=True)
+        pipeline.save_pretrained(staging, safe_serialization=True, model_card=card)
     print(f"Saved the LinCIR pipeline to {args.output_dir}")
     return 0
 

@@ -278,6 +278,7 @@ def convert_compodiff_checkpoint_to_pipeline(
     """
     from ..pipelines.pipeline_compodiff import CompoDiffPipeline
     from ..schedulers.scheduling_compodiff import CompoDiffScheduler
+    from ..utils.model_card import conversion_card
     from .output import check_output_folder, replace_output_folder
 
     check_output_folder(output_path, overwrite)  # before the (long) conversion
@@ -309,8 +310,17 @@ def convert_compodiff_checkpoint_to_pipeline(
             image_encoder=image_encoder, image_processor=CLIPImageProcessor.from_pretrained(image_encoder_path)
         )
     pipe = CompoDiffPipeline(**components)
+    card = conversion_card(
+        "compodiff",
+        {"--checkpoint_path": checkpoint_path, "--output_path": output_path, "--text_encoder_path": text_encoder_path,
+         "--image_encoder_path": image_encoder_path, "--dtype": str(torch_dtype).removeprefix("torch.") if torch_dtype else None},
+        [checkpoint_path, text_encoder_path, image_encoder_path],
+        license="apache-2.0",  # navervision/CompoDiff's license
+        note="Converted from the authors' released CompoDiff checkpoint (navervision/CompoDiff); the CLIP towers keep "
+        "their own licenses.",
+    )
     with replace_output_folder(output_path, overwrite) as staging:
-        pipe.save_pretrained(staging, safe_serialization=safe_serialization)
+        pipe.save_pretrained(staging, safe_serialization=safe_serialization, model_card=card)
     return pipe
 
 

@@ -391,7 +391,27 @@ def _convert_released_phi(
         with_image_encoder=with_image_encoder, torch_dtype=torch_dtype, **pipeline_kwargs,
     )
     pipeline.placeholder_token_id  # noqa: B018 - refuses a placeholder the tokenizer splits, before saving
-    pipeline.save_pretrained(output_dir, safe_serialization=True)
+    pipeline.save_pretrained(output_dir, safe_serialization=True, model_card=lincir_conversion_card(
+        source, output_dir, clip_model_name_or_path, tokenizer_name_or_path, not with_image_encoder, normalize_input,
+        dropout, activation, prompt_template, placeholder_token, torch_dtype))
+
+
+def lincir_conversion_card(checkpoint_path, output_dir, clip_model_name_or_path, tokenizer_name_or_path=None,
+                           no_image_encoder=False, normalize_input=False, dropout=None, activation=None,
+                           prompt_template=None, placeholder_token=None, torch_dtype=None):
+    """The model card info of a converted LinCIR / SEARLE / Pic2Word pipeline (its sources and the command)."""
+    from ..utils.model_card import conversion_card
+
+    flags = {"--checkpoint_path": checkpoint_path, "--output_dir": output_dir,
+             "--clip_model_name_or_path": clip_model_name_or_path, "--tokenizer_name_or_path": tokenizer_name_or_path,
+             "--no_image_encoder": no_image_encoder, "--normalize_input": normalize_input, "--dropout": dropout,
+             "--activation": activation, "--prompt_template": prompt_template, "--placeholder_token": placeholder_token,
+             "--dtype": str(torch_dtype).removeprefix("torch.") if torch_dtype else None}
+    return conversion_card(
+        "lincir", flags, [checkpoint_path, clip_model_name_or_path],
+        note="Converted from a released textual-inversion projection (LinCIR, SEARLE or Pic2Word); the license is the "
+        "one of that release and of the CLIP model.",
+    )
 
 
 def _register_layout() -> None:

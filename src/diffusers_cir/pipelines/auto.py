@@ -238,6 +238,9 @@ class CIRPipelineMixin:
 
     _cir_abstract: ClassVar[bool] = True
     _gallery_components: ClassVar[tuple[str, ...]] = ("image_encoder", "image_processor")
+    # What every saved folder's model card says about the class (merged along the MRO: subclasses add tags and
+    # set "description", "paper", "pipeline_tag"); see diffusers_cir.utils.model_card.
+    _model_card_fields: ClassVar[dict] = {"pipeline_tag": "image-feature-extraction", "tags": ["diffusers-cir"]}
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -254,7 +257,55 @@ class CIRPipelineMixin:
                 f"{local!r} is a file; `{cls.__name__}.from_pretrained` needs a pipeline folder (model_index.json). "
                 "For a released checkpoint file use `AutoCIRPipeline.from_pretrained`, which converts it."
             )
-        return super().from_pretrained(local, **kwargs)
+        pipeline = super().from_pretrained(local, **kwargs)
+        from ..utils.model_card import read_card_info
+
+        # A later save_pretrained keeps the provenance (and, while the weights match, the results) of this card.
+        pipeline._loaded_model_card = read_card_info(local)
+        return pipeline
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, model_card=None, push_to_hub: bool = False,
+                        **kwargs):
+        """diffusers' ``save_pretrained``, plus a model card (``README.md``, see :mod:`diffusers_cir.utils.model_card`).
+
+        Args:
+            model_card: a :class:`~diffusers_cir.utils.model_card.ModelCardInfo` (or a dict of its fields): base
+                models, datasets, license, the command that made the weights, measured results. Merged over the card
+                of the folder the pipeline was loaded from. A ``README.md`` already in ``save_directory`` that
+                diffusers-cir did not write is left untouched.
+            push_to_hub: also upload the folder (with its card) to the Hub repo ``repo_id`` (default: the folder's
+                name); ``commit_message``, ``private``, ``token`` and ``create_pr`` go to the upload.
+        """
+        from ..utils.model_card import ModelCardInfo, write_model_card
+
+        model_card = ModelCardInfo.coerce(model_card)  # a mistake in it fails before anything is written
+        hub_options = {name: kwargs.pop(name) for name in ("repo_id", "commit_message", "private", "token", "create_pr")
+                       if name in kwargs}
+        super().save_pretrained(save_directory, *args, push_to_hub=False, **kwargs)
+        repo_id = hub_options.pop("repo_id", None) or Path(save_directory).resolve().name
+        write_model_card(self, save_directory, model_card, repo_id=repo_id if push_to_hub else None)
+        if push_to_hub:
+            from ..utils.hub import upload_folder_to_hub
+
+            return upload_folder_to_hub(save_directory, repo_id, repo_type="model", **hub_options)
+        return None
+
+    def push_to_hub(self, repo_id: str, commit_message: str | None = None, private: bool | None = None,
+                    token: str | None = None, create_pr: bool = False, safe_serialization: bool = True,
+                    variant: str | None = None, model_card=None) -> str:
+        """Upload the pipeline (weights, configurations and its model card) to the Hub repo ``repo_id``.
+
+        diffusers' own ``push_to_hub`` replaces the saved ``README.md`` with a generic card fetched from the Hub;
+        this one uploads the folder ``save_pretrained`` writes, card included. Returns the commit URL.
+        """
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="diffusers-cir-push-") as folder:
+            return self.save_pretrained(
+                folder, safe_serialization=safe_serialization, variant=variant, model_card=model_card, push_to_hub=True,
+                repo_id=repo_id, commit_message=commit_message or f"Upload {type(self).__name__}", private=private,
+                token=token, create_pr=create_pr,
+            )
 
     @property
     def embedding_dim(self) -> int:  # pragma: no cover - every registered pipeline overrides it

@@ -85,6 +85,14 @@ class CompoDiffPipeline(CIRPipelineMixin, DiffusionPipeline, CompoDiffLoraLoader
     """
 
     model_cpu_offload_seq = "text_encoder->image_encoder->transformer"
+    _model_card_fields = {
+        "tags": ["compodiff"],
+        "paper": "CompoDiff: Versatile Composed Image Retrieval With Latent Diffusion (Gu et al., TMLR 2024), "
+        "https://arxiv.org/abs/2303.11916",
+        "description": "A `CompoDiffPipeline`: a diffusion prior that denoises a CLIP image embedding conditioned on a "
+        "reference image, a modification text, an optional negative text and an optional mask; the result is searched "
+        "against the CLIP image embeddings of a gallery.",
+    }
     _optional_components = ["text_encoder", "tokenizer", "image_encoder", "image_processor"]
     _callback_tensor_inputs = ["latents"]
 

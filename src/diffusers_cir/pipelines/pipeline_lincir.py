@@ -99,6 +99,14 @@ class LinCIRPipeline(CIRPipelineMixin, DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "image_encoder->phi->text_encoder"
+    _model_card_fields = {
+        "tags": ["lincir", "textual-inversion"],
+        "paper": "Language-only Efficient Training of Zero-shot Composed Image Retrieval (Gu et al., CVPR 2024), "
+        "https://arxiv.org/abs/2312.01998",
+        "description": "A `LinCIRPipeline`: a projection maps the CLIP image embedding of the reference to a pseudo "
+        "word, which a prompt template places next to the modification text; the CLIP text embedding of that prompt "
+        "is the query.",
+    }
     _optional_components = ["image_encoder", "image_processor"]
 
     def __init__(
