@@ -200,7 +200,7 @@ def test_fashioniq_and_genecis_metrics_equal_the_functions_on_the_same_scores(tm
 
 def test_searle_style_queries_average_both_caption_orders():
     class Recorder(IdHashEncoder):
-        def __call__(self, image_embeds, prompt, output_type="pt"):
+        def __call__(self, image_embeds, prompt, **options):
             output = super().__call__(image_embeds, prompt)
             output.image_embeds = image_embeds + torch.stack([self._embed(p) for p in prompt])
             return output
@@ -333,7 +333,7 @@ def test_a_pipeline_giving_a_nan_query_is_named_with_the_queries(tmp_path):
     from diffusers_cir.evaluation import run_evaluation
 
     class Broken(IdHashEncoder):
-        def __call__(self, image_embeds, prompt, output_type="pt"):
+        def __call__(self, image_embeds, prompt, **options):
             output = super().__call__(image_embeds, prompt)
             output.image_embeds[-1, 0] = float("nan")
             return output

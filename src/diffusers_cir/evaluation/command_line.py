@@ -140,7 +140,7 @@ def run_from_args(args: argparse.Namespace, pipeline=None) -> int:
             raise SystemExit("--image-root applies to GeneCIS only (the other benchmarks keep images in their folder).")
         loader_kwargs["image_root"] = args.image_root
     try:
-        call_kwargs = {} if args.dry_run else _pipeline_call_kwargs(args)  # the stand-in takes none
+        call_kwargs = _pipeline_call_kwargs(args)
         if pipeline is None:
             # Loaded by run_evaluation once the arguments and the annotation files are known to be good.
             pipeline = functools.partial(_pipeline_from_args, args)
@@ -152,7 +152,7 @@ def run_from_args(args: argparse.Namespace, pipeline=None) -> int:
             output_dir=args.output_dir,
             subsets=args.subset,
             cache_dir=args.cache_dir,
-            caption_style=args.fashioniq_captions or "clip4cir",
+            caption_style=args.fashioniq_captions,
             prompt_template=args.prompt_template,
             query_batch_size=args.batch_size,
             image_batch_size=args.image_batch_size,

@@ -20,6 +20,11 @@ def _stable_seed(value: Any) -> int:
     return int.from_bytes(hashlib.sha256(f"{type(value).__name__}:{value}".encode()).digest()[:8], "little")
 
 
+class _EveryName(frozenset):
+    def __contains__(self, name: object) -> bool:
+        return True
+
+
 class IdHashEncoder:
     """A model-free stand-in meeting the pipeline contract: each image id and each prompt gets a fixed pseudo-random
     embedding, and a query is ``reference + text_weight * prompt_embedding``.
@@ -63,9 +68,11 @@ class IdHashEncoder:
 
     @classmethod
     def call_parameters(cls) -> frozenset[str]:
-        return frozenset({"image_embeds", "prompt", "output_type"})
+        """Every name: the stand-in takes (and ignores) any option a protocol or the command line gives a pipeline,
+        so a dry run runs the evaluation as given."""
+        return _EveryName()
 
-    def __call__(self, image_embeds: torch.Tensor, prompt: Sequence[str], output_type: str = "pt"):
+    def __call__(self, image_embeds: torch.Tensor, prompt: Sequence[str], output_type: str = "pt", **ignored):
         assert image_embeds.shape[0] == len(prompt), f"{image_embeds.shape[0]} references, {len(prompt)} prompts"
         text = torch.stack([self._embed(f"prompt:{text}") for text in prompt])
         return SimpleNamespace(image_embeds=image_embeds.float() + self.text_weight * text)

@@ -1,16 +1,16 @@
 """Evaluate a CIR pipeline on CIRR, FashionIQ, CIRCO or GeneCIS the way the official code does.
 
-Flow: load the benchmark's official files -> embed the gallery once (``retrieval``'s resumable gallery cache) ->
-compose the queries in batches (``retrieval.compose``) -> rank (a ``retrieval.GalleryIndex``: exact search by
-default) -> metrics from ``diffusers_cir.metrics`` -> ``metrics.json`` + ``metrics.md``, the rankings, the query
-embeddings, and the official submission files for hidden-label test splits.
+Evaluation is benchmark protocol (data, :mod:`.protocols`) -> retrieval -> metrics, the same steps for every
+benchmark: load the official files -> embed the gallery once (``retrieval``'s resumable gallery cache) -> compose
+the queries (``retrieval.compose``) -> rank (a ``retrieval.GalleryIndex``, exact search by default; per-query
+candidates by similarity) -> the protocol's metric from ``diffusers_cir.metrics`` -> ``metrics.json`` +
+``metrics.md``, the rankings, the query embeddings, and the official submission files for hidden-label splits.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -19,36 +19,15 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from ..checks import check_non_negative_int, check_positive_int, check_seed
-from ..data.benchmarks import (
-    BENCHMARKS,
-    FASHIONIQ_CAPTION_STYLES,
-    GENECIS_TASKS,
-    CIRBenchmark,
-    ImageRef,
-    join_fashioniq_captions,
-    load_benchmark,
-)
-from ..metrics import (
-    CIRCO_MAP_KS,
-    CIRR_RECALL_KS,
-    CIRR_SUBSET_KS,
-    FASHIONIQ_CATEGORIES,
-    FASHIONIQ_RECALL_KS,
-    GENECIS_RECALL_KS,
-    compute_circo_metrics,
-    compute_cirr_metrics,
-    fashioniq_average_recall,
-    fashioniq_recall_at_k,
-    genecis_average_over_tasks,
-    genecis_recall_at_k,
-)
+from ..checks import check_non_negative_int, check_positive_int, check_seed, check_string
+from ..data.benchmarks import CIRBenchmark, load_benchmark
 from ..retrieval.compose import compose_queries
-from ..retrieval.gallery import GalleryItem, encode_gallery, items_digest, read_item
 from ..retrieval.index import GalleryIndex, normalize_embeddings
-from .submissions import CIRCO_DEPTH, CIRR_RECALL_DEPTH, CIRR_SUBSET_DEPTH, circo_submission, cirr_submissions, write_json
+from .gallery import SplitEmbedder
+from .protocols import BenchmarkProtocol, get_protocol
+from .submissions import write_json
 
-__all__ = ["EvaluationResult", "evaluate_split", "run_evaluation", "metrics_markdown"]
+__all__ = ["EvaluationResult", "evaluate_split", "exact_index", "run_evaluation", "metrics_markdown"]
 
 IndexFactory = Callable[[np.ndarray, list], GalleryIndex]
 
@@ -56,10 +35,6 @@ IndexFactory = Callable[[np.ndarray, list], GalleryIndex]
 def exact_index(gallery_embeds: np.ndarray, gallery_ids: list) -> GalleryIndex:
     """The default ranking of an evaluation: exact cosine search (``torch_exact_search`` in float32 on the CPU)."""
     return GalleryIndex.from_embeddings(gallery_embeds, ids=gallery_ids).to("cpu", backend="torch")
-
-
-def _unit(embeds: torch.Tensor, name: str) -> torch.Tensor:
-    return torch.from_numpy(normalize_embeddings(embeds, name))
 
 
 @dataclass
@@ -70,7 +45,7 @@ class SplitOutput:
     query_embeds: torch.Tensor
     rankings: dict[str, list]
     metrics: dict[str, float] = field(default_factory=dict)
-    submissions: dict[str, dict] = field(default_factory=dict)
+    submissions: dict[str, tuple[str, dict]] = field(default_factory=dict)
 
 
 @dataclass
@@ -84,92 +59,34 @@ class EvaluationResult:
     report: dict
 
 
-def _query_prompts(benchmark: CIRBenchmark, caption_style: str, prompt_template: str) -> list[list[str]]:
-    if benchmark.name == "fashioniq":
-        return [join_fashioniq_captions(query.captions, caption_style, prompt_template) for query in benchmark.queries]
-    return [[prompt_template.format(query.captions[0])] for query in benchmark.queries]
+def _columns(benchmark: CIRBenchmark, names) -> dict[str, list]:
+    """The per-query columns of the loaded split a protocol reads (see :mod:`.protocols`)."""
+    fields = {"query_ids": "query_id", "target_ids": "target_id", "reference_ids": "reference_id",
+              "ground_truth_ids": "ground_truth_ids"}
+    columns = {name: [getattr(query, attribute) for query in benchmark.queries] for name, attribute in fields.items()}
+    for name in names:
+        if name.startswith("extra:"):
+            columns[name] = [query.extra.get(name.removeprefix("extra:"), []) for query in benchmark.queries]
+    return columns
 
 
-def _cirr_subset_rankings(benchmark, query_embeds, gallery_embeds, position_of) -> list[list]:
-    """Each query's image-set members minus the reference, by descending similarity (5 per CIRR query)."""
-    rankings = []
-    for query, embed in zip(benchmark.queries, query_embeds):
-        members = [m for m in dict.fromkeys(query.group_members) if m != query.reference_id]
-        scores = gallery_embeds[[position_of[m] for m in members]] @ embed
-        order = torch.argsort(scores, descending=True, stable=True).tolist()
-        rankings.append([members[i] for i in order])
-    return rankings
-
-
-@dataclass
-class _Embedder:
-    """Embeds a split's images with the pipeline, through the resumable gallery cache under ``cache_dir``."""
-
-    pipeline: Any
-    cache_dir: Path
-    batch_size: int = 256
-    num_workers: int = 0
-    part_size: int = 4096
-    progress: bool = True
-
-    def __call__(self, benchmark: CIRBenchmark, image_ids: Sequence, what: str) -> torch.Tensor:
-        """``[N, D]`` raw float32 gallery embeddings of ``image_ids``, in their order."""
-        unique = list(dict.fromkeys(image_ids))
-        items = [_gallery_item(benchmark.image(image_id)) for image_id in unique]
-        if getattr(self.pipeline, "reads_pixels", True):
-            _check_images_exist(benchmark, unique)
-        fingerprint = self.pipeline.fingerprint
-        folder = self.cache_dir / _folder_name(fingerprint) / items_digest(items)[:20]
-        gallery = encode_gallery(
-            self.pipeline, items, folder, model_name=getattr(self.pipeline, "name_or_path", None),
-            batch_size=self.batch_size, part_size=self.part_size, num_workers=self.num_workers,
-            show_progress=self.progress,
-            description=f"Encoding {benchmark.description} {what}",
-        )
-        return torch.from_numpy(gallery.embeddings_of(list(image_ids)))
-
-    def reference_images(self, benchmark: CIRBenchmark) -> "_ReferenceImages | None":
-        """The queries' reference images, read as the pipeline composes each batch (None for a pixel-free one)."""
-        if not getattr(self.pipeline, "reads_pixels", True):
-            return None
-        return _ReferenceImages([_gallery_item(benchmark.image(q.reference_id)) for q in benchmark.queries])
-
-
-class _ReferenceImages(Sequence):
-    def __init__(self, items: list[GalleryItem]):
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, row: int):
-        return read_item(self.items[row])
-
-
-def _gallery_item(ref: ImageRef) -> GalleryItem:
-    return GalleryItem(ref.image_id, path=str(Path(ref.path).resolve()), crop_box=ref.crop_box)
-
-
-def _folder_name(fingerprint: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", fingerprint)[:120] or "encoder"
-
-
-def _check_images_exist(benchmark: CIRBenchmark, image_ids: Sequence) -> None:
-    missing = benchmark.missing_images(image_ids, limit=1)
-    if missing:
-        image_id = next(i for i in image_ids if benchmark.image(i).path == missing[0])
-        raise FileNotFoundError(
-            f"Image {image_id!r} should be at {missing[0]}; the benchmark annotation files do not include the "
-            "images: download them from the benchmark's site into the official layout."
-        )
+def _rank_candidates(query_embeds: torch.Tensor, embeds: torch.Tensor, row_of: dict, candidates: list[list]):
+    """Each query's own candidates by descending cosine similarity (stable), and their scores in the given order."""
+    rankings, scores = [], []
+    for query_embed, ids in zip(query_embeds, candidates):
+        row_scores = embeds[[row_of[i] for i in ids]] @ query_embed
+        order = torch.argsort(row_scores, descending=True, stable=True).tolist()
+        rankings.append([ids[i] for i in order])
+        scores.append(row_scores.tolist())
+    return rankings, scores
 
 
 def evaluate_split(
     pipeline: Any,
     benchmark: CIRBenchmark,
-    embed: _Embedder,
+    protocol: BenchmarkProtocol,
+    embed: SplitEmbedder,
     *,
-    caption_style: str = "clip4cir",
     prompt_template: str = "{}",
     query_batch_size: int = 32,
     seed: int = 0,
@@ -178,72 +95,36 @@ def evaluate_split(
     write_submissions: bool | None = None,
     progress: bool = True,
 ) -> SplitOutput:
-    """Rank and score one loaded benchmark split (see :func:`run_evaluation` for the arguments)."""
-    if write_submissions is None:
-        write_submissions = not benchmark.has_labels
-    reference_ids = [query.reference_id for query in benchmark.queries]
-
-    def compose(reference_embeds: torch.Tensor) -> torch.Tensor:
-        return compose_queries(
-            pipeline, _query_prompts(benchmark, caption_style, prompt_template), reference_embeds=reference_embeds,
-            reference_images=embed.reference_images(benchmark), batch_size=query_batch_size, seed=seed,
-            show_progress=progress, **(call_kwargs or {}),
-        )
-
-    if benchmark.name == "genecis":
-        candidate_ids = list(dict.fromkeys(i for query in benchmark.queries for i in query.candidate_ids))
-        embeds = embed(benchmark, candidate_ids + reference_ids, "candidates")
-        candidate_embeds = _unit(embeds[: len(candidate_ids)], "candidate embeddings")
-        query_embeds = compose(embeds[len(candidate_ids):])
-        row_of = {image_id: row for row, image_id in enumerate(candidate_ids)}
-        scores = [(candidate_embeds[[row_of[i] for i in query.candidate_ids]] @ query_embed).tolist()
-                  for query, query_embed in zip(benchmark.queries, query_embeds)]
-        rankings = {str(query.query_id): [query.candidate_ids[j] for j in np.argsort(-np.asarray(row), kind="stable")]
-                    for query, row in zip(benchmark.queries, scores)}
-        metrics = genecis_recall_at_k(scores, ks=GENECIS_RECALL_KS)
-        return SplitOutput(benchmark, query_embeds, rankings, metrics)
-
-    # Gallery and references are embedded together: a reference outside the gallery is one more image.
-    embeds = embed(benchmark, list(benchmark.gallery_ids) + reference_ids, "gallery")
-    gallery_embeds = _unit(embeds[: len(benchmark.gallery_ids)], "gallery embeddings")
-    query_embeds = compose(embeds[len(benchmark.gallery_ids):])
-    index = index_factory(gallery_embeds.numpy(), list(benchmark.gallery_ids))
-    position_of = {image_id: position for position, image_id in enumerate(benchmark.gallery_ids)}
+    """Rank and score one loaded benchmark split by ``protocol`` (see :func:`run_evaluation` for the arguments)."""
     queries = benchmark.queries
-    output = SplitOutput(benchmark, query_embeds, {})
-
-    if benchmark.name == "cirr":
-        depth = max(max(CIRR_RECALL_KS), CIRR_RECALL_DEPTH)
-        ranked = index.search(query_embeds, k=depth, exclude_ids=[[q.reference_id] for q in queries]).ids
-        subsets = _cirr_subset_rankings(benchmark, query_embeds, gallery_embeds, position_of)
-        output.rankings = {str(q.query_id): row for q, row in zip(queries, ranked)}
-        if benchmark.has_labels:
-            output.metrics = compute_cirr_metrics(
-                target_ids=[q.target_id for q in queries], reference_ids=[q.reference_id for q in queries],
-                ranked_ids=ranked, ranked_subset_ids=subsets, recall_ks=CIRR_RECALL_KS, subset_ks=CIRR_SUBSET_KS)
-        if write_submissions:
-            output.submissions = cirr_submissions(
-                [q.query_id for q in queries], [q.reference_id for q in queries],
-                [row[:CIRR_RECALL_DEPTH] for row in ranked], [row[:CIRR_SUBSET_DEPTH] for row in subsets])
-    elif benchmark.name == "fashioniq":
-        ranked = index.search(query_embeds, k=max(FASHIONIQ_RECALL_KS)).ids
-        output.rankings = {str(q.query_id): row for q, row in zip(queries, ranked)}
-        if benchmark.has_labels:
-            output.metrics = fashioniq_recall_at_k(target_ids=[q.target_id for q in queries], ranked_ids=ranked)
-    elif benchmark.name == "circo":
-        # the reference stays: CIRCO does not remove it
-        ranked = index.search(query_embeds, k=max(max(CIRCO_MAP_KS), CIRCO_DEPTH)).ids
-        output.rankings = {str(q.query_id): row for q, row in zip(queries, ranked)}
-        if benchmark.has_labels:
-            output.metrics = compute_circo_metrics(
-                ground_truth_ids=[q.ground_truth_ids for q in queries], ranked_ids=ranked,
-                semantic_aspects=[q.extra.get("semantic_aspects", []) for q in queries],
-                query_ids=[q.query_id for q in queries])
-        if write_submissions:
-            output.submissions = {"circo": circo_submission([q.query_id for q in queries],
-                                                            [row[:CIRCO_DEPTH] for row in ranked])}
+    shared = benchmark.gallery_ids is not None  # one gallery for every query, or per-query candidates (GeneCIS)
+    pool = list(benchmark.gallery_ids) if shared else list(dict.fromkeys(i for q in queries for i in q.candidate_ids))
+    columns = _columns(benchmark, protocol.metric_inputs.values())
+    # The gallery and the references are embedded together: a reference outside the gallery is one more image.
+    embeds = embed(benchmark, pool + columns["reference_ids"], "gallery" if shared else "candidates")
+    pool_embeds = torch.from_numpy(normalize_embeddings(embeds[: len(pool)], f"{benchmark.description} gallery"))
+    query_embeds = compose_queries(
+        pipeline, [protocol.query_texts(query, prompt_template) for query in queries],
+        reference_embeds=embeds[len(pool):], reference_images=embed.reference_images(benchmark),
+        batch_size=query_batch_size, seed=seed, show_progress=progress, **{**protocol.call_kwargs, **(call_kwargs or {})},
+    )
+    row_of = {image_id: row for row, image_id in enumerate(pool)}
+    if shared:
+        exclude = [[reference] for reference in columns["reference_ids"]] if protocol.exclude_reference else None
+        index = index_factory(pool_embeds.numpy(), pool)
+        columns["ranked_ids"] = index.search(query_embeds, k=protocol.depth, exclude_ids=exclude).ids
     else:
-        raise ValueError(f"Unknown benchmark {benchmark.name!r}; expected one of {BENCHMARKS}.")
+        columns["ranked_ids"], columns["candidate_scores"] = _rank_candidates(
+            query_embeds, pool_embeds, row_of, [query.candidate_ids for query in queries])
+    if protocol.rank_group_members:
+        members = [[m for m in dict.fromkeys(q.group_members) if m != q.reference_id] for q in queries]
+        columns["group_rankings"] = _rank_candidates(query_embeds, pool_embeds, row_of, members)[0]
+
+    output = SplitOutput(benchmark, query_embeds, {str(q.query_id): row for q, row in zip(queries, columns["ranked_ids"])})
+    if benchmark.has_labels:
+        output.metrics = protocol.score(columns)
+    if (not benchmark.has_labels if write_submissions is None else write_submissions) and protocol.submission:
+        output.submissions = protocol.submission(columns, benchmark.split)
     return output
 
 
@@ -271,20 +152,33 @@ def metrics_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _subsets_for(name: str, subsets: Sequence[str] | None) -> list[str | None]:
-    if name == "fashioniq":
-        chosen = list(subsets) if subsets else list(FASHIONIQ_CATEGORIES)
-        unknown = set(chosen) - set(FASHIONIQ_CATEGORIES)
-    elif name == "genecis":
-        chosen = list(subsets) if subsets else list(GENECIS_TASKS)
-        unknown = set(chosen) - set(GENECIS_TASKS)
-    else:
+def _subsets_for(protocol: BenchmarkProtocol, subsets: Sequence[str] | None) -> list[str | None]:
+    if not protocol.subsets:
         if subsets:
-            raise ValueError(f"{name} has no subsets; `subsets` is for FashionIQ categories and GeneCIS tasks.")
+            raise ValueError(
+                f"{protocol.benchmark} has no subsets; `subsets` is for FashionIQ categories and GeneCIS tasks."
+            )
         return [None]
+    chosen = list(subsets) if subsets else list(protocol.subsets)
+    unknown = set(chosen) - set(protocol.subsets)
     if unknown:
-        raise ValueError(f"Unknown {name} subsets {sorted(unknown)}.")
+        raise ValueError(f"Unknown {protocol.benchmark} subsets {sorted(unknown)}.")
     return chosen
+
+
+def _write_outputs(outputs: list[SplitOutput], output_dir: Path) -> dict[str, Path]:
+    """Rankings, query embeddings and submission files of every split, by role."""
+    files: dict[str, Path] = {}
+    for output in outputs:
+        suffix = f"_{output.benchmark.subset}" if output.benchmark.subset else ""
+        files[f"rankings{suffix}"] = write_json(output.rankings, output_dir / f"rankings{suffix}.json")
+        embeddings_path = output_dir / f"query_embeddings{suffix}.safetensors"
+        save_file({"query_embeds": output.query_embeds.contiguous()}, str(embeddings_path),
+                  metadata={"query_ids": json.dumps([q.query_id for q in output.benchmark.queries])})
+        files[f"query_embeddings{suffix}"] = embeddings_path
+        for role, (name, content) in output.submissions.items():
+            files[role] = write_json(content, output_dir / name)
+    return files
 
 
 def run_evaluation(
@@ -294,9 +188,10 @@ def run_evaluation(
     split: str = "val",
     *,
     output_dir: str | os.PathLike,
+    protocol: str | BenchmarkProtocol | None = None,
     subsets: Sequence[str] | None = None,
     cache_dir: str | os.PathLike | None = None,
-    caption_style: str = "clip4cir",
+    caption_style: str | None = None,
     prompt_template: str = "{}",
     query_batch_size: int = 32,
     image_batch_size: int = 256,
@@ -317,13 +212,16 @@ def run_evaluation(
             arguments that builds one: it is called once the arguments and the annotation files have been checked,
             so a typo in them fails before the model loads.
         benchmark: ``"cirr"``, ``"fashioniq"``, ``"circo"`` or ``"genecis"``.
+        protocol: how the benchmark is evaluated: a preset's name in :data:`~.protocols.PROTOCOLS` or a
+            :class:`~.protocols.BenchmarkProtocol`; default: the benchmark's official one.
         subsets: FashionIQ categories or GeneCIS tasks (default: all); FashionIQ and GeneCIS averages are over them.
         output_dir: receives ``metrics.json``, ``metrics.md``, ``rankings*.json``, ``query_embeddings*.safetensors``
             and the submission files.
         cache_dir: the gallery cache (default ``<output_dir>/embedding_cache``): one resumable
             :func:`~diffusers_cir.retrieval.encode_gallery` folder per pipeline fingerprint and split; reruns reuse
             it, an interrupted run resumes.
-        caption_style: FashionIQ caption joining, ``"clip4cir"`` or ``"searle"`` (both orders, averaged).
+        caption_style: FashionIQ caption joining, the name of a FashionIQ protocol: ``"clip4cir"`` (default) or
+            ``"searle"`` (both orders, averaged).
         prompt_template: wraps every query text (``"{}"``: unchanged; pipelines apply their own templates).
         image_batch_size, num_workers: images per ``encode_image`` call, and image-reading worker processes.
         cache_part_size: images per resumable part of the gallery cache (an interruption loses at most one part).
@@ -334,8 +232,8 @@ def run_evaluation(
         index_factory: builds the :class:`~diffusers_cir.retrieval.GalleryIndex` a split is ranked with from its
             normalised gallery embeddings and ids (default :func:`exact_index`; a faiss factory string for huge
             galleries: ``lambda e, ids: GalleryIndex.from_embeddings(e, ids, factory="IVF4096,Flat", nprobe=64)``).
-            A ranking is as deep as the metrics and submissions need; a gallery smaller than that gives shorter
-            lists (the index pads, and only the ids found are kept).
+            A ranking is as deep as the protocol says; a gallery smaller than that gives shorter lists (the index
+            pads, and only the ids found are kept).
         loader_kwargs: extra arguments of the benchmark loader (``gallery_ids`` for CIRCO, ``image_root`` for GeneCIS).
 
     Example:
@@ -348,11 +246,14 @@ def run_evaluation(
 
     ```
     """
-    if benchmark not in BENCHMARKS:
-        raise ValueError(f"Unknown benchmark {benchmark!r}; choose one of {BENCHMARKS}.")
-    if caption_style not in FASHIONIQ_CAPTION_STYLES:
-        raise ValueError(f"`caption_style` must be one of {FASHIONIQ_CAPTION_STYLES}, got {caption_style!r}.")
-    if "{}" not in prompt_template:
+    if protocol is not None and caption_style is not None:
+        raise ValueError("Pass `protocol` or `caption_style` (a FashionIQ protocol's name), not both.")
+    if not isinstance(protocol, BenchmarkProtocol):
+        argument = "caption_style" if caption_style is not None else "protocol"
+        protocol = get_protocol(benchmark, protocol if caption_style is None else caption_style, argument=argument)
+    if protocol.benchmark != benchmark:
+        raise ValueError(f"`protocol` {protocol.name!r} evaluates {protocol.benchmark}, not {benchmark}.")
+    if "{}" not in check_string(prompt_template, "prompt_template"):
         raise ValueError(f"`prompt_template` must contain '{{}}' where the text goes, got {prompt_template!r}.")
     query_batch_size = check_positive_int(query_batch_size, "query_batch_size")
     image_batch_size = check_positive_int(image_batch_size, "image_batch_size")
@@ -363,43 +264,27 @@ def run_evaluation(
     # category or task fails at once instead of after the model has embedded and ranked the ones before it.
     loaded_splits = [
         load_benchmark(benchmark, data_root, split, subset=subset, **(loader_kwargs or {}))
-        for subset in _subsets_for(benchmark, subsets)
+        for subset in _subsets_for(protocol, subsets)
     ]
     if not hasattr(pipeline, "encode_image"):
         pipeline = pipeline()
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    embed = _Embedder(pipeline, output_dir / "embedding_cache" if cache_dir is None else Path(cache_dir),
-                      image_batch_size, num_workers, cache_part_size, progress)
-
-    outputs: list[SplitOutput] = []
-    for loaded in loaded_splits:
-        outputs.append(evaluate_split(
-            pipeline, loaded, embed, caption_style=caption_style, prompt_template=prompt_template,
-            query_batch_size=query_batch_size, seed=seed, call_kwargs=call_kwargs, index_factory=index_factory,
-            write_submissions=write_submissions, progress=progress))
-
+    embed = SplitEmbedder(pipeline, output_dir / "embedding_cache" if cache_dir is None else Path(cache_dir),
+                          image_batch_size, num_workers, cache_part_size, progress)
+    outputs = [
+        evaluate_split(pipeline, loaded, protocol, embed, prompt_template=prompt_template,
+                       query_batch_size=query_batch_size, seed=seed, call_kwargs=call_kwargs,
+                       index_factory=index_factory, write_submissions=write_submissions, progress=progress)
+        for loaded in loaded_splits
+    ]
     if not all(output.benchmark.has_labels for output in outputs):
         metrics = {}
-    elif benchmark == "fashioniq":
-        metrics = fashioniq_average_recall({o.benchmark.subset: o.metrics for o in outputs})
-    elif benchmark == "genecis":
-        metrics = genecis_average_over_tasks({o.benchmark.subset: o.metrics for o in outputs})
+    elif protocol.average is not None:
+        metrics = protocol.average({output.benchmark.subset: output.metrics for output in outputs})
     else:
         metrics = outputs[0].metrics
-
-    files: dict[str, Path] = {}
-    for output in outputs:
-        suffix = f"_{output.benchmark.subset}" if output.benchmark.subset else ""
-        files[f"rankings{suffix}"] = write_json(output.rankings, output_dir / f"rankings{suffix}.json")
-        embeddings_path = output_dir / f"query_embeddings{suffix}.safetensors"
-        save_file({"query_embeds": output.query_embeds.contiguous()}, str(embeddings_path),
-                  metadata={"query_ids": json.dumps([q.query_id for q in output.benchmark.queries])})
-        files[f"query_embeddings{suffix}"] = embeddings_path
-        for metric, submission in output.submissions.items():
-            name = f"{metric}_submission_{split}.json" if benchmark == "cirr" else f"circo_{split}_submission.json"
-            files[f"submission_{metric}"] = write_json(submission, output_dir / name)
-
+    files = _write_outputs(outputs, output_dir)
     report = {
         "benchmark": benchmark,
         "split": split,
@@ -409,7 +294,7 @@ def run_evaluation(
         "num_queries": {o.benchmark.subset or benchmark: len(o.benchmark) for o in outputs},
         "gallery_size": {o.benchmark.subset or benchmark: len(o.benchmark.gallery_ids) for o in outputs
                          if o.benchmark.gallery_ids is not None},
-        "settings": {"caption_style": caption_style, "prompt_template": prompt_template,
+        "settings": {"protocol": protocol.name, **protocol.settings, "prompt_template": prompt_template,
                      "query_batch_size": query_batch_size, "search": getattr(index_factory, "__name__", "custom")},
         "metrics": metrics,
         "files": {role: path.name for role, path in files.items()},

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 __all__ = [
     "CIRR_RECALL_DEPTH",
     "CIRR_SUBSET_DEPTH",
     "CIRCO_DEPTH",
-    "cirr_submissions",
     "circo_submission",
+    "circo_submission_files",
+    "cirr_submission_files",
+    "cirr_submissions",
     "write_json",
 ]
 
@@ -84,6 +86,21 @@ def circo_submission(query_ids: Sequence[int], ranked_ids: Sequence[Sequence[int
     """
     _check_rows("CIRCO submission", query_ids, ranked_ids, CIRCO_DEPTH)
     return {str(query_id): [int(image_id) for image_id in row] for query_id, row in zip(query_ids, ranked_ids)}
+
+
+def cirr_submission_files(columns: Mapping[str, list], split: str) -> dict[str, tuple[str, dict]]:
+    """The CIRR server files of a ranked split (see :mod:`.protocols` for the columns), by role."""
+    files = cirr_submissions(
+        columns["query_ids"], columns["reference_ids"], [row[:CIRR_RECALL_DEPTH] for row in columns["ranked_ids"]],
+        [row[:CIRR_SUBSET_DEPTH] for row in columns["group_rankings"]],
+    )
+    return {f"submission_{metric}": (f"{metric}_submission_{split}.json", content) for metric, content in files.items()}
+
+
+def circo_submission_files(columns: Mapping[str, list], split: str) -> dict[str, tuple[str, dict]]:
+    """The CIRCO server file of a ranked split, by role."""
+    content = circo_submission(columns["query_ids"], [row[:CIRCO_DEPTH] for row in columns["ranked_ids"]])
+    return {"submission_circo": (f"circo_{split}_submission.json", content)}
 
 
 def write_json(data: Any, path: str | Path, indent: int | None = None) -> Path:

@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..utils.benchmark_names import FASHIONIQ_CATEGORIES
 from ._inputs import check_ks
 from .ranking import check_scale
 from .recall import recall_at_k, recall_per_query
@@ -30,7 +31,6 @@ __all__ = [
     "compute_fashioniq_metrics",
 ]
 
-FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")
 FASHIONIQ_RECALL_KS = (10, 50)
 
 

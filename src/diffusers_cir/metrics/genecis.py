@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..utils.benchmark_names import GENECIS_TASKS
 from ._inputs import check_ks
 from .ranking import as_score_array, check_scale, hits_at_k, mean_over_queries, ranks_from_scores
 
@@ -29,7 +30,6 @@ __all__ = [
     "genecis_average_over_tasks",
 ]
 
-GENECIS_TASKS = ("focus_attribute", "change_attribute", "focus_object", "change_object")
 GENECIS_RECALL_KS = (1, 2, 3)
 
 

@@ -46,7 +46,7 @@ def _check_call(pipeline, accepted: frozenset, per_query: dict, call_kwargs: dic
     for argument, values in per_query.items():
         if values is not None and any(value is not None for value in values) and _PER_QUERY[argument] not in accepted:
             raise ValueError(f"{name} does not take `{_PER_QUERY[argument]}`; leave it out for this pipeline.")
-    unknown = sorted(set(call_kwargs) - accepted)
+    unknown = sorted(name for name in call_kwargs if name not in accepted)
     if unknown:
         raise ValueError(f"{name} does not accept {unknown}; its arguments are {sorted(accepted)}.")
 
@@ -91,7 +91,7 @@ def compose_queries(
             pipeline does not take them.
     """
     texts = _texts(prompts)
-    accepted = frozenset(pipeline.call_parameters())
+    accepted = pipeline.call_parameters()
     per_query = {"negative_prompts": negative_prompts, "mask_images": mask_images}
     _check_call(pipeline, accepted, per_query, call_kwargs)
     if reference_images is None and reference_embeds is not None and "image_embeds" not in accepted:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from ...metrics.fashioniq import FASHIONIQ_CATEGORIES
+from ...utils.benchmark_names import FASHIONIQ_CATEGORIES
 from .base import BenchmarkLayoutError, CIRBenchmark, CIRQuery, ImageRef, find_file, read_json, require_keys
 
 __all__ = ["FASHIONIQ_CAPTION_STYLES", "FASHIONIQ_SPLITS", "join_fashioniq_captions", "load_fashioniq"]

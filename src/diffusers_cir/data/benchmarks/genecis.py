@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ...metrics.genecis import GENECIS_TASKS
+from ...utils.benchmark_names import GENECIS_TASKS
 from .base import BenchmarkLayoutError, CIRBenchmark, CIRQuery, ImageRef, find_file, read_json, require_keys
 
 __all__ = ["GENECIS_TASKS", "load_genecis", "genecis_image_key"]
