@@ -303,13 +303,17 @@ def map_magiclens_key(key: str) -> tuple[str, str, Callable] | None:
     return None
 
 
-def convert_magiclens_state_dict(flat: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+def convert_magiclens_state_dict(
+    flat: Mapping[str, torch.Tensor], release: bool = False
+) -> dict[str, dict[str, torch.Tensor]]:
     """Map a flat flax tree ``{"params/...": tensor}`` to ``{component: state dict}`` (``image_encoder``,
     ``text_encoder``, ``fusion``). Unknown keys raise; ``params/clip/logit_scale`` is dropped. Works on ``meta``
-    tensors too (to check a key and shape map without the weights)."""
+    tensors too (to check a key and shape map without the weights). ``release=True`` empties ``flat`` as it goes, so
+    that a full-size checkpoint is not held twice."""
     converted: dict[str, dict[str, torch.Tensor]] = {"image_encoder": {}, "text_encoder": {}, "fusion": {}}
     unknown = []
-    for key, value in flat.items():
+    for key in list(flat):
+        value = flat.pop(key) if release else flat[key]
         if key in _UNUSED_KEYS:
             continue
         mapped = map_magiclens_key(key)
@@ -378,17 +382,21 @@ def _fill_position_ids(model: torch.nn.Module) -> None:
 
 
 def build_magiclens_components(
-    flat: Mapping[str, torch.Tensor], torch_dtype: torch.dtype | None = None, architecture: dict | None = None
+    flat: Mapping[str, torch.Tensor],
+    torch_dtype: torch.dtype | None = None,
+    architecture: dict | None = None,
+    release: bool = False,
 ) -> dict[str, torch.nn.Module]:
     """``image_encoder``, ``text_encoder`` and ``fusion`` with the checkpoint's weights (``flat``: the flattened
-    flax tree). Built on the meta device and filled in place: no random initialisation, no second copy."""
+    flax tree; emptied as it is read with ``release=True``). Built on the meta device and filled in place: no random
+    initialisation, no second copy."""
     architecture = architecture or infer_magiclens_architecture({key: tuple(value.shape) for key, value in flat.items()})
     if architecture["text"]["vocab_size"] != CLIP_VOCAB_SIZE:
         raise MagicLensConversionError(
             f"The text tower has {architecture['text']['vocab_size']} token embeddings; CLIP's BPE tokenizer, which "
             f"MagicLens uses, has {CLIP_VOCAB_SIZE}."
         )
-    converted = convert_magiclens_state_dict(flat)
+    converted = convert_magiclens_state_dict(flat, release=release)
     models = empty_magiclens_models(architecture)
     _check_state_dicts(models, converted)
     dtype = torch_dtype or torch.float32
@@ -454,8 +462,7 @@ def convert_magiclens_checkpoint_to_pipeline(
     architecture = infer_magiclens_architecture({key: tuple(value.shape) for key, value in flat.items()})
     if stated is not None:
         _check_stated_architecture(architecture, stated, f"model_size={model_size!r}" if model_size else str(config_path))
-    models = build_magiclens_components(flat, torch_dtype=torch_dtype, architecture=architecture)
-    del flat
+    models = build_magiclens_components(flat, torch_dtype=torch_dtype, architecture=architecture, release=True)
     pipe = MagicLensPipeline(
         **models,
         tokenizer=build_offline_clip_tokenizer(model_max_length=architecture["text"]["max_position_embeddings"], pad_token="!"),
