@@ -162,3 +162,19 @@ def test_the_model_card_commands_parse_and_its_parameter_counts_are_the_released
     for size, name in (("base", "MagicLens-B"), ("large", "MagicLens-L")):
         row = re.search(rf"^\| {name} \| [^|]+ \| ([\d,]+) \|", card, re.MULTILINE)
         assert row and int(row[1].replace(",", "")) == RELEASED[size]["num_params"] - 1
+
+
+def test_a_converted_folder_has_a_card_saying_what_it_is(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from diffusers_cir.conversion.magiclens import _conversion_card
+
+    output = tmp_path / "magiclens-tiny"
+    convert_magiclens_checkpoint_to_pipeline(TINY / "checkpoint.pkl", output, config_path=TINY / "config.json")
+    card = ModelCard.load(output / "README.md")
+    assert card.data.license == "cc-by-4.0" and "magiclens" in card.data.tags
+    assert card.text.lstrip().startswith("# magiclens-tiny\n") and "Zhang et al., ICML 2024" in card.text
+    assert "diffusers-cir convert magiclens --checkpoint-path" in card.text
+    assert "29.6" not in card.text  # published numbers only for the released architectures
+    large = _conversion_card("magic_lens_clip_large.pkl", "out", "large", None, None, MAGICLENS_SIZES["large"])
+    assert "CIRCO mAP@5 29.6" in large.notes[0] and "CIRR R@1 30.1" in large.notes[0] and large.model_name == "out"

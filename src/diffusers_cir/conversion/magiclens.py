@@ -468,9 +468,45 @@ def convert_magiclens_checkpoint_to_pipeline(
         tokenizer=build_offline_clip_tokenizer(model_max_length=architecture["text"]["max_position_embeddings"], pad_token="!"),
         image_processor=MagicLensImageProcessor(squash_size=preprocess_size, image_size=architecture["vision"]["image_size"]),
     )
+    card = _conversion_card(checkpoint_path, output_path, model_size, config_path, torch_dtype, architecture)
     with replace_output_folder(output_path, overwrite, overwrite_flag) as staging:
-        pipe.save_pretrained(staging, safe_serialization=True)
+        pipe.save_pretrained(staging, safe_serialization=True, model_card=card)
     return pipe
+
+
+# What the authors' weights are published to reach (zero-shot), for the card of a converted release.
+_PUBLISHED = {
+    "base": "CIRCO mAP@5 23.1 (test; 22.3 for the released weights per the authors' README), CIRR R@1 27.0 (test), "
+    "FashionIQ R@10 26.3 (val, mean of the 3 categories)",
+    "large": "CIRCO mAP@5 29.6 (test; 29.5 for the released weights per the authors' README), CIRR R@1 30.1 (test), "
+    "FashionIQ R@10 30.7 (val, mean of the 3 categories)",
+}
+
+
+def _conversion_card(checkpoint_path, output_path, model_size, config_path, torch_dtype, architecture):
+    from ..utils.model_card import conversion_card
+
+    size = next((name for name, released in MAGICLENS_SIZES.items() if released == architecture), None)
+    note = (
+        "Converted from the authors' released MagicLens weights (google-deepmind/magiclens), read without unpickling; "
+        "the model reproduces the authors' JAX code to 1e-5 on the normalised embeddings."
+    )
+    if size is not None:
+        note += (
+            f" Published zero-shot results of MagicLens-{size[0].upper()} (CLIP), as the MegaPairs paper (arXiv:2412.14475, "
+            f"Table 1) quotes the MagicLens paper: {_PUBLISHED[size]}. Protocol and sources: hub/models/magiclens in "
+            "diffusers-cir."
+        )
+    card = conversion_card(
+        "magiclens",
+        {"--checkpoint-path": checkpoint_path, "--model-size": model_size, "--config-path": config_path,
+         "--output": output_path, "--dtype": str(torch_dtype).removeprefix("torch.") if torch_dtype else None},
+        [checkpoint_path],
+        license="cc-by-4.0",  # google-deepmind/magiclens: materials other than code are CC BY 4.0
+        note=note,
+    )
+    card.model_name = Path(output_path).resolve().name  # not the staging folder's name the card is written in
+    return card
 
 
 # --------------------------------------------------------------------------------------------------- layout

@@ -144,6 +144,15 @@ class MagicLensPipeline(CIRPipelineMixin, DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "image_encoder->text_encoder->fusion"
+    _model_card_fields = {
+        "tags": ["magiclens"],
+        "paper": "MagicLens: Self-Supervised Image Retrieval with Open-Ended Instructions (Zhang et al., ICML 2024), "
+        "https://arxiv.org/abs/2403.19651",
+        "description": "A `MagicLensPipeline`: CLIP's image and text embeddings of a reference image and an instruction, "
+        "fused by self-attention layers and an attention pooler into one embedding; gallery images are embedded with "
+        "the empty text by the same weights, and queries and gallery are compared by the dot product of the "
+        "normalised embeddings.",
+    }
     _gallery_components = ("image_encoder", "image_processor", "text_encoder", "fusion")
 
     def __init__(
