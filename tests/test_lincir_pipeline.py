@@ -292,9 +292,9 @@ def test_prompt_input_ids_and_batch_size_are_checked_before_the_towers_run():
     with pytest.raises(ValueError, match=r"`prompt_input_ids` holds ids outside the text encoder's vocabulary \[0, 49408\): \[-1, 49408\]"):
         pipe(image_embeds=torch.randn(1, 24), prompt_input_ids=outside)
     # A bool is an int to Python: True was taken as a chunk size and failed inside torch.
-    with pytest.raises(ValueError, match="`batch_size` must be a positive integer, got True"):
+    with pytest.raises(ValueError, match=r"`batch_size` must be an integer >= 1, got True \(bool\)"):
         pipe(image_embeds=torch.randn(1, 24), prompt="x", batch_size=True)
-    with pytest.raises(ValueError, match="`batch_size` must be a positive integer, got True"):
+    with pytest.raises(ValueError, match=r"`batch_size` must be an integer >= 1, got True \(bool\)"):
         pipe.encode_image(_images(2), batch_size=True)
 
 

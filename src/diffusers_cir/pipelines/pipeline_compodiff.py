@@ -28,11 +28,19 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
+from ..checks import check_choice, check_int, check_positive_int, check_texts
 from ..models.compodiff_transformer import CompoDiffTransformer
 from ..schedulers.scheduling_compodiff import CompoDiffScheduler
-from .lora import CompoDiffLoraLoaderMixin
 from .auto import CIRPipelineMixin
-from .utils import check_image_paths, is_image_path, load_image_paths
+from .inputs import (
+    check_batch_sizes,
+    check_generator,
+    check_not_both,
+    check_tensor,
+    image_list,
+)
+from .lora import CompoDiffLoraLoaderMixin
+from .utils import check_image_paths, load_image_paths
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -132,12 +140,9 @@ class CompoDiffPipeline(CIRPipelineMixin, DiffusionPipeline, CompoDiffLoraLoader
             raise ValueError(
                 "This pipeline has no `text_encoder`/`tokenizer`: pass `prompt_embeds` (and `negative_prompt_embeds`)."
             )
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not all(isinstance(text, str) for text in prompts):
-            raise ValueError(f"`prompt` must be a string or a list of strings, got {type(prompt).__name__}.")
-        if not prompts:
-            raise ValueError("`prompt` is an empty list: pass at least one string.")
-        device = device or self._execution_device
+        return self._encode_texts(check_texts(prompt, "prompt"), device or self._execution_device)
+
+    def _encode_texts(self, prompts: list[str], device) -> torch.Tensor:
         tokens = self.tokenizer(
             prompts,
             padding="max_length",
@@ -150,51 +155,29 @@ class CompoDiffPipeline(CIRPipelineMixin, DiffusionPipeline, CompoDiffLoraLoader
         )
         return output.last_hidden_state
 
-    def _pixel_values(self, images, device, dtype) -> torch.Tensor:
-        if isinstance(images, torch.Tensor):
-            return images.to(device=device, dtype=dtype)
-        if self.image_processor is None:
-            raise ValueError("This pipeline has no `image_processor`: pass preprocessed pixel values or `image_embeds`.")
-        pixel_values = self.image_processor(images=images, return_tensors="pt").pixel_values
-        return pixel_values.to(device=device, dtype=dtype)
-
-    def _pixel_values_of_list(self, images: list, name: str, device, dtype) -> torch.Tensor:
+    def _pixel_values_of_list(self, images: list, device, dtype) -> torch.Tensor:
         """`[N, 3, H, W]` pixel values of per-query images, each prepared as it would be alone.
 
         A tensor is the pixel values of one image already (`[3, H, W]`, or `[1, 3, H, W]`); anything else (a PIL
         image, an array) goes through the image processor. A list may mix them: without this, a tensor next to a PIL
-        image was preprocessed a second time (normalised twice), or stacking failed with a bare TypeError.
+        image was preprocessed a second time (normalised twice). `check_inputs` / `encode_image` have made sure that
+        every tensor is one image of the processor's output size.
         """
-        runs = []  # consecutive items of one kind: [is_tensor, first index, items]
-        for index, item in enumerate(images):
+        runs = []  # consecutive items of one kind: [is_tensor, items]
+        for item in images:
             is_tensor = isinstance(item, torch.Tensor)
-            if is_tensor:
-                if item.ndim == 4 and item.shape[0] == 1:
-                    item = item[0]
-                if item.ndim != 3:
-                    raise ValueError(
-                        f"`{name}`[{index}] is a tensor of shape {tuple(item.shape)}: a tensor in a list of images must "
-                        "be the pixel values of one image, [3, H, W]."
-                    )
+            if is_tensor and item.ndim == 4:
+                item = item[0]
             if runs and runs[-1][0] == is_tensor:
-                runs[-1][2].append(item)
+                runs[-1][1].append(item)
             else:
-                runs.append([is_tensor, index, [item]])
+                runs.append([is_tensor, [item]])
         blocks = [
-            torch.stack(items).to(device=device, dtype=dtype) if is_tensor else self._pixel_values(items, device, dtype)
-            for is_tensor, _, items in runs
+            (torch.stack(items) if is_tensor else self.image_processor(images=items, return_tensors="pt").pixel_values)
+            for is_tensor, items in runs
         ]
-        if len({tuple(block.shape[1:]) for block in blocks}) > 1:
-            found = ", ".join(
-                f"{'PIL image' if isinstance(items[0], PIL.Image.Image) else type(items[0]).__name__} at index {start} "
-                f"-> {tuple(block.shape[1:])}"
-                for (_, start, items), block in zip(runs, blocks)
-            )
-            raise ValueError(
-                f"`{name}` mixes pixel-value tensors and images whose pixel values differ in size ({found}): give "
-                "tensors at the image processor's output size, or give every item as a PIL image."
-            )
-        return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+        assert len({tuple(block.shape[1:]) for block in blocks}) == 1, [block.shape for block in blocks]
+        return torch.cat(blocks).to(device=device, dtype=dtype)
 
     @torch.no_grad()
     def encode_image(
@@ -212,10 +195,8 @@ class CompoDiffPipeline(CIRPipelineMixin, DiffusionPipeline, CompoDiffLoraLoader
         """
         if self.image_encoder is None:
             raise ValueError("This pipeline has no `image_encoder`: pass `image_embeds` instead of images.")
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
-        images = _as_image_list(images, "images")
-        check_image_paths(images, "images")
+        batch_size = check_positive_int(batch_size, "batch_size")
+        images = self._check_images(images, "images")
         device = device or self._execution_device
         dtype = self.image_encoder.dtype
         chunks = range(0, len(images), batch_size)
@@ -224,7 +205,7 @@ class CompoDiffPipeline(CIRPipelineMixin, DiffusionPipeline, CompoDiffLoraLoader
         embeds = []
         for start in chunks:
             batch = load_image_paths(images[start : start + batch_size], "images", offset=start)
-            pixel_values = self._pixel_values_of_list(batch, "images", device, dtype)
+            pixel_values = self._pixel_values_of_list(batch, device, dtype)
             embeds.append(self.image_encoder(pixel_values=pixel_values).image_embeds)
         return torch.cat(embeds)
 
@@ -239,45 +220,30 @@ class CompoDiffPipeline(CIRPipelineMixin, DiffusionPipeline, CompoDiffLoraLoader
         photo (e.g. a segmentation of the same height and width) covers the same content. An array/tensor already at
         the CLIP input size is read in that grid as it is (the case of preprocessed `pixel_values`).
 
+        `mask_image` is what `check_inputs` let through: one mask, or one per query.
         Returns `(mask [batch, mask_size, mask_size], pixel_mask [batch, 1, H, W] or None)`; an all-zero mask stays zero.
         """
         size = self.transformer.config.mask_size
-        masks = load_image_paths(_as_image_list(mask_image, "mask_image"), "mask_image")
-        if len(masks) not in (1, batch_size):
-            raise ValueError(f"`mask_image` has {len(masks)} masks for {batch_size} queries (give one, or one per query).")
+        masks = load_image_paths(image_list(mask_image, "mask_image"), "mask_image")
+        assert len(masks) in (1, batch_size), (len(masks), batch_size)
         clip_size = self._clip_input_size()
-        pixel_masks = []
-        for index, item in enumerate(masks):
-            if not isinstance(item, PIL.Image.Image):
-                tensor = item.detach().float().cpu() if isinstance(item, torch.Tensor) else torch.as_tensor(np.asarray(item)).float()
-                if tensor.ndim == 3 and tensor.shape[0] == 1:
-                    tensor = tensor[0]
-                if tensor.ndim != 2:
-                    raise ValueError(
-                        f"A tensor/array `mask_image` must be [H, W] or [1, H, W] per query (values in [0, 1]), "
-                        f"got {tuple(tensor.shape)} for query {index}."
-                    )
-                tensor = (tensor > 0.5).float()
-                if self.image_processor is None or tuple(tensor.shape) == clip_size:
-                    pixel_masks.append(tensor[None, None])
-                    continue
-                item = PIL.Image.fromarray(tensor.numpy().astype(np.uint8) * 255, mode="L")
-            if self.image_processor is None:
-                raise ValueError("A PIL `mask_image` needs the pipeline's `image_processor`; pass a tensor instead.")
-            pixel_masks.append(
-                self.image_processor(images=[item.convert("RGB")], do_normalize=False, return_tensors="pt").pixel_values[:, :1]
-            )
-        if len({tuple(pixel_mask.shape) for pixel_mask in pixel_masks}) > 1:
-            raise ValueError(
-                f"The `mask_image` masks have different sizes {[tuple(m.shape[-2:]) for m in pixel_masks]}: without an "
-                "`image_processor` to bring them to the CLIP input size, pass masks of one size."
-            )
-        pixel_mask = (torch.cat(pixel_masks) > 0.5).float().to(device)
+        pixel_mask = torch.cat([self._pixel_mask(item, clip_size) for item in masks])
+        pixel_mask = (pixel_mask > 0.5).float().to(device)
         mask = F.interpolate(pixel_mask, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         mask = (mask[:, 0] > 0.5).float()
         if mask.shape[0] != batch_size:  # one mask for every query: prepared once
             mask, pixel_mask = mask.expand(batch_size, -1, -1), pixel_mask.expand(batch_size, -1, -1, -1)
         return mask, pixel_mask
+
+    def _pixel_mask(self, item, clip_size) -> torch.Tensor:
+        """`[1, 1, H, W]` mask of one query at the CLIP input size (or as given without an image processor)."""
+        if not isinstance(item, PIL.Image.Image):
+            tensor = item.detach().float().cpu() if isinstance(item, torch.Tensor) else torch.as_tensor(np.asarray(item)).float()
+            tensor = (tensor.reshape(tensor.shape[-2:]) > 0.5).float()  # [H, W] or [1, H, W]
+            if self.image_processor is None or tuple(tensor.shape) == clip_size:
+                return tensor[None, None]
+            item = PIL.Image.fromarray(tensor.numpy().astype(np.uint8) * 255, mode="L")
+        return self.image_processor(images=[item.convert("RGB")], do_normalize=False, return_tensors="pt").pixel_values[:, :1]
 
     def _clip_input_size(self) -> tuple[int, int] | None:
         """`(height, width)` of the pixel values the image processor produces, when it center-crops to a fixed size."""
@@ -299,99 +265,162 @@ class CompoDiffPipeline(CIRPipelineMixin, DiffusionPipeline, CompoDiffLoraLoader
         image,
         prompt,
         negative_prompt,
+        mask_image,
         image_embeds,
         prompt_embeds,
         negative_prompt_embeds,
-        mask_image,
         mask,
         num_inference_steps,
         num_samples_per_query,
+        generator,
+        latents,
+        eta,
         output_type,
         callback_on_step_end_tensor_inputs,
     ) -> int:
-        """Validate the arguments and return the number of queries."""
-        if image is not None and image_embeds is not None:
-            raise ValueError("Pass either `image` or `image_embeds`, not both.")
-        if prompt is not None and prompt_embeds is not None:
-            raise ValueError("Pass either `prompt` or `prompt_embeds`, not both.")
-        if negative_prompt is not None and negative_prompt_embeds is not None:
-            raise ValueError("Pass either `negative_prompt` or `negative_prompt_embeds`, not both.")
-        if mask_image is not None and mask is not None:
-            raise ValueError("Pass either `mask_image` (any size, binarised and resized) or `mask`, not both.")
+        """Check every argument once, before any file is read or tower runs, and return the number of queries.
+
+        The steps of `__call__` trust what this lets through.
+        """
+        check_not_both("image", image, "image_embeds", image_embeds)
+        check_not_both("prompt", prompt, "prompt_embeds", prompt_embeds)
+        check_not_both("negative_prompt", negative_prompt, "negative_prompt_embeds", negative_prompt_embeds)
+        check_not_both("mask_image", mask_image, "mask", mask, note=" (any size, binarised and resized)")
         if prompt is None and prompt_embeds is None:
             raise ValueError("A query needs a text: pass `prompt` or `prompt_embeds`.")
-        if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
-            raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
-        if not isinstance(num_samples_per_query, int) or isinstance(num_samples_per_query, bool) or num_samples_per_query < 1:
-            raise ValueError(f"`num_samples_per_query` must be a positive integer, got {num_samples_per_query!r}.")
-        if output_type not in ("pt", "np"):
-            raise ValueError(f"`output_type` must be 'pt' or 'np', got {output_type!r}.")
-        for name in callback_on_step_end_tensor_inputs or []:
-            if name not in self._callback_tensor_inputs:
-                raise ValueError(f"`callback_on_step_end_tensor_inputs` may name {self._callback_tensor_inputs}, got {name!r}.")
+        check_positive_int(num_inference_steps, "num_inference_steps")
+        check_positive_int(num_samples_per_query, "num_samples_per_query")
+        check_choice(output_type, "output_type", ("pt", "np"))
+        for name in callback_on_step_end_tensor_inputs:
+            check_choice(name, "callback_on_step_end_tensor_inputs", self._callback_tensor_inputs)
+        self._check_scheduler(num_inference_steps, eta)
 
-        sizes = {}
-        for name, texts in (("prompt", prompt), ("negative_prompt", negative_prompt)):
-            if texts is not None:
-                sizes[name] = _count_texts(name, texts)
-        text_dim = self.transformer.config.text_embedding_dim
-        for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
-            if embeds is None:
-                continue
-            if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3 or embeds.shape[-1] != text_dim:
-                shape = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
-                raise ValueError(f"`{name}` must be a tensor of shape [batch, length, {text_dim}], got {shape}.")
-            sizes[name] = embeds.shape[0]
+        sizes = self._check_texts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
         if image_embeds is not None:
-            if not isinstance(image_embeds, torch.Tensor):
-                raise ValueError(f"`image_embeds` must be a torch.Tensor, got {type(image_embeds).__name__}.")
-            if image_embeds.ndim == 3 and image_embeds.shape[1] == 1:
+            if isinstance(image_embeds, torch.Tensor) and image_embeds.ndim == 3 and image_embeds.shape[1] == 1:
                 image_embeds = image_embeds[:, 0]
-            if image_embeds.ndim != 2 or image_embeds.shape[-1] != self.embedding_dim:
-                raise ValueError(
-                    f"`image_embeds` must have shape [batch, {self.embedding_dim}], got {tuple(image_embeds.shape)}."
-                )
-            sizes["image_embeds"] = image_embeds.shape[0]
+            sizes["image_embeds"] = check_tensor(image_embeds, "image_embeds", ("batch", self.embedding_dim)).shape[0]
         if image is not None:
-            sizes["image"] = len(_as_image_list(image, "image"))
-            check_image_paths(image, "image")
+            if self.image_encoder is None:
+                raise ValueError("This pipeline has no `image_encoder`: pass `image_embeds` instead of `image`.")
+            sizes["image"] = len(self._check_images(image, "image"))
         if mask is not None:
             size = self.transformer.config.mask_size
-            if not isinstance(mask, torch.Tensor) or mask.ndim != 3 or tuple(mask.shape[1:]) != (size, size):
-                shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-                raise ValueError(f"`mask` must be a tensor of shape [batch, {size}, {size}], got {shape}.")
-            sizes["mask"] = mask.shape[0]
+            sizes["mask"] = check_tensor(mask, "mask", ("batch", size, size)).shape[0]
         if mask_image is not None:
-            sizes["mask_image"] = len(_as_image_list(mask_image, "mask_image"))
-            check_image_paths(mask_image, "mask_image")
-
+            sizes["mask_image"] = len(self._check_masks(mask_image))
         # Every condition holds one entry per query, or a single one that serves every query (one reference image
         # with several modification texts, one text applied to several images, one negative text or mask).
-        batch_size = max(sizes.values())
-        if any(size not in (1, batch_size) for size in sizes.values()):
-            raise ValueError(
-                f"Batch sizes do not match: {sizes}. Give each condition one entry per query, or a single one for all."
-            )
-        if batch_size == 0:
-            raise ValueError(f"No query to compose: {' and '.join(f'`{name}`' for name in sizes)} hold no entries.")
+        batch_size = check_batch_sizes(sizes)
+
+        rows = batch_size * num_samples_per_query
+        check_generator(generator, rows, f"{batch_size} queries x {num_samples_per_query} num_samples_per_query")
+        if latents is not None:
+            if isinstance(latents, torch.Tensor) and latents.ndim == 3 and latents.shape[1] == 1:
+                latents = latents[:, 0]
+            check_tensor(latents, "latents", (rows, self.embedding_dim))
         return batch_size
 
-    @staticmethod
-    def check_generator(generator, batch_size: int, num_samples_per_query: int) -> None:
-        """A list of generators must give one generator per row of noise (query-major, as `latents`)."""
-        if isinstance(generator, (list, tuple)):
-            rows = batch_size * num_samples_per_query
-            if len(generator) != rows or not all(isinstance(item, torch.Generator) for item in generator):
-                raise ValueError(
-                    f"`generator` as a list must hold one torch.Generator per row of noise: {rows} "
-                    f"({batch_size} queries x {num_samples_per_query} num_samples_per_query), got a list of "
-                    f"{len(generator)} holding {sorted({type(item).__name__ for item in generator})}; or pass a "
-                    "single generator."
-                )
-        elif generator is not None and not isinstance(generator, torch.Generator):
+    def _check_texts(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds) -> dict[str, int]:
+        """The entries of each text condition; texts given as strings need the text tower, and both texts of a
+        query must have one length."""
+        sizes, lengths = {}, {}
+        for name, texts in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            if texts is not None:
+                sizes[name] = len(check_texts(texts, name))
+        text_dim = self.transformer.config.text_embedding_dim
+        for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+            if embeds is not None:
+                sizes[name], lengths[name] = check_tensor(embeds, name, ("batch", "length", text_dim)).shape[:2]
+        # the negative text defaults to "": it is encoded unless `negative_prompt_embeds` is given
+        if len(lengths) < 2 and (self.text_encoder is None or self.tokenizer is None):
             raise ValueError(
-                f"`generator` must be a torch.Generator or a list of them, got {type(generator).__name__}."
+                "This pipeline has no `text_encoder`/`tokenizer`: pass `prompt_embeds` (and `negative_prompt_embeds`)."
             )
+        encoded_length = self.tokenizer.model_max_length if len(lengths) < 2 else None
+        prompt_length = lengths.get("prompt_embeds", encoded_length)
+        negative_length = lengths.get("negative_prompt_embeds", encoded_length)
+        if prompt_length != negative_length:
+            raise ValueError(
+                f"`prompt_embeds` ({prompt_length} tokens) and `negative_prompt_embeds` ({negative_length} tokens) "
+                "must have the same length."
+            )
+        return sizes
+
+    def _check_images(self, images, name: str) -> list:
+        """The per-query list of `images` (see `image_list`): every item an image source or the pixel values of one
+        image, paths to existing files, and an image processor for what is not pixel values yet."""
+        items = image_list(images, name)
+        check_image_paths(images, name)
+        clip_size = self._clip_input_size()
+        tensors = [index for index, item in enumerate(items) if isinstance(item, torch.Tensor)]
+        for index in tensors:
+            item = items[index]
+            if not (item.ndim == 3 or (item.ndim == 4 and item.shape[0] == 1)):
+                raise ValueError(
+                    f"`{name}`[{index}] is a tensor of shape {tuple(item.shape)}: a tensor in a list of images must "
+                    "be the pixel values of one image, [3, H, W]."
+                )
+        if len(tensors) < len(items):
+            if self.image_processor is None:
+                raise ValueError(
+                    "This pipeline has no `image_processor`: pass preprocessed pixel values or `image_embeds`."
+                )
+            for index in tensors:
+                if clip_size is not None and tuple(items[index].shape[-2:]) != clip_size:
+                    raise ValueError(
+                        f"`{name}` mixes pixel-value tensors and images: the tensor at index {index} has shape "
+                        f"{tuple(items[index].shape)} but the image processor makes pixel values of size {clip_size} "
+                        "of the images; give tensors at the image processor's output size, or give every item as a "
+                        "PIL image."
+                    )
+        return items
+
+    def _check_masks(self, mask_image) -> list:
+        """The per-query list of masks: `[H, W]` or `[1, H, W]` tensors/arrays or images (those need the image
+        processor), of one size when there is no image processor to bring them to the CLIP input size."""
+        masks = image_list(mask_image, "mask_image")
+        check_image_paths(mask_image, "mask_image")
+        shapes = set()
+        for index, item in enumerate(masks):
+            if not isinstance(item, (torch.Tensor, np.ndarray)):
+                if self.image_processor is None:
+                    raise ValueError("A PIL `mask_image` needs the pipeline's `image_processor`; pass a tensor instead.")
+                continue
+            shape = tuple(item.shape)
+            if not (len(shape) == 2 or (len(shape) == 3 and shape[0] == 1)):
+                raise ValueError(
+                    f"A tensor/array `mask_image` must be [H, W] or [1, H, W] per query (values in [0, 1]), "
+                    f"got {shape} for query {index}."
+                )
+            shapes.add(shape[-2:])
+        if self.image_processor is None and len(shapes) > 1:
+            raise ValueError(
+                f"The `mask_image` masks have different sizes {sorted(shapes)}: without an `image_processor` to bring "
+                "them to the CLIP input size, pass masks of one size."
+            )
+        return masks
+
+    def _check_scheduler(self, num_inference_steps: int, eta) -> None:
+        """What the scheduler needs: the reference grid's step range; x0 prediction without clipping for other
+        schedulers; `eta` only where `step` takes it."""
+        config = self.scheduler.config
+        if isinstance(self.scheduler, CompoDiffScheduler):
+            # the reference grid makes num_inference_steps - 1 network calls
+            check_int(num_inference_steps, "num_inference_steps", 2, config.num_train_timesteps)
+        else:
+            if getattr(config, "prediction_type", "sample") != "sample":
+                raise ValueError(
+                    f"The CompoDiff denoiser predicts x0: configure {type(self.scheduler).__name__} with "
+                    f"prediction_type='sample' (got {config.prediction_type!r})."
+                )
+            if getattr(config, "clip_sample", False):
+                raise ValueError(
+                    f"{type(self.scheduler).__name__} has clip_sample=True, which clips CLIP embeddings to [-1, 1]: "
+                    "set clip_sample=False."
+                )
+        if eta is not None and "eta" not in inspect.signature(self.scheduler.step).parameters:
+            raise ValueError(f"{type(self.scheduler).__name__}.step takes no `eta`.")
 
     # ------------------------------------------------------------------ sampling
 
@@ -401,10 +430,16 @@ class CompoDiffPipeline(CIRPipelineMixin, DiffusionPipeline, CompoDiffLoraLoader
         if "generator" in accepted:
             kwargs["generator"] = generator
         if eta is not None:
-            if "eta" not in accepted:
-                raise ValueError(f"{type(self.scheduler).__name__}.step takes no `eta`.")
             kwargs["eta"] = eta
         return kwargs
+
+    def _call_back(self, callback, index, timestep, latents, tensor_inputs) -> torch.Tensor:
+        """Run `callback_on_step_end(pipe, step, timestep, kwargs)`; the latents it returns replace the sample."""
+        step_locals = {"latents": latents}
+        callback_kwargs = {}
+        for name in tensor_inputs:  # a loop, not a comprehension (Python 3.11 scoping)
+            callback_kwargs[name] = step_locals[name]
+        return callback(self, index, timestep, callback_kwargs).pop("latents", latents)
 
     # ------------------------------------------------------------------ fast paths
 
@@ -451,11 +486,7 @@ class CompoDiffPipeline(CIRPipelineMixin, DiffusionPipeline, CompoDiffLoraLoader
 
         def on_step(index, timestep, step_latents):
             if callback_on_step_end is not None:
-                step_locals = {"latents": step_latents}
-                callback_kwargs = {}
-                for name in callback_tensor_inputs:  # a loop, not a comprehension (Python 3.11 scoping)
-                    callback_kwargs[name] = step_locals[name]
-                step_latents = callback_on_step_end(self, index, timestep, callback_kwargs).pop("latents", step_latents)
+                step_latents = self._call_back(callback_on_step_end, index, timestep, step_latents, callback_tensor_inputs)
             progress_bar.update()
             return step_latents
 
@@ -468,19 +499,10 @@ class CompoDiffPipeline(CIRPipelineMixin, DiffusionPipeline, CompoDiffLoraLoader
         self, conditions, latents, num_inference_steps, guidance_scale, image_guidance_scale, samples, generator,
         eta, callback_on_step_end, callback_tensor_inputs,
     ) -> torch.Tensor:
-        """Any diffusers scheduler configured for x0 prediction (`prediction_type="sample"`)."""
+        """Any diffusers scheduler configured for x0 prediction (`prediction_type="sample"`, checked by
+        `check_inputs`)."""
         from .fast_sampling import guided_prediction
 
-        if getattr(self.scheduler.config, "prediction_type", "sample") != "sample":
-            raise ValueError(
-                f"The CompoDiff denoiser predicts x0: configure {type(self.scheduler).__name__} with "
-                f"prediction_type='sample' (got {self.scheduler.config.prediction_type!r})."
-            )
-        if getattr(self.scheduler.config, "clip_sample", False):
-            raise ValueError(
-                f"{type(self.scheduler).__name__} has clip_sample=True, which clips CLIP embeddings to [-1, 1]: "
-                "set clip_sample=False."
-            )
         context = self.transformer.encode_guidance_context(
             conditions["image_embeds"], conditions["prompt_embeds"], conditions["negative_prompt_embeds"], conditions["mask"]
         )
@@ -497,11 +519,7 @@ class CompoDiffPipeline(CIRPipelineMixin, DiffusionPipeline, CompoDiffLoraLoader
                 x0 = guided_prediction(prediction.float(), guidance_scale, image_guidance_scale)
                 latents = self.scheduler.step(x0, t, latents, **step_kwargs).prev_sample
                 if callback_on_step_end is not None:
-                    step_locals = {"latents": latents}
-                    callback_kwargs = {}
-                    for name in callback_tensor_inputs:  # a loop, not a comprehension (Python 3.11 scoping)
-                        callback_kwargs[name] = step_locals[name]
-                    latents = callback_on_step_end(self, index, t, callback_kwargs).pop("latents", latents)
+                    latents = self._call_back(callback_on_step_end, index, t, latents, callback_tensor_inputs)
                 progress_bar.update()
         return latents
 
@@ -571,104 +589,65 @@ class CompoDiffPipeline(CIRPipelineMixin, DiffusionPipeline, CompoDiffLoraLoader
         Returns:
             [`CompoDiffPipelineOutput`] or a tuple `(image_embeds,)`.
         """
+        # 1. Check inputs
         callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
         batch_size = self.check_inputs(
-            image, prompt, negative_prompt, image_embeds, prompt_embeds, negative_prompt_embeds, mask_image, mask,
-            num_inference_steps, num_samples_per_query, output_type, callback_on_step_end_tensor_inputs,
+            image, prompt, negative_prompt, mask_image, image_embeds, prompt_embeds, negative_prompt_embeds, mask,
+            num_inference_steps, num_samples_per_query, generator, latents, eta, output_type,
+            callback_on_step_end_tensor_inputs,
         )
-        self.check_generator(generator, batch_size, num_samples_per_query)
-        # Paths are read once, here, after the cheap checks and before any tower runs.
-        if image is not None:
-            image = load_image_paths(image, "image")
-        if mask_image is not None:
-            mask_image = load_image_paths(mask_image, "mask_image")
         device = self._execution_device
         dtype = self.transformer.dtype
         text_only = image is None and image_embeds is None
 
-        # 1. mask
+        # 2. Read image files (after the checks, before any tower runs)
+        if image is not None:
+            image = load_image_paths(image_list(image, "image"), "image")
+        if mask_image is not None:
+            mask_image = load_image_paths(image_list(mask_image, "mask_image"), "mask_image")
+
+        # 3. Mask: binarised at the CLIP input size, resized to the denoiser's grid
         pixel_mask = None
         if mask_image is not None:
             mask, pixel_mask = self.prepare_mask(mask_image, batch_size, device)
-        elif mask is not None and mask.shape[0] == 1 and batch_size > 1:
-            mask = mask.expand(batch_size, -1, -1)
-        if mask is None:
-            mask = torch.zeros(batch_size, self.transformer.config.mask_size, self.transformer.config.mask_size)
-        mask = mask.to(device=device, dtype=dtype)
+        elif mask is None:
+            mask = torch.zeros(1, self.transformer.config.mask_size, self.transformer.config.mask_size)
+        mask = mask.to(device=device, dtype=dtype).expand(batch_size, -1, -1)
 
-        # 2. reference image embedding
+        # 4. Reference image embedding (a zero embedding for a text-only query)
         if image is not None:
-            pixel_values = self._pixel_values_of_list(
-                _as_image_list(image, "image"), "image", device,
-                self.image_encoder.dtype if self.image_encoder is not None else dtype,
-            )
-            if pixel_mask is not None:
-                if pixel_values.shape[0] == 1 and len(_as_image_list(mask_image, "mask_image")) == 1:
-                    pixel_mask = pixel_mask[:1]  # one image, one mask: encode the masked image once
-                if pixel_mask.shape[-2:] != pixel_values.shape[-2:]:
-                    pixel_mask = F.interpolate(pixel_mask, size=pixel_values.shape[-2:], mode="nearest")
-                pixel_values = pixel_values * (1 - pixel_mask.to(pixel_values.dtype))
-            if self.image_encoder is None:
-                raise ValueError("This pipeline has no `image_encoder`: pass `image_embeds` instead of `image`.")
-            image_embeds = self.image_encoder(pixel_values=pixel_values).image_embeds
+            image_embeds = self._encode_reference(image, pixel_mask, len(mask_image or ()), device)
         elif image_embeds is None:
-            image_embeds = torch.zeros(batch_size, self.embedding_dim)
-        if image_embeds.ndim == 3:
-            image_embeds = image_embeds[:, 0]
-        if image_embeds.shape[0] == 1 and batch_size > 1:  # one reference image for every query
-            image_embeds = image_embeds.expand(batch_size, -1)
-        image_embeds = image_embeds.to(device=device, dtype=dtype)
+            image_embeds = torch.zeros(1, self.embedding_dim)
+        image_embeds = image_embeds.reshape(image_embeds.shape[0], -1).to(device=device, dtype=dtype)
+        image_embeds = image_embeds.expand(batch_size, -1)
 
-        # 3. texts: the prompts and negative texts given as strings go through the text tower in one call
-        pending = {}
-        if prompt_embeds is None:
-            pending["prompt"] = [prompt] if isinstance(prompt, str) else list(prompt)
-        if negative_prompt_embeds is None:
-            negative_prompt = "" if negative_prompt is None else negative_prompt
-            pending["negative"] = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
-        if pending:
-            encoded = self.encode_prompt([text for texts in pending.values() for text in texts], device)
-            encoded = dict(zip(pending, encoded.split([len(texts) for texts in pending.values()])))
-            prompt_embeds = encoded.get("prompt", prompt_embeds)
-            negative_prompt_embeds = encoded.get("negative", negative_prompt_embeds)
-        if prompt_embeds.shape[0] == 1 and batch_size > 1:  # one modification text for every query
-            prompt_embeds = prompt_embeds.expand(batch_size, -1, -1)
-        prompt_embeds = prompt_embeds.to(device=device, dtype=dtype)
+        # 5. Texts: the prompts and negative texts given as strings go through the text tower in one call
+        prompt_embeds, negative_prompt_embeds = self._encode_query_texts(
+            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, device
+        )
+        prompt_embeds = prompt_embeds.to(device=device, dtype=dtype).expand(batch_size, -1, -1)
         negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
-        if negative_prompt_embeds.shape[1] != prompt_embeds.shape[1]:
-            raise ValueError(
-                f"`prompt_embeds` ({prompt_embeds.shape[1]} tokens) and `negative_prompt_embeds` "
-                f"({negative_prompt_embeds.shape[1]} tokens) must have the same length."
-            )
 
-        # 4. initial noise ((b r) order as the reference: each query's samples are consecutive rows)
+        # 6. Initial noise ((b r) order as the reference: each query's samples are consecutive rows), drawn in float32
+        # whatever the model precision, so a seed gives the same query in every precision
         samples = num_samples_per_query
         shape = (batch_size * samples, self.embedding_dim)
-        # Noise is drawn in float32 whatever the model precision, so a seed gives the same query in every precision.
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         else:
-            if latents.ndim == 3 and latents.shape[1] == 1:
-                latents = latents[:, 0]
-            if tuple(latents.shape) != shape:
-                raise ValueError(f"`latents` must have shape {list(shape)}, got {tuple(latents.shape)}.")
-            latents = latents.to(device=device, dtype=torch.float32)
+            latents = latents.reshape(shape).to(device=device, dtype=torch.float32)
 
-        # 5. denoise
+        # 7. Denoise
         conditions = dict(image_embeds=image_embeds, prompt_embeds=prompt_embeds,
                           negative_prompt_embeds=negative_prompt_embeds, mask=mask)
-        if isinstance(self.scheduler, CompoDiffScheduler):
-            latents = self._sample_reference(
-                conditions, latents, num_inference_steps, guidance_scale, image_guidance_scale, samples, generator,
-                eta, callback_on_step_end, callback_on_step_end_tensor_inputs,
-            )
-        else:
-            latents = self._sample_with_scheduler(
-                conditions, latents, num_inference_steps, guidance_scale, image_guidance_scale, samples, generator,
-                eta, callback_on_step_end, callback_on_step_end_tensor_inputs,
-            )
+        sample = self._sample_reference if isinstance(self.scheduler, CompoDiffScheduler) else self._sample_with_scheduler
+        latents = sample(
+            conditions, latents, num_inference_steps, guidance_scale, image_guidance_scale, samples, generator,
+            eta, callback_on_step_end, callback_on_step_end_tensor_inputs,
+        )
 
-        # 7. average the samples of each query, mix in the source, normalise
+        # 8. Average the samples of each query, mix in the source, normalise
         result = latents.float().view(batch_size, samples, -1).mean(dim=1)
         if source_weight and not text_only:
             result = (1 - source_weight) * result + source_weight * image_embeds.float()
@@ -682,33 +661,29 @@ class CompoDiffPipeline(CIRPipelineMixin, DiffusionPipeline, CompoDiffLoraLoader
             return (result,)
         return CompoDiffPipelineOutput(image_embeds=result)
 
+    def _encode_reference(self, images: list, pixel_mask, num_masks: int, device) -> torch.Tensor:
+        """CLIP embeddings of the reference images, their masked pixels zeroed."""
+        pixel_values = self._pixel_values_of_list(images, device, self.image_encoder.dtype)
+        if pixel_mask is not None:
+            if pixel_values.shape[0] == 1 and num_masks == 1:
+                pixel_mask = pixel_mask[:1]  # one image, one mask: encode the masked image once
+            if pixel_mask.shape[-2:] != pixel_values.shape[-2:]:
+                pixel_mask = F.interpolate(pixel_mask, size=pixel_values.shape[-2:], mode="nearest")
+            pixel_values = pixel_values * (1 - pixel_mask.to(pixel_values.dtype))
+        return self.image_encoder(pixel_values=pixel_values).image_embeds
 
-def _count_texts(name: str, texts) -> int:
-    """How many texts `texts` holds (a string is one); anything but a string or a list/tuple of strings is refused."""
-    if isinstance(texts, str):
-        return 1
-    if isinstance(texts, (list, tuple)) and all(isinstance(text, str) for text in texts):
-        return len(texts)
-    holding = f" holding {sorted({type(text).__name__ for text in texts})}" if isinstance(texts, (list, tuple)) else ""
-    raise ValueError(f"`{name}` must be a string or a list of strings, got {type(texts).__name__}{holding}.")
-
-
-def _as_image_list(images, name: str) -> list:
-    """A list of per-query images (PIL, paths, arrays or tensors) from one image, a list, or a batched tensor/array."""
-    if isinstance(images, PIL.Image.Image) or is_image_path(images):
-        return [images]
-    if isinstance(images, torch.Tensor):
-        if images.ndim == 4 or (name == "mask_image" and images.ndim == 3):
-            return list(images)
-        return [images]
-    if isinstance(images, np.ndarray):
-        if images.ndim == 4 or (name == "mask_image" and images.ndim == 3 and images.shape[-1] not in (1, 3, 4)):
-            return list(images)
-        return [images]
-    if isinstance(images, (list, tuple)) and len(images) > 0:
-        return list(images)
-    raise ValueError(
-        f"`{name}` must be a PIL image, an image file path, a list of them, or a tensor/array, got {type(images).__name__}"
-        + (" (empty)" if isinstance(images, (list, tuple)) else "")
-        + "."
-    )
+    def _encode_query_texts(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, device):
+        """`(prompt_embeds, negative_prompt_embeds)`, the texts given as strings encoded in one text-tower call (the
+        negative text defaults to "")."""
+        pending = {}
+        if prompt_embeds is None:
+            pending["prompt"] = [prompt] if isinstance(prompt, str) else list(prompt)
+        if negative_prompt_embeds is None:
+            negative_prompt = "" if negative_prompt is None else negative_prompt
+            pending["negative"] = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
+        if pending:
+            encoded = self._encode_texts([text for texts in pending.values() for text in texts], device)
+            encoded = dict(zip(pending, encoded.split([len(texts) for texts in pending.values()])))
+            prompt_embeds = encoded.get("prompt", prompt_embeds)
+            negative_prompt_embeds = encoded.get("negative", negative_prompt_embeds)
+        return prompt_embeds, negative_prompt_embeds

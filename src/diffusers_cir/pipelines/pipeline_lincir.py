@@ -29,8 +29,10 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
+from ..checks import check_choice, check_positive_int
 from ..models.textual_inversion_projection import TextualInversionProjection
 from .auto import CIRPipelineMixin
+from .inputs import check_tensor
 from .utils import check_image_paths, is_loadable_image, load_image_paths
 
 DEFAULT_PROMPT_TEMPLATE = "a photo of $ that {text}"
@@ -179,41 +181,23 @@ class LinCIRPipeline(CIRPipelineMixin, DiffusionPipeline):
             device (`torch.device`, *optional*): where to run (defaults to the pipeline's execution device).
             show_progress (`bool`, defaults to `False`): a progress bar over the batches (gallery encoding).
         """
-        if self.image_encoder is None:
-            raise ValueError(
-                "This pipeline has no `image_encoder`, so it cannot encode pixels: pass CLIP `image_embeds` "
-                "instead, or load the pipeline with a CLIPVisionModelWithProjection."
-            )
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
-        device = device or self._execution_device
+        batch_size = check_positive_int(batch_size, "batch_size")
+        self._check_images(images, "images")
+        return self._encode_images(images, batch_size, device or self._execution_device, show_progress)
+
+    def _encode_images(self, images, batch_size: int, device, show_progress: bool = False) -> torch.Tensor:
         dtype = self.image_encoder.dtype
         if torch.is_tensor(images):
-            if images.ndim != 4:
-                raise ValueError(f"`images` as a tensor must be pixel values of shape (N, 3, H, W), got {tuple(images.shape)}.")
-            _check_not_empty("images", images, "image")
             batches = list(images.split(batch_size))
         else:
-            if is_loadable_image(images):
-                images = [images]
-            if not isinstance(images, Sequence) or not all(is_loadable_image(image) for image in images):
-                kinds = sorted({type(i).__name__ for i in images}) if isinstance(images, Sequence) else []
-                raise TypeError(
-                    "`images` must be a PIL image, an image file path, a list of them or a pixel tensor, got "
-                    f"{type(images).__name__}{f' of {kinds}' if kinds else ''}."
-                )
-            if self.image_processor is None:
-                raise ValueError("This pipeline has no `image_processor`: pass preprocessed pixel values or `image_embeds`.")
-            check_image_paths(images, "images")
-            batches = [list(images[start : start + batch_size]) for start in range(0, len(images), batch_size)]
+            images = [images] if is_loadable_image(images) else list(images)
+            batches = [images[start : start + batch_size] for start in range(0, len(images), batch_size)]
         embeds = []
         for index, batch in enumerate(self.progress_bar(batches) if show_progress else batches):
             if not torch.is_tensor(batch):
                 batch = load_image_paths(batch, "images", offset=index * batch_size)
                 batch = self.image_processor(images=batch, return_tensors="pt").pixel_values
             embeds.append(self.image_encoder(pixel_values=batch.to(device=device, dtype=dtype)).image_embeds)
-        if not embeds:
-            raise ValueError("`images` is empty.")
         return torch.cat(embeds)
 
     def encode_prompt_with_pseudo_tokens(
@@ -240,47 +224,35 @@ class LinCIRPipeline(CIRPipelineMixin, DiffusionPipeline):
         """
         if placeholder_token_id is None:
             placeholder_token_id = self.placeholder_token_id
-        if not torch.is_tensor(input_ids) or input_ids.ndim != 2:
-            got = tuple(input_ids.shape) if torch.is_tensor(input_ids) else type(input_ids).__name__
-            raise ValueError(f"`input_ids` must be a tensor of shape (batch_size, sequence_length), got {got}.")
-        hidden_size = self.text_encoder.config.hidden_size
-        if not torch.is_tensor(pseudo_tokens) or tuple(pseudo_tokens.shape) != (input_ids.shape[0], hidden_size):
-            got = tuple(pseudo_tokens.shape) if torch.is_tensor(pseudo_tokens) else type(pseudo_tokens).__name__
-            raise ValueError(
-                f"`pseudo_tokens` must be a tensor of shape ({input_ids.shape[0]}, {hidden_size}) (one per prompt), "
-                f"got {got}."
-            )
-        is_placeholder = input_ids == placeholder_token_id
-        missing = (~is_placeholder.any(dim=-1)).nonzero().flatten().tolist()
+        check_tensor(input_ids, "input_ids", ("batch_size", "sequence_length"))
+        check_tensor(pseudo_tokens, "pseudo_tokens", (input_ids.shape[0], self.text_encoder.config.hidden_size))
+        self._check_placeholders(input_ids, placeholder_token_id)
+        return encode_text_with_pseudo_tokens(
+            self.text_encoder, input_ids, pseudo_tokens, placeholder_token_id, output_hidden_states
+        )
+
+    def _check_placeholders(self, input_ids: torch.Tensor, placeholder_token_id: int) -> None:
+        """Every prompt needs the placeholder, which only the token ids show (a template may put it where truncation
+        cuts it off)."""
+        missing = (~(input_ids == placeholder_token_id).any(dim=-1)).nonzero().flatten().tolist()
         if missing:
             raise ValueError(
                 f"Prompts {missing} hold no placeholder token (id {placeholder_token_id}): every prompt needs "
                 f"{self.config.placeholder_token!r} where the reference image goes (after truncation to "
                 f"{input_ids.shape[1]} tokens)."
             )
-        return encode_text_with_pseudo_tokens(
-            self.text_encoder, input_ids, pseudo_tokens, placeholder_token_id, output_hidden_states
-        )
 
     def _format_prompts(self, prompt, prompt_template: str) -> tuple[list[str], list[str | None]]:
         """Prompt strings for each query; the second list holds the reversed FashionIQ prompt (or None)."""
-        items = [prompt] if isinstance(prompt, str) else prompt
-        if not isinstance(items, Sequence) or len(items) == 0:
-            raise ValueError(f"`prompt` must be a string or a non-empty list, got {prompt!r}.")
         forward, reversed_ = [], []
-        for index, item in enumerate(items):
+        for item in [prompt] if isinstance(prompt, str) else prompt:
             if isinstance(item, str):
                 forward.append(prompt_template.format(text=item))
                 reversed_.append(None)
-            elif isinstance(item, Sequence) and len(item) == 2 and all(isinstance(c, str) for c in item):
-                # FashionIQ's two relative captions: both orders, joined with "and", averaged after encoding.
+            else:  # FashionIQ's two relative captions: both orders, joined with "and", averaged after encoding.
                 first, second = (caption.strip(_FASHIONIQ_STRIP_CHARACTERS) for caption in item)
                 forward.append(prompt_template.format(text=f"{first} and {second}"))
                 reversed_.append(prompt_template.format(text=f"{second} and {first}"))
-            else:
-                raise ValueError(
-                    f"`prompt[{index}]` must be a string or a pair of strings (FashionIQ's two captions), got {item!r}."
-                )
         return forward, reversed_
 
     def _tokenize(self, prompts: list[str]) -> torch.Tensor:
@@ -293,6 +265,82 @@ class LinCIRPipeline(CIRPipelineMixin, DiffusionPipeline):
             truncation=True,
             return_tensors="pt",
         ).input_ids
+
+    # ------------------------------------------------------------------------------------------------- checks
+
+    def check_inputs(
+        self, image, prompt, image_embeds, pseudo_tokens, prompt_input_ids, prompt_template, batch_size, output_type
+    ) -> None:
+        """Check every argument once, before any file is read or tower runs; the steps of `__call__` trust what
+        this lets through."""
+        check_choice(output_type, "output_type", ("pt", "np"))
+        check_positive_int(batch_size, "batch_size")
+        given = [name for name, value in (("image", image), ("image_embeds", image_embeds), ("pseudo_tokens", pseudo_tokens)) if value is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"Pass exactly one of `image`, `image_embeds`, `pseudo_tokens` (the reference), got {given or 'none'}."
+            )
+        if (prompt is None) == (prompt_input_ids is None):
+            raise ValueError("Pass exactly one of `prompt` and `prompt_input_ids` (the modification text).")
+        if prompt is not None:
+            _check_prompt_template(prompt_template)
+            num_prompts = _check_prompt(prompt)
+        else:
+            num_prompts = self._check_prompt_input_ids(prompt_input_ids)
+        num_references = self._check_reference(image, image_embeds, pseudo_tokens)
+        if num_references != num_prompts and 1 not in (num_references, num_prompts):
+            raise ValueError(
+                f"Got {num_references} references ({given[0]}) but {num_prompts} prompts: pass as many of each, "
+                "or a single one of either."
+            )
+
+    def _check_images(self, images, name: str) -> None:
+        if self.image_encoder is None:
+            raise ValueError(
+                "This pipeline has no `image_encoder`, so it cannot encode pixels: pass CLIP `image_embeds` "
+                "instead, or load the pipeline with a CLIPVisionModelWithProjection."
+            )
+        if torch.is_tensor(images):
+            check_tensor(images, name, ("N", 3, "H", "W"), rows_of="image")
+            return
+        items = [images] if is_loadable_image(images) else images
+        if isinstance(items, (list, tuple)) and not items:
+            raise ValueError(f"`{name}` is an empty list: pass at least one image.")
+        if not isinstance(items, (list, tuple)) or not all(is_loadable_image(item) for item in items):
+            kinds = sorted({type(i).__name__ for i in items}) if isinstance(items, (list, tuple)) else []
+            raise TypeError(
+                f"`{name}` must be a PIL image, an image file path, a list of them or a pixel tensor, got "
+                f"{type(images).__name__}{f' of {kinds}' if kinds else ''}."
+            )
+        if self.image_processor is None:
+            raise ValueError("This pipeline has no `image_processor`: pass preprocessed pixel values or `image_embeds`.")
+        check_image_paths(images, name)
+
+    def _check_reference(self, image, image_embeds, pseudo_tokens) -> int:
+        """The number of references, whichever form they come in."""
+        if image is not None:
+            self._check_images(image, "image")
+            if torch.is_tensor(image):
+                return image.shape[0]
+            return 1 if is_loadable_image(image) else len(image)
+        if image_embeds is not None:
+            shape = ("batch_size", self.phi.config.input_dim)
+            return check_tensor(image_embeds, "image_embeds", shape, rows_of="reference embedding").shape[0]
+        shape = ("batch_size", self.text_encoder.config.hidden_size)
+        return check_tensor(pseudo_tokens, "pseudo_tokens", shape, rows_of="pseudo token").shape[0]
+
+    def _check_prompt_input_ids(self, prompt_input_ids) -> int:
+        check_tensor(prompt_input_ids, "prompt_input_ids", ("batch_size", "sequence_length"), rows_of="prompt")
+        dtype = prompt_input_ids.dtype
+        if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+            raise ValueError(f"`prompt_input_ids` must hold integer token ids, got dtype {dtype}.")
+        vocab_size = self.text_encoder.get_input_embeddings().num_embeddings
+        outside = prompt_input_ids[(prompt_input_ids < 0) | (prompt_input_ids >= vocab_size)].unique().tolist()
+        if outside:
+            raise ValueError(
+                f"`prompt_input_ids` holds ids outside the text encoder's vocabulary [0, {vocab_size}): {outside[:10]}."
+            )
+        return prompt_input_ids.shape[0]
 
     # ------------------------------------------------------------------------------------------------- call
 
@@ -342,83 +390,41 @@ class LinCIRPipeline(CIRPipelineMixin, DiffusionPipeline):
         Returns:
             [`LinCIRPipelineOutput`] or `(image_embeds, pseudo_tokens)`.
         """
-        if output_type not in ("pt", "np"):
-            raise ValueError(f"`output_type` must be 'pt' or 'np', got {output_type!r}.")
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
-        given = [name for name, value in (("image", image), ("image_embeds", image_embeds), ("pseudo_tokens", pseudo_tokens)) if value is not None]
-        if len(given) != 1:
-            raise ValueError(
-                f"Pass exactly one of `image`, `image_embeds`, `pseudo_tokens` (the reference), got {given or 'none'}."
-            )
-        if (prompt is None) == (prompt_input_ids is None):
-            raise ValueError("Pass exactly one of `prompt` and `prompt_input_ids` (the modification text).")
+        # 1. Check inputs
         prompt_template = self.config.prompt_template if prompt_template is None else prompt_template
-        if prompt is not None:
-            _check_prompt_template(prompt_template)
-
+        self.check_inputs(
+            image, prompt, image_embeds, pseudo_tokens, prompt_input_ids, prompt_template, batch_size, output_type
+        )
         device = self._execution_device
         text_dtype = self.text_encoder.dtype
-        hidden_size = self.text_encoder.config.hidden_size
-        projection_dim = self.text_encoder.config.projection_dim
 
-        # 1. Prompts -> token ids (the reversed FashionIQ prompts are appended after the forward ones).
+        # 2. Prompts -> token ids (the reversed FashionIQ prompts are appended after the forward ones).
         if prompt is not None:
             forward_prompts, reversed_prompts = self._format_prompts(prompt, prompt_template)
             paired = [index for index, text in enumerate(reversed_prompts) if text is not None]
             input_ids = self._tokenize(forward_prompts + [reversed_prompts[index] for index in paired])
             num_prompts = len(forward_prompts)
         else:
-            if not torch.is_tensor(prompt_input_ids) or prompt_input_ids.ndim != 2:
-                got = tuple(prompt_input_ids.shape) if torch.is_tensor(prompt_input_ids) else type(prompt_input_ids).__name__
-                raise ValueError(f"`prompt_input_ids` must be a tensor of shape (batch_size, sequence_length), got {got}.")
-            if prompt_input_ids.dtype.is_floating_point or prompt_input_ids.dtype.is_complex or prompt_input_ids.dtype == torch.bool:
-                raise ValueError(f"`prompt_input_ids` must hold integer token ids, got dtype {prompt_input_ids.dtype}.")
-            _check_not_empty("prompt_input_ids", prompt_input_ids, "prompt")
             input_ids, paired, num_prompts = prompt_input_ids.long(), [], prompt_input_ids.shape[0]
-            vocab_size = self.text_encoder.get_input_embeddings().num_embeddings
-            outside = input_ids[(input_ids < 0) | (input_ids >= vocab_size)].unique().tolist()
-            if outside:
-                raise ValueError(
-                    f"`prompt_input_ids` holds ids outside the text encoder's vocabulary [0, {vocab_size}): {outside[:10]}."
-                )
+        placeholder_token_id = self.placeholder_token_id
+        self._check_placeholders(input_ids, placeholder_token_id)
 
-        # 2. Reference -> pseudo tokens.
+        # 3. Reference -> pseudo tokens.
         if image is not None:
-            # named as the caller wrote it (encode_image's own messages say `images`)
-            if isinstance(image, (list, tuple)) and not image:
-                raise ValueError("`image` is an empty list: pass at least one reference image.")
-            if torch.is_tensor(image):
-                _check_not_empty("image", image, "image")
-            check_image_paths(image, "image")
-            image_embeds = self.encode_image(image, batch_size=batch_size)
+            image_embeds = self._encode_images(image, batch_size, device)
         if image_embeds is not None:
-            if not torch.is_tensor(image_embeds) or image_embeds.ndim != 2 or image_embeds.shape[1] != self.phi.config.input_dim:
-                got = tuple(image_embeds.shape) if torch.is_tensor(image_embeds) else type(image_embeds).__name__
-                raise ValueError(
-                    f"`image_embeds` must be a tensor of shape (batch_size, {self.phi.config.input_dim}), got {got}."
-                )
-            _check_not_empty("image_embeds", image_embeds, "reference embedding")
             phi_dtype = self.phi.output_layer.weight.dtype
             pseudo_tokens = torch.cat(
-                [
-                    self.phi(chunk.to(device=device, dtype=phi_dtype)).pseudo_tokens
-                    for chunk in image_embeds.split(batch_size)
-                ]
+                [self.phi(chunk.to(device=device, dtype=phi_dtype)).pseudo_tokens for chunk in image_embeds.split(batch_size)]
             )
-        elif not torch.is_tensor(pseudo_tokens) or pseudo_tokens.ndim != 2 or pseudo_tokens.shape[1] != hidden_size:
-            got = tuple(pseudo_tokens.shape) if torch.is_tensor(pseudo_tokens) else type(pseudo_tokens).__name__
-            raise ValueError(f"`pseudo_tokens` must be a tensor of shape (batch_size, {hidden_size}), got {got}.")
-        else:
-            _check_not_empty("pseudo_tokens", pseudo_tokens, "pseudo token")
         pseudo_tokens = pseudo_tokens.to(device=device, dtype=text_dtype)
 
-        # 3. Broadcast a single reference or a single prompt against the other batch.
+        # 4. Broadcast a single reference or a single prompt against the other batch.
         num_references = pseudo_tokens.shape[0]
         if num_references != num_prompts:
             if num_references == 1:
                 pseudo_tokens = pseudo_tokens.expand(num_prompts, -1)
-            elif num_prompts == 1:
+            else:
                 forward_ids = input_ids[:1].expand(num_references, -1)
                 if paired:  # one FashionIQ pair for every reference: forward rows, then reversed rows
                     input_ids = torch.cat([forward_ids, input_ids[1:2].expand(num_references, -1)])
@@ -426,28 +432,22 @@ class LinCIRPipeline(CIRPipelineMixin, DiffusionPipeline):
                 else:
                     input_ids = forward_ids
                 num_prompts = num_references
-            else:
-                raise ValueError(
-                    f"Got {num_references} references ({given[0]}) but {num_prompts} prompts: pass as many of each, "
-                    "or a single one of either."
-                )
         batch_pseudo_tokens = torch.cat([pseudo_tokens, pseudo_tokens[paired]]) if paired else pseudo_tokens
 
-        # 4. Encode the prompts with the pseudo tokens, chunk by chunk.
+        # 5. Encode the prompts with the pseudo tokens, chunk by chunk.
         input_ids = input_ids.to(device)
-        placeholder_token_id = self.placeholder_token_id
         chunks = []
         starts = range(0, input_ids.shape[0], batch_size)
         for start in self.progress_bar(starts) if len(starts) > 1 else starts:
             chunks.append(
-                self.encode_prompt_with_pseudo_tokens(
-                    input_ids[start : start + batch_size],
-                    batch_pseudo_tokens[start : start + batch_size],
-                    placeholder_token_id=placeholder_token_id,
+                encode_text_with_pseudo_tokens(
+                    self.text_encoder, input_ids[start : start + batch_size],
+                    batch_pseudo_tokens[start : start + batch_size], placeholder_token_id,
                 )
             )
-        text_embeds = torch.cat(chunks) if chunks else torch.empty(0, projection_dim, device=device, dtype=text_dtype)
+        text_embeds = torch.cat(chunks)
 
+        # 6. Average the FashionIQ orders, normalise, convert.
         query_embeds = text_embeds[:num_prompts]
         if paired:
             averaged = (F.normalize(query_embeds[paired], dim=-1) + F.normalize(text_embeds[num_prompts:], dim=-1)) / 2
@@ -465,11 +465,18 @@ class LinCIRPipeline(CIRPipelineMixin, DiffusionPipeline):
         return LinCIRPipelineOutput(image_embeds=query_embeds, pseudo_tokens=pseudo_tokens)
 
 
-def _check_not_empty(name: str, tensor: torch.Tensor, item: str) -> None:
-    """A batch with no rows composes no query; broadcast against the other argument's single entry it would even drop
-    that entry silently and return an empty result."""
-    if tensor.shape[0] == 0:
-        raise ValueError(f"`{name}` holds no {item} (shape {tuple(tensor.shape)}): pass at least one.")
+def _check_prompt(prompt) -> int:
+    """The number of queries in `prompt`: a string, or a non-empty list of strings and FashionIQ caption pairs."""
+    items = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(items, Sequence) or len(items) == 0:
+        raise ValueError(f"`prompt` must be a string or a non-empty list, got {prompt!r}.")
+    for index, item in enumerate(items):
+        pair = isinstance(item, Sequence) and len(item) == 2 and all(isinstance(caption, str) for caption in item)
+        if not (isinstance(item, str) or pair):
+            raise ValueError(
+                f"`prompt[{index}]` must be a string or a pair of strings (FashionIQ's two captions), got {item!r}."
+            )
+    return len(items)
 
 
 def _check_prompt_template(prompt_template) -> None:

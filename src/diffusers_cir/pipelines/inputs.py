@@ -1,0 +1,94 @@
+# Copyright 2026 The diffusers-cir authors. Apache-2.0.
+"""Checks of pipeline call arguments, shared by every CIR pipeline's one `check_inputs`.
+
+Scalars go through :mod:`diffusers_cir.checks`; this module adds what only pipelines take: tensors of a given shape,
+per-query lists of images, generators. Each check raises ``ValueError`` naming the argument, what it holds and what is
+expected; the steps of a pipeline call after `check_inputs` trust what these let through.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import PIL.Image
+import torch
+
+from .utils import is_image_path
+
+
+def shape_of(value) -> str:
+    """A tensor's or array's shape as a tuple, anything else by its type name (for messages)."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return str(tuple(value.shape))
+    return type(value).__name__
+
+
+def check_not_both(name: str, value, other_name: str, other, note: str = "") -> None:
+    if value is not None and other is not None:
+        raise ValueError(f"Pass either `{name}`{note} or `{other_name}`, not both.")
+
+
+def check_tensor(value, name: str, shape: tuple, rows_of: str | None = None) -> torch.Tensor:
+    """`value` if it is a tensor of `shape`: an int entry is an exact size, a string names a free one
+    (`("batch_size", 768)`), shown as such in the message. With `rows_of` (what a row is), it must have a row."""
+    if not (
+        isinstance(value, torch.Tensor)
+        and value.ndim == len(shape)
+        and all(isinstance(size, str) or value.shape[axis] == size for axis, size in enumerate(shape))
+    ):
+        spelled = ", ".join(str(size) for size in shape)
+        raise ValueError(f"`{name}` must be a tensor of shape ({spelled}), got {shape_of(value)}.")
+    # A batch with no rows composes no query; broadcast against another argument's single entry it would even drop
+    # that entry silently and return an empty result.
+    if rows_of is not None and value.shape[0] == 0:
+        raise ValueError(f"`{name}` holds no {rows_of} (shape {tuple(value.shape)}): pass at least one.")
+    return value
+
+
+def image_list(images, name: str) -> list:
+    """A list of per-query images (PIL, paths, arrays or tensors) from one image, a list, or a batched tensor/array.
+
+    A 4-dimensional tensor/array is a batch of images; for `mask_image` a 3-dimensional tensor (and an array whose
+    last axis is not a channel axis) is a batch of `[H, W]` masks.
+    """
+    if isinstance(images, PIL.Image.Image) or is_image_path(images):
+        return [images]
+    if isinstance(images, torch.Tensor):
+        if images.ndim == 4 or (name == "mask_image" and images.ndim == 3):
+            return list(images)
+        return [images]
+    if isinstance(images, np.ndarray):
+        if images.ndim == 4 or (name == "mask_image" and images.ndim == 3 and images.shape[-1] not in (1, 3, 4)):
+            return list(images)
+        return [images]
+    if isinstance(images, (list, tuple)) and len(images) > 0:
+        return list(images)
+    raise ValueError(
+        f"`{name}` must be a PIL image, an image file path, a list of them, or a tensor/array, got {type(images).__name__}"
+        + (" (empty)" if isinstance(images, (list, tuple)) else "")
+        + "."
+    )
+
+
+def check_generator(generator, rows: int, rows_text: str) -> None:
+    """A generator, or a list of one generator per row of noise (`rows_text` says how the rows are counted)."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != rows or not all(isinstance(item, torch.Generator) for item in generator):
+            raise ValueError(
+                f"`generator` as a list must hold one torch.Generator per row of noise: {rows} ({rows_text}), got a "
+                f"list of {len(generator)} holding {sorted({type(item).__name__ for item in generator})}; or pass a "
+                "single generator."
+            )
+    elif generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"`generator` must be a torch.Generator or a list of them, got {type(generator).__name__}.")
+
+
+def check_batch_sizes(sizes: dict[str, int]) -> int:
+    """The number of queries: every condition holds one entry per query, or a single one that serves every query."""
+    batch_size = max(sizes.values())
+    if any(size not in (1, batch_size) for size in sizes.values()):
+        raise ValueError(
+            f"Batch sizes do not match: {sizes}. Give each condition one entry per query, or a single one for all."
+        )
+    if batch_size == 0:
+        raise ValueError(f"No query to compose: {' and '.join(f'`{name}`' for name in sizes)} hold no entries.")
+    return batch_size
