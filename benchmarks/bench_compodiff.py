@@ -243,7 +243,7 @@ def bench_pipeline_in(dtype, args, config, device, results):
     pipe.set_progress_bar_config(disable=True)
     if device.type == "cuda" and "graph" in args.modes:
         pipe.enable_cuda_graphs()
-    negative = pipe.encode_prompt([""], device)  # cached once, as a user would
+    negative, _ = pipe.encode_prompt("", device, do_classifier_free_guidance=False)  # cached once, as a user would
     for batch in args.pipeline_batch_sizes:
         pixel_values = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
         prompts = [f"make it number {i} and red" for i in range(batch)]

@@ -164,3 +164,140 @@ class CIRPipelineTesterMixin:
         pipe = self.get_pipeline()
         with pytest.raises(ValueError, match="prompt"):
             pipe(image=picture(0), prompt=3, **self.query_kwargs())
+
+    # ------------------------------------------------------------------------- diffusers' conventions, where they apply
+    # What users of diffusers pipelines rely on (diffusers' own PipelineTesterMixin checks them on its pipelines); each
+    # check applies to the pipelines whose call takes the arguments or holds the components it is about.
+
+    def _needs(self, pipe, *names):
+        import pytest
+
+        missing = sorted(set(names) - pipe.call_parameters())
+        if missing:
+            pytest.skip(f"{type(pipe).__name__} takes no {', '.join(missing)}")
+
+    def test_num_images_per_prompt_gives_separate_rows_per_query(self):
+        pipe = self.get_pipeline()
+        self._needs(pipe, "num_images_per_prompt")
+        for batch in (1, 2):
+            for count in (1, 2):
+                output = pipe(image=[picture(i) for i in range(batch)], prompt=["is red", "has two dogs"][:batch],
+                              num_images_per_prompt=count, **self.query_kwargs()).image_embeds
+                assert tuple(output.shape) == (batch * count, pipe.embedding_dim)
+        # the images of one query are the rows that as many copies of the query give (query-major, same seed)
+        rows = pipe(image=picture(0), prompt="is red", num_images_per_prompt=3, **self.query_kwargs()).image_embeds
+        copies = pipe(image=[picture(0)] * 3, prompt=["is red"] * 3, **self.query_kwargs()).image_embeds
+        torch.testing.assert_close(rows.float(), copies.float(), atol=1e-5, rtol=0)
+        if getattr(pipe, "scheduler", None) is not None:  # sampled: separate draws, not one row repeated
+            assert not torch.allclose(rows[0].float(), rows[1].float())
+
+    def test_step_callback_changes_guidance_and_can_interrupt(self):
+        pipe = self.get_pipeline()
+        self._needs(pipe, "callback_on_step_end", "guidance_scale")
+        query = dict(image=picture(0), prompt="is red", guidance_scale=2.0)
+
+        def raise_guidance(pipe, step, timestep, callback_kwargs):
+            pipe._guidance_scale += 1.0
+            return callback_kwargs
+
+        raised = pipe(**query, callback_on_step_end=raise_guidance, **self.query_kwargs()).image_embeds
+        assert pipe.num_timesteps > 1 and pipe.guidance_scale == 2.0 + pipe.num_timesteps
+        assert isinstance(pipe.do_classifier_free_guidance, bool) and pipe.interrupt is False
+        constant = pipe(**query, **self.query_kwargs()).image_embeds
+        assert not torch.allclose(raised.float(), constant.float())  # the loop read the new scale
+
+        steps = []
+
+        def stop(pipe, step, timestep, callback_kwargs):
+            steps.append(step)
+            pipe._interrupt = True
+            return callback_kwargs
+
+        stopped = pipe(**query, callback_on_step_end=stop, **self.query_kwargs()).image_embeds
+        assert steps == [0] and pipe.interrupt and torch.isfinite(torch.as_tensor(stopped)).all()
+
+    def test_guidance_of_one_runs_the_conditional_branch_alone(self):
+        pipe = self.get_pipeline()
+        self._needs(pipe, "guidance_scale")
+        unguided = {"guidance_scale": 1.0}
+        if "image_guidance_scale" in pipe.call_parameters():
+            unguided["image_guidance_scale"] = 1.0
+        output = pipe(image=picture(0), prompt="is red", **unguided, **self.query_kwargs()).image_embeds
+        assert pipe.do_classifier_free_guidance is False and torch.isfinite(torch.as_tensor(output)).all()
+
+    def test_callback_tensor_inputs_and_latent_output(self):
+        pipe = self.get_pipeline()
+        self._needs(pipe, "callback_on_step_end", "callback_on_step_end_tensor_inputs", "output_type")
+        names = list(pipe._callback_tensor_inputs)
+        query = dict(image=picture(0), prompt="is red", callback_on_step_end_tensor_inputs=names, output_type="latent")
+
+        def only_the_asked_ones(pipe, step, timestep, callback_kwargs):
+            assert sorted(callback_kwargs) == sorted(names)
+            return callback_kwargs
+
+        latent = pipe(**query, callback_on_step_end=only_the_asked_ones, **self.query_kwargs()).image_embeds
+        assert isinstance(latent, torch.Tensor) and latent.shape[0] >= 1
+
+        def zero_at_the_last_step(pipe, step, timestep, callback_kwargs):
+            if step == pipe.num_timesteps - 1:
+                callback_kwargs["latents"] = torch.zeros_like(callback_kwargs["latents"])
+            return callback_kwargs
+
+        zeroed = pipe(**query, callback_on_step_end=zero_at_the_last_step, **self.query_kwargs()).image_embeds
+        assert zeroed.abs().sum() == 0
+
+    def test_scheduler_swap_keeps_what_the_model_needs(self):
+        import pytest
+
+        pipe = self.get_pipeline()
+        scheduler = getattr(pipe, "scheduler", None)
+        if scheduler is None or not scheduler.compatibles:
+            pytest.skip(f"{type(pipe).__name__} has no scheduler with compatible classes")
+        original = dict(scheduler.config)
+        for scheduler_class in scheduler.compatibles:
+            pipe.scheduler = scheduler_class.from_config(original)  # diffusers' scheduler-swap idiom
+            for key in ("prediction_type", "beta_schedule", "clip_sample"):
+                if key in original and key in pipe.scheduler.config:
+                    assert pipe.scheduler.config[key] == original[key], (scheduler_class.__name__, key)
+            first = pipe(image=picture(0), prompt="is red", **self.query_kwargs()).image_embeds
+            second = pipe(image=picture(0), prompt="is red", **self.query_kwargs()).image_embeds
+            assert tuple(first.shape) == (1, pipe.embedding_dim) and torch.isfinite(first).all()
+            torch.testing.assert_close(first, second, atol=0, rtol=0)
+
+    def test_layerwise_casting_of_every_diffusers_model(self):
+        import pytest
+        from diffusers import ModelMixin
+
+        pipe = self.get_pipeline()
+        models = [name for name, component in pipe.components.items() if isinstance(component, ModelMixin)]
+        if not models:
+            pytest.skip(f"{type(pipe).__name__} holds no diffusers model")
+        pipe.to(dtype=torch.bfloat16)
+        for name in models:
+            getattr(pipe, name).enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+        output = pipe(image=picture(0), prompt="is red", **self.query_kwargs()).image_embeds
+        assert tuple(output.shape) == (1, pipe.embedding_dim) and torch.isfinite(torch.as_tensor(output).float()).all()
+
+    def test_encode_prompt_returns_both_text_embeddings_and_they_compose_the_same_query(self):
+        import inspect
+
+        import pytest
+
+        pipe = self.get_pipeline()
+        if not hasattr(pipe, "encode_prompt"):
+            pytest.skip(f"{type(pipe).__name__} has no encode_prompt")
+        self._needs(pipe, "prompt_embeds", "negative_prompt_embeds", "negative_prompt")
+        assert "negative_prompt" in inspect.signature(pipe.encode_prompt).parameters
+        prompt_embeds, negative_prompt_embeds = pipe.encode_prompt("is red", negative_prompt="blurry")
+        query = dict(image=picture(0), **self.query_kwargs())
+        expected = pipe(prompt="is red", negative_prompt="blurry", **query).image_embeds
+        query = dict(image=picture(0), **self.query_kwargs())
+        got = pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, **query).image_embeds
+        torch.testing.assert_close(got.float(), expected.float(), atol=1e-5, rtol=0)
+        optional = set(getattr(pipe, "_optional_components", ()))
+        if {"text_encoder", "tokenizer"} <= optional:  # the embeddings serve a pipeline without the text tower
+            without = type(pipe)(**{**pipe.components, "text_encoder": None, "tokenizer": None})
+            without.set_progress_bar_config(disable=True)
+            query = dict(image=picture(0), **self.query_kwargs())
+            got = without(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, **query).image_embeds
+            torch.testing.assert_close(got.float(), expected.float(), atol=1e-5, rtol=0)

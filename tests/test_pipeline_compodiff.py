@@ -47,25 +47,51 @@ def test_prompts_equal_their_embeddings(pipe):
     image_embeds = torch.randn(2, EMBED_DIM)
     texts = ["make it red", "as a sketch"]
     a = pipe(image_embeds=image_embeds, prompt=texts, negative_prompt="blurry", generator=_gen()).image_embeds
+    prompt_embeds, negative_prompt_embeds = pipe.encode_prompt(texts, negative_prompt="blurry")
+    assert prompt_embeds.shape == (2, 77, TEXT_DIM) and negative_prompt_embeds.shape == (1, 77, TEXT_DIM)
     b = pipe(
-        image_embeds=image_embeds, prompt_embeds=pipe.encode_prompt(texts), negative_prompt_embeds=pipe.encode_prompt(["blurry"]),
+        image_embeds=image_embeds, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
         generator=_gen(),
     ).image_embeds
     assert torch.allclose(a, b, atol=1e-6)
     # the prompts and the negative text share one text-tower call
+    negative = pipe.encode_prompt("blurry", do_classifier_free_guidance=False)
+    assert negative[1] is None
+    torch.testing.assert_close(negative[0], negative_prompt_embeds, atol=1e-6, rtol=0)
     calls = []
     handle = pipe.text_encoder.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
     try:
         pipe(image_embeds=image_embeds, prompt=texts, negative_prompt="blurry", generator=_gen())
-        pipe(image_embeds=image_embeds, prompt=texts, negative_prompt_embeds=pipe.encode_prompt(["blurry"]), generator=_gen())
+        pipe(image_embeds=image_embeds, prompt=texts, negative_prompt_embeds=negative[0], generator=_gen())
     finally:
         handle.remove()
-    assert calls == [3, 1, 2]
+    assert calls == [3, 2]
     # the default negative text is the empty string
     c = pipe(image_embeds=image_embeds, prompt=texts, generator=_gen()).image_embeds
     d = pipe(image_embeds=image_embeds, prompt=texts, negative_prompt="", generator=_gen()).image_embeds
     assert torch.equal(c, d)
     assert not torch.allclose(a, c)
+
+
+def test_encode_prompt_follows_diffusers_and_its_old_result_still_works(pipe):
+    """`encode_prompt` returns `(prompt_embeds, negative_prompt_embeds)` as diffusers pipelines do (it returned the
+    prompt tensor alone): repeated per image, `None` without guidance; the tuple passed where the old tensor went
+    still composes the same query, with a deprecation warning."""
+    texts = ["make it red", "as a sketch"]
+    prompt_embeds, negative_prompt_embeds = pipe.encode_prompt(texts, num_images_per_prompt=3, negative_prompt=["a", "b"])
+    once, negatives_once = pipe.encode_prompt(texts, negative_prompt=["a", "b"])
+    torch.testing.assert_close(prompt_embeds, once.repeat_interleave(3, dim=0))
+    torch.testing.assert_close(negative_prompt_embeds, negatives_once.repeat_interleave(3, dim=0))
+    assert pipe.encode_prompt(texts, do_classifier_free_guidance=False)[1] is None
+    image_embeds = torch.randn(2, EMBED_DIM)
+    expected = pipe(image_embeds=image_embeds, prompt=texts, negative_prompt="", generator=_gen()).image_embeds
+    old_negative = pipe.encode_prompt([""])  # the README's old idiom: encode the negative text once
+    with pytest.warns(FutureWarning, match="encode_prompt` returns `\\(prompt_embeds, negative_prompt_embeds\\)"):
+        got = pipe(image_embeds=image_embeds, prompt=texts, negative_prompt_embeds=old_negative, generator=_gen())
+    torch.testing.assert_close(got.image_embeds, expected, atol=1e-6, rtol=0)
+    with pytest.warns(FutureWarning):
+        got = pipe(image_embeds=image_embeds, prompt_embeds=pipe.encode_prompt(texts), generator=_gen())
+    torch.testing.assert_close(got.image_embeds, expected, atol=1e-6, rtol=0)
 
 
 def test_text_only_uses_a_zero_image(pipe):
@@ -183,8 +209,8 @@ def test_return_tuple_and_numpy(pipe):
         (dict(prompt="x", num_samples_per_query=True), "num_samples_per_query"),
         (dict(prompt=[]), r"`prompt` must be a string or a non-empty list of strings, got list \(empty\)"),
         (dict(prompt_embeds=torch.randn(0, 77, TEXT_DIM)), "No query to compose: `prompt_embeds`"),
-        (dict(prompt=["x", "y"], generator=[_gen(0)]), r"`generator` as a list .* 2 \(2 queries x 1 num_samples_per_query\), got a list of 1"),
-        (dict(prompt=["x", "y"], num_samples_per_query=2, generator=[_gen(0), _gen(1)]), r"`generator` .* 4 \(2 queries x 2"),
+        (dict(prompt=["x", "y"], generator=[_gen(0)]), r"`generator` as a list .* 2 \(2 queries x 1 num_images_per_prompt x 1 num_samples_per_query\), got a list of 1"),
+        (dict(prompt=["x", "y"], num_samples_per_query=2, generator=[_gen(0), _gen(1)]), r"`generator` .* 4 \(2 queries x 1 num_images_per_prompt x 2 num_samples_per_query"),
         (dict(prompt="x", generator=0), "`generator` must be a torch.Generator"),
     ],
 )
@@ -294,7 +320,8 @@ def test_ddim_eta_is_passed():
 def test_encode_prompt_runs_without_autograd(pipe):
     """A cached `encode_prompt` result (the README's encode-the-negative-once advice) must not hold the text tower's
     autograd graph; an empty list is refused with a message naming `prompt`."""
-    negative = pipe.encode_prompt([""])
+    prompt_embeds, negative = pipe.encode_prompt([""])
+    assert prompt_embeds.grad_fn is None and not prompt_embeds.requires_grad
     assert negative.grad_fn is None and not negative.requires_grad
     with pytest.raises(ValueError, match=r"`prompt` must be a string or a non-empty list of strings, got list \(empty\)"):
         pipe.encode_prompt([])
@@ -442,3 +469,68 @@ def test_image_and_mask_paths_are_read_like_the_pil_images_of_the_files(pipe, tm
         pipe(image=[photo_image] * 2, prompt="x", mask_image=[mask_image, missing])
     with pytest.raises(ValueError, match=r"`images`\[2\] is the path .*missing\.png'"):
         pipe.encode_image([other_image, other_image, missing], batch_size=1)
+
+
+def test_num_images_per_prompt_beside_num_samples_per_query(pipe):
+    """Rows of noise are query-major, then image, then sample: each of a query's `num_images_per_prompt` outputs is
+    the average of its own `num_samples_per_query` samples."""
+    image_embeds, prompts = torch.randn(2, EMBED_DIM), ["a", "b"]
+    latents = torch.randn(2 * 3 * 2, EMBED_DIM)
+    out = pipe(image_embeds=image_embeds, prompt=prompts, num_images_per_prompt=3, num_samples_per_query=2,
+               latents=latents, num_inference_steps=2).image_embeds
+    assert out.shape == (6, EMBED_DIM)
+    for query in range(2):
+        for image in range(3):
+            rows = latents[(query * 3 + image) * 2 : (query * 3 + image + 1) * 2]
+            alone = pipe(image_embeds=image_embeds[query : query + 1], prompt=prompts[query], num_samples_per_query=2,
+                         latents=rows, num_inference_steps=2).image_embeds
+            torch.testing.assert_close(out[query * 3 + image], alone[0], atol=1e-5, rtol=0)
+    # the latent output is every sample, before averaging
+    latent = pipe(image_embeds=image_embeds, prompt=prompts, num_images_per_prompt=3, num_samples_per_query=2,
+                  latents=latents, num_inference_steps=2, output_type="latent").image_embeds
+    assert latent.shape == (12, EMBED_DIM)
+    torch.testing.assert_close(latent.view(6, 2, -1).mean(1), out, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="`num_images_per_prompt` must be an integer >= 1"):
+        pipe(prompt="x", num_images_per_prompt=0)
+    with pytest.raises(ValueError, match=r"`latents` must be a tensor of shape \(12, 16\)"):
+        pipe(image_embeds=image_embeds, prompt=prompts, num_images_per_prompt=3, num_samples_per_query=2,
+             latents=latents[:6])
+
+
+def test_guidance_of_one_is_the_conditional_branch_alone(pipe):
+    """With `w_text = w_image = 1` the guided x0 `u + (c - n) + (n - u)` is `c`: only that branch runs."""
+    transformer = pipe.transformer
+    image_embeds, prompt_embeds = torch.randn(2, EMBED_DIM), torch.randn(2, 77, TEXT_DIM)
+    latents = torch.randn(2, EMBED_DIM)
+    rows = []
+    handle = transformer.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    try:
+        out = pipe(image_embeds=image_embeds, prompt_embeds=prompt_embeds, negative_prompt_embeds=torch.randn(2, 77, TEXT_DIM),
+                   latents=latents, num_inference_steps=2, guidance_scale=1.0, image_guidance_scale=1.0).image_embeds
+    finally:
+        handle.remove()
+    assert rows == [2] and pipe.do_classifier_free_guidance is False
+    t = int(pipe.scheduler.timesteps[0])
+    with torch.no_grad():
+        conditional = transformer(latents, t, image_embeds, prompt_embeds, torch.zeros(2, 64, 64)).predicted_image_embedding
+    torch.testing.assert_close(out, conditional, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("swap", ["compodiff", "ddim"])
+def test_a_callback_switching_guidance_off_mid_run_takes_effect(swap):
+    """The loop reads `pipe.guidance_scale` / `pipe.image_guidance_scale` before every step (diffusers' callback
+    convention): switching guidance off after step 0 gives the run whose later steps are unguided."""
+    scheduler = CompoDiffScheduler() if swap == "compodiff" else DDIMScheduler.from_config(CompoDiffScheduler().config)
+    pipe = tiny_pipeline(with_encoders=False, scheduler=scheduler)
+    kwargs = dict(image_embeds=torch.randn(1, EMBED_DIM), prompt_embeds=torch.randn(1, 77, TEXT_DIM),
+                  negative_prompt_embeds=torch.randn(1, 77, TEXT_DIM), num_inference_steps=4)
+
+    def guidance_off(pipe, step, timestep, callback_kwargs):
+        pipe._guidance_scale, pipe._image_guidance_scale = 1.0, 1.0
+        return callback_kwargs
+
+    switched = pipe(**kwargs, callback_on_step_end=guidance_off, generator=_gen()).image_embeds
+    assert (pipe.guidance_scale, pipe.image_guidance_scale) == (1.0, 1.0)
+    guided = pipe(**kwargs, generator=_gen()).image_embeds
+    unguided = pipe(**kwargs, guidance_scale=1.0, image_guidance_scale=1.0, generator=_gen()).image_embeds
+    assert not torch.allclose(switched, guided) and not torch.allclose(switched, unguided)

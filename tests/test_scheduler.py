@@ -85,3 +85,36 @@ def test_save_and_reload(tmp_path):
     reloaded = CompoDiffScheduler.from_pretrained(tmp_path)
     assert reloaded.config.eta == 0.5
     assert torch.equal(reloaded.alphas_cumprod, scheduler.alphas_cumprod)
+
+
+@pytest.mark.parametrize("scheduler_name", ["DDIMScheduler", "DPMSolverMultistepScheduler"])
+def test_scheduler_swap_idiom_makes_an_x0_cosine_scheduler(tmp_path, scheduler_name):
+    """`DDIMScheduler.from_config(pipe.scheduler.config)` took DDIM's own defaults (epsilon prediction, a linear
+    schedule, clipping), which the pipeline refuses or which sample the wrong schedule: the facts of the model are
+    written into the config even at their defaults, also after a save and reload."""
+    import diffusers
+
+    scheduler_class = getattr(diffusers, scheduler_name)
+    assert scheduler_class in CompoDiffScheduler().compatibles
+    scheduler = CompoDiffScheduler()
+    scheduler.save_pretrained(tmp_path)
+    for config in (scheduler.config, CompoDiffScheduler.from_pretrained(tmp_path).config):
+        swapped = scheduler_class.from_config(config)
+        assert swapped.config.prediction_type == "sample"
+        assert swapped.config.beta_schedule == "squaredcos_cap_v2"
+        assert not getattr(swapped.config, "clip_sample", False)
+        # the same cosine schedule as the reference sampler
+        torch.testing.assert_close(swapped.alphas_cumprod, scheduler.alphas_cumprod, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(beta_schedule="linear"), "`beta_schedule` must be 'squaredcos_cap_v2'"),
+        (dict(clip_sample=True), "`clip_sample` must be False"),
+        (dict(prediction_type="epsilon"), "`prediction_type` must be 'sample'"),
+    ],
+)
+def test_the_model_facts_have_one_value(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CompoDiffScheduler(**kwargs)

@@ -123,7 +123,7 @@ def test_training_text_encoding_equals_the_pipeline_prompt_encoding(tokenizer, t
     ids = tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     training = encode_text_hidden_states(text_encoder, ids, eos_token_id=tokenizer.eos_token_id)
     with torch.no_grad():
-        inference = pipe.encode_prompt(texts)
+        inference, _ = pipe.encode_prompt(texts)
     torch.testing.assert_close(training, inference, rtol=0, atol=1e-6)
     # Without the padding mask the padded positions differ: the mask matters.
     with torch.no_grad():

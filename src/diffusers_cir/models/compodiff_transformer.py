@@ -30,7 +30,7 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 from . import fused_inference
-from ._dtype_cast import QuietDtypeCastMixin
+from ._dtype_cast import QuietDtypeCastMixin, compute_dtype, layerwise_casting_enabled
 
 
 # The reference's LayerNorm takes its larger epsilon in half precision; float32 and float64 keep the small one.
@@ -215,7 +215,7 @@ class ConditionMLP(nn.Module):
         self.linear_3 = nn.Linear(hidden, dim)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        dtype = self.linear_1.weight.dtype
+        dtype = compute_dtype(self.linear_1)
         hidden_states = F.silu(project(self.linear_1, hidden_states.to(dtype)))
         hidden_states = F.silu(project(self.linear_2, hidden_states))
         return project(self.linear_3, hidden_states)
@@ -536,6 +536,8 @@ class CompoDiffTransformer(QuietDtypeCastMixin, ModelMixin, ConfigMixin, PeftAda
             and fused_inference.fused_attention_available(device)
             and fused_inference.fused_attention_supports(config.num_attention_heads, config.attention_head_dim, 2)
             and fused_inference.fused_attention_supports(config.num_cross_attention_heads, config.attention_head_dim, 2)
+            # the kernels read weights directly, which layerwise casting keeps in their storage dtype between calls
+            and not layerwise_casting_enabled(self)
         )
 
     # ------------------------------------------------------------------ inputs
@@ -588,7 +590,7 @@ class CompoDiffTransformer(QuietDtypeCastMixin, ModelMixin, ConfigMixin, PeftAda
                 f"got {tuple(text_hidden_states.shape)}."
             )
         mask = self._check_mask(mask, batch, image_embeds)
-        dtype = self.text_proj.weight.dtype
+        dtype = compute_dtype(self.text_proj)
         text_tokens = project(self.text_proj, text_hidden_states.to(dtype))
         mask_token = self.mask_embedding(mask.flatten(1)).to(dtype)
         context = torch.cat((text_tokens, image_embeds.to(dtype)[:, None], mask_token[:, None]), dim=1)
@@ -620,7 +622,7 @@ class CompoDiffTransformer(QuietDtypeCastMixin, ModelMixin, ConfigMixin, PeftAda
         if text_hidden_states.shape[0] != batch:
             text_hidden_states = text_hidden_states.expand(batch, -1, -1)
         mask = self._check_mask(mask, batch, image_embeds)
-        dtype = self.text_proj.weight.dtype
+        dtype = compute_dtype(self.text_proj)
         conditional = torch.cat(
             (
                 project(self.text_proj, text_hidden_states.to(dtype)),
@@ -736,7 +738,7 @@ class CompoDiffTransformer(QuietDtypeCastMixin, ModelMixin, ConfigMixin, PeftAda
         if timestep.ndim != 1:
             raise ValueError(f"`timestep` must have shape [n], got {tuple(timestep.shape)}.")
         time_token = self.time_embedding(sinusoidal_timestep_embedding(timestep, self.config.embedding_dim))
-        return time_token.to(self.proj_out.weight.dtype)
+        return time_token.to(compute_dtype(self.proj_out))
 
     # ------------------------------------------------------------------ forward
 
@@ -773,7 +775,7 @@ class CompoDiffTransformer(QuietDtypeCastMixin, ModelMixin, ConfigMixin, PeftAda
         elif context.batch_size != batch:
             raise ValueError(f"`context` holds {context.batch_size} queries but `hidden_states` has {batch}.")
 
-        dtype = self.proj_out.weight.dtype
+        dtype = compute_dtype(self.proj_out)
         if timestep_embeds is None:
             timestep = torch.as_tensor(timestep, device=hidden_states.device)
             if timestep.ndim == 0:

@@ -34,7 +34,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from ._dtype_cast import QuietDtypeCastMixin
+from ._dtype_cast import QuietDtypeCastMixin, compute_dtype
 
 
 @dataclass
@@ -123,7 +123,7 @@ class TextualInversionProjection(QuietDtypeCastMixin, ModelMixin, ConfigMixin):
             raise ValueError(
                 f"`image_embeds` must be a tensor of shape (batch_size, {self.config.input_dim}), got {got}."
             )
-        hidden_states = image_embeds.to(self.output_layer.weight.dtype)
+        hidden_states = image_embeds.to(compute_dtype(self.output_layer))
         if self.config.normalize_input:
             hidden_states = F.normalize(hidden_states, dim=-1)
         for layer in self.hidden_layers:

@@ -14,10 +14,12 @@ bounds small batches: `CompoDiffPipeline.enable_cuda_graphs()` captures one grap
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
 from ..models.compodiff_transformer import CompoDiffTransformer
 from ..schedulers.scheduling_compodiff import CompoDiffScheduler, reference_update
@@ -54,6 +56,51 @@ def guided_prediction(prediction: torch.Tensor, guidance_scale: float, image_gui
     return unconditional + (conditional - negative) * guidance_scale + (negative - unconditional) * image_guidance_scale
 
 
+def guidance_changes_prediction(guidance_scale: float, image_guidance_scale: float) -> bool:
+    """False for `w_text = w_image = 1`, where the guided x0 `u + (c - n) + (n - u)` is the conditional prediction
+    `c` itself: the negative and unconditional branches need not run (diffusers' `do_classifier_free_guidance`)."""
+    return not (guidance_scale == 1 and image_guidance_scale == 1)
+
+
+class GuidedDenoiser:
+    """The guided x0 prediction of one batch of queries, step after step.
+
+    The three-branch context (see `CompoDiffTransformer.encode_guidance_context`) is encoded on the first guided step
+    and the conditional one on the first unguided step (`w_text = w_image = 1`), so guidance may change between
+    steps (a step callback setting `pipe._guidance_scale`). The prediction is float32 whatever the model precision.
+    """
+
+    def __init__(self, transformer: CompoDiffTransformer, conditions: dict, samples: int):
+        self.transformer = transformer
+        self.conditions = conditions
+        self.samples = samples
+        self.dtype = transformer.dtype
+        self._guided = self._conditional = None
+
+    def _repeated(self, context):
+        return context.repeat_interleave(self.samples) if self.samples > 1 else context
+
+    def __call__(self, latents, timestep, guidance_scale, image_guidance_scale, timestep_embeds=None) -> torch.Tensor:
+        conditions = self.conditions
+        if not guidance_changes_prediction(guidance_scale, image_guidance_scale):
+            if self._conditional is None:
+                self._conditional = self._repeated(self.transformer.encode_context(
+                    conditions["image_embeds"], conditions["prompt_embeds"], conditions["mask"]
+                ))
+            return self.transformer(
+                latents.to(self.dtype), timestep, context=self._conditional, timestep_embeds=timestep_embeds
+            ).predicted_image_embedding.float()
+        if self._guided is None:
+            self._guided = self._repeated(self.transformer.encode_guidance_context(
+                conditions["image_embeds"], conditions["prompt_embeds"], conditions["negative_prompt_embeds"],
+                conditions["mask"],
+            ))
+        prediction = self.transformer(
+            torch.cat([latents] * 3).to(self.dtype), timestep, context=self._guided, timestep_embeds=timestep_embeds
+        ).predicted_image_embedding
+        return guided_prediction(prediction.float(), guidance_scale, image_guidance_scale)
+
+
 def reference_sampling_loop(
     transformer: CompoDiffTransformer,
     plan: ReferencePlan,
@@ -68,27 +115,32 @@ def reference_sampling_loop(
     num_samples_per_query: int,
     timesteps: torch.Tensor | None = None,
     on_step: Callable[[int, int, torch.Tensor], torch.Tensor] | None = None,
+    controls=None,
 ) -> torch.Tensor:
-    """Run the whole reference loop; returns the final sample `[batch * samples, D]` (samples not yet averaged)."""
-    context = transformer.encode_guidance_context(image_embeds, prompt_embeds, negative_prompt_embeds, mask)
-    if num_samples_per_query > 1:
-        context = context.repeat_interleave(num_samples_per_query)
+    """Run the whole reference loop; returns the final sample `[batch * samples, D]` (samples not yet averaged).
+
+    `controls` (the pipeline, in an eager call) is read before every step: its `guidance_scale` and
+    `image_guidance_scale` replace the given ones, and once its `interrupt` is set the remaining steps are skipped
+    (as in diffusers pipelines, the sample is returned as it is).
+    """
+    conditions = dict(image_embeds=image_embeds, prompt_embeds=prompt_embeds,
+                      negative_prompt_embeds=negative_prompt_embeds, mask=mask)
+    denoise = GuidedDenoiser(transformer, conditions, num_samples_per_query)
     noises = iter(step_noises)
     # The sample, the guidance combination and the update stay in float32 whatever the model precision: guidance
     # multiplies the branch difference by up to 7.5, which would amplify half-precision rounding step after step.
     latents = latents.float()
-    model_dtype = transformer.dtype
     # every step's time token in one call of the time MLP (the grid is known up front); a graph capture passes the
     # grid already on the device, since a host-to-device copy cannot be captured
     if timesteps is None:
         timesteps = torch.tensor(plan.timesteps, device=latents.device)
     time_tokens = transformer.embed_timesteps(timesteps)
     for index, (t, coefficients) in enumerate(zip(plan.timesteps, plan.coefficients)):
-        model_input = torch.cat([latents] * 3).to(model_dtype)
-        prediction = transformer(
-            model_input, t, context=context, timestep_embeds=time_tokens[index : index + 1]
-        ).predicted_image_embedding
-        x0 = guided_prediction(prediction.float(), guidance_scale, image_guidance_scale)
+        if controls is not None:
+            if controls.interrupt:
+                continue
+            guidance_scale, image_guidance_scale = controls.guidance_scale, controls.image_guidance_scale
+        x0 = denoise(latents, t, guidance_scale, image_guidance_scale, timestep_embeds=time_tokens[index : index + 1])
         if coefficients is None:
             latents = x0
         else:
@@ -154,3 +206,98 @@ class CompoDiffGraphSampler:
             output = run()
         # The graph reads the plan's coefficient and timestep tensors by address: keep them alive with it.
         return graph, static, output, (plan, timesteps)
+
+
+class CompoDiffSamplingMixin:
+    """The sampling loops of `CompoDiffPipeline`: the reference sampler (eager, or replayed as a CUDA graph) and any
+    diffusers scheduler predicting x0; both call the step callback and read the pipeline's guidance scales and
+    `interrupt` before every step, as diffusers pipelines do."""
+
+    def _step_kwargs(self, generator, eta) -> dict:
+        accepted = set(inspect.signature(self.scheduler.step).parameters)
+        kwargs = {}
+        if "generator" in accepted:
+            kwargs["generator"] = generator
+        if eta is not None:
+            kwargs["eta"] = eta
+        return kwargs
+
+    def _call_back(self, callback, index, timestep, latents, tensor_inputs) -> torch.Tensor:
+        """Run `callback_on_step_end(pipe, step, timestep, kwargs)`; the latents it returns replace the sample."""
+        step_locals = {"latents": latents}
+        callback_kwargs = {}
+        for name in tensor_inputs:  # a loop, not a comprehension (Python 3.11 scoping)
+            callback_kwargs[name] = step_locals[name]
+        return callback(self, index, timestep, callback_kwargs).pop("latents", latents)
+
+    def enable_cuda_graphs(self, max_graphs: int = 8, compile_blocks: bool = False) -> None:
+        """Capture the whole sampling run (context included) as a CUDA graph per input shape and replay it.
+
+        Opt-in low-latency mode for the reference `CompoDiffScheduler` on CUDA: the first call of each shape
+        (batch size, samples, steps, guidance scales) captures, later calls replay. Calls with a
+        `callback_on_step_end`, other schedulers and CPU execution use the eager path.
+
+        `compile_blocks=True` also compiles every transformer block with `torch.compile` (fusing its many small
+        element-wise kernels) before capture; the first call then takes a minute to compile.
+        """
+        if compile_blocks:
+            self.transformer.compile_repeated_blocks(dynamic=False)
+        self._graph_sampler = CompoDiffGraphSampler(max_graphs=max_graphs)
+
+    def disable_cuda_graphs(self) -> None:
+        self._graph_sampler = None
+
+    def _sample_reference(
+        self, conditions, latents, num_inference_steps, samples, generator, eta, callback_on_step_end, tensor_inputs
+    ) -> torch.Tensor:
+        device = latents.device
+        plan = ReferencePlan.build(self.scheduler, num_inference_steps, eta, device)
+        self._num_timesteps = len(plan.timesteps)
+        # Every draw up front, in the reference's order (after the initial noise, one per noisy step).
+        step_noises = [
+            randn_tensor(latents.shape, generator=generator, device=device, dtype=torch.float32)
+            for _ in range(plan.noisy_steps)
+        ]
+        options = {"guidance_scale": self.guidance_scale, "image_guidance_scale": self.image_guidance_scale,
+                   "num_samples_per_query": samples}
+        graph_sampler = getattr(self, "_graph_sampler", None)
+        if graph_sampler is not None and device.type == "cuda" and callback_on_step_end is None:
+            inputs = dict(conditions, latents=latents, step_noises=step_noises)
+            return graph_sampler(self.transformer, plan, inputs, **options)
+
+        progress_bar = self.progress_bar(total=len(plan.timesteps))
+
+        def on_step(index, timestep, step_latents):
+            if callback_on_step_end is not None:
+                step_latents = self._call_back(callback_on_step_end, index, timestep, step_latents, tensor_inputs)
+            progress_bar.update()
+            return step_latents
+
+        with progress_bar:
+            return reference_sampling_loop(
+                self.transformer, plan, latents=latents, step_noises=step_noises, on_step=on_step, controls=self,
+                **conditions, **options,
+            )
+
+    def _sample_with_scheduler(
+        self, conditions, latents, num_inference_steps, samples, generator, eta, callback_on_step_end, tensor_inputs
+    ) -> torch.Tensor:
+        """Any diffusers scheduler configured for x0 prediction (`prediction_type="sample"`, checked by
+        `check_inputs`)."""
+        denoise = GuidedDenoiser(self.transformer, conditions, samples)
+        self.scheduler.set_timesteps(num_inference_steps, device=latents.device)
+        timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
+        latents = latents * self.scheduler.init_noise_sigma
+        step_kwargs = self._step_kwargs(generator, eta)
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for index, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                model_input = self.scheduler.scale_model_input(latents, t)
+                x0 = denoise(model_input, t, self.guidance_scale, self.image_guidance_scale)
+                latents = self.scheduler.step(x0, t, latents, **step_kwargs).prev_sample
+                if callback_on_step_end is not None:
+                    latents = self._call_back(callback_on_step_end, index, t, latents, tensor_inputs)
+                progress_bar.update()
+        return latents

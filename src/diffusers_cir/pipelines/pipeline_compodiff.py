@@ -18,7 +18,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 from diffusers import DiffusionPipeline
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, deprecate
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import (
     CLIPImageProcessor,
@@ -32,6 +32,7 @@ from ..checks import check_choice, check_int, check_positive_int, check_texts
 from ..models.compodiff_transformer import CompoDiffTransformer
 from ..schedulers.scheduling_compodiff import CompoDiffScheduler
 from .auto import CIRPipelineMixin
+from .fast_sampling import CompoDiffSamplingMixin, guidance_changes_prediction
 from .inputs import (
     check_batch_sizes,
     check_generator,
@@ -74,7 +75,7 @@ PromptType = str | list[str] | None
 ImageType = PIL.Image.Image | str | os.PathLike | list[PIL.Image.Image | str | os.PathLike] | torch.Tensor | np.ndarray | None
 
 
-class CompoDiffPipeline(CIRPipelineMixin, DiffusionPipeline, CompoDiffLoraLoaderMixin):
+class CompoDiffPipeline(CIRPipelineMixin, CompoDiffSamplingMixin, DiffusionPipeline, CompoDiffLoraLoaderMixin):
     r"""
     Pipeline for composed image retrieval with CompoDiff.
 
@@ -101,6 +102,8 @@ class CompoDiffPipeline(CIRPipelineMixin, DiffusionPipeline, CompoDiffLoraLoader
         "reference image, a modification text, an optional negative text and an optional mask; the result is searched "
         "against the CLIP image embeddings of a gallery.",
     }
+    # the state of the running (or last) call, read through the properties of the same names
+    _guidance_scale, _image_guidance_scale, _num_timesteps, _interrupt = 7.5, 1.5, 0, False
     _optional_components = ["text_encoder", "tokenizer", "image_encoder", "image_processor"]
     _callback_tensor_inputs = ["latents"]
 
@@ -130,17 +133,55 @@ class CompoDiffPipeline(CIRPipelineMixin, DiffusionPipeline, CompoDiffLoraLoader
         return self.transformer.config.embedding_dim
 
     @torch.no_grad()
-    def encode_prompt(self, prompt: str | list[str], device: torch.device | None = None) -> torch.Tensor:
-        """CLIP text last hidden states `[batch, 77, text_embedding_dim]` of one or more prompts.
+    def encode_prompt(
+        self,
+        prompt: str | list[str] | None,
+        device: torch.device | None = None,
+        num_images_per_prompt: int = 1,
+        do_classifier_free_guidance: bool = True,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`(prompt_embeds, negative_prompt_embeds)`, as diffusers pipelines return them: CLIP text last hidden states
+        `[batch * num_images_per_prompt, 77, text_embedding_dim]` of the prompts, and of the negative texts (`""` by
+        default) with classifier-free guidance, else `None`. Pass them to the pipeline as `prompt_embeds=` /
+        `negative_prompt_embeds=` (with `num_images_per_prompt=1` here: the call repeats them itself).
 
-        Runs without autograd (like `encode_image`): a cached result, e.g. a negative prompt encoded once, does not
-        keep the text tower's activations alive.
+        The texts given as strings go through the text tower in one call; given embeddings are passed through. A
+        single negative text that serves every prompt stays one row (the denoiser projects it once for the batch).
+        Runs without autograd: a cached result, e.g. a negative text encoded once, does not keep the tower's
+        activations alive.
+
+        Before diffusers-cir 0.1 this returned `prompt_embeds` alone; the pipeline still reads the tuple passed where
+        that tensor went (with a deprecation warning).
         """
-        if self.text_encoder is None or self.tokenizer is None:
-            raise ValueError(
-                "This pipeline has no `text_encoder`/`tokenizer`: pass `prompt_embeds` (and `negative_prompt_embeds`)."
-            )
-        return self._encode_texts(check_texts(prompt, "prompt"), device or self._execution_device)
+        check_positive_int(num_images_per_prompt, "num_images_per_prompt")
+        self._check_texts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, do_classifier_free_guidance)
+        prompt_embeds, negative_prompt_embeds = self._encode_prompt(
+            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, do_classifier_free_guidance,
+            device or self._execution_device,
+        )
+        if num_images_per_prompt > 1:
+            prompt_embeds = prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+            if negative_prompt_embeds is not None and negative_prompt_embeds.shape[0] > 1:
+                negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+        return prompt_embeds, negative_prompt_embeds
+
+    def _encode_prompt(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, with_negative, device):
+        """The two text embeddings of checked arguments, the texts given as strings encoded in one call."""
+        pending = {}
+        if prompt_embeds is None:
+            pending["prompt"] = [prompt] if isinstance(prompt, str) else list(prompt)
+        if with_negative and negative_prompt_embeds is None:
+            negative_prompt = "" if negative_prompt is None else negative_prompt
+            pending["negative"] = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
+        if pending:
+            encoded = self._encode_texts([text for texts in pending.values() for text in texts], device)
+            encoded = dict(zip(pending, encoded.split([len(texts) for texts in pending.values()])))
+            prompt_embeds = encoded.get("prompt", prompt_embeds)
+            negative_prompt_embeds = encoded.get("negative", negative_prompt_embeds)
+        return prompt_embeds, negative_prompt_embeds if with_negative else None
 
     def _encode_texts(self, prompts: list[str], device) -> torch.Tensor:
         tokens = self.tokenizer(
@@ -271,6 +312,7 @@ class CompoDiffPipeline(CIRPipelineMixin, DiffusionPipeline, CompoDiffLoraLoader
         negative_prompt_embeds,
         mask,
         num_inference_steps,
+        num_images_per_prompt,
         num_samples_per_query,
         generator,
         latents,
@@ -283,14 +325,11 @@ class CompoDiffPipeline(CIRPipelineMixin, DiffusionPipeline, CompoDiffLoraLoader
         The steps of `__call__` trust what this lets through.
         """
         check_not_both("image", image, "image_embeds", image_embeds)
-        check_not_both("prompt", prompt, "prompt_embeds", prompt_embeds)
-        check_not_both("negative_prompt", negative_prompt, "negative_prompt_embeds", negative_prompt_embeds)
         check_not_both("mask_image", mask_image, "mask", mask, note=" (any size, binarised and resized)")
-        if prompt is None and prompt_embeds is None:
-            raise ValueError("A query needs a text: pass `prompt` or `prompt_embeds`.")
         check_positive_int(num_inference_steps, "num_inference_steps")
+        check_positive_int(num_images_per_prompt, "num_images_per_prompt")
         check_positive_int(num_samples_per_query, "num_samples_per_query")
-        check_choice(output_type, "output_type", ("pt", "np"))
+        check_choice(output_type, "output_type", ("pt", "np", "latent"))
         for name in callback_on_step_end_tensor_inputs:
             check_choice(name, "callback_on_step_end_tensor_inputs", self._callback_tensor_inputs)
         self._check_scheduler(num_inference_steps, eta)
@@ -313,34 +352,46 @@ class CompoDiffPipeline(CIRPipelineMixin, DiffusionPipeline, CompoDiffLoraLoader
         # with several modification texts, one text applied to several images, one negative text or mask).
         batch_size = check_batch_sizes(sizes)
 
-        rows = batch_size * num_samples_per_query
-        check_generator(generator, rows, f"{batch_size} queries x {num_samples_per_query} num_samples_per_query")
+        rows = batch_size * num_images_per_prompt * num_samples_per_query
+        check_generator(
+            generator, rows,
+            f"{batch_size} queries x {num_images_per_prompt} num_images_per_prompt x {num_samples_per_query} "
+            "num_samples_per_query",
+        )
         if latents is not None:
             if isinstance(latents, torch.Tensor) and latents.ndim == 3 and latents.shape[1] == 1:
                 latents = latents[:, 0]
             check_tensor(latents, "latents", (rows, self.embedding_dim))
         return batch_size
 
-    def _check_texts(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds) -> dict[str, int]:
+    def _check_texts(
+        self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, with_negative: bool = True
+    ) -> dict[str, int]:
         """The entries of each text condition; texts given as strings need the text tower, and both texts of a
-        query must have one length."""
+        query must have one length. Without `with_negative` (no guidance) the negative text is not encoded."""
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("A query needs a text: pass `prompt` or `prompt_embeds`.")
+        check_not_both("prompt", prompt, "prompt_embeds", prompt_embeds)
+        check_not_both("negative_prompt", negative_prompt, "negative_prompt_embeds", negative_prompt_embeds)
         sizes, lengths = {}, {}
         for name, texts in (("prompt", prompt), ("negative_prompt", negative_prompt)):
             if texts is not None:
                 sizes[name] = len(check_texts(texts, name))
-        text_dim = self.transformer.config.text_embedding_dim
+        # (encode_prompt may run on a pipeline holding only the text tower, as diffusers' tests build one)
+        text_dim = self.transformer.config.text_embedding_dim if self.transformer is not None else "text_dim"
         for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
             if embeds is not None:
                 sizes[name], lengths[name] = check_tensor(embeds, name, ("batch", "length", text_dim)).shape[:2]
         # the negative text defaults to "": it is encoded unless `negative_prompt_embeds` is given
-        if len(lengths) < 2 and (self.text_encoder is None or self.tokenizer is None):
+        to_encode = prompt_embeds is None or (with_negative and negative_prompt_embeds is None)
+        if to_encode and (self.text_encoder is None or self.tokenizer is None):
             raise ValueError(
                 "This pipeline has no `text_encoder`/`tokenizer`: pass `prompt_embeds` (and `negative_prompt_embeds`)."
             )
-        encoded_length = self.tokenizer.model_max_length if len(lengths) < 2 else None
+        encoded_length = self.tokenizer.model_max_length if to_encode else None
         prompt_length = lengths.get("prompt_embeds", encoded_length)
         negative_length = lengths.get("negative_prompt_embeds", encoded_length)
-        if prompt_length != negative_length:
+        if with_negative and prompt_length != negative_length:
             raise ValueError(
                 f"`prompt_embeds` ({prompt_length} tokens) and `negative_prompt_embeds` ({negative_length} tokens) "
                 "must have the same length."
@@ -422,106 +473,34 @@ class CompoDiffPipeline(CIRPipelineMixin, DiffusionPipeline, CompoDiffLoraLoader
         if eta is not None and "eta" not in inspect.signature(self.scheduler.step).parameters:
             raise ValueError(f"{type(self.scheduler).__name__}.step takes no `eta`.")
 
-    # ------------------------------------------------------------------ sampling
+    # ------------------------------------------------------------------ state of a call (diffusers' properties)
 
-    def _step_kwargs(self, generator, eta) -> dict:
-        accepted = set(inspect.signature(self.scheduler.step).parameters)
-        kwargs = {}
-        if "generator" in accepted:
-            kwargs["generator"] = generator
-        if eta is not None:
-            kwargs["eta"] = eta
-        return kwargs
+    @property
+    def guidance_scale(self) -> float:
+        """Text guidance `w_text` of the running (or last) call; a step callback may change `pipe._guidance_scale`."""
+        return self._guidance_scale
 
-    def _call_back(self, callback, index, timestep, latents, tensor_inputs) -> torch.Tensor:
-        """Run `callback_on_step_end(pipe, step, timestep, kwargs)`; the latents it returns replace the sample."""
-        step_locals = {"latents": latents}
-        callback_kwargs = {}
-        for name in tensor_inputs:  # a loop, not a comprehension (Python 3.11 scoping)
-            callback_kwargs[name] = step_locals[name]
-        return callback(self, index, timestep, callback_kwargs).pop("latents", latents)
+    @property
+    def image_guidance_scale(self) -> float:
+        """Image guidance `w_image` of the running (or last) call; a callback may change `pipe._image_guidance_scale`."""
+        return self._image_guidance_scale
 
-    # ------------------------------------------------------------------ fast paths
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """Whether guidance changes the prediction this step: not for `w_text = w_image = 1`, where the guided x0 is
+        the conditional prediction and the other two branches do not run."""
+        return guidance_changes_prediction(self._guidance_scale, self._image_guidance_scale)
 
-    def enable_cuda_graphs(self, max_graphs: int = 8, compile_blocks: bool = False) -> None:
-        """Capture the whole sampling run (context included) as a CUDA graph per input shape and replay it.
+    @property
+    def num_timesteps(self) -> int:
+        """Denoiser steps of the running (or last) call: one callback per step (`num_inference_steps - 1` with
+        `CompoDiffScheduler`)."""
+        return self._num_timesteps
 
-        Opt-in low-latency mode for the reference `CompoDiffScheduler` on CUDA: the first call of each shape
-        (batch size, samples, steps, guidance scales) captures, later calls replay. Calls with a
-        `callback_on_step_end`, other schedulers and CPU execution use the eager path.
-
-        `compile_blocks=True` also compiles every transformer block with `torch.compile` (fusing its many small
-        element-wise kernels) before capture; the first call then takes a minute to compile.
-        """
-        from .fast_sampling import CompoDiffGraphSampler
-
-        if compile_blocks:
-            self.transformer.compile_repeated_blocks(dynamic=False)
-        self._graph_sampler = CompoDiffGraphSampler(max_graphs=max_graphs)
-
-    def disable_cuda_graphs(self) -> None:
-        self._graph_sampler = None
-
-    def _sample_reference(
-        self, conditions, latents, num_inference_steps, guidance_scale, image_guidance_scale, samples, generator,
-        eta, callback_on_step_end, callback_tensor_inputs,
-    ) -> torch.Tensor:
-        from .fast_sampling import ReferencePlan, reference_sampling_loop
-
-        device = latents.device
-        plan = ReferencePlan.build(self.scheduler, num_inference_steps, eta, device)
-        # Every draw up front, in the reference's order (after the initial noise, one per noisy step).
-        step_noises = [
-            randn_tensor(latents.shape, generator=generator, device=device, dtype=torch.float32)
-            for _ in range(plan.noisy_steps)
-        ]
-        options = dict(guidance_scale=float(guidance_scale), image_guidance_scale=float(image_guidance_scale),
-                       num_samples_per_query=samples)
-        graph_sampler = getattr(self, "_graph_sampler", None)
-        if graph_sampler is not None and device.type == "cuda" and callback_on_step_end is None:
-            inputs = dict(conditions, latents=latents, step_noises=step_noises)
-            return graph_sampler(self.transformer, plan, inputs, **options)
-
-        progress_bar = self.progress_bar(total=len(plan.timesteps))
-
-        def on_step(index, timestep, step_latents):
-            if callback_on_step_end is not None:
-                step_latents = self._call_back(callback_on_step_end, index, timestep, step_latents, callback_tensor_inputs)
-            progress_bar.update()
-            return step_latents
-
-        with progress_bar:
-            return reference_sampling_loop(
-                self.transformer, plan, latents=latents, step_noises=step_noises, on_step=on_step, **conditions, **options
-            )
-
-    def _sample_with_scheduler(
-        self, conditions, latents, num_inference_steps, guidance_scale, image_guidance_scale, samples, generator,
-        eta, callback_on_step_end, callback_tensor_inputs,
-    ) -> torch.Tensor:
-        """Any diffusers scheduler configured for x0 prediction (`prediction_type="sample"`, checked by
-        `check_inputs`)."""
-        from .fast_sampling import guided_prediction
-
-        context = self.transformer.encode_guidance_context(
-            conditions["image_embeds"], conditions["prompt_embeds"], conditions["negative_prompt_embeds"], conditions["mask"]
-        )
-        if samples > 1:
-            context = context.repeat_interleave(samples)
-        self.scheduler.set_timesteps(num_inference_steps, device=latents.device)
-        latents = latents * self.scheduler.init_noise_sigma
-        step_kwargs = self._step_kwargs(generator, eta)
-        timesteps = self.scheduler.timesteps
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
-            for index, t in enumerate(timesteps):
-                model_input = self.scheduler.scale_model_input(latents, t).to(self.transformer.dtype)
-                prediction = self.transformer(torch.cat([model_input] * 3), t, context=context).predicted_image_embedding
-                x0 = guided_prediction(prediction.float(), guidance_scale, image_guidance_scale)
-                latents = self.scheduler.step(x0, t, latents, **step_kwargs).prev_sample
-                if callback_on_step_end is not None:
-                    latents = self._call_back(callback_on_step_end, index, t, latents, callback_tensor_inputs)
-                progress_bar.update()
-        return latents
+    @property
+    def interrupt(self) -> bool:
+        """Set `pipe._interrupt = True` (from a callback) to skip the remaining steps of the running call."""
+        return self._interrupt
 
     @torch.no_grad()
     def __call__(
@@ -547,6 +526,7 @@ class CompoDiffPipeline(CIRPipelineMixin, DiffusionPipeline, CompoDiffLoraLoader
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        num_images_per_prompt: int = 1,
     ) -> CompoDiffPipelineOutput | tuple:
         r"""
         Compose queries: reference image(s) + modification text(s) -> CLIP image embedding(s).
@@ -566,38 +546,53 @@ class CompoDiffPipeline(CIRPipelineMixin, DiffusionPipeline, CompoDiffLoraLoader
                 the denoiser. A mask is resized and cropped like the reference image, unless it is a tensor/array
                 already at the CLIP input size (see `prepare_mask`).
             image_embeds (`[B, D]`), prompt_embeds (`[B, L, text_dim]`), negative_prompt_embeds, mask
-                (`[B, mask_size, mask_size]`), *optional*: Precomputed conditions instead of images/texts/masks.
+                (`[B, mask_size, mask_size]`), *optional*: Precomputed conditions instead of images/texts/masks
+                (`encode_prompt` gives the two text embeddings).
             num_inference_steps (`int`, defaults to 10): Steps of the sampler. With `CompoDiffScheduler` the
                 reference grid makes `num_inference_steps - 1` network calls.
             guidance_scale (`float`, defaults to 7.5): Text guidance `w_text`.
             image_guidance_scale (`float`, defaults to 1.5): Image guidance `w_image`.
-                The guided prediction is `u + (c - n) * w_text + (n - u) * w_image`.
-            num_samples_per_query (`int`, defaults to 1): Samples drawn per query and averaged.
+                The guided prediction is `u + (c - n) * w_text + (n - u) * w_image`; with both at 1 it is the
+                conditional prediction, and only that branch runs.
+            num_samples_per_query (`int`, defaults to 1): Samples drawn per query and averaged into one embedding
+                (less sampling noise).
             source_weight (`float`, defaults to 0.0): Mix `(1 - w) * result + w * reference embedding` (0.1
                 keeps more of the reference image; ignored for text-only queries).
-            generator (`torch.Generator` or a list of `batch_size * num_samples_per_query` of them, *optional*):
-                Makes the result deterministic; a list gives each row of noise (query-major) its own generator.
-            latents (`[B * num_samples_per_query, D]`, *optional*): Initial noise.
+            generator (`torch.Generator` or a list of `batch_size * num_images_per_prompt * num_samples_per_query`
+                of them, *optional*): Makes the result deterministic; a list gives each row of noise (query-major,
+                then image, then sample) its own generator.
+            latents (`[B * num_images_per_prompt * num_samples_per_query, D]`, *optional*): Initial noise.
             eta (`float`, *optional*): Sampler stochasticity, for schedulers whose `step` takes it.
             normalize (`bool`, defaults to `False`): L2-normalise the output (what retrieval needs).
-            output_type (`"pt"` or `"np"`).
+            output_type (`"pt"`, `"np"` or `"latent"`): `"latent"` returns the sampler's final state, one row per
+                sample `[B * num_images_per_prompt * num_samples_per_query, D]` (float32), before averaging, mixing
+                and normalising.
             return_dict (`bool`, defaults to `True`).
             callback_on_step_end (`Callable`, *optional*): Called as `callback(pipe, step, timestep, kwargs)` after
-                every step; may return `{"latents": ...}` to replace them.
+                every step; returns the `kwargs` dict, where new `"latents"` replace the sample. It may change
+                `pipe._guidance_scale` / `pipe._image_guidance_scale` for the next steps or set `pipe._interrupt`.
             callback_on_step_end_tensor_inputs (`list[str]`, *optional*): Tensors passed to the callback.
+            num_images_per_prompt (`int`, defaults to 1): Separate embeddings per query (diffusers' convention): the
+                output holds `B * num_images_per_prompt` rows, those of one query consecutive.
 
         Returns:
             [`CompoDiffPipelineOutput`] or a tuple `(image_embeds,)`.
         """
+        # 0. Deprecated forms: `encode_prompt`'s result (now a tuple) passed where its old tensor was
+        prompt_embeds = _first_of_encode_prompt(prompt_embeds, "prompt_embeds")
+        negative_prompt_embeds = _first_of_encode_prompt(negative_prompt_embeds, "negative_prompt_embeds")
+
         # 1. Check inputs
         callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
         batch_size = self.check_inputs(
             image, prompt, negative_prompt, mask_image, image_embeds, prompt_embeds, negative_prompt_embeds, mask,
-            num_inference_steps, num_samples_per_query, generator, latents, eta, output_type,
+            num_inference_steps, num_images_per_prompt, num_samples_per_query, generator, latents, eta, output_type,
             callback_on_step_end_tensor_inputs,
         )
+        self._guidance_scale, self._image_guidance_scale = guidance_scale, image_guidance_scale
+        self._interrupt, self._num_timesteps = False, 0
         device = self._execution_device
-        dtype = self.transformer.dtype
+        dtype = self.transformer.dtype  # the compute dtype, also under layerwise casting
         text_only = image is None and image_embeds is None
 
         # 2. Read image files (after the checks, before any tower runs)
@@ -623,15 +618,15 @@ class CompoDiffPipeline(CIRPipelineMixin, DiffusionPipeline, CompoDiffLoraLoader
         image_embeds = image_embeds.expand(batch_size, -1)
 
         # 5. Texts: the prompts and negative texts given as strings go through the text tower in one call
-        prompt_embeds, negative_prompt_embeds = self._encode_query_texts(
-            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, device
+        prompt_embeds, negative_prompt_embeds = self._encode_prompt(
+            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, True, device
         )
         prompt_embeds = prompt_embeds.to(device=device, dtype=dtype).expand(batch_size, -1, -1)
         negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
 
-        # 6. Initial noise ((b r) order as the reference: each query's samples are consecutive rows), drawn in float32
+        # 6. Initial noise (query-major rows, then image, then sample: the reference's (b r) order), drawn in float32
         # whatever the model precision, so a seed gives the same query in every precision
-        samples = num_samples_per_query
+        samples = num_images_per_prompt * num_samples_per_query  # rows of noise per query
         shape = (batch_size * samples, self.embedding_dim)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
@@ -639,24 +634,27 @@ class CompoDiffPipeline(CIRPipelineMixin, DiffusionPipeline, CompoDiffLoraLoader
             latents = latents.reshape(shape).to(device=device, dtype=torch.float32)
 
         # 7. Denoise
-        conditions = dict(image_embeds=image_embeds, prompt_embeds=prompt_embeds,
-                          negative_prompt_embeds=negative_prompt_embeds, mask=mask)
+        conditions = {"image_embeds": image_embeds, "prompt_embeds": prompt_embeds,
+                      "negative_prompt_embeds": negative_prompt_embeds, "mask": mask}
         sample = self._sample_reference if isinstance(self.scheduler, CompoDiffScheduler) else self._sample_with_scheduler
         latents = sample(
-            conditions, latents, num_inference_steps, guidance_scale, image_guidance_scale, samples, generator,
-            eta, callback_on_step_end, callback_on_step_end_tensor_inputs,
+            conditions, latents, num_inference_steps, samples, generator, eta, callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
         )
 
-        # 8. Average the samples of each query, mix in the source, normalise
-        result = latents.float().view(batch_size, samples, -1).mean(dim=1)
-        if source_weight and not text_only:
-            result = (1 - source_weight) * result + source_weight * image_embeds.float()
-        if normalize:
-            result = F.normalize(result, dim=-1)
+        # 8. Average the samples of each image, mix in the source, normalise
+        result = latents.float()
+        if output_type != "latent":
+            result = result.view(batch_size * num_images_per_prompt, num_samples_per_query, -1).mean(dim=1)
+            if source_weight and not text_only:
+                source = image_embeds.float().repeat_interleave(num_images_per_prompt, dim=0)
+                result = (1 - source_weight) * result + source_weight * source
+            if normalize:
+                result = F.normalize(result, dim=-1)
 
         self.maybe_free_model_hooks()
         if output_type == "np":
-            result = result.float().cpu().numpy()
+            result = result.cpu().numpy()
         if not return_dict:
             return (result,)
         return CompoDiffPipelineOutput(image_embeds=result)
@@ -672,18 +670,16 @@ class CompoDiffPipeline(CIRPipelineMixin, DiffusionPipeline, CompoDiffLoraLoader
             pixel_values = pixel_values * (1 - pixel_mask.to(pixel_values.dtype))
         return self.image_encoder(pixel_values=pixel_values).image_embeds
 
-    def _encode_query_texts(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, device):
-        """`(prompt_embeds, negative_prompt_embeds)`, the texts given as strings encoded in one text-tower call (the
-        negative text defaults to "")."""
-        pending = {}
-        if prompt_embeds is None:
-            pending["prompt"] = [prompt] if isinstance(prompt, str) else list(prompt)
-        if negative_prompt_embeds is None:
-            negative_prompt = "" if negative_prompt is None else negative_prompt
-            pending["negative"] = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
-        if pending:
-            encoded = self._encode_texts([text for texts in pending.values() for text in texts], device)
-            encoded = dict(zip(pending, encoded.split([len(texts) for texts in pending.values()])))
-            prompt_embeds = encoded.get("prompt", prompt_embeds)
-            negative_prompt_embeds = encoded.get("negative", negative_prompt_embeds)
-        return prompt_embeds, negative_prompt_embeds
+
+def _first_of_encode_prompt(value, name: str):
+    """`encode_prompt` returned the prompt tensor alone before it returned `(prompt_embeds, negative_prompt_embeds)`
+    as diffusers pipelines do: its new result, passed where the old one went (`negative_prompt_embeds=
+    pipe.encode_prompt([""])`), is read as its first element, with a deprecation warning."""
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], torch.Tensor):
+        deprecate(
+            f"{name} as the tuple of encode_prompt", "1.0.0",
+            f"`CompoDiffPipeline.encode_prompt` returns `(prompt_embeds, negative_prompt_embeds)`: pass `{name}=` "
+            "its first element (`encode_prompt(text, do_classifier_free_guidance=False)[0]` encodes one text).",
+        )
+        return value[0]
+    return value

@@ -413,7 +413,7 @@ class LinCIRPipeline(CIRPipelineMixin, DiffusionPipeline):
         if image is not None:
             image_embeds = self._encode_images(image, batch_size, device)
         if image_embeds is not None:
-            phi_dtype = self.phi.output_layer.weight.dtype
+            phi_dtype = self.phi.dtype  # the compute dtype, also under layerwise casting
             pseudo_tokens = torch.cat(
                 [self.phi(chunk.to(device=device, dtype=phi_dtype)).pseudo_tokens for chunk in image_embeds.split(batch_size)]
             )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -62,6 +63,14 @@ class CompoDiffScheduler(SchedulerMixin, ConfigMixin):
         max_beta (`float`, defaults to 0.999): Betas are clipped to ``[0, max_beta]``.
         eta (`float`, defaults to 1.0): DDIM stochasticity (1 = the reference).
         prediction_type (`str`, defaults to `"sample"`): The denoiser predicts x0; the only supported value.
+        beta_schedule (`str`, defaults to `"squaredcos_cap_v2"`): diffusers' name of this cosine schedule; the only
+            supported value.
+        clip_sample (`bool`, defaults to `False`): CLIP embeddings are not clipped; the only supported value.
+
+    The last three describe the model rather than a choice, and are written into the configuration as given, so the
+    scheduler-swap idiom `DDIMScheduler.from_config(pipe.scheduler.config)` (or `DPMSolverMultistepScheduler`) makes
+    a scheduler that fits the CompoDiff denoiser (diffusers leaves values a config took by default out of such a swap,
+    and DDIM's own defaults are epsilon prediction on a linear schedule with clipping).
 
     Example:
         >>> import torch
@@ -76,7 +85,9 @@ class CompoDiffScheduler(SchedulerMixin, ConfigMixin):
     """
 
     order = 1
-    _compatibles: list = []
+    _compatibles: ClassVar[list[str]] = ["DDIMScheduler", "DPMSolverMultistepScheduler"]
+    # written into the configuration even when left at their defaults (see the class docstring)
+    _model_facts: ClassVar[tuple[str, ...]] = ("prediction_type", "beta_schedule", "clip_sample")
 
     @register_to_config
     def __init__(
@@ -86,9 +97,19 @@ class CompoDiffScheduler(SchedulerMixin, ConfigMixin):
         max_beta: float = 0.999,
         eta: float = 1.0,
         prediction_type: str = "sample",
+        beta_schedule: str = "squaredcos_cap_v2",
+        clip_sample: bool = False,
     ):
         if prediction_type != "sample":
             raise ValueError(f"CompoDiffScheduler predicts x0: `prediction_type` must be 'sample', got {prediction_type!r}.")
+        if beta_schedule != "squaredcos_cap_v2":
+            raise ValueError(
+                f"CompoDiffScheduler is the cosine schedule: `beta_schedule` must be 'squaredcos_cap_v2', got {beta_schedule!r}."
+            )
+        if clip_sample:
+            raise ValueError("CompoDiffScheduler samples CLIP embeddings, which are not clipped: `clip_sample` must be False.")
+        defaulted = [name for name in self.config.get("_use_default_values", []) if name not in self._model_facts]
+        self.register_to_config(_use_default_values=defaulted)
         betas = cosine_beta_schedule(num_train_timesteps, cosine_s, max_beta)
         alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         alphas_cumprod_prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
