@@ -12,6 +12,7 @@ from pipeline_tester import CIRPipelineTesterMixin  # noqa: E402
 from tiny_components import tiny_pipeline  # noqa: E402
 
 from diffusers_cir import BGEVLPipeline, CompoDiffPipeline, LinCIRPipeline, MagicLensPipeline  # noqa: E402
+from diffusers_cir import MLLMEmbeddingPipeline  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -53,6 +54,15 @@ class TestMagicLensPipelineContract(CIRPipelineTesterMixin):
         from test_magiclens_pipeline import tiny_magiclens_pipeline
 
         return tiny_magiclens_pipeline()
+
+
+class TestMLLMEmbeddingPipelineContract(CIRPipelineTesterMixin):
+    pipeline_class = MLLMEmbeddingPipeline
+
+    def get_pipeline(self):
+        from tiny_mllm import tiny_mllm_pipeline
+
+        return tiny_mllm_pipeline()
 
 
 def test_every_registered_pipeline_has_a_contract_test():

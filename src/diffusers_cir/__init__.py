@@ -30,6 +30,8 @@ _LAZY_NAMES = {
     "MagicLensImageProcessor": ".pipelines.image_processing_magiclens",
     "MagicLensPipeline": ".pipelines.pipeline_magiclens",
     "MagicLensPipelineOutput": ".pipelines.pipeline_magiclens",
+    "MLLMEmbeddingPipeline": ".pipelines.pipeline_mllm_embedding",
+    "MLLMEmbeddingPipelineOutput": ".pipelines.pipeline_mllm_embedding",
     "TextualInversionProjection": ".models.textual_inversion_projection",
     "TextualInversionProjectionOutput": ".models.textual_inversion_projection",
     "composed_search": ".retrieval.search",
@@ -68,6 +70,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .pipelines.image_processing_magiclens import MagicLensImageProcessor
     from .pipelines.pipeline_lincir import LinCIRPipeline, LinCIRPipelineOutput
     from .pipelines.pipeline_magiclens import MagicLensPipeline, MagicLensPipelineOutput
+    from .pipelines.pipeline_mllm_embedding import MLLMEmbeddingPipeline, MLLMEmbeddingPipelineOutput
     from .retrieval.images import load_image
     from .retrieval.search import composed_search
     from .schedulers.scheduling_compodiff import CompoDiffScheduler

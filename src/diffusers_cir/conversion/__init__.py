@@ -8,6 +8,7 @@ from .compodiff import (
     convert_compodiff_state_dict,
     load_original_checkpoint,
 )
+from .llava_next import convert_llava_next_embedder
 
 __all__ = [
     "BGEVLConversionError",
@@ -22,4 +23,5 @@ __all__ = [
     "load_original_checkpoint",
     "MagicLensConversionError",
     "convert_magiclens_checkpoint_to_pipeline",
+    "convert_llava_next_embedder",
 ]

@@ -8,6 +8,7 @@ from .pipeline_bgevl import BGEVLPipeline, BGEVLPipelineOutput
 from .pipeline_compodiff import CompoDiffPipeline, CompoDiffPipelineOutput
 from .pipeline_lincir import LinCIRPipeline, LinCIRPipelineOutput
 from .pipeline_magiclens import MagicLensPipeline, MagicLensPipelineOutput
+from .pipeline_mllm_embedding import MLLMEmbeddingPipeline, MLLMEmbeddingPipelineOutput
 
 __all__ = [
     "PIPELINES",
@@ -21,4 +22,6 @@ __all__ = [
     "LinCIRPipelineOutput",
     "MagicLensPipeline",
     "MagicLensPipelineOutput",
+    "MLLMEmbeddingPipeline",
+    "MLLMEmbeddingPipelineOutput",
 ]

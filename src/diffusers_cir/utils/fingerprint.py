@@ -56,13 +56,19 @@ _IGNORED_CONFIG_KEYS = {"_name_or_path", "name_or_path", "transformers_version",
                         "dtype", "architectures", "_commit_hash", "_attn_implementation_autoset", "_use_default_values"}
 
 
+def _without_ignored_keys(value: Any) -> Any:
+    # Composite configs (LLaVA-NeXT, BLIP-2) nest a config per tower, each with its own `dtype` / `_name_or_path`.
+    if isinstance(value, dict):
+        return {key: _without_ignored_keys(item) for key, item in value.items() if key not in _IGNORED_CONFIG_KEYS}
+    return value
+
+
 def _config_text(config: Any) -> str:
     if hasattr(config, "to_dict"):
         config = config.to_dict()
     if not isinstance(config, dict):
         return repr(config)
-    kept = {key: value for key, value in config.items() if key not in _IGNORED_CONFIG_KEYS}
-    return json.dumps(kept, sort_keys=True, default=repr)
+    return json.dumps(_without_ignored_keys(config), sort_keys=True, default=repr)
 
 
 def processor_digest(processor) -> str:
