@@ -30,6 +30,18 @@ def fixture_folders(marker: str) -> list[Path]:
     return found
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Caches the library writes by default (converted checkpoints, captions) go to a temporary folder, not the
+    user's $HF_HOME."""
+    if os.environ.get("DIFFUSERS_CIR_CACHE"):
+        yield
+        return
+    os.environ["DIFFUSERS_CIR_CACHE"] = str(tmp_path_factory.mktemp("diffusers_cir_cache"))
+    yield
+    del os.environ["DIFFUSERS_CIR_CACHE"]
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_torch():
     torch.manual_seed(0)

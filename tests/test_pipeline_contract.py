@@ -12,7 +12,7 @@ from pipeline_tester import CIRPipelineTesterMixin  # noqa: E402
 from tiny_components import tiny_pipeline  # noqa: E402
 
 from diffusers_cir import BGEVLPipeline, CompoDiffPipeline, LinCIRPipeline, MagicLensPipeline  # noqa: E402
-from diffusers_cir import MLLMEmbeddingPipeline  # noqa: E402
+from diffusers_cir import CaptionRewritePipeline, MLLMEmbeddingPipeline  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -63,6 +63,15 @@ class TestMLLMEmbeddingPipelineContract(CIRPipelineTesterMixin):
         from tiny_mllm import tiny_mllm_pipeline
 
         return tiny_mllm_pipeline()
+
+
+class TestCaptionRewritePipelineContract(CIRPipelineTesterMixin):
+    pipeline_class = CaptionRewritePipeline
+
+    def get_pipeline(self):
+        from tiny_mllm import tiny_caption_rewrite_pipeline
+
+        return tiny_caption_rewrite_pipeline(cache_dir=None)
 
 
 def test_every_registered_pipeline_has_a_contract_test():

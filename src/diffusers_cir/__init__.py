@@ -18,6 +18,8 @@ _LAZY_NAMES = {
     "BGEVLPipeline": ".pipelines.pipeline_bgevl",
     "BGEVLPipelineOutput": ".pipelines.pipeline_bgevl",
     "CIRPipelineMixin": ".pipelines.auto",
+    "CaptionRewritePipeline": ".pipelines.pipeline_caption_rewrite",
+    "CaptionRewritePipelineOutput": ".pipelines.pipeline_caption_rewrite",
     "CompoDiffPipeline": ".pipelines.pipeline_compodiff",
     "CompoDiffPipelineOutput": ".pipelines.pipeline_compodiff",
     "CompoDiffScheduler": ".schedulers.scheduling_compodiff",
@@ -66,6 +68,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .models.textual_inversion_projection import TextualInversionProjection, TextualInversionProjectionOutput
     from .pipelines.auto import AutoCIRPipeline, CIRPipelineMixin
     from .pipelines.pipeline_bgevl import BGEVLPipeline, BGEVLPipelineOutput
+    from .pipelines.pipeline_caption_rewrite import CaptionRewritePipeline, CaptionRewritePipelineOutput
     from .pipelines.pipeline_compodiff import CompoDiffPipeline, CompoDiffPipelineOutput
     from .pipelines.image_processing_magiclens import MagicLensImageProcessor
     from .pipelines.pipeline_lincir import LinCIRPipeline, LinCIRPipelineOutput

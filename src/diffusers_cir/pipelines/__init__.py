@@ -5,6 +5,7 @@ Importing this package imports every pipeline module, so each class joins the re
 
 from .auto import PIPELINES, AutoCIRPipeline, CIRPipelineMixin
 from .pipeline_bgevl import BGEVLPipeline, BGEVLPipelineOutput
+from .pipeline_caption_rewrite import CaptionRewritePipeline, CaptionRewritePipelineOutput
 from .pipeline_compodiff import CompoDiffPipeline, CompoDiffPipelineOutput
 from .pipeline_lincir import LinCIRPipeline, LinCIRPipelineOutput
 from .pipeline_magiclens import MagicLensPipeline, MagicLensPipelineOutput
@@ -16,6 +17,8 @@ __all__ = [
     "BGEVLPipeline",
     "BGEVLPipelineOutput",
     "CIRPipelineMixin",
+    "CaptionRewritePipeline",
+    "CaptionRewritePipelineOutput",
     "CompoDiffPipeline",
     "CompoDiffPipelineOutput",
     "LinCIRPipeline",
