@@ -12,8 +12,9 @@ E5-V (Jiang et al., 2024, arXiv:2407.12580; github.com/kongds/E5-V ``README.md``
 ``royokong/e5-v``, a ``LlavaNextForConditionalGeneration`` fine-tuned from llama3-llava-next-8b):
 
 * pooling: ``hidden_states[-1][:, -1, :]`` of the full model, i.e. the language model's last-token output after the
-  final norm (here ``model.model(...).last_hidden_state[:, -1]``, the same tensor without the vocabulary projection;
-  ``tests/test_pipeline_mllm_embedding.py`` checks the two agree), then L2-normalised (retrieval normalises);
+  final norm (read here from the base model's ``last_hidden_state`` while the vocabulary projection runs for the last
+  position only; ``tests/test_pipeline_mllm_embedding.py`` checks the two agree), then L2-normalised (retrieval
+  normalises);
 * prompt format: the Llama-3 chat wrapping
   ``<|start_header_id|>user<|end_header_id|>\\n\\n{}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\\n\\n \\n``
   (quoted from the README; the tokenizer adds ``<|begin_of_text|>``);
@@ -49,8 +50,8 @@ prompt (none is published, so ``encode_text`` refuses this preset). The weights 
 (``LLaVANextForEmbedding`` subclasses it without new parameters); no remote code runs.
 
 Published zero-shot numbers (CIRCO mAP@5 / CIRR test R@1 / FashionIQ val R@10 average): BGE-VL-MLLM (LLaVA-1.6,
-7.57B) 42.2 / 46.7 / 35.6; E5-V (LLaVA-NeXT-8B) 19.1 / 33.9 / 31.8 (as collected in the MegaPairs paper's zero-shot
-CIR table). Not reproduced here: that needs the full models and benchmark images.
+7.57B) 42.2 / 46.7 / 35.6; E5-V (LLaVA-NeXT-8B) 19.1 / 33.9 / 31.8. Not reproduced here: that needs the full models
+and the benchmark images.
 """
 
 from __future__ import annotations
@@ -302,10 +303,20 @@ class MLLMEmbeddingPipeline(CIRPipelineMixin, DiffusionPipeline):
         inputs = {name: value.to(device) for name, value in inputs.items()}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        # The base model returns the final-norm hidden states; skipping the vocabulary projection of every position
-        # (128k x 4096 per token for E5-V) changes nothing in the embedding.
-        hidden = self.model.model(**inputs, use_cache=False).last_hidden_state
-        return hidden[:, -1]
+        # The base model's output is the final-norm hidden states; the embedding is read there by a hook while the
+        # full model runs with logits for the last position only (not 128k x 4096 per token for E5-V). The full model
+        # is called, not its base, so that offload hooks on it (enable_model_cpu_offload, device_map) run.
+        captured = []
+
+        def keep_last_token(module, args, output):
+            captured.append(output.last_hidden_state[:, -1])
+
+        handle = self.model.model.register_forward_hook(keep_last_token)
+        try:
+            self.model(**inputs, use_cache=False, logits_to_keep=1)
+        finally:
+            handle.remove()
+        return captured[0]
 
     def _batched(self, prompts: list[str], images: list | None, batch_size: int, show_progress: bool, device=None):
         """Embeddings of `prompts` in chunks; `images` (sources, read one chunk at a time, or loaded PIL images)
