@@ -246,9 +246,10 @@ def _synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_seconds(function, device, repeats: int, warmup: int, before=None) -> tuple[float, float]:
-    """Median wall-clock seconds per call, and median CPU seconds of this process per call (on a shared CPU the
-    second is what the work costs; the first also holds the time other processes took the cores)."""
+def measure(function, device, repeats: int, warmup: int, before=None) -> dict:
+    """Wall-clock seconds of each timed call (``samples_s``), their median, and the median CPU seconds of this process
+    per call (on a shared CPU the second is what the work costs; the first also holds the time other processes took
+    the cores). ``before`` runs ahead of every call, untimed."""
     for _ in range(warmup):
         if before:
             before()
@@ -263,26 +264,43 @@ def median_seconds(function, device, repeats: int, warmup: int, before=None) -> 
         _synchronize(device)
         durations.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
-    return statistics.median(durations), statistics.median(cpu)
+    return {"seconds": statistics.median(durations), "cpu_seconds": statistics.median(cpu), "samples_s": durations}
 
 
-def _row(part: str, batch: int, timing: tuple[float, float], **extra) -> dict:
-    seconds, cpu_seconds = timing
-    return {"part": part, "batch_size": batch, "per_s": batch / seconds, "seconds": seconds, "cpu_seconds": cpu_seconds, **extra}
+def _row(part: str, batch: int, package: dict, baseline: dict, baseline_name: str, **extra) -> dict:
+    return {
+        "part": part, "batch_size": batch, "per_s": batch / package["seconds"], "seconds": package["seconds"],
+        "cpu_seconds": package["cpu_seconds"], "baseline": baseline_name, "baseline_per_s": batch / baseline["seconds"],
+        "baseline_seconds": baseline["seconds"], "ratio_package_to_baseline": baseline["seconds"] / package["seconds"],
+        "samples_s": {"package": package["samples_s"], "baseline": baseline["samples_s"]}, **extra,
+    }
+
+
+def _authors_embedding(pipe, prompts: list[str], images: list, device):
+    """E5-V's and BGE-VL-MLLM's own formula on plain transformers: the full model with every hidden state and every
+    position's logits, then ``hidden_states[-1][:, -1]``."""
+    inputs = pipe.processor(text=prompts, images=images, return_tensors="pt", padding=True, padding_side="left").to(device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(pipe.model.dtype)
+    return pipe.model(**inputs, output_hidden_states=True).hidden_states[-1][:, -1]
 
 
 def bench_mllm(args, device) -> list[dict]:
     pipe = build_mllm(args.size, device, args.dtype)
+    baseline = "plain transformers, the authors' formula: model(..., output_hidden_states=True).hidden_states[-1][:, -1]"
     rows = []
     for batch in args.batch_sizes:
         images = pictures(batch, seed=batch)
         texts = [_EDITS[i % len(_EDITS)] for i in range(batch)]
+        composed = [pipe.prompts.composed_prompt.replace("{text}", text) for text in texts]
         with torch.inference_mode():
-            gallery = median_seconds(lambda: pipe.encode_image(images, batch_size=batch), device, args.repeats, args.warmup)
-            query = median_seconds(lambda: pipe(image=images, prompt=texts, batch_size=batch), device, args.repeats, args.warmup)
+            gallery = measure(lambda: pipe.encode_image(images, batch_size=batch), device, args.repeats, args.warmup)
+            gallery_base = measure(lambda: _authors_embedding(pipe, [pipe.prompts.image_prompt] * batch, images, device), device, args.repeats, args.warmup)
+            query = measure(lambda: pipe(image=images, prompt=texts, batch_size=batch), device, args.repeats, args.warmup)
+            query_base = measure(lambda: _authors_embedding(pipe, composed, images, device), device, args.repeats, args.warmup)
+            difference = (pipe(image=images, prompt=texts).image_embeds.float() - _authors_embedding(pipe, composed, images, device).float()).abs().max().item()
         tokens = pipe.processor(text=[pipe.prompts.image_prompt], images=images[:1], return_tensors="pt").input_ids.shape[1]
-        rows.append(_row("mllm gallery", batch, gallery, prompt_tokens=tokens))
-        rows.append(_row("mllm query", batch, query))
+        rows.append(_row("mllm gallery", batch, gallery, gallery_base, baseline, prompt_tokens=tokens))
+        rows.append(_row("mllm query", batch, query, query_base, baseline, max_abs_difference=difference))
     return rows
 
 
@@ -303,24 +321,31 @@ def bench_caption(args, device) -> list[dict]:
             texts = [_EDITS[i % len(_EDITS)] for i in range(batch)]
             with torch.inference_mode(), tempfile.TemporaryDirectory() as cache:
 
-                def cold():
+                def no_cache():
                     pipe.caption_cache_dir = None
 
-                def warm():
+                def cached():
                     pipe.caption_cache_dir = cache
 
-                run = lambda: pipe(image=images, prompt=texts, caption_batch_size=batch, rewrite_batch_size=batch * settings.num_captions)  # noqa: E731
-                cold_s = median_seconds(run, device, args.repeats, args.warmup, before=cold)
-                warm()
-                run()  # fills the cache
-                warm_s = median_seconds(run, device, args.repeats, 0, before=warm)
-            rows.append(_row(f"{recipe} cold", batch, cold_s))
-            rows.append(_row(f"{recipe} warm", batch, warm_s))
+                batched = lambda: pipe(image=images, prompt=texts, caption_batch_size=batch, rewrite_batch_size=batch * settings.num_captions)  # noqa: E731
+                # The authors' scripts loop: one generate() per image and per (caption, instruction).
+                one_by_one = lambda: pipe(image=images, prompt=texts, caption_batch_size=1, rewrite_batch_size=1)  # noqa: E731
+                cold = measure(batched, device, args.repeats, args.warmup, before=no_cache)
+                cold_base = measure(one_by_one, device, args.repeats, 0, before=no_cache)
+                cached()
+                batched()  # fills the cache
+                warm = measure(batched, device, args.repeats, 0, before=cached)
+            rows.append(_row(f"{recipe} cold", batch, cold, cold_base, "the same models, one generate() per image and per caption"))
+            rows.append(_row(f"{recipe} warm", batch, warm, cold, "the same call with no caption cache (cold)"))
     for batch in args.batch_sizes:
         images = pictures(batch, seed=200 + batch)
         with torch.inference_mode():
-            timing = median_seconds(lambda: base.encode_image(images, batch_size=batch), device, args.repeats, args.warmup)
-        rows.append(_row("clip gallery", batch, timing))
+            package = measure(lambda: base.encode_image(images, batch_size=batch), device, args.repeats, args.warmup)
+            plain = measure(
+                lambda: base.image_encoder(pixel_values=base.image_processor(images=images, return_tensors="pt").pixel_values.to(device, base.image_encoder.dtype)).image_embeds,
+                device, args.repeats, args.warmup,
+            )
+        rows.append(_row("clip gallery", batch, package, plain, "plain transformers CLIP vision tower and image processor"))
     return rows
 
 
@@ -331,33 +356,43 @@ def _load_average():
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
-    environment = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"{_cpu_model()} ({os.cpu_count()} cores)",
-        "threads": torch.get_num_threads(),
-        "gpus_used": 1 if device.type == "cuda" else 0,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "dtype": str(args.dtype).replace("torch.", ""),
-        "size": args.size,
-        "shapes": {"mllm": LLAVA[args.size], "caption": CAPTION[args.size]},
-        "repeats": args.repeats,
-        "statistic": "median over repeats of wall seconds (seconds, per_s) and process CPU seconds (cpu_seconds) per call",
-    }
     import transformers
 
-    environment["transformers"] = transformers.__version__
-    environment["load_average_before"] = _load_average()
+    environment = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "cpu": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "gpus_used": 1 if device.type == "cuda" else 0,
+        "dtype": str(args.dtype).replace("torch.", ""),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "load_average_before": _load_average(),
+    }
     rows = []
     if "mllm" in args.parts:
         rows += bench_mllm(args, device)
     if "caption" in args.parts:
         rows += bench_caption(args, device)
     environment["load_average_after"] = _load_average()
-    print(f"device: {environment['device']}, threads: {environment['threads']}, dtype: {environment['dtype']}, size: {args.size}")
-    print(f"{'part':<20} {'batch':>5} {'per second':>11} {'seconds':>9} {'cpu s':>9}")
+    result = {
+        "benchmark": "mllm",
+        "machine_label": args.label,
+        "environment": environment,
+        "size": args.size,
+        "shapes": {"mllm": LLAVA[args.size], "caption": CAPTION[args.size]},
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "statistic": "median over repeats: wall seconds per call (seconds, per_s) and process CPU seconds (cpu_seconds)",
+        "rows": rows,
+    }
+    print(f"device: {environment['device']} ({environment['cpu']}, {environment['cpu_cores']} cores), threads: "
+          f"{environment['threads']}, dtype: {environment['dtype']}, size: {args.size}, median of {args.repeats}")
+    print(f"{'part':<20} {'batch':>5} {'per second':>11} {'cpu s':>8} {'baseline/s':>11} {'ratio':>6}")
     for row in rows:
-        print(f"{row['part']:<20} {row['batch_size']:>5} {row['per_s']:>11.3f} {row['seconds']:>9.3f} {row['cpu_seconds']:>9.3f}")
-    result = {"environment": environment, "rows": rows}
+        print(f"{row['part']:<20} {row['batch_size']:>5} {row['per_s']:>11.3f} {row['cpu_seconds']:>8.2f} "
+              f"{row['baseline_per_s']:>11.3f} {row['ratio_package_to_baseline']:>6.2f}")
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w", encoding="utf-8") as handle:
         json.dump(result, handle, indent=2)

@@ -21,8 +21,10 @@ def test_smoke_benchmark_runs_and_writes_json(tmp_path, capsys):
     assert written == json.loads(json.dumps(result))
     parts = [row["part"] for row in written["rows"]]
     assert parts == ["mllm gallery", "mllm query", "ldre cold", "ldre warm", "clip gallery"]
+    assert all(row["baseline_per_s"] > 0 and len(row["samples_s"]["package"]) == 1 for row in written["rows"])
+    assert written["rows"][1]["max_abs_difference"] < 1e-4  # the package embeds like the authors' formula
     assert all(row["per_s"] > 0 and row["batch_size"] == 2 for row in written["rows"])
-    assert written["environment"]["threads"] == 1 and written["environment"]["size"] == "smoke"
+    assert written["environment"]["threads"] == 1 and written["size"] == "smoke" and written["benchmark"] == "mllm"
     assert "mllm query" in capsys.readouterr().out
 
 

@@ -207,3 +207,14 @@ def test_components_that_cannot_work_together_are_refused():
     with pytest.raises(ValueError, match="one CLIP model"):
         CaptionRewritePipeline(**{**components, "image_encoder": tiny_clip(projection_dim=8)[2]})
     assert "image_embeds" not in CaptionRewritePipeline.call_parameters()
+
+
+def test_diffusers_cir_evaluate_composes_from_the_reference_pixels(tmp_path):
+    from tiny_mllm import evaluate_with_the_command_line
+
+    from diffusers_cir.retrieval import compose_queries
+
+    report, queries, loaded, paths, texts = evaluate_with_the_command_line(tiny_caption_rewrite_pipeline(), tmp_path)
+    assert report["encoder"] == loaded.fingerprint and "recall_at1" in report["metrics"]
+    expected = compose_queries(loaded, texts, reference_images=[str(path) for path in paths[: len(texts)]])
+    torch.testing.assert_close(queries, expected, atol=1e-5, rtol=0)

@@ -178,3 +178,14 @@ def test_device_map_with_disk_offload_gives_the_same_embeddings(tmp_path, pipe):
     assert "disk" in set(offloaded.model.hf_device_map.values())
     images = [picture(9), picture(10, size=(64, 30))]
     torch.testing.assert_close(offloaded.encode_image(images), pipe.encode_image(images), atol=1e-5, rtol=0)
+
+
+def test_diffusers_cir_evaluate_composes_from_the_reference_pixels(tmp_path, pipe):
+    from tiny_mllm import evaluate_with_the_command_line
+
+    from diffusers_cir.retrieval import compose_queries
+
+    report, queries, loaded, paths, texts = evaluate_with_the_command_line(pipe, tmp_path)
+    assert report["encoder"] == loaded.fingerprint and "recall_at1" in report["metrics"]
+    expected = compose_queries(loaded, texts, reference_images=[str(path) for path in paths[: len(texts)]])
+    torch.testing.assert_close(queries, expected, atol=1e-5, rtol=0)

@@ -204,3 +204,49 @@ def tiny_caption_rewrite_pipeline(recipe="cirevl-circo", captioner=None, seed: i
     pipe.caption_cache_dir = cache_dir
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_cirr_with_images(root, num_images: int = 8, num_queries: int = 3):
+    """A CIRR-style val split with real pixels: (root, image paths, query texts)."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    (root / "dev").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = [f"dev-{i}-0-img0" for i in range(num_images)]
+    paths = []
+    for index, name in enumerate(names):
+        size = (40, 40) if index % 2 else (56, 32)  # two aspect ratios: anyres tiling differs
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(root / "dev" / f"{name}.png")
+        paths.append(root / "dev" / f"{name}.png")
+    (root / "split.rc2.val.json").write_text(json.dumps({name: f"./dev/{name}.png" for name in names}))
+    captions = [{"pairid": i, "reference": names[i], "target_hard": names[i + 1], "caption": f"change {i}",
+                 "target_soft": {names[i + 1]: 1.0}, "img_set": {"id": i, "members": names[i : i + 6]}}
+                for i in range(num_queries)]
+    (root / "cap.rc2.val.json").write_text(json.dumps(captions))
+    return root, paths, [f"change {i}" for i in range(num_queries)]
+
+
+def evaluate_with_the_command_line(pipe, tmp_path):
+    """Save `pipe`, run `diffusers-cir evaluate cirr` on a tiny split with real pixels; returns (report, saved
+    queries, the pipeline loaded back, reference paths, query texts)."""
+    import json
+
+    from safetensors import safe_open
+
+    from diffusers_cir import AutoCIRPipeline
+    from diffusers_cir.cli import main
+
+    pipe.save_pretrained(tmp_path / "pipe")
+    root, paths, texts = tiny_cirr_with_images(tmp_path / "CIRR")
+    output = tmp_path / "out"
+    status = main(["evaluate", "cirr", "--pipeline", str(tmp_path / "pipe"), "--data-root", str(root), "--output-dir",
+                   str(output), "--device", "cpu", "--no-progress"])
+    assert status == 0
+    with safe_open(output / "query_embeddings.safetensors", framework="pt") as handle:
+        queries = handle.get_tensor("query_embeds")
+    loaded = AutoCIRPipeline.from_pretrained(tmp_path / "pipe")
+    loaded.set_progress_bar_config(disable=True)
+    return json.loads((output / "metrics.json").read_text()), queries, loaded, paths, texts
