@@ -265,3 +265,32 @@ def test_reduced_precision_on_the_gpu_agrees_with_float32(tmp_path, dtype):
     assert F.cosine_similarity(query.cpu(), expected, dim=-1).min() > 0.99
     from_embeds = pipe(image_embeds=gallery, prompt=prompts).image_embeds
     torch.testing.assert_close(from_embeds, query, atol=1e-5, rtol=0)
+
+
+def test_the_saved_card_names_the_release_and_its_published_numbers_only_for_its_sizes(tmp_path):
+    from diffusers_cir.conversion.bgevl import released_model_name
+
+    release = make_released_bgevl_folder(tmp_path / "release")
+    convert_bgevl_checkpoint_to_pipeline(release, tmp_path / "out")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "license: mit" in card and "MegaPairs" in card and "diffusers-cir convert bgevl --checkpoint-path" in card
+    assert "Table 1" not in card  # tiny sizes: not a release, no published numbers claimed
+    large = CLIPConfig(text_config={"hidden_size": 768}, vision_config={"hidden_size": 1024, "num_hidden_layers": 24,
+                                                                       "num_attention_heads": 16, "patch_size": 14},
+                       projection_dim=768)
+    assert released_model_name(large) == "BGE-VL-large"
+    assert released_model_name(CLIPConfig(vision_config={"patch_size": 16}, projection_dim=512)) == "BGE-VL-base"
+    assert released_model_name(CLIPConfig(projection_dim=512)) is None  # ViT-B/32: no BGE-VL release
+
+
+def test_convert_bgevl_command(tmp_path, capsys):
+    from diffusers_cir.cli import main
+
+    release = make_released_bgevl_folder(tmp_path / "release")
+    assert main(["convert", "bgevl", "--checkpoint-path", str(release), "--output", str(tmp_path / "out")]) == 0
+    assert "BGEVLPipeline with" in capsys.readouterr().out
+    assert type(AutoCIRPipeline.from_pretrained(tmp_path / "out")) is BGEVLPipeline
+    capsys.readouterr()
+    assert main(["convert", "bgevl", "--checkpoint-path", str(tmp_path / "out"), "--output", str(tmp_path / "again")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("diffusers-cir convert bgevl: error:") and "not a BGE-VL-CLIP release" in error and "\n" not in error

@@ -159,6 +159,27 @@ def run_magiclens(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_bgevl_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint-path", required=True, help="The released folder (BAAI/BGE-VL-base or BAAI/BGE-VL-large: config.json, model.safetensors, tokenizer and preprocessor files).")
+    parser.add_argument("--output", required=True, help="Folder to write the BGEVLPipeline to.")
+    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="Precision of the saved weights (default: the checkpoint's).")
+    _add_overwrite_argument(parser)
+
+
+def run_bgevl(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..conversion.bgevl import convert_bgevl_checkpoint_to_pipeline
+
+    pipe = convert_bgevl_checkpoint_to_pipeline(
+        args.checkpoint_path, args.output, torch_dtype=None if args.dtype is None else getattr(torch, DTYPES[args.dtype]),
+        overwrite=args.overwrite, overwrite_flag="--overwrite",
+    )
+    count = sum(parameter.numel() for model in (pipe.text_encoder, pipe.image_encoder) for parameter in model.parameters())
+    print(f"Wrote {args.output}: BGEVLPipeline with {count:,} parameters (embedding width {pipe.embedding_dim}).")
+    return 0
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser("convert", help="Convert released checkpoints to diffusers folders.")
     kinds = parser.add_subparsers(dest="kind", metavar="MODEL", required=True)
@@ -171,3 +192,6 @@ def register(subparsers) -> None:
     magiclens = kinds.add_parser("magiclens", help="A released MagicLens checkpoint (magic_lens_clip_{base,large}.pkl).")
     add_magiclens_arguments(magiclens)
     magiclens.set_defaults(func=run_magiclens)
+    bgevl = kinds.add_parser("bgevl", help="A released BGE-VL-CLIP folder (BAAI/BGE-VL-base, BAAI/BGE-VL-large); AutoCIRPipeline also loads it as it is.")
+    add_bgevl_arguments(bgevl)
+    bgevl.set_defaults(func=run_bgevl)

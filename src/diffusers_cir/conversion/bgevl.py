@@ -16,11 +16,28 @@ import json
 import os
 from pathlib import Path
 
-__all__ = ["BGEVLConversionError", "convert_bgevl_checkpoint_to_pipeline", "is_released_bgevl_folder"]
+__all__ = [
+    "BGEVLConversionError",
+    "PUBLISHED_RESULTS",
+    "convert_bgevl_checkpoint_to_pipeline",
+    "is_released_bgevl_folder",
+    "released_model_name",
+]
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 # The authors' modeling file; its name is how a BGE-VL release differs from any other CLIP checkpoint.
 _AUTHORS_MODULE = "modeling_mmret_clip"
+
+
+# Zero-shot results the MegaPairs paper (arXiv:2412.14475, Table 1) reports for the released CLIP models, in percent:
+# CIRCO mAP@5 (test split, CIRCO server), CIRR Recall@1 (test1 split, CIRR server), FashionIQ Recall@10 (validation
+# split, mean of dress, shirt and toptee).
+PUBLISHED_RESULTS = {
+    "BGE-VL-large": {"circo_map_at5": 39.2, "cirr_recall_at1": 38.0, "fashioniq_recall_at10": 34.6},
+    "BGE-VL-base": {"circo_map_at5": 34.3, "cirr_recall_at1": 36.1, "fashioniq_recall_at10": 31.9},
+}
+# vision (hidden size, layers, patch size) and projection width of each release (CLIP ViT-L/14 and ViT-B/16)
+_RELEASE_SHAPES = {"BGE-VL-large": (1024, 24, 14, 768), "BGE-VL-base": (768, 12, 16, 512)}
 
 
 class BGEVLConversionError(ValueError):
@@ -68,6 +85,34 @@ def _load_clip(folder: Path, torch_dtype):
     return model.eval()
 
 
+def released_model_name(config) -> str | None:
+    """``"BGE-VL-large"`` / ``"BGE-VL-base"`` when a ``CLIPConfig`` has that release's sizes, else ``None``."""
+    vision = config.vision_config
+    shape = (vision.hidden_size, vision.num_hidden_layers, vision.patch_size, config.projection_dim)
+    return next((name for name, release in _RELEASE_SHAPES.items() if release == shape), None)
+
+
+def _card(checkpoint_path, output_path, torch_dtype, model_name: str | None, card_name: str):
+    from ..utils.model_card import conversion_card
+
+    note = ("Converted from a BGE-VL-CLIP release (VectorSpaceLab/MegaPairs; BAAI/BGE-VL-base, BAAI/BGE-VL-large): the "
+            "CLIP checkpoint split into its two towers with stock transformers CLIP, weights unchanged.")
+    if model_name is not None:
+        numbers = PUBLISHED_RESULTS[model_name]
+        note += (
+            f" Its sizes are those of {model_name}; for the released weights the MegaPairs paper (Table 1) reports, "
+            f"zero-shot, CIRCO mAP@5 {numbers['circo_map_at5']} (test), CIRR R@1 {numbers['cirr_recall_at1']} (test1) "
+            f"and FashionIQ R@10 {numbers['fashioniq_recall_at10']} (validation, mean of three categories), under the "
+            "authors' protocol: `diffusers-cir evaluate circo --pipeline <this folder> --protocol bgevl --split test "
+            "--data-root CIRCO --output-dir runs/circo` (likewise fashioniq, and cirr with --split test1)."
+        )
+    flags = {"--checkpoint-path": checkpoint_path, "--output": output_path,
+             "--dtype": str(torch_dtype).removeprefix("torch.") if torch_dtype else None}
+    card = conversion_card("bgevl", flags, [checkpoint_path], license="mit", note=note)
+    card.model_name = card_name  # the output's name, not the staging folder's the card is written in
+    return card
+
+
 def split_clip_model(model):
     """The text and vision towers of a ``CLIPModel``, each with its projection, holding the same weights."""
     from transformers import (
@@ -103,6 +148,8 @@ def convert_bgevl_checkpoint_to_pipeline(
     torch_dtype=None,
     overwrite: bool = False,
     safe_serialization: bool = True,
+    overwrite_flag: str = "overwrite=True",
+    card_name: str | None = None,
 ):
     """Write a :class:`~diffusers_cir.BGEVLPipeline` folder from a released BGE-VL-CLIP folder.
 
@@ -112,6 +159,7 @@ def convert_bgevl_checkpoint_to_pipeline(
         output_path: the pipeline folder to write (refused if it holds something else; ``overwrite=True`` replaces an
             earlier conversion).
         torch_dtype: precision of the saved weights (default: the checkpoint's).
+        card_name: the title of the saved model card (default: the output folder's name).
 
     Returns:
         The :class:`~diffusers_cir.BGEVLPipeline`.
@@ -122,7 +170,7 @@ def convert_bgevl_checkpoint_to_pipeline(
     from .output import check_output_folder, replace_output_folder
 
     folder = Path(checkpoint_path)
-    check_output_folder(output_path, overwrite)  # before the (long) load
+    check_output_folder(output_path, overwrite, flag=overwrite_flag)  # before the (long) load
     if not is_released_bgevl_folder(folder):
         raise BGEVLConversionError(
             f"{str(folder)!r} is not a BGE-VL-CLIP release: it needs config.json with model_type 'clip', architecture "
@@ -131,7 +179,10 @@ def convert_bgevl_checkpoint_to_pipeline(
     for name in ("preprocessor_config.json",):
         if not (folder / name).is_file():
             raise BGEVLConversionError(f"{str(folder)!r} has no {name}: the release's image preprocessing is missing.")
-    text_encoder, image_encoder = split_clip_model(_load_clip(folder, torch_dtype))
+    clip = _load_clip(folder, torch_dtype)
+    model_name = released_model_name(clip.config)
+    text_encoder, image_encoder = split_clip_model(clip)
+    del clip
     pipe = BGEVLPipeline(
         text_encoder=text_encoder,
         tokenizer=CLIPTokenizer.from_pretrained(folder),
@@ -140,13 +191,14 @@ def convert_bgevl_checkpoint_to_pipeline(
         # the authors' PIL bicubic resize; the PIL backend reproduces them exactly.
         image_processor=CLIPImageProcessorPil.from_pretrained(folder),
     )
-    with replace_output_folder(output_path, overwrite) as staging:
-        pipe.save_pretrained(staging, safe_serialization=safe_serialization)
+    card = _card(checkpoint_path, output_path, torch_dtype, model_name, card_name or Path(output_path).resolve().name)
+    with replace_output_folder(output_path, overwrite, flag=overwrite_flag) as staging:
+        pipe.save_pretrained(staging, safe_serialization=safe_serialization, model_card=card)
     return pipe
 
 
 def _convert_released_bgevl(source, output_dir):
-    convert_bgevl_checkpoint_to_pipeline(source, output_dir)
+    convert_bgevl_checkpoint_to_pipeline(source, output_dir, card_name=Path(source).resolve().name)
 
 
 def _register_layout() -> None:

@@ -76,6 +76,14 @@ class BGEVLPipeline(CIRPipelineMixin, DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "text_encoder->image_encoder"
+    _model_card_fields = {
+        "tags": ["bge-vl", "megapairs", "clip"],
+        "paper": "MegaPairs: Massive Data Synthesis For Universal Multimodal Retrieval (Zhou et al., ACL 2025), "
+        "https://arxiv.org/abs/2412.14475",
+        "description": "A `BGEVLPipeline`: BGE-VL, a CLIP model trained on MegaPairs. A composed query is the "
+        "L2-normalised sum of the raw projected text feature and the raw projected image feature of the reference; "
+        "the gallery side is the image feature (text-only and image-only queries work too).",
+    }
 
     def __init__(
         self,
