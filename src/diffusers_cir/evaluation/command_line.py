@@ -41,6 +41,10 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
                         help="FashionIQ categories or GeneCIS tasks (default: all).")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="Gallery-embedding cache (default: <output-dir>/embedding_cache); reused across runs.")
+    parser.add_argument("--protocol", default=None,
+                        help="How the benchmark is evaluated: its official protocol by default, or a named variant: "
+                             "'bgevl' (CIRCO, FashionIQ, CIRR), the BGE-VL authors' query texts and 75-token "
+                             "truncation. metrics.json and metrics.md say which one ran.")
     parser.add_argument("--fashioniq-captions", choices=CAPTION_STYLE_CHOICES, default=None,
                         help="FashionIQ caption joining: CLIP4Cir's single prompt (default), or SEARLE/LinCIR's two "
                              "orders averaged.")
@@ -111,6 +115,13 @@ def _pipeline_call_kwargs(args: argparse.Namespace) -> dict:
     return {PIPELINE_CALL_FLAGS[flag]: value for flag, value in given.items()}
 
 
+def _protocol(benchmark: str, name: str):
+    """The named protocol of ``benchmark``, refused by flag (with the choices) before anything loads."""
+    from .protocols import get_protocol
+
+    return get_protocol(benchmark, name, argument="--protocol")
+
+
 def _pipeline_from_args(args: argparse.Namespace):
     import torch
 
@@ -140,7 +151,15 @@ def run_from_args(args: argparse.Namespace, pipeline=None) -> int:
             raise SystemExit("--image-root applies to GeneCIS only (the other benchmarks keep images in their folder).")
         loader_kwargs["image_root"] = args.image_root
     try:
+        if args.protocol is not None and args.fashioniq_captions is not None:
+            raise ValueError("--fashioniq-captions names a FashionIQ protocol itself: pass it or --protocol, not both.")
+        protocol = args.protocol if args.protocol is None else _protocol(args.benchmark, args.protocol)
         call_kwargs = _pipeline_call_kwargs(args)
+        if protocol is not None and args.pipeline is not None:  # a saved folder is checked before it loads
+            from ..retrieval.encoders import check_pipeline_options
+
+            check_pipeline_options(args.pipeline, {f"--protocol {protocol.name} ({name})": name
+                                                   for name in protocol.call_kwargs})
         if pipeline is None:
             # Loaded by run_evaluation once the arguments and the annotation files are known to be good.
             pipeline = functools.partial(_pipeline_from_args, args)
@@ -152,6 +171,7 @@ def run_from_args(args: argparse.Namespace, pipeline=None) -> int:
             output_dir=args.output_dir,
             subsets=args.subset,
             cache_dir=args.cache_dir,
+            protocol=protocol,
             caption_style=args.fashioniq_captions,
             prompt_template=args.prompt_template,
             query_batch_size=args.batch_size,

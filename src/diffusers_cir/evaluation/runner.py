@@ -144,12 +144,28 @@ def metrics_markdown(report: dict) -> str:
     ```
     """
     lines = [f"### {report['benchmark']} {report['split']} ({report['encoder']})", ""]
+    settings = report.get("settings", {})
+    if settings.get("protocol"):  # which protocol ran: the official one, or a named variant (and what it changes)
+        described = f": {settings['description']}" if settings.get("description") else ""
+        lines += [f"Protocol: `{settings['protocol']}`{described}.", ""]
     if not report["metrics"]:
         lines.append("Labels of this split are hidden: submit the files listed in metrics.json to the test server.")
         return "\n".join(lines)
     lines += ["| metric | value |", "|---|---:|"]
     lines += [f"| {name} | {value:.2f} |" for name, value in report["metrics"].items()]
     return "\n".join(lines)
+
+
+def _check_protocol_fits(pipeline: Any, protocol: BenchmarkProtocol) -> None:
+    """Refuse, before the gallery is embedded, a protocol fixing a pipeline argument the pipeline does not take (the
+    bgevl protocol's 75-token truncation is an argument of BGEVLPipeline)."""
+    accepted = pipeline.call_parameters()
+    refused = sorted(name for name in protocol.call_kwargs if name not in accepted)
+    if refused:
+        raise ValueError(
+            f"The {protocol.benchmark} protocol {protocol.name!r} sets {refused}, which {type(pipeline).__name__} does "
+            "not take: it is a protocol for another model. Leave `protocol` out for the official one."
+        )
 
 
 def _subsets_for(protocol: BenchmarkProtocol, subsets: Sequence[str] | None) -> list[str | None]:
@@ -268,6 +284,7 @@ def run_evaluation(
     ]
     if not hasattr(pipeline, "encode_image"):
         pipeline = pipeline()
+    _check_protocol_fits(pipeline, protocol)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     embed = SplitEmbedder(pipeline, output_dir / "embedding_cache" if cache_dir is None else Path(cache_dir),
