@@ -27,6 +27,7 @@ from transformers import CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionM
 
 from ..checks import check_choice, check_finite_tensors, check_int, check_positive_int, check_texts
 from .auto import CIRPipelineMixin
+from .inputs import check_not_both, check_tensor
 from .utils import check_image_paths, is_loadable_image, load_image_paths
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
@@ -237,22 +238,14 @@ class BGEVLPipeline(CIRPipelineMixin, DiffusionPipeline):
         """Every argument of `__call__`, checked once; returns `(prompts or None, number of references or 0)`."""
         check_positive_int(batch_size, "batch_size")
         check_choice(output_type, "output_type", ("pt", "np"))
-        if image is not None and image_embeds is not None:
-            raise ValueError("Pass the reference as `image` or as `image_embeds`, not both.")
+        check_not_both("image", image, "image_embeds", image_embeds, note=" (the reference)")
         if image is None and image_embeds is None and prompt is None:
             raise ValueError("Pass `image` (or `image_embeds`), `prompt`, or both: a query needs at least one of them.")
         prompts = None if prompt is None else check_texts(prompt, "prompt")
         self._check_max_sequence_length(max_sequence_length)
         num_references = 0
-        if image_embeds is not None:
-            if not torch.is_tensor(image_embeds) or image_embeds.ndim != 2 or image_embeds.shape[1] != self.embedding_dim:
-                got = tuple(image_embeds.shape) if torch.is_tensor(image_embeds) else type(image_embeds).__name__
-                raise ValueError(
-                    f"`image_embeds` must be a tensor of shape (batch_size, {self.embedding_dim}) (image features from "
-                    f"`encode_image`), got {got}."
-                )
-            if image_embeds.shape[0] == 0:
-                raise ValueError("`image_embeds` holds no reference (shape (0, D)): pass at least one.")
+        if image_embeds is not None:  # the image features `encode_image` returns
+            check_tensor(image_embeds, "image_embeds", ("batch_size", self.embedding_dim), rows_of="reference")
             check_finite_tensors({"image_embeds": image_embeds})
             num_references = image_embeds.shape[0]
         elif image is not None:
