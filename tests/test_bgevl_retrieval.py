@@ -72,6 +72,21 @@ def test_index_build_and_search_with_the_released_folder(workspace, tmp_path, ca
     assert printed == ranked[:4]
 
 
+def test_index_build_of_a_saved_folder_preprocesses_as_the_pipeline(workspace, tmp_path, capsys):
+    """index build embeds the gallery of a saved BGE-VL folder with its CLIP tower alone: with the PIL image processor
+    the pipeline recorded, not transformers 5's default torchvision one (whose pixels differ, under the same
+    fingerprint)."""
+    from diffusers_cir.conversion.bgevl import convert_bgevl_checkpoint_to_pipeline
+    from diffusers_cir.retrieval.encoders import load_gallery_encoder
+
+    convert_bgevl_checkpoint_to_pipeline(workspace / "BGE-VL-tiny", tmp_path / "saved")
+    encoder = load_gallery_encoder(tmp_path / "saved")
+    pipe = AutoCIRPipeline.from_pretrained(tmp_path / "saved")
+    assert type(encoder.image_processor) is type(pipe.image_processor) and encoder.fingerprint == pipe.fingerprint
+    tall = [Image.fromarray(np.random.default_rng(seed).integers(0, 255, (120, 45, 3), dtype=np.uint8)) for seed in range(3)]
+    torch.testing.assert_close(encoder.encode_image(tall), pipe.encode_image(tall), atol=1e-6, rtol=0)
+
+
 def _fashioniq(root: Path, captions: list[list[str]]) -> Path:
     """A one-category (dress) FashionIQ folder in the official layout: 8 images, one triplet per caption pair."""
     rng = np.random.default_rng(1)

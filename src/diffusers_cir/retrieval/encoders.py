@@ -67,13 +67,17 @@ class CLIPVisionEncoder:
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, processor_folder: str | os.PathLike | None = None,
-                        torch_dtype: torch.dtype | None = None) -> "CLIPVisionEncoder":
-        """Load the tower from ``folder`` and its preprocessing from ``processor_folder`` (default: ``folder``)."""
-        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+                        torch_dtype: torch.dtype | None = None, processor_class: str = "CLIPImageProcessor",
+                        ) -> "CLIPVisionEncoder":
+        """Load the tower from ``folder`` and its preprocessing from ``processor_folder`` (default: ``folder``) with
+        the transformers class ``processor_class`` (a pipeline records it: transformers 5's ``CLIPImageProcessor``
+        resizes with torchvision, ``CLIPImageProcessorPil`` with PIL, and their pixels differ)."""
+        import transformers
+        from transformers import CLIPVisionModelWithProjection
 
         kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
         encoder = CLIPVisionModelWithProjection.from_pretrained(folder, **kwargs)
-        return cls(encoder, CLIPImageProcessor.from_pretrained(processor_folder or folder))
+        return cls(encoder, getattr(transformers, processor_class).from_pretrained(processor_folder or folder))
 
     @property
     def embedding_dim(self) -> int:
@@ -137,7 +141,12 @@ def _load_tower_of_pipeline(folder: Path, torch_dtype) -> CLIPVisionEncoder | No
         raise ValueError(f"The pipeline in {folder} has no `image_encoder`: it cannot embed gallery images.")
     if entry[1] != "CLIPVisionModelWithProjection":
         return None
-    return CLIPVisionEncoder.from_pretrained(folder / "image_encoder", folder / "image_processor", torch_dtype)
+    processor = index.get("image_processor")
+    processor_class = processor[1] if isinstance(processor, (list, tuple)) and len(processor) == 2 else None
+    if processor_class not in ("CLIPImageProcessor", "CLIPImageProcessorPil"):
+        return None  # another preprocessing: the whole pipeline embeds the gallery
+    return CLIPVisionEncoder.from_pretrained(folder / "image_encoder", folder / "image_processor", torch_dtype,
+                                             processor_class=processor_class)
 
 
 def load_pipeline(model: str | os.PathLike, device=None, torch_dtype: torch.dtype | None = None):
