@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     from diffusers_cir.models.textual_inversion_projection import TextualInversionProjection
     from diffusers_cir.pipelines.pipeline_lincir import LinCIRPipeline
-    from diffusers_cir.pipelines.utils import resolve_pretrained_path
+    from diffusers_cir.pipelines.auto import resolve_pretrained_path
     from diffusers_cir.text import SelfMaskingCollator, load_keyword_extractor, self_masking_projection_loss
     from diffusers_cir.training.train_compodiff import (
         CHECKPOINT_PATTERN,
