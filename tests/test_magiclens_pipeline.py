@@ -74,7 +74,9 @@ def test_text_mask_is_causal_and_hides_id_zero_from_everything():
     for query in range(7):
         for key in range(7):
             assert visible[query, key] == (key <= query and ids[0, query] > 0 and ids[0, key] > 0)
-    assert (mask[~visible] == torch.finfo(torch.float32).min).all()  # not -inf: a blind row attends uniformly
+    assert (mask[~visible] < -1e37).all() and torch.isfinite(mask).all()  # not -inf: a blind row attends uniformly
+    for dtype in (torch.float16, torch.bfloat16):  # adding a negative logit must not make it -inf either
+        assert torch.isfinite(text_attention_mask(ids, dtype) - 100).all()
 
 
 def test_the_real_token_zero_never_reaches_the_text_embedding(pipe):

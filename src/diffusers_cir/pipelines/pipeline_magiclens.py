@@ -95,14 +95,15 @@ def _same_device(requested: torch.device, actual: torch.device) -> bool:
 
 def text_attention_mask(input_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """scenic's CLIP text mask as an additive ``[B, 1, L, L]`` mask: key k is visible from query q when k <= q and both
-    ids are non-zero. Hidden logits get the most negative float (not -inf), so a query that sees nothing attends
-    uniformly, as in flax."""
+    ids are non-zero. Hidden logits get half the most negative float of ``dtype``: not -inf, so that a query that sees
+    nothing attends uniformly, as in flax (which replaces its logits by the most negative float); and not the most
+    negative float itself, which a negative logit added in float16 would turn into -inf (NaN for a blind row)."""
     length = input_ids.shape[1]
     valid = input_ids > 0
     causal = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()
     visible = causal[None] & valid[:, :, None] & valid[:, None, :]
     mask = torch.zeros(visible.shape, dtype=dtype, device=input_ids.device)
-    return mask.masked_fill_(~visible, torch.finfo(dtype).min)[:, None]
+    return mask.masked_fill_(~visible, torch.finfo(dtype).min / 2)[:, None]
 
 
 class MagicLensPipeline(CIRPipelineMixin, DiffusionPipeline):
