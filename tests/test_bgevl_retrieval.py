@@ -147,7 +147,7 @@ def test_a_protocol_for_another_model_is_refused_before_anything_loads(workspace
     error = capsys.readouterr().err
     assert "--protocol bgevl (max_sequence_length)" in error and "CompoDiffPipeline" in error
     assert main([*arguments, "--dry-run", "--output-dir", str(tmp_path / "o"), "--protocol", "nope"]) == 2
-    assert "`--protocol` must be one of ('clip4cir', 'searle', 'bgevl') for fashioniq, got 'nope'" in capsys.readouterr().err
+    assert "`--protocol` must be one of ('clip4cir', 'searle', 'bgevl', 'magiclens') for fashioniq, got 'nope'" in capsys.readouterr().err
     assert main([*arguments, "--dry-run", "--output-dir", str(tmp_path / "o"), "--protocol", "bgevl",
                  "--fashioniq-captions", "searle"]) == 2
     assert "not both" in capsys.readouterr().err

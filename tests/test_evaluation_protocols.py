@@ -72,7 +72,7 @@ def test_protocols_are_chosen_by_name_with_clear_errors(tmp_path):
     root = _cirr(tmp_path / "CIRR")
     with pytest.raises(ValueError, match=r"`protocol` must be one of \('standard', 'bgevl'\) for cirr, got 'nope'"):
         run_evaluation(IdHashEncoder(), "cirr", root, output_dir=tmp_path / "o", protocol="nope")
-    with pytest.raises(ValueError, match=r"`caption_style` must be one of \('clip4cir', 'searle', 'bgevl'\) for fashioniq"):
+    with pytest.raises(ValueError, match=r"`caption_style` must be one of \('clip4cir', 'searle', 'bgevl', 'magiclens'\) for fashioniq"):
         run_evaluation(IdHashEncoder(), "fashioniq", root, output_dir=tmp_path / "o", caption_style="plain")
     with pytest.raises(ValueError, match="`protocol` 'standard' evaluates circo, not cirr"):
         run_evaluation(IdHashEncoder(), "cirr", root, output_dir=tmp_path / "o", protocol=get_protocol("circo"))

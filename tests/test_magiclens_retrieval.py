@@ -107,3 +107,61 @@ def test_evaluate_cirr_with_a_magiclens_folder(workspace, tmp_path):
     references = [str(root / "dev" / f"{name}.png") for name in names[:3]]
     expected = pipe(image=references, prompt=[f"change {i}" for i in range(3)], normalize=True).image_embeds
     torch.testing.assert_close(queries, expected, atol=1e-5, rtol=0)
+
+
+def _circo(root, num_images: int = 8):
+    """A CIRCO-style val split: COCO-named gallery images, a gallery id list and two annotated queries."""
+    rng = np.random.default_rng(2)
+    folder = root / "COCO2017_unlabeled" / "unlabeled2017"
+    folder.mkdir(parents=True)
+    ids = list(range(100, 100 + num_images))
+    for image_id in ids:
+        Image.fromarray(rng.integers(0, 255, (36, 44, 3), dtype=np.uint8)).save(folder / f"{image_id:012d}.jpg")
+    (root / "annotations").mkdir()
+    queries = [{"id": q, "reference_img_id": ids[q], "target_img_id": ids[q + 1], "gt_img_ids": [ids[q + 1], ids[q + 2]],
+                "relative_caption": caption, "shared_concept": concept, "semantic_aspects": ["cardinality"]}
+               for q, (caption, concept) in enumerate([("is at night", "a red car"), ("has two of them", "a dog")])]
+    (root / "annotations" / "val.json").write_text(json.dumps(queries))
+    (root / "gallery.json").write_text(json.dumps(ids))
+    return root, [folder / f"{image_id:012d}.jpg" for image_id in ids]
+
+
+def test_evaluate_with_the_authors_protocol(workspace, tmp_path):
+    """`--protocol magiclens`: CIRCO queries worded as the authors' code words them; the report says which ran."""
+    root, paths = _circo(tmp_path / "CIRCO")
+    outputs = {}
+    for protocol in (None, "magiclens"):
+        outputs[protocol] = tmp_path / f"out-{protocol}"
+        flags = [] if protocol is None else ["--protocol", protocol]
+        assert main(["evaluate", "circo", "--pipeline", str(workspace / "model"), "--data-root", str(root),
+                     "--gallery-ids", str(root / "gallery.json"), "--output-dir", str(outputs[protocol]),
+                     "--device", "cpu", "--no-progress", *flags]) == 0
+    settings = json.loads((outputs["magiclens"] / "metrics.json").read_text())["settings"]
+    assert settings["protocol"] == "magiclens" and "google-deepmind/magiclens" in settings["source"]
+    assert settings["reference_excluded"] is False
+    assert json.loads((outputs[None] / "metrics.json").read_text())["settings"]["protocol"] == "standard"
+
+    from safetensors import safe_open
+
+    pipe = AutoCIRPipeline.from_pretrained(workspace / "model")
+    pipe.set_progress_bar_config(disable=True)
+    texts = {None: ["is at night", "has two of them"],
+             "magiclens": ["find a red car but is at night", "find a dog but has two of them"]}
+    for protocol, output in outputs.items():
+        with safe_open(output / "query_embeddings.safetensors", framework="pt") as handle:
+            queries = handle.get_tensor("query_embeds")
+        expected = pipe(image=[str(path) for path in paths[:2]], prompt=texts[protocol], normalize=True).image_embeds
+        torch.testing.assert_close(queries, expected, atol=1e-5, rtol=0)
+
+
+def test_authors_fashioniq_texts_keep_the_captions_as_they_are():
+    from diffusers_cir.data.benchmarks import CIRQuery
+    from diffusers_cir.evaluation import PROTOCOLS, get_protocol
+
+    query = CIRQuery(query_id=0, reference_id="a", captions=["Is shiny and silver.", " fit and flare"])
+    assert get_protocol("fashioniq", "magiclens").query_texts(query, "{}") == ["Is shiny and silver. and  fit and flare"]
+    assert get_protocol("fashioniq").query_texts(query, "{}") == ["Is shiny and silver and fit and flare"]
+    assert "magiclens" not in PROTOCOLS["cirr"]  # the authors' code has no CIRR evaluation
+    without_concept = CIRQuery(query_id=7, reference_id=1, captions=["is red"])
+    with pytest.raises(ValueError, match="query 7 has no `shared_concept`"):
+        get_protocol("circo", "magiclens").query_texts(without_concept, "{}")

@@ -44,7 +44,8 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
     parser.add_argument("--protocol", default=None,
                         help="How the benchmark is evaluated: its official protocol by default, or a named variant: "
                              "'bgevl' (CIRCO, FashionIQ, CIRR), the BGE-VL authors' query texts and 75-token "
-                             "truncation. metrics.json and metrics.md say which one ran.")
+                             "truncation; 'magiclens' (CIRCO, FashionIQ), the MagicLens authors' query texts. "
+                             "metrics.json and metrics.md say which one ran.")
     parser.add_argument("--fashioniq-captions", choices=CAPTION_STYLE_CHOICES, default=None,
                         help="FashionIQ caption joining: CLIP4Cir's single prompt (default), or SEARLE/LinCIR's two "
                              "orders averaged.")

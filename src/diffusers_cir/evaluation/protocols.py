@@ -239,3 +239,38 @@ _bgevl("fashioniq", bgevl_fashioniq_texts, "{caption 0}, and {caption 1}")
 # official reference exclusion is kept; only the truncation comes from their code.
 _bgevl("cirr", caption_text, "{caption}", settings={
     "note": "the authors published no CIRR evaluation code: caption and reference exclusion are the official ones"})
+
+
+
+_MAGICLENS_SOURCE = "google-deepmind/magiclens at 5135f58 (data_utils.py: build_circo_dataset, build_fiq_dataset)"
+
+
+def magiclens_circo_texts(query: CIRQuery, template: str) -> list[str]:
+    """MagicLens's CIRCO query: ``find {shared concept} but {relative caption}``."""
+    shared = query.extra.get("shared_concept")
+    if not isinstance(shared, str):
+        raise ValueError(
+            f"CIRCO query {query.query_id!r} has no `shared_concept`, which the magiclens protocol's query text needs "
+            "(the official CIRCO annotation files have one per query)."
+        )
+    return [template.format(f"find {shared} but {query.captions[0]}")]
+
+
+def magiclens_fashioniq_texts(query: CIRQuery, template: str) -> list[str]:
+    """MagicLens's FashionIQ query: the two captions as they are (not stripped), joined with ``" and "``."""
+    return [template.format(" and ".join(query.captions))]
+
+
+def _magiclens(benchmark: str, query_texts: QueryTexts, query_text: str) -> BenchmarkProtocol:
+    official = get_protocol(benchmark)
+    return register_protocol(replace(official, name="magiclens", query_texts=query_texts, settings={
+        "description": "the MagicLens authors' protocol; the official protocol is the default",
+        "query_text": query_text,
+        "reference_excluded": official.exclude_reference,
+        "source": _MAGICLENS_SOURCE,
+    }))
+
+
+# The authors' code keeps the reference (as the official CIRCO and FashionIQ protocols do) and has no CIRR evaluation.
+_magiclens("circo", magiclens_circo_texts, "find {shared_concept} but {relative_caption}")
+_magiclens("fashioniq", magiclens_fashioniq_texts, "{caption 0} and {caption 1}")
