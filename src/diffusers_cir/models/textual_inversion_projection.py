@@ -133,3 +133,38 @@ class TextualInversionProjection(QuietDtypeCastMixin, ModelMixin, ConfigMixin):
         if not return_dict:
             return (pseudo_tokens,)
         return TextualInversionProjectionOutput(pseudo_tokens=pseudo_tokens)
+
+
+def encode_text_with_pseudo_tokens(
+    text_encoder,
+    input_ids: torch.Tensor,
+    pseudo_tokens: torch.Tensor,
+    placeholder_token_id: int = 259,
+    output_hidden_states: bool = False,
+):
+    """Run a CLIP text tower (a transformers `CLIPTextModelWithProjection`) with the token embedding at every
+    `placeholder_token_id` replaced by the prompt's pseudo token (the textual-inversion encoding of LinCIR, SEARLE
+    and Pic2Word). `LinCIRPipeline` encodes its queries with it and the self-masking training loss its masked
+    captions, so both see exactly the same encoding.
+
+    The replacement is a forward hook on the token-embedding layer, removed when the call returns: the rest of
+    the forward pass (position embeddings, causal attention in transformers' chosen implementation, final
+    layer norm, end-of-text pooling, projection) is transformers' own. Not safe to call concurrently from
+    several threads on one `text_encoder`.
+
+    Returns `text_embeds` `(batch_size, projection_dim)`, or `(text_embeds, last_hidden_state)`.
+    """
+    embedding_layer = text_encoder.get_input_embeddings()
+    is_placeholder = (input_ids == placeholder_token_id).unsqueeze(-1)
+
+    def write_pseudo_tokens(module, args, token_embeds):
+        return torch.where(is_placeholder, pseudo_tokens.unsqueeze(1).to(token_embeds.dtype), token_embeds)
+
+    handle = embedding_layer.register_forward_hook(write_pseudo_tokens)
+    try:
+        outputs = text_encoder(input_ids=input_ids)
+    finally:
+        handle.remove()
+    if output_hidden_states:
+        return outputs.text_embeds, outputs.last_hidden_state
+    return outputs.text_embeds

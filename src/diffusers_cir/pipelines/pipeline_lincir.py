@@ -30,7 +30,7 @@ from transformers import (
 )
 
 from ..checks import check_choice, check_positive_int
-from ..models.textual_inversion_projection import TextualInversionProjection
+from ..models.textual_inversion_projection import TextualInversionProjection, encode_text_with_pseudo_tokens
 from .auto import CIRPipelineMixin
 from .inputs import check_tensor
 from .utils import check_image_paths, is_loadable_image, load_image_paths
@@ -491,36 +491,3 @@ def _check_prompt_template(prompt_template) -> None:
             f"replacement field (write other braces as '{{{{' and '}}}}'); formatting it failed with "
             f"{type(error).__name__}: {error}."
         ) from error
-
-
-def encode_text_with_pseudo_tokens(
-    text_encoder: CLIPTextModelWithProjection,
-    input_ids: torch.Tensor,
-    pseudo_tokens: torch.Tensor,
-    placeholder_token_id: int = 259,
-    output_hidden_states: bool = False,
-):
-    """Run a CLIP text tower with the token embedding at every `placeholder_token_id` replaced by the
-    prompt's pseudo token (the textual-inversion encoding of LinCIR, SEARLE and Pic2Word).
-
-    The replacement is a forward hook on the token-embedding layer, removed when the call returns: the rest of
-    the forward pass (position embeddings, causal attention in transformers' chosen implementation, final
-    layer norm, end-of-text pooling, projection) is transformers' own. Not safe to call concurrently from
-    several threads on one `text_encoder`.
-
-    Returns `text_embeds` `(batch_size, projection_dim)`, or `(text_embeds, last_hidden_state)`.
-    """
-    embedding_layer = text_encoder.get_input_embeddings()
-    is_placeholder = (input_ids == placeholder_token_id).unsqueeze(-1)
-
-    def write_pseudo_tokens(module, args, token_embeds):
-        return torch.where(is_placeholder, pseudo_tokens.unsqueeze(1).to(token_embeds.dtype), token_embeds)
-
-    handle = embedding_layer.register_forward_hook(write_pseudo_tokens)
-    try:
-        outputs = text_encoder(input_ids=input_ids)
-    finally:
-        handle.remove()
-    if output_hidden_states:
-        return outputs.text_embeds, outputs.last_hidden_state
-    return outputs.text_embeds

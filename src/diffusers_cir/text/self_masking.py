@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..pipelines.pipeline_lincir import encode_text_with_pseudo_tokens
+from ..models.textual_inversion_projection import encode_text_with_pseudo_tokens
 from .keywords import RuleBasedKeywordExtractor
 
 _WHITESPACE = re.compile(r"\s+")
