@@ -12,33 +12,38 @@ mixture is ``dangne/gcc_caption_only``, ``FredZhang7/stable-diffusion-prompts-2.
 ``Geonmo/midjourney-prompts-only`` (column ``text``)::
 
     accelerate launch examples/train_lincir.py \\
-        --pretrained_model_name_or_path openai/clip-vit-large-patch14 \\
-        --train_data dangne/gcc_caption_only FredZhang7/stable-diffusion-prompts-2.47M Geonmo/midjourney-prompts-only \\
-        --batch_size 256 --max_train_steps 20000 --mixed_precision fp16 --output_dir lincir-vit-l
+        --pretrained-model-name-or-path openai/clip-vit-large-patch14 \\
+        --train-data dangne/gcc_caption_only FredZhang7/stable-diffusion-prompts-2.47M Geonmo/midjourney-prompts-only \\
+        --batch-size 256 --max-train-steps 20000 --mixed-precision fp16 --output-dir lincir-vit-l
 
-``--pretrained_model_name_or_path`` is a transformers CLIP checkpoint (both towers in one folder) or a folder with
-``text_encoder/`` and ``tokenizer/`` subfolders (a saved :class:`~diffusers_cir.LinCIRPipeline`, for example).
-The result is a LinCIR pipeline folder in ``--output_dir`` (``phi/``, ``text_encoder/``, ``tokenizer/`` and, when
-the source has one, the vision tower), loadable with ``LinCIRPipeline.from_pretrained``.
+Every flag also takes its snake_case spelling (``--max_train_steps``). ``--pretrained-model-name-or-path`` is a
+transformers CLIP checkpoint (both towers in one folder) or a folder with ``text_encoder/`` and ``tokenizer/``
+subfolders (a saved :class:`~diffusers_cir.LinCIRPipeline`, for example). The result is a LinCIR pipeline folder in
+``--output-dir`` (``phi/``, ``text_encoder/``, ``tokenizer/`` and, when the source has one, the vision tower),
+loadable with ``LinCIRPipeline.from_pretrained``.
 
-Validation (optional) reads a precomputed CIR set, ``--validation_data DIR`` with
+Validation (optional) reads a precomputed CIR set, ``--validation-data DIR`` with
 ``DIR/gallery.safetensors`` (tensor ``image_embeds`` ``[G, P]``) and ``DIR/queries.jsonl`` (one
 ``{"reference": int, "text": str or [str, str], "target": int}`` per line, gallery positions), and reports
-Recall@K (``diffusers_cir.metrics``) at ``--validation_steps`` and at the end (``validation_results.json``).
+Recall@K (``diffusers_cir.metrics``) at ``--validation-steps`` and at the end (``validation_results.json``).
 
 Captions that are empty after cleaning (blank lines, null values) are skipped, counted, and reported at the end
 (``skipped_empty_captions``) and in the trackers; a batch trains on the captions it has left.
 
-Keyword extraction uses spaCy when ``--keyword_extractor`` is ``spacy``/``auto`` and the spaCy pipeline is
+Keyword extraction uses spaCy when ``--keyword-extractor`` is ``spacy``/``auto`` and the spaCy pipeline is
 installed, else the built-in rule (:mod:`diffusers_cir.text.keywords`).
 
-Resuming (``--resume_from_checkpoint``) restores phi, the optimizer, the scheduler, EMA and the position in the
-caption stream (torchdata's ``StatefulDataLoader``); the contents of the shuffle buffer are not saved, so the
-captions that were in it at save time are skipped after a resume. ``latest`` with no checkpoint yet starts a new
-run (so a time-limited job can always pass it). Checkpoints are written to ``checkpoint-<step>.partial`` and renamed
-when complete, so ``latest`` never picks one a killed run left half-written. A run without
-``--resume_from_checkpoint`` refuses an ``--output_dir`` that already holds checkpoints (they would mix with the new
-run's, and ``latest`` could later resume the old run).
+Arguments, the output-folder policy, checkpoints, trackers and the optimizer are shared with the CompoDiff trainer
+(:mod:`diffusers_cir.training`). Resuming (``--resume-from-checkpoint``) restores phi, the optimizer, the scheduler,
+EMA, the position in the caption stream (torchdata's ``StatefulDataLoader``, per rank) and every random state the loop
+draws from: the noise generator, the collator's random-word fallback, the global generators (phi's dropout). With
+``--shuffle-buffer-size 0`` and no dataloader workers a resumed run ends with exactly the weights of an uninterrupted
+one; the contents of a shuffle buffer are not saved, so the captions that were in it at save time are skipped after a
+resume, and with workers the collator's random state lives in the workers. ``latest`` with no checkpoint yet starts a
+new run (so a time-limited job can always pass it, with ``--stop-after-steps``). Checkpoints carry checksums, checked
+on resume, and are written to ``checkpoint-<step>.partial`` and renamed when complete, so ``latest`` never picks one a
+killed run left half-written. A new run refuses an ``--output-dir`` that already holds checkpoints or a saved pipeline
+of an earlier run.
 """
 
 from __future__ import annotations
@@ -48,150 +53,132 @@ import copy
 import json
 import logging
 import os
+import random
 import sys
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from diffusers_cir.training.arguments import (
+    DROPOUT,
+    NON_NEGATIVE_FLOAT,
+    NON_NEGATIVE_INT,
+    POSITIVE_INT,
+    TrainingArgumentParser,
+    add_checkpointing_arguments,
+    add_ema_arguments,
+    add_flag,
+    add_optimization_arguments,
+    add_tracking_arguments,
+    flag,
+    usage_errors,
+)
+from diffusers_cir.training.outputs import check_output_dir
+
 logger = logging.getLogger("train_lincir")
 
 _FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+RUN_OUTPUTS = ("model_index.json", "validation_results.json")
+
+
+# ---------------------------------------------------------------------------------------------------- arguments
+def _prompt_template(text: str) -> str:
+    """argparse type: the saved pipeline fills the template with ``str.format(text=...)`` and writes the pseudo token
+    at its ``$`` (a bad template would otherwise fail only when the pipeline is built, after training, or never,
+    giving a pipeline that refuses every query)."""
+    if "{text}" not in text:
+        raise argparse.ArgumentTypeError(f"expected a template containing '{{text}}', got {text!r}")
+    try:
+        filled = text.format(text="")
+    except (KeyError, IndexError, ValueError) as error:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: '{{text}}' must be its only replacement field (write other braces as '{{{{' and '}}}}'); "
+            f"str.format failed with {type(error).__name__}: {error}"
+        ) from None
+    if "$" not in filled:
+        raise argparse.ArgumentTypeError(f"expected a template containing '$' (where the reference image goes), got {text!r}")
+    return text
+
+
+def _add_model_arguments(parser) -> None:
+    model = parser.add_argument_group("model")
+    add_flag(model, "pretrained_model_name_or_path", required=True, help="CLIP checkpoint (folder or Hub id).")
+    add_flag(model, "tokenizer_name_or_path", default=None, help="Tokenizer if not stored with the CLIP model.")
+    add_flag(model, "phi_hidden_dim", type=POSITIVE_INT, default=None,
+             help="Hidden width of a new phi (default 4 x projection_dim). With --resume-phi the width is the "
+             "checkpoint's; a different value is refused.")
+    add_flag(model, "phi_dropout", type=DROPOUT, default=None,
+             help="Dropout of phi while training (default 0.5 for a new phi; with --resume-phi the checkpoint's: a "
+             "folder's config, or the method's published value for a released file). Given, it replaces the checkpoint's.")
+    add_flag(model, "l2_normalize", action="store_true", default=None,
+             help="L2-normalise phi's input (LinCIR's option). A released .pt file does not record it, so pass it when "
+             "the file was trained with it; a phi folder records it, and --l2-normalize on a folder saved without it "
+             "is refused.")
+    add_flag(model, "resume_phi", default=None,
+             help="Start from a released phi (.pt), a converted phi folder, or a LinCIR pipeline folder (its phi/).")
+    add_flag(model, "prompt_template", type=_prompt_template, default="a photo of $ that {text}",
+             help="Saved with the pipeline.")
+
+
+def _add_data_arguments(parser) -> None:
+    data = parser.add_argument_group("data")
+    add_flag(data, "train_data", nargs="+", required=True, help="Caption files, dataset folders or Hub ids.")
+    add_flag(data, "caption_column", default="text")
+    add_flag(data, "dataset_config_name", default=None)
+    add_flag(data, "dataset_split", default="train")
+    add_flag(data, "shuffle_buffer_size", type=NON_NEGATIVE_INT, default=10_000, help="0 disables shuffling.")
+    add_flag(data, "dataloader_num_workers", type=NON_NEGATIVE_INT, default=0)
+    add_flag(data, "keyword_extractor", choices=["auto", "spacy", "builtin"], default="auto")
+    add_flag(data, "spacy_model", default="en_core_web_sm")
+    add_flag(data, "pad_to_max_length", action="store_true",
+             help="Pad every caption to the tokenizer's model_max_length (77) instead of the batch's longest caption: "
+             "the same loss (up to float rounding) for several times the text-tower work on short captions, but fixed "
+             "shapes.")
+    add_flag(data, "batch_size", type=POSITIVE_INT, default=256, help="Captions per device and step.")
+
+
+def _add_training_arguments(parser) -> None:
+    training = parser.add_argument_group("training")
+    add_flag(training, "output_dir", required=True)
+    add_flag(training, "noise_scale", type=NON_NEGATIVE_FLOAT, default=1.0, help="Scale of LinCIR's u*N(0,I) input noise.")
+    add_flag(training, "logging_steps", type=POSITIVE_INT, default=50)
+    add_flag(training, "no_image_encoder", action="store_true", help="Do not add the vision tower to the saved pipeline.")
+
+
+def _add_validation_arguments(parser) -> None:
+    validation = parser.add_argument_group("validation")
+    add_flag(validation, "validation_data", default=None, help="Folder with gallery.safetensors + queries.jsonl.")
+    add_flag(validation, "validation_steps", type=POSITIVE_INT, default=None)
+    add_flag(validation, "validation_ks", type=POSITIVE_INT, nargs="+", default=[1, 5, 10, 50])
+    add_flag(validation, "validation_exclude_reference", action="store_true",
+             help="Delete the reference from each ranking (CIRR).")
+
+
+def build_argument_parser() -> argparse.ArgumentParser:
+    parser = TrainingArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_arguments(parser)
+    _add_data_arguments(parser)
+    _add_training_arguments(parser)
+    add_optimization_arguments(parser, max_train_steps=20_000, lr_warmup_steps=0, max_grad_norm=None,
+                               adam_weight_decay=0.01, seed=None, weight_decay_aliases=("--weight-decay", "--weight_decay"))
+    add_ema_arguments(parser)
+    add_checkpointing_arguments(parser, checkpointing_steps=None)
+    add_tracking_arguments(parser, report_to="none", project_name="train_lincir")
+    _add_validation_arguments(parser)
+    return parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from diffusers_cir.training.train_compodiff import LR_SCHEDULERS
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    model = parser.add_argument_group("model")
-    model.add_argument("--pretrained_model_name_or_path", required=True, help="CLIP checkpoint (folder or Hub id).")
-    model.add_argument("--tokenizer_name_or_path", default=None, help="Tokenizer if not stored with the CLIP model.")
-    model.add_argument(
-        "--phi_hidden_dim",
-        type=int,
-        default=None,
-        help="Hidden width of a new phi (default 4 x projection_dim). With --resume_phi the width is the checkpoint's; "
-        "a different value is refused.",
-    )
-    model.add_argument(
-        "--phi_dropout",
-        type=float,
-        default=None,
-        help="Dropout of phi while training (default 0.5 for a new phi; with --resume_phi the checkpoint's: a folder's "
-        "config, or the method's published value for a released file). Given, it replaces the checkpoint's.",
-    )
-    model.add_argument(
-        "--l2_normalize",
-        action="store_true",
-        default=None,
-        help="L2-normalise phi's input (LinCIR's option). A released .pt file does not record it, so pass it when the "
-        "file was trained with it; a phi folder records it, and --l2_normalize on a folder saved without it is refused.",
-    )
-    model.add_argument(
-        "--resume_phi",
-        default=None,
-        help="Start from a released phi (.pt), a converted phi folder, or a LinCIR pipeline folder (its phi/).",
-    )
-    model.add_argument("--prompt_template", default="a photo of $ that {text}", help="Saved with the pipeline.")
-
-    data = parser.add_argument_group("data")
-    data.add_argument("--train_data", nargs="+", required=True, help="Caption files, dataset folders or Hub ids.")
-    data.add_argument("--caption_column", default="text")
-    data.add_argument("--dataset_config_name", default=None)
-    data.add_argument("--dataset_split", default="train")
-    data.add_argument("--shuffle_buffer_size", type=int, default=10_000, help="0 disables shuffling.")
-    data.add_argument("--dataloader_num_workers", type=int, default=0)
-    data.add_argument("--keyword_extractor", choices=["auto", "spacy", "builtin"], default="auto")
-    data.add_argument("--spacy_model", default="en_core_web_sm")
-    data.add_argument(
-        "--pad_to_max_length",
-        action="store_true",
-        help="Pad every caption to the tokenizer's model_max_length (77) instead of the batch's longest caption: "
-        "the same loss (up to float rounding) for several times the text-tower work on short captions, but fixed shapes.",
-    )
-
-    training = parser.add_argument_group("training")
-    training.add_argument("--output_dir", required=True)
-    training.add_argument("--batch_size", type=int, default=256, help="Captions per device and step.")
-    training.add_argument("--max_train_steps", type=int, default=20_000)
-    training.add_argument("--learning_rate", type=float, default=1e-4)
-    training.add_argument("--weight_decay", type=float, default=0.01)
-    # Checked here: a misspelt name failed in get_scheduler only after the data was opened and the CLIP towers loaded.
-    training.add_argument("--lr_scheduler", default="constant_with_warmup", choices=LR_SCHEDULERS)
-    training.add_argument("--lr_warmup_steps", type=int, default=0)
-    training.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    training.add_argument("--max_grad_norm", type=float, default=None)
-    training.add_argument("--noise_scale", type=float, default=1.0, help="Scale of LinCIR's u*N(0,I) input noise.")
-    training.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
-    training.add_argument("--use_ema", action="store_true")
-    training.add_argument("--ema_decay", type=float, default=0.9999)
-    training.add_argument("--seed", type=int, default=None)
-    training.add_argument("--checkpointing_steps", type=int, default=None)
-    training.add_argument("--checkpoints_total_limit", type=int, default=None)
-    training.add_argument(
-        "--resume_from_checkpoint",
-        default=None,
-        help='A checkpoint-<step> folder (a path, or a name in --output_dir) or "latest" (the newest complete one; '
-        "a new run when there is none).",
-    )
-    training.add_argument("--report_to", default=None, help="accelerate tracker (tensorboard, wandb, ...).")
-    training.add_argument("--logging_steps", type=int, default=50)
-    training.add_argument("--no_image_encoder", action="store_true", help="Do not add the vision tower to the saved pipeline.")
-
-    validation = parser.add_argument_group("validation")
-    validation.add_argument("--validation_data", default=None, help="Folder with gallery.safetensors + queries.jsonl.")
-    validation.add_argument("--validation_steps", type=int, default=None)
-    validation.add_argument("--validation_ks", type=int, nargs="+", default=[1, 5, 10, 50])
-    validation.add_argument(
-        "--validation_exclude_reference", action="store_true", help="Delete the reference from each ranking (CIRR)."
-    )
+    """The checked arguments; a bad one exits with a one-line ``error:`` (status 2) before anything is loaded."""
+    parser = build_argument_parser()
     args = parser.parse_args(argv)
-
-    # Every number is checked here, not when first used (--logging_steps 0 failed at the first step, a bad
-    # --validation_ks at the first validation, --checkpoints_total_limit 0 kept one checkpoint anyway).
-    for flag, low, what in (
-        ("phi_hidden_dim", 1, "a positive integer"),
-        ("batch_size", 1, "a positive integer"),
-        ("max_train_steps", 1, "a positive integer"),
-        ("gradient_accumulation_steps", 1, "a positive integer"),
-        ("logging_steps", 1, "a positive integer"),
-        ("checkpointing_steps", 1, "a positive integer"),
-        ("checkpoints_total_limit", 1, "a positive integer"),
-        ("validation_steps", 1, "a positive integer"),
-        ("shuffle_buffer_size", 0, "0 (no shuffling) or a positive integer"),
-        ("dataloader_num_workers", 0, "0 or a positive integer"),
-        ("lr_warmup_steps", 0, "0 or a positive integer"),
-        ("noise_scale", 0, "a number >= 0"),
-    ):
-        value = getattr(args, flag)
-        if value is not None and value < low:
-            parser.error(f"--{flag} must be {what}, got {value}.")
-    for flag in ("learning_rate", "max_grad_norm"):
-        value = getattr(args, flag)
-        if value is not None and not value > 0:
-            parser.error(f"--{flag} must be a positive number, got {value}.")
-    if args.phi_dropout is not None and not 0 <= args.phi_dropout < 1:
-        parser.error(f"--phi_dropout must be in [0, 1), got {args.phi_dropout}.")
-    if not 0 <= args.ema_decay <= 1:
-        parser.error(f"--ema_decay must be in [0, 1], got {args.ema_decay}.")
-    if min(args.validation_ks) < 1:
-        parser.error(f"--validation_ks must be positive integers, got {' '.join(map(str, args.validation_ks))}.")
-    if args.validation_steps is not None and args.validation_data is None:
-        parser.error("--validation_steps needs --validation_data.")
-    # The saved pipeline fills the template with str.format(text=...) and writes the pseudo token at its "$": a bad
-    # template would otherwise fail only when the pipeline is built, after training (or never, giving a pipeline
-    # that refuses every query).
-    if "{text}" not in args.prompt_template:
-        parser.error(f"--prompt_template must contain '{{text}}', got {args.prompt_template!r}.")
-    try:
-        filled = args.prompt_template.format(text="")
-    except (KeyError, IndexError, ValueError) as error:
-        parser.error(
-            f"--prompt_template {args.prompt_template!r}: '{{text}}' must be its only replacement field (write other "
-            f"braces as '{{{{' and '}}}}'); str.format failed with {type(error).__name__}: {error}."
-        )
-    if "$" not in filled:
-        parser.error(f"--prompt_template must contain '$' (where the reference image goes), got {args.prompt_template!r}.")
+    with usage_errors(parser):
+        if args.validation_steps is not None and args.validation_data is None:
+            raise ValueError(f"{flag('validation_steps')} needs {flag('validation_data')}.")
+        check_output_dir(args.output_dir, args.resume_from_checkpoint, args.max_train_steps, RUN_OUTPUTS)
     return args
 
 
@@ -199,7 +186,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def caption_stream(args, process_index: int = 0, num_processes: int = 1):
-    """One streaming ``datasets.IterableDataset`` with a single ``text`` column, from every ``--train_data``."""
+    """One streaming ``datasets.IterableDataset`` with a single ``text`` column, from every ``--train-data``."""
     from datasets import interleave_datasets, load_dataset
     from datasets.distributed import split_dataset_by_node
 
@@ -208,7 +195,7 @@ def caption_stream(args, process_index: int = 0, num_processes: int = 1):
         extension = os.path.splitext(source)[1].lower()
         if os.path.isfile(source):
             if extension not in _FILE_BUILDERS:
-                raise ValueError(f"--train_data file {source!r}: unsupported extension (use {sorted(_FILE_BUILDERS)}).")
+                raise ValueError(f"--train-data file {source!r}: unsupported extension (use {sorted(_FILE_BUILDERS)}).")
             stream = load_dataset(_FILE_BUILDERS[extension], data_files=[source], split="train", streaming=True)
             column = "text" if extension == ".txt" else args.caption_column
         else:
@@ -216,12 +203,12 @@ def caption_stream(args, process_index: int = 0, num_processes: int = 1):
                 stream = load_dataset(source, args.dataset_config_name, split=args.dataset_split, streaming=True)
             except Exception as error:  # datasets raises several types (missing path, Hub offline, unknown split)
                 raise ValueError(
-                    f"--train_data {source!r} (--dataset_config_name {args.dataset_config_name!r}, --dataset_split "
+                    f"--train-data {source!r} (--dataset-config-name {args.dataset_config_name!r}, --dataset-split "
                     f"{args.dataset_split!r}) cannot be opened: {type(error).__name__}: {error}"
                 ) from error
             column = args.caption_column
         if stream.column_names is not None and column not in stream.column_names:
-            raise ValueError(f"--train_data {source!r} has no column {column!r} (it has {stream.column_names}); set --caption_column.")
+            raise ValueError(f"--train-data {source!r} has no column {column!r} (it has {stream.column_names}); set --caption-column.")
         stream = stream.select_columns([column])
         if column != "text":
             stream = stream.rename_column(column, "text")
@@ -240,7 +227,7 @@ def load_validation_set(folder: str):
     gallery_path, queries_path = os.path.join(folder, "gallery.safetensors"), os.path.join(folder, "queries.jsonl")
     for path in (gallery_path, queries_path):
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"--validation_data needs {path}.")
+            raise FileNotFoundError(f"--validation-data needs {path}.")
     tensors = load_file(gallery_path)
     if "image_embeds" not in tensors:
         raise ValueError(f"{gallery_path} must hold a tensor named 'image_embeds', it has {sorted(tensors)}.")
@@ -283,32 +270,32 @@ def load_validation_set(folder: str):
 
 
 def load_resumed_phi(args):
-    """phi from ``--resume_phi``, with the phi flags of the command line checked against it.
+    """phi from ``--resume-phi``, with the phi flags of the command line checked against it.
 
-    The weights fix phi's widths, so a ``--phi_hidden_dim`` that differs from the checkpoint's is refused rather than
+    The weights fix phi's widths, so a ``--phi-hidden-dim`` that differs from the checkpoint's is refused rather than
     ignored. Input normalisation changes the function the weights were trained for: a folder records it and
-    ``--l2_normalize`` on a folder saved without it is refused; a released ``.pt`` file does not record it, so the flag
-    sets it. ``--phi_dropout`` leaves the weights alone: given, it replaces the checkpoint's dropout.
+    ``--l2-normalize`` on a folder saved without it is refused; a released ``.pt`` file does not record it, so the flag
+    sets it. ``--phi-dropout`` leaves the weights alone: given, it replaces the checkpoint's dropout.
     """
     from diffusers_cir.conversion.lincir import convert_lincir_phi_checkpoint
     from diffusers_cir.models.textual_inversion_projection import TextualInversionProjection
 
     path = args.resume_phi
     if os.path.isdir(path):
-        # A LinCIR pipeline folder (an earlier run's --output_dir) holds phi in its phi/ subfolder.
+        # A LinCIR pipeline folder (an earlier run's --output-dir) holds phi in its phi/ subfolder.
         is_pipeline = not os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, "phi", "config.json"))
         phi = TextualInversionProjection.from_pretrained(path, subfolder="phi" if is_pipeline else None)
         if args.l2_normalize and not phi.config.normalize_input:
             raise ValueError(
-                f"--l2_normalize was given but --resume_phi {path!r} was saved with normalize_input=False: its weights "
-                "expect unnormalised input. Leave --l2_normalize out to train it as saved."
+                f"--l2-normalize was given but --resume-phi {path!r} was saved with normalize_input=False: its weights "
+                "expect unnormalised input. Leave --l2-normalize out to train it as saved."
             )
     else:
         phi = convert_lincir_phi_checkpoint(path, dropout=args.phi_dropout, normalize_input=bool(args.l2_normalize))
     if args.phi_hidden_dim is not None and args.phi_hidden_dim != phi.config.hidden_dim:
         raise ValueError(
-            f"--phi_hidden_dim {args.phi_hidden_dim} does not match --resume_phi {path!r}, whose hidden layers have "
-            f"width {phi.config.hidden_dim}. Leave --phi_hidden_dim out to train at the checkpoint's width."
+            f"--phi-hidden-dim {args.phi_hidden_dim} does not match --resume-phi {path!r}, whose hidden layers have "
+            f"width {phi.config.hidden_dim}. Leave --phi-hidden-dim out to train at the checkpoint's width."
         )
     if args.phi_dropout is not None and args.phi_dropout != phi.config.dropout:
         phi.hidden_dropout.p = args.phi_dropout
@@ -334,64 +321,63 @@ def evaluate_recall(pipeline, gallery_embeds: torch.Tensor, queries: list[dict],
     )
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
+# ---------------------------------------------------------------------------------------------------- the run
+@dataclass
+class LinCIRRun:
+    """What the loop works with, built once by :func:`setup_run`."""
 
-    from diffusers_cir.conversion.lincir import (
-        load_clip_image_encoder,
-        load_clip_text_encoder,
-        load_clip_tokenizer,
-    )
+    args: argparse.Namespace
+    accelerator: Any
+    source_folder: str
+    text_encoder: Any
+    tokenizer: Any
+    phi: Any
+    stream: Any
+    validation_set: Any = None
+    ema: Any = None
+    optimizer: Any = None
+    lr_scheduler: Any = None
+    collator: Any = None
+    dataloader: Any = None
+    epochs: Any = None
+    generator: torch.Generator | None = None
+    state: Any = None
+
+
+@dataclass
+class Counters:
+    """Where the loop stands: steps, what it logs, what it skipped."""
+
+    global_step: int
+    first_step: int
+    resumed: bool
+    running_loss: float = 0.0
+    keyword_share: float = 0.0
+    logged_batches: int = 0
+    skipped_captions: int = 0  # empty after cleaning (blank lines, nulls): no caption to mask, so not trained on
+    stopped_early: bool = False
+
+
+def load_towers_and_phi(args: argparse.Namespace, accelerator, validation_set):
+    """``(source_folder, text_encoder, tokenizer, phi)``: the frozen CLIP text tower in the training precision, and
+    phi (resumed, or new with the tower's widths). A ``--resume-phi`` that contradicts the phi flags fails before the
+    tower loads."""
+    from diffusers_cir.conversion.lincir import load_clip_text_encoder, load_clip_tokenizer
     from diffusers_cir.models.textual_inversion_projection import TextualInversionProjection
-    from diffusers_cir.pipelines.pipeline_lincir import LinCIRPipeline
-    from diffusers_cir.pipelines.auto import resolve_pretrained_path
-    from diffusers_cir.text import SelfMaskingCollator, load_keyword_extractor, self_masking_projection_loss
-    from diffusers_cir.training.train_compodiff import (
-        CHECKPOINT_PATTERN,
-        check_output_dir,
-        lr_warmup_warning,
-        save_checkpoint,
-    )
+    from diffusers_cir.training.components import freeze, pretrained_folder, weight_dtype
 
-    # Before any model or data is loaded: a new run must not mix its checkpoints with an earlier run's.
-    checkpoint = check_output_dir(args.output_dir, args.resume_from_checkpoint, args.max_train_steps)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs")),
-    )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    warmup_warning = lr_warmup_warning(args)
-    if warmup_warning is not None and accelerator.is_main_process:
-        logger.warning(warmup_warning)
-    if args.resume_from_checkpoint == "latest" and checkpoint is None:
-        logger.info("--resume_from_checkpoint latest: no checkpoint in %s yet, starting a new run.", args.output_dir)
-    if args.seed is not None:
-        set_seed(args.seed)
-    os.makedirs(args.output_dir, exist_ok=True)
-    # The data is opened before the models load, so a wrong --train_data / --validation_data fails at once.
-    stream = caption_stream(args, accelerator.process_index, accelerator.num_processes)
-    validation_set = load_validation_set(args.validation_data) if args.validation_data else None
-
-    # Before the CLIP towers load: a checkpoint that contradicts the phi flags fails at once.
     phi = load_resumed_phi(args) if args.resume_phi else None
-
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    source_folder = resolve_pretrained_path(args.pretrained_model_name_or_path, {})
+    source_folder = pretrained_folder(args.pretrained_model_name_or_path)
     text_encoder = load_clip_text_encoder(source_folder)
-    tokenizer = load_clip_tokenizer(resolve_pretrained_path(args.tokenizer_name_or_path, {}) if args.tokenizer_name_or_path else source_folder)
-    text_encoder.requires_grad_(False).eval().to(accelerator.device, dtype=weight_dtype)
+    tokenizer = load_clip_tokenizer(pretrained_folder(args.tokenizer_name_or_path) or source_folder)
+    freeze(text_encoder, accelerator, weight_dtype(accelerator))
 
     projection_dim, hidden_size = text_encoder.config.projection_dim, text_encoder.config.hidden_size
     if validation_set is not None and validation_set[0].shape[1] != projection_dim:
         raise ValueError(
-            f"--validation_data {args.validation_data!r}: gallery.safetensors holds embeddings of width "
-            f"{validation_set[0].shape[1]}, the CLIP joint space of --pretrained_model_name_or_path has width {projection_dim}."
+            f"{flag('validation_data')} {args.validation_data!r}: gallery.safetensors holds embeddings of width "
+            f"{validation_set[0].shape[1]}, the CLIP joint space of {flag('pretrained_model_name_or_path')} has width "
+            f"{projection_dim}."
         )
     if phi is None:
         phi = TextualInversionProjection(
@@ -403,184 +389,272 @@ def main(argv: list[str] | None = None) -> dict:
         )
     if (phi.config.input_dim, phi.config.output_dim) != (projection_dim, hidden_size):
         raise ValueError(
-            f"--resume_phi {args.resume_phi!r} maps {phi.config.input_dim} -> {phi.config.output_dim}, but the CLIP text tower of "
-            f"--pretrained_model_name_or_path needs {projection_dim} (its projection_dim) -> {hidden_size} (its hidden_size)."
+            f"{flag('resume_phi')} {args.resume_phi!r} maps {phi.config.input_dim} -> {phi.config.output_dim}, but the "
+            f"CLIP text tower of {flag('pretrained_model_name_or_path')} needs {projection_dim} (its projection_dim) -> "
+            f"{hidden_size} (its hidden_size)."
         )
-    phi.train()
-    ema_phi = None
-    if args.use_ema:
-        ema_phi = EMAModel(phi.parameters(), decay=args.ema_decay, model_cls=TextualInversionProjection, model_config=phi.config)
+    return source_folder, text_encoder, tokenizer, phi.train()
 
-    optimizer = torch.optim.AdamW(phi.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
-    )
 
+def build_dataloader(run: LinCIRRun, seed: int) -> None:
+    """The self-masking collator and a resumable dataloader over this rank's part of the caption stream. The loader
+    gets its own generator: a new iterator (each epoch, and after a resume) would otherwise draw from the global
+    generator that phi's dropout draws from, at moments that differ between a resumed and an uninterrupted run."""
+    from diffusers_cir.text import SelfMaskingCollator, load_keyword_extractor
+
+    args = run.args
     keyword_extractor = load_keyword_extractor(args.keyword_extractor, args.spacy_model)
     padding = "max_length" if args.pad_to_max_length else "longest"
-    collator = SelfMaskingCollator(tokenizer, keyword_extractor, seed=args.seed, padding=padding)
+    run.collator = SelfMaskingCollator(run.tokenizer, keyword_extractor, seed=args.seed, padding=padding)
     try:
         from torchdata.stateful_dataloader import StatefulDataLoader as DataLoader
     except ImportError:  # exact resume of the stream position needs torchdata
         from torch.utils.data import DataLoader
 
         logger.warning("torchdata is not installed: a resumed run restarts the caption stream from its beginning.")
-    dataloader = DataLoader(
-        stream, batch_size=args.batch_size, collate_fn=SkipEmptyCaptions(collator), num_workers=args.dataloader_num_workers, drop_last=True
+    # The dataloader is not prepared: each process already reads its own part of the stream.
+    run.dataloader = DataLoader(
+        run.stream, batch_size=args.batch_size, collate_fn=SkipEmptyCaptions(run.collator),
+        num_workers=args.dataloader_num_workers, drop_last=True, generator=torch.Generator().manual_seed(seed),
     )
 
-    # The dataloader is not prepared: each process already reads its own part of the stream.
-    phi, optimizer, lr_scheduler = accelerator.prepare(phi, optimizer, lr_scheduler)
-    if ema_phi is not None:
-        ema_phi.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema_phi)
-    if hasattr(dataloader, "state_dict"):
-        accelerator.register_for_checkpointing(dataloader)
-    epochs = EpochCounter()  # passes over the caption stream, restored on resume (it seeds the reshuffle)
-    accelerator.register_for_checkpointing(epochs)
 
-    if accelerator.is_main_process:
-        accelerator.init_trackers("train_lincir", config={k: str(v) for k, v in vars(args).items()})
+def checkpoint_state(run: LinCIRRun):
+    """What the loop adds to accelerate's checkpoint (``legacy_custom``: what earlier versions registered with
+    accelerate, in their order)."""
+    from diffusers_cir.training.checkpoints import CheckpointState
+    from diffusers_cir.training.state import GeneratorState, PythonRandomState
 
-    global_step, resumed_from_step = 0, None
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        global_step = resumed_from_step = int(CHECKPOINT_PATTERN.match(checkpoint.name).group(1))
-        logger.info("Resumed from %s at step %d.", checkpoint, global_step)
+    state = CheckpointState(run.accelerator)
+    if run.ema is not None:
+        state.register("ema", run.ema, per_rank=False, legacy_custom=True)
+    if hasattr(run.dataloader, "state_dict"):
+        state.register("dataloader", run.dataloader, per_rank=True, legacy_custom=True)
+    state.register("epochs", run.epochs, per_rank=True, legacy_custom=True)
+    state.register("noise_generator", GeneratorState(run.generator), per_rank=True)
+    state.register("collator_rng", PythonRandomState(run.collator.rng), per_rank=True)
+    return state
 
-    def unwrapped_phi(use_ema: bool) -> TextualInversionProjection:
-        model = accelerator.unwrap_model(phi)
-        if use_ema and ema_phi is not None:
-            averaged = copy.deepcopy(model)
-            ema_phi.copy_to(averaged.parameters())
-            model = averaged
-        return model
 
-    def build_pipeline(with_vision: bool = False, for_saving: bool = False) -> LinCIRPipeline:
-        image_encoder = image_processor = None
-        frozen_text_encoder = text_encoder
-        if for_saving and weight_dtype != torch.float32:
-            # The frozen tower was cast to the mixed-precision dtype for training only: the saved pipeline gets the
-            # source's weights as stored, not a half-precision copy next to a float32 phi and vision tower.
-            frozen_text_encoder = load_clip_text_encoder(source_folder).eval().to(accelerator.device)
-        if with_vision:
-            image_encoder, image_processor = load_clip_image_encoder(source_folder)
-            if image_encoder is None:
-                logger.info("%s has no CLIP vision tower: the saved pipeline runs on precomputed image embeddings.", source_folder)
-        return LinCIRPipeline(
-            phi=unwrapped_phi(use_ema=True).eval(),
-            text_encoder=frozen_text_encoder,
-            tokenizer=tokenizer,
-            image_encoder=image_encoder,
-            image_processor=image_processor,
-            prompt_template=args.prompt_template,
+def setup_run(args: argparse.Namespace, checkpoint) -> LinCIRRun:
+    """Accelerator, data, towers, phi, optimizer and checkpoint state, in the order that makes a mistake fail before
+    the expensive parts."""
+    from accelerate.utils import set_seed
+
+    from diffusers_cir.training.arguments import lr_warmup_warning
+    from diffusers_cir.training.components import build_lr_scheduler, build_optimizer, create_ema
+    from diffusers_cir.training.trackers import configure_logging, create_accelerator, init_trackers
+
+    accelerator = create_accelerator(args)
+    configure_logging(accelerator)
+    warmup_warning = lr_warmup_warning(args)
+    if warmup_warning is not None and accelerator.is_main_process:
+        logger.warning(warmup_warning)
+    if args.resume_from_checkpoint == "latest" and checkpoint is None:
+        logger.info("%s latest: no checkpoint in %s yet, starting a new run.", flag("resume_from_checkpoint"), args.output_dir)
+    if args.seed is not None:
+        set_seed(args.seed)
+    os.makedirs(args.output_dir, exist_ok=True)
+    # The data is opened before the models load, so a wrong --train-data / --validation-data fails at once.
+    stream = caption_stream(args, accelerator.process_index, accelerator.num_processes)
+    validation_set = load_validation_set(args.validation_data) if args.validation_data else None
+    source_folder, text_encoder, tokenizer, phi = load_towers_and_phi(args, accelerator, validation_set)
+    run = LinCIRRun(args=args, accelerator=accelerator, source_folder=source_folder, text_encoder=text_encoder,
+                    tokenizer=tokenizer, phi=phi, stream=stream, validation_set=validation_set)
+    run.ema = create_ema(args, phi, accelerator)
+    run.optimizer = build_optimizer(args, phi.parameters(), args.learning_rate)
+    run.lr_scheduler = build_lr_scheduler(args, run.optimizer, accelerator)
+    # Without --seed, a random one: the noise still comes from a generator whose state every checkpoint keeps.
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
+    build_dataloader(run, seed)
+    run.phi, run.optimizer, run.lr_scheduler = accelerator.prepare(run.phi, run.optimizer, run.lr_scheduler)
+    run.epochs = EpochCounter()  # passes over the caption stream, restored on resume (it seeds the reshuffle)
+    run.generator = torch.Generator(device=accelerator.device).manual_seed(seed + accelerator.process_index)
+    run.state = checkpoint_state(run)
+    init_trackers(accelerator, args)
+    return run
+
+
+# ---------------------------------------------------------------------------------------------------- pipeline
+def unwrapped_phi(run: LinCIRRun, use_ema: bool):
+    model = run.accelerator.unwrap_model(run.phi)
+    if use_ema and run.ema is not None:
+        averaged = copy.deepcopy(model)
+        run.ema.copy_to(averaged.parameters())
+        model = averaged
+    return model
+
+
+def build_pipeline(run: LinCIRRun, with_vision: bool = False, for_saving: bool = False):
+    from diffusers_cir.conversion.lincir import load_clip_image_encoder, load_clip_text_encoder
+    from diffusers_cir.pipelines.pipeline_lincir import LinCIRPipeline
+
+    image_encoder = image_processor = None
+    text_encoder = run.text_encoder
+    if for_saving and text_encoder.dtype != torch.float32:
+        # The frozen tower was cast to the mixed-precision dtype for training only: the saved pipeline gets the
+        # source's weights as stored, not a half-precision copy next to a float32 phi and vision tower.
+        text_encoder = load_clip_text_encoder(run.source_folder).eval().to(run.accelerator.device)
+    if with_vision:
+        image_encoder, image_processor = load_clip_image_encoder(run.source_folder)
+        if image_encoder is None:
+            logger.info("%s has no CLIP vision tower: the saved pipeline runs on precomputed image embeddings.", run.source_folder)
+    return LinCIRPipeline(
+        phi=unwrapped_phi(run, use_ema=True).eval(),
+        text_encoder=text_encoder,
+        tokenizer=run.tokenizer,
+        image_encoder=image_encoder,
+        image_processor=image_processor,
+        prompt_template=run.args.prompt_template,
+    )
+
+
+def validate(run: LinCIRRun, step: int, pipeline=None) -> dict | None:
+    if run.validation_set is None or not run.accelerator.is_main_process:
+        return None
+    pipeline = pipeline or build_pipeline(run)
+    pipeline.set_progress_bar_config(disable=True)
+    args = run.args
+    results = evaluate_recall(pipeline, *run.validation_set, ks=args.validation_ks, exclude_reference=args.validation_exclude_reference)
+    run.phi.train()
+    run.accelerator.log({f"validation/{k}": v for k, v in results.items()}, step=step)
+    logger.info("step %d validation: %s", step, json.dumps(results))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------- the loop
+def train_step(run: LinCIRRun, batch: dict) -> torch.Tensor:
+    from diffusers_cir.text import self_masking_projection_loss
+
+    args, accelerator = run.args, run.accelerator
+    with accelerator.accumulate(run.phi), accelerator.autocast():
+        loss = self_masking_projection_loss(
+            run.phi,
+            run.text_encoder,
+            batch["input_ids"].to(accelerator.device),
+            batch["masked_input_ids"].to(accelerator.device),
+            placeholder_token_id=run.collator.placeholder_token_id,
+            noise_scale=args.noise_scale,
+            l2_normalize=False,  # phi normalises its own input when configured to
+            generator=run.generator,
         )
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and args.max_grad_norm:
+            accelerator.clip_grad_norm_(run.phi.parameters(), args.max_grad_norm)
+        run.optimizer.step()
+        run.lr_scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return loss
 
-    def validate(step: int, pipeline: LinCIRPipeline | None = None) -> dict | None:
-        if validation_set is None or not accelerator.is_main_process:
-            return None
-        pipeline = pipeline or build_pipeline()
-        pipeline.set_progress_bar_config(disable=True)
-        results = evaluate_recall(pipeline, *validation_set, ks=args.validation_ks, exclude_reference=args.validation_exclude_reference)
-        phi.train()
-        accelerator.log({f"validation/{k}": v for k, v in results.items()}, step=step)
-        logger.info("step %d validation: %s", step, json.dumps(results))
-        return results
 
-    progress = tqdm(total=args.max_train_steps, initial=global_step, desc="LinCIR steps", disable=not accelerator.is_local_main_process)
-    placeholder_id = collator.placeholder_token_id
-    generator = torch.Generator(device=accelerator.device).manual_seed(args.seed + accelerator.process_index) if args.seed is not None else None
-    running_loss, keyword_share, logged_batches = 0.0, 0.0, 0
-    skipped_captions = 0  # empty after cleaning (blank lines, nulls): no caption to mask, so not trained on
-    first_pass_after_resume = resumed_from_step is not None  # may legitimately find the restored epoch exhausted
-    while global_step < args.max_train_steps:
-        if hasattr(stream, "set_epoch"):
-            stream.set_epoch(epochs.epoch)
+def after_step(run: LinCIRRun, counters: Counters, progress) -> bool:
+    """EMA, logs, checkpoint and validation after an optimizer step; ``True`` when the loop must stop."""
+    from diffusers_cir.training.checkpoints import save_checkpoint
+
+    args, accelerator = run.args, run.accelerator
+    counters.global_step += 1
+    step = counters.global_step
+    progress.update(1)
+    if run.ema is not None:
+        run.ema.step(accelerator.unwrap_model(run.phi).parameters())
+    if step % args.logging_steps == 0 or step == args.max_train_steps:
+        logs = {
+            "train/loss": counters.running_loss / counters.logged_batches,
+            "train/lr": run.lr_scheduler.get_last_lr()[0],
+            "train/keyword_masked_share": counters.keyword_share / counters.logged_batches,
+            "train/skipped_empty_captions": counters.skipped_captions,
+        }
+        accelerator.log(logs, step=step)
+        progress.set_postfix(loss=f"{logs['train/loss']:.4g}")
+        counters.running_loss, counters.keyword_share, counters.logged_batches = 0.0, 0.0, 0
+    stopping = args.stop_after_steps is not None and step - counters.first_step >= args.stop_after_steps
+    counters.stopped_early = stopping and step < args.max_train_steps
+    if (args.checkpointing_steps and step % args.checkpointing_steps == 0) or counters.stopped_early:
+        save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, run.state)
+    # The last step is validated once, after training, on the pipeline as saved.
+    if args.validation_steps and step % args.validation_steps == 0 and step < args.max_train_steps:
+        validate(run, step)
+    return counters.stopped_early or step >= args.max_train_steps
+
+
+def train(run: LinCIRRun, counters: Counters) -> None:
+    """Passes over the caption stream until ``--max-train-steps`` (or ``--stop-after-steps``)."""
+    args, accelerator = run.args, run.accelerator
+    progress = tqdm(total=args.max_train_steps, initial=counters.global_step, desc="LinCIR steps",
+                    disable=not accelerator.is_local_main_process)
+    first_pass_after_resume = counters.resumed  # may legitimately find the restored epoch exhausted
+    done = counters.global_step >= args.max_train_steps
+    while not done:
+        if hasattr(run.stream, "set_epoch"):
+            run.stream.set_epoch(run.epochs.epoch)
         batches_this_epoch = 0
-        for batch in dataloader:
-            skipped_captions += batch["num_skipped_captions"]
+        for batch in run.dataloader:
+            counters.skipped_captions += batch["num_skipped_captions"]
             if "input_ids" not in batch:  # every caption of the batch was empty
                 continue
             batches_this_epoch += 1
-            with accelerator.accumulate(phi), accelerator.autocast():
-                loss = self_masking_projection_loss(
-                    phi,
-                    text_encoder,
-                    batch["input_ids"].to(accelerator.device),
-                    batch["masked_input_ids"].to(accelerator.device),
-                    placeholder_token_id=placeholder_id,
-                    noise_scale=args.noise_scale,
-                    l2_normalize=False,  # phi normalises its own input when configured to
-                    generator=generator,
-                )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(phi.parameters(), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            running_loss += accelerator.gather(loss.detach()).mean().item()
-            keyword_share += batch["masked_by_keywords"].float().mean().item()
-            logged_batches += 1
-            if not accelerator.sync_gradients:
-                continue
-            global_step += 1
-            progress.update(1)
-            if ema_phi is not None:
-                ema_phi.step(accelerator.unwrap_model(phi).parameters())
-            if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
-                logs = {
-                    "train/loss": running_loss / logged_batches,
-                    "train/lr": lr_scheduler.get_last_lr()[0],
-                    "train/keyword_masked_share": keyword_share / logged_batches,
-                    "train/skipped_empty_captions": skipped_captions,
-                }
-                accelerator.log(logs, step=global_step)
-                progress.set_postfix(loss=f"{logs['train/loss']:.4g}")
-                running_loss, keyword_share, logged_batches = 0.0, 0.0, 0
-            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
-            # The last step is validated once, after training, on the pipeline as saved.
-            if args.validation_steps and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
-                validate(global_step)
-            if global_step >= args.max_train_steps:
+            loss = train_step(run, batch)
+            counters.running_loss += accelerator.gather(loss.detach()).mean().item()
+            counters.keyword_share += batch["masked_by_keywords"].float().mean().item()
+            counters.logged_batches += 1
+            if accelerator.sync_gradients and after_step(run, counters, progress):
+                done = True
                 break
+        if done:
+            break
         if batches_this_epoch == 0 and not first_pass_after_resume:
             raise ValueError(
-                f"The caption stream yielded no full batch of {args.batch_size} captions: check --train_data or lower --batch_size."
+                f"The caption stream yielded no full batch of {args.batch_size} captions: check {flag('train_data')} or "
+                f"lower {flag('batch_size')}."
             )
-        epochs.epoch += 1
+        run.epochs.epoch += 1
         first_pass_after_resume = False
     progress.close()
 
+
+def finish(run: LinCIRRun, counters: Counters, resumed_from_step: int | None) -> dict:
+    """Report skipped captions, save the pipeline and validate it as saved (unless stopped early)."""
+    args, accelerator = run.args, run.accelerator
     accelerator.wait_for_everyone()
-    skipped_captions = int(accelerator.reduce(torch.tensor(skipped_captions, device=accelerator.device), "sum").item())
-    summary = {
-        "global_step": global_step,
-        "resumed_from_step": resumed_from_step,
-        "output_dir": args.output_dir,
-        "skipped_empty_captions": skipped_captions,
-    }
-    if skipped_captions and accelerator.is_main_process:
+    skipped = int(accelerator.reduce(torch.tensor(counters.skipped_captions, device=accelerator.device), "sum").item())
+    summary = {"global_step": counters.global_step, "resumed_from_step": resumed_from_step, "output_dir": args.output_dir,
+               "skipped_empty_captions": skipped, "stopped_early": counters.stopped_early}
+    if skipped and accelerator.is_main_process:
         logger.warning(
-            "Skipped %d caption(s) of --train_data that are empty after cleaning (blank lines, null values, only '$'): "
-            "there is nothing to mask in them, so the batches they were in trained on the others.",
-            skipped_captions,
+            "Skipped %d caption(s) of %s that are empty after cleaning (blank lines, null values, only '$'): there is "
+            "nothing to mask in them, so the batches they were in trained on the others.", skipped, flag("train_data"),
         )
-    if accelerator.is_main_process:
-        pipeline = build_pipeline(with_vision=not args.no_image_encoder, for_saving=True)
+    if counters.stopped_early:
+        logger.info("Stopped after %d steps (%s) at step %d; continue with %s latest.", args.stop_after_steps,
+                    flag("stop_after_steps"), counters.global_step, flag("resume_from_checkpoint"))
+    elif accelerator.is_main_process:
+        pipeline = build_pipeline(run, with_vision=not args.no_image_encoder, for_saving=True)
         pipeline.save_pretrained(args.output_dir)
-        results = validate(global_step, pipeline)  # the numbers of the pipeline as saved
+        results = validate(run, counters.global_step, pipeline)  # the numbers of the pipeline as saved
         if results is not None:
             summary["validation"] = results
             with open(os.path.join(args.output_dir, "validation_results.json"), "w", encoding="utf-8") as handle:
-                json.dump({"step": global_step, **results}, handle, indent=2)
+                json.dump({"step": counters.global_step, **results}, handle, indent=2)
         logger.info("Saved the LinCIR pipeline to %s.", args.output_dir)
     accelerator.end_training()
     return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from diffusers_cir.training.checkpoints import resolve_resume_checkpoint, resume_from_checkpoint
+
+    args = parse_args(argv)
+    checkpoint = resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    run = setup_run(args, checkpoint)
+    global_step = resumed_from_step = None
+    if checkpoint is not None:
+        global_step = resumed_from_step = resume_from_checkpoint(run.accelerator, checkpoint, run.state, args.resume_from_checkpoint)
+        if run.ema is not None:
+            run.ema.to(run.accelerator.device)
+        logger.info("Resumed from %s at step %d.", checkpoint, global_step)
+    counters = Counters(global_step=global_step or 0, first_step=global_step or 0, resumed=checkpoint is not None)
+    train(run, counters)
+    return finish(run, counters, resumed_from_step)
 
 
 class SkipEmptyCaptions:

@@ -1,5 +1,6 @@
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,5 +67,6 @@ def load_script(path: Path, module_name: str):
     """Import an example or benchmark script (not a package module) from its file."""
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # as an import would: dataclasses look their module up there
     spec.loader.exec_module(module)
     return module

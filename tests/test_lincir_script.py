@@ -45,14 +45,24 @@ def _args(root, output_dir, *extra, clip=None):
             "--shuffle_buffer_size", "0", *extra]
 
 
-def test_new_run_into_a_folder_with_checkpoints_is_refused_before_loading_anything(script, tiny_world, tmp_path):
+def usage_error(capsys, call) -> str:
+    """The one-line `error:` a bad command line exits with (status 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        call()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ": error: " in err, err
+    return err
+
+
+def test_new_run_into_a_folder_with_checkpoints_is_refused_before_loading_anything(script, tiny_world, tmp_path, capsys):
     (tmp_path / "checkpoint-100").mkdir()
     missing_model = tmp_path / "no-such-model"  # would fail to load if the script got that far
-    with pytest.raises(ValueError, match=r"already holds checkpoints .*checkpoint-100.*--resume_from_checkpoint latest"):
-        script.main(_args(tiny_world, tmp_path, "--max_train_steps", "1", clip=missing_model))
-    with pytest.raises(ValueError, match="--resume_from_checkpoint 'checkpoint-7' is not a checkpoint-<step> folder"):
-        script.main(_args(tiny_world, tmp_path, "--max_train_steps", "1", "--resume_from_checkpoint", "checkpoint-7",
-                          clip=missing_model))
+    err = usage_error(capsys, lambda: script.main(_args(tiny_world, tmp_path, "--max_train_steps", "1", clip=missing_model)))
+    assert re.search(r"already holds checkpoints .*checkpoint-100.*--resume-from-checkpoint latest", err), err
+    err = usage_error(capsys, lambda: script.main(_args(tiny_world, tmp_path, "--max_train_steps", "1",
+                                                        "--resume_from_checkpoint", "checkpoint-7", clip=missing_model)))
+    assert "--resume-from-checkpoint 'checkpoint-7' is not a checkpoint-<step> folder" in err, err
 
 
 def test_latest_without_checkpoints_starts_and_a_partial_checkpoint_is_never_resumed(script, tiny_world, tmp_path):
@@ -67,39 +77,53 @@ def test_latest_without_checkpoints_starts_and_a_partial_checkpoint_is_never_res
     assert LinCIRPipeline.from_pretrained(out).phi.config.input_dim == 16
 
 
-def test_resuming_a_checkpoint_past_max_train_steps_is_refused_before_loading_anything(script, tiny_world, tmp_path):
+def test_resuming_a_checkpoint_past_max_train_steps_is_refused_before_loading_anything(script, tiny_world, tmp_path, capsys):
     out = tmp_path / "out"
     script.main(_args(tiny_world, out, "--max_train_steps", "2", "--checkpointing_steps", "2"))
     missing_model = tmp_path / "no-such-model"  # would fail to load if the script got that far
-    with pytest.raises(ValueError, match=r"checkpoint-2, at step 2, past --max_train_steps 1"):
-        script.main(_args(tiny_world, out, "--max_train_steps", "1", "--resume_from_checkpoint", "latest",
-                          clip=missing_model))
+    capsys.readouterr()
+    err = usage_error(capsys, lambda: script.main(_args(tiny_world, out, "--max_train_steps", "1",
+                                                        "--resume_from_checkpoint", "latest", clip=missing_model)))
+    assert "checkpoint-2, at step 2, past --max-train-steps 1" in err, err
+
+
+def test_a_new_run_over_an_earlier_runs_saved_pipeline_is_refused(script, tiny_world, tmp_path, capsys):
+    """As in train_compodiff: the new run would overwrite the earlier run's pipeline."""
+    out = tmp_path / "out"
+    script.main(_args(tiny_world, out, "--max_train_steps", "1"))
+    capsys.readouterr()
+    err = usage_error(capsys, lambda: script.main(_args(tiny_world, out, "--max_train_steps", "1",
+                                                        clip=tmp_path / "no-such-model")))
+    assert re.search(r"--output-dir .*out' already holds the outputs of an earlier run \(model_index.json\)", err), err
 
 
 @pytest.mark.parametrize(
     "flag, value, expected",
     [
-        ("--logging_steps", "0", "--logging_steps must be a positive integer, got 0"),
-        ("--checkpointing_steps", "0", "--checkpointing_steps must be a positive integer, got 0"),
-        ("--checkpoints_total_limit", "0", "--checkpoints_total_limit must be a positive integer, got 0"),
-        ("--shuffle_buffer_size", "-1", r"--shuffle_buffer_size must be 0 \(no shuffling\) or a positive integer, got -1"),
-        ("--learning_rate", "0", "--learning_rate must be a positive number, got 0.0"),
-        ("--phi_dropout", "1", r"--phi_dropout must be in \[0, 1\), got 1.0"),
-        ("--ema_decay", "1.5", r"--ema_decay must be in \[0, 1\], got 1.5"),
-        ("--validation_ks", "0", "--validation_ks must be positive integers, got 0"),
-        ("--batch_size", "0", "--batch_size must be a positive integer, got 0"),
-        ("--phi_hidden_dim", "0", "--phi_hidden_dim must be a positive integer, got 0"),
+        ("--logging_steps", "0", "argument --logging-steps/--logging_steps: expected an integer >= 1, got '0'"),
+        ("--checkpointing_steps", "0", "argument --checkpointing-steps/--checkpointing_steps: expected an integer >= 1, got '0'"),
+        ("--checkpoints_total_limit", "0", "argument --checkpoints-total-limit/--checkpoints_total_limit: expected an integer >= 1, got '0'"),
+        ("--shuffle_buffer_size", "-1", "argument --shuffle-buffer-size/--shuffle_buffer_size: expected an integer >= 0, got '-1'"),
+        ("--learning_rate", "0", r"argument --learning-rate/--learning_rate: expected a finite number in \(0.0, inf\), got '0'"),
+        ("--learning-rate", "nan", r"argument --learning-rate/--learning_rate: expected a finite number in \(0.0, inf\), got 'nan'"),
+        ("--phi_dropout", "1", r"argument --phi-dropout/--phi_dropout: expected a finite number in \[0.0, 1.0\), got '1'"),
+        ("--ema_decay", "1.5", r"argument --ema-decay/--ema_decay: expected a finite number in \[0.0, 1.0\], got '1.5'"),
+        ("--validation_ks", "0", "argument --validation-ks/--validation_ks: expected an integer >= 1, got '0'"),
+        ("--batch_size", "0", "argument --batch-size/--batch_size: expected an integer >= 1, got '0'"),
+        ("--phi_hidden_dim", "0", "argument --phi-hidden-dim/--phi_hidden_dim: expected an integer >= 1, got '0'"),
+        ("--seed", "-1", r"argument --seed: expected an integer in \[0, 4294967295\], got '-1'"),
+        ("--max_grad_norm", "-1", r"argument --max-grad-norm/--max_grad_norm: expected a finite number in \[0.0, inf\), got '-1'"),
         ("--prompt_template", "a photo of $ that {text} {x}", r"'\{text\}' must be its only replacement field"),
-        ("--prompt_template", "a photo that {text}", r"--prompt_template must contain '\$'"),
+        ("--prompt_template", "a photo that {text}", r"argument --prompt-template/--prompt_template: expected a template containing '\$'"),
         # get_scheduler refused these only after the data was opened and the CLIP towers loaded
-        ("--lr_scheduler", "cosinus", r"argument --lr_scheduler: invalid choice: 'cosinus' \(choose from .*'cosine'"),
-        ("--lr_scheduler", "piecewise_constant", r"argument --lr_scheduler: invalid choice: 'piecewise_constant'"),
+        ("--lr_scheduler", "cosinus", r"argument --lr-scheduler/--lr_scheduler: invalid choice: 'cosinus' \(choose from .*cosine"),
+        ("--lr_scheduler", "piecewise_constant", r"argument --lr-scheduler/--lr_scheduler: invalid choice: 'piecewise_constant'"),
+        ("--validation_steps", "3", "--validation-steps needs --validation-data"),
     ],
 )
-def test_bad_numbers_are_refused_when_the_command_line_is_read(script, flag, value, expected, capsys):
-    with pytest.raises(SystemExit):
-        script.parse_args(["--pretrained_model_name_or_path", "m", "--train_data", "c.txt", "--output_dir", "o", flag, value])
-    err = capsys.readouterr().err
+def test_bad_numbers_are_refused_when_the_command_line_is_read(script, flag, value, expected, capsys, tmp_path):
+    err = usage_error(capsys, lambda: script.parse_args(["--pretrained_model_name_or_path", "m", "--train_data", "c.txt",
+                                                         "--output_dir", str(tmp_path / "o"), flag, value]))
     assert re.search(expected, err), err
 
 
@@ -108,9 +132,9 @@ def test_bad_training_and_validation_data_fail_before_the_models_load(script, ti
     args = _args(tiny_world, tmp_path / "out", "--max_train_steps", "1", clip=missing_model)
     typo = args.copy()
     typo[typo.index("--train_data") + 1] = str(tiny_world / "captions.tx")
-    with pytest.raises(ValueError, match=r"--train_data '.*captions\.tx' .*cannot be opened"):
+    with pytest.raises(ValueError, match=r"--train-data '.*captions\.tx' .*cannot be opened"):
         script.main(typo)
-    with pytest.raises(FileNotFoundError, match="--validation_data needs"):
+    with pytest.raises(FileNotFoundError, match="--validation-data needs"):
         script.main([*args, "--validation_data", str(tmp_path / "no-such-validation")])
     validation = tmp_path / "validation"
     validation.mkdir()
@@ -175,11 +199,11 @@ def test_resume_phi_whose_widths_contradict_the_flags_or_the_text_tower_is_refus
     for checkpoint in (folder, released):
         args = _args(tiny_world, tmp_path / "out", "--max_train_steps", "1", "--resume_phi", str(checkpoint), "--phi_hidden_dim", "64",
                      clip=missing_model)
-        with pytest.raises(ValueError, match=r"--phi_hidden_dim 64 does not match --resume_phi '.*', whose hidden layers have width 8"):
+        with pytest.raises(ValueError, match=r"--phi-hidden-dim 64 does not match --resume-phi '.*', whose hidden layers have width 8"):
             script.main(args)
     # The other widths are the text tower's, known once it is loaded.
     TextualInversionProjection(input_dim=12, hidden_dim=8, output_dim=32).save_pretrained(tmp_path / "phi-12")
-    with pytest.raises(ValueError, match=r"--resume_phi '.*phi-12' maps 12 -> 32, but the CLIP text tower .* needs 16 \(its projection_dim\)"):
+    with pytest.raises(ValueError, match=r"--resume-phi '.*phi-12' maps 12 -> 32, but the CLIP text tower .* needs 16 \(its projection_dim\)"):
         script.main(_args(tiny_world, tmp_path / "out", "--max_train_steps", "1", "--resume_phi", str(tmp_path / "phi-12")))
 
 
@@ -202,7 +226,7 @@ def test_resume_phi_trains_the_checkpoint_as_saved_unless_a_flag_says_otherwise(
     assert trained_phi_config("released-l2", "--resume_phi", released, "--l2_normalize") == (8, 0.5, True)
 
     TextualInversionProjection(input_dim=16, hidden_dim=8, output_dim=32).save_pretrained(tmp_path / "raw")
-    with pytest.raises(ValueError, match=r"--l2_normalize was given but --resume_phi '.*raw' was saved with normalize_input=False"):
+    with pytest.raises(ValueError, match=r"--l2-normalize was given but --resume-phi '.*raw' was saved with normalize_input=False"):
         script.main(_args(tiny_world, tmp_path / "refused", "--max_train_steps", "1", "--resume_phi", str(tmp_path / "raw"), "--l2_normalize",
                           clip=tmp_path / "no-such-model"))
 
@@ -264,12 +288,12 @@ def test_a_warmup_longer_than_the_run_is_a_logged_warning_naming_both_flags(scri
     """As in train_compodiff: --lr_warmup_steps above --max_train_steps was accepted without a word."""
     with caplog.at_level("WARNING", logger="train_lincir"):
         script.main(_args(tiny_world, tmp_path / "out", "--max_train_steps", "2", "--lr_warmup_steps", "5"))
-    warnings = [record.getMessage() for record in caplog.records if "--lr_warmup_steps" in record.getMessage()]
+    warnings = [record.getMessage() for record in caplog.records if "--lr-warmup-steps" in record.getMessage()]
     assert len(warnings) == 1, warnings
-    assert warnings[0].startswith("--lr_warmup_steps 5 is larger than --max_train_steps 2: the learning rate is still "
-                                  "warming up when training ends and never reaches its peak (--learning_rate 0.0001), "
+    assert warnings[0].startswith("--lr-warmup-steps 5 is larger than --max-train-steps 2: the learning rate is still "
+                                  "warming up when training ends and never reaches its peak (--learning-rate 0.0001), "
                                   "only about 40% of it.")
     caplog.clear()
     with caplog.at_level("WARNING", logger="train_lincir"):
         script.main(_args(tiny_world, tmp_path / "out2", "--max_train_steps", "2", "--lr_warmup_steps", "2"))
-    assert not [record for record in caplog.records if "--lr_warmup_steps" in record.getMessage()]
+    assert not [record for record in caplog.records if "--lr-warmup-steps" in record.getMessage()]

@@ -14,7 +14,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from diffusers_cir import CompoDiffPipeline, CompoDiffScheduler, CompoDiffTransformer
-from diffusers_cir.training.train_compodiff import DEFAULT_LORA_TARGETS
+from diffusers_cir.training.compodiff_arguments import DEFAULT_LORA_TARGETS
 
 REPO = Path(__file__).resolve().parents[1]
 

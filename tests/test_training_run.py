@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from diffusers_cir import CompoDiffPipeline
 from diffusers_cir.demo import build_world, world_training_data_argv, write_training_data
+from diffusers_cir.training.state import load_state_files
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "train_compodiff.py"
@@ -169,8 +170,10 @@ def test_two_process_accelerate_launch_trains_on_both_ranks_and_saves_once(tiny_
     assert "DistributedType.MULTI_CPU" in log and "Num processes: 2" in log
     # Each rank reads its own half of the 4 training shards and checkpoints its own data position.
     assert "Rank 0 reads 2 of the 4 training shards" in log and "Rank 1 reads 2 of the 4 training shards" in log
-    states = [torch.load(output / "checkpoint-4" / f"loop_state_{rank}.pt", weights_only=False) for rank in (0, 1)]
-    assert [state["triplets"]["loader"]["num_rows"] for state in states] == [4 * 6, 4 * 6]  # 8 rows: 6 triplets
+    states = [load_state_files(output / "checkpoint-4", f"loop_state_{rank}") for rank in (0, 1)]
+    assert [state["objects"]["triplets"]["loader"]["num_rows"] for state in states] == [4 * 6, 4 * 6]  # 8 rows: 6 triplets
+    # Each rank draws its own training noise, and saved its own generator state.
+    assert not torch.equal(*(state["objects"]["noise_generator"]["state"] for state in states))
     # One pipeline, saved once, that loads.
     assert log.count("Saved pipeline to") == 1
     assert (output / "model_index.json").is_file()

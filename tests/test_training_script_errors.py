@@ -39,7 +39,7 @@ def test_resuming_from_a_damaged_checkpoint_names_it_and_the_other_checkpoints(t
     with open(output / "checkpoint-4" / "model.safetensors", "r+b") as handle:
         handle.truncate(100)  # e.g. a disk that filled up while a copy of the run was made
     resume = run_args(tiny_data, output, "--max_train_steps", "6", "--resume_from_checkpoint", "latest")
-    with pytest.raises(RuntimeError, match=r"Cannot resume from .*checkpoint-4 .*--resume_from_checkpoint <name> "
+    with pytest.raises(RuntimeError, match=r"Cannot resume from .*checkpoint-4 .*--resume-from-checkpoint <name> "
                                            r"\(checkpoint-2\)"):
         main(parse_args(resume))
     # An emptied checkpoint is reported as incomplete, not as one written by fewer processes.
@@ -64,7 +64,7 @@ def test_resuming_at_max_train_steps_says_it_only_saves_the_final_model(tiny_dat
     assert summary["global_step"] == 2 and not summary["stopped_early"]
     warnings = [record.getMessage() for record in caplog.records if "nothing left to train" in record.getMessage()]
     assert len(warnings) == 1 and warnings[0].endswith(
-        "checkpoint-2 is already at --max_train_steps 2: nothing left to train, saving the final model from it."
+        "checkpoint-2 is already at --max-train-steps 2: nothing left to train, saving the final model from it."
     ), warnings
     saved = load_file(str(output / "transformer" / "diffusion_pytorch_model.safetensors"))
     checkpointed = load_file(str(output / "checkpoint-2" / "model.safetensors"))
@@ -78,7 +78,7 @@ def test_validation_recall_ks_larger_than_the_gallery_are_reported_not_silently_
                                        "--num_validation_queries", "8", "--validation_recall_ks", "1,5000",
                                        "--validation_inference_steps", "2")))
     assert "recall_at1" in summary["metrics"] and "recall_at5000" not in summary["metrics"]
-    warnings = [record.getMessage() for record in caplog.records if "--validation_recall_ks" in record.getMessage()]
+    warnings = [record.getMessage() for record in caplog.records if "--validation-recall-ks" in record.getMessage()]
     assert len(warnings) == 1 and "K=[5000]" in warnings[0], warnings
 
 
@@ -96,9 +96,9 @@ def test_a_run_stopped_by_stop_after_steps_reports_its_data_and_skipped_rows(tin
 def test_data_that_cannot_be_opened_is_named_by_its_flags_before_the_models_load(tiny_data, tmp_path):
     args = run_args(tiny_data, tmp_path / "run", "--max_train_steps", "1")
     args[args.index("--text_encoder_name_or_path") + 1] = str(tmp_path / "no-text-encoder")  # never reached
-    with pytest.raises(ValueError, match=r"--train_data_dir .*--train_split 'trian'\) could not be opened: .*trian"):
+    with pytest.raises(ValueError, match=r"--train-data-dir .*--train-split 'trian'\) could not be opened: .*trian"):
         main(parse_args(args + ["--train_split", "trian"]))
-    with pytest.raises(ValueError, match=r"--text_to_image_data_dir .*--text_to_image_split 'tset'\) could not be opened"):
+    with pytest.raises(ValueError, match=r"--text-to-image-data-dir .*--text-to-image-split 'tset'\) could not be opened"):
         main(parse_args(args + ["--text_to_image_data_dir", tiny_data, "--text_to_image_config_name", "gallery",
                                 "--text_to_image_split", "tset"]))
 
@@ -109,11 +109,11 @@ def test_a_warmup_longer_than_the_run_is_a_logged_warning_naming_both_flags(tiny
     caplog.set_level(logging.WARNING, logger="diffusers_cir.training")
     main(parse_args(run_args(tiny_data, tmp_path / "run", "--max_train_steps", "2", "--lr_warmup_steps", "8",
                              "--learning_rate", "0.001")))
-    warnings = [record.getMessage() for record in caplog.records if "--lr_warmup_steps" in record.getMessage()]
+    warnings = [record.getMessage() for record in caplog.records if "--lr-warmup-steps" in record.getMessage()]
     assert len(warnings) == 1, warnings
-    assert ("--lr_warmup_steps 8 is larger than --max_train_steps 2: the learning rate is still warming up when "
-            "training ends and never reaches its peak (--learning_rate 0.001), only about 25% of it") in warnings[0]
-    from diffusers_cir.training.train_compodiff import lr_warmup_warning
+    assert ("--lr-warmup-steps 8 is larger than --max-train-steps 2: the learning rate is still warming up when "
+            "training ends and never reaches its peak (--learning-rate 0.001), only about 25% of it") in warnings[0]
+    from diffusers_cir.training.arguments import lr_warmup_warning
 
     # Nothing to say when the warmup ends within the run, or when the scheduler has no warmup.
     for extra in (["--lr_warmup_steps", "2"], ["--lr_warmup_steps", "8", "--lr_scheduler", "constant"]):
@@ -121,4 +121,4 @@ def test_a_warmup_longer_than_the_run_is_a_logged_warning_naming_both_flags(tiny
     for scheduler in ("linear", "cosine", "constant_with_warmup"):
         args = parse_args(run_args(tiny_data, tmp_path / "other", "--max_train_steps", "2", "--lr_warmup_steps", "3",
                                    "--lr_scheduler", scheduler))
-        assert "--lr_warmup_steps 3 is larger than --max_train_steps 2" in lr_warmup_warning(args)
+        assert "--lr-warmup-steps 3 is larger than --max-train-steps 2" in lr_warmup_warning(args)

@@ -3,6 +3,7 @@ validation sets, checkpoint bookkeeping and argument checks."""
 
 import argparse
 import os
+import re
 
 import numpy as np
 import pytest
@@ -23,8 +24,8 @@ from diffusers_cir.training import (
     recall_of_queries,
     text_attention_mask,
 )
+from diffusers_cir.training.checkpoints import prune_checkpoints, resolve_resume_checkpoint
 from diffusers_cir.training.data import merge_batches
-from diffusers_cir.training.train_compodiff import _prune_checkpoints, resolve_resume_checkpoint
 from diffusers_cir.utils import build_offline_clip_tokenizer
 
 
@@ -221,7 +222,7 @@ def test_checkpoint_listing_ignores_partial_folders_and_prunes_to_the_limit(tmp_
     assert resolve_resume_checkpoint(str(tmp_path / "empty"), "latest") is None
     with pytest.raises(ValueError, match="checkpoint-<step>"):
         resolve_resume_checkpoint(str(tmp_path), "checkpoint-99")
-    _prune_checkpoints(str(tmp_path), total_limit=2)  # room for one new checkpoint: keep the newest one
+    prune_checkpoints(str(tmp_path), total_limit=2)  # room for one new checkpoint: keep the newest one
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-30", "checkpoints", "other"]
 
 
@@ -230,42 +231,71 @@ BASE = ["--train_data_dir", "data", "--transformer_config", "{}", "--text_encode
         "--tokenizer_name_or_path", "tok"]
 
 
+def usage_error(capsys, argv) -> str:
+    """The one-line `error:` (exit status 2) a bad command line gets before any work."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ": error: " in err, err
+    return err
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--pretrained_model_name_or_path", "p"], "exactly one of"),
-        (["--objective_ratios", "triplet=0.5,masked=0.5"], "--dataset_config_name images"),
-        (["--use_lora"], "--pretrained_model_name_or_path"),
-        (["--text_drop_prob", "0.6", "--image_drop_prob", "0.6"], "sum to at most 1"),
-        (["--embedding_scale", "-2"], "--embedding_scale"),
-        (["--column_mapping", "[1]"], "--column_mapping"),
-        (["--validation_recall_ks", "1,x"], "--validation_recall_ks"),
+        (["--pretrained_model_name_or_path", "p"], "exactly one of --pretrained-model-name-or-path .* and --transformer-config"),
+        (["--objective_ratios", "triplet=0.5,masked=0.5"], "--dataset-config-name images"),
+        (["--use_lora"], "--use-lora fine-tunes a trained prior: pass --pretrained-model-name-or-path"),
+        (["--text_drop_prob", "0.6", "--image_drop_prob", "0.6"], (r"--text-drop-prob \+ --image-drop-prob \+ "
+                                                                   r"--both-drop-prob must sum to at most 1")),
+        (["--embedding_scale", "-2"], ("argument --embedding-scale/--embedding_scale: expected 'auto', 'none' or a "
+                                      "positive number, got '-2'")),
+        (["--column_mapping", "[1]"], r"argument --column-mapping/--column_mapping: expected a JSON object, got '\[1\]'"),
+        (["--validation_recall_ks", "1,x"], ("argument --validation-recall-ks/--validation_recall_ks: expected "
+                                            "comma-separated positive integers, got '1,x'")),
         (["--text_to_image_data_dir", "d", "--objective_ratios", "triplet=1"], "strictly between 0 and 1"),
-        (["--lr_scheduler", "cosin"], "--lr_scheduler must be one of .*'cosin'"),
-        (["--lr_scheduler", "piecewise_constant"], "--lr_scheduler must be one of"),  # needs step rules we never pass
-        (["--lora_dropout", "1"], r"--lora_dropout must be in \[0, 1\), got 1.0"),
-        (["--lora_dropout", "-0.1"], r"--lora_dropout must be in \[0, 1\), got -0.1"),
-        (["--lora_dropout", "nan"], r"--lora_dropout must be in \[0, 1\), got nan"),
-        (["--ema_decay", "1.5"], r"--ema_decay must be in \[0, 1\], got 1.5"),
-        (["--ema_decay", "-0.5"], r"--ema_decay must be in \[0, 1\], got -0.5"),
-        (["--dataloader_num_workers", "-1"], "--dataloader_num_workers must be >= 0, got -1"),
-        (["--learning_rate=-1e-4"], "--learning_rate must be positive, got -0.0001"),
-        (["--adam_beta1", "1"], r"--adam_beta1 must be in \[0, 1\), got 1.0"),
-        (["--adam_beta2", "-0.9"], r"--adam_beta2 must be in \[0, 1\), got -0.9"),
-        (["--adam_epsilon=-1e-8"], "--adam_epsilon must be >= 0, got -1e-08"),
-        (["--adam_weight_decay", "-0.01"], "--adam_weight_decay must be >= 0, got -0.01"),
-        (["--max_grad_norm", "-1"], "--max_grad_norm must be >= 0 .*, got -1.0"),
-        (["--lora_alpha", "0"], "--lora_alpha must be positive .*, got 0.0"),
-        (["--lora_target_modules", r"blocks\.(to_q"], r"--lora_target_modules is not a valid regular expression"),
-        (["--validation_inference_steps", "0"], "--validation_inference_steps must be positive, got 0"),
-        (["--seed", "-1"], r"--seed must be in \[0, 2\*\*32 - 1\] .*, got -1"),
-        (["--seed", str(2**32)], r"--seed must be in \[0, 2\*\*32 - 1\] .*, got 4294967296"),
-        (["--report_to", "tensorbaord"], r"--report_to must be one of \[.*'none'.*'all'.*'tensorboard'.*\], got 'tensorbaord'"),
+        (["--lr_scheduler", "cosin"], "argument --lr-scheduler/--lr_scheduler: invalid choice: 'cosin'"),
+        (["--lr_scheduler", "piecewise_constant"], "invalid choice: 'piecewise_constant'"),  # needs step rules
+        (["--lora_dropout", "1"], r"argument --lora-dropout/--lora_dropout: expected a finite number in \[0.0, 1.0\), got '1'"),
+        (["--lora_dropout", "-0.1"], r"--lora-dropout/--lora_dropout: expected .* in \[0.0, 1.0\), got '-0.1'"),
+        (["--lora_dropout", "nan"], r"--lora-dropout/--lora_dropout: expected .* in \[0.0, 1.0\), got 'nan'"),
+        (["--ema_decay", "1.5"], r"--ema-decay/--ema_decay: expected a finite number in \[0.0, 1.0\], got '1.5'"),
+        (["--ema_decay", "-0.5"], r"--ema-decay/--ema_decay: expected a finite number in \[0.0, 1.0\], got '-0.5'"),
+        (["--dataloader_num_workers", "-1"], ("--dataloader-num-workers/--dataloader_num_workers: expected an integer "
+                                             ">= 0, got '-1'")),
+        (["--learning_rate=-1e-4"], (r"--learning-rate/--learning_rate: expected a finite number in \(0.0, inf\), "
+                                    "got '-1e-4'")),
+        (["--adam_beta1", "1"], r"--adam-beta1/--adam_beta1: expected a finite number in \[0.0, 1.0\), got '1'"),
+        (["--adam_beta2", "-0.9"], r"--adam-beta2/--adam_beta2: expected a finite number in \[0.0, 1.0\), got '-0.9'"),
+        (["--adam_epsilon=-1e-8"], r"--adam-epsilon/--adam_epsilon: expected a finite number in \[0.0, inf\), got '-1e-8'"),
+        (["--adam_weight_decay", "-0.01"], r"--adam-weight-decay/--adam_weight_decay: expected .*, got '-0.01'"),
+        (["--max_grad_norm", "-1"], r"--max-grad-norm/--max_grad_norm: expected a finite number in \[0.0, inf\), got '-1'"),
+        (["--lora_alpha", "0"], r"--lora-alpha/--lora_alpha: expected a finite number in \(0.0, inf\), got '0'"),
+        (["--lora_target_modules", r"blocks\.(to_q"], (r"--lora-target-modules/--lora_target_modules: expected a valid "
+                                                      r"regular expression, got 'blocks\\\\.\(to_q'")),
+        (["--validation_inference_steps", "0"], ("--validation-inference-steps/--validation_inference_steps: expected an "
+                                                "integer >= 1, got '0'")),
+        (["--train_batch_size", "0"], "--train-batch-size/--train_batch_size: expected an integer >= 1, got '0'"),
+        (["--seed", "-1"], r"argument --seed: expected an integer in \[0, 4294967295\], got '-1'"),
+        (["--seed", str(2**32)], r"argument --seed: expected an integer in \[0, 4294967295\], got '4294967296'"),
+        (["--validation_guidance_scale", "inf"], ("--validation-guidance-scale/--validation_guidance_scale: expected a "
+                                                 "finite number, got 'inf'")),
+        (["--report_to", "tensorbaord"], (r"argument --report-to/--report_to: expected one of \[.*'none'.*'all'.*"
+                                         r"'tensorboard'.*\], got 'tensorbaord'")),
     ],
 )
-def test_bad_argument_combinations_fail_before_any_work(extra, message):
-    with pytest.raises(ValueError, match=message):
-        parse_args(BASE + extra)
+def test_bad_arguments_are_one_error_line_before_any_work(extra, message, capsys):
+    err = usage_error(capsys, BASE + extra)
+    assert re.search(message, err), err
+
+
+def test_flags_are_kebab_case_with_their_snake_case_spelling_kept():
+    kebab = parse_args(["--train-data-dir", "data", "--transformer-config", "{}", "--text-encoder-name-or-path", "te",
+                        "--tokenizer-name-or-path", "tok", "--max-train-steps", "7", "--use-ema", "--lora-rank", "2"])
+    snake = parse_args(BASE + ["--max_train_steps", "7", "--use_ema", "--lora_rank", "2"])
+    assert vars(kebab) == vars(snake)
+    assert kebab.max_train_steps == 7 and kebab.use_ema and kebab.lora_rank == 2 and kebab.transformer_config == {}
 
 
 def test_range_boundaries_are_accepted():
@@ -276,7 +306,7 @@ def test_range_boundaries_are_accepted():
     assert parse_args(BASE + ["--seed", str(2**32 - 1)]).seed == 2**32 - 1
 
 
-def test_report_to_a_tracker_that_is_not_installed_is_refused():
+def test_report_to_a_tracker_that_is_not_installed_is_refused(capsys):
     from accelerate.tracking import get_available_trackers
     from accelerate.utils import LoggerType
 
@@ -285,8 +315,8 @@ def test_report_to_a_tracker_that_is_not_installed_is_refused():
     if not missing:
         pytest.skip("every accelerate tracker is installed")
     # accelerate itself only warns and then logs nothing.
-    with pytest.raises(ValueError, match=f"--report_to '{missing[0]}': the {missing[0]} package is not installed"):
-        parse_args(BASE + ["--report_to", missing[0]])
+    err = usage_error(capsys, BASE + ["--report_to", missing[0]])
+    assert f"--report-to/--report_to: '{missing[0]}': the {missing[0]} package is not installed" in err, err
 
 
 def test_defaults_parse():
@@ -295,62 +325,58 @@ def test_defaults_parse():
     assert np.isclose(ObjectiveRatios.parse(args.objective_ratios).caption_row_probability, 0.3)
 
 
-def _main_args(tmp_path, *extra):
+def _main_argv(tmp_path, *extra):
     """Arguments naming data and encoders that do not exist: the run must stop before it touches them."""
-    return parse_args(["--train_data_dir", str(tmp_path / "no-data"), "--transformer_config", "{}",
-                       "--text_encoder_name_or_path", str(tmp_path / "te"), "--tokenizer_name_or_path",
-                       str(tmp_path / "tok"), "--report_to", "none", "--output_dir", str(tmp_path / "run"), *extra])
+    return ["--train_data_dir", str(tmp_path / "no-data"), "--transformer_config", "{}", "--text_encoder_name_or_path",
+            str(tmp_path / "te"), "--tokenizer_name_or_path", str(tmp_path / "tok"), "--report_to", "none",
+            "--output_dir", str(tmp_path / "run"), *extra]
 
 
-def test_new_run_over_an_earlier_runs_checkpoints_is_refused_before_any_work(tmp_path):
+def _fails_on_the_missing_data(tmp_path, *extra):
+    """The run gets past the argument checks and fails only when it opens the data that does not exist."""
     from diffusers_cir.training import main
 
+    with pytest.raises(ValueError, match="--train-data-dir .*no-data.* could not be opened"):
+        main(parse_args(_main_argv(tmp_path, *extra)))
+
+
+def test_new_run_over_an_earlier_runs_checkpoints_is_refused_before_any_work(tmp_path, capsys):
     (tmp_path / "run" / "checkpoint-6").mkdir(parents=True)
-    with pytest.raises(ValueError, match=r"already holds checkpoints .*checkpoint-6.*--resume_from_checkpoint latest"):
-        main(_main_args(tmp_path))
-    # Continuing it is what the message asks for: it gets past the check (and fails on the missing data).
-    with pytest.raises(ValueError, match="--train_data_dir .*no-data.* could not be opened"):
-        main(_main_args(tmp_path, "--resume_from_checkpoint", "latest"))
+    err = usage_error(capsys, _main_argv(tmp_path))
+    assert re.search(r"already holds checkpoints .*checkpoint-6.*--resume-from-checkpoint latest", err), err
+    # Continuing it is what the message asks for.
+    _fails_on_the_missing_data(tmp_path, "--resume_from_checkpoint", "latest")
 
 
-def test_unknown_resume_checkpoint_is_refused_before_any_work(tmp_path):
-    from diffusers_cir.training import main
-
-    with pytest.raises(ValueError, match="--resume_from_checkpoint 'checkpoint-99' is not a checkpoint-<step> folder"):
-        main(_main_args(tmp_path, "--resume_from_checkpoint", "checkpoint-99"))
+def test_unknown_resume_checkpoint_is_refused_before_any_work(tmp_path, capsys):
+    err = usage_error(capsys, _main_argv(tmp_path, "--resume_from_checkpoint", "checkpoint-99"))
+    assert "--resume-from-checkpoint 'checkpoint-99' is not a checkpoint-<step> folder" in err, err
 
 
-def test_resuming_from_a_checkpoint_past_max_train_steps_is_refused_before_any_work(tmp_path):
-    from diffusers_cir.training import main
-
+def test_resuming_from_a_checkpoint_past_max_train_steps_is_refused_before_any_work(tmp_path, capsys):
     for name in ("checkpoint-2", "checkpoint-6"):
         (tmp_path / "run" / name).mkdir(parents=True)
-    with pytest.raises(ValueError, match=r"--resume_from_checkpoint 'latest' is checkpoint-6, at step 6, past "
-                                         r"--max_train_steps 4: .*above 6.* \(checkpoint-2\)"):
-        main(_main_args(tmp_path, "--resume_from_checkpoint", "latest", "--max_train_steps", "4"))
-    with pytest.raises(ValueError, match=r"checkpoint-6, at step 6, past --max_train_steps 1: .*\('.*run' has none\)"):
-        main(_main_args(tmp_path, "--resume_from_checkpoint", "checkpoint-6", "--max_train_steps", "1"))
-    # A checkpoint at or before the last step gets past the check (and fails on the missing data).
-    with pytest.raises(ValueError, match="--train_data_dir .*no-data.* could not be opened"):
-        main(_main_args(tmp_path, "--resume_from_checkpoint", "checkpoint-2", "--max_train_steps", "2"))
+    err = usage_error(capsys, _main_argv(tmp_path, "--resume_from_checkpoint", "latest", "--max_train_steps", "4"))
+    assert re.search(r"--resume-from-checkpoint 'latest' is checkpoint-6, at step 6, past --max-train-steps 4: "
+                     r".*above 6.* \(checkpoint-2\)", err), err
+    err = usage_error(capsys, _main_argv(tmp_path, "--resume_from_checkpoint", "checkpoint-6", "--max_train_steps", "1"))
+    assert re.search(r"checkpoint-6, at step 6, past --max-train-steps 1: .*\('.*run' has none\)", err), err
+    # A checkpoint at or before the last step gets past the check.
+    _fails_on_the_missing_data(tmp_path, "--resume_from_checkpoint", "checkpoint-2", "--max_train_steps", "2")
 
 
-def test_new_run_over_an_earlier_runs_final_model_or_validation_log_is_refused_before_any_work(tmp_path):
-    from diffusers_cir.training import main
-
+def test_new_run_over_an_earlier_runs_final_model_or_validation_log_is_refused_before_any_work(tmp_path, capsys):
     run = tmp_path / "run"
     (run / "logs").mkdir(parents=True)  # tracker logs alone (e.g. a run that failed early) do not block a new run
-    with pytest.raises(ValueError, match="--train_data_dir .*no-data.* could not be opened"):
-        main(_main_args(tmp_path))
+    _fails_on_the_missing_data(tmp_path)
     for name in ("validation_log.jsonl", "model_index.json", "pytorch_lora_weights.safetensors"):
         (run / name).write_text("{}")
         for resume in ([], ["--resume_from_checkpoint", "latest"]):  # "latest" finds no checkpoint: a new run
-            with pytest.raises(ValueError, match=rf"--output_dir .*run' already holds the outputs of an earlier run "
-                                                 rf"\(.*{name}.*\) and there is no checkpoint to resume from"):
-                main(_main_args(tmp_path, *resume))
+            err = usage_error(capsys, _main_argv(tmp_path, *resume))
+            assert re.search(rf"--output-dir .*run' already holds the outputs of an earlier run \(.*{name}.*\) and "
+                             rf"there is no checkpoint to resume from", err), err
         (run / name).unlink()
-    # Resuming that run is fine: it gets past the check (and fails on the missing data).
+    # Resuming that run is fine: it gets past the check.
     (run / "model_index.json").write_text("{}")
     (run / "checkpoint-2").mkdir()
-    with pytest.raises(ValueError, match="--train_data_dir .*no-data.* could not be opened"):
-        main(_main_args(tmp_path, "--resume_from_checkpoint", "latest", "--max_train_steps", "4"))
+    _fails_on_the_missing_data(tmp_path, "--resume_from_checkpoint", "latest", "--max_train_steps", "4")
