@@ -419,7 +419,7 @@ def test_a_list_mixing_pil_images_and_pixel_tensors_prepares_each_as_it_would_be
         got = pipe(image=mixed, prompt=["a", "b", "c"], generator=_gen()).image_embeds
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
-    with pytest.raises(ValueError, match=r"`image` mixes pixel-value tensors and images: the tensor at index 1 has shape \(3, 20, 20\) but the image processor makes pixel values of size \(32, 32\)"):
+    with pytest.raises(ValueError, match=r"`image`\[1\] is a tensor of shape \(3, 20, 20\): pixel values of one image must be \(3, 32, 32\)"):
         pipe(image=[images[0], torch.zeros(3, 20, 20)], prompt=["a", "b"])
     with pytest.raises(ValueError, match=r"`image`\[1\] is a tensor of shape \(2, 3, 32, 32\)"):
         pipe(image=[images[0], pixels[:2]], prompt=["a", "b"])

@@ -189,21 +189,34 @@ def check_dir(path: Any, name: str) -> Path:
 
 def check_finite_tensors(tensors: dict[str, Any]) -> None:
     """Refuse NaN or infinite values in the given tensors (``None`` entries are skipped), naming the first argument
-    that holds one. One reduction per tensor and one host synchronisation in all, whatever their number."""
+    that holds one. One reduction per tensor and one host synchronisation in all, whatever their number.
+
+    The reduction is a sum (in at least float32): NaN and infinities propagate through it, so a finite sum proves
+    the tensor finite, and it is several times cheaper than ``isfinite().all()``, which writes a mask. Only a tensor
+    whose sum is not finite (a NaN or infinite value, or finite values whose sum overflows) is looked at closely.
+    """
     import torch
 
     named = [(name, tensor) for name, tensor in tensors.items() if torch.is_tensor(tensor) and tensor.is_floating_point()]
     named = [(name, tensor) for name, tensor in named if tensor.numel() and tensor.device.type != "meta"]
     if not named:
         return
-    flags = torch.stack([torch.isfinite(tensor).all().to(named[0][1].device) for name, tensor in named])
-    bad = (~flags).nonzero().flatten().tolist()
-    if bad:
-        name, tensor = named[bad[0]]
+    device = named[0][1].device
+    sums = [
+        tensor.sum(dtype=torch.float32 if tensor.dtype in (torch.float16, torch.bfloat16) else None).to(device)
+        for _, tensor in named
+    ]
+    sums = torch.stack(sums)
+    if bool(torch.isfinite(sums).all()):
+        return
+    for index in (~torch.isfinite(sums)).nonzero().flatten().tolist():
+        name, tensor = named[index]
         count = int((~torch.isfinite(tensor)).sum())
-        raise ValueError(
-            f"`{name}` holds {count} NaN or infinite value(s) (shape {tuple(tensor.shape)}): every value must be finite."
-        )
+        if count:
+            raise ValueError(
+                f"`{name}` holds {count} NaN or infinite value(s) (shape {tuple(tensor.shape)}): every value must be "
+                "finite."
+            )
 
 
 def argparse_type(check: Callable[..., Any], parse: Callable[[str], Any] = int, **bounds) -> Callable[[str], Any]:

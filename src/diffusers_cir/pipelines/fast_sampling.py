@@ -23,6 +23,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..models.compodiff_transformer import CompoDiffTransformer
 from ..schedulers.scheduling_compodiff import CompoDiffScheduler, reference_update
+from .inputs import shape_of
 
 
 @dataclass(frozen=True)
@@ -213,6 +214,36 @@ class CompoDiffSamplingMixin:
     diffusers scheduler predicting x0; both call the step callback and read the pipeline's guidance scales and
     `interrupt` before every step, as diffusers pipelines do."""
 
+    # the state of the running (or last) call, read through the properties of the same names (diffusers' names)
+    _guidance_scale, _image_guidance_scale, _num_timesteps, _interrupt = 7.5, 1.5, 0, False
+
+    @property
+    def guidance_scale(self) -> float:
+        """Text guidance `w_text` of the running (or last) call; a step callback may change `pipe._guidance_scale`."""
+        return self._guidance_scale
+
+    @property
+    def image_guidance_scale(self) -> float:
+        """Image guidance `w_image` of the running (or last) call; a callback may change `pipe._image_guidance_scale`."""
+        return self._image_guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """Whether guidance changes the prediction this step: not for `w_text = w_image = 1`, where the guided x0 is
+        the conditional prediction and the other two branches do not run."""
+        return guidance_changes_prediction(self._guidance_scale, self._image_guidance_scale)
+
+    @property
+    def num_timesteps(self) -> int:
+        """Denoiser steps of the running (or last) call: one callback per step (`num_inference_steps - 1` with
+        `CompoDiffScheduler`)."""
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        """Set `pipe._interrupt = True` (from a callback) to skip the remaining steps of the running call."""
+        return self._interrupt
+
     def _step_kwargs(self, generator, eta) -> dict:
         accepted = set(inspect.signature(self.scheduler.step).parameters)
         kwargs = {}
@@ -223,12 +254,37 @@ class CompoDiffSamplingMixin:
         return kwargs
 
     def _call_back(self, callback, index, timestep, latents, tensor_inputs) -> torch.Tensor:
-        """Run `callback_on_step_end(pipe, step, timestep, kwargs)`; the latents it returns replace the sample."""
+        """Run `callback_on_step_end(pipe, step, timestep, kwargs)`; the latents it returns replace the sample.
+
+        A callback must return the dict it was given, changed or not (diffusers' convention). One that returns
+        `None` (a forgotten `return`) is refused rather than taken as "no change": a callback that set
+        `callback_kwargs["latents"]` and forgot to return it would otherwise be ignored without a word. So are keys
+        this pipeline does not take back, and latents of another shape.
+        """
         step_locals = {"latents": latents}
         callback_kwargs = {}
         for name in tensor_inputs:  # a loop, not a comprehension (Python 3.11 scoping)
             callback_kwargs[name] = step_locals[name]
-        return callback(self, index, timestep, callback_kwargs).pop("latents", latents)
+        returned = callback(self, index, timestep, callback_kwargs)
+        name = getattr(callback, "__name__", type(callback).__name__)
+        if not isinstance(returned, dict):
+            raise ValueError(
+                f"`callback_on_step_end` ({name}) returned {type(returned).__name__} at step {index}: it must return "
+                "the dict it was given (`callback_kwargs`), changed or not."
+            )
+        unknown = sorted(set(returned) - set(self._callback_tensor_inputs))
+        if unknown:
+            raise ValueError(
+                f"`callback_on_step_end` ({name}) returned {unknown} at step {index}, which this pipeline does not "
+                f"take back: it may return {self._callback_tensor_inputs}."
+            )
+        new = returned.get("latents", latents)
+        if not isinstance(new, torch.Tensor) or new.shape != latents.shape:
+            raise ValueError(
+                f"`callback_on_step_end` ({name}) returned `latents` of shape {shape_of(new)} at step {index}; they "
+                f"must keep the shape {tuple(latents.shape)}."
+            )
+        return new
 
     def enable_cuda_graphs(self, max_graphs: int = 8, compile_blocks: bool = False) -> None:
         """Capture the whole sampling run (context included) as a CUDA graph per input shape and replay it.

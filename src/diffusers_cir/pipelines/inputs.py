@@ -1,8 +1,9 @@
 # Copyright 2026 The diffusers-cir authors. Apache-2.0.
 """Checks of pipeline call arguments, shared by every CIR pipeline's one `check_inputs`.
 
-Scalars go through :mod:`diffusers_cir.checks`; this module adds what only pipelines take: tensors of a given shape,
-per-query lists of images, generators. Each check raises ``ValueError`` naming the argument, what it holds and what is
+Scalars go through :mod:`diffusers_cir.checks`; this module adds what only pipelines take: tensors of a given shape
+and with data (finite, not on the meta device), per-query lists of images, generators, and the warning for texts the
+tokenizer cuts. Each check raises ``ValueError`` naming the argument, what it holds and what is
 expected; the steps of a pipeline call after `check_inputs` trust what these let through.
 """
 
@@ -12,6 +13,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from ..checks import check_finite_tensors
 from .utils import is_image_path
 
 
@@ -92,3 +94,62 @@ def check_batch_sizes(sizes: dict[str, int]) -> int:
     if batch_size == 0:
         raise ValueError(f"No query to compose: {' and '.join(f'`{name}`' for name in sizes)} hold no entries.")
     return batch_size
+
+
+def is_batch(images, name: str) -> bool:
+    """Whether `images` is one tensor/array holding several entries (what `image_list` splits), not a list."""
+    return isinstance(images, (torch.Tensor, np.ndarray)) and len(image_list(images, name)) > 1
+
+
+def check_tensor_data(tensors: dict) -> None:
+    """Refuse arguments that hold no data (meta tensors) or NaN/infinite values, which would make every output NaN
+    without an error, naming the first such argument. `None` entries are skipped; float numpy arrays are checked too.
+
+    Tensors are checked with :func:`diffusers_cir.checks.check_finite_tensors`: one reduction each and one host
+    synchronisation for all of them, once per pipeline call.
+    """
+    for name, value in tensors.items():
+        if isinstance(value, torch.Tensor) and value.is_meta:
+            raise ValueError(
+                f"`{name}` is a tensor on the meta device (shape {tuple(value.shape)}): it has a shape but no values. "
+                "Pass a tensor on the CPU or an accelerator (a model or tensor made on the meta device needs its "
+                "weights or data loaded first)."
+            )
+        if isinstance(value, np.ndarray) and value.dtype.kind in "fc" and not np.isfinite(value).all():
+            count = int((~np.isfinite(value)).sum())
+            raise ValueError(
+                f"`{name}` holds {count} NaN or infinite value(s) (shape {value.shape}): every value must be finite."
+            )
+    check_finite_tensors({name: value for name, value in tensors.items() if isinstance(value, torch.Tensor)})
+
+
+def warn_truncated(tokenizer, texts: list[str], kept: list[int], logger, what: str = "prompts") -> None:
+    """Warn, once for the call, how many of `texts` (`what` they are) the tokenizer cut to its `model_max_length`
+    tokens (`kept`: the token counts it returned). Only the texts that reached the limit are tokenised again, without
+    truncation."""
+    limit = tokenizer.model_max_length
+    full = [text for text, count in zip(texts, kept) if count >= limit]
+    if not full:
+        return
+    lengths = [len(ids) for ids in tokenizer(full, truncation=False, verbose=False)["input_ids"]]
+    cut = sum(length > limit for length in lengths)
+    if cut:
+        logger.warning(
+            f"{cut} of the {len(texts)} {what} of this call {'is' if cut == 1 else 'are'} longer than the {limit} "
+            f"tokens the CLIP text encoder reads (start and end tokens included) and {'was' if cut == 1 else 'were'} "
+            f"cut to the first {limit} (the longest had {max(lengths)}): the words after the cut do not count. "
+            "Shorten them."
+        )
+
+
+def clip_input_size(processor) -> tuple[int, int] | None:
+    """`(height, width)` of the pixel values an image processor produces, when it center-crops to a fixed size."""
+    crop_size = getattr(processor, "crop_size", None) if processor is not None else None
+    if crop_size is None or not getattr(processor, "do_center_crop", False):
+        return None
+    if isinstance(crop_size, int):
+        return (crop_size, crop_size)
+    crop_size = dict(crop_size)
+    if crop_size.get("height") is None or crop_size.get("width") is None:
+        return None
+    return (crop_size["height"], crop_size["width"])

@@ -18,7 +18,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 from diffusers import DiffusionPipeline
-from diffusers.utils import BaseOutput, deprecate
+from diffusers.utils import BaseOutput, deprecate, logging
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import (
     CLIPImageProcessor,
@@ -28,20 +28,31 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from ..checks import check_choice, check_int, check_positive_int, check_texts
+from ..checks import (
+    check_choice,
+    check_float,
+    check_int,
+    check_positive_int,
+    check_texts,
+)
 from ..models.compodiff_transformer import CompoDiffTransformer
 from ..schedulers.scheduling_compodiff import CompoDiffScheduler
 from .auto import CIRPipelineMixin
-from .fast_sampling import CompoDiffSamplingMixin, guidance_changes_prediction
+from .fast_sampling import CompoDiffSamplingMixin
 from .inputs import (
     check_batch_sizes,
     check_generator,
     check_not_both,
     check_tensor,
+    check_tensor_data,
+    clip_input_size,
     image_list,
+    is_batch,
+    shape_of,
+    warn_truncated,
 )
 from .lora import CompoDiffLoraLoaderMixin
-from .utils import check_image_paths, load_image_paths
+from .utils import check_image_paths, is_loadable_image, load_image_paths
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -70,6 +81,13 @@ class CompoDiffPipelineOutput(BaseOutput):
 
     image_embeds: torch.Tensor | np.ndarray
 
+
+logger = logging.get_logger(__name__)
+
+# Guidance scales beyond this are refused as mistakes (a unit or exponent typo), not choices: the released models use
+# 7.5 and 1.5 and past a few tens the result is the branch difference alone, while 1e4 times a CLIP-scale difference
+# stays far inside float32 (1e30 made every output inf/NaN without an error).
+GUIDANCE_SCALE_LIMIT = 1e4
 
 PromptType = str | list[str] | None
 ImageType = PIL.Image.Image | str | os.PathLike | list[PIL.Image.Image | str | os.PathLike] | torch.Tensor | np.ndarray | None
@@ -102,8 +120,6 @@ class CompoDiffPipeline(CIRPipelineMixin, CompoDiffSamplingMixin, DiffusionPipel
         "reference image, a modification text, an optional negative text and an optional mask; the result is searched "
         "against the CLIP image embeddings of a gallery.",
     }
-    # the state of the running (or last) call, read through the properties of the same names
-    _guidance_scale, _image_guidance_scale, _num_timesteps, _interrupt = 7.5, 1.5, 0, False
     _optional_components = ["text_encoder", "tokenizer", "image_encoder", "image_processor"]
     _callback_tensor_inputs = ["latents"]
 
@@ -191,6 +207,8 @@ class CompoDiffPipeline(CIRPipelineMixin, CompoDiffSamplingMixin, DiffusionPipel
             truncation=True,
             return_tensors="pt",
         )
+        kept = tokens.attention_mask.sum(dim=1).tolist()
+        warn_truncated(self.tokenizer, prompts, kept, logger, "texts (prompts and negative prompts)")
         output = self.text_encoder(
             input_ids=tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device)
         )
@@ -237,7 +255,9 @@ class CompoDiffPipeline(CIRPipelineMixin, CompoDiffSamplingMixin, DiffusionPipel
         if self.image_encoder is None:
             raise ValueError("This pipeline has no `image_encoder`: pass `image_embeds` instead of images.")
         batch_size = check_positive_int(batch_size, "batch_size")
-        images = self._check_images(images, "images")
+        data = {}
+        images = self._check_images(images, "images", data)
+        check_tensor_data(data)
         device = device or self._execution_device
         dtype = self.image_encoder.dtype
         chunks = range(0, len(images), batch_size)
@@ -267,7 +287,7 @@ class CompoDiffPipeline(CIRPipelineMixin, CompoDiffSamplingMixin, DiffusionPipel
         size = self.transformer.config.mask_size
         masks = load_image_paths(image_list(mask_image, "mask_image"), "mask_image")
         assert len(masks) in (1, batch_size), (len(masks), batch_size)
-        clip_size = self._clip_input_size()
+        clip_size = clip_input_size(self.image_processor)
         pixel_mask = torch.cat([self._pixel_mask(item, clip_size) for item in masks])
         pixel_mask = (pixel_mask > 0.5).float().to(device)
         mask = F.interpolate(pixel_mask, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
@@ -286,19 +306,6 @@ class CompoDiffPipeline(CIRPipelineMixin, CompoDiffSamplingMixin, DiffusionPipel
             item = PIL.Image.fromarray(tensor.numpy().astype(np.uint8) * 255, mode="L")
         return self.image_processor(images=[item.convert("RGB")], do_normalize=False, return_tensors="pt").pixel_values[:, :1]
 
-    def _clip_input_size(self) -> tuple[int, int] | None:
-        """`(height, width)` of the pixel values the image processor produces, when it center-crops to a fixed size."""
-        processor = self.image_processor
-        crop_size = getattr(processor, "crop_size", None) if processor is not None else None
-        if crop_size is None or not getattr(processor, "do_center_crop", False):
-            return None
-        if isinstance(crop_size, int):
-            return (crop_size, crop_size)
-        crop_size = dict(crop_size)
-        if crop_size.get("height") is None or crop_size.get("width") is None:
-            return None
-        return (crop_size["height"], crop_size["width"])
-
     # ------------------------------------------------------------------ checks
 
     def check_inputs(
@@ -312,8 +319,11 @@ class CompoDiffPipeline(CIRPipelineMixin, CompoDiffSamplingMixin, DiffusionPipel
         negative_prompt_embeds,
         mask,
         num_inference_steps,
+        guidance_scale,
+        image_guidance_scale,
         num_images_per_prompt,
         num_samples_per_query,
+        source_weight,
         generator,
         latents,
         eta,
@@ -322,35 +332,50 @@ class CompoDiffPipeline(CIRPipelineMixin, CompoDiffSamplingMixin, DiffusionPipel
     ) -> int:
         """Check every argument once, before any file is read or tower runs, and return the number of queries.
 
-        The steps of `__call__` trust what this lets through.
+        The steps of `__call__` trust what this lets through: shapes, counts, finite values (one check of every
+        tensor argument, one host synchronisation), the scheduler's needs.
         """
         check_not_both("image", image, "image_embeds", image_embeds)
         check_not_both("mask_image", mask_image, "mask", mask, note=" (any size, binarised and resized)")
         check_positive_int(num_inference_steps, "num_inference_steps")
         check_positive_int(num_images_per_prompt, "num_images_per_prompt")
         check_positive_int(num_samples_per_query, "num_samples_per_query")
+        for name, scale in (("guidance_scale", guidance_scale), ("image_guidance_scale", image_guidance_scale)):
+            check_float(scale, name, -GUIDANCE_SCALE_LIMIT, GUIDANCE_SCALE_LIMIT)
+        check_float(source_weight, "source_weight", 0.0, 1.0)
         check_choice(output_type, "output_type", ("pt", "np", "latent"))
         for name in callback_on_step_end_tensor_inputs:
             check_choice(name, "callback_on_step_end_tensor_inputs", self._callback_tensor_inputs)
         self._check_scheduler(num_inference_steps, eta)
 
         sizes = self._check_texts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
+        data = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
         if image_embeds is not None:
             if isinstance(image_embeds, torch.Tensor) and image_embeds.ndim == 3 and image_embeds.shape[1] == 1:
                 image_embeds = image_embeds[:, 0]
             sizes["image_embeds"] = check_tensor(image_embeds, "image_embeds", ("batch", self.embedding_dim)).shape[0]
+            data["image_embeds"] = image_embeds
         if image is not None:
             if self.image_encoder is None:
                 raise ValueError("This pipeline has no `image_encoder`: pass `image_embeds` instead of `image`.")
-            sizes["image"] = len(self._check_images(image, "image"))
+            sizes["image"] = len(self._check_images(image, "image", data))
         if mask is not None:
             size = self.transformer.config.mask_size
             sizes["mask"] = check_tensor(mask, "mask", ("batch", size, size)).shape[0]
+            data["mask"] = mask
         if mask_image is not None:
-            sizes["mask_image"] = len(self._check_masks(mask_image))
+            masks = self._check_masks(mask_image, data)
+            if not is_batch(mask_image, "mask_image"):  # a list of masks may make one query per mask
+                sizes["mask_image"] = len(masks)
         # Every condition holds one entry per query, or a single one that serves every query (one reference image
         # with several modification texts, one text applied to several images, one negative text or mask).
         batch_size = check_batch_sizes(sizes)
+        if mask_image is not None and is_batch(mask_image, "mask_image") and len(masks) != batch_size:
+            raise ValueError(
+                f"`mask_image` is a tensor/array of shape {shape_of(mask_image)}, a batch of {len(masks)} masks "
+                f"[B, H, W], for {batch_size} quer{'y' if batch_size == 1 else 'ies'}: give one mask per query, or "
+                "one mask for all as [H, W] or [1, H, W] (of a mask with channels, keep one: mask_image[0])."
+            )
 
         rows = batch_size * num_images_per_prompt * num_samples_per_query
         check_generator(
@@ -361,7 +386,8 @@ class CompoDiffPipeline(CIRPipelineMixin, CompoDiffSamplingMixin, DiffusionPipel
         if latents is not None:
             if isinstance(latents, torch.Tensor) and latents.ndim == 3 and latents.shape[1] == 1:
                 latents = latents[:, 0]
-            check_tensor(latents, "latents", (rows, self.embedding_dim))
+            data["latents"] = check_tensor(latents, "latents", (rows, self.embedding_dim))
+        check_tensor_data(data)
         return batch_size
 
     def _check_texts(
@@ -398,36 +424,43 @@ class CompoDiffPipeline(CIRPipelineMixin, CompoDiffSamplingMixin, DiffusionPipel
             )
         return sizes
 
-    def _check_images(self, images, name: str) -> list:
-        """The per-query list of `images` (see `image_list`): every item an image source or the pixel values of one
-        image, paths to existing files, and an image processor for what is not pixel values yet."""
+    def _check_images(self, images, name: str, data: dict | None = None) -> list:
+        """The per-query list of `images` (see `image_list`): image sources, or pixel values of the image encoder's
+        input size; paths to existing files; an image processor for what is not pixel values yet. Tensors and
+        arrays are added to `data` for the one check of their values."""
         items = image_list(images, name)
         check_image_paths(images, name)
-        clip_size = self._clip_input_size()
-        tensors = [index for index, item in enumerate(items) if isinstance(item, torch.Tensor)]
-        for index in tensors:
-            item = items[index]
-            if not (item.ndim == 3 or (item.ndim == 4 and item.shape[0] == 1)):
-                raise ValueError(
-                    f"`{name}`[{index}] is a tensor of shape {tuple(item.shape)}: a tensor in a list of images must "
-                    "be the pixel values of one image, [3, H, W]."
-                )
-        if len(tensors) < len(items):
-            if self.image_processor is None:
-                raise ValueError(
-                    "This pipeline has no `image_processor`: pass preprocessed pixel values or `image_embeds`."
-                )
-            for index in tensors:
-                if clip_size is not None and tuple(items[index].shape[-2:]) != clip_size:
+        config = self.image_encoder.config
+        pixels = (config.num_channels, config.image_size, config.image_size)
+        listed = isinstance(images, (list, tuple))
+        if isinstance(images, (torch.Tensor, np.ndarray)) and not listed:
+            items_of = {(f"`{name}`", name): images}
+        else:
+            items_of = {(f"`{name}`[{index}]", f"{name}[{index}]"): item for index, item in enumerate(items)}
+        for (where, key), item in items_of.items():
+            if isinstance(item, torch.Tensor):
+                shape = tuple(item.shape)
+                if shape not in (pixels, (1, *pixels)) and not (len(shape) == 4 and shape[1:] == pixels and not listed):
+                    one = "of one image " if listed else ""
                     raise ValueError(
-                        f"`{name}` mixes pixel-value tensors and images: the tensor at index {index} has shape "
-                        f"{tuple(items[index].shape)} but the image processor makes pixel values of size {clip_size} "
-                        "of the images; give tensors at the image processor's output size, or give every item as a "
-                        "PIL image."
+                        f"{where} is a tensor of shape {shape}: pixel values {one}must be {pixels} (channels, height, "
+                        f"width{', or a batch [N, ...] of them' if not listed else ''}), what the image encoder takes "
+                        "and its image processor makes. Pass PIL images or file paths to have them prepared."
                     )
+            elif isinstance(item, np.ndarray) and (item.size == 0 or min(item.shape[:2]) == 0):
+                raise ValueError(f"{where} is an empty image (an array of shape {item.shape}).")
+            elif not isinstance(item, np.ndarray) and not is_loadable_image(item):
+                raise ValueError(
+                    f"{where} is a {type(item).__name__}: an image is a PIL image, a file path or URL, encoded bytes, "
+                    "a `datasets` image dict, an array or a pixel tensor."
+                )
+            if data is not None and isinstance(item, (torch.Tensor, np.ndarray)):
+                data[key] = item
+        if self.image_processor is None and not all(isinstance(item, torch.Tensor) for item in items):
+            raise ValueError("This pipeline has no `image_processor`: pass preprocessed pixel values or `image_embeds`.")
         return items
 
-    def _check_masks(self, mask_image) -> list:
+    def _check_masks(self, mask_image, data: dict) -> list:
         """The per-query list of masks: `[H, W]` or `[1, H, W]` tensors/arrays or images (those need the image
         processor), of one size when there is no image processor to bring them to the CLIP input size."""
         masks = image_list(mask_image, "mask_image")
@@ -439,12 +472,13 @@ class CompoDiffPipeline(CIRPipelineMixin, CompoDiffSamplingMixin, DiffusionPipel
                     raise ValueError("A PIL `mask_image` needs the pipeline's `image_processor`; pass a tensor instead.")
                 continue
             shape = tuple(item.shape)
-            if not (len(shape) == 2 or (len(shape) == 3 and shape[0] == 1)):
+            if not (len(shape) == 2 or (len(shape) == 3 and shape[0] == 1)) or 0 in shape:
                 raise ValueError(
                     f"A tensor/array `mask_image` must be [H, W] or [1, H, W] per query (values in [0, 1]), "
                     f"got {shape} for query {index}."
                 )
             shapes.add(shape[-2:])
+            data[f"mask_image[{index}]"] = item
         if self.image_processor is None and len(shapes) > 1:
             raise ValueError(
                 f"The `mask_image` masks have different sizes {sorted(shapes)}: without an `image_processor` to bring "
@@ -470,37 +504,11 @@ class CompoDiffPipeline(CIRPipelineMixin, CompoDiffSamplingMixin, DiffusionPipel
                     f"{type(self.scheduler).__name__} has clip_sample=True, which clips CLIP embeddings to [-1, 1]: "
                     "set clip_sample=False."
                 )
-        if eta is not None and "eta" not in inspect.signature(self.scheduler.step).parameters:
-            raise ValueError(f"{type(self.scheduler).__name__}.step takes no `eta`.")
-
-    # ------------------------------------------------------------------ state of a call (diffusers' properties)
-
-    @property
-    def guidance_scale(self) -> float:
-        """Text guidance `w_text` of the running (or last) call; a step callback may change `pipe._guidance_scale`."""
-        return self._guidance_scale
-
-    @property
-    def image_guidance_scale(self) -> float:
-        """Image guidance `w_image` of the running (or last) call; a callback may change `pipe._image_guidance_scale`."""
-        return self._image_guidance_scale
-
-    @property
-    def do_classifier_free_guidance(self) -> bool:
-        """Whether guidance changes the prediction this step: not for `w_text = w_image = 1`, where the guided x0 is
-        the conditional prediction and the other two branches do not run."""
-        return guidance_changes_prediction(self._guidance_scale, self._image_guidance_scale)
-
-    @property
-    def num_timesteps(self) -> int:
-        """Denoiser steps of the running (or last) call: one callback per step (`num_inference_steps - 1` with
-        `CompoDiffScheduler`)."""
-        return self._num_timesteps
-
-    @property
-    def interrupt(self) -> bool:
-        """Set `pipe._interrupt = True` (from a callback) to skip the remaining steps of the running call."""
-        return self._interrupt
+        if eta is not None:
+            # DDIM's noise is eta times the largest variance the update allows: beyond 1 its square root is NaN
+            check_float(eta, "eta", 0.0, 1.0)
+            if "eta" not in inspect.signature(self.scheduler.step).parameters:
+                raise ValueError(f"{type(self.scheduler).__name__}.step takes no `eta`.")
 
     @torch.no_grad()
     def __call__(
@@ -539,37 +547,43 @@ class CompoDiffPipeline(CIRPipelineMixin, CompoDiffSamplingMixin, DiffusionPipel
                 Without `image` and `image_embeds` the query is text only (the image condition is a zero embedding).
                 A path (`str` / `os.PathLike`, or an http(s) URL) is read with `diffusers.utils.load_image`. A list
                 may mix PIL images, paths and `[3, H, W]` pixel-value tensors: each is prepared as it would be alone.
-            prompt (`str` or `list[str]`): Modification texts ("as a pencil sketch").
+            prompt (`str` or `list[str]`): Modification texts ("as a pencil sketch"). Texts longer than the text
+                encoder's 77 tokens are cut there, with one warning per call saying how many were cut.
             negative_prompt (`str` or `list[str]`, *optional*): What the result should not have. Defaults to `""`.
             mask_image (PIL image(s), image file path(s) or `[H, W]` tensors/arrays, *optional*): Region of the
                 reference to change (white = 1): those pixels are zeroed before CLIP encoding and the mask conditions
                 the denoiser. A mask is resized and cropped like the reference image, unless it is a tensor/array
-                already at the CLIP input size (see `prepare_mask`).
+                already at the CLIP input size (see `prepare_mask`). A `[B, H, W]` tensor is one mask per query and
+                must match the queries the other arguments make; a single mask is `[H, W]` or `[1, H, W]`.
             image_embeds (`[B, D]`), prompt_embeds (`[B, L, text_dim]`), negative_prompt_embeds, mask
                 (`[B, mask_size, mask_size]`), *optional*: Precomputed conditions instead of images/texts/masks
-                (`encode_prompt` gives the two text embeddings).
+                (`encode_prompt` gives the two text embeddings). Every tensor argument (pixel values included) must be
+                finite and hold data (not on the meta device): checked once per call, before any tower runs.
             num_inference_steps (`int`, defaults to 10): Steps of the sampler. With `CompoDiffScheduler` the
                 reference grid makes `num_inference_steps - 1` network calls.
-            guidance_scale (`float`, defaults to 7.5): Text guidance `w_text`.
-            image_guidance_scale (`float`, defaults to 1.5): Image guidance `w_image`.
+            guidance_scale (`float`, defaults to 7.5): Text guidance `w_text`, within +-1e4 (a larger magnitude is
+                refused as a mistake: see `GUIDANCE_SCALE_LIMIT`).
+            image_guidance_scale (`float`, defaults to 1.5): Image guidance `w_image`, within +-1e4.
                 The guided prediction is `u + (c - n) * w_text + (n - u) * w_image`; with both at 1 it is the
                 conditional prediction, and only that branch runs.
             num_samples_per_query (`int`, defaults to 1): Samples drawn per query and averaged into one embedding
                 (less sampling noise).
-            source_weight (`float`, defaults to 0.0): Mix `(1 - w) * result + w * reference embedding` (0.1
-                keeps more of the reference image; ignored for text-only queries).
+            source_weight (`float` in [0, 1], defaults to 0.0): Mix `(1 - w) * result + w * reference embedding`
+                (0.1 keeps more of the reference image; ignored for text-only queries).
             generator (`torch.Generator` or a list of `batch_size * num_images_per_prompt * num_samples_per_query`
                 of them, *optional*): Makes the result deterministic; a list gives each row of noise (query-major,
                 then image, then sample) its own generator.
             latents (`[B * num_images_per_prompt * num_samples_per_query, D]`, *optional*): Initial noise.
-            eta (`float`, *optional*): Sampler stochasticity, for schedulers whose `step` takes it.
+            eta (`float` in [0, 1], *optional*): Sampler stochasticity, for schedulers whose `step` takes it (DDIM's
+                noise is `eta` times the largest the update allows: beyond 1 it has no meaning and gives NaN).
             normalize (`bool`, defaults to `False`): L2-normalise the output (what retrieval needs).
             output_type (`"pt"`, `"np"` or `"latent"`): `"latent"` returns the sampler's final state, one row per
                 sample `[B * num_images_per_prompt * num_samples_per_query, D]` (float32), before averaging, mixing
                 and normalising.
             return_dict (`bool`, defaults to `True`).
             callback_on_step_end (`Callable`, *optional*): Called as `callback(pipe, step, timestep, kwargs)` after
-                every step; returns the `kwargs` dict, where new `"latents"` replace the sample. It may change
+                every step; returns the `kwargs` dict (returning `None` is an error, not "no change": a forgotten
+                `return` would drop the callback's work), where new `"latents"` replace the sample. It may change
                 `pipe._guidance_scale` / `pipe._image_guidance_scale` for the next steps or set `pipe._interrupt`.
             callback_on_step_end_tensor_inputs (`list[str]`, *optional*): Tensors passed to the callback.
             num_images_per_prompt (`int`, defaults to 1): Separate embeddings per query (diffusers' convention): the
@@ -586,8 +600,8 @@ class CompoDiffPipeline(CIRPipelineMixin, CompoDiffSamplingMixin, DiffusionPipel
         callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
         batch_size = self.check_inputs(
             image, prompt, negative_prompt, mask_image, image_embeds, prompt_embeds, negative_prompt_embeds, mask,
-            num_inference_steps, num_images_per_prompt, num_samples_per_query, generator, latents, eta, output_type,
-            callback_on_step_end_tensor_inputs,
+            num_inference_steps, guidance_scale, image_guidance_scale, num_images_per_prompt, num_samples_per_query,
+            source_weight, generator, latents, eta, output_type, callback_on_step_end_tensor_inputs,
         )
         self._guidance_scale, self._image_guidance_scale = guidance_scale, image_guidance_scale
         self._interrupt, self._num_timesteps = False, 0
@@ -597,9 +611,9 @@ class CompoDiffPipeline(CIRPipelineMixin, CompoDiffSamplingMixin, DiffusionPipel
 
         # 2. Read image files (after the checks, before any tower runs)
         if image is not None:
-            image = load_image_paths(image_list(image, "image"), "image")
+            image = image_list(load_image_paths(image, "image"), "image")
         if mask_image is not None:
-            mask_image = load_image_paths(image_list(mask_image, "mask_image"), "mask_image")
+            mask_image = image_list(load_image_paths(mask_image, "mask_image"), "mask_image")
 
         # 3. Mask: binarised at the CLIP input size, resized to the denoiser's grid
         pixel_mask = None
@@ -646,11 +660,8 @@ class CompoDiffPipeline(CIRPipelineMixin, CompoDiffSamplingMixin, DiffusionPipel
         result = latents.float()
         if output_type != "latent":
             result = result.view(batch_size * num_images_per_prompt, num_samples_per_query, -1).mean(dim=1)
-            if source_weight and not text_only:
-                source = image_embeds.float().repeat_interleave(num_images_per_prompt, dim=0)
-                result = (1 - source_weight) * result + source_weight * source
-            if normalize:
-                result = F.normalize(result, dim=-1)
+            source = None if text_only else image_embeds.float().repeat_interleave(num_images_per_prompt, dim=0)
+            result = _mix_and_normalize(result, source, source_weight, normalize)
 
         self.maybe_free_model_hooks()
         if output_type == "np":
@@ -683,3 +694,10 @@ def _first_of_encode_prompt(value, name: str):
         )
         return value[0]
     return value
+
+
+def _mix_and_normalize(result: torch.Tensor, source: torch.Tensor | None, source_weight: float, normalize: bool):
+    """`(1 - w) * result + w * source` (no source for text-only queries), L2-normalised on request."""
+    if source_weight and source is not None:
+        result = (1 - source_weight) * result + source_weight * source
+    return F.normalize(result, dim=-1) if normalize else result

@@ -21,7 +21,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 from diffusers import DiffusionPipeline
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, logging
 from transformers import (
     CLIPImageProcessor,
     CLIPTextModelWithProjection,
@@ -32,8 +32,10 @@ from transformers import (
 from ..checks import check_choice, check_positive_int
 from ..models.textual_inversion_projection import TextualInversionProjection, encode_text_with_pseudo_tokens
 from .auto import CIRPipelineMixin
-from .inputs import check_tensor
+from .inputs import check_tensor, check_tensor_data, warn_truncated
 from .utils import check_image_paths, is_loadable_image, load_image_paths
+
+logger = logging.get_logger(__name__)
 
 DEFAULT_PROMPT_TEMPLATE = "a photo of $ that {text}"
 
@@ -183,9 +185,12 @@ class LinCIRPipeline(CIRPipelineMixin, DiffusionPipeline):
         """
         batch_size = check_positive_int(batch_size, "batch_size")
         self._check_images(images, "images")
+        check_tensor_data({"images": images})
         return self._encode_images(images, batch_size, device or self._execution_device, show_progress)
 
-    def _encode_images(self, images, batch_size: int, device, show_progress: bool = False) -> torch.Tensor:
+    def _encode_images(
+        self, images, batch_size: int, device, show_progress: bool = False, name: str = "images"
+    ) -> torch.Tensor:
         dtype = self.image_encoder.dtype
         if torch.is_tensor(images):
             batches = list(images.split(batch_size))
@@ -195,7 +200,7 @@ class LinCIRPipeline(CIRPipelineMixin, DiffusionPipeline):
         embeds = []
         for index, batch in enumerate(self.progress_bar(batches) if show_progress else batches):
             if not torch.is_tensor(batch):
-                batch = load_image_paths(batch, "images", offset=index * batch_size)
+                batch = load_image_paths(batch, name, offset=index * batch_size)
                 batch = self.image_processor(images=batch, return_tensors="pt").pixel_values
             embeds.append(self.image_encoder(pixel_values=batch.to(device=device, dtype=dtype)).image_embeds)
         return torch.cat(embeds)
@@ -258,13 +263,15 @@ class LinCIRPipeline(CIRPipelineMixin, DiffusionPipeline):
     def _tokenize(self, prompts: list[str]) -> torch.Tensor:
         # Padded to the longest prompt of the call, not to 77: the text tower's attention is causal and it pools at
         # the first end-of-text token, so the padding after it changes nothing but the cost.
-        return self.tokenizer(
+        tokens = self.tokenizer(
             prompts,
             padding="longest",
             max_length=self.tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
-        ).input_ids
+        )
+        warn_truncated(self.tokenizer, prompts, tokens.attention_mask.sum(dim=1).tolist(), logger)
+        return tokens.input_ids
 
     # ------------------------------------------------------------------------------------------------- checks
 
@@ -282,6 +289,9 @@ class LinCIRPipeline(CIRPipelineMixin, DiffusionPipeline):
             )
         if (prompt is None) == (prompt_input_ids is None):
             raise ValueError("Pass exactly one of `prompt` and `prompt_input_ids` (the modification text).")
+        # values first: a meta tensor has a shape but nothing to read; NaN would make every output NaN
+        check_tensor_data({"image": image, "image_embeds": image_embeds, "pseudo_tokens": pseudo_tokens,
+                           "prompt_input_ids": prompt_input_ids})
         if prompt is not None:
             _check_prompt_template(prompt_template)
             num_prompts = _check_prompt(prompt)
@@ -301,7 +311,8 @@ class LinCIRPipeline(CIRPipelineMixin, DiffusionPipeline):
                 "instead, or load the pipeline with a CLIPVisionModelWithProjection."
             )
         if torch.is_tensor(images):
-            check_tensor(images, name, ("N", 3, "H", "W"), rows_of="image")
+            config = self.image_encoder.config  # pixel values as the image processor makes them for this tower
+            check_tensor(images, name, ("N", config.num_channels, config.image_size, config.image_size), rows_of="image")
             return
         items = [images] if is_loadable_image(images) else images
         if isinstance(items, (list, tuple)) and not items:
@@ -331,6 +342,12 @@ class LinCIRPipeline(CIRPipelineMixin, DiffusionPipeline):
 
     def _check_prompt_input_ids(self, prompt_input_ids) -> int:
         check_tensor(prompt_input_ids, "prompt_input_ids", ("batch_size", "sequence_length"), rows_of="prompt")
+        positions = self.text_encoder.config.max_position_embeddings
+        if prompt_input_ids.shape[1] > positions:
+            raise ValueError(
+                f"`prompt_input_ids` holds {prompt_input_ids.shape[1]} tokens per prompt, more than the {positions} "
+                f"positions of the text encoder: tokenise with truncation=True, max_length={positions}."
+            )
         dtype = prompt_input_ids.dtype
         if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
             raise ValueError(f"`prompt_input_ids` must hold integer token ids, got dtype {dtype}.")
@@ -369,13 +386,15 @@ class LinCIRPipeline(CIRPipelineMixin, DiffusionPipeline):
             prompt (`str`, list of `str`, or list of `(str, str)` pairs):
                 Modification texts, formatted with `prompt_template`. A pair of captions follows FashionIQ's
                 convention: both orders (`"{a} and {b}"`, `"{b} and {a}"`) are encoded with the same pseudo
-                token and the query is the mean of the two L2-normalised embeddings.
+                token and the query is the mean of the two L2-normalised embeddings. Prompts longer than the text
+                encoder's 77 tokens are cut there, with one warning per call saying how many were cut.
             image_embeds (`torch.Tensor` of shape `(batch_size, projection_dim)`, *optional*):
                 Precomputed CLIP image embeddings of the reference images (as returned by `encode_image`).
             pseudo_tokens (`torch.Tensor` of shape `(batch_size, hidden_size)`, *optional*):
                 Precomputed pseudo tokens (skips `phi`), e.g. from SEARLE's optimisation-based inversion.
             prompt_input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
-                Already tokenised prompts holding the placeholder id, instead of `prompt`.
+                Already tokenised prompts holding the placeholder id, instead of `prompt`; at most the text encoder's
+                77 positions long.
             prompt_template (`str`, *optional*):
                 Overrides the pipeline's `prompt_template` for this call (must contain `{text}`).
             normalize (`bool`, defaults to `False`):
@@ -385,7 +404,8 @@ class LinCIRPipeline(CIRPipelineMixin, DiffusionPipeline):
             output_type (`str`, defaults to `"pt"`): `"pt"` or `"np"`.
             return_dict (`bool`, defaults to `True`): return a [`LinCIRPipelineOutput`] or a tuple.
 
-        A single reference (or a single prompt) is broadcast against a batch of the other.
+        A single reference (or a single prompt) is broadcast against a batch of the other. Tensor arguments must be
+        finite and hold data (not on the meta device); pixel values must have the vision tower's input size.
 
         Returns:
             [`LinCIRPipelineOutput`] or `(image_embeds, pseudo_tokens)`.
@@ -411,7 +431,7 @@ class LinCIRPipeline(CIRPipelineMixin, DiffusionPipeline):
 
         # 3. Reference -> pseudo tokens.
         if image is not None:
-            image_embeds = self._encode_images(image, batch_size, device)
+            image_embeds = self._encode_images(image, batch_size, device, name="image")
         if image_embeds is not None:
             phi_dtype = self.phi.dtype  # the compute dtype, also under layerwise casting
             pseudo_tokens = torch.cat(

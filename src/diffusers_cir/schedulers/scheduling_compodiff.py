@@ -22,6 +22,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..checks import check_float
+
 
 @dataclass
 class CompoDiffSchedulerOutput(BaseOutput):
@@ -108,6 +110,8 @@ class CompoDiffScheduler(SchedulerMixin, ConfigMixin):
             )
         if clip_sample:
             raise ValueError("CompoDiffScheduler samples CLIP embeddings, which are not clipped: `clip_sample` must be False.")
+        # DDIM's noise is eta times the largest variance the update allows: beyond 1 the square root is NaN
+        check_float(eta, "eta", 0.0, 1.0)
         defaulted = [name for name in self.config.get("_use_default_values", []) if name not in self._model_facts]
         self.register_to_config(_use_default_values=defaulted)
         betas = cosine_beta_schedule(num_train_timesteps, cosine_s, max_beta)
