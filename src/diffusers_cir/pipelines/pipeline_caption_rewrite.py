@@ -121,6 +121,16 @@ class CaptionRewritePipeline(CIRPipelineMixin, DiffusionPipeline):
 
     model_cpu_offload_seq = "captioner->llm->text_encoder->image_encoder"
     _gallery_components = ("image_encoder", "image_processor")
+    _model_card_fields = {
+        "tags": ["training-free", "cirevl", "ldre"],
+        "paper": "Vision-by-Language for Training-Free Compositional Image Retrieval (Karthik et al., ICLR 2024), "
+        "https://arxiv.org/abs/2310.09291; LDRE: LLM-based Divergent Reasoning and Ensemble for Zero-Shot Composed "
+        "Image Retrieval (Yang et al., SIGIR 2024), https://doi.org/10.1145/3626772.3657740",
+        "description": "A `CaptionRewritePipeline`: the reference image is captioned, a chat LLM rewrites each caption "
+        "with the modification text, and the mean CLIP text embedding of the rewrites is searched against the CLIP "
+        "image embeddings of the gallery. The recipe (prompts, decoding, numbers of captions and rewrites) is in the "
+        "pipeline's config (`recipe`).",
+    }
 
     def __init__(
         self,

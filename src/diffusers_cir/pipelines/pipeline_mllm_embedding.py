@@ -220,6 +220,16 @@ class MLLMEmbeddingPipeline(CIRPipelineMixin, DiffusionPipeline):
 
     model_cpu_offload_seq = "model"
     _gallery_components = ("model", "processor")
+    _model_card_fields = {
+        "tags": ["mllm-embedding", "llava-next", "e5-v", "bge-vl-mllm"],
+        "paper": "E5-V: Universal Embeddings with Multimodal Large Language Models (Jiang et al., 2024), "
+        "https://arxiv.org/abs/2407.12580; MegaPairs: Massive Data Synthesis For Universal Multimodal Retrieval "
+        "(Zhou et al., 2024), https://arxiv.org/abs/2412.14475",
+        "description": "An `MLLMEmbeddingPipeline`: a LLaVA-NeXT model used as an embedder. A gallery image is embedded "
+        "with the gallery prompt and a query (reference image and modification text) with the composed prompt; the "
+        "embedding is the last prompt token's final hidden state, and queries and gallery are compared by the dot "
+        "product of the normalised embeddings. The prompt set is in the pipeline's config (`prompts`).",
+    }
 
     def __init__(
         self,
