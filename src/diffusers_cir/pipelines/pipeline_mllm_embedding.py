@@ -26,13 +26,14 @@ E5-V (Jiang et al., 2024, arXiv:2407.12580; github.com/kongds/E5-V ``README.md``
   spelled ``shirt``; FashionIQ's two captions stripped of ``.?, ``, joined with ``", "``, both orders encoded and the
   two raw embeddings summed before normalisation;
 * text prompt: ``<sent>\\nSummary above sentence in one word: `` (README), for :meth:`encode_text`;
-* left padding (the tokenizer's ``padding_side = "left"`` in ``retrieval.py``), so position ``-1`` is every prompt's
-  last token. Their evaluation ran one query per batch; a batch here gives the same embeddings (up to float rounding)
-  because LLaVA-NeXT's language models use rotary positions, which see only relative offsets, and the padding is
-  masked (tested).
+* batching: ``retrieval.py`` evaluates one input per batch by default (``batch_size=1``), so nothing is padded there.
+  Here batches are padded on the left, so position ``-1`` is every prompt's last token, and a batch gives the same
+  embeddings as one input at a time (up to float rounding: LLaVA-NeXT's language models use rotary positions, which
+  see only relative offsets, and the padding is masked; tested).
 
 BGE-VL-MLLM (Zhou et al., 2024, MegaPairs, arXiv:2412.14475; github.com/VectorSpaceLab/MegaPairs ``README.md``; the
-model's remote code ``modeling_llavanext_for_embedding.py``, ``LLaVANextForEmbedding``, read from a copy of the file):
+model's remote code ``modeling_llavanext_for_embedding.py``, ``LLaVANextForEmbedding``, read from a copy of that file
+found by code search, 16 kB like the Hub's; the Hub repository itself could not be read from here):
 
 * the model is a ``LlavaNextForConditionalGeneration`` (llava-v1.6-mistral-7b) whose forward returns the language
   model's final-norm hidden states instead of logits; the README pools ``[:, -1, :]`` and L2-normalises: the same
