@@ -105,6 +105,15 @@ def test_a_query_is_the_clip_embedding_of_the_llms_rewrite_of_the_caption(pipe):
     assert "Edited Description:" in seen[0] and "<|start_header_id|>user" in seen[0] and "system" not in seen[0]
 
 
+def test_a_rewrite_longer_than_clip_reads_is_cut_with_a_warning(pipe, caplog):
+    long = "a red dog " * 40
+    scripted_llm(pipe, lambda chat: f"Edited Description: {long}")
+    with caplog.at_level("WARNING"):
+        out = pipe(image=picture(1), prompt="is red")
+    assert out.rewrites == [[long.strip()]]
+    assert "1 of the 1 rewritten captions of this call is longer than the 77 tokens" in caplog.text
+
+
 def test_without_an_answer_cireVL_falls_back_to_the_modification_text(pipe):
     scripted_llm(pipe, lambda chat: "I cannot help with that.")
     out = pipe(image=picture(2), prompt="has two dogs")

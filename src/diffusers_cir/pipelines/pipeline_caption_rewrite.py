@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DiffusionPipeline
-from diffusers.utils import BaseOutput, replace_example_docstring
+from diffusers.utils import BaseOutput, logging, replace_example_docstring
 from transformers import (
     CLIPImageProcessor,
     CLIPTextModelWithProjection,
@@ -42,6 +42,7 @@ from ..utils.caption_cache import (
 )
 from .auto import CIRPipelineMixin
 from .caption_rewrite_recipes import RewriteRecipe, fill_rewrite_template, parse_rewrite
+from .inputs import warn_truncated
 from .query_inputs import (
     as_image_list,
     check_queries,
@@ -51,6 +52,8 @@ from .query_inputs import (
 )
 
 __all__ = ["CaptionRewritePipeline", "CaptionRewritePipelineOutput"]
+
+logger = logging.get_logger(__name__)
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -194,15 +197,18 @@ class CaptionRewritePipeline(CIRPipelineMixin, DiffusionPipeline):
 
     @torch.no_grad()
     def encode_text(self, texts: list[str], batch_size: int = 256, device=None) -> torch.Tensor:
-        """CLIP text embeddings `[N, projection_dim]` (projected, not normalised), truncated to the tower's length."""
+        """CLIP text embeddings `[N, projection_dim]` (projected, not normalised), cut to the tower's length (77
+        tokens; a warning says how many rewrites were cut)."""
         device = device or self._execution_device
-        chunks = []
+        chunks, kept = [], []
         for start in range(0, len(texts), batch_size):
             tokens = self.tokenizer(
                 texts[start : start + batch_size], padding=True, truncation=True,
                 max_length=self.tokenizer.model_max_length, return_tensors="pt",
             )
+            kept += tokens.attention_mask.sum(dim=1).tolist()
             chunks.append(self.text_encoder(input_ids=tokens.input_ids.to(device)).text_embeds)
+        warn_truncated(self.tokenizer, texts, kept, logger, "rewritten captions")
         return torch.cat(chunks)
 
     @contextlib.contextmanager
