@@ -159,8 +159,11 @@ def test_reshard_keeps_rows_and_updates_the_card(tmp_path):
     assert validate_dataset(out, progress=False).ok
     with pytest.raises(ValueError, match="exactly one"):
         reshard(folder, "embeddings", "train", progress=False)
-    with pytest.raises(ValueError, match="num_shards must be in"):
+    with pytest.raises(ValueError, match=r"`num_shards` must be at most the 11 rows of embeddings/train, got 12"):
         reshard(folder, "embeddings", "train", num_shards=12, progress=False)
+    for name, value in (("num_shards", 0), ("rows_per_shard", True)):
+        with pytest.raises(ValueError, match=f"`{name}` must be an integer >= 1, got {value!r}"):
+            reshard(folder, "embeddings", "train", progress=False, **{name: value})
 
 
 def test_validate_finds_undecodable_duplicates_and_count_mismatches(jsonl_source, tmp_path):

@@ -17,6 +17,7 @@ pytest.importorskip("torchdata")
 from diffusers_cir.data.schema import MissingColumnsError, embeddings_features, images_features  # noqa: E402
 from diffusers_cir.data.shards import ParquetShardWriter, record_split  # noqa: E402
 from diffusers_cir.data.streaming import (  # noqa: E402
+    BlockShuffledStream,
     TripletCollator,
     build_triplet_dataloader,
     decode_mask,
@@ -300,3 +301,16 @@ def test_synthetic_world_is_read_like_real_data(tmp_path):
     assert gallery["id"] == world.gallery_ids
     np.testing.assert_allclose(np.array(gallery["image_embeds"]), world.image_embeds.numpy())
     assert torch.equal(load_synthetic_world(str(tmp_path)).image_embeds, world.image_embeds)
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [({"batch_size": True}, r"`batch_size` must be an integer >= 1, got True \(bool\)"),
+     ({"batch_size": 4, "rank": 2, "world_size": 2}, r"`rank` must be an integer in \[0, 1\], got 2"),
+     ({"batch_size": 4, "shuffle_buffer_size": -1}, r"`shuffle_buffer_size` must be an integer >= 0, got -1")],
+)
+def test_dataloader_sizes_are_checked_before_the_stream_is_read(arguments, message):
+    with pytest.raises(ValueError, match=message):
+        build_triplet_dataloader(None, **arguments)
+    with pytest.raises(ValueError, match=r"`block_size` must be an integer >= 1, got 0"):
+        BlockShuffledStream(None, block_size=0)

@@ -371,3 +371,12 @@ def test_composed_search_refuses_a_bad_k_before_loading_or_running_the_pipeline(
 
     with pytest.raises(ValueError, match="`k` must be an integer >= 1"):
         composed_search(str(tmp_path / "no-such-pipeline"), str(tmp_path / "no-such-index"), text="red", k=k)
+
+
+def test_search_device_and_backend_are_named_when_wrong(small_gallery):
+    gallery, _ = small_gallery
+    index = GalleryIndex.from_embeddings(gallery[:4])
+    with pytest.raises(ValueError, match=r"`backend` must be one of \['auto', 'faiss', 'torch'\], got 'cuda' \(str\)"):
+        index.to("cpu", backend="cuda")
+    with pytest.raises(ValueError, match=r"`device` must be 'cpu', 'cuda' or 'cuda:N'; got 'gpu'"):
+        index.to("gpu")

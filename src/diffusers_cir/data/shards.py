@@ -41,6 +41,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
+from ..checks import check_positive_int
 from ..retrieval.images import load_image
 from . import schema
 from .card import data_files_pattern, read_card_configs, read_card_infos, update_dataset_card
@@ -152,10 +153,8 @@ class ParquetShardWriter:
         row_group_size: int = 100,
         overwrite: bool = False,
     ):
-        if rows_per_shard <= 0 or row_group_size <= 0:
-            raise ValueError(
-                f"rows_per_shard and row_group_size must be positive, got {rows_per_shard} and {row_group_size}."
-            )
+        rows_per_shard = check_positive_int(rows_per_shard, "rows_per_shard")
+        row_group_size = check_positive_int(row_group_size, "row_group_size")
         self.folder, self.config_name, self.split, self.features = folder, config_name, split, features
         self.rows_per_shard, self.row_group_size = rows_per_shard, min(row_group_size, rows_per_shard)
         self.directory = os.path.join(folder, config_name)
@@ -592,12 +591,12 @@ def reshard(
         raise FileNotFoundError(f"No shards match {data_files_pattern(config_name, split)} in {folder}.")
     total = sum(parquet_file(path).metadata.num_rows for path in files)
     if num_shards is not None:
-        if num_shards <= 0 or num_shards > max(total, 1):
-            raise ValueError(f"num_shards must be in [1, {total}] (rows in {config_name}/{split}), got {num_shards}.")
+        num_shards = check_positive_int(num_shards, "num_shards")
+        if num_shards > max(total, 1):
+            raise ValueError(f"`num_shards` must be at most the {total} rows of {config_name}/{split}, got {num_shards}.")
         sizes = [total // num_shards + (1 if i < total % num_shards else 0) for i in range(num_shards)]
     else:
-        if rows_per_shard <= 0:
-            raise ValueError(f"rows_per_shard must be positive, got {rows_per_shard}.")
+        rows_per_shard = check_positive_int(rows_per_shard, "rows_per_shard")
         sizes = [rows_per_shard] * (total // rows_per_shard) + ([total % rows_per_shard] if total % rows_per_shard else [])
     schema_arrow = parquet_file(files[0]).schema_arrow
     target = output_folder or folder

@@ -62,6 +62,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from ..checks import check_int, check_non_negative_int, check_positive_int
 from ..retrieval.images import load_image
 from . import schema
 
@@ -500,9 +501,7 @@ class BlockShuffledStream(torch.utils.data.IterableDataset):
 
     def __init__(self, source, block_size: int, seed: int = 0):
         super().__init__()
-        if block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size}.")
-        self.source, self.block_size, self.seed = source, block_size, seed
+        self.source, self.block_size, self.seed = source, check_positive_int(block_size, "block_size"), seed
         self.epoch = 0
         self._pending_resume: dict | None = None
         self._state = {"epoch": 0, "block_index": 0, "block_start": None, "yielded": 0}
@@ -654,12 +653,10 @@ def build_triplet_dataloader(
     from datasets.distributed import split_dataset_by_node
     from torchdata.stateful_dataloader import StatefulDataLoader
 
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}.")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}.")
-    if shuffle_buffer_size < 0:
-        raise ValueError(f"shuffle_buffer_size must be >= 0, got {shuffle_buffer_size}.")
+    batch_size = check_positive_int(batch_size, "batch_size")
+    world_size = check_positive_int(world_size, "world_size")
+    rank = check_int(rank, "rank", minimum=0, maximum=world_size - 1)
+    shuffle_buffer_size = check_non_negative_int(shuffle_buffer_size, "shuffle_buffer_size")
     dataset = stream.dataset
     if world_size > 1:
         if dataset.num_shards % world_size:

@@ -31,7 +31,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..checks import check_positive_int
+from ..checks import check_choice, check_positive_int
 from .backends import FaissSearchBackend, TorchExactSearchBackend, _import_faiss, faiss_gpu_count
 from .errors import IndexFormatError, IndexMismatchError
 
@@ -439,8 +439,7 @@ class GalleryIndex:
           backend (float16 matrix product + top-k, exact indexes only).
         - ``shard_across_gpus=True`` (faiss-gpu): the gallery is split over every visible GPU.
         """
-        if backend not in ("auto", "faiss", "torch"):
-            raise ValueError(f"`backend` must be 'auto', 'faiss' or 'torch'; got {backend!r}.")
+        backend = check_choice(backend, "backend", ("auto", "faiss", "torch"))
         device = str(device)
         if not (device == "cpu" or device == "cuda" or device.startswith("cuda:")):
             raise ValueError(f"`device` must be 'cpu', 'cuda' or 'cuda:N'; got {device!r}.")
