@@ -8,7 +8,14 @@ own benchmark code runs, with the same weights):
   427.6M parameters), ``BGEVLPipeline``. Baseline: stock ``transformers.CLIPModel`` as the authors' evaluation
   scripts load it (``get_image_features`` / ``get_text_features``, summed and normalised by hand).
 - ``BGE-VL-B``: CLIP ViT-B/16 sizes (149.6M parameters), same baseline.
-- ``tiny`` (``--tiny``): a 2-layer, 32-wide CLIP that runs in seconds (smoke test of this script).
+- ``MagicLens-L``: the released MagicLens-L architecture (CLIP ViT-L/14 towers, 4 fusion layers, attention pooler;
+  465.4M parameters), ``MagicLensPipeline``. The authors' code is JAX (not installable offline here), so the baseline
+  is the same model run as the authors' ``inference.py`` drives it: every text, the gallery's empty one included,
+  tokenised to the full 77-token context and encoded for every item; the package pads to the longest text of the
+  batch and encodes the gallery's empty text once per call.
+- ``MagicLens-B``: the released MagicLens-B architecture (CLIP ViT-B/16; 166.4M parameters), same baseline.
+- ``tiny`` and ``tiny-magiclens`` (``--tiny``): 2-layer, 32-wide models that run in seconds (smoke test of this
+  script).
 
 Measured per batch size, package and baseline interleaved in the same process (round after round, so that a noisy
 shared machine slows both alike), median of ``--repeats`` after ``--warmup``:
@@ -16,13 +23,15 @@ shared machine slows both alike), median of ``--repeats`` after ``--warmup``:
 - ``gallery``: images per second from decoded PIL images (PIL CLIP preprocessing and the vision tower);
 - ``query``: composed queries per second from PIL images and prompt strings (tokeniser, both towers, the sum);
 - ``query-cached``: composed queries per second from the references' cached gallery embeddings (``image_embeds=``,
-  the retrieval path: the text tower only).
+  the retrieval path: the text tower only). Not for MagicLens, which fuses the reference's pixels with the text.
 
 Every row also records the largest difference between the package's and the baseline's outputs. Prints a table and
 writes JSON (hardware, thread count, versions, every sample)::
 
     python benchmarks/bench_models.py --models BGE-VL-L --threads 1 --repeats 3 --batch-sizes 1 8
     python benchmarks/bench_models.py --device cuda                          # float16 towers on a GPU
+    python benchmarks/bench_models.py --models MagicLens-L --threads 1 --repeats 3 --batch-sizes 1 8 \
+        --output benchmarks/results/<label>/bench_models_magiclens_cpu.json
     python benchmarks/bench_models.py --tiny                                 # seconds, smoke test (not kept)
 
 Full-size results go to ``benchmarks/results/<machine label>/`` (committed); ``--tiny`` ones to
@@ -57,6 +66,19 @@ _CLIP_SHAPES = {
              dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
                   patch_size=8), 24),
 }
+# MagicLens models: name -> released size in diffusers_cir.conversion.magiclens.MAGICLENS_SIZES, or an architecture.
+_MAGICLENS = {
+    "MagicLens-L": "large",
+    "MagicLens-B": "base",
+    "tiny-magiclens": {
+        "vision": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       patch_size=8, image_size=32, projection_dim=24),
+        "text": dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=77, projection_dim=24),
+        "fusion": dict(embed_dim=24, num_layers=2, num_attention_heads=4, ff_dim=96, pooler_num_attention_heads=4,
+                       num_query_tokens=1),
+    },
+}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _EDITS = ["is made of glass", "has two of them on a beach", "is drawn as a pencil sketch", "is blue and smaller",
           "shows the same scene at night with the lights on", "is upside down"]
@@ -64,7 +86,7 @@ _EDITS = ["is made of glass", "has two of them on a beach", "is drawn as a penci
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=None, help=f"Subset of {sorted(_CLIP_SHAPES)}.")
+    parser.add_argument("--models", nargs="+", default=None, help=f"Subset of {sorted([*_CLIP_SHAPES, *_MAGICLENS])}.")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
                         help="Tower dtype (default float16 on CUDA, float32 on CPU).")
@@ -84,10 +106,11 @@ def parse_args(argv=None):
             parser.error(f"--{name} must be {'>= 0' if name == 'warmup' else 'positive'}, got {value}.")
     if args.batch_sizes is not None and min(args.batch_sizes) < 1:
         parser.error(f"--batch-sizes must be positive, got {args.batch_sizes}.")
-    args.models = args.models or (["tiny"] if args.tiny else ["BGE-VL-L"])
-    unknown = sorted(set(args.models) - set(_CLIP_SHAPES))
+    args.models = args.models or (["tiny", "tiny-magiclens"] if args.tiny else ["BGE-VL-L"])
+    known = sorted([*_CLIP_SHAPES, *_MAGICLENS])
+    unknown = sorted(set(args.models) - set(known))
     if unknown:
-        parser.error(f"Unknown --models {unknown}; choose from {sorted(_CLIP_SHAPES)}.")
+        parser.error(f"Unknown --models {unknown}; choose from {known}.")
     args.batch_sizes = args.batch_sizes or ([4] if args.tiny else [1, 8] if args.device == "cpu" else [1, 64, 256])
     args.repeats = args.repeats or (2 if args.tiny else 5)
     args.warmup = 1 if args.warmup is None else args.warmup
@@ -221,13 +244,64 @@ def bgevl_measures(pipe, clip, batch_size: int, device: torch.device) -> dict:
     }
 
 
+def build_magiclens(name: str, device: torch.device, dtype: torch.dtype):
+    """A ``MagicLensPipeline`` with random weights of the named architecture."""
+    from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
+
+    from diffusers_cir import MagicLensFusion, MagicLensImageProcessor, MagicLensPipeline
+    from diffusers_cir.conversion.magiclens import MAGICLENS_SIZES, magiclens_model_configs
+    from diffusers_cir.utils import build_offline_clip_tokenizer
+
+    architecture = _MAGICLENS[name]
+    architecture = MAGICLENS_SIZES[architecture] if isinstance(architecture, str) else architecture
+    vision, text, fusion = magiclens_model_configs(architecture)
+    torch.manual_seed(0)
+    pipe = MagicLensPipeline(
+        image_encoder=CLIPVisionModelWithProjection(vision).eval(), text_encoder=CLIPTextModelWithProjection(text).eval(),
+        tokenizer=build_offline_clip_tokenizer(pad_token="!"), fusion=MagicLensFusion(**fusion).eval(),
+        image_processor=MagicLensImageProcessor(image_size=vision.image_size),
+    ).to(device=device, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def magiclens_measures(pipe, batch_size: int) -> dict:
+    """``{measure: (package call, baseline call)}``: the pipeline, and the same model fed as the authors'
+    ``inference.py`` feeds it (every text at the full context, the empty text encoded for every gallery item)."""
+    images, prompts = _images(batch_size), _prompts(batch_size)
+    context = pipe.context_length
+
+    def authors(texts):
+        image_embeds = pipe.encode_pixels(pipe.image_processor(images).pixel_values)
+        return pipe.fuse(image_embeds, pipe.encode_text(pipe.tokenize(texts, pad_to=context)))
+
+    return {
+        "gallery": (lambda: pipe.encode_image(images, batch_size=batch_size), lambda: authors([""] * batch_size)),
+        "query": (lambda: pipe(image=images, prompt=prompts, batch_size=batch_size).image_embeds,
+                  lambda: authors(prompts)),
+    }
+
+
+_BASELINES = {
+    "bgevl": "stock transformers CLIPModel, the same weights and preprocessing",
+    "magiclens": "the same MagicLens model fed as the authors' inference.py feeds it (77-token texts; the empty text "
+    "encoded for every gallery item)",
+}
+
+
 def run_model(name: str, args, device: torch.device) -> list[dict]:
-    pipe, clip = build_bgevl(name, device, args.dtype)
-    parameters = sum(p.numel() for module in (pipe.text_encoder, pipe.image_encoder) for p in module.parameters())
+    if name in _MAGICLENS:
+        pipe, family = build_magiclens(name, device, args.dtype), "magiclens"
+        measures = lambda batch_size: magiclens_measures(pipe, batch_size)  # noqa: E731
+    else:
+        (pipe, clip), family = build_bgevl(name, device, args.dtype), "bgevl"
+        measures = lambda batch_size: bgevl_measures(pipe, clip, batch_size, device)  # noqa: E731
+    parameters = sum(p.numel() for module in pipe.components.values() if isinstance(module, torch.nn.Module)
+                     for p in module.parameters())
     rows = []
     for batch_size in args.batch_sizes:
         with torch.inference_mode():
-            for measure, (package, baseline) in bgevl_measures(pipe, clip, batch_size, device).items():
+            for measure, (package, baseline) in measures(batch_size).items():
                 difference = (package().float() - baseline().float()).abs().max().item()
                 samples = interleaved({"package": package, "baseline": baseline}, device, args.repeats, args.warmup)
                 package_s, baseline_s = (float(np.median(samples[key])) for key in ("package", "baseline"))
@@ -236,17 +310,17 @@ def run_model(name: str, args, device: torch.device) -> list[dict]:
                     "package_ms": 1e3 * package_s, "baseline_ms": 1e3 * baseline_s,
                     "package_per_s": batch_size / package_s, "baseline_per_s": batch_size / baseline_s,
                     "ratio_package_to_baseline": package_s / baseline_s, "max_abs_difference": difference,
-                    "samples_s": samples,
+                    "baseline": _BASELINES[family], "samples_s": samples,
                 })
                 print(_format_row(rows[-1]), flush=True)
     return rows
 
 
-_HEADER = f"{'model':<9} {'params':>7} {'measure':<13} {'batch':>5} {'package ms':>11} {'items/s':>8} {'baseline ms':>12} {'ratio':>6} {'max diff':>9}"
+_HEADER = f"{'model':<14} {'params':>7} {'measure':<13} {'batch':>5} {'package ms':>11} {'items/s':>8} {'baseline ms':>12} {'ratio':>6} {'max diff':>9}"
 
 
 def _format_row(row: dict) -> str:
-    return (f"{row['model']:<9} {row['parameters'] / 1e6:>6.1f}M {row['measure']:<13} {row['batch_size']:>5} "
+    return (f"{row['model']:<14} {row['parameters'] / 1e6:>6.1f}M {row['measure']:<13} {row['batch_size']:>5} "
             f"{row['package_ms']:>11.1f} {row['package_per_s']:>8.2f} {row['baseline_ms']:>12.1f} "
             f"{row['ratio_package_to_baseline']:>6.2f} {row['max_abs_difference']:>9.1e}")
 
@@ -265,8 +339,7 @@ def main(argv=None) -> dict:
     for name in args.models:
         rows += run_model(name, args, device)
     result = {"benchmark": "models", "machine_label": label, "environment": env, "repeats": args.repeats,
-              "warmup": args.warmup, "baseline": "stock transformers CLIPModel, the same weights and preprocessing",
-              "rows": rows}
+              "warmup": args.warmup, "baselines": sorted({row["baseline"] for row in rows}), "rows": rows}
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {output}")

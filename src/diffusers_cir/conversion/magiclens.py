@@ -33,6 +33,7 @@ __all__ = [
     "convert_magiclens_checkpoint_to_pipeline",
     "convert_magiclens_state_dict",
     "infer_magiclens_architecture",
+    "magiclens_model_configs",
     "load_magiclens_checkpoint",
 ]
 
@@ -332,7 +333,8 @@ def convert_magiclens_state_dict(
 # --------------------------------------------------------------------------------------------------- models
 
 
-def _model_configs(architecture: dict):
+def magiclens_model_configs(architecture: dict):
+    """``(CLIPVisionConfig, CLIPTextConfig, MagicLensFusion kwargs)`` of an architecture (see :data:`MAGICLENS_SIZES`)."""
     from transformers import CLIPTextConfig, CLIPVisionConfig
 
     vision = CLIPVisionConfig(**architecture["vision"], **_CLIP_COMMON)
@@ -346,7 +348,7 @@ def empty_magiclens_models(architecture: dict) -> dict[str, torch.nn.Module]:
 
     from ..models.magiclens_fusion import MagicLensFusion
 
-    vision, text, fusion = _model_configs(architecture)
+    vision, text, fusion = magiclens_model_configs(architecture)
     with torch.device("meta"):
         return {
             "image_encoder": CLIPVisionModelWithProjection(vision),
