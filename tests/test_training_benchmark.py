@@ -37,3 +37,24 @@ def test_bench_training_refuses_cuda_without_a_gpu(tmp_path):
         capture_output=True, text=True, timeout=120, cwd=REPO,
     )
     assert result.returncode != 0 and "no CUDA device" in result.stderr
+
+
+def test_bench_checksums_reports_throughput_and_share_of_a_checkpoint_save(tmp_path, capsys):
+    from accelerate.state import AcceleratorState
+    from conftest import load_script
+
+    bench = load_script(REPO / "benchmarks" / "bench_checksums.py", "bench_checksums")
+    output = tmp_path / "checksums.json"
+    try:
+        report = bench.main(["--buffer-mib", "4", "--models", "tiny", "--repeats", "1", "--output", str(output)])
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)  # accelerate keeps one state per process
+    printed = capsys.readouterr().out
+    assert "MB/s" in printed and "share" in printed
+    assert json.loads(output.read_text()) == json.loads(json.dumps(report))
+    assert {row["hash"] for row in report["throughput"]} >= {"xxh3_128", "blake2b", "sha256"}
+    assert all(row["mb_per_second"] > 0 for row in report["throughput"])
+    (row,) = report["checkpoints"]
+    assert row["model"] == "tiny" and row["checkpoint_mb"] > 0 and row["save_ms"] > 0
+    assert 0 < row["checksum_share_of_save"] < 1
+    assert abs(row["checksum_share_of_save"] - row["checksum_write_ms"] / (row["save_ms"] + row["checksum_write_ms"])) < 1e-9
