@@ -31,7 +31,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..retrieval.images import load_image
+from ..retrieval.images import load_image, pixel_values
 from . import schema
 from .shards import check_shard_set, shard_files
 
@@ -100,7 +100,7 @@ class _ProcessorPreprocess:
         self.image_processor = image_processor
 
     def __call__(self, images: list) -> torch.Tensor:
-        return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return pixel_values(self.image_processor, images)
 
 
 class _TransformPreprocess:

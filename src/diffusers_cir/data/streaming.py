@@ -63,7 +63,7 @@ import numpy as np
 import torch
 
 from ..checks import check_int, check_non_negative_int, check_positive_int
-from ..retrieval.images import load_image
+from ..retrieval.images import load_image, pixel_values
 from . import schema
 
 logger = logging.getLogger(__name__)
@@ -411,12 +411,12 @@ class TripletCollator:
         if not images:
             return []
         try:
-            return list(self.image_processor(images=images, return_tensors="pt")["pixel_values"])
+            return list(pixel_values(self.image_processor, images))
         except Exception:
             results = []
             for image in images:
                 try:
-                    results.append(self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0])
+                    results.append(pixel_values(self.image_processor, [image])[0])
                 except Exception as error:
                     results.append(error)
             return results

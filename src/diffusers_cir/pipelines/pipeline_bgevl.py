@@ -26,6 +26,7 @@ from diffusers.utils import BaseOutput, logging, replace_example_docstring
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from ..checks import check_choice, check_finite_tensors, check_int, check_positive_int, check_texts
+from ..retrieval.images import pixel_values
 from .auto import CIRPipelineMixin
 from .inputs import check_not_both, check_tensor
 from .utils import check_image_paths, is_loadable_image, load_image_paths
@@ -123,8 +124,7 @@ class BGEVLPipeline(CIRPipelineMixin, DiffusionPipeline):
         """Pixel values `(N, 3, H, W)` of PIL images, file paths, URLs, encoded bytes or `datasets` image dicts (read
         with :func:`diffusers_cir.load_image`: EXIF orientation applied, converted to RGB), as `encode_image` feeds
         them to the vision tower."""
-        images = load_image_paths(list(images), "images")
-        return self.image_processor(images=images, return_tensors="pt").pixel_values
+        return pixel_values(self.image_processor, load_image_paths(list(images), "images"))
 
     @torch.no_grad()
     def encode_image(
@@ -174,9 +174,7 @@ class BGEVLPipeline(CIRPipelineMixin, DiffusionPipeline):
         features = []
         for index, batch in enumerate(self.progress_bar(batches) if show_progress else batches):
             if not torch.is_tensor(batch):
-                batch = self.image_processor(
-                    images=load_image_paths(batch, "images", offset=index * batch_size), return_tensors="pt"
-                ).pixel_values
+                batch = pixel_values(self.image_processor, load_image_paths(batch, "images", offset=index * batch_size))
             features.append(self.image_encoder(pixel_values=batch.to(device=device, dtype=dtype)).image_embeds)
         return torch.cat(features)
 

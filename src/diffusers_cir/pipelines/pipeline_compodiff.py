@@ -37,6 +37,7 @@ from ..checks import (
 )
 from ..models.compodiff_transformer import CompoDiffTransformer
 from ..schedulers.scheduling_compodiff import CompoDiffScheduler
+from ..retrieval.images import pixel_values as processed_pixel_values
 from .auto import CIRPipelineMixin
 from .fast_sampling import CompoDiffSamplingMixin
 from .inputs import (
@@ -232,7 +233,7 @@ class CompoDiffPipeline(CIRPipelineMixin, CompoDiffSamplingMixin, DiffusionPipel
             else:
                 runs.append([is_tensor, [item]])
         blocks = [
-            (torch.stack(items) if is_tensor else self.image_processor(images=items, return_tensors="pt").pixel_values)
+            (torch.stack(items) if is_tensor else processed_pixel_values(self.image_processor, items))
             for is_tensor, items in runs
         ]
         assert len({tuple(block.shape[1:]) for block in blocks}) == 1, [block.shape for block in blocks]

@@ -31,6 +31,7 @@ from transformers import (
 
 from ..checks import check_choice, check_positive_int
 from ..models.textual_inversion_projection import TextualInversionProjection, encode_text_with_pseudo_tokens
+from ..retrieval.images import pixel_values as processed_pixel_values
 from .auto import CIRPipelineMixin
 from .inputs import check_tensor, check_tensor_data, warn_truncated
 from .utils import check_image_paths, is_loadable_image, load_image_paths
@@ -201,7 +202,7 @@ class LinCIRPipeline(CIRPipelineMixin, DiffusionPipeline):
         for index, batch in enumerate(self.progress_bar(batches) if show_progress else batches):
             if not torch.is_tensor(batch):
                 batch = load_image_paths(batch, name, offset=index * batch_size)
-                batch = self.image_processor(images=batch, return_tensors="pt").pixel_values
+                batch = processed_pixel_values(self.image_processor, batch)
             embeds.append(self.image_encoder(pixel_values=batch.to(device=device, dtype=dtype)).image_embeds)
         return torch.cat(embeds)
 

@@ -102,7 +102,7 @@ class CLIPVisionEncoder:
         """``[N, D]`` projected image embeddings of anything :func:`~diffusers_cir.load_image` reads."""
         from tqdm.auto import tqdm
 
-        from .images import is_image_source, load_image
+        from .images import is_image_source, load_image, pixel_values
 
         images = [images] if is_image_source(images) and not isinstance(images, (list, tuple)) else list(images)
         device = device or self.device
@@ -110,7 +110,7 @@ class CLIPVisionEncoder:
         embeds = []
         for start in tqdm(starts, desc="Encoding images", unit="batch", disable=not show_progress):
             batch = [load_image(item, name=f"images[{start + i}]") for i, item in enumerate(images[start : start + batch_size])]
-            pixels = self.image_processor(images=batch, return_tensors="pt").pixel_values
+            pixels = pixel_values(self.image_processor, batch)
             pixels = pixels.to(device=device, dtype=self.image_encoder.dtype)
             embeds.append(self.image_encoder(pixel_values=pixels).image_embeds)
         return torch.cat(embeds) if embeds else torch.empty(0, self.embedding_dim)

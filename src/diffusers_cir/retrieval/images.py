@@ -187,3 +187,52 @@ def _composite(image: Image.Image, mode: str) -> Image.Image:
     rgba = image.convert("RGBA")
     background = Image.new("RGBA", rgba.size, _BACKGROUNDS["RGB"] if mode == "RGB" else (0, 0, 0))
     return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def resize(image: Image.Image, size: tuple[int, int], resample: int = Image.Resampling.BICUBIC) -> Image.Image:
+    """``image.resize(size, resample)`` with the pass order of Pillow 13 on every Pillow version.
+
+    Pillow resizes in two separable 8-bit passes, and the order changes the rounding: Pillow 13 runs the vertical pass
+    first when the height shrinks more than twice as much as the width, Pillow 12 and older always run the horizontal
+    one first (one level apart on some pixels). Reference outputs of the authors' code were computed with Pillow 13;
+    on older Pillow the same order is obtained by resizing the transposed image.
+    """
+    width, height = size
+    vertical_first = 0 < image.height - height and image.height - height > (image.width - width) * 2
+    if not vertical_first or int(Image.__version__.split(".")[0]) >= 13:
+        return image.resize(size, resample)
+    transpose = Image.Transpose.TRANSPOSE
+    return image.transpose(transpose).resize((height, width), resample).transpose(transpose)
+
+
+def pixel_values(image_processor, images: list):
+    """``image_processor(images=images, return_tensors="pt").pixel_values``, with a PIL-backend processor's resize done
+    by :func:`resize` (so that it is Pillow 13's whatever Pillow is installed; the processor then finds each image at
+    its target size and leaves it)."""
+    if _resizes_with_pil(image_processor):
+        images = [_resize_for(image_processor, image) if isinstance(image, Image.Image) else image for image in images]
+    return image_processor(images=images, return_tensors="pt").pixel_values
+
+
+def _resizes_with_pil(image_processor) -> bool:
+    size = getattr(image_processor, "size", None)
+    shortest_edge = size.get("shortest_edge") if hasattr(size, "get") else getattr(size, "shortest_edge", None)
+    backends = {cls.__name__ for cls in type(image_processor).__mro__}
+    return "PilBackend" in backends and bool(getattr(image_processor, "do_resize", False)) and bool(shortest_edge) and (
+        not (size.get("longest_edge") if hasattr(size, "get") else getattr(size, "longest_edge", None))
+    )
+
+
+def _resize_for(image_processor, image: Image.Image) -> Image.Image:
+    """``image`` at the size a shortest-edge PIL processor resizes it to (transformers' own size rule)."""
+    from transformers.image_transforms import get_resize_output_image_size
+
+    size = image_processor.size
+    shortest_edge = size.get("shortest_edge") if hasattr(size, "get") else size.shortest_edge
+    array = np.asarray(image)
+    height, width = get_resize_output_image_size(
+        array if array.ndim == 3 else array[..., None], size=int(shortest_edge), default_to_square=False,
+        input_data_format="channels_last",
+    )
+    resample = image_processor.resample if image_processor.resample is not None else Image.Resampling.BILINEAR
+    return resize(image, (width, height), int(resample))
