@@ -80,3 +80,61 @@ def build_offline_clip_tokenizer(model_max_length: int = 77, pad_token: str = "<
         model_max_length=model_max_length,
         pad_token=pad_token,
     )
+
+
+def _bpe_merges_of(word: str, ranks: dict[tuple[str, str], int]) -> list[tuple[str, str]]:
+    """The merges CLIP's byte-pair encoding applies to one lower-cased word, in order."""
+    byte_encoder = _bytes_to_unicode()
+    symbols = [byte_encoder[byte] for byte in word.encode("utf-8")]
+    symbols[-1] += "</w>"
+    applied = []
+    while len(symbols) > 1:
+        pairs = {(symbols[i], symbols[i + 1]) for i in range(len(symbols) - 1)}
+        best = min(pairs, key=lambda pair: ranks.get(pair, len(ranks)))
+        if best not in ranks:
+            break
+        applied.append(best)
+        merged, i = [], 0
+        while i < len(symbols):
+            if i < len(symbols) - 1 and (symbols[i], symbols[i + 1]) == best:
+                merged.append(symbols[i] + symbols[i + 1])
+                i += 2
+            else:
+                merged.append(symbols[i])
+                i += 1
+        symbols = merged
+    return applied
+
+
+def build_clip_tokenizer_for_words(words, model_max_length: int = 77, pad_token: str = "<|endoftext|>"):
+    """A ``transformers.CLIPTokenizer`` with CLIP's byte-pair encoding restricted to ``words``.
+
+    It keeps CLIP's 512 byte tokens and only the merges that CLIP's own encoding applies to ``words`` (in CLIP's
+    order), so each of those words becomes the same tokens as with CLIP (ids differ: the vocabulary is renumbered)
+    and any other text still tokenises, into smaller pieces. A text tower over it needs a few hundred embedding rows
+    instead of 49,408: what makes the package's small demo encoders small.
+
+    Example:
+        >>> from diffusers_cir.utils.tokenizer import build_clip_tokenizer_for_words
+        >>> tokenizer = build_clip_tokenizer_for_words(["a", "photo", "of", "cat"])
+        >>> tokenizer.convert_ids_to_tokens(tokenizer("a photo of a cat")["input_ids"])
+        ['<|startoftext|>', 'a</w>', 'photo</w>', 'of</w>', 'a</w>', 'cat</w>', '<|endoftext|>']
+    """
+    from transformers import CLIPTokenizer
+
+    _, merges = _vocab_and_merges()
+    ranks = {tuple(merge.split()): rank for rank, merge in enumerate(merges)}
+    used = set()
+    for word in words:
+        if word:
+            used.update(_bpe_merges_of(word.lower(), ranks))
+    kept = sorted(used, key=ranks.__getitem__)
+    byte_tokens = list(_bytes_to_unicode().values())
+    tokens = byte_tokens + [token + "</w>" for token in byte_tokens] + ["".join(pair) for pair in kept]
+    tokens = list(dict.fromkeys(tokens)) + ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(
+        vocab={token: index for index, token in enumerate(tokens)},
+        merges=kept,
+        model_max_length=model_max_length,
+        pad_token=pad_token,
+    )
