@@ -509,6 +509,22 @@ def build_pipeline(run: LinCIRRun, with_vision: bool = False, for_saving: bool =
     )
 
 
+def lincir_training_card(args, results: dict | None):
+    """The model card info of this run: the command, the CLIP model and data, and the validation it measured."""
+    from diffusers_cir.utils.model_card import ModelResult, training_card
+
+    measured = []
+    if results:
+        measured.append(ModelResult(
+            dataset=str(args.validation_data), split="validation", metrics={k: v for k, v in results.items()
+                                                                              if isinstance(v, (int, float))},
+            protocol="The training script's validation: Recall@K of the validation triplets against their gallery"
+            + (", reference excluded." if args.validation_exclude_reference else "."),
+        ))
+    return training_card(args, build_argument_parser(), "examples/train_lincir.py", measured,
+                         [args.pretrained_model_name_or_path], list(args.train_data))
+
+
 def validate(run: LinCIRRun, step: int, pipeline=None) -> dict | None:
     if run.validation_set is None or not run.accelerator.is_main_process:
         return None
@@ -631,6 +647,9 @@ def finish(run: LinCIRRun, counters: Counters, resumed_from_step: int | None) ->
         pipeline = build_pipeline(run, with_vision=not args.no_image_encoder, for_saving=True)
         pipeline.save_pretrained(args.output_dir)
         results = validate(run, counters.global_step, pipeline)  # the numbers of the pipeline as saved
+        from diffusers_cir.utils.model_card import write_model_card
+
+        write_model_card(pipeline, args.output_dir, lincir_training_card(args, results))  # with what was measured
         if results is not None:
             summary["validation"] = results
             with open(os.path.join(args.output_dir, "validation_results.json"), "w", encoding="utf-8") as handle:

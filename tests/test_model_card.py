@@ -113,3 +113,28 @@ def test_model_card_info_refuses_unknown_fields_before_saving_anything(tmp_path)
     with pytest.raises(ValueError, match=r"unknown fields \['licence'\]"):
         tiny_pipeline(with_encoders=False).save_pretrained(tmp_path / "p", model_card={"licence": "mit"})
     assert not (tmp_path / "p").exists()
+
+
+def test_a_training_run_writes_its_command_and_validation_into_the_card(tmp_path):
+    from diffusers_cir.demo import (
+        build_world,
+        world_training_data_argv,
+        write_training_data,
+    )
+    from diffusers_cir.training import main, parse_args
+
+    data = write_training_data(build_world("tiny"), tmp_path / "data", num_train_triplets=300)
+    model = {"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 8, "num_cross_attention_heads": 2}
+    output = tmp_path / "run"
+    main(parse_args(world_training_data_argv(data, model) + [
+        "--report_to", "none", "--output_dir", str(output), "--max_train_steps", "2", "--train_batch_size", "16",
+        "--validation_steps", "2", "--num_validation_queries", "8", "--validation_split", "test",
+        "--learning_rate", "3e-4",
+    ]))
+    card = _card(output)
+    assert "accelerate launch examples/train_compodiff.py --" in card.text
+    assert "--max-train-steps 2" in card.text and f"--output-dir {output}" in card.text
+    assert "--learning-rate 0.0003" in card.text and "--seed" not in card.text  # defaults are left out
+    metrics = card.data.to_dict()["model-index"][0]["results"][0]
+    assert metrics["dataset"]["split"] == "test" and {m["type"] for m in metrics["metrics"]} >= {"recall_at1"}
+    assert "The training script's validation" in card.text

@@ -469,7 +469,27 @@ def train(run: CompoDiffRun, global_step: int) -> tuple[int, bool, dict]:
     return global_step, False, last_metrics
 
 
-def save_final_model(run: CompoDiffRun) -> dict:
+def training_model_card(args, metrics: dict | None):
+    """The model card info of this run (diffusers_cir.utils.model_card): its command, sources and last validation."""
+    from ..utils.model_card import ModelResult, training_card
+    from .compodiff_arguments import build_argument_parser
+
+    results = []
+    if metrics:
+        data = args.validation_data_dir or args.train_data_dir
+        results.append(ModelResult(
+            dataset=f"{data} ({args.validation_split})", split=args.validation_split, metrics=dict(metrics),
+            protocol=(f"The training script's validation: Recall@K of {args.num_validation_queries} composed queries "
+                      f"against the {args.validation_gallery_config!r} gallery, reference excluded, "
+                      f"{args.validation_inference_steps} steps, guidance {args.validation_guidance_scale} (text) / "
+                      f"{args.validation_image_guidance_scale} (image)."),
+        ))
+    sources = [args.pretrained_model_name_or_path, args.text_encoder_name_or_path, args.image_encoder_name_or_path]
+    return training_card(args, build_argument_parser(), "examples/train_compodiff.py", results, sources,
+                         [args.train_data_dir, args.text_to_image_data_dir])
+
+
+def save_final_model(run: CompoDiffRun, metrics: dict | None = None) -> dict:
     """The LoRA weights, or the pipeline with the EMA weights (when kept) and the encoders as stored."""
     from ..pipelines import CompoDiffPipeline
 
@@ -498,7 +518,7 @@ def save_final_model(run: CompoDiffRun) -> dict:
         image_encoder=image_encoder.to(torch.float32) if image_encoder is not None else None,
         image_processor=run.image_processor if image_encoder is not None else None,
     )
-    pipeline.save_pretrained(args.output_dir)
+    pipeline.save_pretrained(args.output_dir, model_card=training_model_card(args, metrics))
     saved["pipeline"] = args.output_dir
     return saved
 
@@ -586,7 +606,7 @@ def main(args: argparse.Namespace) -> dict:
         accelerator.print(f"Stopped after {args.stop_after_steps} steps ({flag('stop_after_steps')}) at step "
                           f"{global_step}; continue with {flag('resume_from_checkpoint')} latest.")
     elif accelerator.is_main_process:
-        saved = save_final_model(run)
+        saved = save_final_model(run, last_metrics)
         run.log.info(f"Saved {', '.join(saved)} to {args.output_dir}")
     summary = {name: loader.summary() for name, loader in run.loaders.items()}
     if accelerator.is_main_process:  # a run stopped by --stop-after-steps reports its data too

@@ -26,9 +26,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class ModelCardInfo:
     notes: list[str] = field(default_factory=list)
 
     @classmethod
-    def coerce(cls, value: "ModelCardInfo | Mapping[str, Any] | None") -> "ModelCardInfo":
+    def coerce(cls, value: ModelCardInfo | Mapping[str, Any] | None) -> ModelCardInfo:
         """A :class:`ModelCardInfo` from itself, a mapping of its fields (results as mappings too), or ``None``."""
         if value is None:
             return cls()
@@ -110,7 +111,7 @@ class ModelCardInfo:
                 values[name] = [values[name]]
         return cls(**values)
 
-    def merged_over(self, base: "ModelCardInfo") -> "ModelCardInfo":
+    def merged_over(self, base: ModelCardInfo) -> ModelCardInfo:
         """This info where it says something, ``base`` elsewhere; lists are joined (duplicates once)."""
         merged = {}
         for item in fields(self):
@@ -177,6 +178,36 @@ def conversion_card(kind: str, flags: Mapping[str, Any], sources: list, license:
         license=license,
         made_with=shlex.join(argv),
         notes=[note] if note else [],
+    )
+
+
+def training_card(args, parser, script: str, results: list[ModelResult] | None = None,
+                  base_model: list | None = None, datasets: list | None = None) -> ModelCardInfo:
+    """The card info of a training run: ``accelerate launch <script>`` with the flags of ``args`` that differ from
+    ``parser``'s defaults (the command that trains the same weights again), what it started from and trained on, and
+    its validation ``results``."""
+    import json
+    import shlex
+
+    argv = ["accelerate", "launch", script]
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        value = getattr(args, action.dest, action.default)
+        if value == action.default or value is None:
+            continue
+        flag = next((option for option in action.option_strings if option.startswith("--")), action.option_strings[0])
+        if action.nargs == 0:  # store_true / store_false
+            argv.append(flag)
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, *(str(item) for item in value)]
+        else:
+            argv += [flag, json.dumps(value) if isinstance(value, dict) else str(value)]
+    return ModelCardInfo(
+        base_model=[str(item) for item in (base_model or []) if item],
+        datasets=[str(item) for item in (datasets or []) if item],
+        made_with=shlex.join(argv),
+        results=list(results or []),
     )
 
 
