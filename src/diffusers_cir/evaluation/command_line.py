@@ -67,6 +67,9 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
     parser.add_argument("--write-submissions", action="store_true",
                         help="Also write the server submission files on labelled splits (always written for test splits).")
     parser.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
+    parser.add_argument("--html", action="store_true",
+                        help="Also write report.html next to metrics.json: the metrics, Recall@K curves and queries with "
+                        "their top results (pictures when the images are in --data-root).")
     return parser
 
 
@@ -190,4 +193,8 @@ def run_from_args(args: argparse.Namespace, pipeline=None) -> int:
         return 2
     print(metrics_markdown(result.report))
     print(f"\nWrote {', '.join(str(path) for path in result.files.values())}")
+    if getattr(args, "html", False):
+        from ..report.evaluation import write_evaluation_report
+
+        print(f"Wrote {write_evaluation_report(args.output_dir, args.data_root, loader_kwargs=loader_kwargs)}")
     return 0
