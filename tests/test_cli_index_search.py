@@ -253,11 +253,12 @@ def test_search_checks_its_command_line_before_loading_the_pipeline(workspace, t
     search = ["search", "--index", str(tmp_path / "index"), "--text", "red", "--device", "cpu",
               "--html", str(tmp_path / "page.html")]
     reference = str(workspace / "images" / "photo03.png")
-    for flag in ("--steps", "--k"):
+    for flag, named in (("--num-inference-steps", "--num-inference-steps/--steps"), ("--steps", "--num-inference-steps/--steps"),
+                        ("--k", "--k")):
         with pytest.raises(SystemExit) as exit_info:
             main([*search, "--image", reference, flag, "0"])
         assert exit_info.value.code == 2
-        assert f"argument {flag}: expected a positive integer, got 0" in capsys.readouterr().err
+        assert f"argument {named}: expected a positive integer, got 0" in capsys.readouterr().err
     for extra, message in [
         (["--image", str(tmp_path / "missing.png")], r"--image '.*missing\.png': there is no file there\."),
         (["--image", reference, "--mask", str(tmp_path / "missing.png")], r"--mask '.*missing\.png': there is no file"),
@@ -294,7 +295,7 @@ def test_index_and_search_with_a_pipeline_without_a_sampler(workspace, tmp_path,
     capsys.readouterr()
     assert main(search) == 0
     assert "Left out of the results: photo02.png" in capsys.readouterr().out
-    for extra, message in ((["--steps", "4"], "--steps: LinCIRPipeline"),
-                           (["--negative-text", "x", "--steps", "2"], "--steps, --negative-text: LinCIRPipeline")):
+    for extra, message in ((["--num-inference-steps", "4"], "--num-inference-steps: LinCIRPipeline"),
+                           (["--negative-text", "x", "--steps", "2"], "--num-inference-steps, --negative-prompt: LinCIRPipeline")):
         assert main(search + extra) == 2
         assert message in capsys.readouterr().err

@@ -346,14 +346,14 @@ def test_projection_config_refuses_bools_strings_and_unknown_activations(kwargs,
 @pytest.mark.parametrize(
     "flags, expected",
     [
-        (["--prompt_template", "a $ that {text}"], r"^--prompt_template configures the pipeline built with "
-                                                   r"--clip_model_name_or_path; without it only the projection is saved"),
-        (["--no_image_encoder", "--tokenizer_name_or_path", "tok"], r"^--tokenizer_name_or_path, --no_image_encoder configure"),
+        (["--prompt_template", "a $ that {text}"], r"^--prompt-template configures the pipeline built with "
+                                                   r"--clip-model-name-or-path; without it only the projection is saved"),
+        (["--no_image_encoder", "--tokenizer_name_or_path", "tok"], r"^--tokenizer-name-or-path, --no-image-encoder configure"),
         (["--clip_model_name_or_path", "clip", "--prompt_template", "a photo that {text}"],
-         r"--prompt_template 'a photo that \{text\}' has no '\$' \(--placeholder_token\) where the reference image goes"),
+         r"--prompt-template 'a photo that \{text\}' has no '\$' \(--placeholder-token\) where the reference image goes"),
         (["--clip_model_name_or_path", "clip", "--prompt_template", "a $ of {text} {x}"],
-         r"^--prompt_template: `prompt_template` 'a \$ of \{text\} \{x\}' is filled with str.format"),
-        (["--clip_model_name_or_path", "clip", "--placeholder_token", "*"], r"has no '\*' \(--placeholder_token\)"),
+         r"^--prompt-template: `prompt_template` 'a \$ of \{text\} \{x\}' is filled with str.format"),
+        (["--clip_model_name_or_path", "clip", "--placeholder_token", "*"], r"has no '\*' \(--placeholder-token\)"),
     ],
 )
 def test_pipeline_options_are_checked_before_the_checkpoint_loads(tmp_path, capsys, flags, expected):
@@ -369,5 +369,5 @@ def test_a_placeholder_token_the_tokenizer_splits_is_refused_before_the_pipeline
     error = _script_error(["--checkpoint_path", str(LINCIR_TINY / "phi_original.pt"), "--clip_model_name_or_path",
                            str(clip), "--output_dir", str(tmp_path / "out"), "--placeholder_token", "zzqx",
                            "--prompt_template", "a photo of zzqx that {text}"], capsys)
-    assert re.search(r"--placeholder_token: `placeholder_token` 'zzqx' must be a single token", error)
+    assert re.search(r"--placeholder-token: `placeholder_token` 'zzqx' must be a single token", error)
     assert not (tmp_path / "out").exists()

@@ -8,10 +8,10 @@ DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16":
 
 
 def add_compodiff_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint_path", required=True, help="Released checkpoint folder (config.json + pytorch_model.bin) or weights file.")
-    parser.add_argument("--output_path", required=True, help="Folder to write the diffusers pipeline to.")
-    parser.add_argument("--text_encoder_path", default=None, help="transformers CLIP text model folder (hidden width 1280 for the releases).")
-    parser.add_argument("--image_encoder_path", default=None, help="transformers CLIPVisionModelWithProjection folder (ViT-L/14 for the releases).")
+    parser.add_argument("--checkpoint-path", "--checkpoint_path", dest="checkpoint_path", required=True, help="Released checkpoint folder (config.json + pytorch_model.bin) or weights file.")
+    parser.add_argument("--output", "--output-path", "--output_path", dest="output_path", required=True, help="Folder to write the diffusers pipeline to.")
+    parser.add_argument("--text-encoder-path", "--text_encoder_path", dest="text_encoder_path", default=None, help="transformers CLIP text model folder (hidden width 1280 for the releases).")
+    parser.add_argument("--image-encoder-path", "--image_encoder_path", dest="image_encoder_path", default=None, help="transformers CLIPVisionModelWithProjection folder (ViT-L/14 for the releases).")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="Precision of the saved weights.")
     _add_overwrite_argument(parser)
 
@@ -45,42 +45,43 @@ def run_compodiff(args: argparse.Namespace) -> int:
 
 
 def add_lincir_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint_path", required=True, help="The released .pt file (e.g. lincir_large.pt).")
-    parser.add_argument("--output_dir", "--output_path", dest="output_dir", required=True)
-    parser.add_argument("--clip_model_name_or_path", default=None, help="Build a full LinCIRPipeline with this CLIP model.")
-    # The pipeline options below need --clip_model_name_or_path (without it only the projection is saved).
-    parser.add_argument("--tokenizer_name_or_path", default=None)
-    parser.add_argument("--no_image_encoder", action="store_true", help="Leave the CLIP vision tower out of the pipeline.")
+    parser.add_argument("--checkpoint-path", "--checkpoint_path", dest="checkpoint_path", required=True, help="The released .pt file (e.g. lincir_large.pt).")
+    parser.add_argument("--output", "--output-dir", "--output_dir", "--output_path", dest="output_dir", required=True,
+                        help="Folder to write the projection (or, with --clip-model-name-or-path, the pipeline) to.")
+    parser.add_argument("--clip-model-name-or-path", "--clip_model_name_or_path", dest="clip_model_name_or_path", default=None, help="Build a full LinCIRPipeline with this CLIP model.")
+    # The pipeline options below need --clip-model-name-or-path (without it only the projection is saved).
+    parser.add_argument("--tokenizer-name-or-path", "--tokenizer_name_or_path", dest="tokenizer_name_or_path", default=None)
+    parser.add_argument("--no-image-encoder", "--no_image_encoder", dest="no_image_encoder", action="store_true", help="Leave the CLIP vision tower out of the pipeline.")
     parser.add_argument("--dropout", type=float, default=None, help="Dropout to record (default: the method's value).")
     parser.add_argument("--activation", default=None, help="Override the activation (gelu for phi, relu for Pic2Word).")
-    parser.add_argument("--normalize_input", action="store_true", help="The checkpoint was trained with --l2_normalize.")
-    parser.add_argument("--prompt_template", default=None, help="Default: 'a photo of $ that {text}'.")
-    parser.add_argument("--placeholder_token", default=None, help="Default: '$'.")
+    parser.add_argument("--normalize-input", "--normalize_input", dest="normalize_input", action="store_true", help="The checkpoint was trained with --l2_normalize.")
+    parser.add_argument("--prompt-template", "--prompt_template", dest="prompt_template", default=None, help="Default: 'a photo of $ that {text}'.")
+    parser.add_argument("--placeholder-token", "--placeholder_token", dest="placeholder_token", default=None, help="Default: '$'.")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="Precision of the saved weights.")
     _add_overwrite_argument(parser)
 
 
 def _check_lincir_pipeline_arguments(args: argparse.Namespace) -> tuple[str, str]:
     """The pipeline's template and placeholder, checked before anything loads; pipeline options without
-    --clip_model_name_or_path (only the projection is saved then) are refused instead of ignored."""
+    --clip-model-name-or-path (only the projection is saved then) are refused instead of ignored."""
     from ..pipelines.pipeline_lincir import DEFAULT_PROMPT_TEMPLATE, _check_prompt_template
 
     if args.clip_model_name_or_path is None:
-        given = [flag for flag, value in (("--tokenizer_name_or_path", args.tokenizer_name_or_path),
-                                          ("--no_image_encoder", args.no_image_encoder or None),
-                                          ("--prompt_template", args.prompt_template),
-                                          ("--placeholder_token", args.placeholder_token)) if value is not None]
+        given = [flag for flag, value in (("--tokenizer-name-or-path", args.tokenizer_name_or_path),
+                                          ("--no-image-encoder", args.no_image_encoder or None),
+                                          ("--prompt-template", args.prompt_template),
+                                          ("--placeholder-token", args.placeholder_token)) if value is not None]
         if given:
             raise ValueError(f"{', '.join(given)} {'configures' if len(given) == 1 else 'configure'} the pipeline built "
-                             "with --clip_model_name_or_path; without it only the projection is saved.")
+                             "with --clip-model-name-or-path; without it only the projection is saved.")
     template = DEFAULT_PROMPT_TEMPLATE if args.prompt_template is None else args.prompt_template
     token = "$" if args.placeholder_token is None else args.placeholder_token
     try:
         _check_prompt_template(template)
     except ValueError as error:
-        raise ValueError(f"--prompt_template: {error}") from None
+        raise ValueError(f"--prompt-template: {error}") from None
     if token not in template.format(text=""):
-        raise ValueError(f"--prompt_template {template!r} has no {token!r} (--placeholder_token) where the reference "
+        raise ValueError(f"--prompt-template {template!r} has no {token!r} (--placeholder-token) where the reference "
                          "image goes: every query of the saved pipeline would be refused.")
     return template, token
 
@@ -122,7 +123,7 @@ def run_lincir(args: argparse.Namespace) -> int:
     try:  # needs the tokenizer: a token it splits would make the saved pipeline refuse every query
         pipeline.placeholder_token_id
     except ValueError as error:
-        raise ValueError(f"--placeholder_token: {error}") from None
+        raise ValueError(f"--placeholder-token: {error}") from None
     card = lincir_conversion_card(
         args.checkpoint_path, args.output_dir, args.clip_model_name_or_path, args.tokenizer_name_or_path,
         args.no_image_encoder, args.normalize_input, args.dropout, args.activation, args.prompt_template,

@@ -56,7 +56,9 @@ def register(subparsers) -> None:
         "--part-size", type=positive_int, default=4096, help="Images per resumable part. Default: 4096.")
     build.add_argument("--num-workers", type=non_negative_int, default=2, help="Image-decoding workers. Default: 2.")
     build.add_argument("--device", default=None, help="cpu / cuda (default: accelerate's device).")
-    build.add_argument("--fp16", action="store_true", help="Run the image encoder in float16 (GPU).")
+    build.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                       help="Precision of the image encoder (default: as saved; float16 needs a GPU for speed).")
+    build.add_argument("--fp16", dest="dtype", action="store_const", const="float16", help="Same as --dtype float16.")
     build.add_argument("--no-resume", action="store_true", help="Delete embeddings of an earlier run and start over.")
     build.add_argument("--skip-unreadable", action="store_true", help="Record unreadable images and go on.")
     build.set_defaults(func=run_build)
@@ -106,7 +108,7 @@ def run_build(args: argparse.Namespace) -> int:
     else:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         accelerator = None
-    dtype = torch.float16 if args.fp16 else None
+    dtype = None if args.dtype is None else getattr(torch, args.dtype)
     encoder = load_gallery_encoder(args.model, device=device, torch_dtype=dtype)
     # The index options are checked for the model's embedding width now, not after the gallery has been embedded.
     check_index_options(

@@ -2,7 +2,7 @@
 
     diffusers-cir search --index photos-index --model models/compodiff --image dog.jpg --text "as a pencil sketch"
     diffusers-cir search --index photos-index --model models/compodiff --image room.jpg --text "a red sofa" \\
-        --mask sofa_mask.png --negative-text "leather" --k 30 --html results.html
+        --mask sofa_mask.png --negative-prompt "leather" --k 30 --html results.html
 
 Prints the ranked results (rank, score, id, path); with ``--html PAGE`` also writes an HTML page with the reference
 and the result thumbnails. The reference image itself is left out of the results when it is part of the gallery (say so with
@@ -24,13 +24,15 @@ def register(subparsers) -> None:
     parser.add_argument("--index", required=True, help="Index folder (from `diffusers-cir index build`).")
     parser.add_argument("--model", default=None, help="CIR pipeline folder (default: the model the index was built with).")
     parser.add_argument("--image", default=None, help="Reference image (omit for a text-only query).")
-    parser.add_argument("--text", required=True, help='Modification text, e.g. "as a pencil sketch".')
-    parser.add_argument("--negative-text", default=None, help="What the results should not have.")
+    parser.add_argument("--text", "--prompt", dest="text", required=True, help='Modification text, e.g. "as a pencil sketch".')
+    parser.add_argument("--negative-prompt", "--negative-text", dest="negative_text", default=None,
+                        help="What the results should not have.")
     parser.add_argument(
         "--mask", default=None, help="Mask image: the region of the reference to change (white); needs --image.")
     parser.add_argument("--k", type=positive_int, default=20, help="Number of results. Default: 20.")
     parser.add_argument(
-        "--steps", type=positive_int, default=None, help="Sampler steps of a sampling pipeline. Default: its own (10).")
+        "--num-inference-steps", "--steps", dest="steps", type=positive_int, default=None,
+        help="Sampler steps of a sampling pipeline. Default: its own (10).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the pipeline's sampler. Default: 0.")
     parser.add_argument(
         "--html", default=None,
@@ -72,7 +74,9 @@ def _exclude_ids(given: list[str], index_ids) -> list:
 
 
 # Query options: flag -> the pipeline argument it becomes.
-SEARCH_CALL_FLAGS = {"--steps": "num_inference_steps", "--negative-text": "negative_prompt", "--mask": "mask_image"}
+SEARCH_CALL_FLAGS = {
+    "--num-inference-steps": "num_inference_steps", "--negative-prompt": "negative_prompt", "--mask": "mask_image"
+}
 
 
 def run_search(args: argparse.Namespace) -> int:
@@ -93,7 +97,7 @@ def run_search(args: argparse.Namespace) -> int:
         print("--model is required: the index does not record the model it was built with.", file=sys.stderr)
         return 2
     exclude_ids = _exclude_ids(args.exclude_id, index.ids)
-    given = {"--steps": args.steps, "--negative-text": args.negative_text, "--mask": args.mask}
+    given = {"--num-inference-steps": args.steps, "--negative-prompt": args.negative_text, "--mask": args.mask}
     check_pipeline_options(model, {flag: SEARCH_CALL_FLAGS[flag] for flag, value in given.items() if value is not None})
     pipeline = load_pipeline(model, device=device)
     result = composed_search(

@@ -16,22 +16,37 @@ Example:
 ```
 """
 
-from .encoders import IdHashEncoder
-from .protocols import PROTOCOLS, BenchmarkProtocol, get_protocol, register_protocol
-from .runner import EvaluationResult, evaluate_split, exact_index, metrics_markdown, run_evaluation
-from .submissions import circo_submission, cirr_submissions
+from __future__ import annotations
 
-__all__ = [
-    "PROTOCOLS",
-    "BenchmarkProtocol",
-    "EvaluationResult",
-    "IdHashEncoder",
-    "circo_submission",
-    "cirr_submissions",
-    "evaluate_split",
-    "exact_index",
-    "get_protocol",
-    "metrics_markdown",
-    "register_protocol",
-    "run_evaluation",
-]
+import importlib
+
+# Imported on first use, so that `diffusers-cir --help` (which builds the evaluate parser from
+# `evaluation.command_line`) does not import torch.
+_LAZY_NAMES = {
+    "IdHashEncoder": ".encoders",
+    "PROTOCOLS": ".protocols",
+    "BenchmarkProtocol": ".protocols",
+    "get_protocol": ".protocols",
+    "register_protocol": ".protocols",
+    "EvaluationResult": ".runner",
+    "evaluate_split": ".runner",
+    "exact_index": ".runner",
+    "metrics_markdown": ".runner",
+    "run_evaluation": ".runner",
+    "circo_submission": ".submissions",
+    "cirr_submissions": ".submissions",
+}
+
+__all__ = sorted(_LAZY_NAMES)
+
+
+def __getattr__(name: str):
+    if name not in _LAZY_NAMES:
+        raise AttributeError(f"module 'diffusers_cir.evaluation' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY_NAMES[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY_NAMES))

@@ -29,9 +29,9 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
     parser.add_argument("benchmark", choices=BENCHMARK_CHOICES, help="Benchmark to evaluate on.")
     parser.add_argument("--data-root", required=True, type=Path,
                         help="Benchmark folder in its official layout (e.g. the CIRR folder holding cirr/captions/).")
-    parser.add_argument("--output-dir", required=True, type=Path, help="Where metrics, rankings and submissions go.")
+    parser.add_argument("--output", "--output-dir", dest="output_dir", required=True, type=Path, help="Where metrics, rankings and submissions go.")
     model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument("--pipeline", type=Path,
+    model.add_argument("--model", "--pipeline", dest="pipeline", type=Path,
                        help="CIR pipeline: a saved folder (model_index.json), a Hub id or a released layout.")
     model.add_argument("--dry-run", action="store_true",
                        help="Use a model-free stand-in encoder (random embedding per image id) to check the data "
