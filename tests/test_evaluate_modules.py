@@ -525,6 +525,8 @@ def cirr_batches_as_the_library_scores_each(batches, recall_ks, subset_ks):
     metrics = {name: 100 * float(np.mean(np.concatenate([batch[name] for batch in hits]))) for name in hits[0]}
     if "recall_at5" in metrics and "recall_subset_at1" in metrics:
         metrics["avg"] = (metrics["recall_at5"] + metrics["recall_subset_at1"]) / 2
+    if "recall_at1" in metrics and "recall_subset_at1" in metrics:
+        metrics["avg_r1_rs1"] = (metrics["recall_at1"] + metrics["recall_subset_at1"]) / 2
     return metrics
 
 

@@ -90,6 +90,9 @@ def test_cirr_val_end_to_end(tmp_path):
     assert 0 < expected["recall_subset_at1"] < expected["recall_subset_at3"] < 100
     markdown = (output / "metrics.md").read_text()
     assert "| avg |" in markdown and f"{expected['recall_at50']:.2f}" in markdown
+    # both published CIRR Avgs, each labelled with its source, in metrics.md and metrics.json
+    assert "| avg_r1_rs1 |" in markdown and "CLIP4Cir" in markdown and "CompoDiff paper" in markdown
+    assert report["metric_definitions"] == metrics.CIRR_AVG_DEFINITIONS
 
     # Official structure: version + metric keys, every pair id as a string, 50 / 3 distinct ids, no reference.
     recall = json.loads((output / "recall_submission_val.json").read_text())

@@ -59,6 +59,7 @@ def test_cirr_score_and_list_paths_equal_a_brute_force_definition_with_ties(seed
     rankings = [[gallery[j] for j in np.argsort(-row, kind="stable")] for row in scores]
     from_lists = metrics.compute_cirr_metrics(**common, ranked_ids=rankings)
     expected["avg"] = (expected["recall_at5"] + expected["recall_subset_at1"]) / 2
+    expected["avg_r1_rs1"] = (expected["recall_at1"] + expected["recall_subset_at1"]) / 2
     assert from_scores == pytest.approx(expected, abs=1e-9)
     assert from_lists == pytest.approx(expected, abs=1e-9)
 
@@ -234,3 +235,22 @@ def test_docstring_examples_run(module):
 
     result = doctest.testmod(importlib.import_module(f"diffusers_cir.metrics.{module}"), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_cirr_reports_both_published_avgs_labelled_with_their_sources():
+    # Two queries: the first target at rank 1 globally, the second at rank 3 globally (2 in its subset).
+    result = metrics.compute_cirr_metrics(
+        target_ids=["t1", "t2"], reference_ids=["r1", "r2"],
+        ranked_ids=[["t1", "a", "b", "c", "d", "e"], ["x", "y", "t2", "z", "w", "v"]],
+        group_members=[["r1", "t1", "a"], ["r2", "t2", "x"]], recall_ks=(1, 5), subset_ks=(1,))
+    assert result["recall_at1"] == 50.0 and result["recall_at5"] == 100.0 and result["recall_subset_at1"] == 50.0
+    assert result["avg"] == 75.0  # CLIP4Cir: (R@5 + Rs@1) / 2
+    assert result["avg_r1_rs1"] == 50.0  # the CompoDiff paper: (R@1 + Rs@1) / 2
+    assert metrics.cirr_avg_r1_rs1(18.24, 27.51) == pytest.approx(22.875)  # the paper's CompoDiff row, 22.88
+    assert set(metrics.CIRR_AVG_DEFINITIONS) == {"avg", "avg_r1_rs1"}
+    assert "CLIP4Cir" in metrics.CIRR_AVG_DEFINITIONS["avg"] and "CompoDiff" in metrics.CIRR_AVG_DEFINITIONS["avg_r1_rs1"]
+    # without K=5 the CLIP4Cir Avg cannot be formed, the paper's still can
+    only_r1 = metrics.compute_cirr_metrics(
+        target_ids=["t1"], reference_ids=["r1"], ranked_ids=[["t1", "a"]], group_members=[["r1", "t1", "a"]],
+        recall_ks=(1,), subset_ks=(1,))
+    assert "avg" not in only_r1 and only_r1["avg_r1_rs1"] == 100.0

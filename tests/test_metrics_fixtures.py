@@ -95,6 +95,9 @@ def official_cirr_metrics(data: dict) -> dict:
     expected = {name.replace("cirr_recall_at", "recall_at").replace("cirr_group_recall_at", "recall_subset_at"): value
                 for name, value in official["metrics"].items()}
     expected["avg"] = official["derived"]["avg_recall_at5_and_recall_subset_at1"]
+    # The CompoDiff paper's Avg(R@1, Rs@1): the official code has no such column, so it is derived here from the
+    # official R@1 and R_subset@1.
+    expected["avg_r1_rs1"] = (expected["recall_at1"] + expected["recall_subset_at1"]) / 2
     return expected
 
 

@@ -1,10 +1,10 @@
-"""CIRR Recall@K, Recall_subset@K and Avg as an `evaluate` metric (a thin wrapper over diffusers_cir.metrics)."""
+"""CIRR Recall@K, Recall_subset@K and both published Avgs as an `evaluate` metric (a thin wrapper over diffusers_cir.metrics)."""
 
 import datasets
 import evaluate
 import numpy as np
 
-from diffusers_cir.metrics import CIRR_RECALL_KS, CIRR_SUBSET_KS, compute_cirr_metrics
+from diffusers_cir.metrics import CIRR_AVG_DEFINITIONS, CIRR_RECALL_KS, CIRR_SUBSET_KS, compute_cirr_metrics
 from diffusers_cir.metrics.checks import (
     as_id_rows,
     as_id_vector,
@@ -25,12 +25,16 @@ _CITATION = """\
 }
 """
 
-_DESCRIPTION = """\
+_DESCRIPTION = (
+    """\
 CIRR composed image retrieval metrics, matching the official validation code (CLIP4Cir / SEARLE / LinCIR) to the
 digit: each query's reference image is deleted from its ranking before Recall@K (K = 1, 5, 10, 50);
-Recall_subset@K (K = 1, 2, 3) ranks the 5 other members of the query's image set; Avg = (R@5 + R_subset@1) / 2.
-Values are percentages. The gallery must be the whole split (all of split.rc2.<split>.json).
+Recall_subset@K (K = 1, 2, 3) ranks the 5 other members of the query's image set. Papers publish two "Avg"
+columns; both are returned, under names that keep them apart:
 """
+    + "".join(f"- {name}: {text}\n" for name, text in CIRR_AVG_DEFINITIONS.items())
+    + "Values are percentages. The gallery must be the whole split (all of split.rc2.<split>.json).\n"
+)
 
 _KWARGS_DESCRIPTION = """
 Args:
@@ -49,12 +53,12 @@ Args:
     subset_ks (`tuple` of `int`, optional): Recall_subset@K cutoffs, default (1, 2, 3).
     scale (`str`, optional): "percent" (default, as published) or "fraction".
 Returns:
-    recall_at{K}, recall_subset_at{K}, avg (`float`).
+    recall_at{K}, recall_subset_at{K}, avg and avg_r1_rs1 (`float`; see the description for which Avg is which).
 Examples:
     >>> cirr = evaluate.load("hub/metrics/cirr")
     >>> cirr.compute(predictions=[["r", "t", "a", "b", "c", "d"]], references=["t"], reference_ids=["r"],
     ...              group_members=[["r", "t", "a", "x", "y", "z"]], recall_ks=(1, 5), subset_ks=(1,))
-    {'recall_at1': 100.0, 'recall_at5': 100.0, 'recall_subset_at1': 100.0, 'avg': 100.0}
+    {'recall_at1': 100.0, 'recall_at5': 100.0, 'recall_subset_at1': 100.0, 'avg': 100.0, 'avg_r1_rs1': 100.0}
 """
 
 

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from ..checks import check_non_negative_int, check_positive_int, check_seed, check_string
 from ..data.benchmarks import CIRBenchmark, load_benchmark
+from ..metrics import CIRR_AVG_DEFINITIONS
 from ..retrieval.compose import compose_queries
 from ..retrieval.index import GalleryIndex, normalize_embeddings
 from .gallery import SplitEmbedder
@@ -153,7 +154,17 @@ def metrics_markdown(report: dict) -> str:
         return "\n".join(lines)
     lines += ["| metric | value |", "|---|---:|"]
     lines += [f"| {name} | {value:.2f} |" for name, value in report["metrics"].items()]
+    definitions = report.get("metric_definitions") or {}
+    if definitions:  # metrics published under one name with several definitions: say which is which
+        lines += [""] + [f"- `{name}`: {text}" for name, text in definitions.items()]
     return "\n".join(lines)
+
+
+def metric_definitions(benchmark: str, metrics: dict) -> dict[str, str]:
+    """What the metrics of ``benchmark`` that the literature defines in more than one way mean, with their sources
+    (CIRR's two "Avg" columns), for those present in ``metrics``."""
+    known = {"cirr": CIRR_AVG_DEFINITIONS}.get(benchmark, {})
+    return {name: text for name, text in known.items() if name in metrics}
 
 
 def _check_protocol_fits(pipeline: Any, protocol: BenchmarkProtocol) -> None:
@@ -314,6 +325,7 @@ def run_evaluation(
         "settings": {"protocol": protocol.name, **protocol.settings, "prompt_template": prompt_template,
                      "query_batch_size": query_batch_size, "search": getattr(index_factory, "__name__", "custom")},
         "metrics": metrics,
+        "metric_definitions": metric_definitions(benchmark, metrics),
         "files": {role: path.name for role, path in files.items()},
     }
     files["markdown"] = output_dir / "metrics.md"

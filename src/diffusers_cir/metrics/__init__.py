@@ -12,7 +12,7 @@ Example:
 >>> from diffusers_cir.metrics import compute_cirr_metrics
 >>> compute_cirr_metrics(target_ids=["t"], reference_ids=["r"], ranked_ids=[["r", "t", "x", "y", "z", "w"]],
 ...                      group_members=[["r", "t", "x"]], recall_ks=(1, 5), subset_ks=(1,))
-{'recall_at1': 100.0, 'recall_at5': 100.0, 'recall_subset_at1': 100.0, 'avg': 100.0}
+{'recall_at1': 100.0, 'recall_at5': 100.0, 'recall_subset_at1': 100.0, 'avg': 100.0, 'avg_r1_rs1': 100.0}
 
 ```
 """
@@ -20,10 +20,12 @@ Example:
 from .circo import CIRCO_MAP_KS, CIRCO_SEMANTIC_ASPECTS, circo_per_query, circo_semantic_map, compute_circo_metrics
 from .cirr import (
     CIRPLANT_RECALL_KS,
+    CIRR_AVG_DEFINITIONS,
     CIRR_RECALL_KS,
     CIRR_SUBSET_KS,
     cirplant_soft_recall,
     cirr_avg,
+    cirr_avg_r1_rs1,
     cirr_per_query,
     compute_cirr_metrics,
 )
@@ -57,6 +59,7 @@ __all__ = [
     "CIRCO_MAP_KS",
     "CIRCO_SEMANTIC_ASPECTS",
     "CIRPLANT_RECALL_KS",
+    "CIRR_AVG_DEFINITIONS",
     "CIRR_RECALL_KS",
     "CIRR_SUBSET_KS",
     "FASHIONIQ_CATEGORIES",
@@ -71,6 +74,7 @@ __all__ = [
     "circo_semantic_map",
     "cirplant_soft_recall",
     "cirr_avg",
+    "cirr_avg_r1_rs1",
     "cirr_per_query",
     "compute_circo_metrics",
     "compute_cirr_metrics",

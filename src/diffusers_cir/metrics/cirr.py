@@ -1,4 +1,4 @@
-"""CIRR: Recall@K with the reference deleted, Recall_subset@K over the 5 other group members, and "Avg".
+"""CIRR: Recall@K with the reference deleted, Recall_subset@K over the 5 other group members, and both "Avg"s.
 
 Definitions (``DEFINITIONS.md`` §1, from CLIP4Cir ``src/validate.py`` 135-188, identical in SEARLE and LinCIR):
 
@@ -6,7 +6,10 @@ Definitions (``DEFINITIONS.md`` §1, from CLIP4Cir ``src/validate.py`` 135-188, 
 * ``R@K = mean_q 1[rank(target_hard) <= K]`` over all queries (duplicated references are not merged).
 * ``R_subset@K``: the ranking restricted to ``img_set.members`` (6 images, reference included) minus the
   reference, i.e. 5 candidates in global order.
-* ``Avg = (R@5 + R_subset@1) / 2`` (CLIP4Cir ``clip_fine_tune.py`` line 387), not ``(R@1 + R_subset@1) / 2``.
+* Two published "Avg" columns, both reported (:data:`CIRR_AVG_DEFINITIONS` labels each with its source):
+  ``avg = (R@5 + R_subset@1) / 2``, CLIP4Cir's (``clip_fine_tune.py`` line 387), which the CIRR literature after it
+  reports; and ``avg_r1_rs1 = (R@1 + R_subset@1) / 2``, the "Avg(R@1, Rs@1)" column of the CompoDiff paper's CIRR
+  table (its 18.24 and 27.51 give 22.88). Compare a number only with numbers of the same definition.
 
 :func:`cirplant_soft_recall` is the CIRR authors' variant (CIRPLANT) with ``target_soft`` credit.
 """
@@ -43,13 +46,22 @@ __all__ = [
     "CIRPLANT_RECALL_KS",
     "cirr_per_query",
     "compute_cirr_metrics",
+    "CIRR_AVG_DEFINITIONS",
     "cirr_avg",
+    "cirr_avg_r1_rs1",
     "cirplant_soft_recall",
 ]
 
 CIRR_RECALL_KS = (1, 5, 10, 50)
 CIRR_SUBSET_KS = (1, 2, 3)
 CIRPLANT_RECALL_KS = (1, 2, 5, 10, 50, 100)
+
+# Every "Avg" key of compute_cirr_metrics, with its formula and where it comes from (reports print these labels).
+CIRR_AVG_DEFINITIONS = {
+    "avg": "(R@5 + R_subset@1) / 2, CLIP4Cir's Avg (Baldrati et al., clip_fine_tune.py), the one CIRR papers since "
+    "report",
+    "avg_r1_rs1": "(R@1 + R_subset@1) / 2, the Avg(R@1, Rs@1) of the CompoDiff paper's CIRR table (Gu et al.)",
+}
 
 
 def cirr_avg(recall_at5: float, recall_subset_at1: float) -> float:
@@ -64,6 +76,20 @@ def cirr_avg(recall_at5: float, recall_subset_at1: float) -> float:
     ```
     """
     return (recall_at5 + recall_subset_at1) / 2
+
+
+def cirr_avg_r1_rs1(recall_at1: float, recall_subset_at1: float) -> float:
+    """The CompoDiff paper's CIRR "Avg(R@1, Rs@1)": ``(R@1 + R_subset@1) / 2`` (not CLIP4Cir's :func:`cirr_avg`).
+
+    Example (the paper's zero-shot CompoDiff row):
+
+    ```py
+    >>> round(cirr_avg_r1_rs1(18.24, 27.51), 3)
+    22.875
+
+    ```
+    """
+    return (recall_at1 + recall_subset_at1) / 2
 
 
 def _subset_candidates(values: np.ndarray, mask: np.ndarray, reference: np.ndarray):
@@ -219,7 +245,8 @@ def compute_cirr_metrics(
     subset_ks: Sequence[int] = CIRR_SUBSET_KS,
     scale: str = "percent",
 ) -> dict[str, float]:
-    """CIRR ``recall_at{K}``, ``recall_subset_at{K}`` and ``avg`` (when K=5 and subset K=1 are present).
+    """CIRR ``recall_at{K}``, ``recall_subset_at{K}``, ``avg`` (when K=5 and subset K=1 are present) and
+    ``avg_r1_rs1`` (when K=1 and subset K=1 are): the two "Avg" definitions of :data:`CIRR_AVG_DEFINITIONS`.
 
     Arguments as :func:`cirr_per_query`; ``scale`` is ``"percent"`` (as published) or ``"fraction"``.
 
@@ -229,7 +256,7 @@ def compute_cirr_metrics(
     >>> compute_cirr_metrics(
     ...     target_ids=["t"], reference_ids=["r"], ranked_ids=[["r", "x", "t", "y", "z", "w"]],
     ...     group_members=[["r", "t", "y"]], recall_ks=(1, 5), subset_ks=(1,))
-    {'recall_at1': 0.0, 'recall_at5': 100.0, 'recall_subset_at1': 100.0, 'avg': 100.0}
+    {'recall_at1': 0.0, 'recall_at5': 100.0, 'recall_subset_at1': 100.0, 'avg': 100.0, 'avg_r1_rs1': 50.0}
 
     ```
     """
@@ -248,6 +275,8 @@ def compute_cirr_metrics(
     metrics = mean_over_queries(hits, factor)
     if "recall_at5" in metrics and "recall_subset_at1" in metrics:
         metrics["avg"] = cirr_avg(metrics["recall_at5"], metrics["recall_subset_at1"])
+    if "recall_at1" in metrics and "recall_subset_at1" in metrics:
+        metrics["avg_r1_rs1"] = cirr_avg_r1_rs1(metrics["recall_at1"], metrics["recall_subset_at1"])
     return metrics
 
 

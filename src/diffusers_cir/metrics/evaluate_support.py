@@ -66,7 +66,7 @@ class StoredBatchesMixin:
       ...
     ValueError: Recall@5 is undetermined for 1 queries ...
     >>> cirr.compute(recall_ks=(1, 2), subset_ks=(1,))  # the batch is still there
-    {'recall_at1': 0.0, 'recall_at2': 0.0, 'recall_subset_at1': 0.0}
+    {'recall_at1': 0.0, 'recall_at2': 0.0, 'recall_subset_at1': 0.0, 'avg_r1_rs1': 0.0}
 
     ```
     """
