@@ -13,6 +13,7 @@ from tiny_components import tiny_pipeline  # noqa: E402
 
 from diffusers_cir import BGEVLPipeline, CompoDiffPipeline, LinCIRPipeline, MagicLensPipeline  # noqa: E402
 from diffusers_cir import CaptionRewritePipeline, MLLMEmbeddingPipeline  # noqa: E402
+from diffusers_cir import Clip4CirPipeline, MTSTPipeline, SCOTPipeline  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -72,6 +73,33 @@ class TestCaptionRewritePipelineContract(CIRPipelineTesterMixin):
         from tiny_mllm import tiny_caption_rewrite_pipeline
 
         return tiny_caption_rewrite_pipeline(cache_dir=None)
+
+
+class TestClip4CirPipelineContract(CIRPipelineTesterMixin):
+    pipeline_class = Clip4CirPipeline
+
+    def get_pipeline(self):
+        from tiny_fusion import tiny_composition_pipeline
+
+        return tiny_composition_pipeline(Clip4CirPipeline)
+
+
+class TestSCOTPipelineContract(CIRPipelineTesterMixin):
+    pipeline_class = SCOTPipeline
+
+    def get_pipeline(self):
+        from tiny_fusion import tiny_composition_pipeline
+
+        return tiny_composition_pipeline(SCOTPipeline)
+
+
+class TestMTSTPipelineContract(CIRPipelineTesterMixin):
+    pipeline_class = MTSTPipeline
+
+    def get_pipeline(self):
+        from tiny_fusion import tiny_composition_pipeline
+
+        return tiny_composition_pipeline(MTSTPipeline, head="two_hop")
 
 
 def test_every_registered_pipeline_has_a_contract_test():

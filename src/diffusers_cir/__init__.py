@@ -20,6 +20,10 @@ _LAZY_NAMES = {
     "CIRPipelineMixin": ".pipelines.auto",
     "CaptionRewritePipeline": ".pipelines.pipeline_caption_rewrite",
     "CaptionRewritePipelineOutput": ".pipelines.pipeline_caption_rewrite",
+    "Clip4CirCombiner": ".models.clip4cir_combiner",
+    "Clip4CirPipeline": ".pipelines.pipeline_composition",
+    "CompositionNetworkPipeline": ".pipelines.pipeline_composition",
+    "CompositionPipelineOutput": ".pipelines.pipeline_composition",
     "CompoDiffPipeline": ".pipelines.pipeline_compodiff",
     "CompoDiffPipelineOutput": ".pipelines.pipeline_compodiff",
     "CompoDiffScheduler": ".schedulers.scheduling_compodiff",
@@ -34,8 +38,13 @@ _LAZY_NAMES = {
     "MagicLensPipelineOutput": ".pipelines.pipeline_magiclens",
     "MLLMEmbeddingPipeline": ".pipelines.pipeline_mllm_embedding",
     "MLLMEmbeddingPipelineOutput": ".pipelines.pipeline_mllm_embedding",
+    "MTSTPipeline": ".pipelines.pipeline_composition",
+    "OpenCLIPTextEncoder": ".models.open_clip_text",
+    "OpenCLIPVisionEncoder": ".models.open_clip_vision",
+    "SCOTPipeline": ".pipelines.pipeline_composition",
     "TextualInversionProjection": ".models.textual_inversion_projection",
     "TextualInversionProjectionOutput": ".models.textual_inversion_projection",
+    "TwoHopFusionHead": ".models.two_hop_fusion",
     "composed_search": ".retrieval.search",
     "load_image": ".retrieval.images",
     # diffusers resolves a short `["diffusers_cir", "Class"]` entry of model_index.json by looking up the loadable
@@ -63,13 +72,24 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .models.clip4cir_combiner import Clip4CirCombiner
     from .models.compodiff_transformer import CompoDiffTransformer, CompoDiffTransformerOutput
     from .models.magiclens_fusion import MagicLensFusion, MagicLensFusionOutput
+    from .models.open_clip_text import OpenCLIPTextEncoder
+    from .models.open_clip_vision import OpenCLIPVisionEncoder
     from .models.textual_inversion_projection import TextualInversionProjection, TextualInversionProjectionOutput
+    from .models.two_hop_fusion import TwoHopFusionHead
     from .pipelines.auto import AutoCIRPipeline, CIRPipelineMixin
     from .pipelines.pipeline_bgevl import BGEVLPipeline, BGEVLPipelineOutput
     from .pipelines.pipeline_caption_rewrite import CaptionRewritePipeline, CaptionRewritePipelineOutput
     from .pipelines.pipeline_compodiff import CompoDiffPipeline, CompoDiffPipelineOutput
+    from .pipelines.pipeline_composition import (
+        Clip4CirPipeline,
+        CompositionNetworkPipeline,
+        CompositionPipelineOutput,
+        MTSTPipeline,
+        SCOTPipeline,
+    )
     from .pipelines.image_processing_magiclens import MagicLensImageProcessor
     from .pipelines.pipeline_lincir import LinCIRPipeline, LinCIRPipelineOutput
     from .pipelines.pipeline_magiclens import MagicLensPipeline, MagicLensPipelineOutput

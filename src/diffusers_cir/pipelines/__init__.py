@@ -7,6 +7,13 @@ from .auto import PIPELINES, AutoCIRPipeline, CIRPipelineMixin
 from .pipeline_bgevl import BGEVLPipeline, BGEVLPipelineOutput
 from .pipeline_caption_rewrite import CaptionRewritePipeline, CaptionRewritePipelineOutput
 from .pipeline_compodiff import CompoDiffPipeline, CompoDiffPipelineOutput
+from .pipeline_composition import (
+    Clip4CirPipeline,
+    CompositionNetworkPipeline,
+    CompositionPipelineOutput,
+    MTSTPipeline,
+    SCOTPipeline,
+)
 from .pipeline_lincir import LinCIRPipeline, LinCIRPipelineOutput
 from .pipeline_magiclens import MagicLensPipeline, MagicLensPipelineOutput
 from .pipeline_mllm_embedding import MLLMEmbeddingPipeline, MLLMEmbeddingPipelineOutput
@@ -19,12 +26,17 @@ __all__ = [
     "CIRPipelineMixin",
     "CaptionRewritePipeline",
     "CaptionRewritePipelineOutput",
+    "Clip4CirPipeline",
     "CompoDiffPipeline",
     "CompoDiffPipelineOutput",
+    "CompositionNetworkPipeline",
+    "CompositionPipelineOutput",
     "LinCIRPipeline",
     "LinCIRPipelineOutput",
     "MagicLensPipeline",
     "MagicLensPipelineOutput",
     "MLLMEmbeddingPipeline",
     "MLLMEmbeddingPipelineOutput",
+    "MTSTPipeline",
+    "SCOTPipeline",
 ]
