@@ -376,3 +376,21 @@ def test_a_new_card_describes_the_configuration_and_split_it_was_created_with(js
     before = open(os.path.join(embeddings, "README.md")).read().split("---\n")[-1]
     update_dataset_card(embeddings, "images", images_features(), {"train": 3})
     assert open(os.path.join(embeddings, "README.md")).read().split("---\n")[-1] == before
+
+
+def test_validate_accepts_a_null_optional_mask_but_not_a_null_reference_image(tmp_path):
+    from datasets import Features
+    from datasets import Image as ImageFeature
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(buffer, format="PNG")
+    png = {"bytes": buffer.getvalue(), "path": None}
+    features = Features({**images_features(), "mask": ImageFeature()})  # generated triplets carry an optional mask
+    for name, reference in (("null_mask", png), ("null_reference", None)):
+        with ParquetShardWriter(str(tmp_path / name), "images", "train", features) as writer:
+            writer.add({"id": "a", "reference_image": reference, "target_image": png, "modification_text": "red",
+                        "reference_caption": None, "target_caption": None, "mask": None})
+        update_dataset_card(str(tmp_path / name), "images", features, {"train": 1}, default=True)
+    assert validate_dataset(str(tmp_path / "null_mask"), progress=False).ok
+    report = validate_dataset(str(tmp_path / "null_reference"), progress=False)
+    assert not report.ok and "reference_image: ValueError: no image bytes" in report.format()

@@ -762,6 +762,7 @@ def _validate_rows(report, key, files, features, config_name, check_images, max_
     # Content duplicates only make sense for triplets; other configurations (a gallery) only need unique ids.
     check_content = config_name in _REQUIRED_FOR_CONFIG
     image_columns = [name for name, feature in features.items() if type(feature).__name__ == "Image"]
+    required = _REQUIRED_FOR_CONFIG.get(config_name, ())
     embed_columns = [name for name in (schema.REFERENCE_IMAGE_EMBEDS, schema.TARGET_IMAGE_EMBEDS) if name in features]
     total = sum(pq.ParquetFile(path).metadata.num_rows for path in files)
     bar = _tqdm(total=total, desc=f"validating {key}", unit="row", disable=not progress)
@@ -779,6 +780,8 @@ def _validate_rows(report, key, files, features, config_name, check_images, max_
                     value = row.get(name) or {}
                     data = value.get("bytes")
                     digest.update(hashlib.sha1(data or b"").digest())
+                    if not data and name not in required:
+                        continue  # an optional image (a mask) may be null: training reads that as "no mask"
                     if check_images:
                         try:
                             if not data:
