@@ -140,9 +140,10 @@ def run_reshard(args) -> int:
 
 
 def run_validate(args) -> int:
-    from diffusers_cir.data.shards import validate_dataset
+    from diffusers_cir.data.text_triplets import validate_text_triplets
 
-    report = validate_dataset(args.folder, configs=args.config, check_images=not args.no_images)
+    # validate_dataset's checks, plus the text-triplet rule on the configurations of that layout
+    report = validate_text_triplets(args.folder, configs=args.config, check_images=not args.no_images)
     if args.json:
         print(json.dumps({"ok": report.ok, "counts": report.counts, "problems": report.problems, "warnings": report.warnings}, indent=2))
     else:

@@ -750,9 +750,22 @@ class SyntheticCIRWorld:
             "modification_text": list(triplets.modification_texts),
             "reference_caption": [self.items[i].caption for i in references],
             "target_caption": [self.items[i].caption for i in targets],
+            "reverse_modification_text": self.reverse_modification_texts(triplets),
             "reference_id": [ids[i] for i in references],
             "target_id": [ids[i] for i in targets],
         }
+
+    def reverse_modification_texts(self, triplets: SyntheticTriplets) -> list[str]:
+        """For each triplet, a text that turns its target back into its reference (MTST's reverse modification text):
+        the same attributes edited, from the target's values to the reference's, phrased with the edit templates. Drawn
+        from a stream of its own, so the triplets themselves do not change."""
+        rng = np.random.default_rng([self.config.seed, 0x7E5E, SPLITS.index(triplets.split), len(triplets)])
+        texts = []
+        for reference, target, edited in zip(triplets.reference_indices, triplets.target_indices,
+                                             triplets.edited_attributes):
+            back = {name: getattr(self.items[reference], name) for name in edited.split("+")}
+            texts.append(self._edit(self.items[target], back, rng))
+        return texts
 
     def write_embeddings_dataset(
         self,
@@ -838,7 +851,8 @@ def _synthetic_features(projection_dim: int) -> dict:
     from .schema import embeddings_features
 
     embeddings = dict(embeddings_features(projection_dim))
-    embeddings.update({"reference_id": Value("string"), "target_id": Value("string")})
+    embeddings.update({"reverse_modification_text": Value("string"), "reference_id": Value("string"),
+                       "target_id": Value("string")})
     gallery = {"id": Value("string"), "caption": Value("string"), "image_embeds": List(Value("float32"), length=projection_dim)}
     gallery.update({name: Value("string") for name in ATTRIBUTES})
     gallery["heldout"] = Value("bool")

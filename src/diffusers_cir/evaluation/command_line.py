@@ -19,7 +19,7 @@ non_negative_int = argparse_type(check_int, minimum=0)
 
 __all__ = ["add_evaluation_arguments", "run_from_args", "read_id_list"]
 
-BENCHMARK_CHOICES = ("cirr", "fashioniq", "circo", "genecis")
+BENCHMARK_CHOICES = ("cirr", "fashioniq", "circo", "genecis", "fine_cirr", "fine_fashioniq")
 CAPTION_STYLE_CHOICES = ("clip4cir", "searle")
 DTYPE_CHOICES = ("bfloat16", "float16", "float32")
 
@@ -38,7 +38,7 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
                             "layout and the output files; the scores are meaningless.")
     parser.add_argument("--split", default="val", help="Split as named by the benchmark files (CIRR test: 'test1').")
     parser.add_argument("--subset", nargs="+", default=None,
-                        help="FashionIQ categories or GeneCIS tasks (default: all).")
+                        help="FashionIQ (and Fine-FashionIQ) categories or GeneCIS tasks (default: all).")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="Gallery-embedding cache (default: <output-dir>/embedding_cache); reused across runs.")
     parser.add_argument("--protocol", default=None,

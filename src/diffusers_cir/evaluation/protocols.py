@@ -274,3 +274,29 @@ def _magiclens(benchmark: str, query_texts: QueryTexts, query_text: str) -> Benc
 # The authors' code keeps the reference (as the official CIRCO and FashionIQ protocols do) and has no CIRR evaluation.
 _magiclens("circo", magiclens_circo_texts, "find {shared_concept} but {relative_caption}")
 _magiclens("fashioniq", magiclens_fashioniq_texts, "{caption 0} and {caption 1}")
+
+
+# --------------------------------------------------------------------------------------------------- FineCIR
+# Fine-CIRR and Fine-FashionIQ (FineCIR, Li et al.): the benchmarks' images with fine-grained modification texts. How
+# the authors evaluate them (SDU-L/FineCIR at 9b2f836, code/test.py): Fine-CIRR as CIRR (reference excluded, Recall@K
+# and Recall_subset@K); Fine-FashionIQ per category on the images of its queries (the loader's default gallery), the
+# reference excluded, Recall@1/10/50, averaged over the categories.
+_FINECIR_SOURCE = "SDU-L/FineCIR at 9b2f836 (code/test.py)"
+FINE_FASHIONIQ_RECALL_KS = (1, 10, 50)
+
+register_protocol(replace(get_protocol("cirr"), benchmark="fine_cirr", name="standard", submission=None,
+                          settings={"source": _FINECIR_SOURCE}))
+register_protocol(BenchmarkProtocol(
+    benchmark="fine_fashioniq",
+    name="finecir",
+    query_texts=caption_text,
+    metric=fashioniq_recall_at_k,
+    metric_inputs={"target_ids": "target_ids", "ranked_ids": "ranked_ids"},
+    metric_options={"ks": FINE_FASHIONIQ_RECALL_KS},
+    exclude_reference=True,
+    depth=max(FINE_FASHIONIQ_RECALL_KS),
+    subsets=FASHIONIQ_CATEGORIES,
+    average=fashioniq_average_recall,
+    settings={"description": "the FineCIR authors' evaluation: the queries' images as gallery, reference excluded",
+              "source": _FINECIR_SOURCE},
+))

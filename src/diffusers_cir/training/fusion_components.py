@@ -1,0 +1,164 @@
+# Copyright 2026 The diffusers-cir authors. Apache-2.0.
+"""What a composition-network run is built from: the encoders (from a pipeline folder, a CLIP or BLIP-2 checkpoint,
+a folder of tower subfolders, or open_clip), the head, LoRA adapters on the towers (peft), and a text-feature cache."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..pipelines import composition_encoders as encoders
+from .arguments import flag
+
+__all__ = ["Encoders", "TextFeatureCache", "add_lora", "load_encoders", "merged_tower"]
+
+
+@dataclass
+class Encoders:
+    """The towers of a run, the head of a pipeline folder it continues (or ``None``), and where they came from."""
+
+    text_encoder: Any
+    tokenizer: Any
+    image_encoder: Any = None
+    image_processor: Any = None
+    fusion_head: Any = None
+    source: str = ""
+
+
+def _model_type(folder: str) -> str | None:
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle).get("model_type")
+
+
+def _from_pipeline_folder(folder: str) -> Encoders:
+    from ..pipelines.auto import AutoCIRPipeline
+    from ..pipelines.pipeline_composition import CompositionNetworkPipeline
+
+    pipeline = AutoCIRPipeline.from_pretrained(folder)
+    if isinstance(pipeline, CompositionNetworkPipeline):
+        return Encoders(pipeline.text_encoder, pipeline.tokenizer, pipeline.image_encoder, pipeline.image_processor,
+                        pipeline.fusion_head, folder)
+    # Another pipeline's towers (CompoDiff, LinCIR, ...): its CLIP pair, a new head.
+    return Encoders(pipeline.text_encoder, pipeline.tokenizer, getattr(pipeline, "image_encoder", None),
+                    getattr(pipeline, "image_processor", None), None, folder)
+
+
+def _from_subfolders(folder: str) -> Encoders:
+    from transformers import (
+        AutoImageProcessor,
+        AutoTokenizer,
+        CLIPTextModelWithProjection,
+        CLIPVisionModelWithProjection,
+    )
+
+    def part(name):
+        return os.path.join(folder, name) if os.path.isdir(os.path.join(folder, name)) else None
+
+    text_encoder = CLIPTextModelWithProjection.from_pretrained(part("text_encoder"))
+    tokenizer = AutoTokenizer.from_pretrained(part("tokenizer") or part("text_encoder"))
+    image_encoder = image_processor = None
+    if part("image_encoder"):
+        image_encoder = CLIPVisionModelWithProjection.from_pretrained(part("image_encoder"))
+        image_processor = AutoImageProcessor.from_pretrained(part("image_processor") or part("image_encoder"))
+    return Encoders(text_encoder, tokenizer, image_encoder, image_processor, None, folder)
+
+
+def _from_checkpoint(folder: str, model_type: str) -> Encoders:
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    if model_type == "clip":
+        from transformers import CLIPTextModelWithProjection as Text
+        from transformers import CLIPVisionModelWithProjection as Vision
+    elif model_type == "blip-2":
+        from transformers import Blip2TextModelWithProjection as Text
+        from transformers import Blip2VisionModelWithProjection as Vision
+    else:
+        raise ValueError(f"{folder} holds a {model_type!r} model; the trainer reads CLIP and BLIP-2 checkpoints.")
+    processor = AutoImageProcessor.from_pretrained(folder) if os.path.isfile(
+        os.path.join(folder, "preprocessor_config.json")) else None
+    return Encoders(Text.from_pretrained(folder), AutoTokenizer.from_pretrained(folder), Vision.from_pretrained(folder),
+                    processor, None, folder)
+
+
+def load_encoders(args: argparse.Namespace) -> Encoders:
+    """The towers of ``--pretrained-model-name-or-path`` or ``--open-clip-model`` (float32, evaluation mode)."""
+    from .components import pretrained_folder
+
+    if args.open_clip_model is not None:
+        parts = encoders.load_open_clip_components(args.open_clip_model, args.open_clip_pretrained)
+        return Encoders(**parts, source=f"open_clip:{args.open_clip_model}:{args.open_clip_pretrained}")
+    folder = pretrained_folder(args.pretrained_model_name_or_path, args.revision)
+    if os.path.isfile(os.path.join(folder, "model_index.json")):
+        loaded = _from_pipeline_folder(folder)
+    elif os.path.isdir(os.path.join(folder, "text_encoder")):
+        loaded = _from_subfolders(folder)
+    else:
+        model_type = _model_type(folder)
+        if model_type is None:
+            raise ValueError(
+                f"{flag('pretrained_model_name_or_path')} {args.pretrained_model_name_or_path!r} is neither a pipeline "
+                "folder (model_index.json), a folder with text_encoder/ (tokenizer/, image_encoder/) subfolders, nor "
+                "a CLIP or BLIP-2 checkpoint (config.json)."
+            )
+        loaded = _from_checkpoint(folder, model_type)
+    loaded.source = args.pretrained_model_name_or_path
+    encoders.encoder_kind(loaded.text_encoder, loaded.image_encoder)
+    return loaded
+
+
+def add_lora(tower, args: argparse.Namespace, kind: str):
+    """``tower`` wrapped by peft with LoRA adapters (only they train)."""
+    from peft import LoraConfig, get_peft_model
+
+    from .fusion_arguments import DEFAULT_LORA_TARGETS
+
+    config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        target_modules=args.lora_target_modules or DEFAULT_LORA_TARGETS[kind])
+    try:
+        return get_peft_model(tower, config)
+    except ValueError as error:  # no layer matched the pattern
+        raise ValueError(f"{flag('lora_target_modules')}: {error}") from None
+
+
+def merged_tower(tower):
+    """The plain tower of a (possibly) LoRA-wrapped one, adapters merged into its weights."""
+    return tower.merge_and_unload() if hasattr(tower, "merge_and_unload") else tower
+
+
+class TextFeatureCache:
+    """Text features of a frozen text tower, kept for up to ``max_entries`` distinct texts (least recently used out)."""
+
+    def __init__(self, text_encoder, tokenizer, max_entries: int, device, dtype):
+        self.text_encoder, self.tokenizer, self.max_entries = text_encoder, tokenizer, max_entries
+        self.device, self.dtype = device, dtype
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        tokens = encoders.tokenize_texts(self.tokenizer, self.text_encoder, texts)
+        return encoders.text_features(
+            self.text_encoder, tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)).float()
+
+    @torch.no_grad()
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        if self.max_entries == 0:
+            return self.encode(texts)
+        missing = [text for text in dict.fromkeys(texts) if text not in self._cache]
+        if missing:
+            for text, feature in zip(missing, self.encode(missing)):
+                self._cache[text] = feature
+        rows = []
+        for text in texts:
+            self._cache.move_to_end(text)
+            rows.append(self._cache[text])
+        while len(self._cache) > self.max_entries:
+            self._cache.popitem(last=False)
+        return torch.stack(rows)

@@ -1,0 +1,238 @@
+"""The composition-network trainer (examples/train_fusion.py): every method learns to compose held-out combinations of
+the synthetic world, a stopped run resumes bit for bit, LoRA adapters are merged into the saved towers, two processes
+train and save once, and argument mistakes are one-line errors."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from diffusers_cir import AutoCIRPipeline
+from diffusers_cir.training.fusion_arguments import parse_args
+from diffusers_cir.training.state import load_state_files
+from diffusers_cir.training.train_fusion import main
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "examples" / "train_fusion.py"
+SCOT_ON_SYNTHTRIPLETS = ('{"image_embeds": "reference_image_embeds", "caption": "reference_caption", '
+                         '"modified_caption": "target_caption"}')
+
+
+@pytest.fixture(scope="module")
+def tiny_world():
+    from diffusers_cir.data.synthetic import SyntheticCIRWorld, SyntheticWorldConfig
+
+    return SyntheticCIRWorld(SyntheticWorldConfig.tiny(seed=0))
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tiny_world, tmp_path_factory):
+    """The world in the SynthTriplets embeddings layout (with reverse texts), its text tower and tokenizer."""
+    folder = tmp_path_factory.mktemp("tiny_world")
+    tiny_world.write_embeddings_dataset(str(folder), num_triplets={"train": 8000, "validation": None, "test": None},
+                                        rows_per_shard=2000, progress=False)
+    tiny_world.text_encoder.save_pretrained(folder / "text_encoder")
+    tiny_world.tokenizer.save_pretrained(folder / "tokenizer")
+    return str(folder)
+
+
+def method_args(method: str, data: str, output) -> list[str]:
+    argv = ["--method", method, "--pretrained-model-name-or-path", data, "--train-data-dir", data,
+            "--dataset-config-name", "embeddings", "--report-to", "none", "--output-dir", str(output)]
+    if method == "scot":
+        argv += ["--column-mapping", SCOT_ON_SYNTHTRIPLETS]
+    return argv
+
+
+# --------------------------------------------------------------------------------------------- learning
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["clip4cir", "scot", "mtst"])
+def test_each_method_learns_to_compose_held_out_combinations(method, tiny_world, tiny_data, tmp_path, single_thread):
+    """100 steps (seconds) on the 96-item world: on held-out (object, color) compositions the saved pipeline, run
+    through the retrieval code (compose_queries, then Recall@K of diffusers_cir.metrics), beats the best training-free
+    baseline (image only, text only, image + text) by 0.2 Recall@1."""
+    from diffusers_cir.retrieval import compose_queries
+
+    argv = method_args(method, tiny_data, tmp_path / "model") + [
+        "--train-batch-size", "128", "--learning-rate", "2e-3", "--max-train-steps", "100",
+        "--checkpointing-steps", "100000", "--text-feature-cache-size", "10000",
+    ]
+    main(parse_args(argv))
+    pipe = AutoCIRPipeline.from_pretrained(tmp_path / "model")
+    assert type(pipe).__name__ == {"clip4cir": "Clip4CirPipeline", "scot": "SCOTPipeline", "mtst": "MTSTPipeline"}[method]
+    test = tiny_world.triplets("test")
+    references = tiny_world.image_embeds[torch.from_numpy(test.reference_indices)]
+    recall = tiny_world.recall_at_k(compose_queries(pipe, test.modification_texts, reference_embeds=references), test)
+    baselines = {name: tiny_world.recall_at_k(q, test)["recall_at1"] for name, q in tiny_world.baseline_queries(test).items()}
+    print(f"{method} R@1 {recall['recall_at1']:.3f}; baselines {baselines}")
+    assert recall["recall_at1"] >= max(baselines.values()) + 0.2, (recall, baselines)
+
+
+# --------------------------------------------------------------------------------------------- resume
+def _equal(first: Path, second: Path) -> None:
+    a, b = load_file(str(first)), load_file(str(second))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_stopped_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tiny_data, tmp_path, single_thread):
+    """MTST (two hops, dropout, label smoothing, reverse branch), an EMA, a cosine schedule and the block shuffle."""
+    argv = ["--train-batch-size", "16", "--learning-rate", "1e-3", "--max-train-steps", "6", "--checkpointing-steps", "3",
+            "--lr-scheduler", "cosine", "--lr-warmup-steps", "2", "--use-ema", "--ema-decay", "0.9",
+            "--shuffle-buffer-size", "100", "--seed", "7"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    main(parse_args(method_args("mtst", tiny_data, straight) + argv))
+    first = main(parse_args(method_args("mtst", tiny_data, resumed) + argv + ["--stop-after-steps", "3"]))
+    assert first["stopped_early"] and not (resumed / "model_index.json").exists()
+    second = main(parse_args(method_args("mtst", tiny_data, resumed) + argv + ["--resume-from-checkpoint", "latest"]))
+    assert second["global_step"] == 6
+    _equal(straight / "checkpoint-6" / "model.safetensors", resumed / "checkpoint-6" / "model.safetensors")
+    _equal(straight / "fusion_head" / "diffusion_pytorch_model.safetensors",
+           resumed / "fusion_head" / "diffusion_pytorch_model.safetensors")
+    # it trained between the checkpoints, and the saved head is the EMA, not the raw weights
+    step3 = load_file(str(straight / "checkpoint-3" / "model.safetensors"))
+    step6 = load_file(str(straight / "checkpoint-6" / "model.safetensors"))
+    assert any(not torch.equal(step3[key], step6[key]) for key in step3)
+    saved = load_file(str(straight / "fusion_head" / "diffusion_pytorch_model.safetensors"))
+    assert any(not torch.equal(saved[key], step6[key]) for key in saved)
+
+
+# --------------------------------------------------------------------------------------------- LoRA
+def test_lora_on_the_text_tower_is_merged_into_the_saved_tower(tiny_data, tmp_path, single_thread):
+    from transformers import CLIPTextModelWithProjection
+
+    argv = method_args("clip4cir", tiny_data, tmp_path / "lora") + [
+        "--train-batch-size", "16", "--learning-rate", "1e-2", "--max-train-steps", "3", "--lora-text-encoder",
+        "--lora-rank", "2", "--checkpointing-steps", "100000"]
+    main(parse_args(argv))
+    pipe = AutoCIRPipeline.from_pretrained(tmp_path / "lora")
+    original = CLIPTextModelWithProjection.from_pretrained(Path(tiny_data) / "text_encoder")
+    assert type(pipe.text_encoder) is CLIPTextModelWithProjection  # merged: a plain tower, no peft inside
+    changed = [name for name, value in pipe.text_encoder.state_dict().items()
+               if not torch.equal(value, original.state_dict()[name])]
+    assert changed and all("self_attn" in name or "mlp" in name for name in changed)
+
+
+def _clip_checkpoint(folder: Path) -> str:
+    """A tiny CLIP checkpoint (both towers, tokenizer, processor), as `openai/clip-vit-*` folders are."""
+    from tiny_components import tiny_image_processor
+    from transformers import CLIPConfig, CLIPModel
+
+    from diffusers_cir.utils import build_offline_clip_tokenizer
+
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 4,
+                     "max_position_embeddings": 77, "projection_dim": 16},
+        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 4,
+                       "image_size": 32, "patch_size": 8, "projection_dim": 16},
+        projection_dim=16,
+    )
+    CLIPModel(config).save_pretrained(folder)
+    build_offline_clip_tokenizer().save_pretrained(folder)
+    tiny_image_processor().save_pretrained(folder)
+    return str(folder)
+
+
+def test_scot_on_text_triplets_with_pixels_and_lora_on_the_image_tower(tmp_path, single_thread):
+    """The text objective on the text-triplet layout's image configuration; the adapted image tower is the gallery's."""
+    from pipeline_tester import picture
+
+    from diffusers_cir.data.pictures import png_bytes
+    from diffusers_cir.data.text_triplets import write_text_triplets
+
+    clip = _clip_checkpoint(tmp_path / "clip")
+    colors = ["red", "blue", "green", "black", "white", "orange"]
+    columns = {"id": [f"r{i}" for i in range(12)], "image": [{"bytes": png_bytes(picture(i)), "path": None} for i in range(12)],
+               "caption": [f"a {colors[i % 6]} shape" for i in range(12)], "modification_text": ["make it yellow"] * 12,
+               "modified_caption": [f"a yellow shape number {i}" for i in range(12)]}
+    write_text_triplets(tmp_path / "data", columns)
+    argv = ["--method", "scot", "--pretrained-model-name-or-path", clip, "--train-data-dir", str(tmp_path / "data"),
+            "--train-batch-size", "4", "--learning-rate", "1e-2", "--max-train-steps", "2", "--lora-image-encoder",
+            "--checkpointing-steps", "100000", "--report-to", "none", "--output-dir", str(tmp_path / "scot")]
+    summary = main(parse_args(argv))
+    assert summary["global_step"] == 2
+    pipe = AutoCIRPipeline.from_pretrained(tmp_path / "scot")
+    from transformers import CLIPVisionModelWithProjection
+
+    original = CLIPVisionModelWithProjection.from_pretrained(clip)
+    assert type(pipe.image_encoder) is CLIPVisionModelWithProjection
+    assert any(not torch.equal(value, original.state_dict()[name]) for name, value in pipe.image_encoder.state_dict().items())
+    assert pipe.encode_image([picture(0)]).shape == (1, 16)
+
+
+# --------------------------------------------------------------------------------------------- two processes
+@pytest.mark.slow
+def test_two_process_accelerate_launch_trains_on_both_ranks_and_saves_once(tiny_data, tmp_path):
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    output = tmp_path / "ddp"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no"]
+    argv = method_args("clip4cir", tiny_data, output) + [
+        "--train-batch-size", "8", "--max-train-steps", "4", "--checkpointing-steps", "2", "--shuffle-buffer-size", "0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               ACCELERATE_USE_CPU="true")
+    result = subprocess.run(launcher + [str(SCRIPT)] + argv, capture_output=True, text=True, env=env, timeout=400, cwd=REPO)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-6000:]
+    assert "DistributedType.MULTI_CPU" in log and "Num processes: 2" in log
+    states = [load_state_files(output / "checkpoint-4", f"loop_state_{rank}") for rank in (0, 1)]
+    # each rank read its own shards (2 of the 4) and drew its own dropout masks
+    assert [state["objects"]["training"]["loader"]["num_rows"] for state in states] == [4 * 8, 4 * 8]
+    assert not torch.equal(*(state["objects"]["dropout_generator"]["state"] for state in states))
+    assert log.count("Saved pipeline to") == 1
+    assert type(AutoCIRPipeline.from_pretrained(output)).__name__ == "Clip4CirPipeline"
+    shutil.rmtree(output)
+
+
+# --------------------------------------------------------------------------------------------- the command line
+def _error(argv: list[str], tmp_path, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv + ["--output-dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and ": error: " in lines[0], lines
+    return lines[0]
+
+
+def test_argument_mistakes_are_one_line_errors(tmp_path, capsys):
+    data = ["--train-data-dir", str(tmp_path)]
+    assert "exactly one of --pretrained-model-name-or-path" in _error(data, tmp_path, capsys)
+    line = _error(data + ["--open-clip-model", "RN50x4", "--objective", "text", "--layout", "synthtriplets"], tmp_path,
+                  capsys)
+    assert "--objective text reads modified captions: it needs --layout text_triplets" in line
+    line = _error(data + ["--open-clip-model", "RN50x4", "--method", "scot", "--reverse-text-weight", "0.4"], tmp_path,
+                  capsys)
+    assert "--reverse-text-weight" in line and "--objective image" in line
+    assert "invalid choice" in _error(data + ["--open-clip-model", "RN50x4", "--method", "clip5cir"], tmp_path, capsys)
+
+
+def test_help_gives_each_method_its_defaults_and_their_source():
+    from diffusers_cir.training.fusion_arguments import build_argument_parser
+
+    scot = build_argument_parser("scot")
+    assert scot.get_default("objective") == "text" and scot.get_default("caption_negatives") is True
+    text = " ".join(scot.format_help().split())
+    assert "SCOT (paper: the original caption is a negative)" in text and "our choice (CLIP4Cir's value)" in text
+    mtst = build_argument_parser("mtst")
+    assert mtst.get_default("reverse_text_weight") == 0.4 and mtst.get_default("label_smoothing") == 0.1
+    assert mtst.get_default("head") == "two-hop" and "MTST (authors' code, loss_p2p)" in " ".join(mtst.format_help().split())
+    clip4cir = build_argument_parser("clip4cir")
+    assert clip4cir.get_default("learning_rate") == 2e-5 and clip4cir.get_default("train_batch_size") == 4096
+    assert "CLIP4Cir's Combiner stage" in " ".join(clip4cir.format_help().split())
+    args = parse_args(["--method", "mtst", "--open-clip-model", "RN50x4", "--train-data-dir", "d", "--output-dir",
+                       str(Path(os.environ.get("TMPDIR", "/tmp")) / f"unused-{np.random.randint(1 << 30)}")])
+    assert args.reverse_text_weight == 0.4 and args.train_batch_size == 4096
