@@ -24,7 +24,8 @@ COMMANDS = ("demo", "search", "index", "evaluate", "data", "convert", "push", "g
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffusers-cir",
-        description="Composed Image Retrieval with CompoDiff and LinCIR.",
+        description=("Composed Image Retrieval: CompoDiff, LinCIR, BGE-VL, MagicLens, composition networks, MLLM and "
+                     "training-free systems behind one pipeline interface."),
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
