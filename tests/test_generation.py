@@ -200,7 +200,7 @@ def test_controller_edits_only_active_targets_of_the_conditional_half():
 
 
 def test_processor_computes_what_diffusers_computes_when_nothing_is_edited(sd_pipe):
-    from diffusers_cir.generation.prompt_to_prompt import PromptToPromptController, prompt_to_prompt
+    from diffusers_cir.generation.prompt_to_prompt import PromptToPromptController, apply_prompt_to_prompt
 
     unet = sd_pipe.unet
     latents, text = torch.randn(4, 4, 8, 8), torch.randn(4, 77, 32)
@@ -209,7 +209,7 @@ def test_processor_computes_what_diffusers_computes_when_nothing_is_edited(sd_pi
         for explicit in (False, True):  # SDPA path, then explicit probabilities with an edit that changes nothing
             steps = [5, 5] if explicit else [0, 0]
             controller = PromptToPromptController(torch.full((2, 77), -1), steps, [0, 0], max_self_tokens=1)
-            with prompt_to_prompt(unet, controller):
+            with apply_prompt_to_prompt(unet, controller):
                 output = unet(latents, 10, encoder_hidden_states=text).sample
             torch.testing.assert_close(output, reference, rtol=1e-4, atol=1e-5)
     assert all(type(p).__name__ != "PromptToPromptAttnProcessor" for p in unet.attn_processors.values())

@@ -7,8 +7,9 @@ starts fast. Loading a saved pipeline imports its class's module, and with it ev
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from ._lazy import lazy_names
 
 __version__ = "0.1.0.dev0"
 
@@ -57,18 +58,8 @@ _LAZY_NAMES = {
 __all__ = sorted(name for name in _LAZY_NAMES if name not in ("DiffusionPipeline", "ModelMixin", "SchedulerMixin"))
 
 
-def __getattr__(name: str):
-    module_name = _LAZY_NAMES.get(name)
-    if module_name is None:
-        raise AttributeError(f"module 'diffusers_cir' has no attribute {name!r}")
-    module = importlib.import_module(module_name, __name__) if module_name.startswith(".") else importlib.import_module(module_name)
-    value = getattr(module, name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_names(__name__, _LAZY_NAMES, globals())
 
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY_NAMES))
 
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -80,6 +71,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .models.textual_inversion_projection import TextualInversionProjection, TextualInversionProjectionOutput
     from .models.two_hop_fusion import TwoHopFusionHead
     from .pipelines.auto import AutoCIRPipeline, CIRPipelineMixin
+    from .pipelines.image_processing_magiclens import MagicLensImageProcessor
     from .pipelines.pipeline_bgevl import BGEVLPipeline, BGEVLPipelineOutput
     from .pipelines.pipeline_caption_rewrite import CaptionRewritePipeline, CaptionRewritePipelineOutput
     from .pipelines.pipeline_compodiff import CompoDiffPipeline, CompoDiffPipelineOutput
@@ -90,7 +82,6 @@ if TYPE_CHECKING:  # pragma: no cover
         MTSTPipeline,
         SCOTPipeline,
     )
-    from .pipelines.image_processing_magiclens import MagicLensImageProcessor
     from .pipelines.pipeline_lincir import LinCIRPipeline, LinCIRPipelineOutput
     from .pipelines.pipeline_magiclens import MagicLensPipeline, MagicLensPipelineOutput
     from .pipelines.pipeline_mllm_embedding import MLLMEmbeddingPipeline, MLLMEmbeddingPipelineOutput

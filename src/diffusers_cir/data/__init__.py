@@ -22,8 +22,7 @@ Example:
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .._lazy import lazy_names
 
 # name -> submodule that defines it; resolved lazily by __getattr__ (PEP 562).
 _LAZY_NAMES = {
@@ -76,22 +75,4 @@ _LAZY_NAMES = {
 __all__ = sorted(_LAZY_NAMES)
 
 
-def __getattr__(name: str) -> Any:
-    module_name = _LAZY_NAMES.get(name)
-    if module_name is None:
-        raise AttributeError(f"module 'diffusers_cir.data' has no attribute {name!r}")
-    try:
-        module = importlib.import_module(f"{__name__}.{module_name}")
-    except ModuleNotFoundError as error:
-        if error.name == f"{__name__}.{module_name}":
-            raise AttributeError(
-                f"diffusers_cir.data.{name} lives in diffusers_cir.data.{module_name}, which is not part of this build."
-            ) from error
-        raise
-    value = getattr(module, name)
-    globals()[name] = value  # cache: later look-ups skip __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY_NAMES))
+__getattr__, __dir__ = lazy_names(__name__, {name: f".{module}" for name, module in _LAZY_NAMES.items()}, globals())

@@ -18,7 +18,7 @@ Example:
 
 from __future__ import annotations
 
-import importlib
+from .._lazy import lazy_names
 
 # Imported on first use, so that `diffusers-cir --help` (which builds the evaluate parser from
 # `evaluation.command_line`) does not import torch.
@@ -40,13 +40,4 @@ _LAZY_NAMES = {
 __all__ = sorted(_LAZY_NAMES)
 
 
-def __getattr__(name: str):
-    if name not in _LAZY_NAMES:
-        raise AttributeError(f"module 'diffusers_cir.evaluation' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY_NAMES[name], __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY_NAMES))
+__getattr__, __dir__ = lazy_names(__name__, _LAZY_NAMES, globals())

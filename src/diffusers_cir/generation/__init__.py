@@ -24,8 +24,7 @@ Example:
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .._lazy import lazy_names
 
 _LAZY_NAMES = {
     "GenerationConfig": "config",
@@ -49,7 +48,7 @@ _LAZY_NAMES = {
     "finetune_caption_editor": "finetune",
     "PromptToPromptAttnProcessor": "prompt_to_prompt",
     "PromptToPromptController": "prompt_to_prompt",
-    "prompt_to_prompt": "prompt_to_prompt",
+    "apply_prompt_to_prompt": "prompt_to_prompt",
     "PairRequest": "image_pairs",
     "draw_image_pairs": "image_pairs",
     "apply_filters": "filters",
@@ -72,14 +71,4 @@ _LAZY_NAMES = {
 __all__ = sorted(_LAZY_NAMES)
 
 
-def __getattr__(name: str) -> Any:
-    module_name = _LAZY_NAMES.get(name)
-    if module_name is None:
-        raise AttributeError(f"module 'diffusers_cir.generation' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module_name}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY_NAMES))
+__getattr__, __dir__ = lazy_names(__name__, {name: f".{module}" for name, module in _LAZY_NAMES.items()}, globals())

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from .config import ImagePairConfig
-from .prompt_to_prompt import PromptToPromptController, prompt_to_prompt, token_alignment
+from .prompt_to_prompt import PromptToPromptController, apply_prompt_to_prompt, token_alignment
 
 
 @dataclass
@@ -74,7 +74,7 @@ def draw_image_pairs(pipe, requests: Sequence[PairRequest], config: ImagePairCon
         latents = _initial_noise(pipe, batch, height, width).to(pipe.device, pipe.unet.dtype)
         # Stochastic schedulers draw step noise too: the same generator seed for a pair's two rows.
         generators = [torch.Generator("cpu").manual_seed(r.seed + 1) for r in batch for _ in range(2)]
-        with prompt_to_prompt(pipe.unet, controller):
+        with apply_prompt_to_prompt(pipe.unet, controller):
             output = pipe(
                 prompt=prompts, latents=latents, generator=generators, num_inference_steps=steps,
                 guidance_scale=config.guidance_scale, height=height, width=width, output_type="pil",

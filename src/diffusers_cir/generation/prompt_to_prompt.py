@@ -150,7 +150,7 @@ class PromptToPromptAttnProcessor:
 
 
 @contextlib.contextmanager
-def prompt_to_prompt(unet, controller: PromptToPromptController):
+def apply_prompt_to_prompt(unet, controller: PromptToPromptController):
     """Run ``unet`` with Prompt-to-Prompt processors in every attention layer; the original ones come back after."""
     original = unet.attn_processors
     unet.set_attn_processor(PromptToPromptAttnProcessor(controller))

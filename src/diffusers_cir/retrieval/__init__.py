@@ -15,7 +15,7 @@ Example:
 
 from __future__ import annotations
 
-import importlib
+from .._lazy import lazy_names
 
 # public name -> module that defines it (relative to this package)
 _LAZY_NAMES = {
@@ -54,14 +54,4 @@ _LAZY_NAMES = {
 __all__ = sorted(_LAZY_NAMES)
 
 
-def __getattr__(name: str):
-    module_name = _LAZY_NAMES.get(name)
-    if module_name is None:
-        raise AttributeError(f"module 'diffusers_cir.retrieval' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module_name, __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY_NAMES))
+__getattr__, __dir__ = lazy_names(__name__, _LAZY_NAMES, globals())
