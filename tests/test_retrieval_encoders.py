@@ -16,7 +16,6 @@ from diffusers_cir.evaluation import IdHashEncoder
 from diffusers_cir.retrieval import (
     CLIPVisionEncoder,
     GalleryEncoder,
-    GalleryIndex,
     IndexMismatchError,
     composed_search,
     encode_gallery,
@@ -101,9 +100,12 @@ def test_an_index_with_the_older_fingerprint_keeps_serving_its_model(folders, tm
     manifest_path = tmp_path / "index" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["model"]["fingerprint"] = legacy
+    del manifest["checksums"]  # nor content checksums, then
+    (tmp_path / "index" / "checksums.json").unlink()
     manifest_path.write_text(json.dumps(manifest))
-    result = composed_search(pipe, tmp_path / "index", image=folders / "images" / "0.png", text="x", k=2,
-                             num_inference_steps=2)
+    with pytest.warns(UserWarning, match="without content checksums"):
+        result = composed_search(pipe, tmp_path / "index", image=folders / "images" / "0.png", text="x", k=2,
+                                 num_inference_steps=2)
     assert len(result.hits) == 2
     other = tiny_pipeline()
     other.image_encoder = tiny_image_encoder(seed=1)

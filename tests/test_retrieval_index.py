@@ -257,17 +257,23 @@ def test_corrupt_and_incomplete_indexes_are_reported(tmp_path, small_gallery):
     original = faiss_file.read_bytes()
 
     faiss_file.write_bytes(original[: len(original) // 2])
-    with pytest.raises(IndexFormatError, match="truncated"):
+    with pytest.raises(IndexFormatError, match="index.faiss has .* bytes, .* were written"):
         GalleryIndex.load(folder)
+    with pytest.raises(IndexFormatError, match="truncated"):  # sizes are checked without the checksums too
+        GalleryIndex.load(folder, verify_checksums=False)
 
     faiss_file.write_bytes(b"\x00garbage" * (len(original) // 8) + b"\x00" * (len(original) % 8))
-    with pytest.raises(IndexFormatError, match="corrupt"):
+    with pytest.raises(IndexFormatError, match="index.faiss does not match the .* checksum"):
         GalleryIndex.load(folder)
+    with pytest.raises(IndexFormatError, match="corrupt"):  # what faiss makes of it, unverified
+        GalleryIndex.load(folder, verify_checksums=False)
 
     faiss_file.write_bytes(original)
     np.save(folder / "ids.npy", np.array(["only-one"]))
     with pytest.raises(IndexFormatError, match="ids.npy"):
         GalleryIndex.load(folder)
+    with pytest.raises(IndexFormatError, match="ids.npy"):
+        GalleryIndex.load(folder, verify_checksums=False)
 
     (folder / "manifest.json").write_text("{not json")
     with pytest.raises(IndexFormatError, match="not valid JSON"):
@@ -310,7 +316,8 @@ def test_unsaveable_metadata_fails_before_an_earlier_save_is_touched(tmp_path, s
     # The earlier save is intact (its index file used to be replaced before the metadata failed).
     reloaded = GalleryIndex.load(tmp_path / "idx")
     assert reloaded.ntotal == 4 and reloaded.metadata == [{"n": i} for i in range(4)]
-    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == ["ids.npy", "index.faiss", "manifest.json", "metadata.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == [
+        ".diffusers-cir.lock", "checksums.json", "ids.npy", "index.faiss", "manifest.json", "metadata.jsonl"]
 
 
 def test_a_save_interrupted_over_an_earlier_one_is_not_vouched_for_by_the_old_manifest(tmp_path, small_gallery, monkeypatch):

@@ -15,10 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
+from ..utils.locks import folder_lock
 from . import non_negative_int, positive_int
-
 
 # What `check_index_options` calls its arguments here.
 INDEX_FLAGS = {"factory": "--factory", "train_size": "--train-size", "shard_size": "--shard-size", "ondisk": "--ondisk",
@@ -61,6 +62,9 @@ def register(subparsers) -> None:
     build.add_argument("--fp16", dest="dtype", action="store_const", const="float16", help="Same as --dtype float16.")
     build.add_argument("--no-resume", action="store_true", help="Delete embeddings of an earlier run and start over.")
     build.add_argument("--skip-unreadable", action="store_true", help="Record unreadable images and go on.")
+    build.add_argument(
+        "--no-verify-checksums", action="store_true",
+        help="Do not hash the embedding parts of an earlier run against their checksums (sizes are still checked).")
     build.set_defaults(func=run_build)
 
     info = actions.add_parser("info", help="Print the manifest of an index folder.")
@@ -88,12 +92,7 @@ def run_build(args: argparse.Namespace) -> int:
     import torch
     from accelerate import Accelerator
 
-    from diffusers_cir.retrieval import (
-        build_index_from_embedding_files,
-        check_index_options,
-        encode_gallery,
-        load_gallery_encoder,
-    )
+    from diffusers_cir.retrieval import check_index_options, load_gallery_encoder
 
     if args.dataset is None:
         given = [flag for flag, value in (("--split", args.split), ("--image-column", args.image_column),
@@ -121,6 +120,15 @@ def run_build(args: argparse.Namespace) -> int:
         source = args.list_file
     else:
         source = _load_dataset(args.dataset, args.split or "train")
+    # A second build into the same --output is refused here, before it embeds anything.
+    is_main = accelerator is None or accelerator.is_main_process
+    with folder_lock(args.output, hint="wait for it to finish, or pass another --output") if is_main else nullcontext():
+        return _embed_and_index(args, encoder, source, accelerator)
+
+
+def _embed_and_index(args: argparse.Namespace, encoder, source, accelerator) -> int:
+    from diffusers_cir.retrieval import build_index_from_embedding_files, encode_gallery
+
     output = Path(args.output)
     gallery = encode_gallery(
         encoder,
@@ -137,6 +145,7 @@ def run_build(args: argparse.Namespace) -> int:
         image_column=args.image_column or "image",
         id_column=args.id_column,
         accelerator=accelerator,
+        verify_checksums=not args.no_verify_checksums,
     )
     if accelerator is not None and not accelerator.is_main_process:
         return 0

@@ -22,6 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..checks import check_positive_int
+from ..utils.locks import folder_lock
 from .backends import _import_faiss
 from .gallery import GalleryEmbeddings
 from .index import IVFDATA_NAME, GalleryIndex, normalize_embeddings
@@ -93,6 +94,7 @@ def build_index_from_embedding_files(
     efSearch: int | None = None,
     seed: int = 0,
     show_progress: bool = True,
+    verify_checksums: bool = True,
 ) -> GalleryIndex:
     """Build and save an index of every embedding in ``gallery`` (an ``encode_gallery`` folder).
 
@@ -104,6 +106,10 @@ def build_index_from_embedding_files(
         ondisk: keep the inverted lists of an IVF index in ``index.ivfdata`` (merged with faiss'
             ``OnDiskInvertedLists``) instead of memory.
         nprobe, efSearch: search parameters stored with the index.
+        verify_checksums: check each embeddings part against the digests written with it before indexing it.
+
+    Another process building into ``output_dir`` at the same time is refused
+    (:class:`~diffusers_cir.utils.locks.FolderLockedError`).
 
     Returns:
         The saved index, loaded back from ``output_dir`` (memory-mapped for ``ondisk`` / ``shard_size``).
@@ -112,15 +118,28 @@ def build_index_from_embedding_files(
         >>> index = build_index_from_embedding_files("out/embeddings", "out/index", factory="IVF1024,PQ64",
         ...                                          ondisk=True, nprobe=32)  # doctest: +SKIP
     """
-    faiss = _import_faiss()
     if not isinstance(gallery, GalleryEmbeddings):
-        gallery = GalleryEmbeddings(gallery)
+        gallery = GalleryEmbeddings(gallery, verify_checksums=verify_checksums)
+    if gallery.num_items == 0:
+        raise ValueError(
+            f"The gallery in {gallery.directory} holds no embeddings ({gallery.manifest.get('num_skipped', 0)} images "
+            "skipped as unreadable, see its parts/skipped-*.jsonl): there is nothing to index."
+        )
     check_index_options(
         gallery.embedding_dim, factory, train_size=train_size, shard_size=shard_size, ondisk=ondisk, nprobe=nprobe,
         efSearch=efSearch,
     )
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    with folder_lock(output_dir, hint="wait for it to finish, or build into another folder (--output)"):
+        index = _build(gallery, Path(output_dir), factory, train_size, shard_size, ondisk, seed, show_progress)
+        if nprobe is not None or efSearch is not None:
+            index.set_search_parameters(nprobe=nprobe, efSearch=efSearch)
+        index.save(output_dir)
+    # The checksums were just computed from these very files: hashing them again would only double the cost.
+    return GalleryIndex.load(output_dir, mmap=ondisk or shard_size is not None, verify_checksums=False)
+
+
+def _build(gallery, output_dir, factory, train_size, shard_size, ondisk, seed, show_progress) -> GalleryIndex:
+    faiss = _import_faiss()
     template = GalleryIndex(
         gallery.embedding_dim, factory=factory, model=gallery.model, model_fingerprint=gallery.model_fingerprint
     )
@@ -140,10 +159,7 @@ def build_index_from_embedding_files(
         index = template
         for embeddings, ids, metadata in parts:
             index.add(embeddings, ids=ids, metadata=metadata)
-    if nprobe is not None or efSearch is not None:
-        index.set_search_parameters(nprobe=nprobe, efSearch=efSearch)
-    index.save(output_dir)
-    return GalleryIndex.load(output_dir, mmap=ondisk or shard_size is not None)
+    return index
 
 
 def _is_ivf(faiss, index) -> bool:

@@ -15,6 +15,12 @@ Layout of an embeddings folder::
     parts/embeddings-00000.npy    float32 [n, D], the encoder's raw (unnormalised) embeddings
     parts/items-00000.jsonl       one {"id": ..., "path": ...} per embedded row (+ "crop_box" for a cropped image)
     parts/skipped-00000.jsonl     images that could not be read (only with skip_unreadable=True)
+    parts/checksums-00000.json    size and content digest of the part's files (``diffusers_cir.utils.checksums``)
+
+A part is done when its checksums are written (after its files). Finished parts are verified against them when a run
+resumes and when they are read, so a part that changed on disk is refused by name instead of being indexed.
+Folders written before checksums existed keep working (their parts are read unverified, with a warning). One
+process at a time writes a folder (``diffusers_cir.utils.locks``).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import hashlib
 import json
 import os
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -32,6 +39,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checks import check_positive_int
+from ..utils.checksums import ChecksumError, verify_manifest, write_manifest
+from ..utils.locks import folder_lock
 from .encoders import query_fingerprint
 from .images import load_image
 
@@ -197,6 +206,42 @@ def _part_paths(directory: Path, part: int) -> tuple[Path, Path, Path]:
     )
 
 
+def _checksums_name(part: int) -> str:
+    return f"checksums-{part:05d}.json"
+
+
+def _part_done(directory: Path, part: int, checksums: bool) -> bool:
+    """The part's embeddings are written (and, in a folder with part checksums, their checksums after them)."""
+    embedding_path = _part_paths(directory, part)[0]
+    return embedding_path.exists() and (not checksums or (embedding_path.parent / _checksums_name(part)).exists())
+
+
+def _verify_part(directory: Path, part: int) -> None:
+    """Check a part against its checksums (a part of an earlier diffusers-cir, which has none, is not checked)."""
+    embedding_path = _part_paths(directory, part)[0]
+    if not (embedding_path.parent / _checksums_name(part)).exists():
+        return
+    try:
+        verify_manifest(embedding_path.parent, _checksums_name(part))
+    except ChecksumError as error:
+        raise ChecksumError(
+            f"{error} Embed part {part} again: delete {embedding_path} and run the same command (or start over with "
+            "resume=False / --no-resume).",
+            error.path,
+        ) from None
+
+
+def _read_gallery_manifest(directory: Path) -> dict:
+    path = directory / GALLERY_MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} cannot be read as a gallery manifest ({error}): delete {directory} to start over.") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != GALLERY_FORMAT:
+        raise ValueError(f"{path} is not a {GALLERY_FORMAT} manifest.")
+    return manifest
+
+
 def _write_atomically(path: Path, write) -> None:
     temporary = path.with_name(path.name + ".tmp")
     write(temporary)
@@ -229,6 +274,7 @@ def encode_gallery(
     accelerator=None,
     show_progress: bool = True,
     description: str = "Embedding gallery",
+    verify_checksums: bool = True,
 ) -> "GalleryEmbeddings":
     """Embed every image of a gallery into ``output_dir`` (resumable; parts split across accelerate processes).
 
@@ -247,6 +293,10 @@ def encode_gallery(
         skip_unreadable: record unreadable images in ``parts/skipped-*.jsonl`` and go on, instead of failing.
         accelerator: an ``accelerate.Accelerator``; each process embeds its share of the parts on its device.
         description: the progress bar's label.
+        verify_checksums: check the parts an earlier run finished against their checksums before keeping them.
+
+    Another run writing into ``output_dir`` at the same time is refused
+    (:class:`~diffusers_cir.utils.locks.FolderLockedError`).
 
     Example:
         >>> import tempfile
@@ -286,14 +336,36 @@ def encode_gallery(
         "items_digest": items_digest(items),
         "source": str(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__,
         "status": "in_progress",
+        "checksums": True,
     }
-    if is_main:
-        _prepare_output(output_dir, manifest, resume, encoder)
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
+    hint = "wait for it to finish, or write the embeddings to another folder"
+    with folder_lock(output_dir, hint=hint) if is_main else nullcontext():
+        if is_main:
+            _prepare_output(output_dir, manifest, resume, encoder)
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+        _encode_parts(encoder, dataset, items, ranges, output_dir, image_column, batch_size, num_workers, skip_unreadable,
+                      show_progress, description, verify_checksums, process_index, num_processes)
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+        if is_main:
+            _finish(output_dir, _read_gallery_manifest(output_dir), len(ranges))
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+    return GalleryEmbeddings(output_dir, verify_checksums=verify_checksums)
 
+
+def _encode_parts(encoder, dataset, items, ranges, output_dir, image_column, batch_size, num_workers, skip_unreadable,
+                  show_progress, description, verify_checksums, process_index, num_processes) -> None:
+    """Embed this process' parts that are not done; verify the done ones (resume)."""
+    checksums = bool(_read_gallery_manifest(output_dir).get("checksums"))
+    is_main = process_index == 0
     my_parts = parts_for_process(len(ranges), process_index, num_processes)
-    pending = [part for part in my_parts if not _part_paths(output_dir, part)[0].exists()]
+    pending = [part for part in my_parts if not _part_done(output_dir, part, checksums)]
+    if verify_checksums:
+        for part in my_parts:
+            if part not in pending:
+                _verify_part(output_dir, part)
     progress = tqdm(
         total=sum(ranges[p][1] - ranges[p][0] for p in my_parts),
         initial=sum(ranges[p][1] - ranges[p][0] for p in my_parts if p not in pending),
@@ -308,21 +380,14 @@ def encode_gallery(
                      skip_unreadable, progress)
     progress.close()
 
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
-    if is_main:
-        _finish(output_dir, manifest, len(ranges))
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
-    return GalleryEmbeddings(output_dir)
-
 
 def _finish(output_dir: Path, manifest: dict, num_parts: int) -> None:
     """Mark the folder complete once every part is there."""
-    missing = [part for part in range(num_parts) if not _part_paths(output_dir, part)[0].exists()]
+    checksums = bool(manifest.get("checksums"))
+    missing = [part for part in range(num_parts) if not _part_done(output_dir, part, checksums)]
     if missing:
         raise RuntimeError(f"Parts {missing[:10]} of {output_dir} were not written; run again to resume.")
-    widths = {np.load(_part_paths(output_dir, p)[0], mmap_mode="r").shape[1] for p in range(num_parts)} - {0}
+    widths = {_part_shape(output_dir, p)[1] for p in range(num_parts)} - {0}
     skipped = sum(_count_lines(_part_paths(output_dir, p)[2]) for p in range(num_parts))
     manifest.update(status="complete", num_skipped=skipped, embedding_dim=widths.pop() if widths else 0)
     if skipped:
@@ -333,7 +398,7 @@ def _finish(output_dir: Path, manifest: dict, num_parts: int) -> None:
 def _prepare_output(output_dir: Path, manifest: dict, resume: bool, encoder) -> None:
     manifest_path = output_dir / GALLERY_MANIFEST
     if manifest_path.exists():
-        previous = json.loads(manifest_path.read_text())
+        previous = _read_gallery_manifest(output_dir) if resume else {}
         recorded = previous.get("model", {}).get("fingerprint")
         same = all(previous.get(key) == manifest[key] for key in ("items_digest", "part_size")) and (
             query_fingerprint(encoder, recorded) == recorded
@@ -346,6 +411,13 @@ def _prepare_output(output_dir: Path, manifest: dict, resume: bool, encoder) -> 
         if not resume:
             for path in (output_dir / "parts").glob("*"):
                 path.unlink()
+        elif not previous.get("checksums") and any((output_dir / "parts").glob("embeddings-*.npy")):
+            # Parts of an earlier diffusers-cir have no checksums: kept unchecked (parts embedded now get checksums).
+            manifest["checksums"] = False
+            warnings.warn(
+                f"{output_dir} holds parts embedded by an earlier diffusers-cir, without checksums: they are kept "
+                "unverified. Start over with resume=False (--no-resume) to have every part checked."
+            )
     (output_dir / "parts").mkdir(parents=True, exist_ok=True)
     for leftover in (output_dir / "parts").glob("*.tmp"):
         leftover.unlink()  # a part interrupted mid-write is redone
@@ -355,6 +427,9 @@ def _prepare_output(output_dir: Path, manifest: dict, resume: bool, encoder) -> 
 @torch.no_grad()
 def _encode_part(encoder, loader_dataset, items, part, bounds, output_dir, batch_size, num_workers, skip, progress):
     start, end = bounds
+    embedding_path, items_path, skipped_path = _part_paths(output_dir, part)
+    # Checksums left by an interrupted earlier attempt would vouch for the files this one is about to replace.
+    (embedding_path.parent / _checksums_name(part)).unlink(missing_ok=True)
     subset = torch.utils.data.Subset(loader_dataset, range(start, end))
     loader = torch.utils.data.DataLoader(
         subset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate, shuffle=False
@@ -379,7 +454,7 @@ def _encode_part(encoder, loader_dataset, items, part, bounds, output_dir, batch
             embeds = encoder.encode_image(images, batch_size=len(images))
             embeddings.append(np.asarray(embeds.detach().float().cpu(), dtype=np.float32))
         progress.update(len(batch))
-    embedding_path, items_path, skipped_path = _part_paths(output_dir, part)
+    skipped_path.unlink(missing_ok=True)
     if skipped:
         _write_atomically(skipped_path, lambda p: p.write_text("".join(json.dumps(s) + "\n" for s in skipped)))
     _write_atomically(
@@ -393,7 +468,26 @@ def _encode_part(encoder, loader_dataset, items, part, bounds, output_dir, batch
         with open(path, "wb") as handle:
             np.save(handle, array, allow_pickle=False)
 
-    _write_atomically(embedding_path, write_embeddings)  # written last: its presence marks the part as done
+    _write_atomically(embedding_path, write_embeddings)
+    # Written last: their presence marks the part as done (also in a folder of an earlier version, resumed).
+    names = [path.name for path in (embedding_path, items_path, skipped_path) if path.exists()]
+    write_manifest(embedding_path.parent, files=names, name=_checksums_name(part))
+
+
+def _part_shape(directory: Path, part: int) -> tuple[int, ...]:
+    """Shape of a part's embeddings from its ``.npy`` header (a truncated or foreign file is named)."""
+    path = _part_paths(directory, part)[0]
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:
+        raise ValueError(
+            f"Embeddings part {path} cannot be read ({error}): delete it and run again to re-embed it."
+        ) from None
+    if array.ndim != 2 or array.dtype != np.float32:
+        raise ValueError(
+            f"Embeddings part {path} holds {array.dtype} {array.shape}, not float32 [n, D]: delete it and run again."
+        )
+    return array.shape
 
 
 def _count_lines(path: Path) -> int:
@@ -407,22 +501,64 @@ class GalleryEmbeddings:
     """Read an embeddings folder written by ``encode_gallery`` (parts are memory-mapped; only ``embeddings_of`` reads
     them all).
 
+    Opening checks that the parts agree with the manifest (count, width); each part is verified against its checksums
+    the first time it is read (``verify_checksums=False`` skips the hashing, not the other checks).
+
     Example:
         >>> gallery = GalleryEmbeddings("out/embeddings")  # doctest: +SKIP
         >>> for embeddings, ids, metadata in gallery.iter_parts():  # doctest: +SKIP
         ...     print(embeddings.shape, ids[:2])
     """
 
-    def __init__(self, directory: str | os.PathLike):
+    def __init__(self, directory: str | os.PathLike, verify_checksums: bool = True):
         self.directory = Path(directory)
-        path = self.directory / GALLERY_MANIFEST
-        if not path.exists():
+        if self.directory.exists() and not self.directory.is_dir():
+            raise ValueError(f"{self.directory} is a file, not a gallery embeddings folder (written by encode_gallery).")
+        if not (self.directory / GALLERY_MANIFEST).exists():
             raise ValueError(f"{self.directory} is not a gallery embeddings folder (no {GALLERY_MANIFEST}).")
-        self.manifest = json.loads(path.read_text())
-        if self.manifest.get("format") != GALLERY_FORMAT:
-            raise ValueError(f"{path} is not a {GALLERY_FORMAT} manifest.")
+        self.manifest = _read_gallery_manifest(self.directory)
         if self.manifest.get("status") != "complete":
             raise ValueError(f"The gallery in {self.directory} is not completely embedded yet: run encode_gallery again.")
+        self.verify_checksums = verify_checksums
+        self._verified: set[int] = set()
+        self._check_counts()
+
+    def _check_counts(self) -> None:
+        """The parts hold the rows and width the manifest records (a header read per part, no data)."""
+        path = self.directory / GALLERY_MANIFEST
+        try:
+            num_parts, num_items = int(self.manifest["num_parts"]), int(self.manifest["num_items"])
+            num_skipped, width = int(self.manifest.get("num_skipped", 0)), int(self.manifest["embedding_dim"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{path} is invalid ({type(error).__name__}: {error}): embed the gallery again.") from None
+        checksums = bool(self.manifest.get("checksums"))
+        missing = [part for part in range(num_parts) if not _part_done(self.directory, part, checksums)]
+        if missing:
+            names = [str(_part_paths(self.directory, part)[0]) for part in missing[:3]]
+            raise ValueError(
+                f"{path} lists {num_parts} parts but part(s) {missing[:10]} are missing or have no checksums "
+                f"({', '.join(names)}): run encode_gallery (index build) again to embed them."
+            )
+        if not checksums and num_parts:
+            warnings.warn(f"{self.directory} was embedded by an earlier diffusers-cir: its parts have no checksums.")
+        shapes = [_part_shape(self.directory, part) for part in range(num_parts)]
+        rows = sum(shape[0] for shape in shapes)
+        if rows != num_items - num_skipped:
+            raise ValueError(
+                f"{path} records {num_items} images ({num_skipped} skipped) but its parts hold {rows} embeddings: "
+                "the folder is damaged. Embed the gallery again (resume=False / --no-resume)."
+            )
+        wrong = next((part for part, shape in enumerate(shapes) if shape[0] and shape[1] != width), None)
+        if wrong is not None:
+            raise ValueError(
+                f"{_part_paths(self.directory, wrong)[0]} holds {shapes[wrong][1]}-wide embeddings; {path} records "
+                f"{width}. Embed the gallery again (resume=False / --no-resume)."
+            )
+
+    def _checked(self, part: int) -> None:
+        if self.verify_checksums and part not in self._verified:
+            _verify_part(self.directory, part)
+        self._verified.add(part)
 
     @property
     def num_items(self) -> int:
@@ -446,11 +582,22 @@ class GalleryEmbeddings:
         return self.manifest["model"].get("fingerprint")
 
     def part(self, part: int) -> tuple[np.ndarray, list, list[dict]]:
+        self._checked(part)
         embedding_path, items_path, _ = _part_paths(self.directory, part)
-        embeddings = np.load(embedding_path, mmap_mode="r")
-        records = [json.loads(line) for line in items_path.read_text(encoding="utf-8").splitlines()]
+        embeddings = np.load(embedding_path, mmap_mode="r", allow_pickle=False)
+        try:
+            records = [json.loads(line) for line in items_path.read_text(encoding="utf-8").splitlines()]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{items_path} cannot be read ({error}): delete {embedding_path} and run again.") from None
         if len(records) != embeddings.shape[0]:
-            raise ValueError(f"{items_path} lists {len(records)} items for {embeddings.shape[0]} embeddings.")
+            raise ValueError(
+                f"{items_path} lists {len(records)} items for {embeddings.shape[0]} embeddings: delete {embedding_path} "
+                "and run again to re-embed the part."
+            )
+        if not all(isinstance(record, dict) and "id" in record for record in records):
+            raise ValueError(
+                f"{items_path} has a line that is not an {{'id': ...}} record: delete {embedding_path} and run again."
+            )
         ids = [record.pop("id") for record in records]
         return embeddings, ids, records
 
@@ -483,7 +630,7 @@ class GalleryEmbeddings:
 
     def sample(self, count: int, seed: int = 0) -> np.ndarray:
         """A uniform random sample of ``count`` embeddings (for training IVF / PQ), read part by part."""
-        sizes = [np.load(_part_paths(self.directory, p)[0], mmap_mode="r").shape[0] for p in range(self.num_parts)]
+        sizes = [_part_shape(self.directory, p)[0] for p in range(self.num_parts)]
         total = sum(sizes)
         count = min(count, total)
         chosen = np.sort(np.random.default_rng(seed).choice(total, count, replace=False))
@@ -491,6 +638,8 @@ class GalleryEmbeddings:
         for part, size in enumerate(sizes):
             local = chosen[(chosen >= offset) & (chosen < offset + size)] - offset
             if len(local):
-                rows.append(np.asarray(np.load(_part_paths(self.directory, part)[0], mmap_mode="r")[local]))
+                self._checked(part)
+                embeddings = np.load(_part_paths(self.directory, part)[0], mmap_mode="r", allow_pickle=False)
+                rows.append(np.asarray(embeddings[local]))
             offset += size
         return np.concatenate(rows) if rows else np.zeros((0, self.embedding_dim), dtype=np.float32)

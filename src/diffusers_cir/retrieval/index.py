@@ -13,6 +13,13 @@ A saved index is a folder::
     index.ivfdata      the inverted lists of an on-disk IVF index (see ``build_index_from_embedding_files``)
     ids.npy            the external id of every item, in index order (int64 or strings)
     metadata.jsonl     one JSON object per item (e.g. {"path": ...}), when metadata was given
+    checksums.json     size and content digest (XXH3-128) of every file above, manifest.json included; written last
+
+Loading verifies the digests (``verify_checksums=False`` / ``--no-verify-checksums`` skips it for huge on-disk
+indexes: about 1 s per 3 GB on one core once the files are cached, ``benchmarks/bench_index_checksums.py``), so flipped
+bytes, a reordered ``ids.npy`` or a file from another index are refused by name instead of returning wrong results. An
+index saved before checksums existed loads with a warning (sizes only) until it is saved again. Every file name in
+the manifest is a plain name inside the folder.
 
 Positions inside faiss are the order of insertion (0..N-1); ``ids.npy`` maps them to your ids, so ids can be
 any unique strings or integers (image file names, dataset keys).
@@ -32,16 +39,24 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..checks import check_choice, check_positive_int
+from ..utils.checksums import write_manifest
+from ..utils.locks import folder_lock
 from .backends import FaissSearchBackend, TorchExactSearchBackend, _import_faiss, faiss_gpu_count
 from .errors import IndexFormatError, IndexMismatchError
+from .index_files import (  # noqa: F401 - INDEX_FORMAT and read_manifest are public here too
+    CHECKSUMS_NAME,
+    IDS_NAME,
+    INDEX_FORMAT,
+    INDEX_FORMAT_VERSION,
+    IVFDATA_NAME,
+    MANIFEST_NAME,
+    METADATA_NAME,
+    SINGLE_PART_NAME,
+    check_files,
+    read_manifest,
+    read_metadata,
+)
 
-INDEX_FORMAT = "diffusers-cir-gallery-index"
-INDEX_FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
-IDS_NAME = "ids.npy"
-METADATA_NAME = "metadata.jsonl"
-SINGLE_PART_NAME = "index.faiss"
-IVFDATA_NAME = "index.ivfdata"
 SEARCH_PARAMETER_NAMES = ("nprobe", "efSearch")
 
 
@@ -141,6 +156,8 @@ def _as_id_array(ids: Any, count: int) -> np.ndarray:
             # "7" for the item added as 7, and excluding 7 would not exclude it.
             raise ValueError("`ids` must be all integers or all strings; got a mix of both.")
     array = np.asarray(ids)
+    if array.shape == (0,) and count == 0:
+        return np.empty(0, dtype=np.int64)  # `[]` is float64 to numpy; no ids of either kind
     if array.ndim != 1 or array.shape[0] != count:
         raise ValueError(f"`ids` must be a 1-D sequence of {count} ids (one per embedding); got shape {array.shape}.")
     if array.dtype.kind == "u" and array.size and array.max() > np.iinfo(np.int64).max:
@@ -352,12 +369,14 @@ class GalleryIndex:
 
     def _check_new_ids(self, new_ids: np.ndarray) -> None:
         existing_kind = next((chunk.dtype.kind for chunk in self._id_chunks if len(chunk)), None)
-        if existing_kind is not None and existing_kind != new_ids.dtype.kind:
+        if existing_kind is not None and len(new_ids) and existing_kind != new_ids.dtype.kind:
             kinds = {"i": "integers", "U": "strings"}
             raise ValueError(
                 f"`ids` must be {kinds.get(existing_kind, existing_kind)} like the ids already in the index; "
                 f"got {kinds.get(new_ids.dtype.kind, new_ids.dtype)}."
             )
+        if not len(new_ids):
+            return
         new_list = new_ids.tolist()
         if len(set(new_list)) != len(new_list):
             unique, counts = np.unique(new_ids, return_counts=True)
@@ -391,6 +410,11 @@ class GalleryIndex:
             [[0]]
         """
         vectors = normalize_embeddings(embeddings, "embeddings")
+        if vectors.shape[0] == 0:
+            raise ValueError(
+                f"`embeddings` is empty (shape {vectors.shape}): there is nothing to index. Check the gallery it "
+                "comes from (an empty folder or list, or every image skipped as unreadable)."
+            )
         index = cls(vectors.shape[1], factory=factory, model=model, model_fingerprint=model_fingerprint)
         if not index.is_trained:
             sample_size = min(vectors.shape[0], train_size or index.default_train_size())
@@ -599,11 +623,14 @@ class GalleryIndex:
         }
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write the index folder (see the module docstring). The manifest is written last, so a folder with a
-        manifest is complete."""
+        """Write the index folder (see the module docstring). The checksums are written last, so a folder whose
+        manifest and checksums agree with its files is complete. Another process saving into the same folder at the
+        same time is refused (:class:`~diffusers_cir.utils.locks.FolderLockedError`)."""
+        with folder_lock(directory, hint="wait for it to finish, or save this index to another folder"):
+            return self._save(Path(directory))
+
+    def _save(self, directory: Path) -> Path:
         faiss = _import_faiss()
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         manifest = self.manifest()
         files: dict[str, int] = {}
 
@@ -628,6 +655,7 @@ class GalleryIndex:
 
         # An earlier save's manifest goes first: were this save interrupted, it would otherwise vouch for a
         # mix of old and new files (same sizes pass its checks: new vectors under the old ids).
+        (directory / CHECKSUMS_NAME).unlink(missing_ok=True)
         (directory / MANIFEST_NAME).unlink(missing_ok=True)
         if self._ondisk:
             # The inverted lists stay in their .ivfdata file; the index file only refers to it by name.
@@ -651,9 +679,11 @@ class GalleryIndex:
         manifest["parts"] = [{"file": name, "ntotal": int(part.ntotal)} for part, name in zip(self._parts, part_names)]
         manifest["files"] = files
         manifest["has_metadata"] = self._metadata is not None
+        manifest["checksums"] = CHECKSUMS_NAME
         with open(directory / (MANIFEST_NAME + ".tmp"), "w", encoding="utf-8") as handle:
             json.dump(manifest, handle, indent=2)
         os.replace(directory / (MANIFEST_NAME + ".tmp"), directory / MANIFEST_NAME)
+        write_manifest(directory, files=[*files, MANIFEST_NAME], name=CHECKSUMS_NAME)
         return directory
 
     @classmethod
@@ -664,20 +694,26 @@ class GalleryIndex:
         device: str = "cpu",
         backend: str = "auto",
         shard_across_gpus: bool = False,
+        verify_checksums: bool = True,
     ) -> "GalleryIndex":
-        """Load a saved index, checking that its files are complete and agree with each other.
+        """Load a saved index, checking that its files are complete, unchanged and agree with each other.
 
         Args:
             mmap: map the index files instead of reading them (exact indexes and on-disk inverted lists are then
                 paged in by the OS: galleries larger than memory). A mapped index is read-only.
             device, backend, shard_across_gpus: see ``GalleryIndex.to``.
+            verify_checksums: compare every file with the content digest written with it (default). ``False`` checks
+                sizes only: for a huge on-disk index, where hashing means reading every byte from disk once
+                (``--no-verify-checksums`` on the command line).
 
         Raises:
-            IndexFormatError: a file is missing, truncated or unreadable, or the files disagree.
+            IndexFormatError: a file is missing, truncated, changed or unreadable, a file name leads outside the
+                folder, or the files disagree.
         """
         faiss = _import_faiss()
         directory = Path(directory)
         manifest = read_manifest(directory)
+        check_files(directory, manifest, verify_checksums)
         model = manifest.get("model") or {}
         index = cls.__new__(cls)
         try:
@@ -690,15 +726,6 @@ class GalleryIndex:
             )
         except (KeyError, TypeError, ValueError) as error:
             raise IndexFormatError(f"{directory / MANIFEST_NAME} is invalid: {error}") from error
-        for name, size in manifest.get("files", {}).items():
-            path = directory / name
-            if not path.exists():
-                raise IndexFormatError(f"Index file {path} is missing (listed in {MANIFEST_NAME}).")
-            if path.stat().st_size != size:
-                raise IndexFormatError(
-                    f"Index file {path} has {path.stat().st_size} bytes but {size} were written: it is truncated or "
-                    "was modified. Rebuild the index (or restore the file)."
-                )
         ondisk = bool(manifest.get("ondisk_inverted_lists", False))
         if ondisk:
             # The lists file is mapped by OnDiskInvertedLists itself; faiss finds it next to the index file
@@ -710,7 +737,7 @@ class GalleryIndex:
         else:
             flags = 0
         parts = []
-        for part_info in manifest.get("parts", []):
+        for part_info in manifest["parts"]:
             path = directory / part_info["file"]
             try:
                 part = faiss.read_index(str(path), flags)
@@ -738,8 +765,12 @@ class GalleryIndex:
             index._read_only_reason = "it was loaded with mmap=True; load it with mmap=False to add items."
         try:
             ids = np.load(directory / IDS_NAME, allow_pickle=False)
-        except (OSError, ValueError) as error:
-            raise IndexFormatError(f"Could not read {directory / IDS_NAME}: {error}") from error
+        except (OSError, ValueError, EOFError) as error:
+            raise IndexFormatError(f"Could not read {directory / IDS_NAME}: {error}. Rebuild the index.") from error
+        if ids.dtype.kind not in "iU":
+            raise IndexFormatError(
+                f"{directory / IDS_NAME} holds {ids.dtype} values; ids are int64 or strings. Rebuild the index."
+            )
         if ids.ndim != 1 or ids.shape[0] != index.ntotal or ids.shape[0] != manifest.get("ntotal"):
             raise IndexFormatError(
                 f"{directory / IDS_NAME} holds {ids.shape} ids for {index.ntotal} indexed vectors "
@@ -747,46 +778,10 @@ class GalleryIndex:
             )
         index._id_chunks = [ids] if len(ids) else []
         if manifest.get("has_metadata"):
-            index._metadata = _read_metadata(directory / METADATA_NAME, index.ntotal)
+            index._metadata = read_metadata(directory / METADATA_NAME, index.ntotal)
         for name, value in manifest.get("search_parameters", {}).items():
             if name in SEARCH_PARAMETER_NAMES:
                 index.set_search_parameters(**{name: value})
         if device != "cpu" or backend != "auto" or shard_across_gpus:
             index.to(device, backend=backend, shard_across_gpus=shard_across_gpus)
         return index
-
-
-def read_manifest(directory: str | os.PathLike) -> dict:
-    """Read and validate the manifest of a saved index folder."""
-    directory = Path(directory)
-    path = directory / MANIFEST_NAME
-    if not directory.is_dir():
-        raise IndexFormatError(f"Index folder {directory} does not exist.")
-    if not path.exists():
-        raise IndexFormatError(
-            f"{directory} is not a diffusers-cir index: it has no {MANIFEST_NAME} (an interrupted save, or the "
-            "wrong folder)."
-        )
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise IndexFormatError(f"{path} is not valid JSON: {error}") from error
-    if not isinstance(manifest, dict) or manifest.get("format") != INDEX_FORMAT:
-        raise IndexFormatError(f"{path} is not a {INDEX_FORMAT} manifest.")
-    if manifest.get("format_version") != INDEX_FORMAT_VERSION:
-        raise IndexFormatError(
-            f"{path} has format version {manifest.get('format_version')}; this diffusers-cir reads version "
-            f"{INDEX_FORMAT_VERSION}."
-        )
-    return manifest
-
-
-def _read_metadata(path: Path, expected: int) -> list:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            metadata = [json.loads(line) for line in handle]
-    except (OSError, json.JSONDecodeError) as error:
-        raise IndexFormatError(f"Could not read {path}: {error}") from error
-    if len(metadata) != expected:
-        raise IndexFormatError(f"{path} has {len(metadata)} entries for {expected} indexed vectors.")
-    return metadata

@@ -18,6 +18,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .locks import LOCK_NAME
+
 CARD_NAME = "README.md"
 SPACE_FILES = ("README.md", "app.py", "requirements.txt")
 
@@ -49,6 +51,7 @@ def upload_folder_to_hub(
     commit = api.upload_folder(
         repo_id=repo_id, folder_path=str(folder), repo_type=repo_type, create_pr=create_pr,
         commit_message=commit_message or f"Upload with diffusers-cir ({folder.name})",
+        ignore_patterns=[f"**/{LOCK_NAME}", LOCK_NAME],  # the writers' lock file (utils.locks), not data
     )
     return str(commit)
 
