@@ -7,7 +7,7 @@
     diffusers-cir data inspect webdataset --data-files "/data/SynthTriplets18M/*.tar"
     diffusers-cir data synthetic synthetic_world --train 100000
 
-``write`` reads a JSONL/CSV/TSV file or a folder (see ``diffusers_cir.data.shards.read_triplet_records``) and
+``write`` reads a JSONL/CSV/TSV file or a folder (see ``diffusers_cir.data.sources.read_triplet_records``) and
 writes Parquet shards with the image bytes plus the dataset card. ``validate`` exits with status 1 when it
 finds a problem, so it can gate a pipeline.
 """

@@ -26,10 +26,8 @@ Example:
 
 from __future__ import annotations
 
-import csv
 import glob
 import hashlib
-import json
 import logging
 import os
 import re
@@ -43,12 +41,14 @@ import numpy as np
 
 from ..checks import check_positive_int
 from ..retrieval.images import load_image
+from ..utils.locks import folder_lock, lock_folder
 from . import schema
 from .card import data_files_pattern, read_card_configs, read_card_infos, update_dataset_card
+from .sources import IMAGE_EXTENSIONS, MALFORMED, read_triplet_records  # noqa: F401 - public here since the start
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+LOCK_HINT = "wait for it to finish, or write to another dataset folder"
 
 
 def _tqdm(*args, **kwargs):
@@ -117,6 +117,25 @@ def parquet_file(path: str):
         raise ValueError(f"Shard {path} is not a readable Parquet file ({type(error).__name__}: {error}).") from error
 
 
+def check_parquet_files(files: Iterable[str]) -> list[str]:
+    """``files``, after opening each one's footer and comparing their schemas: a shard that is not Parquet (garbage,
+    truncated, an HTML error page) or that holds other columns is named here, before training or streaming starts,
+    instead of failing a DataLoader worker later with a pyarrow error that names no file. Reads footers only."""
+    files = list(files)
+    first = None
+    for path in files:
+        schema_ = parquet_file(path).schema_arrow
+        if first is None:
+            first = (path, schema_)
+        elif not schema_.equals(first[1], check_metadata=False):
+            raise ValueError(
+                f"Shard {path} has the columns {schema_.names} ({', '.join(map(str, schema_.types))}), unlike "
+                f"{first[0]} ({first[1].names}, {', '.join(map(str, first[1].types))}): the shards of one split come "
+                "from different writes. Rewrite the split (diffusers-cir data write/reshard) or remove the stray file."
+            )
+    return files
+
+
 def content_id(reference: bytes | str, modification_text: str, target: bytes | str) -> str:
     """A stable id from a triplet's content: the same images and text always get the same id."""
     digest = hashlib.sha1()
@@ -141,6 +160,9 @@ class ParquetShardWriter:
         rows_per_shard: rows per file.
         row_group_size: rows per Parquet row group (the unit ``datasets`` streams and re-shards by).
         overwrite: replace existing shards of this split; otherwise their presence is an error.
+
+    The writer holds the lock of ``folder`` (:mod:`diffusers_cir.utils.locks`) from its creation until it closes or
+    aborts: another process writing the folder meanwhile is refused.
     """
 
     def __init__(
@@ -158,8 +180,10 @@ class ParquetShardWriter:
         self.folder, self.config_name, self.split, self.features = folder, config_name, split, features
         self.rows_per_shard, self.row_group_size = rows_per_shard, min(row_group_size, rows_per_shard)
         self.directory = os.path.join(folder, config_name)
+        self._lock = lock_folder(folder, hint=LOCK_HINT)
         existing = shard_files(folder, config_name, split)
         if existing and not overwrite:
+            self._lock.release()
             raise FileExistsError(
                 f"{len(existing)} shard(s) of {config_name}/{split} already exist in {folder} (e.g. {existing[0]}); "
                 "pass overwrite=True (CLI: --overwrite) to replace them."
@@ -266,6 +290,7 @@ class ParquetShardWriter:
             os.replace(path, final)
             self.files.append(final)
         self._closed = True
+        self._lock.release()
         return self.files
 
     def abort(self) -> None:
@@ -276,6 +301,8 @@ class ParquetShardWriter:
         for path in self._temporary:
             if os.path.exists(path):
                 os.remove(path)
+        if not self._closed:
+            self._lock.release()
         self._closed = True
 
 
@@ -336,122 +363,6 @@ class WriteSummary:
         return "\n".join(lines)
 
 
-def read_triplet_records(source: str, column_mapping: Mapping[str, str] | None = None) -> tuple[list[dict], str]:
-    """Records (``dict`` per triplet, canonical keys) from a JSONL file, a CSV/TSV file or a folder.
-
-    A folder either holds a ``metadata.jsonl`` / ``metadata.csv`` (image paths relative to the folder,
-    as in ``datasets``' ImageFolder) or one sub-folder per triplet with ``reference.<ext>``,
-    ``target.<ext>``, ``modification.txt`` and optional ``reference_caption.txt`` / ``target_caption.txt``
-    (the sub-folder name is the id). Returns the records and the directory image paths are relative to.
-
-    Text files are read as UTF-8 with an optional byte-order mark, which Excel's "CSV UTF-8" and Windows editors
-    write: it would otherwise stick to the first column name, fail the first JSON line, or start a modification text.
-    """
-    mapping = schema.resolve_column_mapping(column_mapping)
-    if os.path.isdir(source):
-        for name in ("metadata.jsonl", "metadata.csv", "metadata.tsv", "triplets.jsonl", "triplets.csv"):
-            if os.path.isfile(os.path.join(source, name)):
-                return read_triplet_records(os.path.join(source, name), column_mapping)[0], source
-        return _read_triplet_folders(source), source
-    if not os.path.isfile(source):
-        raise FileNotFoundError(f"Triplet source {source!r} is neither a file nor a folder.")
-    base = os.path.dirname(os.path.abspath(source))
-    lower = source.lower()
-    line_numbers = []  # the line each record starts on in the file, as an editor numbers it
-    if lower.endswith((".jsonl", ".json")):
-        raw = []
-        with open(source, encoding="utf-8-sig") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    raw.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise ValueError(
-                        f"{source}:{line_number} is not a JSON record ({error.msg}, column {error.colno}): "
-                        f"{line.strip()[:200]!r}"
-                    ) from None
-                line_numbers.append(line_number)
-    elif lower.endswith((".csv", ".tsv")):
-        raw, line_numbers = _read_csv_records(source, delimiter="\t" if lower.endswith(".tsv") else ",")
-    else:
-        raise ValueError(f"Unsupported triplet source {source!r}: expected a .jsonl, .csv or .tsv file, or a folder.")
-    if raw:
-        schema.check_columns(
-            raw[0],
-            mapping,
-            (schema.REFERENCE_IMAGE, schema.TARGET_IMAGE, schema.MODIFICATION_TEXT),
-            where=f"{source} (first record)",
-        )
-    records = []
-    for index, entry in enumerate(raw):
-        record = {"_source": f"{os.path.basename(source)}:{line_numbers[index]}"}
-        for name in schema.IMAGES_COLUMNS:
-            value = schema.get_field(entry, mapping[name], default=None)
-            record[name] = None if value in ("", None) else value
-        records.append(record)
-    return records, base
-
-
-def _read_csv_records(source: str, delimiter: str) -> tuple[list[dict], list[int]]:
-    """``csv.DictReader``'s records of a CSV/TSV file, with the line each one starts on.
-
-    Counting records misnumbers them: the header is line 1, and blank lines and quoted fields holding line breaks
-    shift every later record. ``csv.reader.line_num`` counts the lines read so far, so a record starts on the line
-    after the previous one ended. Extra fields go under the ``None`` key and missing ones are ``None``, as in
-    ``csv.DictReader``.
-    """
-    records, starts = [], []
-    with open(source, encoding="utf-8-sig", newline="") as handle:
-        reader = csv.reader(handle, delimiter=delimiter)
-        fieldnames, previous_end = None, 0
-        for row in reader:
-            start, previous_end = previous_end + 1, reader.line_num
-            if not row:  # a blank line (DictReader skips them too)
-                continue
-            if fieldnames is None:
-                fieldnames = row
-                continue
-            record = dict(zip(fieldnames, row))
-            if len(row) > len(fieldnames):
-                record[None] = row[len(fieldnames) :]
-            for name in fieldnames[len(row) :]:
-                record[name] = None
-            records.append(record)
-            starts.append(start)
-    return records, starts
-
-
-def _read_triplet_folders(folder: str) -> list[dict]:
-    records = []
-    for name in sorted(os.listdir(folder)):
-        path = os.path.join(folder, name)
-        if not os.path.isdir(path):
-            continue
-        files = {os.path.splitext(f)[0]: f for f in os.listdir(path)}
-        record: dict[str, Any] = {"_source": name, "id": name}
-        for key in ("reference", "target"):
-            found = [f for f in os.listdir(path) if os.path.splitext(f)[0] == key and f.lower().endswith(IMAGE_EXTENSIONS)]
-            record[f"{key}_image"] = os.path.join(name, found[0]) if found else None
-        for key, column in (
-            ("modification", schema.MODIFICATION_TEXT),
-            ("reference_caption", schema.REFERENCE_CAPTION),
-            ("target_caption", schema.TARGET_CAPTION),
-        ):
-            text_file = files.get(key)
-            record[column] = None
-            if text_file is not None:
-                with open(os.path.join(path, text_file), encoding="utf-8-sig") as handle:
-                    record[column] = handle.read().strip() or None
-        records.append(record)
-    if not records:
-        raise ValueError(
-            f"{folder} has no metadata.jsonl/metadata.csv and no triplet sub-folders "
-            "(each with reference.<ext>, target.<ext>, modification.txt)."
-        )
-    return records
-
-
 def _read_image_bytes(value: Any, base: str) -> tuple[bytes, str]:
     if isinstance(value, (bytes, bytearray)):
         return bytes(value), None
@@ -479,7 +390,10 @@ def write_triplets(
 
     Image bytes are copied as they are (no re-encoding). Records whose images are missing or cannot be
     decoded (with ``verify_images``), whose text is empty, or whose id repeats an earlier one are skipped
-    and listed in the returned summary. Rows without an ``id`` get :func:`content_id`.
+    and listed in the returned summary, and so are malformed ones (a CSV/TSV row with more or fewer fields than
+    the header, a JSONL line that is not an object), named by line. An unbalanced CSV quote refuses the file.
+    Rows without an ``id`` get :func:`content_id`. Another process writing ``folder`` at the same time is refused
+    (:class:`~diffusers_cir.utils.locks.FolderLockedError`).
 
     Example:
         >>> summary = write_triplets("my_triplets.jsonl", "my_dataset")  # doctest: +SKIP
@@ -487,6 +401,12 @@ def write_triplets(
         wrote 1200 triplets to 2 shard(s) in my_dataset/images
     """
     records, base = read_triplet_records(source, column_mapping)
+    with folder_lock(folder, hint=LOCK_HINT):
+        return _write_records(records, base, folder, split, rows_per_shard, row_group_size, verify_images, overwrite,
+                              progress)
+
+
+def _write_records(records, base, folder, split, rows_per_shard, row_group_size, verify_images, overwrite, progress):
     summary = WriteSummary(folder, schema.IMAGES_CONFIG, split)
     features = schema.images_features()
     seen_ids: set[str] = set()
@@ -495,6 +415,8 @@ def write_triplets(
     ) as writer:
         for record in _tqdm(records, desc=f"writing {split}", unit="triplet", disable=not progress):
             try:
+                if MALFORMED in record:
+                    raise ValueError(record[MALFORMED])
                 text = record.get(schema.MODIFICATION_TEXT)
                 if not isinstance(text, str) or not text.strip():
                     raise ValueError("empty modification_text")
@@ -579,11 +501,9 @@ def reshard(
 
     ``datasets`` gives each DataLoader worker of each rank whole shards, so a split needs at least
     ``world_size * num_workers`` shards (ideally a multiple) to use every worker. In place unless
-    ``output_folder`` is given (the card is then copied and updated there).
+    ``output_folder`` is given (the card is then copied and updated there). Another process writing the output
+    folder meanwhile is refused (:class:`~diffusers_cir.utils.locks.FolderLockedError`).
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     if (rows_per_shard is None) == (num_shards is None):
         raise ValueError("Pass exactly one of rows_per_shard or num_shards.")
     files = check_shard_set(shard_files(folder, config_name, split))
@@ -600,7 +520,16 @@ def reshard(
         sizes = [rows_per_shard] * (total // rows_per_shard) + ([total % rows_per_shard] if total % rows_per_shard else [])
     schema_arrow = parquet_file(files[0]).schema_arrow
     target = output_folder or folder
-    os.makedirs(target, exist_ok=True)
+    with folder_lock(target, hint=LOCK_HINT):
+        return _reshard(folder, config_name, split, files, sizes, total, schema_arrow, target, row_group_size,
+                        shuffle_seed, progress)
+
+
+def _reshard(folder, config_name, split, files, sizes, total, schema_arrow, target, row_group_size, shuffle_seed,
+             progress) -> list[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     # Stage next to the destination so the final os.replace never crosses file systems.
     staging = tempfile.mkdtemp(prefix=".reshard-", dir=target)
     written = []
@@ -753,6 +682,24 @@ def validate_dataset(
     return report
 
 
+def _batches_or_problem(report: ValidationReport, key: str, path: str) -> Iterator:
+    """The record batches of a shard; data that cannot be read past its footer is a problem naming the file."""
+    import pyarrow as pa
+
+    batches = parquet_file(path).iter_batches(batch_size=256)
+    rows = 0
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (OSError, pa.ArrowException) as error:
+            report.problems.append(f"{key}: {path} cannot be read after row {rows} ({type(error).__name__}: {error})")
+            return
+        rows += batch.num_rows
+        yield batch
+
+
 def _validate_rows(report, key, files, features, config_name, check_images, max_listed, progress) -> set[str]:
     import pyarrow.parquet as pq
 
@@ -767,7 +714,7 @@ def _validate_rows(report, key, files, features, config_name, check_images, max_
     total = sum(pq.ParquetFile(path).metadata.num_rows for path in files)
     bar = _tqdm(total=total, desc=f"validating {key}", unit="row", disable=not progress)
     for path in files:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
+        for batch in _batches_or_problem(report, key, path):
             rows = batch.to_pylist()
             for row in rows:
                 row_id = str(row.get(schema.ID))

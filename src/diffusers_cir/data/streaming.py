@@ -87,6 +87,7 @@ class TripletStream:
     source: str  # "images" or "embeddings"
     column_mapping: dict[str, str]
     stage: str = "triplet"
+    origin: str | None = None  # what was opened (folder, Hub id, data files), to name it when reading fails
 
     @property
     def num_shards(self) -> int:
@@ -120,9 +121,10 @@ def infer_source(columns: Sequence[str], column_mapping: Mapping[str, str]) -> s
 
 def _check_local_shards(folder: str, name: str | None, split: str) -> None:
     """For a local dataset folder, refuse a split whose ``-of-N`` shard set is incomplete (streaming would read the
-    remaining shards and silently leave the missing ones' rows out)."""
+    remaining shards and silently leave the missing ones' rows out), or one of whose Parquet shards is unreadable or
+    holds other columns (named by file, here, rather than by a pyarrow error in a DataLoader worker)."""
     from .card import read_card_configs
-    from .shards import check_shard_set
+    from .shards import check_parquet_files, check_shard_set
 
     configs = read_card_configs(folder)
     if name is None:
@@ -132,8 +134,21 @@ def _check_local_shards(folder: str, name: str | None, split: str) -> None:
     for entry in entries:
         if isinstance(entry, Mapping) and entry.get("split", "train") == split:
             patterns = entry.get("path", [])
+            files = []
             for pattern in [patterns] if isinstance(patterns, str) else patterns:
-                check_shard_set(sorted(glob.glob(os.path.join(folder, pattern))))
+                files += check_shard_set(sorted(glob.glob(os.path.join(folder, pattern))))
+            check_parquet_files([path for path in files if path.endswith(".parquet")])
+
+
+def _check_local_data_files(data_files: Any) -> None:
+    """The local Parquet files among ``data_files`` (paths or globs; a list, or a dict of them per split), checked as
+    :func:`_check_local_shards` checks a folder's."""
+    from .shards import check_parquet_files
+
+    entries = data_files.values() if isinstance(data_files, Mapping) else [data_files]
+    patterns = [item for entry in entries for item in ([entry] if isinstance(entry, (str, os.PathLike)) else entry or [])]
+    files = sorted({path for pattern in patterns for path in glob.glob(os.fspath(pattern)) if path.endswith(".parquet")})
+    check_parquet_files(files)
 
 
 def load_triplet_stream(
@@ -164,12 +179,15 @@ def load_triplet_stream(
     Raises:
         MissingColumnsError: a needed column is absent (the message lists expected and found names).
         FileNotFoundError: a local folder's split lacks shards of its ``{split}-{i}-of-{n}.parquet`` set.
+        ValueError: a local Parquet shard is unreadable or holds other columns than the others (named by file).
     """
     import datasets
 
     mapping = schema.resolve_column_mapping(column_mapping)
     if dataset is None and data_files is None and isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
         _check_local_shards(os.fspath(path), name, split)
+    elif dataset is None and data_files is not None:
+        _check_local_data_files(data_files)
     if dataset is None:
         dataset = datasets.load_dataset(
             path, name, split=split, data_files=data_files, streaming=True, **load_dataset_kwargs
@@ -209,7 +227,8 @@ def load_triplet_stream(
         # Rows as 1-row Arrow tables: the collator turns a whole batch of vectors into one numpy array, which
         # streams embeddings about 3x faster than datasets' per-row Python lists of floats.
         dataset = dataset.with_format("arrow")
-    return TripletStream(dataset=dataset, source=source, column_mapping=mapping, stage=stage)
+    origin = os.fspath(path) if isinstance(path, (str, os.PathLike)) and data_files is None else str(data_files or path)
+    return TripletStream(dataset=dataset, source=source, column_mapping=mapping, stage=stage, origin=origin)
 
 
 def _rows_from_tables(tables: Sequence[Any]) -> list[dict]:
@@ -565,9 +584,10 @@ class TripletDataLoader:
             the reasons (exception type and first words) for a summary at the end of a run.
     """
 
-    def __init__(self, dataset, collator: TripletCollator, loader, shuffle: bool, log_skipped: int = 20):
+    def __init__(self, dataset, collator: TripletCollator, loader, shuffle: bool, log_skipped: int = 20,
+                 origin: str | None = None):
         self.dataset, self.collator, self.loader = dataset, collator, loader
-        self.shuffle = shuffle
+        self.shuffle, self.origin = shuffle, origin
         self.epoch = 0
         self.num_rows = 0
         self.num_skipped = 0
@@ -578,8 +598,27 @@ class TripletDataLoader:
         self.epoch = epoch
         self.dataset.set_epoch(epoch)
 
+    def _batches(self):
+        """The loader's batches; a shard that cannot be read (damaged after its footer was checked, deleted) is named
+        as far as the reader allows, with the way to find it."""
+        import pyarrow as pa
+
+        batches = iter(self.loader)
+        while True:
+            try:
+                yield next(batches)
+            except StopIteration:
+                return
+            except (OSError, pa.ArrowException) as error:
+                origin = self.origin or "the training data"
+                raise ValueError(
+                    f"Reading {origin} failed after {self.num_rows} rows ({type(error).__name__}: "
+                    f"{str(error).strip().splitlines()[-1] if str(error).strip() else ''}): a shard is damaged or "
+                    f"missing. `diffusers-cir data validate {origin}` names the file; rewrite or re-download it."
+                ) from error
+
     def __iter__(self):
-        for batch in self.loader:
+        for batch in self._batches():
             self.num_rows += len(batch["ids"])
             if batch["num_skipped"]:
                 self.num_skipped += batch["num_skipped"]
@@ -698,4 +737,4 @@ def build_triplet_dataloader(
         # Not persistent: workers are re-created each epoch so that set_epoch reaches them.
         persistent_workers=False,
     )
-    return TripletDataLoader(dataset, collator, loader, shuffle=shuffle)
+    return TripletDataLoader(dataset, collator, loader, shuffle=shuffle, origin=stream.origin)
