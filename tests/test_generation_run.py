@@ -144,7 +144,7 @@ def test_a_killed_run_resumes_to_identical_shards_and_a_second_writer_is_refused
     assert not os.path.exists(record_path(str(killed), "train", 1))
 
     with FileLock(str(killed / LOCK_NAME)):  # a second writer while one holds the folder
-        with pytest.raises(FileExistsError, match="Another generation run is writing"):
+        with pytest.raises(FileExistsError, match="Another process is writing to .*another --output"):
             run_generation(config, components, str(killed), progress=False)
 
     resumed = run_generation(config, components, str(killed), progress=False)

@@ -11,8 +11,9 @@ Resume: run the same command again. Completed shards (file and record present) a
 half-written is rewritten from its first item, to the same bytes. The recipe and the source sizes are recorded in
 ``generation/{split}/`` on the first run; a resume with another recipe is refused (``overwrite=True`` starts again).
 
-A ``filelock`` lock on ``OUTPUT/.generate.lock``, held by the main process for the whole run, refuses a second run
-writing into the same folder (fcntl locks: on NFS, use a file system whose locks work across nodes).
+The folder's ``filelock`` lock (``diffusers_cir.utils.locks``, shared with ``data write`` and ``data reshard``), held by
+the main process for the whole run, refuses a second run writing into the same folder (fcntl locks: on NFS, use a file
+system whose locks work across nodes).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..data import schema
+from ..utils.locks import LOCK_NAME, lock_folder  # noqa: F401 - LOCK_NAME: where the lock is, for callers
 from .components import GenerationComponents
 from .config import CAPTION_STRATEGIES, GenerationConfig
 from .output import (
@@ -42,8 +44,6 @@ from .output import (
     write_json,
 )
 from .stages import caption_chunk, pair_chunk
-
-LOCK_NAME = ".generate.lock"
 
 
 @dataclass(frozen=True)
@@ -129,18 +129,8 @@ def process_state():
 
 
 def _acquire_lock(folder: str):
-    from filelock import FileLock, Timeout
-
-    os.makedirs(folder, exist_ok=True)
-    lock = FileLock(os.path.join(folder, LOCK_NAME))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise FileExistsError(
-            f"Another generation run is writing to {folder} (it holds {os.path.join(folder, LOCK_NAME)}): wait for it "
-            "to finish, or write to another --output."
-        ) from None
-    return lock
+    # The folder lock every writer of a dataset folder takes (data write, reshard, generate): one run at a time.
+    return lock_folder(folder, hint="wait for it to finish, or write to another --output")
 
 
 def _differences(recorded: Any, given: Any, prefix: str = "") -> list[str]:
