@@ -197,15 +197,20 @@ BGEVL_MAX_SEQUENCE_LENGTH = 75
 _BGEVL_SOURCE = "VectorSpaceLab/MegaPairs eval/ at ad99aca (eval_Circo.py, eval_fashioniq.py, flag_mmret.py, data/*.jsonl)"
 
 
-def bgevl_circo_texts(query: CIRQuery, template: str) -> list[str]:
-    """BGE-VL's CIRCO query: ``Find a picture that also {shared concept}, but {relative caption}.`` (the text of all
-    800 test queries in the authors' ``circo_query.jsonl``)."""
+def _shared_concept(query: CIRQuery, protocol: str) -> str:
     shared = query.extra.get("shared_concept")
     if not isinstance(shared, str):
         raise ValueError(
-            f"CIRCO query {query.query_id!r} has no `shared_concept`, which the bgevl protocol's query text needs (the "
-            "official CIRCO annotation files have one per query)."
+            f"CIRCO query {query.query_id!r} has no `shared_concept`, which the {protocol} protocol's query text needs "
+            "(the official CIRCO annotation files have one per query)."
         )
+    return shared
+
+
+def bgevl_circo_texts(query: CIRQuery, template: str) -> list[str]:
+    """BGE-VL's CIRCO query: ``Find a picture that also {shared concept}, but {relative caption}.`` (the text of all
+    800 test queries in the authors' ``circo_query.jsonl``)."""
+    shared = _shared_concept(query, "bgevl")
     return [template.format(f"Find a picture that also {shared}, but {query.captions[0]}.")]
 
 
@@ -247,13 +252,7 @@ _MAGICLENS_SOURCE = "google-deepmind/magiclens at 5135f58 (data_utils.py: build_
 
 def magiclens_circo_texts(query: CIRQuery, template: str) -> list[str]:
     """MagicLens's CIRCO query: ``find {shared concept} but {relative caption}``."""
-    shared = query.extra.get("shared_concept")
-    if not isinstance(shared, str):
-        raise ValueError(
-            f"CIRCO query {query.query_id!r} has no `shared_concept`, which the magiclens protocol's query text needs "
-            "(the official CIRCO annotation files have one per query)."
-        )
-    return [template.format(f"find {shared} but {query.captions[0]}")]
+    return [template.format(f"find {_shared_concept(query, 'magiclens')} but {query.captions[0]}")]
 
 
 def magiclens_fashioniq_texts(query: CIRQuery, template: str) -> list[str]:
