@@ -28,7 +28,6 @@ import io
 import itertools
 import json
 import os
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,6 +43,7 @@ from .picture_drawing import (
     STYLE_NAMES,
     draw_picture,
 )
+from .triplets import IndexedTriplets
 
 ATTRIBUTES = ("object", "color", "material", "style", "position")
 SPLITS = ("train", "validation", "test")
@@ -144,25 +144,8 @@ class PictureItem:
         return f"picture-{self.index:05d}"
 
 
-@dataclass
-class PictureTriplets:
-    """Columnar triplets: item indices and texts; ``edited_attributes[i]`` names what edit ``i`` changes."""
-
-    split: str
-    reference_indices: np.ndarray
-    target_indices: np.ndarray
-    modification_texts: list[str]
-    edited_attributes: list[str]
-
-    def __len__(self) -> int:
-        return len(self.modification_texts)
-
-    def subset(self, positions: Sequence[int]) -> PictureTriplets:
-        positions = np.asarray(positions, dtype=np.int64)
-        return PictureTriplets(
-            self.split, self.reference_indices[positions], self.target_indices[positions],
-            [self.modification_texts[i] for i in positions], [self.edited_attributes[i] for i in positions],
-        )
+PictureTriplets = IndexedTriplets
+"""The picture world's triplets (:class:`~diffusers_cir.data.triplets.IndexedTriplets`)."""
 
 
 def caption_of(attributes: dict) -> str:

@@ -291,8 +291,7 @@ def _remove_tree(path: str) -> None:
 
 def record_embeddings_card(folder: str, embedder_name: str, embedding_dim: int, split: str = "train", normalize: bool = True) -> str:
     """Record the finished ``embeddings`` split (size, features, encoder) in the dataset card."""
-    from .card import update_dataset_card
-    from .card import read_card_infos
+    from .card import read_card_infos, update_dataset_card
     from .shards import count_rows
 
     infos = read_card_infos(folder)

@@ -57,6 +57,8 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
+from .triplets import IndexedTriplets
+
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -250,29 +252,8 @@ class SyntheticItem:
         return {name: getattr(self, name) for name in ATTRIBUTES}
 
 
-@dataclass
-class SyntheticTriplets:
-    """Columnar triplets (numpy index arrays + texts), cheap to build for 100k+ rows.
-
-    ``edited_attributes[i]`` names the attribute(s) the i-th edit changes ("color" or "color+style").
-    """
-
-    split: str
-    reference_indices: np.ndarray
-    target_indices: np.ndarray
-    modification_texts: list[str]
-    edited_attributes: list[str]
-
-    def __len__(self) -> int:
-        return len(self.modification_texts)
-
-    def __getitem__(self, index: int) -> dict:
-        return {
-            "reference_index": int(self.reference_indices[index]),
-            "target_index": int(self.target_indices[index]),
-            "modification_text": self.modification_texts[index],
-            "edited_attributes": self.edited_attributes[index],
-        }
+SyntheticTriplets = IndexedTriplets
+"""The synthetic world's triplets (:class:`~diffusers_cir.data.triplets.IndexedTriplets`)."""
 
 
 @dataclass
