@@ -16,7 +16,8 @@ id; InstructPix2Pix's column names `input`, `edit`, `output` by default):
 
 The loss is on the completion only (`instruction %% edited caption END` + EOS). The LoRA adapter (or, with
 `--full_finetune`, the whole model) and the tokenizer are saved to `--output_dir`; `--resume_from_checkpoint latest`
-continues an interrupted run from its last `checkpoint-<step>` (weights, optimizer, scheduler, step).
+(or a `checkpoint-<step>` name) continues an interrupted run from that checkpoint (weights, optimizer, scheduler, step,
+random states) once its checksums match.
 """
 
 from __future__ import annotations
@@ -52,7 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max_length", type=int, default=256, help="Tokens per example.")
     parser.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
     parser.add_argument("--checkpointing_steps", type=int, default=None)
-    parser.add_argument("--resume_from_checkpoint", default=None, choices=["latest"])
+    # Both spellings: a refused checkpoint's message names the flag in kebab-case.
+    parser.add_argument("--resume-from-checkpoint", "--resume_from_checkpoint", dest="resume_from_checkpoint",
+                        default=None, help="`latest`, or a checkpoint-<step> folder of --output_dir.")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -84,7 +87,7 @@ def main(args: argparse.Namespace) -> str:
               f"{args.model_name_or_path} for {args.max_train_steps} steps")
     model = finetune_caption_editor(model, tokenizer, triplets, config, accelerator=accelerator,
                                     output_dir=args.output_dir, checkpointing_steps=args.checkpointing_steps,
-                                    resume=args.resume_from_checkpoint == "latest")
+                                    resume=args.resume_from_checkpoint or False)
     if accelerator.is_main_process:
         model.save_pretrained(args.output_dir)
         tokenizer.save_pretrained(args.output_dir)

@@ -10,7 +10,6 @@ offline demo uses the same loop (full weights, since LoRA cannot teach a random 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -77,12 +76,15 @@ def add_lora(model, config: FinetuneConfig):
 
 def finetune_caption_editor(model, tokenizer, triplets: Sequence[tuple[str, str, str]], config: FinetuneConfig,
                             accelerator=None, output_dir: str | None = None, checkpointing_steps: int | None = None,
-                            resume: bool = False, progress: bool = True, log=print):
+                            resume: bool | str = False, progress: bool = True, log=print):
     """Train ``model`` (wrapped with LoRA when ``config.use_lora``) on ``triplets``; returns the unwrapped model.
 
     With ``output_dir`` and ``checkpointing_steps``, the accelerator state is saved every so many steps into
-    ``output_dir/checkpoint-<step>``; ``resume`` continues from the latest one (weights, optimizer, scheduler and
-    step; the interrupted epoch's data order is not replayed). The caller saves the result.
+    ``output_dir/checkpoint-<step>`` with the trainers' checkpoint code (:mod:`diffusers_cir.training.checkpoints`:
+    written whole or not at all, with content checksums, and no pickle read back). ``resume`` (``True`` or
+    ``"latest"``, or a ``checkpoint-<step>`` name) verifies that checkpoint and continues from it (weights, optimizer,
+    scheduler, step and random states; the interrupted epoch's data order is not replayed); a changed file is refused
+    by name. The caller saves the result.
     """
     import torch
     from accelerate import Accelerator
@@ -90,6 +92,7 @@ def finetune_caption_editor(model, tokenizer, triplets: Sequence[tuple[str, str,
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
+    from ..training.checkpoints import CheckpointState, save_checkpoint
     from .llm_triplets import collate_caption_triplets, tokenize_caption_triplet
 
     config.check()
@@ -112,7 +115,9 @@ def finetune_caption_editor(model, tokenizer, triplets: Sequence[tuple[str, str,
     scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                               num_training_steps=config.max_train_steps)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    step = _resume(accelerator, output_dir, log) if resume and output_dir else 0
+    # No loop objects of its own: the checkpoint holds accelerate's state and the global random states.
+    state = CheckpointState(accelerator)
+    step = _resume(accelerator, output_dir, resume, state, log) if resume and output_dir else 0
     bar = tqdm(total=config.max_train_steps, initial=step, desc="fine-tuning", unit="step",
                disable=not (progress and accelerator.is_local_main_process))
     while step < config.max_train_steps:
@@ -130,7 +135,7 @@ def finetune_caption_editor(model, tokenizer, triplets: Sequence[tuple[str, str,
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.4f}")
                 if output_dir and checkpointing_steps and step % checkpointing_steps == 0:
-                    accelerator.save_state(os.path.join(output_dir, f"checkpoint-{step}"))
+                    save_checkpoint(accelerator, output_dir, step, None, state)
                 if step >= config.max_train_steps:
                     break
     bar.close()
@@ -138,14 +143,13 @@ def finetune_caption_editor(model, tokenizer, triplets: Sequence[tuple[str, str,
     return accelerator.unwrap_model(model)
 
 
-def _resume(accelerator, output_dir: str, log) -> int:
-    checkpoints = sorted((int(name.split("-")[1]), name) for name in os.listdir(output_dir)
-                         if name.startswith("checkpoint-") and name.split("-")[1].isdigit()) \
-        if os.path.isdir(output_dir) else []
-    if not checkpoints:
+def _resume(accelerator, output_dir: str, resume: bool | str, state, log) -> int:
+    from ..training.checkpoints import resolve_resume_checkpoint, resume_from_checkpoint
+
+    checkpoint = resolve_resume_checkpoint(output_dir, "latest" if resume is True else resume)
+    if checkpoint is None:
         log(f"No checkpoint in {output_dir}: starting from step 0.")
         return 0
-    step, name = checkpoints[-1]
-    accelerator.load_state(os.path.join(output_dir, name))
-    log(f"Resuming from {name} (step {step}).")
+    step = resume_from_checkpoint(accelerator, checkpoint, state, str(resume) if resume is not True else "latest")
+    log(f"Resuming from {checkpoint.name} (step {step}).")
     return step
