@@ -46,8 +46,10 @@ _LAZY_NAMES = {
     "TextualInversionProjection": ".models.textual_inversion_projection",
     "TextualInversionProjectionOutput": ".models.textual_inversion_projection",
     "TwoHopFusionHead": ".models.two_hop_fusion",
+    "Int8DynamicLinear": ".models.cpu_int8",
     "composed_search": ".retrieval.search",
     "load_image": ".retrieval.images",
+    "quantize_for_cpu": ".models.cpu_int8",
     # diffusers resolves a short `["diffusers_cir", "Class"]` entry of model_index.json by looking up the loadable
     # base classes on this module, so they must be reachable here too (not part of the public API).
     "DiffusionPipeline": "diffusers",
@@ -65,6 +67,7 @@ __getattr__, __dir__ = lazy_names(__name__, _LAZY_NAMES, globals())
 if TYPE_CHECKING:  # pragma: no cover
     from .models.clip4cir_combiner import Clip4CirCombiner
     from .models.compodiff_transformer import CompoDiffTransformer, CompoDiffTransformerOutput
+    from .models.cpu_int8 import Int8DynamicLinear, quantize_for_cpu
     from .models.magiclens_fusion import MagicLensFusion, MagicLensFusionOutput
     from .models.open_clip_text import OpenCLIPTextEncoder
     from .models.open_clip_vision import OpenCLIPVisionEncoder

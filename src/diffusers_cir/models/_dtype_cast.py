@@ -44,7 +44,11 @@ def compute_dtype(layer: torch.nn.Module) -> torch.dtype:
     casts it only while the layer runs. Inputs cast to the weight's dtype outside the call would be cast to float8."""
     registry = getattr(layer, "_diffusers_hook", None)
     hook = registry.get_hook("layerwise_casting") if registry is not None else None
-    return hook.compute_dtype if hook is not None else layer.weight.dtype
+    if hook is not None:
+        return hook.compute_dtype
+    weight = getattr(layer, "weight", None)
+    # layers without a float weight (the int8 CPU layers of `cpu_int8`) say what they compute in
+    return weight.dtype if isinstance(weight, torch.Tensor) else layer.compute_dtype
 
 
 def layerwise_casting_enabled(model) -> bool:

@@ -32,7 +32,6 @@ from torch import nn
 from . import fused_inference
 from ._dtype_cast import QuietDtypeCastMixin, compute_dtype, layerwise_casting_enabled
 
-
 # The reference's LayerNorm takes its larger epsilon in half precision; float32 and float64 keep the small one.
 HALF_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -467,6 +466,9 @@ class CompoDiffTransformer(QuietDtypeCastMixin, ModelMixin, ConfigMixin, PeftAda
     _supports_gradient_checkpointing = True
     _repeated_blocks = ["CompoDiffBlock"]  # `compile_repeated_blocks()` compiles these (regional compilation)
     _no_split_modules = ["CompoDiffBlock"]
+    # `quantize_for_cpu` keeps these in float32: the condition layers run once per query (not per network call) and
+    # the output projection is small, so int8 would buy little time for its share of the error
+    _keep_float32_on_cpu_int8 = ["text_proj", "time_embedding.*", "mask_embedding.*", "proj_out"]
 
     @register_to_config
     def __init__(
