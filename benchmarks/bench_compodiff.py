@@ -1,46 +1,65 @@
 #!/usr/bin/env python
-"""CompoDiff inference speed: denoiser (embeddings given), CLIP encoders, and the whole pipeline.
+"""CompoDiff inference speed: the denoiser against the authors' code, the int8 CPU path, the CLIP towers, end to end.
 
-Prints a table (median of repeats) and writes JSON. Full size = the released denoiser (12 layers, width 768, 16 heads
-of 64, text width 1280, 140M parameters) with random weights; three-way guidance, 1 sample per query.
+Prints a table (medians over interleaved rounds) and writes JSON (hardware, thread count, load average, versions,
+every sample). Full size = the released denoiser (12 layers, width 768, 16 heads of 64, text width 1280, 140M
+parameters) and the CLIP towers of CompoDiff-Aesthetic (ViT-bigG/14 text, ViT-L/14 vision), all with random weights
+(nothing is downloaded); three-way guidance, 10 steps, one sample per query.
 
-    python benchmarks/bench_compodiff.py --device cuda                       # the full study on a GPU
-    python benchmarks/bench_compodiff.py --device cpu --batch_sizes 1 --steps 10 --dtypes float32 --skip_encoders
-    python benchmarks/bench_compodiff.py --tiny                              # seconds on CPU (run by the tests)
+    # CPU, everything, at 1 and 2 threads, against the authors' code (see compodiff_authors.py for the checkout):
+    python benchmarks/bench_compodiff.py --device cpu --threads 1 2 --reference-code /tmp/CompoDiff
+    python benchmarks/bench_compodiff.py --device cuda                      # the GPU study (modes below)
+    python benchmarks/bench_compodiff.py --tiny                             # seconds (run by the tests)
 
-Modes: `reference` recomputes the conditions' projections at every step in float32, as the authors' code does;
-`fast` is the pipeline's path (step-independent work once per query, branches batched, the time tokens of all
-steps in one call); `graph` is `fast` captured as one CUDA graph (`pipe.enable_cuda_graphs()`);
-`compiled-graph` also compiles the transformer blocks first (`enable_cuda_graphs(compile_blocks=True)`);
-`compiled` is `fast` with the blocks compiled (`transformer.compile_repeated_blocks(dynamic=False)`, no graph; the CPU
-low-latency mode). The `-unfused` modes leave out the device's fast kernels: the fused Triton attention on CUDA, the
-weight-major small projections (`compodiff_transformer.project`) on CPU.
+Sections (`--sections`; CPU default: all but `pipeline`, CUDA default: denoiser accuracy pipeline):
 
-The FLOP floor counts, per query, the cross-attention keys/values of the distinct context tokens once and, per network
-call, the query tokens of the three branches through every layer; floor time = FLOPs / `--peak_tflops`.
+- `denoiser`: the package's modes, interleaved. `fast` is the pipeline's path (step-independent work once per
+  query, branches batched, the time tokens of all steps in one call); `reference-shaped` runs the package's modules in
+  the authors' loop shape (conditions re-projected in float32 at every call; not their code: see `authors`);
+  `compiled` compiles the blocks (`transformer.compile_repeated_blocks(dynamic=False)`); on CUDA `graph` captures
+  one CUDA graph (`pipe.enable_cuda_graphs()`), `compiled-graph` compiles first; the `-unfused` modes leave out the
+  fused Triton attention (CUDA) and the weight-major small projections (CPU).
+- `authors` (needs `--reference-code DIR`, a checkout of github.com/navervision/CompoDiff): the authors' own
+  `CompoDiff.sample` and this package's pipeline (float32, and int8 with `--compare-modes`), the same weights loaded
+  into both through the converter, interleaved; their outputs are compared first (max difference, cosine).
+- `int8`: `diffusers_cir.quantize_for_cpu` on the denoiser: cosine to float32 of every query of `--accuracy-queries`
+  random queries per variant (which layers are int8), the speed of each variant against float32, and the kernels
+  one projection can run on (float32, the package's int8 layer, torch's and torchao's weight-only int8).
+- `towers`: the CLIP text and vision towers at batch 1, float32 against int8, with their cosine.
+- `end-to-end`: one query from pixels and a prompt through the pipeline (both towers and the denoiser; the negative
+  prompt's hidden states cached), float32 against int8 (all three networks), with the composed embeddings' cosine.
+- `accuracy`: bf16 against float32 (GPU study; CPU when `--dtypes` has bfloat16). `pipeline`: the towers and the
+  whole pipeline on CUDA in float16 at large batches (denoiser share).
+
+Threads: `--threads` (default 1 on CPU), set explicitly for every section; several values repeat the CPU sections at
+each. Full-size results go to `benchmarks/results/<machine label>/bench_compodiff_<device>.json` (committed), `--tiny`
+ones to `benchmarks/results/tiny/` (ignored by git); `--output` overrides both.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
-import platform
 import statistics
 import sys
-import time
 
+import _harness as harness
 import torch
 
 from diffusers_cir import CompoDiffPipeline, CompoDiffScheduler, CompoDiffTransformer
 from diffusers_cir.models import compodiff_transformer
 
 SMALL_ROWS = compodiff_transformer.SMALL_ROW_LINEAR_MAX_ROWS
+AGREEMENT_MIN_COSINE = 0.9999  # float32 package vs the authors' float32 code on the same weights and noise
 
 FULL = dict(embedding_dim=768, text_embedding_dim=1280, num_layers=12, num_attention_heads=16, attention_head_dim=64)
 TINY = dict(embedding_dim=32, text_embedding_dim=48, num_layers=2, num_attention_heads=2, attention_head_dim=16)
 PEAK_TFLOPS = {("cuda", "bfloat16"): 800.0, ("cuda", "float16"): 800.0, ("cuda", "float32"): 60.0}
+CPU_SECTIONS = ["denoiser", "authors", "int8", "towers", "end-to-end"]
+CUDA_SECTIONS = ["denoiser", "accuracy", "pipeline"]
+ROW_KEYS = ["part", "mode", "dtype", "threads", "steps", "batch", "ms_median", "queries_per_s", "ratio_of_medians",
+            "peak_mem_mib", "floor_ms", "fraction_of_floor", "max_abs_difference", "min_cosine",
+            "denoiser_ms", "denoiser_share", "half_precision_norm_eps", "min_cosine_bf16_vs_fp32"]
 
 
 def flops_per_query(config: dict, steps: int, text_length: int = 77) -> dict:
@@ -57,24 +76,6 @@ def flops_per_query(config: dict, steps: int, text_length: int = 77) -> dict:
     return {"context": context, "steps": calls * step, "total": context + calls * step}
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_call(fn, device, repeats: int, warmup: int = 1) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - start) * 1000)
-    return times
-
-
 def make_inputs(batch, config, device, dtype, generator):
     return dict(
         image_embeds=torch.randn(batch, config["embedding_dim"], generator=generator).to(device, dtype),
@@ -83,9 +84,16 @@ def make_inputs(batch, config, device, dtype, generator):
     )
 
 
+def make_pipe(transformer) -> CompoDiffPipeline:
+    pipe = CompoDiffPipeline(transformer=transformer, scheduler=CompoDiffScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @torch.no_grad()
-def reference_style(pipe, inputs, steps, generator_seed):
-    """The authors' loop shape: conditions re-projected at every network call, branches concatenated, float32."""
+def reference_shaped(pipe, inputs, steps, generator_seed):
+    """The authors' loop shape on the package's modules: conditions re-projected at every network call, branches
+    concatenated, float32. Not the authors' code (the `authors` section runs that)."""
     transformer, scheduler = pipe.transformer, CompoDiffScheduler()
     image, text = inputs["image_embeds"], inputs["prompt_embeds"]
     negative = inputs["negative_prompt_embeds"].expand_as(text)
@@ -105,76 +113,120 @@ def reference_style(pipe, inputs, steps, generator_seed):
     return x
 
 
-def bench_denoiser(args, config, device, results):
+def _mode_runner(mode, pipe, transformer, compiled_pipes, inputs, steps, device):
+    """A zero-argument call running one denoiser mode (the fused-kernel and small-row switches set inside it)."""
+    unfused = mode.endswith("-unfused") or mode == "reference-shaped"
+    runner = pipe
+    if mode.startswith("compiled"):
+        if mode not in compiled_pipes:  # a separate copy: compiling is in place
+            compiled = make_pipe(copy.deepcopy(transformer))
+            if mode == "compiled-graph":
+                compiled.enable_cuda_graphs(compile_blocks=True)
+            else:
+                compiled.transformer.compile_repeated_blocks(dynamic=False)
+            compiled_pipes[mode] = compiled
+        runner = compiled_pipes[mode]
+
+    def run():
+        transformer.set_fused_attention(not unfused)
+        compodiff_transformer.SMALL_ROW_LINEAR_MAX_ROWS = 0 if unfused else SMALL_ROWS
+        if mode.startswith("graph"):
+            pipe.enable_cuda_graphs()
+        else:
+            pipe.disable_cuda_graphs()
+        if mode == "reference-shaped":
+            return reference_shaped(pipe, inputs, steps, 0)
+        return runner(**inputs, num_inference_steps=steps, generator=torch.Generator(device).manual_seed(0))
+
+    return run
+
+
+def bench_denoiser(args, config, device, threads, results):
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
         torch.manual_seed(0)
         transformer = CompoDiffTransformer(**config).to(device, dtype).eval()
-        pipe = CompoDiffPipeline(transformer=transformer, scheduler=CompoDiffScheduler())
-        pipe.set_progress_bar_config(disable=True)
-        compiled_pipes = {}
+        pipe, compiled_pipes = make_pipe(transformer), {}
         peak = args.peak_tflops or PEAK_TFLOPS.get((device.type, dtype_name))
-        modes = list(args.modes)
-        if device.type != "cuda":
-            modes = [mode for mode in modes if "graph" not in mode]
+        modes = [m for m in args.modes if device.type == "cuda" or "graph" not in m]
         if dtype != torch.float32:
-            modes = [mode for mode in modes if mode != "reference"]  # the reference runs in float32
+            modes = [mode for mode in modes if mode != "reference-shaped"]  # the authors' loop runs in float32
         for steps in args.steps:
             for batch in args.batch_sizes:
-                generator = torch.Generator().manual_seed(batch)
-                inputs = make_inputs(batch, config, device, dtype, generator)
+                inputs = make_inputs(batch, config, device, dtype, torch.Generator().manual_seed(batch))
+                functions = {m: _mode_runner(m, pipe, transformer, compiled_pipes, inputs, steps, device) for m in modes}
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                try:
+                    samples = harness.interleaved(functions, device, args.repeats)
+                except torch.OutOfMemoryError:
+                    print(f"  out of memory: {dtype_name} batch {batch}", file=sys.stderr)
+                    continue
+                versus = harness.ratios(samples, modes[0]) if len(modes) > 1 else {}
+                flops = flops_per_query(config, steps)["total"] * batch
                 for mode in modes:
-                    runner = pipe
-                    # "-unfused": the PyTorch attention instead of the fused Triton kernels (CUDA), the plain
-                    # `x @ W.T` order of the small projections (CPU)
-                    unfused = mode.endswith("-unfused") or mode == "reference"
-                    transformer.set_fused_attention(not unfused)
-                    compodiff_transformer.SMALL_ROW_LINEAR_MAX_ROWS = 0 if unfused else SMALL_ROWS
-                    if mode.startswith("graph"):
-                        pipe.enable_cuda_graphs()
-                    elif mode.startswith("compiled"):
-                        if mode not in compiled_pipes:  # a separate copy: compiling is in place
-                            compiled = CompoDiffPipeline(transformer=copy.deepcopy(transformer), scheduler=CompoDiffScheduler())
-                            compiled.set_progress_bar_config(disable=True)
-                            if mode == "compiled-graph":
-                                compiled.enable_cuda_graphs(compile_blocks=True)
-                            else:
-                                compiled.transformer.compile_repeated_blocks(dynamic=False)
-                            compiled_pipes[mode] = compiled
-                        runner = compiled_pipes[mode]
-                    else:
-                        pipe.disable_cuda_graphs()
-                    if mode == "reference":
-                        transformer.set_fused_attention(False)
-                        fn = lambda: reference_style(pipe, inputs, steps, 0)  # noqa: E731
-                    else:
-                        gen = torch.Generator(device).manual_seed(0)
-                        fn = lambda: runner(**inputs, num_inference_steps=steps, generator=gen)  # noqa: E731
+                    median = statistics.median(samples[mode])
+                    row = {"part": "denoiser", "mode": mode, "dtype": dtype_name, "threads": threads, "steps": steps,
+                           "batch": batch, **harness.summary(samples[mode]), **versus.get(mode, {}),
+                           "ratio_baseline": modes[0], "queries_per_s": round(batch / median * 1000, 1),
+                           "gflop_per_query": round(flops / batch / 1e9, 2)}
                     if device.type == "cuda":
-                        torch.cuda.reset_peak_memory_stats(device)
-                    try:
-                        times = time_call(fn, device, args.repeats)
-                    except torch.OutOfMemoryError:
-                        print(f"  out of memory: {mode} {dtype_name} batch {batch}", file=sys.stderr)
-                        continue
-                    median = statistics.median(times)
-                    flops = flops_per_query(config, steps)["total"] * batch
-                    row = {
-                        "part": "denoiser", "mode": mode, "dtype": dtype_name, "steps": steps, "batch": batch,
-                        "ms_median": round(median, 3), "ms_min": round(min(times), 3),
-                        "queries_per_s": round(batch / median * 1000, 1),
-                        "peak_mem_mib": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None,
-                        "gflop_per_query": round(flops / batch / 1e9, 2),
-                    }
+                        row["peak_mem_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
                     if peak:
                         floor_ms = flops / (peak * 1e12) * 1000
                         row.update(floor_ms=round(floor_ms, 3), fraction_of_floor=round(floor_ms / median, 3))
                     results.append(row)
-                    print_row(row)
+                    harness.print_row(row, ROW_KEYS)
+        compodiff_transformer.SMALL_ROW_LINEAR_MAX_ROWS = SMALL_ROWS
+        transformer.set_fused_attention(True)
         pipe.disable_cuda_graphs()
-        del pipe, transformer
+        del pipe, transformer, compiled_pipes
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+@torch.no_grad()
+def bench_authors(args, threads, results):
+    """The authors' `CompoDiff.sample` against the package (same weights), agreement first, then interleaved."""
+    import compodiff_authors
+    from compodiff_cpu import quantized_copy
+
+    config = compodiff_authors.TINY_CONFIG if args.tiny else compodiff_authors.FULL_CONFIG
+    authors, transformer = compodiff_authors.build_pair(args.reference_code, config)
+    pipes = {"package": make_pipe(transformer)}
+    if "package-int8" in args.compare_modes:
+        pipes["package-int8"] = make_pipe(quantized_copy(transformer)[0])
+    if "package-compiled" in args.compare_modes:
+        pipes["package-compiled"] = make_pipe(copy.deepcopy(transformer))
+        pipes["package-compiled"].transformer.compile_repeated_blocks(dynamic=False)
+    width = config["embed_dim"]
+    for batch in args.authors_batch_sizes:
+        generator = torch.Generator().manual_seed(100 + batch)
+        inputs = {"image_embeds": torch.randn(batch, width, generator=generator),
+                  "prompt_embeds": torch.randn(batch, 77, compodiff_authors.TEXT_WIDTH, generator=generator),
+                  "negative_prompt_embeds": torch.randn(1, 77, compodiff_authors.TEXT_WIDTH, generator=generator)}
+        functions = {"authors": lambda: compodiff_authors.authors_sample(authors, inputs, 10, seed=0)}
+        for name, pipe in pipes.items():
+            functions[name] = (lambda pipe=pipe: pipe(**inputs, num_inference_steps=10,
+                                                      generator=torch.Generator().manual_seed(0)).image_embeds)
+        expected = functions["authors"]()
+        agreement = {}
+        for name in pipes:
+            output = functions[name]()
+            agreement[name] = {"max_abs_difference": float(f"{(output - expected).abs().max().item():.3g}"),
+                               "min_cosine": round(torch.nn.functional.cosine_similarity(output, expected).min().item(), 6)}
+        if agreement["package"]["min_cosine"] < AGREEMENT_MIN_COSINE:
+            raise RuntimeError(f"The package and the authors' code disagree at batch {batch}: {agreement['package']} "
+                               "(same weights, same noise): the comparison would time different computations.")
+        samples = harness.interleaved(functions, torch.device("cpu"), args.repeats)
+        versus = harness.ratios(samples, "authors")
+        for name, values in samples.items():
+            row = {"part": "denoiser vs authors' code", "mode": name, "dtype": "float32", "threads": threads,
+                   "steps": 10, "batch": batch, **harness.summary(values), **versus.get(name, {}),
+                   "ratio_baseline": "authors", **agreement.get(name, {})}
+            row["queries_per_s"] = round(batch / row["ms_median"] * 1000, 2)
+            results.append(row)
+            harness.print_row(row, ROW_KEYS)
 
 
 @torch.no_grad()
@@ -188,9 +240,7 @@ def accuracy_check(config, device, batch=256, steps=10, half_precision_norm_eps=
     torch.manual_seed(0)
     norm_eps = half_precision_norm_eps if same_eps_reference else 1e-5
     transformer = CompoDiffTransformer(**config, norm_eps=norm_eps, half_precision_norm_eps=half_precision_norm_eps)
-    transformer = transformer.to(device).eval()
-    pipe = CompoDiffPipeline(transformer=transformer, scheduler=CompoDiffScheduler())
-    pipe.set_progress_bar_config(disable=True)
+    pipe = make_pipe(transformer.to(device).eval())
     inputs = make_inputs(batch, config, device, torch.float32, torch.Generator().manual_seed(1))
     latents = torch.randn(batch, config["embedding_dim"], generator=torch.Generator().manual_seed(2)).to(device)
     reference = pipe(**inputs, latents=latents, num_inference_steps=steps, generator=torch.Generator(device).manual_seed(3)).image_embeds
@@ -220,118 +270,188 @@ def clip_configs(tiny: bool):
 
 
 @torch.no_grad()
-def bench_encoders_and_pipeline(args, config, device, results):
-    for dtype_name in args.pipeline_dtypes or (["float16"] if device.type == "cuda" else ["float32"]):
-        bench_pipeline_in(getattr(torch, dtype_name), args, config, device, results)
+def bench_cuda_pipeline(args, config, device, results):
+    """The two CLIP towers, the denoiser and the whole pipeline on CUDA, in each `--pipeline-dtypes` precision."""
+    from compodiff_cpu import build_towers
 
-
-def bench_pipeline_in(dtype, args, config, device, results):
-    """The two CLIP towers, the denoiser and the whole pipeline, all in `dtype`."""
-    from transformers import CLIPImageProcessor, CLIPTextModel, CLIPVisionModelWithProjection
-
-    from diffusers_cir.utils import build_offline_clip_tokenizer
-
-    text_config, vision_config = clip_configs(args.tiny)
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(text_config).to(device, dtype).eval()
-    image_encoder = CLIPVisionModelWithProjection(vision_config).to(device, dtype).eval()
-    transformer = CompoDiffTransformer(**config).to(device, dtype).eval()
-    size = vision_config.image_size
-    processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    pipe = CompoDiffPipeline(transformer=transformer, scheduler=CompoDiffScheduler(), text_encoder=text_encoder,
-                             tokenizer=build_offline_clip_tokenizer(), image_encoder=image_encoder, image_processor=processor)
-    pipe.set_progress_bar_config(disable=True)
-    if device.type == "cuda" and "graph" in args.modes:
-        pipe.enable_cuda_graphs()
-    negative, _ = pipe.encode_prompt("", device, do_classifier_free_guidance=False)  # cached once, as a user would
-    for batch in args.pipeline_batch_sizes:
-        pixel_values = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
-        prompts = [f"make it number {i} and red" for i in range(batch)]
-        tokens = pipe.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
-        input_ids, attention = tokens.input_ids.to(device), tokens.attention_mask.to(device)
-        parts = {
-            "text_encoder": lambda: text_encoder(input_ids=input_ids, attention_mask=attention).last_hidden_state,
-            "image_encoder": lambda: image_encoder(pixel_values=pixel_values).image_embeds,
-        }
-        for name, fn in parts.items():
-            median = statistics.median(time_call(fn, device, args.repeats))
-            row = {"part": name, "dtype": str(dtype).replace("torch.", ""), "batch": batch, "ms_median": round(median, 3),
-                   "queries_per_s": round(batch / median * 1000, 1)}
-            results.append(row)
-            print_row(row)
-
-        def whole():
-            text = text_encoder(input_ids=input_ids, attention_mask=attention).last_hidden_state
-            image = image_encoder(pixel_values=pixel_values).image_embeds
-            return pipe(image_embeds=image, prompt_embeds=text, negative_prompt_embeds=negative, num_inference_steps=10,
-                        generator=torch.Generator(device).manual_seed(0)).image_embeds
-
-        denoise_inputs = dict(image_embeds=image_encoder(pixel_values=pixel_values).image_embeds,
-                              prompt_embeds=text_encoder(input_ids=input_ids, attention_mask=attention).last_hidden_state,
-                              negative_prompt_embeds=negative)
-        denoise = statistics.median(time_call(
-            lambda: pipe(**denoise_inputs, num_inference_steps=10, generator=torch.Generator(device).manual_seed(0)),
-            device, args.repeats))
-        median = statistics.median(time_call(whole, device, args.repeats))
-        row = {"part": "pipeline (pixels + token ids -> embedding)", "dtype": str(dtype).replace("torch.", ""),
-               "batch": batch, "ms_median": round(median, 3), "queries_per_s": round(batch / median * 1000, 1),
-               "denoiser_ms": round(denoise, 3), "denoiser_share": round(denoise / median, 3)}
-        results.append(row)
-        print_row(row)
-    del pipe, text_encoder, image_encoder, transformer
-    if device.type == "cuda":
+    for dtype_name in args.pipeline_dtypes or ["float16"]:
+        dtype = getattr(torch, dtype_name)
+        towers = build_towers(args.tiny)
+        text_encoder, image_encoder = towers["text_encoder"].to(device, dtype), towers["image_encoder"].to(device, dtype)
+        torch.manual_seed(0)
+        transformer = CompoDiffTransformer(**config).to(device, dtype).eval()
+        pipe = CompoDiffPipeline(transformer=transformer, scheduler=CompoDiffScheduler(), **towers)
+        pipe.set_progress_bar_config(disable=True)
+        if "graph" in args.modes:
+            pipe.enable_cuda_graphs()
+        negative, _ = pipe.encode_prompt("", device, do_classifier_free_guidance=False)  # cached once, as a user would
+        size = image_encoder.config.image_size
+        for batch in args.pipeline_batch_sizes:
+            pixel_values = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
+            tokens = pipe.tokenizer([f"make it number {i} and red" for i in range(batch)], padding="max_length",
+                                    max_length=77, truncation=True, return_tensors="pt")
+            input_ids, attention = tokens.input_ids.to(device), tokens.attention_mask.to(device)
+            text = lambda: text_encoder(input_ids=input_ids, attention_mask=attention).last_hidden_state  # noqa: E731
+            image = lambda: image_encoder(pixel_values=pixel_values).image_embeds  # noqa: E731
+            denoise_inputs = dict(image_embeds=image(), prompt_embeds=text(), negative_prompt_embeds=negative)
+            functions = {
+                "text_encoder": text, "image_encoder": image,
+                "denoiser": lambda: pipe(**denoise_inputs, num_inference_steps=10, generator=torch.Generator(device).manual_seed(0)),
+                "pipeline": lambda: pipe(image_embeds=image(), prompt_embeds=text(), negative_prompt_embeds=negative,
+                                         num_inference_steps=10, generator=torch.Generator(device).manual_seed(0)),
+            }
+            samples = harness.interleaved(functions, device, args.repeats)
+            medians = {name: statistics.median(values) for name, values in samples.items()}
+            for name, values in samples.items():
+                row = {"part": name, "dtype": dtype_name, "batch": batch, **harness.summary(values),
+                       "queries_per_s": round(batch / medians[name] * 1000, 1)}
+                if name == "pipeline":
+                    row.update(denoiser_ms=round(medians["denoiser"], 3),
+                               denoiser_share=round(medians["denoiser"] / medians["pipeline"], 3))
+                results.append(row)
+                harness.print_row(row, ROW_KEYS)
+        del pipe, text_encoder, image_encoder, transformer
         torch.cuda.empty_cache()
 
 
-def print_row(row: dict) -> None:
-    keys = ["part", "mode", "dtype", "steps", "batch", "ms_median", "queries_per_s", "peak_mem_mib", "floor_ms",
-            "fraction_of_floor", "denoiser_ms", "denoiser_share", "half_precision_norm_eps", "float32_norm_eps", "min_cosine_bf16_vs_fp32",
-            "mean_cosine_bf16_vs_fp32"]
-    print(" | ".join(f"{key}={row[key]}" for key in keys if row.get(key) is not None), flush=True)
+@torch.no_grad()
+def bench_cpu_int8(args, config, threads, results, state):
+    """The `int8` section: accuracy per variant (once), the kernels and the speed per variant (per thread count)."""
+    import compodiff_cpu
+
+    if "transformer" not in state:
+        torch.manual_seed(0)
+        state["transformer"] = CompoDiffTransformer(**config).eval()
+        results.extend(compodiff_cpu.int8_accuracy(state["transformer"], args.int8_variants, args.accuracy_queries,
+                                                   args.accuracy_steps, make_inputs))
+    shapes = [(4, 32, 256)] if args.tiny else [(6, 768, 6144), (6, 3072, 768), (77, 1280, 5120)]
+    results.extend(compodiff_cpu.int8_kernels(shapes, threads, max(args.repeats, 5)))
+    results.extend(compodiff_cpu.int8_speed(state["transformer"], args.int8_variants, args.int8_batch_sizes, 10,
+                                            threads, args.repeats, make_inputs))
 
 
-def main(argv=None) -> int:
+@torch.no_grad()
+def bench_cpu_towers_and_end_to_end(args, config, threads, results, state):
+    import compodiff_cpu
+
+    if "pipes" not in state:
+        towers = compodiff_cpu.build_towers(args.tiny)
+        torch.manual_seed(0)
+        transformer = state["transformer"] if "transformer" in state else CompoDiffTransformer(**config).eval()
+        float_pipe = compodiff_cpu.make_pipe(transformer, **towers)
+        int8_pipe = compodiff_cpu.make_pipe(compodiff_cpu.quantized_copy(transformer)[0], **{
+            **towers, "text_encoder": compodiff_cpu.quantized_copy(towers["text_encoder"])[0],
+            "image_encoder": compodiff_cpu.quantized_copy(towers["image_encoder"])[0]})
+        state["pipes"] = {"float32": float_pipe, "int8": int8_pipe}
+    pipes = state["pipes"]
+    count = 2 if args.tiny else 8
+    if "towers" in args.sections:
+        results.extend(compodiff_cpu.tower_rows(
+            {"text_encoder": pipes["float32"].text_encoder, "image_encoder": pipes["float32"].image_encoder,
+             "tokenizer": pipes["float32"].tokenizer},
+            {"text_encoder": pipes["int8"].text_encoder, "image_encoder": pipes["int8"].image_encoder},
+            threads, args.repeats, count))
+    if "end-to-end" in args.sections:
+        results.extend(compodiff_cpu.end_to_end_rows(pipes, threads, args.repeats, count))
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--tiny", action="store_true", help="Tiny model on CPU, a few seconds (smoke run).")
-    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8, 64, 256, 1024])
-    parser.add_argument("--steps", type=int, nargs="+", default=[10, 50])
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--modes", nargs="+", default=["reference", "fast", "graph"], choices=["reference", "fast", "graph", "compiled", "compiled-graph", "fast-unfused", "graph-unfused"])
-    parser.add_argument("--pipeline_batch_sizes", type=int, nargs="+", default=[1, 256])
-    parser.add_argument("--pipeline_dtypes", nargs="+", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="Precision(s) of the encoder and whole-pipeline section (default float16 on CUDA, "
-                             "float32 on CPU).")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--peak_tflops", type=float, default=None, help="Hardware peak for the FLOP floor.")
-    parser.add_argument("--skip_encoders", action="store_true")
-    parser.add_argument("--skip_accuracy", action="store_true")
-    parser.add_argument("--output", default="benchmarks/results/bench_compodiff.json")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tiny", action="store_true", help="Tiny models on CPU, a few seconds (smoke run).")
+    parser.add_argument("--sections", nargs="+", default=None, choices=sorted(set(CPU_SECTIONS + CUDA_SECTIONS)))
+    parser.add_argument("--threads", type=int, nargs="+", default=[1], help="CPU intra-op threads (default 1).")
+    parser.add_argument("--reference-code", default=None, help="A checkout of github.com/navervision/CompoDiff.")
+    parser.add_argument("--compare-modes", nargs="+", default=["package", "package-int8"],
+                        choices=["package", "package-int8", "package-compiled"])
+    parser.add_argument("--authors-batch-sizes", type=int, nargs="+", default=None)
+    parser.add_argument("--batch-sizes", "--batch_sizes", type=int, nargs="+", default=None)
+    parser.add_argument("--steps", type=int, nargs="+", default=None)
+    parser.add_argument("--dtypes", nargs="+", default=None, choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--modes", nargs="+", default=None, choices=["reference-shaped", "fast", "graph", "compiled",
+                                                                     "compiled-graph", "fast-unfused", "graph-unfused"])
+    parser.add_argument("--int8-variants", nargs="+", default=None, choices=["default", "all-linear",
+                                                                             "feed-forward+queries", "feed-forward"])
+    parser.add_argument("--int8-batch-sizes", type=int, nargs="+", default=None)
+    parser.add_argument("--accuracy-queries", type=int, default=None, help="Queries of the int8 cosine check (256).")
+    parser.add_argument("--accuracy-steps", type=int, default=10)
+    parser.add_argument("--pipeline-batch-sizes", "--pipeline_batch_sizes", type=int, nargs="+", default=[1, 256])
+    parser.add_argument("--pipeline-dtypes", "--pipeline_dtypes", nargs="+", default=None,
+                        choices=["float32", "bfloat16", "float16"], help="CUDA `pipeline` section precision(s).")
+    parser.add_argument("--repeats", type=int, default=None, help="Interleaved timed rounds (median reported).")
+    parser.add_argument("--peak-tflops", "--peak_tflops", type=float, default=None, help="Hardware peak for the FLOP floor.")
+    parser.add_argument("--machine-label", default=None, help="Results sub-folder (default: from the CPU or GPU name).")
+    parser.add_argument("--output", default=None, help="JSON file (default: results/<label>/bench_compodiff_<device>.json).")
     args = parser.parse_args(argv)
     if args.tiny:
         args.device = "cpu"
-        args.batch_sizes, args.steps, args.repeats = [1, 4], [4], 1
-        args.pipeline_batch_sizes = [2]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but torch.cuda.is_available() is False.")
+    for name in ("threads", "batch_sizes", "authors_batch_sizes", "steps", "int8_batch_sizes", "pipeline_batch_sizes"):
+        if getattr(args, name) is not None and min(getattr(args, name)) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}.")
+    for name in ("repeats", "accuracy_queries", "accuracy_steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}.")
+    cpu, tiny = args.device == "cpu", args.tiny
+    args.sections = args.sections or (CPU_SECTIONS if cpu else CUDA_SECTIONS)
+    if "authors" in args.sections and args.reference_code is None:
+        if "authors" in (argv or sys.argv[1:]):
+            parser.error("--sections authors needs --reference-code DIR (a checkout of navervision/CompoDiff).")
+        args.sections = [section for section in args.sections if section != "authors"]
+        print("# no --reference-code: the comparison with the authors' code is skipped", file=sys.stderr)
+    args.batch_sizes = args.batch_sizes or ([1, 4] if tiny else [1, 8, 64] if cpu else [1, 8, 64, 256, 1024])
+    args.authors_batch_sizes = args.authors_batch_sizes or ([1, 4] if tiny else [1, 8, 64])
+    args.int8_batch_sizes = args.int8_batch_sizes or ([1] if tiny or cpu else [1])
+    args.steps = args.steps or ([4] if tiny else [10] if cpu else [10, 50])
+    args.dtypes = args.dtypes or (["float32"] if cpu else ["float32", "bfloat16"])
+    args.modes = args.modes or (["fast", "reference-shaped"] if cpu else ["fast", "reference-shaped", "graph"])
+    args.int8_variants = args.int8_variants or (["default", "all-linear"] if tiny else list(
+        ["default", "all-linear", "feed-forward+queries", "feed-forward"]))
+    args.accuracy_queries = args.accuracy_queries or (8 if tiny else 256)
+    args.repeats = args.repeats or (1 if tiny else 5)
+    args.threads = args.threads if cpu else [torch.get_num_threads()]
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     device = torch.device(args.device)
-    if device.type == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)
     config = TINY if args.tiny else FULL
-    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'} x{os.cpu_count()}"
-    print(f"# CompoDiff inference on {hardware}, torch {torch.__version__}, config {config}")
+    env = harness.environment(device)
+    print(f"# CompoDiff inference on {env['device']} ({env['cpu']}), torch {torch.__version__}, threads "
+          f"{args.threads}, load average {env['load_average_at_start']}, sections {args.sections}")
     results: list[dict] = []
-    bench_denoiser(args, config, device, results)
-    if not args.skip_accuracy and "bfloat16" in args.dtypes:
+    state: dict = {}  # models built once and reused across thread counts
+    for threads in args.threads:
+        if device.type == "cpu":
+            harness.set_threads(threads)
+        if "denoiser" in args.sections:
+            bench_denoiser(args, config, device, threads, results)
+        if "authors" in args.sections:
+            bench_authors(args, threads, results)
+        if device.type == "cpu" and "int8" in args.sections:
+            bench_cpu_int8(args, config, threads, results, state)
+        if device.type == "cpu" and {"towers", "end-to-end"} & set(args.sections):
+            bench_cpu_towers_and_end_to_end(args, config, threads, results, state)
+    if "accuracy" in args.sections and "bfloat16" in args.dtypes:
         for eps, same in ((1e-3, False), (1e-5, False), (1e-3, True)):
             row = accuracy_check(config, device, batch=4 if args.tiny else 256, steps=4 if args.tiny else 10,
                                  half_precision_norm_eps=eps, same_eps_reference=same)
             results.append(row)
-            print_row(row)
-    if not args.skip_encoders:
-        bench_encoders_and_pipeline(args, config, device, results)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w", encoding="utf-8") as handle:
-        json.dump({"hardware": hardware, "torch": torch.__version__, "config": config, "results": results}, handle, indent=1)
-    print(f"# wrote {args.output}")
+            harness.print_row(row, ROW_KEYS)
+    if device.type == "cpu":
+        import compodiff_cpu
+
+        results.extend(compodiff_cpu.shares(results))
+    if "pipeline" in args.sections and device.type == "cuda":
+        bench_cuda_pipeline(args, config, device, results)
+    output = harness.results_path(f"bench_compodiff_{device.type}.json", args.tiny, device, args.machine_label, args.output)
+    harness.write_results(output, {
+        "benchmark": "compodiff", "machine_label": output.parent.name, "environment": env, "threads": args.threads,
+        "repeats": args.repeats, "config": config, "sections": args.sections,
+        "reference_code": str(args.reference_code) if args.reference_code else None, "results": results,
+    })
     return 0
 
 
