@@ -24,6 +24,9 @@ def test_smoke_benchmark_runs_and_writes_json(tmp_path, capsys):
     assert all(row["baseline_per_s"] > 0 and len(row["samples_s"]["package"]) == 1 for row in written["rows"])
     assert written["rows"][1]["max_abs_difference"] < 1e-4  # the package embeds like the authors' formula
     assert all(row["per_s"] > 0 and row["batch_size"] == 2 for row in written["rows"])
+    for row in written["rows"]:  # the CPU-time rates are the same batch over the same calls' process time
+        assert row["per_cpu_s"] == pytest.approx(2 / row["cpu_seconds"])
+        assert row["ratio_package_to_baseline_cpu"] == pytest.approx(row["baseline_cpu_seconds"] / row["cpu_seconds"])
     assert written["environment"]["threads"] == 1 and written["size"] == "smoke" and written["benchmark"] == "mllm"
     assert "mllm query" in capsys.readouterr().out
 
