@@ -48,7 +48,7 @@ def test_a_batch_embeds_like_one_prompt_at_a_time(pipe):
 def test_the_query_is_the_composed_prompt_filled_with_the_text(pipe):
     image = picture(4)
     filled = pipe.prompts.composed_prompt.replace("{text}", "is red")
-    assert 'Modify this image with "is red", desribe modified image in one word: ' in filled
+    assert 'Modify this image with "is red", desribe modified image in one word:<|eot_id|>' in filled
     expected = pipe.embed_prompts([filled], [image])
     torch.testing.assert_close(pipe(image=image, prompt="is red").image_embeds, expected, atol=1e-6, rtol=0)
     other = pipe(image=image, prompt="is blue").image_embeds
@@ -62,6 +62,35 @@ def test_a_fashioniq_pair_averages_both_caption_orders(pipe):
     backward = pipe.embed_prompts([template.replace("{text}", "has no sleeves, is red")], [image])
     query = pipe(image=image, prompt=[("is red.", "has no sleeves?")]).image_embeds
     torch.testing.assert_close(query, (forward + backward) / 2, atol=1e-6, rtol=0)
+
+
+# E5-V's retrieval.py writes its CIR prompts for LLaVA-Mistral; for E5-V it deletes "[INST] " and " [/INST]" and wraps
+# what is left in the README's Llama-3 template. The strings below are quoted from that file (commit bcefe73).
+_E5V_LLAVA_PROMPTS = {
+    "e5-v": ("[INST] <image>\n Describe this image in one word: [/INST]",
+             '[INST] <image>Modify this image with "<sent>", desribe modified image in one word: [/INST]'),
+    **{
+        f"e5-v-fashioniq-{category}": (
+            f"[INST] <image>\n Describe this {word} in one word based on its style: [/INST]",
+            f"[INST] <image> change the style of this {word} to <sent>\n Desribe this modified {word} in one word based "
+            "on its style: [/INST]",
+        )
+        for category, word in (("dress", "dress"), ("shirt", "shirt"), ("toptee", "shirt"))
+    },
+}
+_LLAMA3_TEMPLATE = "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n \n"
+
+
+@pytest.mark.parametrize("name", sorted(_E5V_LLAVA_PROMPTS))
+def test_e5v_presets_are_the_authors_cir_prompts_as_evaluated(name):
+    def as_e5v(prompt):
+        return _LLAMA3_TEMPLATE.format(prompt.replace("[INST] ", "").replace(" [/INST]", "")).replace("<sent>", "{text}")
+
+    gallery, composed = _E5V_LLAVA_PROMPTS[name]
+    preset = MLLM_PROMPT_PRESETS[name]
+    assert (preset.image_prompt, preset.composed_prompt) == (as_e5v(gallery), as_e5v(composed))
+    # The text prompt is the README's, which keeps its trailing space.
+    assert preset.text_prompt == _LLAMA3_TEMPLATE.format("{text}\nSummary above sentence in one word: ")
 
 
 def test_every_preset_builds_and_the_gallery_prompt_keys_the_fingerprint(pipe):

@@ -18,13 +18,15 @@ E5-V (Jiang et al., 2024, arXiv:2407.12580; github.com/kongds/E5-V ``README.md``
 * prompt format: the Llama-3 chat wrapping
   ``<|start_header_id|>user<|end_header_id|>\\n\\n{}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\\n\\n \\n``
   (quoted from the README; the tokenizer adds ``<|begin_of_text|>``);
-* CIR prompts (``retrieval.py``; the authors replace ``[INST]``/``[/INST]`` by the Llama-3 wrapping for E5-V): gallery
-  ``<image>\\n Describe this image in one word: ``, composed ``<image>Modify this image with "<sent>", desribe modified
-  image in one word: `` (their spelling kept: the prompt is what the model was evaluated with); FashionIQ gallery
-  ``<image>\\n Describe this {category} in one word based on its style: `` and composed ``<image> change the style of
-  this {category} to <sent>\\n Desribe this modified {category} in one word based on its style: `` with ``toptee``
-  spelled ``shirt``; FashionIQ's two captions stripped of ``.?, ``, joined with ``", "``, both orders encoded and the
-  two raw embeddings summed before normalisation;
+* CIR prompts (``retrieval.py``, read at commit bcefe73): written for LLaVA-Mistral as ``[INST] ... [/INST]``; for
+  E5-V (``--use_e5v`` sets ``llava_llama3``) the strings ``"[INST] "`` and ``" [/INST]"`` are deleted and the rest goes
+  into the Llama-3 wrapping, so the space before ``[/INST]`` goes too and every CIR prompt ends in ``:`` (unlike the
+  README's ``": "``). Gallery ``<image>\\n Describe this image in one word:``, composed ``<image>Modify this image
+  with "<sent>", desribe modified image in one word:`` (their spelling kept: the prompt is what the model was
+  evaluated with); FashionIQ gallery ``<image>\\n Describe this {category} in one word based on its style:`` and
+  composed ``<image> change the style of this {category} to <sent>\\n Desribe this modified {category} in one word
+  based on its style:`` with ``toptee`` spelled ``shirt``; FashionIQ's two captions stripped of ``.?, ``, joined
+  with ``", "``, both orders encoded and the two raw embeddings summed before normalisation;
 * text prompt: ``<sent>\\nSummary above sentence in one word: `` (README), for :meth:`encode_text`;
 * batching: ``retrieval.py`` evaluates one input per batch by default (``batch_size=1``), so nothing is padded there.
   Here batches are padded on the left, so position ``-1`` is every prompt's last token, and a batch gives the same
@@ -144,10 +146,10 @@ def _e5v_fashioniq(category: str) -> MLLMPrompts:
     word = "shirt" if category == "toptee" else category  # the authors' choice for toptee
     return MLLMPrompts(
         name=f"e5-v-fashioniq-{category}",
-        image_prompt=_LLAMA3_CHAT.format(f"<image>\n Describe this {word} in one word based on its style: "),
+        image_prompt=_LLAMA3_CHAT.format(f"<image>\n Describe this {word} in one word based on its style:"),
         composed_prompt=_LLAMA3_CHAT.format(
             f"<image> change the style of this {word} to {{text}}\n Desribe this modified {word} in one word based on "
-            "its style: "
+            "its style:"
         ),
         text_prompt=_LLAMA3_CHAT.format("{text}\nSummary above sentence in one word: "),
     )
@@ -156,8 +158,8 @@ def _e5v_fashioniq(category: str) -> MLLMPrompts:
 MLLM_PROMPT_PRESETS: dict[str, MLLMPrompts] = {
     "e5-v": MLLMPrompts(
         name="e5-v",
-        image_prompt=_LLAMA3_CHAT.format("<image>\n Describe this image in one word: "),
-        composed_prompt=_LLAMA3_CHAT.format('<image>Modify this image with "{text}", desribe modified image in one word: '),
+        image_prompt=_LLAMA3_CHAT.format("<image>\n Describe this image in one word:"),
+        composed_prompt=_LLAMA3_CHAT.format('<image>Modify this image with "{text}", desribe modified image in one word:'),
         text_prompt=_LLAMA3_CHAT.format("{text}\nSummary above sentence in one word: "),
     ),
     **{f"e5-v-fashioniq-{category}": _e5v_fashioniq(category) for category in ("dress", "shirt", "toptee")},
