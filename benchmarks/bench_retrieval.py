@@ -1,33 +1,37 @@
-"""Retrieval benchmark: build time, queries/s and recall@10 vs exact search, for 100k and 1M galleries.
+"""Retrieval benchmark: build time, single-query latency, batch throughput and recall against exact search.
 
-    python benchmarks/bench_retrieval.py                          # CPU: faiss Flat, faiss IVF-PQ, torch exact
-    python benchmarks/bench_retrieval.py --device cuda            # GPU: torch fp16 exact (+ faiss-gpu if installed)
-    python benchmarks/bench_retrieval.py --sizes 100000 --dim 256 --output /tmp/r.json
+    python benchmarks/bench_retrieval.py --sizes 100000 --threads 1     # CPU: GalleryIndex (faiss Flat, torch, IVF-PQ)
+    python benchmarks/bench_retrieval.py --device cuda                  # GPU: torch fp16 exact (+ faiss-gpu if installed)
+    python benchmarks/bench_retrieval.py --tiny                         # seconds (smoke run)
 
 The gallery is synthetic but shaped like image embeddings (see ``synthetic_gallery``): items near a 64-d
 subspace, grouped into concepts of 8 near-variants, grouped into topics, plus isotropic noise; queries are new
 draws around random concepts. Vectors are L2-normalised and searched by inner product (cosine), as the index does.
 
-Recall is measured against exact float32 search of the same queries:
-- ``recall@10``: fraction of queries whose exact top-1 is among the 10 results (the CIR Recall@10 when the
-  target is the exact nearest neighbour);
-- ``overlap@10``: mean |top-10 ∩ exact top-10| / 10.
+CPU: every row searches through ``GalleryIndex`` (what ``diffusers-cir search`` and the evaluation run): exact
+search on faiss ``Flat`` (the CPU default), the same index mirrored to the torch backend (``index.to("cpu",
+backend="torch")``), and IVF-PQ at each ``--nprobe``. Each is timed at one query per call (single-query latency)
+and at all ``--queries`` in one call (batch throughput), with a warm-up round and ``--repeats`` rounds interleaved
+across the backends (medians; the thread count is set explicitly, default 1).
 
-Prints a table and writes JSON (``--output``; default ``benchmarks/results/retrieval_<device>.json``).
+Recall is measured against exact float32 search of the same queries:
+- ``top1_in_top10``: fraction of queries whose exact top-1 is among the 10 results (the CIR Recall@10 when the
+  target is the exact nearest neighbour);
+- ``set_recall@10``: mean |top-10 ∩ exact top-10| / 10 (the overlap of the two top-10 sets).
+
+Prints a table and writes JSON: full-size CPU runs under ``benchmarks/results/<machine label>/retrieval_cpu.json``,
+``--tiny`` runs under ``benchmarks/results/tiny/``; ``--output`` overrides both.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
+import _harness as harness
 import numpy as np
 import torch
 
@@ -83,9 +87,10 @@ def synthetic_gallery_torch(num_items: int, dim: int, num_queries: int, seed: in
 
 
 def recall_metrics(found: np.ndarray, exact: np.ndarray) -> dict:
+    """`top1_in_top10`: the exact top-1 is among the 10 found; `set_recall@10`: |found top-10 ∩ exact top-10| / 10."""
     top1_found = np.mean([exact[i, 0] in found[i, :10] for i in range(len(exact))])
     overlap = np.mean([len(set(found[i, :10].tolist()) & set(exact[i, :10].tolist())) / 10 for i in range(len(exact))])
-    return {"recall@10": float(top1_found), "overlap@10": float(overlap)}
+    return {"top1_in_top10": float(top1_found), "set_recall@10": float(overlap)}
 
 
 def auto_nlist(num_items: int) -> int:
@@ -93,52 +98,76 @@ def auto_nlist(num_items: int) -> int:
     return 2 ** int(round(math.log2(math.sqrt(num_items))))
 
 
-def bench_cpu(args, num_items, gallery, queries, rows):
-    import faiss
+def _search(entry, queries: np.ndarray, k: int):
+    index, parameters = entry
+    if parameters:  # indexes sharing one IVF index differ only in their search parameters
+        index.set_search_parameters(**parameters)
+    return index.search(queries, k=k, batch_size=len(queries), show_progress=False)
 
+
+def _timed_searches(indexes: dict, queries: np.ndarray, k: int, repeats: int, single_queries: int) -> dict:
+    """Per index: milliseconds of one search of a single query and of one batched search of all queries, in
+    rounds interleaved across the indexes (every index answers the same single query in a round)."""
+    cpu = torch.device("cpu")
+    single_samples: dict[str, list[float]] = {name: [] for name in indexes}
+    for row in range(single_queries):
+        one = queries[row : row + 1]
+        functions = {name: (lambda entry=entry: _search(entry, one, k)) for name, entry in indexes.items()}
+        for name, values in harness.interleaved(functions, cpu, repeats).items():
+            single_samples[name].extend(values)
+    functions = {name: (lambda entry=entry: _search(entry, queries, k)) for name, entry in indexes.items()}
+    return {"single": single_samples, "batch": harness.interleaved(functions, cpu, repeats)}
+
+
+def bench_cpu(args, num_items, gallery, queries, rows):
     from diffusers_cir.retrieval import GalleryIndex
 
-    k = args.k
-    # Exact search is the reference: faiss Flat (inner product on normalised vectors).
+    k, exact_name = args.k, "Flat (faiss, exact)"
+    indexes, builds = {}, {}
+    # Exact search through GalleryIndex (faiss Flat: the CPU default), and the same index on the torch backend.
     start = time.perf_counter()
     flat = GalleryIndex(gallery.shape[1], factory="Flat")
     flat.add(gallery, show_progress=False)
-    build = time.perf_counter() - start
+    builds[exact_name] = {"build_s": time.perf_counter() - start}
+    indexes[exact_name] = (flat, None)
+    torch_flat = GalleryIndex(gallery.shape[1], factory="Flat")
+    torch_flat.add(gallery, show_progress=False)
     start = time.perf_counter()
-    exact = flat.search(queries, k=k, batch_size=len(queries)).positions
-    seconds = time.perf_counter() - start
-    rows.append(dict(n=num_items, backend="faiss-cpu", factory="Flat", params="", build_s=build,
-                     search_s=seconds, qps=len(queries) / seconds, **recall_metrics(exact, exact)))
-    del flat
-
-    # Torch exact search on the CPU (float32), chunked over the gallery like the GPU path.
-    gallery_tensor = torch.from_numpy(gallery)
-    query_tensor = torch.from_numpy(queries)
-    start = time.perf_counter()
-    _, positions = torch_exact_search(query_tensor, gallery_tensor, k, gallery_chunk_size=1 << 18)
-    seconds = time.perf_counter() - start
-    rows.append(dict(n=num_items, backend="torch-cpu", factory="exact fp32", params="chunk=262144", build_s=0.0,
-                     search_s=seconds, qps=len(queries) / seconds, **recall_metrics(positions.numpy(), exact)))
+    torch_flat.to("cpu", backend="torch")
+    builds["Flat (torch backend, exact)"] = {"build_s": time.perf_counter() - start}
+    indexes["Flat (torch backend, exact)"] = (torch_flat, None)
 
     nlist = args.nlist or auto_nlist(num_items)
     factory = f"IVF{nlist},PQ{args.pq_m}"
-    index = GalleryIndex(gallery.shape[1], factory=factory)
     train_size = min(num_items, max(64 * nlist, 1 << 14))
     sample = gallery[np.random.default_rng(1).choice(num_items, train_size, replace=False)]
+    ivf = GalleryIndex(gallery.shape[1], factory=factory)
     start = time.perf_counter()
-    index.train(sample)
+    ivf.train(sample)
     train = time.perf_counter() - start
     start = time.perf_counter()
-    index.add(gallery, show_progress=False)
+    ivf.add(gallery, show_progress=False)
     add = time.perf_counter() - start
     for nprobe in args.nprobe:
-        index.set_search_parameters(nprobe=nprobe)
-        start = time.perf_counter()
-        found = index.search(queries, k=k, batch_size=len(queries)).positions
-        seconds = time.perf_counter() - start
-        rows.append(dict(n=num_items, backend="faiss-cpu", factory=factory, params=f"nprobe={nprobe} train={train_size}",
-                         build_s=train + add, train_s=train, add_s=add, search_s=seconds,
-                         qps=len(queries) / seconds, **recall_metrics(found, exact)))
+        indexes[f"{factory} nprobe={nprobe}"] = (ivf, {"nprobe": nprobe})
+        builds[f"{factory} nprobe={nprobe}"] = {"build_s": train + add, "train_s": train, "add_s": add,
+                                               "train_size": train_size}
+
+    exact = _search(indexes[exact_name], queries, k).positions
+    timings = _timed_searches(indexes, queries, k, args.repeats, args.single_queries)
+    medians = {kind: {name: statistics.median(values) for name, values in samples.items()}
+               for kind, samples in timings.items()}
+    for name, entry in indexes.items():
+        found = _search(entry, queries, k).positions
+        single_ms, batch_ms = medians["single"][name], medians["batch"][name]
+        rows.append(dict(
+            n=num_items, dim=gallery.shape[1], backend="GalleryIndex cpu", factory=name, threads=args.threads,
+            **builds[name], single_query_ms=round(single_ms, 4),
+            single_query_ratio_to_exact=round(single_ms / medians["single"][exact_name], 4),
+            batch_queries=len(queries), batch_ms=round(batch_ms, 3), qps=len(queries) / batch_ms * 1000,
+            batch_ratio_to_exact=round(batch_ms / medians["batch"][exact_name], 4), search_s=batch_ms / 1000,
+            **recall_metrics(found, exact), single_query_samples_ms=[round(v, 4) for v in timings["single"][name]],
+            batch_samples_ms=[round(v, 3) for v in timings["batch"][name]]))
     return exact
 
 
@@ -233,44 +262,76 @@ def bench_cuda(args, num_items, gallery, queries, rows):
 
 
 def print_table(rows):
-    header = f"{'N':>9} {'backend':<24} {'factory':<14} {'params':<30} {'build s':>8} {'search ms':>10} {'queries/s':>11} {'R@10':>6} {'ovl@10':>6}"
+    header = (f"{'N':>9} {'backend':<24} {'index':<34} {'params':<26} {'build s':>8} {'1-query ms':>10} "
+              f"{'batch ms':>10} {'queries/s':>10} {'top1_in_top10':>13} {'set_recall@10':>13}")
     print(header)
     print("-" * len(header))
     for row in rows:
+        single = f"{row['single_query_ms']:>10.3f}" if "single_query_ms" in row else f"{'-':>10}"
         print(
-            f"{row['n']:>9} {row['backend']:<24} {row['factory']:<14} {row['params']:<30} {row['build_s']:>8.2f} "
-            f"{row['search_s'] * 1000:>10.2f} {row['qps']:>11.0f} {row['recall@10']:>6.3f} {row['overlap@10']:>6.3f}"
+            f"{row['n']:>9} {row['backend']:<24} {row['factory']:<34} {row.get('params', ''):<26} "
+            f"{row['build_s']:>8.2f} {single} {row['search_s'] * 1000:>10.2f} {row['qps']:>10.0f} "
+            f"{row['top1_in_top10']:>13.3f} {row['set_recall@10']:>13.3f}"
         )
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
-    parser.add_argument("--dim", type=int, default=768, help="Embedding width (768: CLIP ViT-L/14). Default: 768.")
-    parser.add_argument("--queries", type=int, default=1024)
+    parser.add_argument("--tiny", action="store_true", help="A 2,000-item gallery of width 64 on CPU (seconds).")
+    parser.add_argument("--sizes", type=int, nargs="+", default=None, help="Gallery sizes (default 100000 1000000).")
+    parser.add_argument("--dim", type=int, default=None, help="Embedding width (default 768: CLIP ViT-L/14).")
+    parser.add_argument("--queries", type=int, default=None, help="Queries of the batch search (default 1024).")
+    parser.add_argument("--single-queries", type=int, default=None,
+                        help="CPU: distinct queries timed one per search (default 16).")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--nlist", type=int, default=None, help="IVF lists (default: ~sqrt(N), a power of two).")
     parser.add_argument("--pq-m", type=int, default=None, help="PQ sub-quantizers = bytes per vector (default dim/8).")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for faiss and torch (default: all).")
-    parser.add_argument("--nprobe", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads for faiss and torch (default 1: on a shared machine more can be slower).")
+    parser.add_argument("--nprobe", type=int, nargs="+", default=None, help="IVF lists visited (default 8 32).")
     parser.add_argument("--chunks", type=int, nargs="+", default=[0, 1 << 18], help="GPU gallery chunks (0: all).")
     parser.add_argument("--score-block-gib", type=float, nargs="+", default=[1.0, 4.0])
-    parser.add_argument("--repeats", type=int, default=20, help="Timed GPU repetitions (median reported).")
-    parser.add_argument("--output", default=None)
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="Timed rounds after one warm-up round (median reported; default CPU 5, GPU 20).")
+    parser.add_argument("--machine-label", default=None, help="Results sub-folder (default: from the CPU or GPU name).")
+    parser.add_argument("--output", default=None, help="JSON file (default: results/<label>/retrieval_<device>.json).")
     args = parser.parse_args(argv)
+    if args.tiny:
+        args.device = "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA GPU.")
+    args.sizes = args.sizes or ([2000] if args.tiny else [100_000, 1_000_000])
+    args.dim = args.dim or (64 if args.tiny else 768)
+    args.queries = args.queries or (64 if args.tiny else 1024)
+    args.single_queries = args.single_queries or (4 if args.tiny else 16)
+    args.nprobe = args.nprobe or ([4] if args.tiny else [8, 32])
+    args.repeats = args.repeats or (2 if args.tiny else 5 if args.device == "cpu" else 20)
+    for name in ("sizes", "nprobe", "chunks"):
+        if min(getattr(args, name)) < (0 if name == "chunks" else 1):
+            parser.error(f"--{name} must be positive, got {getattr(args, name)}.")
+    for name in ("dim", "queries", "single_queries", "k", "threads", "repeats", "nlist", "pq_m"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}.")
+    if args.single_queries > args.queries:
+        parser.error(f"--single-queries ({args.single_queries}) cannot exceed --queries ({args.queries}).")
     args.pq_m = args.pq_m or args.dim // 8
-    if args.threads:
-        torch.set_num_threads(args.threads)
-        try:
-            import faiss
+    if args.dim % args.pq_m:
+        parser.error(f"--pq-m {args.pq_m} must divide --dim {args.dim}.")
+    return args
 
-            faiss.omp_set_num_threads(args.threads)
-        except ImportError:
-            pass
 
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if args.device == "cpu":
+        harness.set_threads(args.threads)
+        import faiss
+
+        faiss.omp_set_num_threads(args.threads)
+    env = harness.environment(device)
+    print(f"# retrieval on {env['device']} ({env['cpu']}), threads {args.threads}, load average "
+          f"{env['load_average_at_start']}", flush=True)
     rows = []
     for num_items in args.sizes:
         start = time.perf_counter()
@@ -286,25 +347,16 @@ def main(argv=None) -> int:
         del gallery
     print_table(rows)
 
-    hardware = {
-        "device": args.device,
-        "cpu_count": os.cpu_count(),
-        "threads": args.threads or os.cpu_count(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
-        "faiss_gpus": faiss_gpu_count() if args.device == "cuda" else 0,
-    }
     try:
         import faiss
 
-        hardware["faiss"] = faiss.__version__
+        env["faiss"] = faiss.__version__
     except ImportError:
-        hardware["faiss"] = None
-    output = Path(args.output or Path(__file__).parent / "results" / f"retrieval_{args.device}.json")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps({"hardware": hardware, "args": vars(args), "rows": rows}, indent=2))
-    print(f"wrote {output}")
+        env["faiss"] = None
+    env["faiss_gpus"] = faiss_gpu_count() if args.device == "cuda" else 0
+    output = harness.results_path(f"retrieval_{args.device}.json", args.tiny, device, args.machine_label, args.output)
+    harness.write_results(output, {"benchmark": "retrieval", "machine_label": output.parent.name, "environment": env,
+                                   "threads": args.threads, "args": vars(args), "rows": rows})
     return 0
 
 
