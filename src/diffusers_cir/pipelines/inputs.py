@@ -46,6 +46,27 @@ def check_tensor(value, name: str, shape: tuple, rows_of: str | None = None) -> 
     return value
 
 
+def check_float_pixels(value: torch.Tensor, name: str) -> None:
+    """A pixel tensor is the image processor's output (normalised floats). An integer tensor is raw 0-255 pixels
+    (``torchvision.io.read_image`` makes ``uint8 [3, H, W]``), which the tower would read as values a hundred times
+    too large and embed without an error."""
+    if not value.is_floating_point():
+        raise ValueError(
+            f"`{name}` is a {str(value.dtype).replace('torch.', '')} tensor, but a pixel tensor is preprocessed pixel "
+            "values (floats, as the pipeline's image processor makes them). Pass raw pixels as a PIL image or an "
+            "array, or run the image processor first."
+        )
+
+
+def check_pixel_tensor(value, name: str, size: int, channels: int = 3) -> torch.Tensor:
+    """`value` if it is a batch of preprocessed pixel values `[N, channels, size, size]` (float, on a real device,
+    finite): what the image encoder reads."""
+    check_tensor(value, name, ("N", channels, size, size), rows_of="image")
+    check_float_pixels(value, name)
+    check_tensor_data({name: value})
+    return value
+
+
 def image_list(images, name: str) -> list:
     """A list of per-query images (PIL, paths, arrays or tensors) from one image, a list, or a batched tensor/array.
 
@@ -87,6 +108,12 @@ def check_generator(generator, rows: int, rows_text: str) -> None:
 def check_batch_sizes(sizes: dict[str, int]) -> int:
     """The number of queries: every condition holds one entry per query, or a single one that serves every query."""
     batch_size = max(sizes.values())
+    empty = [name for name, size in sizes.items() if size == 0]
+    if empty and batch_size > 0:
+        raise ValueError(
+            f"`{empty[0]}` holds no entries (an empty batch) while {sizes}: give it one entry per query, or a single "
+            "one for all."
+        )
     if any(size not in (1, batch_size) for size in sizes.values()):
         raise ValueError(
             f"Batch sizes do not match: {sizes}. Give each condition one entry per query, or a single one for all."

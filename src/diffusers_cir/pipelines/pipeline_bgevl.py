@@ -28,7 +28,7 @@ from transformers import CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionM
 from ..checks import check_choice, check_finite_tensors, check_int, check_positive_int, check_texts
 from ..retrieval.images import pixel_values
 from .auto import CIRPipelineMixin
-from .inputs import check_not_both, check_tensor
+from .inputs import check_not_both, check_pixel_tensor, check_tensor
 from .utils import check_image_paths, is_loadable_image, load_image_paths
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
@@ -151,12 +151,7 @@ class BGEVLPipeline(CIRPipelineMixin, DiffusionPipeline):
     def _image_batches(self, images, name: str, batch_size: int) -> list:
         """`images` checked and cut into batches of at most `batch_size` (pixel tensors or lists of loadable items)."""
         if torch.is_tensor(images):
-            if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] == 0:
-                raise ValueError(
-                    f"`{name}` as a tensor must be pixel values of shape (N, 3, H, W) with N >= 1, got "
-                    f"{tuple(images.shape)}."
-                )
-            check_finite_tensors({name: images})
+            check_pixel_tensor(images, name, self.image_encoder.config.image_size)
             return list(images.split(batch_size))
         items = [images] if is_loadable_image(images) else images
         if not isinstance(items, (list, tuple)) or not items or not all(is_loadable_image(item) for item in items):

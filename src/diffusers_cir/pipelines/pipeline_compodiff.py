@@ -42,6 +42,7 @@ from .auto import CIRPipelineMixin
 from .fast_sampling import CompoDiffSamplingMixin
 from .inputs import (
     check_batch_sizes,
+    check_float_pixels,
     check_generator,
     check_not_both,
     check_tensor,
@@ -448,6 +449,7 @@ class CompoDiffPipeline(CIRPipelineMixin, CompoDiffSamplingMixin, DiffusionPipel
                         f"width{', or a batch [N, ...] of them' if not listed else ''}), what the image encoder takes "
                         "and its image processor makes. Pass PIL images or file paths to have them prepared."
                     )
+                check_float_pixels(item, where.strip("`"))
             elif isinstance(item, np.ndarray) and (item.size == 0 or min(item.shape[:2]) == 0):
                 raise ValueError(f"{where} is an empty image (an array of shape {item.shape}).")
             elif not isinstance(item, np.ndarray) and not is_loadable_image(item):

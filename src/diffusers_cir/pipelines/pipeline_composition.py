@@ -42,6 +42,7 @@ from . import composition_encoders as encoders
 from .auto import CIRPipelineMixin
 from .inputs import (
     check_batch_sizes,
+    check_float_pixels,
     check_not_both,
     check_tensor,
     check_tensor_data,
@@ -140,6 +141,7 @@ class CompositionNetworkPipeline(CIRPipelineMixin, DiffusionPipeline):
         if torch.is_tensor(images):
             size = encoders.image_input_size(self.image_encoder)
             check_tensor(images, name, ("N", 3, size, size), rows_of="image")
+            check_float_pixels(images, name)
             return list(images.split(batch_size))
         items = [images] if is_loadable_image(images) else images
         if not isinstance(items, (list, tuple)) or not items or not all(is_loadable_image(item) for item in items):

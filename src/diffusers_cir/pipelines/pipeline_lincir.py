@@ -33,7 +33,7 @@ from ..checks import check_choice, check_positive_int
 from ..models.textual_inversion_projection import TextualInversionProjection, encode_text_with_pseudo_tokens
 from ..retrieval.images import pixel_values as processed_pixel_values
 from .auto import CIRPipelineMixin
-from .inputs import check_tensor, check_tensor_data, warn_truncated
+from .inputs import check_float_pixels, check_tensor, check_tensor_data, warn_truncated
 from .utils import check_image_paths, is_loadable_image, load_image_paths
 
 logger = logging.get_logger(__name__)
@@ -314,6 +314,7 @@ class LinCIRPipeline(CIRPipelineMixin, DiffusionPipeline):
         if torch.is_tensor(images):
             config = self.image_encoder.config  # pixel values as the image processor makes them for this tower
             check_tensor(images, name, ("N", config.num_channels, config.image_size, config.image_size), rows_of="image")
+            check_float_pixels(images, name)
             return
         items = [images] if is_loadable_image(images) else images
         if isinstance(items, (list, tuple)) and not items:

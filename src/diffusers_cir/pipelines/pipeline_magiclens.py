@@ -36,8 +36,10 @@ from diffusers.utils import BaseOutput, logging, replace_example_docstring
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from ..models.magiclens_fusion import MagicLensFusion
+from ..retrieval.images import load_image
 from .auto import CIRPipelineMixin
 from .image_processing_magiclens import MagicLensImageProcessor
+from .inputs import check_pixel_tensor
 from .utils import check_image_paths, is_loadable_image, load_image_paths
 
 logger = logging.get_logger(__name__)
@@ -186,23 +188,37 @@ class MagicLensPipeline(CIRPipelineMixin, DiffusionPipeline):
         """Tokens the text tower reads (77)."""
         return self.text_encoder.config.max_position_embeddings
 
-    def tokenize(self, texts: list[str], pad_to: int | None = None) -> torch.Tensor:
+    def tokenize(self, texts: list[str], pad_to: int | None = None, warn: bool = True) -> torch.Tensor:
         """Token ids ``[B, L]`` of cleaned ``texts``, start and end tokens included, padded with 0 to the longest text
-        (or to ``pad_to``). A text longer than the context keeps its first tokens and the end token (with a warning):
-        the authors' code refuses it."""
-        encoded = self.tokenizer([clean_text(text) for text in texts], add_special_tokens=True)["input_ids"]
+        (or to ``pad_to``). A text longer than the context keeps its first tokens and the end token, reported in one
+        warning (``warn``): the authors' code refuses it."""
+        encoded = self.tokenizer([clean_text(text) for text in texts], add_special_tokens=True, verbose=False)["input_ids"]
         limit = self.context_length
+        if warn:
+            self._warn_cut(texts, [len(ids) for ids in encoded])
         length = max(pad_to or 0, max(min(len(ids), limit) for ids in encoded))
         input_ids = torch.zeros(len(encoded), length, dtype=torch.long)
         for row, ids in enumerate(encoded):
             if len(ids) > limit:
-                logger.warning(
-                    f"The prompt {texts[row]!r} has {len(ids)} tokens with its start and end tokens; MagicLens reads "
-                    f"{limit}: it is cut to its first {limit - 1} tokens and the end token."
-                )
                 ids = ids[: limit - 1] + ids[-1:]
             input_ids[row, : len(ids)] = torch.tensor(ids)
         return input_ids
+
+    def _warn_cut(self, texts: list[str], lengths: list[int] | None = None) -> None:
+        """One warning for all of ``texts`` that the text tower cannot read whole."""
+        if lengths is None:
+            cleaned = [clean_text(text) for text in texts]
+            lengths = [len(ids) for ids in self.tokenizer(cleaned, add_special_tokens=True, verbose=False)["input_ids"]]
+        limit = self.context_length
+        cut = [length for length in lengths if length > limit]
+        if cut:
+            one = len(cut) == 1
+            logger.warning(
+                f"{len(cut)} of the {len(texts)} prompts of this call {'is' if one else 'are'} longer than the {limit} "
+                f"tokens MagicLens's text tower reads (start and end tokens included) and {'was' if one else 'were'} "
+                f"cut to the first {limit - 1} tokens and the end token (the longest had {max(cut)}): the words after "
+                "the cut do not count (the authors' code refuses such texts). Shorten them."
+            )
 
     def encode_text(self, input_ids: torch.Tensor, output_hidden_states: bool = False):
         """Projected CLIP text embeddings ``[B, D]`` of token ids (scenic's id-0 mask; not normalised). With
@@ -232,11 +248,8 @@ class MagicLensPipeline(CIRPipelineMixin, DiffusionPipeline):
         """``images`` (one or a list of PIL images / paths / bytes / image dicts, or a pixel tensor) as a list of
         pixel-value batches, each read only when it is processed."""
         if torch.is_tensor(images):
-            if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] == 0:
-                raise ValueError(
-                    f"`{name}` as a tensor must be preprocessed pixel values of shape (N, 3, H, W), got "
-                    f"{tuple(images.shape)}."
-                )
+            # NaN pixels or a meta tensor would give NaN embeddings or a crash inside the tower.
+            check_pixel_tensor(images, name, self.image_encoder.config.image_size)
             return [lambda chunk=chunk: chunk for chunk in images.split(batch_size)]
         items = [images] if is_loadable_image(images) or isinstance(images, np.ndarray) else images
         if not isinstance(items, Sequence) or isinstance(items, str) or not items:
@@ -251,6 +264,9 @@ class MagicLensPipeline(CIRPipelineMixin, DiffusionPipeline):
 
         def load(start: int):
             batch = load_image_paths(list(items[start : start + batch_size]), name, offset=start)
+            # Arrays go through load_image too: wide, float (range-scaled) and NaN pixels are its to handle.
+            batch = [load_image(item, name=f"{name}[{start + index}]") if isinstance(item, np.ndarray) else item
+                     for index, item in enumerate(batch)]
             return self.image_processor(batch).pixel_values
 
         return [lambda start=start: load(start) for start in range(0, len(items), batch_size)]
@@ -365,7 +381,8 @@ class MagicLensPipeline(CIRPipelineMixin, DiffusionPipeline):
                 "of either."
             )
 
-        # 3. Encode the references
+        # 3. Encode the references (texts the tower cannot read whole are reported once, not per batch)
+        self._warn_cut(prompts)
         image_embeds = torch.cat([self.encode_pixels(load()) for load in image_batches])
         if num_images == 1:
             image_embeds = image_embeds.expand(len(prompts), -1)
@@ -376,7 +393,7 @@ class MagicLensPipeline(CIRPipelineMixin, DiffusionPipeline):
         for start in self.progress_bar(starts) if len(starts) > 1 else starts:
             chunk = image_embeds[start : start + batch_size]
             texts = prompts[start : start + batch_size] if len(prompts) > 1 else prompts * chunk.shape[0]
-            embeds.append(self.fuse(chunk, self.encode_text(self.tokenize(texts))))
+            embeds.append(self.fuse(chunk, self.encode_text(self.tokenize(texts, warn=False))))
         query_embeds = torch.cat(embeds)
 
         # 5. Normalise and convert
