@@ -253,6 +253,43 @@ def test_a_damaged_shard_is_named_before_streaming_starts(data_copy, name):
         load_triplet_stream("parquet", data_files={"train": str(data_copy / "embeddings" / "train-*.parquet")})
 
 
+CARD_PATHS = {
+    "a parent folder": ("../elsewhere/train-*.parquet", "leads out of the folder"),
+    "a parent folder inside the pattern": ("embeddings/../../elsewhere/train-*.parquet", "leads out of the folder"),
+    "an absolute path": ("{outside}/train-*.parquet", "an absolute path"),
+    "a home-relative path": ("~/train-*.parquet", "an absolute path"),
+    "a Windows drive": ("C:\\data\\train-*.parquet", "an absolute path"),
+    "a URL": ("hf://datasets/someone/else/train-*.parquet", "a URL"),
+    "a chained URL": ("zip://train-*.parquet::https://example.com/x.zip", "a URL"),
+}
+
+
+@pytest.mark.parametrize("name", list(CARD_PATHS), ids=list(CARD_PATHS))
+def test_a_card_naming_data_files_outside_its_folder_is_refused(data_copy, tmp_path, name):
+    """The card is a manifest: ``datasets`` streamed ``../elsewhere/*.parquet`` as this dataset's rows."""
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(data_copy / "embeddings", outside)
+    pattern, problem = CARD_PATHS[name]
+    pattern = pattern.format(outside=outside.as_posix())
+    card = data_copy / "README.md"
+    text = card.read_text()
+    assert "path: embeddings/train-*.parquet" in text
+    card.write_text(text.replace("path: embeddings/train-*.parquet", f"path: '{pattern}'"))
+    with pytest.raises(ValueError, match=rf"README.md: configuration 'embeddings' names the data files .*{problem}"):
+        load_triplet_stream(str(data_copy), "embeddings", split="train")
+    with pytest.raises(ValueError, match=problem):
+        validate_dataset(str(data_copy), configs=["embeddings"], progress=False)
+
+
+def test_a_shard_linked_from_outside_the_folder_is_refused(data_copy, tmp_path):
+    shard = Path(shard_files(str(data_copy), "embeddings", "train")[0])
+    outside = tmp_path / "elsewhere.parquet"
+    shutil.move(shard, outside)
+    shard.symlink_to(outside)
+    with pytest.raises(ValueError, match=rf"Shard {shard} is a link to {outside}, outside the dataset folder"):
+        load_triplet_stream(str(data_copy), "embeddings", split="train")
+
+
 def test_a_shard_damaged_past_its_footer_is_named_by_the_loader_and_by_validate(data_copy):
     shard = Path(shard_files(str(data_copy), "embeddings", "train")[0])
     data = bytearray(shard.read_bytes())

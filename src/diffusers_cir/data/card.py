@@ -61,12 +61,53 @@ def _load_card(folder: str):
 
 
 def read_card_configs(folder: str) -> dict[str, dict]:
-    """``{config_name: {"data_files": [...], ...}}`` from the card in ``folder`` (empty if none)."""
+    """``{config_name: {"data_files": [...], ...}}`` from the card in ``folder`` (empty if none).
+
+    Every data-files pattern must stay inside ``folder``: a card is data a user may receive, and ``datasets`` would
+    otherwise stream ``../other/*.parquet``, an absolute path or a URL it names as if they were this dataset's.
+    """
     from datasets.utils.metadata import MetadataConfigs
 
     if not os.path.isfile(os.path.join(folder, CARD_NAME)):
         return {}
-    return dict(MetadataConfigs.from_dataset_card_data(_load_card(folder)[0]))
+    configs = dict(MetadataConfigs.from_dataset_card_data(_load_card(folder)[0]))
+    for name, entry in configs.items():
+        for pattern in _data_file_patterns(entry.get("data_files")):
+            problem = _outside_folder(pattern)
+            if problem:
+                raise ValueError(
+                    f"{os.path.join(folder, CARD_NAME)}: configuration {name!r} names the data files {pattern!r}, "
+                    f"{problem}. A dataset card may only name files inside its folder (relative paths without "
+                    "'..'): fix the `configs:` section of the card, or copy the files into the folder."
+                )
+    return configs
+
+
+def _data_file_patterns(data_files) -> list[str]:
+    """Every path pattern of a configuration's ``data_files`` (a string, a list, ``{split, path}`` entries or a
+    ``{split: paths}`` mapping)."""
+    if data_files is None:
+        return []
+    if isinstance(data_files, (str, os.PathLike)):
+        return [os.fspath(data_files)]
+    if isinstance(data_files, Mapping):
+        values = [data_files["path"]] if "path" in data_files else list(data_files.values())
+        return [pattern for value in values for pattern in _data_file_patterns(value)]
+    return [pattern for item in data_files for pattern in _data_file_patterns(item)]
+
+
+def _outside_folder(pattern: str) -> str | None:
+    """Why ``pattern`` can reach outside the dataset folder, or ``None``."""
+    from pathlib import PurePosixPath
+
+    if "://" in pattern or "::" in pattern:
+        return "a URL"
+    normalised = pattern.replace("\\", "/")
+    if normalised.startswith(("/", "~")) or os.path.isabs(pattern) or (len(normalised) > 1 and normalised[1] == ":"):
+        return "an absolute path"
+    if ".." in PurePosixPath(normalised).parts:
+        return "which leads out of the folder ('..')"
+    return None
 
 
 def read_card_infos(folder: str) -> dict:

@@ -137,7 +137,19 @@ def _check_local_shards(folder: str, name: str | None, split: str) -> None:
             files = []
             for pattern in [patterns] if isinstance(patterns, str) else patterns:
                 files += check_shard_set(sorted(glob.glob(os.path.join(folder, pattern))))
+            _check_inside(folder, files)
             check_parquet_files([path for path in files if path.endswith(".parquet")])
+
+
+def _check_inside(folder: str, files: list[str]) -> None:
+    """The card's patterns are confined (``read_card_configs``); a link among the shards may still lead out."""
+    root = os.path.realpath(folder)
+    for path in files:
+        if os.path.commonpath([root, os.path.realpath(path)]) != root:
+            raise ValueError(
+                f"Shard {path} is a link to {os.path.realpath(path)}, outside the dataset folder {folder}: a dataset "
+                "reads only its own files. Copy the shard into the folder instead of linking it."
+            )
 
 
 def _check_local_data_files(data_files: Any) -> None:
