@@ -167,6 +167,42 @@ def test_jsonl_lines_that_are_not_objects_are_skipped_counted_and_named(images, 
     assert summary.num_rows == 2
 
 
+NOT_UTF8 = {
+    "Latin-1 (an export from an older tool)": (
+        lambda: (HEADER + "\n" + _rows(0, "red") + "\n" + _rows(1, "caf\xe9 style") + "\n").encode("latin-1"),
+        r"x.csv:3 is not UTF-8 text \(invalid continuation byte\)"),
+    "UTF-16 (Excel's Unicode text)": (lambda: (HEADER + "\n" + _rows(0, "red") + "\n").encode("utf-16"),
+                                       r"x.csv:1 is not UTF-8 text \(it starts with a UTF-16 byte-order mark\)"),
+    "an empty file": (lambda: b"", r"x.csv holds no triplet records \(the file is empty\)"),
+    "only a header": (lambda: (HEADER + "\n").encode(), r"x.csv holds no triplet records \(only a header\)"),
+}
+
+
+@pytest.mark.parametrize("name", list(NOT_UTF8), ids=list(NOT_UTF8))
+def test_a_file_that_is_not_utf8_or_holds_no_record_is_named(images, tmp_path, name):
+    """Was a bare "'utf-8' codec can't decode byte 0xe9 in position 64", and 'wrote 0 triplets' for no records."""
+    make, message = NOT_UTF8[name]
+    (images / "x.csv").write_bytes(make())
+    with pytest.raises(ValueError, match=message + ".*" if "UTF" in name else message):
+        write_triplets(str(images / "x.csv"), str(tmp_path / "out"), progress=False)
+    assert main(["data", "write", str(images / "x.csv"), str(tmp_path / "out")]) == 2
+    assert not shard_files(str(tmp_path / "out"), "images", "train")
+
+
+def test_jsonl_fields_of_the_wrong_kind_are_skipped_counted_and_named(images, tmp_path):
+    good = {"reference_image": "img/r0.png", "target_image": "img/t0.png", "modification_text": "red"}
+    lines = [json.dumps(good), json.dumps({**good, "modification_text": 5}),
+             json.dumps({**good, "reference_image": {"bytes": "not bytes"}}),
+             json.dumps({**good, "target_image": [1, 2]}), json.dumps({**good, "modification_text": ["red"]})]
+    summary = write_triplets(str(_write(images, "x.jsonl", lines)), str(tmp_path / "out"), progress=False)
+    reasons = {record.source: record.reason for record in summary.skipped}
+    assert reasons == {"x.jsonl:2": "modification_text is not text: 5",
+                       "x.jsonl:3": "bad image reference {'bytes': 'not bytes'}",
+                       "x.jsonl:4": "bad image reference [1, 2]",
+                       "x.jsonl:5": "modification_text is not text: ['red']"}
+    assert summary.num_rows == 1 and _texts(tmp_path / "out") == ["red"]
+
+
 def test_the_data_write_command_refuses_an_unbalanced_quote_in_one_line(images, tmp_path, capsys):
     source = _write(images, "x.csv", [HEADER, _rows(0, "red"), _rows(1, '"blue'), _rows(2, "green")])
     assert main(["data", "write", str(source), str(tmp_path / "out")]) == 2

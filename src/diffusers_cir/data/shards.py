@@ -366,7 +366,7 @@ class WriteSummary:
 def _read_image_bytes(value: Any, base: str) -> tuple[bytes, str]:
     if isinstance(value, (bytes, bytearray)):
         return bytes(value), None
-    if isinstance(value, dict) and value.get("bytes"):
+    if isinstance(value, dict) and isinstance(value.get("bytes"), (bytes, bytearray)) and value["bytes"]:
         return bytes(value["bytes"]), value.get("path")
     if not isinstance(value, str):
         raise ValueError(f"bad image reference {value!r}")
@@ -418,7 +418,9 @@ def _write_records(records, base, folder, split, rows_per_shard, row_group_size,
                 if MALFORMED in record:
                     raise ValueError(record[MALFORMED])
                 text = record.get(schema.MODIFICATION_TEXT)
-                if not isinstance(text, str) or not text.strip():
+                if text is not None and not isinstance(text, str):
+                    raise ValueError(f"modification_text is not text: {text!r:.60}")
+                if not text or not text.strip():
                     raise ValueError("empty modification_text")
                 images = {}
                 for column in (schema.REFERENCE_IMAGE, schema.TARGET_IMAGE):

@@ -41,6 +41,35 @@ def read_triplet_records(source: str, column_mapping: Mapping[str, str] | None =
     if not os.path.isfile(source):
         raise FileNotFoundError(f"Triplet source {source!r} is neither a file nor a folder.")
     base = os.path.dirname(os.path.abspath(source))
+    try:
+        raw, line_numbers, columns, where = _read_file_records(source)
+    except UnicodeDecodeError as error:
+        raise ValueError(_not_utf8(source, error)) from None
+    if not raw:
+        raise ValueError(
+            f"{source} holds no triplet records ({'only a header' if columns else 'the file is empty'}): nothing to "
+            "write. Is it the right file?"
+        )
+    if columns is not None:
+        schema.check_columns(
+            columns, mapping, (schema.REFERENCE_IMAGE, schema.TARGET_IMAGE, schema.MODIFICATION_TEXT), where=where
+        )
+    records = []
+    for index, entry in enumerate(raw):
+        record = {"_source": f"{os.path.basename(source)}:{line_numbers[index]}"}
+        if MALFORMED in entry:  # skipped and counted by write_triplets, never read for its fields
+            records.append({**record, MALFORMED: entry[MALFORMED]})
+            continue
+        for name in schema.IMAGES_COLUMNS:
+            value = schema.get_field(entry, mapping[name], default=None)
+            record[name] = None if value in ("", None) else value
+        records.append(record)
+    return records, base
+
+
+def _read_file_records(source: str) -> tuple[list[dict], list[int], Any, str]:
+    """The raw records of a JSONL or CSV/TSV file, the line each starts on, its columns (header or first record;
+    ``None`` if none) and where those columns come from (for messages)."""
     lower = source.lower()
     line_numbers = []  # the line each record starts on in the file, as an editor numbers it
     if lower.endswith((".jsonl", ".json")):
@@ -67,21 +96,25 @@ def read_triplet_records(source: str, column_mapping: Mapping[str, str] | None =
         columns, where = header, f"{source} (header)"
     else:
         raise ValueError(f"Unsupported triplet source {source!r}: expected a .jsonl, .csv or .tsv file, or a folder.")
-    if columns is not None:
-        schema.check_columns(
-            columns, mapping, (schema.REFERENCE_IMAGE, schema.TARGET_IMAGE, schema.MODIFICATION_TEXT), where=where
-        )
-    records = []
-    for index, entry in enumerate(raw):
-        record = {"_source": f"{os.path.basename(source)}:{line_numbers[index]}"}
-        if MALFORMED in entry:  # skipped and counted by write_triplets, never read for its fields
-            records.append({**record, MALFORMED: entry[MALFORMED]})
-            continue
-        for name in schema.IMAGES_COLUMNS:
-            value = schema.get_field(entry, mapping[name], default=None)
-            record[name] = None if value in ("", None) else value
-        records.append(record)
-    return records, base
+    return raw, line_numbers, columns, where
+
+
+def _not_utf8(source: str, error: UnicodeDecodeError) -> str:
+    """The message for a file that is not UTF-8, naming the first line that is not (UTF-16 "Unicode text" from Excel
+    or a Latin-1 export are the usual causes)."""
+    with open(source, "rb") as handle:
+        data = handle.read()
+    line = 1
+    for line, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            raw.decode("utf-8-sig" if line == 1 else "utf-8")
+        except UnicodeDecodeError:
+            break
+    kind = " (it starts with a UTF-16 byte-order mark)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+    return (
+        f"{source}:{line} is not UTF-8 text{kind} ({error.reason}). Save the file as "
+        "UTF-8 (Excel: \"CSV UTF-8\"; iconv -f latin1 -t utf-8) and run again."
+    )
 
 
 def _read_csv_records(source: str, delimiter: str) -> tuple[list[dict], list[int], dict | None]:
