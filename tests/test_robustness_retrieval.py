@@ -520,6 +520,35 @@ def test_bad_embeddings_ids_and_metadata_are_refused_by_name(vectors, name):
         GalleryIndex.from_embeddings(**make(vectors))
 
 
+QUERY_FAULTS = {
+    "a meta-device tensor": (lambda: torch.empty(1, DIM, device="meta"), "is a tensor on the meta device"),
+    "text": (lambda: "a red car", "must be numbers"),
+    "ragged lists": (lambda: [[1.0] * DIM, [1.0]], "must be numbers"),
+    "a NaN tensor": (lambda: torch.full((1, DIM), float("nan")), r"NaN or inf in rows \[0\]"),
+    "a zero query": (lambda: np.zeros((1, DIM), np.float32), r"all-zero rows \[0\]"),
+}
+
+
+@pytest.mark.parametrize("name", list(QUERY_FAULTS), ids=list(QUERY_FAULTS))
+def test_bad_queries_are_refused_by_name(vectors, name):
+    make, message = QUERY_FAULTS[name]
+    with pytest.raises(ValueError, match=rf"`queries` .*{message}"):
+        GalleryIndex.from_embeddings(vectors[:20]).search(make(), k=3)
+
+
+@pytest.mark.parametrize("scale", [1e30, 1e20, 1e-25, 1e-40], ids=["1e30", "1e20", "1e-25", "1e-40 (subnormal)"])
+def test_queries_and_galleries_of_extreme_magnitude_rank_as_at_unit_scale(vectors, scale):
+    """Cosine ranking does not depend on scale; in float32 the squares overflowed past ~1e19 (the query became all
+    zeros and every score 0: an arbitrary ranking, silently) or underflowed."""
+    index = GalleryIndex.from_embeddings(vectors[:40])
+    expected = index.search(vectors[40:44], k=5)
+    found = index.search(vectors[40:44] * np.float32(scale), k=5)
+    assert found.ids == expected.ids
+    np.testing.assert_allclose(found.scores, expected.scores, atol=1e-5)
+    scaled = GalleryIndex.from_embeddings(vectors[:40] * np.float32(scale)).search(vectors[40:44], k=5)
+    assert scaled.ids == expected.ids
+
+
 # ------------------------------------------------------------------------------------------ one writer
 def test_a_second_writer_of_an_index_folder_is_refused_naming_it(tmp_path, vectors):
     index = GalleryIndex.from_embeddings(vectors[:10])

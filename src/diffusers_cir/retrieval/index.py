@@ -75,8 +75,15 @@ def normalize_embeddings(embeddings: Any, name: str = "embeddings", embedding_di
         [[0.6000000238418579, 0.800000011920929]]
     """
     if hasattr(embeddings, "detach"):  # torch.Tensor, without importing torch here
+        if getattr(embeddings, "is_meta", False):
+            raise ValueError(f"`{name}` is a tensor on the meta device (shape {tuple(embeddings.shape)}): it has no "
+                             "values. Pass embeddings computed on the CPU or an accelerator.")
         embeddings = embeddings.detach().float().cpu().numpy()
-    array = np.asarray(embeddings, dtype=np.float32)
+    try:
+        array = np.asarray(embeddings, dtype=np.float32)
+    except (TypeError, ValueError) as error:
+        reason = str(error).rstrip(".")
+        raise ValueError(f"`{name}` must be numbers [N, D] (an array, a tensor or nested lists): {reason}.") from None
     if array.ndim == 1 and embedding_dim is not None and array.shape[0] == embedding_dim:
         array = array[None]
     if array.ndim != 2:
@@ -89,7 +96,16 @@ def normalize_embeddings(embeddings: Any, name: str = "embeddings", embedding_di
     if not np.isfinite(array).all():
         bad_rows = np.flatnonzero(~np.isfinite(array).all(axis=1))
         raise ValueError(f"`{name}` contain NaN or inf in rows {bad_rows[:10].tolist()}.")
-    norms = np.linalg.norm(array, axis=1, keepdims=True)
+    with np.errstate(over="ignore", under="ignore"):
+        norms = np.linalg.norm(array, axis=1, keepdims=True)
+    # Squares overflow float32 past about 1e19 (the norm becomes inf and the row all zeros, ranked as if it were
+    # anything) and underflow below about 1e-23: such rows are scaled by their largest value first.
+    extreme = ~np.isfinite(norms[:, 0]) | ((norms[:, 0] < 1e-18) & (np.abs(array).max(axis=1, initial=0) > 0))
+    if extreme.any():
+        scaled = array[extreme] / np.abs(array[extreme]).max(axis=1, keepdims=True)
+        array = array.copy()
+        array[extreme] = scaled
+        norms[extreme] = np.linalg.norm(scaled, axis=1, keepdims=True)
     if array.shape[0] and (norms == 0).any():
         zero_rows = np.flatnonzero(norms[:, 0] == 0)
         raise ValueError(f"`{name}` contain all-zero rows {zero_rows[:10].tolist()}: they cannot be normalised.")
