@@ -29,7 +29,7 @@ from ..checks import check_choice, check_finite_tensors, check_int, check_positi
 from ..retrieval.images import pixel_values
 from .auto import CIRPipelineMixin
 from .inputs import check_not_both, check_pixel_tensor, check_tensor
-from .utils import check_image_paths, is_loadable_image, load_image_paths
+from .utils import check_image_paths, encode_pixel_batches, load_image_paths, loadable_image_list
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
@@ -153,25 +153,13 @@ class BGEVLPipeline(CIRPipelineMixin, DiffusionPipeline):
         if torch.is_tensor(images):
             check_pixel_tensor(images, name, self.image_encoder.config.image_size)
             return list(images.split(batch_size))
-        items = [images] if is_loadable_image(images) else images
-        if not isinstance(items, (list, tuple)) or not items or not all(is_loadable_image(item) for item in items):
-            kinds = sorted({type(item).__name__ for item in items}) if isinstance(items, (list, tuple)) else []
-            raise ValueError(
-                f"`{name}` must be a PIL image, an image file path or URL, encoded bytes, a datasets image dict, a "
-                f"non-empty list of them, or a pixel tensor (N, 3, H, W); got {type(images).__name__}"
-                f"{f' holding {kinds}' if kinds else ''}."
-            )
+        items = loadable_image_list(images, name)
         check_image_paths(items, name)
         return [list(items[start : start + batch_size]) for start in range(0, len(items), batch_size)]
 
     def _encode_image_batches(self, batches: list, batch_size: int, device, show_progress: bool) -> torch.Tensor:
-        dtype = self.image_encoder.dtype
-        features = []
-        for index, batch in enumerate(self.progress_bar(batches) if show_progress else batches):
-            if not torch.is_tensor(batch):
-                batch = pixel_values(self.image_processor, load_image_paths(batch, "images", offset=index * batch_size))
-            features.append(self.image_encoder(pixel_values=batch.to(device=device, dtype=dtype)).image_embeds)
-        return torch.cat(features)
+        batches = self.progress_bar(batches) if show_progress else batches
+        return encode_pixel_batches(self.image_encoder, self.image_processor, batches, batch_size, device, "images")
 
     # ------------------------------------------------------------------------------------------------ text
 

@@ -47,9 +47,9 @@ from .query_inputs import (
     as_image_list,
     check_queries,
     load_distinct_images,
-    load_images,
     split_pairs,
 )
+from .utils import encode_pixel_batches
 
 __all__ = ["CaptionRewritePipeline", "CaptionRewritePipelineOutput"]
 
@@ -186,14 +186,10 @@ class CaptionRewritePipeline(CIRPipelineMixin, DiffusionPipeline):
         dataset image dicts or arrays, read one batch at a time."""
         batch_size = check_positive_int(batch_size, "batch_size")
         items = as_image_list(images, "images")
+        batches = [items[start : start + batch_size] for start in range(0, len(items), batch_size)]
+        batches = self.progress_bar(batches) if show_progress else batches
         device = device or self._execution_device
-        starts = range(0, len(items), batch_size)
-        embeds = []
-        for start in self.progress_bar(starts) if show_progress else starts:
-            batch = load_images(items[start : start + batch_size], "images", offset=start)
-            pixels = self.image_processor(images=batch, return_tensors="pt").pixel_values
-            embeds.append(self.image_encoder(pixel_values=pixels.to(device, self.image_encoder.dtype)).image_embeds)
-        return torch.cat(embeds)
+        return encode_pixel_batches(self.image_encoder, self.image_processor, batches, batch_size, device, "images")
 
     @torch.no_grad()
     def encode_text(self, texts: list[str], batch_size: int = 256, device=None) -> torch.Tensor:

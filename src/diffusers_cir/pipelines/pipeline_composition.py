@@ -33,11 +33,10 @@ from ..checks import check_choice, check_positive_int, check_texts
 
 # The component classes a saved folder's model_index.json can name must be imported (diffusers resolves them from
 # sys.modules).
-from ..models.clip4cir_combiner import Clip4CirCombiner
-from ..models.open_clip_text import OpenCLIPTextEncoder
-from ..models.open_clip_vision import OpenCLIPVisionEncoder
-from ..models.two_hop_fusion import TwoHopFusionHead
-from ..retrieval.images import pixel_values as processed_pixel_values
+from ..models.clip4cir_combiner import Clip4CirCombiner  # noqa: F401
+from ..models.open_clip_text import OpenCLIPTextEncoder  # noqa: F401
+from ..models.open_clip_vision import OpenCLIPVisionEncoder  # noqa: F401
+from ..models.two_hop_fusion import TwoHopFusionHead  # noqa: F401
 from . import composition_encoders as encoders
 from .auto import CIRPipelineMixin
 from .inputs import (
@@ -48,7 +47,7 @@ from .inputs import (
     check_tensor_data,
     warn_truncated,
 )
-from .utils import check_image_paths, is_loadable_image, load_image_paths
+from .utils import check_image_paths, encode_pixel_batches, loadable_image_list
 
 logger = logging.get_logger(__name__)
 
@@ -143,27 +142,17 @@ class CompositionNetworkPipeline(CIRPipelineMixin, DiffusionPipeline):
             check_tensor(images, name, ("N", 3, size, size), rows_of="image")
             check_float_pixels(images, name)
             return list(images.split(batch_size))
-        items = [images] if is_loadable_image(images) else images
-        if not isinstance(items, (list, tuple)) or not items or not all(is_loadable_image(item) for item in items):
-            kinds = sorted({type(item).__name__ for item in items}) if isinstance(items, (list, tuple)) else []
-            raise ValueError(
-                f"`{name}` must be a PIL image, an image file path or URL, encoded bytes, a datasets image dict, a "
-                f"non-empty list of them, or a pixel tensor (N, 3, H, W); got {type(images).__name__}"
-                f"{f' holding {kinds}' if kinds else ''}."
-            )
+        items = loadable_image_list(images, name)
         if self.image_processor is None:
             raise ValueError(f"This pipeline has no `image_processor`: pass `{name}` as pixel values or `image_embeds`.")
         check_image_paths(items, name)
         return [list(items[start : start + batch_size]) for start in range(0, len(items), batch_size)]
 
     def _encode_image_batches(self, batches: list, batch_size: int, device, show_progress: bool, name: str):
-        dtype = self.image_encoder.dtype
-        features = []
-        for index, batch in enumerate(self.progress_bar(batches) if show_progress else batches):
-            if not torch.is_tensor(batch):
-                batch = processed_pixel_values(self.image_processor, load_image_paths(batch, name, offset=index * batch_size))
-            features.append(encoders.image_features(self.image_encoder, batch.to(device=device, dtype=dtype)))
-        return torch.cat(features)
+        batches = self.progress_bar(batches) if show_progress else batches
+        return encode_pixel_batches(
+            self.image_encoder, self.image_processor, batches, batch_size, device, name, features=encoders.image_features
+        )
 
     @torch.no_grad()
     def encode_image(self, images, batch_size: int = 64, device: torch.device | None = None, show_progress: bool = False):

@@ -31,10 +31,9 @@ from transformers import (
 
 from ..checks import check_choice, check_positive_int
 from ..models.textual_inversion_projection import TextualInversionProjection, encode_text_with_pseudo_tokens
-from ..retrieval.images import pixel_values as processed_pixel_values
 from .auto import CIRPipelineMixin
 from .inputs import check_float_pixels, check_tensor, check_tensor_data, warn_truncated
-from .utils import check_image_paths, is_loadable_image, load_image_paths
+from .utils import check_image_paths, encode_pixel_batches, is_loadable_image
 
 logger = logging.get_logger(__name__)
 
@@ -192,19 +191,13 @@ class LinCIRPipeline(CIRPipelineMixin, DiffusionPipeline):
     def _encode_images(
         self, images, batch_size: int, device, show_progress: bool = False, name: str = "images"
     ) -> torch.Tensor:
-        dtype = self.image_encoder.dtype
         if torch.is_tensor(images):
             batches = list(images.split(batch_size))
         else:
             images = [images] if is_loadable_image(images) else list(images)
             batches = [images[start : start + batch_size] for start in range(0, len(images), batch_size)]
-        embeds = []
-        for index, batch in enumerate(self.progress_bar(batches) if show_progress else batches):
-            if not torch.is_tensor(batch):
-                batch = load_image_paths(batch, name, offset=index * batch_size)
-                batch = processed_pixel_values(self.image_processor, batch)
-            embeds.append(self.image_encoder(pixel_values=batch.to(device=device, dtype=dtype)).image_embeds)
-        return torch.cat(embeds)
+        batches = self.progress_bar(batches) if show_progress else batches
+        return encode_pixel_batches(self.image_encoder, self.image_processor, batches, batch_size, device, name)
 
     def encode_prompt_with_pseudo_tokens(
         self,

@@ -8,7 +8,7 @@ caption pairs, and broadcast a single image or text against a list of the other.
 from __future__ import annotations
 
 from ..checks import describe
-from .utils import check_image_paths
+from .utils import check_image_paths, load_images
 
 __all__ = ["as_image_list", "check_queries", "join_caption_pair", "load_distinct_images", "load_images", "split_pairs"]
 
@@ -44,13 +44,6 @@ def as_image_list(images, name: str) -> list:
 def _describe(item) -> str:
     shape = getattr(item, "shape", None)
     return f"a {type(item).__name__} of shape {tuple(shape)}" if shape is not None else describe(item)
-
-
-def load_images(items: list, name: str, offset: int = 0) -> list:
-    """8-bit RGB PIL images of ``items`` (EXIF orientation applied, wide images by value range)."""
-    from ..retrieval.images import load_image
-
-    return [load_image(item, "RGB", name=f"{name}[{offset + index}]") for index, item in enumerate(items)]
 
 
 def load_distinct_images(items: list, name: str) -> list:
