@@ -70,3 +70,24 @@ def load_script(path: Path, module_name: str):
     sys.modules[module_name] = module  # as an import would: dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+# Issue 20 asks for the number of hostile cases tried and how they ended: the modules whose file name says
+# "robustness" are counted and the count is printed at the end of the run.
+_ROBUSTNESS_OUTCOMES = {"passed": 0, "failed": 0, "skipped": 0}
+
+
+def pytest_runtest_logreport(report):
+    if "robustness" not in report.nodeid.split("::")[0]:
+        return
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+        _ROBUSTNESS_OUTCOMES[report.outcome] += 1
+
+
+def pytest_terminal_summary(terminalreporter):
+    outcomes = _ROBUSTNESS_OUTCOMES
+    if sum(outcomes.values()):
+        terminalreporter.write_line(
+            f"robustness cases: {sum(outcomes.values())} tried; {outcomes['passed']} ended in the clear error or the "
+            f"correct result, {outcomes['failed']} did not, {outcomes['skipped']} skipped (not applicable here)"
+        )
