@@ -4,9 +4,11 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import PIL.Image
 import pytest
 import torch
+from transformers import LlavaNextForConditionalGeneration
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -207,6 +209,29 @@ def test_device_map_with_disk_offload_gives_the_same_embeddings(tmp_path, pipe):
     assert "disk" in set(offloaded.model.hf_device_map.values())
     images = [picture(9), picture(10, size=(64, 30))]
     torch.testing.assert_close(offloaded.encode_image(images), pipe.encode_image(images), atol=1e-5, rtol=0)
+
+
+def test_a_released_folder_loads_in_bfloat16_with_disk_offload_through_auto_pipeline(tmp_path):
+    # How a 7-8B model is meant to load: bfloat16 weights, layers placed by accelerate and spilled to disk.
+    folder, _, processor = _released_folder(tmp_path / "released")
+    loaded = AutoCIRPipeline.from_pretrained(
+        folder, torch_dtype=torch.bfloat16, device_map="auto", max_memory={"cpu": "60KB"},  # the model: 135 kB
+        offload_folder=str(tmp_path / "offload"), conversion_cache_dir=tmp_path / "cache",
+    )
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.model.dtype == torch.bfloat16 and "disk" in set(loaded.model.hf_device_map.values())
+    # The same weights loaded whole: from_pretrained keeps the rotary inverse frequencies in float32 (a model cast
+    # with .to(torch.bfloat16) rounds them too, and embeds up to 8e-3 apart), so placement alone must change nothing.
+    whole = LlavaNextForConditionalGeneration.from_pretrained(folder, dtype=torch.bfloat16)
+    in_memory = MLLMEmbeddingPipeline(model=whole, processor=processor)
+    images = [picture(11), picture(12, size=(64, 30))]
+    gallery = loaded.encode_image(images, batch_size=2)
+    assert gallery.dtype == torch.bfloat16 and torch.isfinite(gallery.float()).all()
+    torch.testing.assert_close(gallery, in_memory.encode_image(images, batch_size=2), atol=0, rtol=0)
+    query = loaded(image=images[0], prompt="is red", output_type="np").image_embeds
+    assert query.dtype == np.float32
+    expected = in_memory(image=images[0], prompt="is red").image_embeds.float().numpy()
+    np.testing.assert_array_equal(query, expected)
 
 
 def test_diffusers_cir_evaluate_composes_from_the_reference_pixels(tmp_path, pipe):

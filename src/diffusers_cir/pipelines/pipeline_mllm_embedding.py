@@ -212,8 +212,10 @@ class MLLMEmbeddingPipeline(CIRPipelineMixin, DiffusionPipeline):
 
     Args:
         model ([`~transformers.LlavaNextForConditionalGeneration`]): the multimodal LLM. Load 7-8B models in
-            bfloat16 (`torch_dtype=torch.bfloat16`); `device_map=` / `max_memory=` / `offload_folder=` in
-            `from_pretrained` place it with accelerate (GPU, CPU and disk offload).
+            bfloat16 (`torch_dtype=torch.bfloat16`; casting a loaded model with `.to(torch.bfloat16)` also rounds the
+            language model's rotary frequencies, which moves the embeddings); `device_map=` / `max_memory=` /
+            `offload_folder=` in `from_pretrained` place it with accelerate (GPU, CPU and disk offload), with the same
+            embeddings as the whole model in memory (tested in bfloat16 with disk offload).
         processor ([`~transformers.LlavaNextProcessor`]): its tokenizer and image processor (anyres tiling).
         prompts (`str`, `dict` or [`MLLMPrompts`], defaults to `"e5-v"`): a preset of
             [`MLLM_PROMPT_PRESETS`] or the prompt fields; stored resolved in the pipeline's config.
