@@ -28,6 +28,7 @@ from diffusers_cir.pipelines.caption_rewrite_recipes import (
     fill_rewrite_template,
     parse_rewrite,
 )
+from diffusers_cir.retrieval import ldre_ensemble
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -97,6 +98,7 @@ def test_a_query_is_the_clip_embedding_of_the_llms_rewrite_of_the_caption(pipe):
     seen = scripted_llm(pipe, lambda chat: "Edited Description: a red dog on grass\n\nanything else")
     out = pipe(image=[picture(0), picture(1)], prompt=["is red", ("is red.", "has dogs?")])
     assert out.rewrites == [["a red dog on grass"], ["a red dog on grass"]]
+    assert out.caption_embeds is None and out.rewrite_embeds.shape == (2, 1, pipe.embedding_dim)
     expected = pipe.encode_text(["a red dog on grass"] * 2)
     torch.testing.assert_close(out.image_embeds, expected, atol=1e-6, rtol=0)
     # The LLM read the recipe's instruction, then the caption and the modification (a FashionIQ pair joined).
@@ -124,10 +126,15 @@ def test_without_an_answer_cireVL_falls_back_to_the_modification_text(pipe):
 def test_ldre_ensembles_every_captions_rewrite():
     ldre = tiny_caption_rewrite_pipeline("ldre")
     seen = scripted_llm(ldre, lambda chat: f" the edit number {len(chat) % 7}")
-    out = ldre(image=picture(3), prompt="is red")
+    out = ldre(image=picture(3), prompt="is red", output_caption_embeds=True)
     assert len(out.captions[0]) == 15 and len(out.rewrites[0]) == 15
     assert len(set(out.captions[0])) > 1  # nucleus sampling: the captions differ
     torch.testing.assert_close(out.image_embeds, ldre.encode_text(out.rewrites[0]).mean(0, keepdim=True), atol=1e-6, rtol=0)
+    # Every rewrite's and caption's embedding comes out, in order, for LDRE's adaptive (CIRCO) ensemble.
+    torch.testing.assert_close(out.rewrite_embeds[0], ldre.encode_text(out.rewrites[0]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.caption_embeds[0], ldre.encode_text(out.captions[0]), atol=1e-6, rtol=0)
+    queries, weights = ldre_ensemble(out.rewrite_embeds, out.caption_embeds, ldre.encode_image([picture(4), picture(5)]))
+    assert queries.shape == out.image_embeds.shape and weights.shape == (15,)
     assert all(LDRE_SYSTEM_PROMPT in chat and "<|start_header_id|>system" in chat for chat in seen)
     # Sampling is seeded: the same call gives the same query, and the caller's random state is left alone.
     state = torch.random.get_rng_state()

@@ -32,10 +32,12 @@ Retrieval"; github.com/yzy-bupt/LDRE ``src/dense_caption_generator.py``, ``src/r
 * LLM (gpt-3.5-turbo, default sampling, so rewrites diverge) once per caption, with a system message (quoted below)
   and a user message giving the format, one worked example and ``Image Content: {caption}\\nInstruction:
   {modification}\\nEdited Description:`` (the user message's prose is ours, with our own example);
-* ensemble: the CLIP text features of the 15 rewrites are averaged, then normalised (their CIRR path). Their CIRCO
-  path additionally weights each caption slot by a score computed from the whole query set against the whole gallery
-  (the "semantic relevance" weights); that needs the gallery inside the query encoder and is not implemented: this
-  pipeline averages with equal weights.
+* ensemble: the CLIP text features of the 15 rewrites are averaged, then normalised (their CIRR path; what this
+  pipeline's ``image_embeds`` are). Their CIRCO path weights each caption slot by a score computed from the whole
+  query set against the whole gallery (the "semantic relevance" weights, ``--use_adaptive_ensemble``); that needs
+  every query and the gallery at once, so it is a function on the pipeline's outputs:
+  :func:`diffusers_cir.retrieval.ldre_ensemble` of ``rewrite_embeds`` and ``caption_embeds``
+  (``output_caption_embeds=True``).
 
 Not verified here: LAVIS's nucleus-sampling settings for BLIP-2 OPT (top-p 0.9, 30 tokens, one beam are used) and
 whether LAVIS's COCO OPT captioner adds a text prompt (none is used). The rewrites use open chat LLMs from

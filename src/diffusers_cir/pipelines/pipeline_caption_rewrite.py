@@ -91,11 +91,19 @@ class CaptionRewritePipelineOutput(BaseOutput):
             (L2-normalised with `normalize=True`).
         captions (`list[list[str]]`): each query's reference captions.
         rewrites (`list[list[str]]`): each query's rewritten captions (`num_captions * rewrites_per_caption`).
+        rewrite_embeds (`torch.Tensor` or `np.ndarray` of shape `(batch_size, num_rewrites, projection_dim)`):
+            the CLIP text embedding of every rewrite (`image_embeds` is their mean).
+        caption_embeds (`torch.Tensor` or `np.ndarray` of shape `(batch_size, num_captions, projection_dim)`):
+            the CLIP text embedding of every caption, with `output_caption_embeds=True` (else `None`). With
+            `rewrite_embeds` and the gallery, LDRE's adaptive ensemble ([`~diffusers_cir.retrieval.ldre_ensemble`])
+            weights the rewrites over a whole query set.
     """
 
     image_embeds: torch.Tensor | np.ndarray
     captions: list[list[str]]
     rewrites: list[list[str]]
+    rewrite_embeds: torch.Tensor | np.ndarray | None = None
+    caption_embeds: torch.Tensor | np.ndarray | None = None
 
 
 class CaptionRewritePipeline(CIRPipelineMixin, DiffusionPipeline):
@@ -327,6 +335,7 @@ class CaptionRewritePipeline(CIRPipelineMixin, DiffusionPipeline):
         caption_batch_size: int = 8,
         rewrite_batch_size: int = 16,
         normalize: bool = False,
+        output_caption_embeds: bool = False,
         output_type: str = "pt",
         return_dict: bool = True,
     ) -> CaptionRewritePipelineOutput | tuple:
@@ -342,6 +351,8 @@ class CaptionRewritePipeline(CIRPipelineMixin, DiffusionPipeline):
             caption_batch_size (`int`, defaults to 8): images per captioner `generate()` call.
             rewrite_batch_size (`int`, defaults to 16): (caption, instruction) pairs per LLM `generate()` call.
             normalize (`bool`, defaults to `False`): L2-normalise the output.
+            output_caption_embeds (`bool`, defaults to `False`): also embed the captions with CLIP (for LDRE's
+                adaptive ensemble, [`~diffusers_cir.retrieval.ldre_ensemble`]).
             output_type (`"pt"` or `"np"`), return_dict (`bool`).
 
         A single image (or text) is broadcast against a list of the other.
@@ -369,13 +380,22 @@ class CaptionRewritePipeline(CIRPipelineMixin, DiffusionPipeline):
 
         # 4. CLIP text embeddings of the rewrites, averaged per query (LDRE's ensemble; one rewrite for CIReVL)
         embeds = self.encode_text([text for group in rewrites for text in group], batch_size=batch_size)
-        query = embeds.view(len(instructions), -1, embeds.shape[-1]).mean(dim=1)
+        rewrite_embeds = embeds.view(len(instructions), -1, embeds.shape[-1])
+        query = rewrite_embeds.mean(dim=1)
         if normalize:
             query = F.normalize(query.float(), dim=-1).to(query.dtype)
+        caption_embeds = None
+        if output_caption_embeds:
+            caption_embeds = self.encode_text([text for group in captions for text in group], batch_size=batch_size)
+            caption_embeds = caption_embeds.view(len(instructions), -1, caption_embeds.shape[-1])
 
         self.maybe_free_model_hooks()
         if output_type == "np":
-            query = query.float().cpu().numpy()
+            query, rewrite_embeds = query.float().cpu().numpy(), rewrite_embeds.float().cpu().numpy()
+            caption_embeds = None if caption_embeds is None else caption_embeds.float().cpu().numpy()
         if not return_dict:
             return (query, captions, rewrites)
-        return CaptionRewritePipelineOutput(image_embeds=query, captions=captions, rewrites=rewrites)
+        return CaptionRewritePipelineOutput(
+            image_embeds=query, captions=captions, rewrites=rewrites, rewrite_embeds=rewrite_embeds,
+            caption_embeds=caption_embeds,
+        )

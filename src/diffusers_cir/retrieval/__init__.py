@@ -26,6 +26,7 @@ _LAZY_NAMES = {
     "build_index_from_embedding_files": ".build",
     "check_index_options": ".build",
     "compose_queries": ".compose",
+    "ldre_ensemble": ".ensemble",
     "CLIPVisionEncoder": ".encoders",
     "GalleryEncoder": ".encoders",
     "check_pipeline_options": ".encoders",
