@@ -18,7 +18,7 @@ import sys
 # What a command raises for a user error (OSError covers FileNotFoundError, FileExistsError, PermissionError, ...).
 USER_ERRORS = (ValueError, OSError)
 
-COMMANDS = ("demo", "search", "index", "evaluate", "data", "convert", "push", "generate")
+COMMANDS = ("demo", "serve", "search", "index", "evaluate", "data", "convert", "push", "generate")
 
 
 def build_parser() -> argparse.ArgumentParser:
