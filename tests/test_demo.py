@@ -89,6 +89,8 @@ def test_a_registered_method_plugs_in(tmp_path, monkeypatch):
 
     def oracle(context):
         world, pipeline = context.world, context.pipeline
+        seen["work_dir"] = context.work_dir
+        assert context.work_dir.is_dir()
 
         class Oracle(methods.DemoMethod):
             name, gallery_encoder = "oracle", pipeline
@@ -103,9 +105,11 @@ def test_a_registered_method_plugs_in(tmp_path, monkeypatch):
 
         return Oracle()
 
+    seen = {}
     monkeypatch.setitem(methods.DEMO_METHODS, "oracle", methods._Registered(oracle, "knows the answer"))
     result = run_demo("tiny", methods=["oracle", "image_only"], num_queries=20, show_progress=False, log=lambda *a: None,
-                      html=tmp_path / "p.html")
+                      html=tmp_path / "p.html", work_dir=tmp_path / "run")
+    assert seen["work_dir"] == tmp_path / "run" / "methods"  # a folder of the run for what a method writes
     assert result.recalls["oracle"]["recall_at1"] == 1.0 and result.recalls["image_only"]["recall_at1"] < 1.0
     assert "knows the answer" in (tmp_path / "p.html").read_text()
 

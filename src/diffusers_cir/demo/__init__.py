@@ -195,8 +195,9 @@ def run_demo(
         started = time.perf_counter()
         paths = world.render_gallery(work / "gallery", progress=show_progress)
         items = [GalleryItem(id=item_id, path=path) for item_id, path in zip(world.gallery_ids, paths)]
+        (work / "methods").mkdir(parents=True, exist_ok=True)
         context = DemoContext(world=world, pipeline=pipeline, seed=seed, batch_size=batch_size,
-                              call_kwargs=call_kwargs, show_progress=show_progress)
+                              call_kwargs=call_kwargs, show_progress=show_progress, work_dir=work / "methods")
         built = build_methods(list(methods), context)
         indexes = {}
         for method in built:

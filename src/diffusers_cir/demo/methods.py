@@ -16,7 +16,7 @@ Adding one::
     from diffusers_cir.demo.methods import DemoMethod, register_demo_method
 
     @register_demo_method("my_method", "what it does, one line")
-    def build(context):  # a DemoContext: the world, the demo pipeline, seed, batch size
+    def build(context):  # a DemoContext: the world, the demo pipeline, seed, batch size, work_dir
         pipeline = AutoCIRPipeline.from_pretrained("my-pipeline-trained-on-the-picture-world")
         return PipelineMethod("my_method", pipeline)
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,7 +38,7 @@ __all__ = ["DEMO_METHODS", "DemoContext", "DemoMethod", "PipelineMethod", "regis
 @dataclass
 class DemoContext:
     """What a method factory may use: the world, the demo's CompoDiff pipeline (its ``image_encoder`` /
-    ``text_encoder`` are the world's CLIP pair), the sampling seed and settings, and the batch size."""
+    ``text_encoder`` are the world's CLIP pair), the sampling seed and settings, the batch size, and a folder."""
 
     world: Any
     pipeline: Any
@@ -45,6 +46,9 @@ class DemoContext:
     batch_size: int = 256
     call_kwargs: dict = field(default_factory=dict)  # the demo pipeline's guidance and steps
     show_progress: bool = False
+    # A folder of this run for what a method writes (data, a network it trains now); removed with the run's other
+    # files unless the user kept them (`diffusers-cir demo --output-dir`).
+    work_dir: Path | None = None
 
 
 class DemoMethod:
