@@ -122,6 +122,25 @@ def test_lora_on_the_text_tower_is_merged_into_the_saved_tower(tiny_data, tmp_pa
     assert changed and all("self_attn" in name or "mlp" in name for name in changed)
 
 
+def test_bf16_run_saves_the_frozen_towers_as_they_were_stored(tiny_data, tmp_path, single_thread):
+    """The frozen towers train in bfloat16; casting them back to float32 on save would lose their low mantissa bits."""
+    from transformers import CLIPTextModelWithProjection
+
+    argv = method_args("clip4cir", tiny_data, tmp_path / "bf16") + [
+        "--train-batch-size", "16", "--max-train-steps", "2", "--mixed-precision", "bf16",
+        "--checkpointing-steps", "100000"]
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # accelerate keeps one precision per process
+    try:
+        main(parse_args(argv))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    saved = load_file(str(tmp_path / "bf16" / "text_encoder" / "model.safetensors"))
+    original = CLIPTextModelWithProjection.from_pretrained(Path(tiny_data) / "text_encoder").state_dict()
+    assert all(saved[name].dtype == torch.float32 and torch.equal(saved[name], original[name]) for name in saved)
+
+
 def _clip_checkpoint(folder: Path) -> str:
     """A tiny CLIP checkpoint (both towers, tokenizer, processor), as `openai/clip-vit-*` folders are."""
     from tiny_components import tiny_image_processor

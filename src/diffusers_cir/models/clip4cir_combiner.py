@@ -46,7 +46,8 @@ class FusionHeadOutput(BaseOutput):
     """
 
     composed_embeds: torch.Tensor
-    mixing_weight: torch.Tensor
+    # Optional so that the output can be rebuilt from a dict, as accelerate's mixed-precision output cast does.
+    mixing_weight: torch.Tensor | None = None
     prototype: torch.Tensor | None = None
 
 

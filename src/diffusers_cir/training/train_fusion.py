@@ -277,8 +277,16 @@ def build_pipeline(run: FusionRun, for_saving: bool = False):
         head = copy.deepcopy(head)
         run.ema.copy_to(head.parameters())
     towers = {}
+    stored = None
+    if for_saving and run.dtype != torch.float32:
+        # The frozen towers were cast to the training precision: save them as stored instead.
+        from .fusion_components import load_encoders
+
+        stored = load_encoders(run.args)
     for name in ("text_encoder", "image_encoder"):
         tower = getattr(parts, name)
+        if stored is not None and name not in run.trained_towers:
+            tower = getattr(stored, name)
         if name in run.trained_towers:
             tower = run.unwrap(tower)
             if for_saving:
