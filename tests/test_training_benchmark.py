@@ -58,3 +58,24 @@ def test_bench_checksums_reports_throughput_and_share_of_a_checkpoint_save(tmp_p
     assert row["model"] == "tiny" and row["checkpoint_mb"] > 0 and row["save_ms"] > 0
     assert 0 < row["checksum_share_of_save"] < 1
     assert abs(row["checksum_share_of_save"] - row["checksum_write_ms"] / (row["save_ms"] + row["checksum_write_ms"])) < 1e-9
+
+
+def test_bench_fusion_times_the_trainers_step_of_every_method(tmp_path, capsys):
+    from accelerate.state import AcceleratorState
+    from conftest import load_script
+
+    bench = load_script(REPO / "benchmarks" / "bench_fusion.py", "bench_fusion")
+    output = tmp_path / "fusion.json"
+    try:
+        report = bench.main(["--tiny", "--device", "cpu", "--batch-sizes", "8,16", "--text-batch-size", "4",
+                             "--regimes", "features,text-tower", "--steps", "1", "--warmup", "0", "--output", str(output)])
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)  # accelerate keeps one state per process
+    assert "samples/s" in capsys.readouterr().out
+    assert json.loads(output.read_text()) == json.loads(json.dumps(report))
+    rows = {(row["method"], row["regime"], row["batch_size"]) for row in report["results"]}
+    assert rows == {(method, "features", size) for method in ("clip4cir", "scot", "mtst") for size in (8, 16)} | {
+        (method, "text-tower", 4) for method in ("clip4cir", "scot", "mtst")}
+    for row in report["results"]:
+        assert row["samples_per_second"] == row["batch_size"] / (row["step_ms_median"] / 1000)
+        assert row["head"] == ("TwoHopFusionHead" if row["method"] == "mtst" else "Clip4CirCombiner")
