@@ -13,7 +13,7 @@ from tiny_components import tiny_pipeline  # noqa: E402
 
 from diffusers_cir import BGEVLPipeline, CompoDiffPipeline, LinCIRPipeline, MagicLensPipeline  # noqa: E402
 from diffusers_cir import CaptionRewritePipeline, MLLMEmbeddingPipeline  # noqa: E402
-from diffusers_cir import Clip4CirPipeline, MTSTPipeline, SCOTPipeline  # noqa: E402
+from diffusers_cir import Clip4CirPipeline, FashionBLIP2Pipeline, MTSTPipeline, SCOTPipeline  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -100,6 +100,15 @@ class TestMTSTPipelineContract(CIRPipelineTesterMixin):
         from tiny_fusion import tiny_composition_pipeline
 
         return tiny_composition_pipeline(MTSTPipeline, head="two_hop")
+
+
+class TestFashionBLIP2PipelineContract(CIRPipelineTesterMixin):
+    pipeline_class = FashionBLIP2Pipeline
+
+    def get_pipeline(self):
+        from tiny_fusion import tiny_fashionblip2_pipeline
+
+        return tiny_fashionblip2_pipeline()
 
 
 def test_every_registered_pipeline_has_a_contract_test():

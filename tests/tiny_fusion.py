@@ -73,9 +73,11 @@ def tiny_bert_tokenizer(folder):
 
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "is", "red", "has", "two", "dogs", "make", "it", "a", "the",
              "blue", "cup", "with", "long", "sleeves", "and"]
+    words += [f"w{i}" for i in range(64 - len(words))]
     path = folder / "vocab.txt"
-    path.write_text("\n".join(words + [f"w{i}" for i in range(64 - len(words))]) + "\n")
-    return BertTokenizer(vocab_file=str(path), model_max_length=512)
+    path.write_text("\n".join(words) + "\n")
+    # transformers 5's BertTokenizer takes `vocab` (a file or a dict); an unknown `vocab_file` left every word [UNK].
+    return BertTokenizer(vocab=str(path), model_max_length=512)
 
 
 def tiny_blip2_parts(folder, seed: int = 0) -> dict:
@@ -90,3 +92,29 @@ def tiny_blip2_parts(folder, seed: int = 0) -> dict:
     return {"text_encoder": Blip2TextModelWithProjection(config).eval(), "tokenizer": tiny_bert_tokenizer(folder),
             "image_encoder": Blip2VisionModelWithProjection(config).eval(),
             "image_processor": BlipImageProcessor(size={"height": 32, "width": 32})}
+
+
+def tiny_fashionblip2_pipeline(seed: int = 0):
+    """A FashionBLIP2Pipeline over a tiny BLIP-2 (the config above) with a 2-head matching head."""
+    import tempfile
+    from pathlib import Path
+
+    from transformers import Blip2ForImageTextRetrieval, BlipImageProcessor
+
+    from diffusers_cir import FashionBLIP2Pipeline, MultiHeadMatchingHead
+
+    torch.manual_seed(seed)
+    model = Blip2ForImageTextRetrieval(tiny_blip2_config()).eval()
+    # BLIP-2 starts its query tokens at zero and its patch embedding at std 0.02: at random init the query tokens and
+    # the patch features barely differ, so the Q-Former's cross-attention would carry next to nothing of the image.
+    # Trained checkpoints are far from that; give the tiny model that property.
+    with torch.no_grad():
+        model.query_tokens.normal_(std=1.0)
+        model.vision_model.embeddings.patch_embedding.weight.normal_(std=0.5)
+    head = MultiHeadMatchingHead(hidden_size=32, num_heads=2, head_dim=8).eval()
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer = tiny_bert_tokenizer(Path(folder))
+    pipe = FashionBLIP2Pipeline(model=model, matching_head=head, tokenizer=tokenizer,
+                                image_processor=BlipImageProcessor(size={"height": 32, "width": 32}))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -30,6 +30,8 @@ _LAZY_NAMES = {
     "CompoDiffScheduler": ".schedulers.scheduling_compodiff",
     "CompoDiffTransformer": ".models.compodiff_transformer",
     "CompoDiffTransformerOutput": ".models.compodiff_transformer",
+    "FashionBLIP2Pipeline": ".pipelines.pipeline_fashionblip2",
+    "FashionBLIP2PipelineOutput": ".pipelines.pipeline_fashionblip2",
     "LinCIRPipeline": ".pipelines.pipeline_lincir",
     "LinCIRPipelineOutput": ".pipelines.pipeline_lincir",
     "MagicLensFusion": ".models.magiclens_fusion",
@@ -40,6 +42,7 @@ _LAZY_NAMES = {
     "MLLMEmbeddingPipeline": ".pipelines.pipeline_mllm_embedding",
     "MLLMEmbeddingPipelineOutput": ".pipelines.pipeline_mllm_embedding",
     "MTSTPipeline": ".pipelines.pipeline_composition",
+    "MultiHeadMatchingHead": ".models.multi_head_matching",
     "OpenCLIPTextEncoder": ".models.open_clip_text",
     "OpenCLIPVisionEncoder": ".models.open_clip_vision",
     "SCOTPipeline": ".pipelines.pipeline_composition",
@@ -69,6 +72,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .models.compodiff_transformer import CompoDiffTransformer, CompoDiffTransformerOutput
     from .models.cpu_int8 import Int8DynamicLinear, quantize_for_cpu
     from .models.magiclens_fusion import MagicLensFusion, MagicLensFusionOutput
+    from .models.multi_head_matching import MultiHeadMatchingHead
     from .models.open_clip_text import OpenCLIPTextEncoder
     from .models.open_clip_vision import OpenCLIPVisionEncoder
     from .models.textual_inversion_projection import TextualInversionProjection, TextualInversionProjectionOutput
@@ -85,6 +89,7 @@ if TYPE_CHECKING:  # pragma: no cover
         MTSTPipeline,
         SCOTPipeline,
     )
+    from .pipelines.pipeline_fashionblip2 import FashionBLIP2Pipeline, FashionBLIP2PipelineOutput
     from .pipelines.pipeline_lincir import LinCIRPipeline, LinCIRPipelineOutput
     from .pipelines.pipeline_magiclens import MagicLensPipeline, MagicLensPipelineOutput
     from .pipelines.pipeline_mllm_embedding import MLLMEmbeddingPipeline, MLLMEmbeddingPipelineOutput

@@ -14,6 +14,7 @@ from .pipeline_composition import (
     MTSTPipeline,
     SCOTPipeline,
 )
+from .pipeline_fashionblip2 import FashionBLIP2Pipeline, FashionBLIP2PipelineOutput
 from .pipeline_lincir import LinCIRPipeline, LinCIRPipelineOutput
 from .pipeline_magiclens import MagicLensPipeline, MagicLensPipelineOutput
 from .pipeline_mllm_embedding import MLLMEmbeddingPipeline, MLLMEmbeddingPipelineOutput
@@ -31,6 +32,8 @@ __all__ = [
     "CompoDiffPipelineOutput",
     "CompositionNetworkPipeline",
     "CompositionPipelineOutput",
+    "FashionBLIP2Pipeline",
+    "FashionBLIP2PipelineOutput",
     "LinCIRPipeline",
     "LinCIRPipelineOutput",
     "MagicLensPipeline",
