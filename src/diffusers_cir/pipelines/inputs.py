@@ -150,11 +150,13 @@ def check_tensor_data(tensors: dict) -> None:
     check_finite_tensors({name: value for name, value in tensors.items() if isinstance(value, torch.Tensor)})
 
 
-def warn_truncated(tokenizer, texts: list[str], kept: list[int], logger, what: str = "prompts") -> None:
-    """Warn, once for the call, how many of `texts` (`what` they are) the tokenizer cut to its `model_max_length`
-    tokens (`kept`: the token counts it returned). Only the texts that reached the limit are tokenised again, without
-    truncation."""
-    limit = tokenizer.model_max_length
+def warn_truncated(tokenizer, texts: list[str], kept: list[int], logger, what: str = "prompts",
+                   limit: int | None = None, reader: str = "the CLIP text encoder") -> None:
+    """Warn, once for the call, how many of `texts` (`what` they are) the tokenizer cut to `limit` tokens (default:
+    its `model_max_length`; pass the limit the call truncated at when it is another, such as a text tower's
+    positions) that `reader` reads (`kept`: the token counts it returned). Only the texts that reached the limit are
+    tokenised again, without truncation."""
+    limit = tokenizer.model_max_length if limit is None else limit
     full = [text for text, count in zip(texts, kept) if count >= limit]
     if not full:
         return
@@ -163,7 +165,7 @@ def warn_truncated(tokenizer, texts: list[str], kept: list[int], logger, what: s
     if cut:
         logger.warning(
             f"{cut} of the {len(texts)} {what} of this call {'is' if cut == 1 else 'are'} longer than the {limit} "
-            f"tokens the CLIP text encoder reads (start and end tokens included) and {'was' if cut == 1 else 'were'} "
+            f"tokens {reader} reads (start and end tokens included) and {'was' if cut == 1 else 'were'} "
             f"cut to the first {limit} (the longest had {max(lengths)}): the words after the cut do not count. "
             "Shorten them."
         )

@@ -176,7 +176,7 @@ class FashionBLIP2Pipeline(CIRPipelineMixin, DiffusionPipeline):
         tokens = self.tokenizer(prompts, padding="longest", max_length=max_length, truncation=True, return_tensors="pt")
         lengths = tokens.attention_mask.sum(dim=1).tolist()
         if max(lengths) >= max_length:
-            warn_truncated(self.tokenizer, prompts, lengths, logger)
+            warn_truncated(self.tokenizer, prompts, lengths, logger, limit=max_length, reader="the Q-Former")
         return {"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask}
 
     # ------------------------------------------------------------------------------------------------ call
