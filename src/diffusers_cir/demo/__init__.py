@@ -35,6 +35,8 @@ from .embedding_world import (
 
 SHIPPED_PIPELINE = Path(__file__).resolve().parent / "picture_world"
 DEFAULT_METHODS = ("compodiff", "image_only", "text_only", "image_text_sum")
+# The trained methods (the others are training-free baselines), with the names the summary prints.
+TRAINED_METHODS = {"compodiff": "CompoDiff", "combiner": "Combiner (CLIP4Cir)", "scot": "SCOT", "mtst": "MTST"}
 WORLDS = ("default", "tiny")
 
 __all__ = [
@@ -248,12 +250,15 @@ def format_result(result: DemoResult) -> str:
         "",
         result.table(),
     ]
-    if "compodiff" in result.recalls and len(result.recalls) > 1:
-        baselines = {name: values["recall_at1"] for name, values in result.recalls.items() if name != "compodiff"}
+    trained = [name for name in result.recalls if name in TRAINED_METHODS]
+    baselines = {name: values["recall_at1"] for name, values in result.recalls.items() if name not in TRAINED_METHODS}
+    if trained and baselines:
         best = max(baselines, key=baselines.get)
-        compodiff = result.recalls["compodiff"]["recall_at1"]
-        lines += ["", f"CompoDiff R@1 {compodiff:.3f} vs best baseline ({best}) {baselines[best]:.3f}: "
-                      f"{compodiff - baselines[best]:+.3f}"]
+        lines.append("")
+        for name in trained:
+            recall = result.recalls[name]["recall_at1"]
+            lines.append(f"{TRAINED_METHODS[name]} R@1 {recall:.3f} vs best baseline ({best}) {baselines[best]:.3f}: "
+                         f"{recall - baselines[best]:+.3f}")
     for number, example in enumerate(result.examples, 1):
         lines += ["", f"Example {number}: [{example['reference_caption']}] + \"{example['text']}\"",
                   f"  target: {example['target_caption']}"]

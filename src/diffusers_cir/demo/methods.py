@@ -150,3 +150,7 @@ def _text_only(context: DemoContext) -> DemoMethod:
 @register_demo_method("image_text_sum", "the sum of both normalised CLIP embeddings")
 def _image_text_sum(context: DemoContext) -> DemoMethod:
     return ClipBaseline("image_text_sum", context.pipeline, use_image=True, use_text=True, batch_size=context.batch_size)
+
+
+# The composition networks register themselves here too (they train now, on the world: see demo/fusion.py).
+from . import fusion  # noqa: E402,F401
