@@ -7,6 +7,9 @@ from transformers import (
     CLIPTextModel,
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
 )
 
 from diffusers_cir import CompoDiffPipeline, CompoDiffScheduler, CompoDiffTransformer
@@ -37,6 +40,23 @@ def tiny_text_encoder(seed: int = 0) -> CLIPTextModel:
         max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
     )
     return CLIPTextModel(config).eval()
+
+
+T5_DIM = 24
+# A small SentencePiece-style (unigram) vocabulary, enough for the words the tests use; "</s>" ends every text.
+T5_WORDS = ("▁a", "▁red", "▁blue", "▁green", "▁cup", "▁vase", "▁dog", "▁cat", "▁make", "▁it", "▁the", "▁with",
+            "▁replace", "▁change", "▁to", "▁photo", "▁of", "▁sketch", "▁as", "▁in", "e", "s", "d", "r", "a", "t", "o")
+
+
+def tiny_t5_tokenizer() -> T5Tokenizer:
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(word, -1.0 - i) for i, word in enumerate(T5_WORDS)]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=77)
+
+
+def tiny_t5_encoder(seed: int = 0) -> T5EncoderModel:
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=3 + len(T5_WORDS), d_model=T5_DIM, d_kv=8, d_ff=40, num_layers=2, num_heads=3)
+    return T5EncoderModel(config).eval()
 
 
 def tiny_image_encoder(seed: int = 0) -> CLIPVisionModelWithProjection:

@@ -111,27 +111,60 @@ class _TransformPreprocess:
         return torch.stack([self.transform(image) for image in images])
 
 
+def blank_masked_pixels(pixel_values: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """``pixel_values`` (normalised, ``[B, 3, H, W]``) with the pixels of ``masks`` (``[B, S, S]``, 1 = blank) set to
+    0, the masks resized to the pixel grid with nearest interpolation: how CompoDiff's pipeline blanks a masked
+    reference before encoding it, and how its masked objective blanks a target."""
+    pixel_mask = torch.nn.functional.interpolate(masks[:, None].float(), size=pixel_values.shape[-2:], mode="nearest")
+    return pixel_values * (1 - pixel_mask.to(pixel_values.dtype))
+
+
 class _ShardRows(torch.utils.data.Dataset):
-    """Rows of one shard, decoded and preprocessed in DataLoader workers."""
+    """Rows of one shard, decoded and preprocessed in DataLoader workers (with a mask: also the blanked target)."""
 
     def __init__(self, table, preprocess):
         self.ids = table.column(schema.ID).to_pylist()
         self.references = table.column(schema.REFERENCE_IMAGE).to_pylist()
         self.targets = table.column(schema.TARGET_IMAGE).to_pylist()
+        has_masks = schema.MASK in table.column_names
+        self.masks = table.column(schema.MASK).to_pylist() if has_masks else [None] * len(self.ids)
         self.preprocess = preprocess
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, index: int):
+        from .streaming import decode_mask
+
         try:
             images = [
                 load_image(self.references[index], name=schema.REFERENCE_IMAGE),
                 load_image(self.targets[index], name=schema.TARGET_IMAGE),
             ]
-            return index, self.preprocess(images), None
+            pixels = self.preprocess(images)
+            masked = None
+            if self.masks[index] is not None:
+                mask = torch.from_numpy(decode_mask(self.masks[index], 64))[None]
+                masked = blank_masked_pixels(pixels[1:], mask)[0]
+            return index, pixels, masked, None
         except Exception as error:  # reported, never fatal
-            return index, None, f"{type(error).__name__}: {error}"
+            return index, None, None, f"{type(error).__name__}: {error}"
+
+
+def embeddings_features_of(images_schema, embedding_dim: int):
+    """The ``embeddings`` features for an ``images`` shard: the SynthTriplets columns, plus the optional ones the
+    shard has (the mask, with the masked target's embedding; the keyword pair)."""
+    from datasets import Features, Image, List, Value
+
+    features = dict(schema.embeddings_features(embedding_dim))
+    names = set(images_schema.names)
+    if schema.MASK in names:
+        features[schema.MASK] = Image()
+        features[schema.MASKED_TARGET_IMAGE_EMBEDS] = List(Value("float32"), length=embedding_dim)
+    for name in (schema.SOURCE_KEYWORD, schema.TARGET_KEYWORD):
+        if name in names:
+            features[name] = Value("string")
+    return Features(features)
 
 
 def _collate(items):
@@ -216,7 +249,8 @@ def precompute_embeddings(
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}.")
     directory = os.path.join(output_folder, schema.EMBEDDINGS_CONFIG)
     os.makedirs(directory, exist_ok=True)
-    features = schema.embeddings_features(embedder.embedding_dim)
+    features = embeddings_features_of(pq.read_schema(inputs[0]), embedder.embedding_dim)
+    carried = [name for name in features if name not in schema.EMBEDDINGS_COLUMNS + (schema.MASKED_TARGET_IMAGE_EMBEDS,)]
     summary = PrecomputeSummary()
     mine = inputs[rank::world_size]
     total_rows = sum(pq.ParquetFile(path).metadata.num_rows for path in mine)
@@ -235,6 +269,7 @@ def precompute_embeddings(
             rows, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate
         )
         texts = {c: table.column(c).to_pylist() for c in (schema.MODIFICATION_TEXT, schema.REFERENCE_CAPTION, schema.TARGET_CAPTION)}
+        texts.update({c: table.column(c).to_pylist() for c in carried})  # the mask and keyword pair, as stored
         partial = os.path.join(directory, f".{name}.partial")
         started = time.perf_counter()
         shard_rows = 0
@@ -243,26 +278,22 @@ def precompute_embeddings(
         staging = os.path.join(directory, f".staging-{name}")
         with ParquetShardWriter(staging, "shard", "rows", features, rows_per_shard=max(1, len(rows)), overwrite=True) as writer:
             for batch in loader:
-                good = [(i, pixels) for i, pixels, error in batch if error is None]
-                for i, _, error in batch:
+                good = [(i, pixels, masked) for i, pixels, masked, error in batch if error is None]
+                for i, _, _, error in batch:
                     if error is not None:
                         summary.skipped_rows.append((rows.ids[i], error))
                         logger.warning("skipped row %r of %s: %s", rows.ids[i], name, error)
                 if good:
-                    pixels = torch.cat([p for _, p in good])  # [2n, 3, H, W]: reference, target, reference, ...
-                    embeds = embedder.encode(pixels)
-                    if normalize:
-                        embeds = torch.nn.functional.normalize(embeds, dim=-1)
-                    embeds = embeds.cpu().numpy().astype(np.float32).reshape(len(good), 2, -1)
-                    indices = [i for i, _ in good]
-                    writer.add_batch(
-                        {
-                            schema.ID: [rows.ids[i] for i in indices],
-                            schema.REFERENCE_IMAGE_EMBEDS: embeds[:, 0],
-                            schema.TARGET_IMAGE_EMBEDS: embeds[:, 1],
-                            **{c: [texts[c][i] for i in indices] for c in texts},
-                        }
-                    )
+                    columns = _embed_rows(embedder, good, normalize)
+                    indices = [i for i, _, _ in good]
+                    if schema.MASKED_TARGET_IMAGE_EMBEDS in features:
+                        summary.num_images += sum(masked is not None for _, _, masked in good)
+                    else:
+                        columns.pop(schema.MASKED_TARGET_IMAGE_EMBEDS)
+                    writer.add_batch({
+                        schema.ID: [rows.ids[i] for i in indices], **columns,
+                        **{c: [texts[c][i] for i in indices] for c in texts},
+                    })
                     shard_rows += len(good)
                 bar.update(len(batch))
         elapsed = time.perf_counter() - started
@@ -283,14 +314,32 @@ def precompute_embeddings(
     return summary
 
 
+def _embed_rows(embedder: ImageEmbedder, good: list, normalize: bool) -> dict[str, np.ndarray]:
+    """Reference, target and masked-target embeddings ``[n, D]`` of decoded rows (zeros where a row has no mask)."""
+    pixels = torch.cat([p for _, p, _ in good])  # [2n, 3, H, W]: reference, target, reference, ...
+    embeds = embedder.encode(pixels)
+    with_mask = [row for row, (_, _, masked) in enumerate(good) if masked is not None]
+    masked = torch.zeros(len(good), embeds.shape[-1], dtype=embeds.dtype, device=embeds.device)
+    if with_mask:
+        masked[with_mask] = embedder.encode(torch.stack([good[row][2] for row in with_mask])).to(embeds.dtype)
+    if normalize:
+        embeds, masked = torch.nn.functional.normalize(embeds, dim=-1), torch.nn.functional.normalize(masked, dim=-1)
+    embeds = embeds.cpu().numpy().astype(np.float32).reshape(len(good), 2, -1)
+    return {schema.REFERENCE_IMAGE_EMBEDS: embeds[:, 0], schema.TARGET_IMAGE_EMBEDS: embeds[:, 1],
+            schema.MASKED_TARGET_IMAGE_EMBEDS: masked.cpu().numpy().astype(np.float32)}
+
+
 def _remove_tree(path: str) -> None:
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
 
 
-def record_embeddings_card(folder: str, embedder_name: str, embedding_dim: int, split: str = "train", normalize: bool = True) -> str:
-    """Record the finished ``embeddings`` split (size, features, encoder) in the dataset card."""
+def record_embeddings_card(
+    folder: str, embedder_name: str, embedding_dim: int, split: str = "train", normalize: bool = True, features=None
+) -> str:
+    """Record the finished ``embeddings`` split (size, features, encoder) in the dataset card; ``features`` default to
+    those of the split's first shard (the optional columns it carries included)."""
     from .card import read_card_infos, update_dataset_card
     from .shards import count_rows
 
@@ -299,10 +348,19 @@ def record_embeddings_card(folder: str, embedder_name: str, embedding_dim: int, 
     if schema.EMBEDDINGS_CONFIG in infos and infos[schema.EMBEDDINGS_CONFIG].splits:
         sizes = {n: i.num_examples for n, i in infos[schema.EMBEDDINGS_CONFIG].splits.items()}
     sizes[split] = count_rows(folder, schema.EMBEDDINGS_CONFIG, split)
+    if features is None:
+        import pyarrow.parquet as pq
+        from datasets import Features
+
+        from .shards import shard_files
+
+        files = shard_files(folder, schema.EMBEDDINGS_CONFIG, split)
+        features = Features.from_arrow_schema(pq.read_schema(files[0])) if files else schema.embeddings_features(
+            embedding_dim)
     return update_dataset_card(
         folder,
         schema.EMBEDDINGS_CONFIG,
-        schema.embeddings_features(embedding_dim),
+        features,
         sizes,
         extra_metadata={"embeddings_encoder": embedder_name, "embeddings_normalized": bool(normalize)},
     )

@@ -33,6 +33,14 @@ TARGET_CAPTION = "target_caption"
 REFERENCE_IMAGE_EMBEDS = "reference_image_embeds"
 TARGET_IMAGE_EMBEDS = "target_image_embeds"
 MASK = "mask"  # optional: a mask image (white = region to edit), resized to 64x64 for CompoDiff
+# Optional, for CompoDiff's masked (inpainting) objective from embeddings: the target image's embedding with the
+# mask's pixels blanked (written with the mask by examples/precompute_embeddings.py from masked images).
+MASKED_TARGET_IMAGE_EMBEDS = "masked_target_image_embeds"
+# Optional: the keyword pair of a keyword-based triplet (SynthTriplets18M), so training can draw a fresh instruction
+# from the 47 templates and swap reference and target.
+SOURCE_KEYWORD = "source_keyword"
+TARGET_KEYWORD = "target_keyword"
+OPTIONAL_COLUMNS = (MASK, MASKED_TARGET_IMAGE_EMBEDS, SOURCE_KEYWORD, TARGET_KEYWORD)
 
 IMAGES_CONFIG = "images"
 EMBEDDINGS_CONFIG = "embeddings"
@@ -47,7 +55,7 @@ EMBEDDINGS_COLUMNS = (
     REFERENCE_CAPTION,
     TARGET_CAPTION,
 )
-CANONICAL_COLUMNS = tuple(dict.fromkeys(IMAGES_COLUMNS + EMBEDDINGS_COLUMNS + (MASK,)))
+CANONICAL_COLUMNS = tuple(dict.fromkeys(IMAGES_COLUMNS + EMBEDDINGS_COLUMNS + OPTIONAL_COLUMNS))
 
 # Training stages (CompoDiff): "triplet" = (reference, modification text) -> target;
 # "text_to_image" = stage 1, (no reference, target caption) -> target.

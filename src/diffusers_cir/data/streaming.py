@@ -221,7 +221,8 @@ def load_triplet_stream(
     schema.check_columns(columns, mapping, needed, where=f"{path!r} ({name or 'default'}/{split})")
 
     # Keep only the columns we read: Parquet streams then skip the others entirely.
-    wanted = set(needed) | {schema.ID, schema.MODIFICATION_TEXT, schema.REFERENCE_CAPTION, schema.TARGET_CAPTION, schema.MASK}
+    wanted = set(needed) | {schema.ID, schema.MODIFICATION_TEXT, schema.REFERENCE_CAPTION, schema.TARGET_CAPTION,
+                            *schema.OPTIONAL_COLUMNS}
     if source == schema.IMAGES_CONFIG:
         wanted |= {schema.REFERENCE_IMAGE, schema.TARGET_IMAGE}
     else:
@@ -319,7 +320,7 @@ class TripletCollator:
 
     Args:
         source: ``"images"`` or ``"embeddings"``.
-        tokenizer: a CLIP tokenizer (default: the real OpenAI CLIP tokenizer, built offline).
+        tokenizer: a CLIP tokenizer (default: the real OpenAI CLIP tokenizer, built offline), or a T5 tokenizer.
         image_processor: called as ``image_processor(images=[PIL...], return_tensors="pt")`` (default:
             ``transformers.CLIPImageProcessor()``, OpenAI CLIP's 224 px resize/crop/normalise).
         column_mapping: ``{canonical name: column}`` (see :mod:`diffusers_cir.data.schema`).
@@ -328,8 +329,19 @@ class TripletCollator:
             rows (target caption, zero reference), as CompoDiff mixes both in its later stages. The choice
             is a hash of ``(seed, id)``: deterministic, so a resumed run makes the same choices.
         embedding_dim: expected embedding width (checked per row; inferred from the first row if None).
-        return_mask, mask_size: add ``mask`` ``[B, mask_size, mask_size]``.
+        return_mask, mask_size: add ``mask`` ``[B, mask_size, mask_size]`` (and, from embeddings,
+            ``masked_target_image_embeds`` ``[B, D]``: zeros where the data has none).
         max_length: token length (77 for CLIP).
+        tokenizer_2, max_length_2: a second tokenizer (T5 next to CLIP): adds ``input_ids_2``.
+        keyword_templates: templates with ``${source}`` and ``${target}`` (the 47 of SynthTriplets18M): a triplet
+            row that stores a keyword pair (``source_keyword``, ``target_keyword``) gets an instruction drawn from
+            them each time it is read, instead of its stored text. ``None``: stored texts.
+        keyword_swap_probability: for those rows, the probability of swapping reference and target (and the
+            keyword pair); a swapped row has no mask (a stored mask is of the target image). Needs
+            ``keyword_templates`` (the stored text describes the unswapped edit).
+
+    The template and the swap are drawn from ``(seed, epoch, id)`` (:attr:`epoch` is set by
+    :meth:`TripletDataLoader.set_epoch`): a new draw every epoch, the same draws in a resumed run.
 
     Example:
         >>> collate = TripletCollator("embeddings")
@@ -354,6 +366,10 @@ class TripletCollator:
         return_mask: bool = False,
         mask_size: int = 64,
         max_length: int = 77,
+        tokenizer_2=None,
+        max_length_2: int = 77,
+        keyword_templates: Sequence[str] | None = None,
+        keyword_swap_probability: float = 0.0,
     ):
         if source not in schema.SOURCES:
             raise ValueError(f"source must be one of {schema.SOURCES}, got {source!r}.")
@@ -361,6 +377,10 @@ class TripletCollator:
             raise ValueError(f"stage must be one of {schema.STAGES}, got {stage!r}.")
         if not 0.0 <= text_to_image_probability <= 1.0:
             raise ValueError(f"text_to_image_probability must be in [0, 1], got {text_to_image_probability}.")
+        if not 0.0 <= keyword_swap_probability <= 1.0:
+            raise ValueError(f"keyword_swap_probability must be in [0, 1], got {keyword_swap_probability}.")
+        if keyword_swap_probability and not keyword_templates:
+            raise ValueError("keyword_swap_probability needs keyword_templates: a swapped row needs a new instruction.")
         if tokenizer is None:
             from diffusers_cir.utils import build_offline_clip_tokenizer
 
@@ -375,7 +395,17 @@ class TripletCollator:
         self.text_to_image_probability, self.seed = text_to_image_probability, seed
         self.embedding_dim = embedding_dim
         self.return_mask, self.mask_size, self.max_length = return_mask, mask_size, max_length
-        self._backend = _fixed_length_backend(tokenizer, max_length)
+        self.keyword_templates = tuple(keyword_templates or ())
+        self.keyword_swap_probability = keyword_swap_probability
+        self.epoch = 0
+        self._tokenizers = [(tokenizer, max_length, _fixed_length_backend(tokenizer, max_length))]
+        if tokenizer_2 is not None:
+            self._tokenizers.append((tokenizer_2, max_length_2, _fixed_length_backend(tokenizer_2, max_length_2)))
+
+    @property
+    def _backend(self):
+        """The fast (Rust) tokenizer of the first tokenizer, or None when the slow path is used."""
+        return self._tokenizers[0][2]
 
     def _is_text_to_image(self, row_id: str) -> bool:
         if self.stage == "text_to_image":
@@ -397,45 +427,61 @@ class TripletCollator:
             raise ValueError(f"{column} is empty or not a string ({type(text).__name__})")
         return text
 
+    def _keyword_instruction(self, row: Mapping[str, Any], row_id: str) -> tuple[str | None, bool]:
+        """``(instruction, swapped)`` of a triplet row: a template filled with its keyword pair (swapped with
+        ``keyword_swap_probability``), or ``(None, False)`` to keep the stored text (no templates, or no pair)."""
+        if not self.keyword_templates:
+            return None, False
+        pair = [schema.get_field(row, self.mapping[name], default=None)
+                for name in (schema.SOURCE_KEYWORD, schema.TARGET_KEYWORD)]
+        if not all(isinstance(word, str) and word.strip() for word in pair):
+            return None, False
+        from ..generation.templates import draw_instruction  # the generator's own draw (a leaf module)
+
+        rng = np.random.default_rng([self.seed, self.epoch, zlib.crc32(row_id.encode("utf-8"))])
+        swapped = bool(rng.random() < self.keyword_swap_probability)
+        source, target = reversed(pair) if swapped else pair
+        return draw_instruction(source.strip(), target.strip(), rng, self.keyword_templates)[0], swapped
+
     def _decode_row(self, row: Mapping[str, Any], row_id: str) -> dict:
         text_to_image = self._is_text_to_image(row_id)
+        instruction, swapped = (None, False) if text_to_image else self._keyword_instruction(row, row_id)
         decoded: dict[str, Any] = {"text_to_image": text_to_image}
-        decoded["text"] = self._text(row, schema.TARGET_CAPTION if text_to_image else schema.MODIFICATION_TEXT)
+        decoded["text"] = instruction or self._text(
+            row, schema.TARGET_CAPTION if text_to_image else schema.MODIFICATION_TEXT)
+        reference_column, target_column = (
+            (schema.REFERENCE_IMAGE_EMBEDS, schema.TARGET_IMAGE_EMBEDS) if self.source == schema.EMBEDDINGS_CONFIG
+            else (schema.REFERENCE_IMAGE, schema.TARGET_IMAGE))
+        if swapped:
+            reference_column, target_column = target_column, reference_column
         if self.source == schema.EMBEDDINGS_CONFIG:
-            target = _embedding(
-                schema.get_field(row, self.mapping[schema.TARGET_IMAGE_EMBEDS], default=None),
-                schema.TARGET_IMAGE_EMBEDS,
-                self.embedding_dim,
-            )
-            if self.embedding_dim is None:
-                self.embedding_dim = target.shape[0]
+            target = self._vector(row, target_column)
             decoded["target"] = target
-            decoded["reference"] = (
-                np.zeros_like(target)
-                if text_to_image
-                else _embedding(
-                    schema.get_field(row, self.mapping[schema.REFERENCE_IMAGE_EMBEDS], default=None),
-                    schema.REFERENCE_IMAGE_EMBEDS,
-                    self.embedding_dim,
-                )
-            )
+            decoded["reference"] = np.zeros_like(target) if text_to_image else self._vector(row, reference_column)
         else:
-            decoded["target"] = load_image(
-                schema.get_field(row, self.mapping[schema.TARGET_IMAGE], default=None), name=schema.TARGET_IMAGE
-            )
-            decoded["reference"] = (
-                None
-                if text_to_image
-                else load_image(
-                    schema.get_field(row, self.mapping[schema.REFERENCE_IMAGE], default=None), name=schema.REFERENCE_IMAGE
-                )
-            )
+            decoded["target"] = load_image(schema.get_field(row, self.mapping[target_column], default=None),
+                                           name=target_column)
+            decoded["reference"] = None if text_to_image else load_image(
+                schema.get_field(row, self.mapping[reference_column], default=None), name=reference_column)
         if self.return_mask:
-            value = schema.get_field(row, self.mapping[schema.MASK], default=None)
+            # A stored mask (and masked embedding) is of the target image: a swapped row has none.
+            value = None if swapped else schema.get_field(row, self.mapping[schema.MASK], default=None)
             decoded["mask"] = (
                 np.zeros((self.mask_size, self.mask_size), np.float32) if value is None else decode_mask(value, self.mask_size)
             )
+            if self.source == schema.EMBEDDINGS_CONFIG:
+                masked = None if swapped else schema.get_field(row, self.mapping[schema.MASKED_TARGET_IMAGE_EMBEDS],
+                                                               default=None)
+                decoded["masked_target"] = (np.zeros_like(decoded["target"]) if masked is None
+                                            else self._vector(row, schema.MASKED_TARGET_IMAGE_EMBEDS))
         return decoded
+
+    def _vector(self, row: Mapping[str, Any], column: str) -> np.ndarray:
+        """An embedding column of ``row``, checked against (or fixing) the embedding width."""
+        vector = _embedding(schema.get_field(row, self.mapping[column], default=None), column, self.embedding_dim)
+        if self.embedding_dim is None:
+            self.embedding_dim = vector.shape[0]
+        return vector
 
     def _preprocess(self, images: list) -> list:
         """Pixel tensors (or the exception) per image: batched, or one by one if the batch call fails."""
@@ -452,15 +498,13 @@ class TripletCollator:
                     results.append(error)
             return results
 
-    def _tokenize(self, texts: list[str]) -> torch.Tensor:
+    def _tokenize(self, texts: list[str], which: int = 0) -> torch.Tensor:
+        tokenizer, max_length, backend = self._tokenizers[which]
         if not texts:
-            return torch.zeros(0, self.max_length, dtype=torch.long)
-        if self._backend is not None:
-            encodings = self._backend.encode_batch(texts)
-            return torch.tensor([encoding.ids for encoding in encodings], dtype=torch.long)
-        return self.tokenizer(
-            texts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
-        ).input_ids
+            return torch.zeros(0, max_length, dtype=torch.long)
+        if backend is not None:
+            return torch.tensor([encoding.ids for encoding in backend.encode_batch(texts)], dtype=torch.long)
+        return tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt").input_ids
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         if rows and not isinstance(rows[0], Mapping):  # Arrow-formatted stream (see load_triplet_stream)
@@ -491,6 +535,8 @@ class TripletCollator:
         batch["texts"] = [d["text"] for d in decoded]
         batch["is_text_to_image"] = torch.tensor([d["text_to_image"] for d in decoded], dtype=torch.bool)
         batch["input_ids"] = self._tokenize(batch["texts"])
+        if len(self._tokenizers) > 1:
+            batch["input_ids_2"] = self._tokenize(batch["texts"], 1)
         if self.source == schema.EMBEDDINGS_CONFIG:
             dim = self.embedding_dim or 0
             batch["reference_image_embeds"] = (
@@ -511,6 +557,10 @@ class TripletCollator:
                 if decoded
                 else torch.zeros(0, self.mask_size, self.mask_size)
             )
+            if self.source == schema.EMBEDDINGS_CONFIG:
+                batch["masked_target_image_embeds"] = (
+                    torch.from_numpy(np.stack([d["masked_target"] for d in decoded])) if decoded
+                    else torch.zeros(0, self.embedding_dim or 0))
         return batch
 
 
@@ -609,6 +659,7 @@ class TripletDataLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self.dataset.set_epoch(epoch)
+        self.collator.epoch = epoch  # its keyword draws (worker processes are re-created each epoch, copying it)
 
     def _batches(self):
         """The loader's batches; a shard that cannot be read (damaged after its footer was checked, deleted) is named
@@ -685,6 +736,9 @@ def build_triplet_dataloader(
     pin_memory: bool = False,
     prefetch_factor: int | None = None,
     collator: TripletCollator | None = None,
+    tokenizer_2=None,
+    keyword_templates: Sequence[str] | None = None,
+    keyword_swap_probability: float = 0.0,
 ) -> TripletDataLoader:
     """Shard a stream for this rank, shuffle it, and wrap it in a resumable loader with the collator.
 
@@ -699,7 +753,8 @@ def build_triplet_dataloader(
         shuffle, shuffle_buffer_size, seed: the shard order is shuffled per epoch (seeded by ``seed`` and the
             epoch) and rows are permuted within blocks of ``shuffle_buffer_size`` consecutive rows (``0`` or
             ``1``: shard order only). Resuming is exact either way (see the module docstring).
-        text_to_image_probability, return_mask: see :class:`TripletCollator`.
+        text_to_image_probability, return_mask, tokenizer_2, keyword_templates, keyword_swap_probability: see
+            :class:`TripletCollator`.
     """
     from datasets.distributed import split_dataset_by_node
     from torchdata.stateful_dataloader import StatefulDataLoader
@@ -737,6 +792,9 @@ def build_triplet_dataloader(
             text_to_image_probability=text_to_image_probability,
             seed=seed,
             return_mask=return_mask,
+            tokenizer_2=tokenizer_2,
+            keyword_templates=keyword_templates,
+            keyword_swap_probability=keyword_swap_probability,
         )
     loader = StatefulDataLoader(
         dataset,

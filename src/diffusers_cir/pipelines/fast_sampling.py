@@ -357,3 +357,10 @@ class CompoDiffSamplingMixin:
                     latents = self._call_back(callback_on_step_end, index, t, latents, tensor_inputs)
                 progress_bar.update()
         return latents
+
+
+def mix_and_normalize(result: torch.Tensor, source: torch.Tensor | None, source_weight: float, normalize: bool):
+    """`(1 - w) * result + w * source` (no source for text-only queries), L2-normalised on request."""
+    if source_weight and source is not None:
+        result = (1 - source_weight) * result + source_weight * source
+    return torch.nn.functional.normalize(result, dim=-1) if normalize else result

@@ -182,3 +182,19 @@ def clip_input_size(processor) -> tuple[int, int] | None:
     if crop_size.get("height") is None or crop_size.get("width") is None:
         return None
     return (crop_size["height"], crop_size["width"])
+
+
+def first_of_encode_prompt(value, name: str):
+    """`encode_prompt` returned the prompt tensor alone before it returned `(prompt_embeds, negative_prompt_embeds)`
+    as diffusers pipelines do: its new result, passed where the old one went (`negative_prompt_embeds=
+    pipe.encode_prompt([""])`), is read as its first element, with a deprecation warning."""
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], torch.Tensor):
+        from diffusers.utils import deprecate
+
+        deprecate(
+            f"{name} as the tuple of encode_prompt", "1.0.0",
+            f"`CompoDiffPipeline.encode_prompt` returns `(prompt_embeds, negative_prompt_embeds)`: pass `{name}=` "
+            "its first element (`encode_prompt(text, do_classifier_free_guidance=False)[0]` encodes one text).",
+        )
+        return value[0]
+    return value

@@ -18,7 +18,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 from diffusers import DiffusionPipeline
-from diffusers.utils import BaseOutput, deprecate, logging
+from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import (
     CLIPImageProcessor,
@@ -26,6 +26,8 @@ from transformers import (
     CLIPTextModelWithProjection,
     CLIPTokenizer,
     CLIPVisionModelWithProjection,
+    T5EncoderModel,
+    T5Tokenizer,
 )
 
 from ..checks import (
@@ -35,11 +37,12 @@ from ..checks import (
     check_positive_int,
     check_texts,
 )
+from ..models.compodiff_text import CompoDiffTextConditioner, is_t5_encoder
 from ..models.compodiff_transformer import CompoDiffTransformer
-from ..schedulers.scheduling_compodiff import CompoDiffScheduler
 from ..retrieval.images import pixel_values as processed_pixel_values
+from ..schedulers.scheduling_compodiff import CompoDiffScheduler
 from .auto import CIRPipelineMixin
-from .fast_sampling import CompoDiffSamplingMixin
+from .fast_sampling import CompoDiffSamplingMixin, mix_and_normalize
 from .inputs import (
     check_batch_sizes,
     check_float_pixels,
@@ -48,6 +51,7 @@ from .inputs import (
     check_tensor,
     check_tensor_data,
     clip_input_size,
+    first_of_encode_prompt,
     image_list,
     is_batch,
     shape_of,
@@ -103,9 +107,16 @@ class CompoDiffPipeline(CIRPipelineMixin, CompoDiffSamplingMixin, DiffusionPipel
         transformer ([`CompoDiffTransformer`]): The denoiser (prior) over CLIP image embeddings.
         scheduler ([`CompoDiffScheduler`], or diffusers' `DDIMScheduler` / `DPMSolverMultistepScheduler` configured
             with `beta_schedule="squaredcos_cap_v2"`, `prediction_type="sample"` and `clip_sample=False`).
-        text_encoder ([`~transformers.CLIPTextModel`], *optional*): Gives the text hidden states (the released
-            models use the CLIP ViT-bigG/14 text tower, width 1280).
-        tokenizer ([`~transformers.CLIPTokenizer`], *optional*).
+        text_encoder ([`~transformers.CLIPTextModel`] or [`~transformers.T5EncoderModel`], *optional*): Gives the
+            text hidden states (the released models use the CLIP ViT-bigG/14 text tower, width 1280; the paper's
+            models CLIP ViT-L/14, width 768).
+        tokenizer ([`~transformers.CLIPTokenizer`] or [`~transformers.T5Tokenizer`], *optional*).
+        text_encoder_2 ([`~transformers.T5EncoderModel`], *optional*), tokenizer_2: A second text encoder read with
+            the first (CLIP + T5-XL, the paper's best variant); the two sequences are joined as
+            `diffusers_cir.models.compodiff_text` describes.
+        image_embeds_norm (`float`, *optional*): The L2 norm the reference image embedding is rescaled to before the
+            denoiser reads it, the scale the model was trained with (this package's trainer records it); `None`
+            (the released models) reads the embedding as the image encoder gives it.
         image_encoder ([`~transformers.CLIPVisionModelWithProjection`], *optional*): Gives reference/gallery image
             embeddings (CLIP ViT-L/14 for the released models).
         image_processor ([`~transformers.CLIPImageProcessor`], *optional*).
@@ -113,7 +124,7 @@ class CompoDiffPipeline(CIRPipelineMixin, CompoDiffSamplingMixin, DiffusionPipel
     The encoders are optional: without them the pipeline runs on precomputed `image_embeds` / `prompt_embeds`.
     """
 
-    model_cpu_offload_seq = "text_encoder->image_encoder->transformer"
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->image_encoder->transformer"
     _model_card_fields = {
         "tags": ["compodiff"],
         "paper": "CompoDiff: Versatile Composed Image Retrieval With Latent Diffusion (Gu et al., TMLR 2024), "
@@ -122,19 +133,27 @@ class CompoDiffPipeline(CIRPipelineMixin, CompoDiffSamplingMixin, DiffusionPipel
         "reference image, a modification text, an optional negative text and an optional mask; the result is searched "
         "against the CLIP image embeddings of a gallery.",
     }
-    _optional_components = ["text_encoder", "tokenizer", "image_encoder", "image_processor"]
+    _optional_components = ["text_encoder", "tokenizer", "image_encoder", "image_processor", "text_encoder_2",
+                            "tokenizer_2"]
     _callback_tensor_inputs = ["latents"]
 
     def __init__(
         self,
         transformer: CompoDiffTransformer,
         scheduler,
-        text_encoder: CLIPTextModel | CLIPTextModelWithProjection | None = None,
-        tokenizer: CLIPTokenizer | None = None,
+        text_encoder: CLIPTextModel | CLIPTextModelWithProjection | T5EncoderModel | None = None,
+        tokenizer: CLIPTokenizer | T5Tokenizer | None = None,
         image_encoder: CLIPVisionModelWithProjection | None = None,
         image_processor: CLIPImageProcessor | None = None,
+        text_encoder_2: T5EncoderModel | CLIPTextModel | None = None,
+        tokenizer_2: T5Tokenizer | CLIPTokenizer | None = None,
+        image_embeds_norm: float | None = None,
     ):
         super().__init__()
+        if image_embeds_norm is not None:
+            check_float(image_embeds_norm, "image_embeds_norm", 0.0, exclusive_minimum=True)
+        if (text_encoder_2 is None) != (tokenizer_2 is None):
+            raise ValueError("`text_encoder_2` and `tokenizer_2` go together: pass both or neither.")
         self.register_modules(
             transformer=transformer,
             scheduler=scheduler,
@@ -142,13 +161,22 @@ class CompoDiffPipeline(CIRPipelineMixin, CompoDiffSamplingMixin, DiffusionPipel
             tokenizer=tokenizer,
             image_encoder=image_encoder,
             image_processor=image_processor,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
         )
+        self.register_to_config(image_embeds_norm=image_embeds_norm)
 
     # ------------------------------------------------------------------ encoders
 
     @property
     def embedding_dim(self) -> int:
         return self.transformer.config.embedding_dim
+
+    @property
+    def text_conditioner(self) -> CompoDiffTextConditioner:
+        """How texts become the text condition (one encoder, or two joined); also what training encodes with."""
+        return CompoDiffTextConditioner(self.text_encoder, self.tokenizer, getattr(self, "text_encoder_2", None),
+                                        getattr(self, "tokenizer_2", None))
 
     @torch.no_grad()
     def encode_prompt(
@@ -202,19 +230,14 @@ class CompoDiffPipeline(CIRPipelineMixin, CompoDiffSamplingMixin, DiffusionPipel
         return prompt_embeds, negative_prompt_embeds if with_negative else None
 
     def _encode_texts(self, prompts: list[str], device) -> torch.Tensor:
-        tokens = self.tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        kept = tokens.attention_mask.sum(dim=1).tolist()
-        warn_truncated(self.tokenizer, prompts, kept, logger, "texts (prompts and negative prompts)")
-        output = self.text_encoder(
-            input_ids=tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device)
-        )
-        return output.last_hidden_state
+        conditioner = self.text_conditioner
+        input_ids, attention_masks, kept = conditioner.tokenize(prompts)
+        for tokenizer, encoder, length, counts in zip(
+            conditioner.tokenizers, conditioner.text_encoders, conditioner.lengths, kept
+        ):
+            warn_truncated(tokenizer, prompts, counts, logger, "texts (prompts and negative prompts)", length,
+                           "the T5 encoder" if is_t5_encoder(encoder) else "the CLIP text encoder")
+        return conditioner.encode_ids(input_ids, attention_masks, device)
 
     def _pixel_values_of_list(self, images: list, device, dtype) -> torch.Tensor:
         """`[N, 3, H, W]` pixel values of per-query images, each prepared as it would be alone.
@@ -416,7 +439,7 @@ class CompoDiffPipeline(CIRPipelineMixin, CompoDiffSamplingMixin, DiffusionPipel
             raise ValueError(
                 "This pipeline has no `text_encoder`/`tokenizer`: pass `prompt_embeds` (and `negative_prompt_embeds`)."
             )
-        encoded_length = self.tokenizer.model_max_length if to_encode else None
+        encoded_length = self.text_conditioner.sequence_length if to_encode else None
         prompt_length = lengths.get("prompt_embeds", encoded_length)
         negative_length = lengths.get("negative_prompt_embeds", encoded_length)
         if with_negative and prompt_length != negative_length:
@@ -596,8 +619,8 @@ class CompoDiffPipeline(CIRPipelineMixin, CompoDiffSamplingMixin, DiffusionPipel
             [`CompoDiffPipelineOutput`] or a tuple `(image_embeds,)`.
         """
         # 0. Deprecated forms: `encode_prompt`'s result (now a tuple) passed where its old tensor was
-        prompt_embeds = _first_of_encode_prompt(prompt_embeds, "prompt_embeds")
-        negative_prompt_embeds = _first_of_encode_prompt(negative_prompt_embeds, "negative_prompt_embeds")
+        prompt_embeds = first_of_encode_prompt(prompt_embeds, "prompt_embeds")
+        negative_prompt_embeds = first_of_encode_prompt(negative_prompt_embeds, "negative_prompt_embeds")
 
         # 1. Check inputs
         callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
@@ -632,6 +655,8 @@ class CompoDiffPipeline(CIRPipelineMixin, CompoDiffSamplingMixin, DiffusionPipel
         elif image_embeds is None:
             image_embeds = torch.zeros(1, self.embedding_dim)
         image_embeds = image_embeds.reshape(image_embeds.shape[0], -1).to(device=device, dtype=dtype)
+        if self.config.image_embeds_norm is not None:  # the scale the model was trained with
+            image_embeds = F.normalize(image_embeds, dim=-1) * self.config.image_embeds_norm
         image_embeds = image_embeds.expand(batch_size, -1)
 
         # 5. Texts: the prompts and negative texts given as strings go through the text tower in one call
@@ -664,7 +689,7 @@ class CompoDiffPipeline(CIRPipelineMixin, CompoDiffSamplingMixin, DiffusionPipel
         if output_type != "latent":
             result = result.view(batch_size * num_images_per_prompt, num_samples_per_query, -1).mean(dim=1)
             source = None if text_only else image_embeds.float().repeat_interleave(num_images_per_prompt, dim=0)
-            result = _mix_and_normalize(result, source, source_weight, normalize)
+            result = mix_and_normalize(result, source, source_weight, normalize)
 
         self.maybe_free_model_hooks()
         if output_type == "np":
@@ -684,23 +709,3 @@ class CompoDiffPipeline(CIRPipelineMixin, CompoDiffSamplingMixin, DiffusionPipel
             pixel_values = pixel_values * (1 - pixel_mask.to(pixel_values.dtype))
         return self.image_encoder(pixel_values=pixel_values).image_embeds
 
-
-def _first_of_encode_prompt(value, name: str):
-    """`encode_prompt` returned the prompt tensor alone before it returned `(prompt_embeds, negative_prompt_embeds)`
-    as diffusers pipelines do: its new result, passed where the old one went (`negative_prompt_embeds=
-    pipe.encode_prompt([""])`), is read as its first element, with a deprecation warning."""
-    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], torch.Tensor):
-        deprecate(
-            f"{name} as the tuple of encode_prompt", "1.0.0",
-            f"`CompoDiffPipeline.encode_prompt` returns `(prompt_embeds, negative_prompt_embeds)`: pass `{name}=` "
-            "its first element (`encode_prompt(text, do_classifier_free_guidance=False)[0]` encodes one text).",
-        )
-        return value[0]
-    return value
-
-
-def _mix_and_normalize(result: torch.Tensor, source: torch.Tensor | None, source_weight: float, normalize: bool):
-    """`(1 - w) * result + w * source` (no source for text-only queries), L2-normalised on request."""
-    if source_weight and source is not None:
-        result = (1 - source_weight) * result + source_weight * source
-    return F.normalize(result, dim=-1) if normalize else result

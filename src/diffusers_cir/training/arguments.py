@@ -126,7 +126,8 @@ def add_optimization_arguments(
 
 def add_ema_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     group = parser.add_argument_group("EMA")
-    add_flag(group, "use_ema", action="store_true", help="Keep an EMA of the weights (checkpointed, saved as the model).")
+    add_flag(group, "use_ema", action=argparse.BooleanOptionalAction, default=False,
+             help="Keep an EMA of the weights (checkpointed, saved as the model); --no-use-ema turns off a recipe's.")
     add_flag(
         group, "ema_decay", type=PROBABILITY, default=0.9999,
         help="Upper bound, in [0, 1], of the EMA decay: diffusers' EMAModel raises the per-step decay along "

@@ -9,6 +9,7 @@ command line is read (see :mod:`.arguments`).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
@@ -31,9 +32,10 @@ from .arguments import (
     usage_errors,
 )
 from .outputs import check_output_dir
+from .recipes import PAPER_RECIPES, config_report, parse_with_recipe, recipe_name
 
 __all__ = ["DEFAULT_LORA_TARGETS", "RUN_OUTPUTS", "VALIDATION_LOG", "build_argument_parser", "check_args",
-           "embedding_scale", "parse_args"]
+           "embedding_scale", "parse_args", "resolve_args"]
 
 DEFAULT_LORA_TARGETS = r"blocks\.\d+\.(self_attn|cross_attn)\.(to_q|to_kv|to_out)|blocks\.\d+\.ff\.(proj_in|proj_out)"
 VALIDATION_LOG = "validation_log.jsonl"
@@ -96,8 +98,18 @@ def _add_model_arguments(parser) -> None:
     add_flag(model, "transformer_config", type=_json_object_or_file, default=None,
              help="Train a new denoiser: a JSON file or inline JSON of CompoDiffTransformer arguments. embedding_dim and "
              "text_embedding_dim default to the data's embedding width and the text encoder's hidden size.")
-    add_flag(model, "text_encoder_name_or_path", default=None, help="CLIP text model folder / repo id.")
-    add_flag(model, "tokenizer_name_or_path", default=None, help="CLIP tokenizer folder / repo id.")
+    add_flag(model, "text_encoder_name_or_path", default=None,
+             help="Text encoder folder / repo id: a CLIP text model (the paper's CLIP ViT-L/14, 77 x 768; the released "
+             "models' ViT-bigG/14, 77 x 1280) or a T5 encoder (transformers T5EncoderModel, e.g. T5-XL: 77 x 2048).")
+    add_flag(model, "tokenizer_name_or_path", default=None, help="Its tokenizer folder / repo id.")
+    add_flag(model, "text_encoder_2_name_or_path", default=None,
+             help="A second text encoder read together with the first: a T5 encoder next to CLIP is the paper's best "
+             "variant (CLIP + T5-XL). The two token sequences are joined as described in "
+             "diffusers_cir.models.compodiff_text (the denoiser then reads 154 tokens of width 768 + 2048).")
+    add_flag(model, "tokenizer_2_name_or_path", default=None, help="The second text encoder's tokenizer.")
+    add_flag(model, "transformer_dropout", type=DROPOUT, default=None,
+             help="Attention and feed-forward dropout of the denoiser (its config `dropout`; the paper's 0.1), also "
+             "when starting from a pretrained model; unset keeps the model's (0 for a new one).")
     add_flag(model, "image_encoder_name_or_path", default=None,
              help="CLIPVisionModelWithProjection folder / repo id: needed to train from the `images` configuration.")
     add_flag(model, "revision", default=None, help="Hub revision of the pretrained folders.")
@@ -105,8 +117,8 @@ def _add_model_arguments(parser) -> None:
 
 def _add_data_arguments(parser) -> None:
     data = parser.add_argument_group("data")
-    add_flag(data, "train_data_dir", required=True,
-             help="Triplet dataset in the SynthTriplets layout (folder or Hub id; see diffusers_cir.data.schema).")
+    add_flag(data, "train_data_dir", default=None,
+             help="Required. Triplet dataset in the SynthTriplets layout (folder or Hub id; see diffusers_cir.data.schema).")
     add_flag(data, "dataset_config_name", default="embeddings", choices=["embeddings", "images"])
     add_flag(data, "train_split", default="train")
     add_flag(data, "column_mapping", type=json_object, default=None,
@@ -114,7 +126,20 @@ def _add_data_arguments(parser) -> None:
     add_flag(data, "stage", default="triplet", choices=["text_to_image", "triplet"],
              help="text_to_image: stage 1 (target caption -> target); triplet: stage 2 (objectives mixed as below).")
     add_flag(data, "objective_ratios", type=_objective_ratios, default="triplet=0.7,text_to_image=0.3,masked=0",
-             help="Stage 2: shares of rows trained with each objective. 'masked' needs the `images` configuration.")
+             help="Stage 2: shares of rows trained with each objective (the paper: triplet=0.4,text_to_image=0.3,"
+             "masked=0.3). 'masked' is the inpainting objective: the `images` configuration, or embeddings data with "
+             "precomputed masked embeddings (examples/precompute_masks.py, then precompute_embeddings.py).")
+    add_flag(data, "masked_objective_masks", default="boxes", choices=["boxes", "data"],
+             help="Masks of the masked objective: random boxes of 10-50%% per side, or the data's precomputed ClipSeg "
+             "masks (the paper's; examples/precompute_masks.py computes them once into the dataset).")
+    add_flag(data, "redraw_keyword_instructions", action=argparse.BooleanOptionalAction, default=False,
+             help="For rows that store a keyword pair (source_keyword, target_keyword): draw the instruction from the "
+             "47 SynthTriplets18M templates every time the row is read, as the paper does; rows without a pair keep "
+             "their stored text.")
+    add_flag(data, "keyword_swap_prob", type=PROBABILITY, default=0.0,
+             help="For rows that store a keyword pair: probability of swapping reference and target (and the pair), as "
+             "the paper does for keyword triplets (0.5 in its recipe). The swapped row has no mask (the stored one is "
+             "of the target).")
     add_flag(data, "text_to_image_data_dir", default=None,
              help="Stage 2: image-caption data mixed into every batch for the text-to-image (and masked) objectives, "
              "as CompoDiff mixes its stage-1 data. Without it, those rows are triplet rows turned into (target caption "
@@ -133,6 +158,10 @@ def _add_data_arguments(parser) -> None:
     add_flag(data, "dataloader_num_workers", type=NON_NEGATIVE_INT, default=0,
              help="Worker processes per dataloader (0: read in the training process).")
     add_flag(data, "train_batch_size", type=POSITIVE_INT, default=256, help="Per device.")
+    add_flag(data, "total_batch_size", type=POSITIVE_INT, default=None,
+             help="Rows per optimizer step over all processes and accumulation steps (the paper's batch sizes are "
+             "totals): sets the per-device batch to this / (processes x --gradient-accumulation-steps), which must "
+             "divide. Not with --train-batch-size.")
 
 
 def _add_validation_arguments(parser) -> None:
@@ -160,9 +189,15 @@ def _add_training_arguments(parser) -> None:
     add_flag(training, "gradient_checkpointing", action="store_true")
     add_flag(training, "scale_lr", action="store_true",
              help="Multiply the learning rate by batch size x accumulation x processes.")
-    add_flag(training, "text_drop_prob", type=PROBABILITY, default=0.1, help="Text -> the \"\" encoding, image kept.")
-    add_flag(training, "image_drop_prob", type=PROBABILITY, default=0.1, help="Reference image -> zeros, text kept.")
-    add_flag(training, "both_drop_prob", type=PROBABILITY, default=0.1, help="Both dropped (unconditional branch).")
+    add_flag(training, "condition_dropout", default="disjoint", choices=["disjoint", "independent"],
+             help="independent: the text and the image are each dropped with their probability, independently (the "
+             "paper's: 0.1 each, masks never); disjoint: one draw picks text only, image only or both "
+             "(diffusers_cir.training.ConditionDropout).")
+    add_flag(training, "text_drop_prob", type=PROBABILITY, default=0.1, help="Text -> the \"\" encoding.")
+    add_flag(training, "image_drop_prob", type=PROBABILITY, default=0.1, help="Reference image -> zeros.")
+    add_flag(training, "both_drop_prob", type=PROBABILITY, default=0.1,
+             help="Disjoint dropout only: both dropped (unconditional branch); independent dropout drops both in "
+             "text x image of the rows.")
     add_flag(training, "allow_tf32", action="store_true")
     add_flag(training, "text_embedding_cache_size", type=NON_NEGATIVE_INT, default=0,
              help="Cache the text hidden states of up to N distinct texts (instruction data repeats texts a lot).")
@@ -179,11 +214,29 @@ def _add_lora_arguments(parser) -> None:
              help="Regex of the linear layers to adapt (default: every attention and feed-forward projection).")
 
 
+HELP_DESCRIPTION = """Train a CompoDiff prior (stage 1: text-to-image; stage 2: composed image retrieval).
+
+The defaults are this script's own, chosen for short runs on small data (the demo, the tests, the synthetic worlds):
+lr 1e-4, 256 rows per device, 10,000 steps, no weight decay, no dropout, no EMA, disjoint condition dropout (text 0.1 /
+image 0.1 / both 0.1), 70% triplets + 30% text-to-image, random box masks, the stored instruction texts. They are kept
+so that existing commands train as before. They are not the paper's: --recipe paper_stage1 | paper_stage2 |
+paper_finetune sets the values the CompoDiff paper gives for each stage (flags given on the command line still win),
+and --print-config shows every resolved value and where it came from."""
+
+
+def _add_recipe_arguments(parser) -> None:
+    recipe = parser.add_argument_group("recipe")
+    add_flag(recipe, "recipe", type=recipe_name, default=None, metavar="{" + ",".join(PAPER_RECIPES) + "}",
+             help="The CompoDiff paper's values for one stage (explicit flags win): "
+             + " ".join(f"{name}: {value.description}" for name, value in PAPER_RECIPES.items()).replace("%", "%%"))
+    add_flag(recipe, "print_config", action="store_true",
+             help="Print the resolved configuration as JSON (every value and its source: command line, recipe or "
+             "default) and exit without training.")
+
+
 def build_argument_parser() -> argparse.ArgumentParser:
-    parser = TrainingArgumentParser(
-        description="Train a CompoDiff prior (stage 1: text-to-image; stage 2: composed image retrieval).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = TrainingArgumentParser(description=HELP_DESCRIPTION, formatter_class=_HelpFormatter)
+    _add_recipe_arguments(parser)
     _add_model_arguments(parser)
     _add_data_arguments(parser)
     _add_validation_arguments(parser)
@@ -197,9 +250,16 @@ def build_argument_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown, the description's paragraphs kept."""
+
+
 def check_args(args: argparse.Namespace) -> None:
     """The checks between flags (each flag's own value is checked by its type); a ``ValueError`` naming them."""
     from .conditioning import ObjectiveRatios
+
+    if args.train_data_dir is None:
+        raise ValueError(f"{flag('train_data_dir')} is required: the triplet dataset to train on.")
 
     if (args.pretrained_model_name_or_path is None) == (args.transformer_config is None):
         raise ValueError(f"Pass exactly one of {flag('pretrained_model_name_or_path')} (start from a model) and "
@@ -212,18 +272,33 @@ def check_args(args: argparse.Namespace) -> None:
     if args.use_lora and args.use_ema:
         raise ValueError(f"{flag('use_ema')} is not supported with {flag('use_lora')} (the adapter is small; save "
                          "checkpoints instead).")
+    if args.condition_dropout == "independent" and args.both_drop_prob:
+        raise ValueError(
+            f"{flag('both_drop_prob')} is for {flag('condition_dropout')} disjoint; independent dropout drops both "
+            f"conditions in {flag('text_drop_prob')} x {flag('image_drop_prob')} of the rows (got "
+            f"{flag('both_drop_prob')} {args.both_drop_prob})."
+        )
+    if args.keyword_swap_prob and not args.redraw_keyword_instructions:
+        raise ValueError(f"{flag('keyword_swap_prob')} needs {flag('redraw_keyword_instructions')}: a swapped keyword "
+                         "triplet needs an instruction for the swapped edit, drawn from the templates.")
+    if args.total_batch_size is not None and args.train_batch_size is not None:
+        raise ValueError(f"Pass one of {flag('train_batch_size')} (per device) and {flag('total_batch_size')} (over all "
+                         "processes and accumulation steps).")
     drops = (args.text_drop_prob, args.image_drop_prob, args.both_drop_prob)
-    if sum(drops) > 1.0 + 1e-9:
+    if args.condition_dropout == "disjoint" and sum(drops) > 1.0 + 1e-9:
         raise ValueError(
             f"{flag('text_drop_prob')} + {flag('image_drop_prob')} + {flag('both_drop_prob')} must sum to at most 1 "
             f"(they are disjoint events), got {' + '.join(map(str, drops))} = {sum(drops):g}."
         )
     ratios = ObjectiveRatios.parse(args.objective_ratios)
-    if ratios.probabilities["masked"] > 0 and args.dataset_config_name != "images":
+    if ratios.probabilities["masked"] > 0 and args.dataset_config_name != "images" and (
+        args.masked_objective_masks != "data"
+    ):
         raise ValueError(
-            f"The masked objective encodes masked target images on the fly: it needs {flag('dataset_config_name')} "
-            f"images (got {args.dataset_config_name!r}). Set its ratio to 0 in {flag('objective_ratios')} "
-            f"({args.objective_ratios!r})."
+            f"The masked objective with random boxes encodes masked target images on the fly: it needs "
+            f"{flag('dataset_config_name')} images (got {args.dataset_config_name!r}). Use the data's precomputed masks "
+            f"and masked embeddings ({flag('masked_objective_masks')} data, after examples/precompute_masks.py), or "
+            f"set its ratio to 0 in {flag('objective_ratios')} ({args.objective_ratios!r})."
         )
     if args.text_to_image_data_dir is not None:
         if args.stage != "triplet":
@@ -236,10 +311,27 @@ def check_args(args: argparse.Namespace) -> None:
             )
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The checked arguments; a bad one exits with a one-line ``error:`` (status 2) before anything is loaded."""
+def resolve_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, argparse.Namespace, dict]:
+    """The parser, the arguments resolved with the ``--recipe`` (command line > recipe > default; see
+    :mod:`.recipes`) and where each value came from. Nothing is checked yet besides each flag's own value."""
     parser = build_argument_parser()
-    args = parser.parse_args(argv)
+    args, sources = parse_with_recipe(parser, argv)
+    if args.condition_dropout == "independent" and sources["both_drop_prob"] == "default":
+        args.both_drop_prob, sources["both_drop_prob"] = 0.0, "default (independent dropout)"
+    if args.total_batch_size is not None and sources["train_batch_size"] == "default":
+        args.train_batch_size, sources["train_batch_size"] = None, "from --total-batch-size"
+    elif sources.get("total_batch_size") not in ("command line", "default"):  # the recipe's total, a per-device given
+        args.total_batch_size, sources["total_batch_size"] = None, "dropped: --train-batch-size given"
+    return parser, args, sources
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The checked arguments; a bad one exits with a one-line ``error:`` (status 2) before anything is loaded.
+    ``--print-config`` prints the resolved configuration as JSON and exits (status 0) before the checks."""
+    parser, args, sources = resolve_args(argv)
+    if args.print_config:
+        print(json.dumps(config_report(args, sources, skip=("print_config",)), indent=2))
+        parser.exit(0)
     with usage_errors(parser):
         check_args(args)
         check_output_dir(args.output_dir, args.resume_from_checkpoint, args.max_train_steps, RUN_OUTPUTS)

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 __all__ = [
     "build_lr_scheduler",
+    "FrozenEncoders",
     "build_optimizer",
     "create_ema",
     "freeze",
@@ -80,17 +83,49 @@ def create_ema(args: argparse.Namespace, model, accelerator):
     return ema
 
 
-def load_frozen_encoders(args: argparse.Namespace, pretrained: str | None):
-    """``(text_encoder, tokenizer, image_encoder, image_processor)`` in float32, from the explicit paths or the
-    pretrained pipeline folder (``None`` where neither has one)."""
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPTextModel,
-        CLIPTextModelWithProjection,
-        CLIPTokenizer,
-        CLIPVisionModelWithProjection,
-        PretrainedConfig,
-    )
+@dataclass
+class FrozenEncoders:
+    """The frozen towers of a CompoDiff run (``None`` where there is none), as pipeline components."""
+
+    text_encoder: Any = None
+    tokenizer: Any = None
+    image_encoder: Any = None
+    image_processor: Any = None
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
+
+    @property
+    def text_conditioner(self):
+        from ..models.compodiff_text import CompoDiffTextConditioner
+
+        return CompoDiffTextConditioner(self.text_encoder, self.tokenizer, self.text_encoder_2, self.tokenizer_2)
+
+
+def _load_text_encoder(path: str, kwargs: dict):
+    """A CLIP text model (with its projection when the folder has one) or a T5 encoder, by the folder's config."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, PretrainedConfig, T5EncoderModel
+
+    config = PretrainedConfig.get_config_dict(path, **kwargs)[0]
+    if config.get("model_type") in ("t5", "mt5", "umt5"):
+        return T5EncoderModel.from_pretrained(path, **kwargs)
+    with_projection = "CLIPTextModelWithProjection" in (config.get("architectures") or [])
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel).from_pretrained(path, **kwargs)
+
+
+def _load_tokenizer(path: str, kwargs: dict, text_encoder):
+    """The tokenizer of ``text_encoder``: T5's (SentencePiece) for a T5 encoder, else CLIP's."""
+    from transformers import CLIPTokenizer, T5Tokenizer
+
+    from ..models.compodiff_text import is_t5_encoder
+
+    is_t5 = text_encoder is not None and is_t5_encoder(text_encoder)
+    return (T5Tokenizer if is_t5 else CLIPTokenizer).from_pretrained(path, **kwargs)
+
+
+def load_frozen_encoders(args: argparse.Namespace, pretrained: str | None) -> FrozenEncoders:
+    """The frozen towers in float32, from the explicit paths or the pretrained pipeline folder (``None`` where neither
+    has one): text encoder(s) and tokenizer(s), image encoder and processor."""
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
     def locate(name, explicit):
         if explicit is not None:
@@ -99,26 +134,25 @@ def load_frozen_encoders(args: argparse.Namespace, pretrained: str | None):
             return pretrained, {"subfolder": name}
         return None, None
 
-    path, kwargs = locate("text_encoder", args.text_encoder_name_or_path)
-    text_encoder = None
-    if path is not None:
-        config = PretrainedConfig.get_config_dict(path, **kwargs)[0]
-        with_projection = "CLIPTextModelWithProjection" in (config.get("architectures") or [])
-        text_encoder = (CLIPTextModelWithProjection if with_projection else CLIPTextModel).from_pretrained(path, **kwargs)
-    path, kwargs = locate("tokenizer", args.tokenizer_name_or_path)
-    tokenizer = CLIPTokenizer.from_pretrained(path, **kwargs) if path is not None else None
+    encoders = FrozenEncoders()
+    for suffix in ("", "_2"):
+        path, kwargs = locate(f"text_encoder{suffix}", getattr(args, f"text_encoder{suffix}_name_or_path"))
+        text_encoder = _load_text_encoder(path, kwargs) if path is not None else None
+        path, kwargs = locate(f"tokenizer{suffix}", getattr(args, f"tokenizer{suffix}_name_or_path"))
+        setattr(encoders, f"text_encoder{suffix}", text_encoder)
+        setattr(encoders, f"tokenizer{suffix}", _load_tokenizer(path, kwargs, text_encoder) if path is not None else None)
     path, kwargs = locate("image_encoder", args.image_encoder_name_or_path)
-    image_encoder = CLIPVisionModelWithProjection.from_pretrained(path, **kwargs) if path is not None else None
+    encoders.image_encoder = CLIPVisionModelWithProjection.from_pretrained(path, **kwargs) if path is not None else None
     path, kwargs = locate("image_processor", None)
     # A CLIP repo keeps its preprocessor_config.json next to the vision model's weights.
     if path is None and args.image_encoder_name_or_path is not None and os.path.isfile(
         os.path.join(args.image_encoder_name_or_path, "preprocessor_config.json")
     ):
         path, kwargs = args.image_encoder_name_or_path, {}
-    image_processor = CLIPImageProcessor.from_pretrained(path, **kwargs) if path is not None else None
-    if image_encoder is not None and image_processor is None:
-        image_processor = CLIPImageProcessor()  # OpenAI CLIP's 224 px preprocessing
-    return text_encoder, tokenizer, image_encoder, image_processor
+    encoders.image_processor = CLIPImageProcessor.from_pretrained(path, **kwargs) if path is not None else None
+    if encoders.image_encoder is not None and encoders.image_processor is None:
+        encoders.image_processor = CLIPImageProcessor()  # OpenAI CLIP's 224 px preprocessing
+    return encoders
 
 
 def _embedding_width(stream) -> int | None:
@@ -129,38 +163,44 @@ def _embedding_width(stream) -> int | None:
 
 
 def load_compodiff_components(args: argparse.Namespace, stream):
-    """CompoDiff's denoiser and scheduler (pretrained, or new from ``--transformer-config`` with the widths of the data
-    and the text encoder), its frozen text encoder and tokenizer, and the image encoder and processor if any."""
+    """``(transformer, scheduler, encoders)``: CompoDiff's denoiser and scheduler (pretrained, or new from
+    ``--transformer-config`` with the widths of the data and the text encoders; ``--transformer-dropout`` set either
+    way), and its frozen :class:`FrozenEncoders`."""
     from ..models import CompoDiffTransformer
     from ..schedulers import CompoDiffScheduler
 
     pretrained = pretrained_folder(args.pretrained_model_name_or_path, args.revision)
-    text_encoder, tokenizer, image_encoder, image_processor = load_frozen_encoders(args, pretrained)
-    if text_encoder is None or tokenizer is None:
+    encoders = load_frozen_encoders(args, pretrained)
+    if encoders.text_encoder is None or encoders.tokenizer is None:
         raise ValueError(
-            "Training needs the frozen CLIP text encoder and tokenizer: the pretrained folder has none, so pass "
+            "Training needs the frozen text encoder and tokenizer: the pretrained folder has none, so pass "
             "--text-encoder-name-or-path and --tokenizer-name-or-path."
         )
-    if args.dataset_config_name == "images" and image_encoder is None:
+    if (encoders.text_encoder_2 is None) != (encoders.tokenizer_2 is None):
+        raise ValueError("A second text encoder needs its tokenizer and the other way round: pass both "
+                         "--text-encoder-2-name-or-path and --tokenizer-2-name-or-path.")
+    if args.dataset_config_name == "images" and encoders.image_encoder is None:
         raise ValueError("The `images` configuration is encoded on the fly: pass --image-encoder-name-or-path.")
+    text_width = encoders.text_conditioner.hidden_size
 
+    overrides = {} if args.transformer_dropout is None else {"dropout": args.transformer_dropout}
     if pretrained is not None:
-        transformer = CompoDiffTransformer.from_pretrained(pretrained, subfolder="transformer")
+        transformer = CompoDiffTransformer.from_pretrained(pretrained, subfolder="transformer", **overrides)
         scheduler = CompoDiffScheduler.from_pretrained(pretrained, subfolder="scheduler")
     else:
-        config = dict(args.transformer_config)
+        config = {**args.transformer_config, **overrides}
         if "embedding_dim" not in config:
             width = _embedding_width(stream) if args.dataset_config_name == "embeddings" else (
-                image_encoder.config.projection_dim)
+                encoders.image_encoder.config.projection_dim)
             if width is None:
                 raise ValueError("Cannot infer the embedding width from the data: set embedding_dim in --transformer-config.")
             config["embedding_dim"] = width
-        config.setdefault("text_embedding_dim", text_encoder.config.hidden_size)
+        config.setdefault("text_embedding_dim", text_width)
         transformer = CompoDiffTransformer(**config)
         scheduler = CompoDiffScheduler(num_train_timesteps=transformer.config.num_train_timesteps)
-    if transformer.config.text_embedding_dim != text_encoder.config.hidden_size:
+    if transformer.config.text_embedding_dim != text_width:
         raise ValueError(
-            f"The denoiser reads text of width {transformer.config.text_embedding_dim} but the text encoder's hidden "
-            f"size is {text_encoder.config.hidden_size}."
+            f"The denoiser reads text of width {transformer.config.text_embedding_dim} but the text encoder"
+            f"{'s give' if encoders.text_encoder_2 is not None else ' gives'} {text_width}."
         )
-    return transformer, scheduler, text_encoder, tokenizer, image_encoder, image_processor
+    return transformer, scheduler, encoders

@@ -15,16 +15,20 @@ with the masked objective. :class:`ObjectiveRatios` converts the three ratios in
 
 Classifier-free guidance at inference (:class:`~diffusers_cir.CompoDiffPipeline`) evaluates three branches,
 ``[text + image, negative text + image, negative text + zero image]``, with the negative text defaulting to the
-encoding of ``""``. Training therefore drops the text to the ``""`` encoding (not to zeros), the image to a zero
-embedding, or both, so that each branch is a condition the model has seen.
+encoding of ``""`` (the paper's null text; its null image is an all-zero vector). Training therefore drops the text to
+the ``""`` encoding (not to zeros), the image to a zero embedding, or both, so that each branch is a condition the
+model has seen; the mask is never dropped (the paper keeps it in all three branches).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
+
+from ..models.compodiff_text import CompoDiffTextConditioner, text_attention_mask
 
 OBJECTIVES = ("triplet", "text_to_image", "masked")
 
@@ -37,34 +41,61 @@ def _check_probability(name: str, value: float) -> float:
 
 @dataclass(frozen=True)
 class ConditionDropout:
-    """Classifier-free condition dropout: per sample, drop the text only, the image only, or both.
+    """Classifier-free condition dropout of the text and the reference image (the mask is never dropped).
 
-    The three events are disjoint (one uniform draw per sample), so ``text + image + both <= 1`` and the
-    probability of keeping every condition is ``1 - text - image - both``.
+    Two ways to draw, both per sample:
+
+    * ``independent=True``, the paper's ("we randomly drop each condition in stage 1 and stage 2 with 10% probability,
+      except mask conditions"): the text is dropped with probability ``text`` and, independently, the image with
+      probability ``image``; both are dropped with probability ``text * image``. ``both`` must be 0.
+    * ``independent=False`` (this package's original default): three disjoint events from one uniform draw, text only
+      with ``text``, image only with ``image``, both with ``both``; so ``text + image + both <= 1`` and the text alone
+      is dropped in ``text + both`` of the rows.
 
     Args:
-        text: probability of replacing the text by the unconditional (``""``) encoding, image kept.
-        image: probability of replacing the reference image embedding by zeros, text kept.
-        both: probability of dropping both (the unconditional branch).
+        text: probability of replacing the text by the unconditional (``""``) encoding (see above).
+        image: probability of replacing the reference image embedding by zeros.
+        both: disjoint mode only: probability of dropping both (the unconditional branch).
+        independent: draw the two conditions independently (the paper's recipe).
     """
 
     text: float = 0.1
     image: float = 0.1
     both: float = 0.1
+    independent: bool = False
 
     def __post_init__(self):
         for name in ("text", "image", "both"):
             _check_probability(f"ConditionDropout.{name}", getattr(self, name))
-        if self.text + self.image + self.both > 1.0 + 1e-9:
+        if self.independent and self.both:
+            raise ValueError(
+                f"ConditionDropout.both must be 0 with independent=True (both conditions are then dropped together "
+                f"with probability text * image = {self.text * self.image:g}), got both={self.both}."
+            )
+        if not self.independent and self.text + self.image + self.both > 1.0 + 1e-9:
             raise ValueError(
                 f"ConditionDropout probabilities must sum to at most 1 (they are disjoint events), got "
                 f"text={self.text} + image={self.image} + both={self.both} = {self.text + self.image + self.both}."
             )
 
+    @property
+    def probabilities(self) -> dict[str, float]:
+        """Probability of each outcome: ``text_only``, ``image_only``, ``both`` and ``neither`` dropped."""
+        if self.independent:
+            both = self.text * self.image
+            text_only, image_only = self.text - both, self.image - both
+        else:
+            text_only, image_only, both = self.text, self.image, self.both
+        return {"text_only": text_only, "image_only": image_only, "both": both,
+                "neither": 1.0 - text_only - image_only - both}
+
     def sample(
         self, batch_size: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Boolean ``[batch_size]`` masks ``(drop_text, drop_image)``."""
+        if self.independent:
+            draws = torch.rand(2, batch_size, device=device, generator=generator)
+            return draws[0] < self.text, draws[1] < self.image
         draw = torch.rand(batch_size, device=device, generator=generator)
         text_only = draw < self.text
         image_only = (draw >= self.text) & (draw < self.text + self.image)
@@ -177,19 +208,6 @@ class ObjectiveRatios:
         return ",".join(f"{name}={getattr(self, name):g}" for name in OBJECTIVES)
 
 
-def text_attention_mask(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """The tokenizer's padding mask recovered from the ids: 1 up to and including the first end-of-text token.
-
-    CLIP pads with the end-of-text token (OpenAI) or with ``!`` (LAION bigG); either way everything after the first
-    end-of-text token is padding. The pipeline encodes prompts with the tokenizer's mask, so training must as well.
-    """
-    is_eos = input_ids == eos_token_id
-    last = input_ids.new_full((input_ids.shape[0], 1), input_ids.shape[1] - 1)
-    first_eos = torch.where(is_eos.any(dim=1, keepdim=True), is_eos.int().argmax(dim=1, keepdim=True), last)
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-    return (positions <= first_eos).long()
-
-
 @torch.no_grad()
 def encode_text_hidden_states(
     text_encoder, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, eos_token_id: int | None = None
@@ -213,7 +231,7 @@ def encode_text_hidden_states(
 
 
 class CachedTextEncoder:
-    """Text hidden states with an LRU cache keyed by token ids (for data with few distinct texts).
+    """Text conditions with an LRU cache keyed by token ids (for data with few distinct texts).
 
     Real caption data has millions of distinct texts and gains nothing; edit instructions ("make it red") and
     small or synthetic datasets repeat a lot, and then the frozen text encoder mostly disappears from the step
@@ -222,40 +240,57 @@ class CachedTextEncoder:
     seed but not bit-identical to a run with it off.
 
     Args:
-        text_encoder: the frozen CLIP text model.
-        eos_token_id: the tokenizer's end-of-text id (see :func:`encode_text_hidden_states`).
+        encoder: a :class:`~diffusers_cir.models.compodiff_text.CompoDiffTextConditioner` (one or two text encoders),
+            or a frozen CLIP text model (then pass ``eos_token_id``).
+        eos_token_id: with a bare text model, the tokenizer's end-of-text id (see :func:`encode_text_hidden_states`).
         max_entries: rows kept; ``0`` disables the cache.
+
+    Called with the token ids of each encoder (a tensor, or one tensor per encoder of the conditioner).
     """
 
-    def __init__(self, text_encoder, eos_token_id: int, max_entries: int = 0):
+    def __init__(self, encoder, eos_token_id: int | None = None, max_entries: int = 0):
         if max_entries < 0:
             raise ValueError(f"`max_entries` must be >= 0, got {max_entries}.")
-        self.text_encoder = text_encoder
-        self.eos_token_id = eos_token_id
+        if not isinstance(encoder, CompoDiffTextConditioner):
+            if eos_token_id is None:
+                raise ValueError("With a bare text model, pass `eos_token_id` (tokenizer.eos_token_id).")
+            encoder = _SingleEncoder(encoder, eos_token_id)
+        self.encoder = encoder
         self.max_entries = max_entries
         self._cache: "OrderedDict[bytes, torch.Tensor]" = OrderedDict()
         self.hits = 0
         self.misses = 0
 
-    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        input_ids = [input_ids] if isinstance(input_ids, torch.Tensor) else list(input_ids)
         if self.max_entries == 0:
-            self.misses += input_ids.shape[0]
-            return encode_text_hidden_states(self.text_encoder, input_ids, eos_token_id=self.eos_token_id)
-        keys = [row.tobytes() for row in input_ids.detach().cpu().numpy()]
-        missing = list(dict.fromkeys(key for key in keys if key not in self._cache))
+            self.misses += input_ids[0].shape[0]
+            return self.encoder.encode_ids(input_ids)
+        rows = [b"".join(parts) for parts in zip(*([row.tobytes() for row in ids.detach().cpu().numpy()]
+                                                    for ids in input_ids))]
+        missing = list(dict.fromkeys(key for key in rows if key not in self._cache))
         if missing:
-            positions = {key: keys.index(key) for key in missing}
-            encoded = encode_text_hidden_states(
-                self.text_encoder, input_ids[[positions[key] for key in missing]], eos_token_id=self.eos_token_id
-            )
+            positions = [rows.index(key) for key in missing]
+            encoded = self.encoder.encode_ids([ids[positions] for ids in input_ids])
             for key, hidden in zip(missing, encoded):
                 self._cache[key] = hidden
-        rows = []
-        for key in keys:
+        result = []
+        for key in rows:
             self._cache.move_to_end(key)
-            rows.append(self._cache[key])
+            result.append(self._cache[key])
         self.misses += len(missing)
-        self.hits += len(keys) - len(missing)
+        self.hits += len(rows) - len(missing)
         while len(self._cache) > self.max_entries:
             self._cache.popitem(last=False)
-        return torch.stack(rows)
+        return torch.stack(result)
+
+
+class _SingleEncoder:
+    """One bare CLIP text model with the conditioner's ``encode_ids``."""
+
+    def __init__(self, text_encoder, eos_token_id: int):
+        self.text_encoder, self.eos_token_id = text_encoder, eos_token_id
+
+    def encode_ids(self, input_ids: Sequence[torch.Tensor]) -> torch.Tensor:
+        return encode_text_hidden_states(self.text_encoder, input_ids[0], eos_token_id=self.eos_token_id)

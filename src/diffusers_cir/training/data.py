@@ -65,19 +65,21 @@ class EndlessLoader:
 
 _ROW_TENSORS = (
     "input_ids",
+    "input_ids_2",
     "is_text_to_image",
     "reference_image_embeds",
     "target_image_embeds",
     "reference_pixel_values",
     "target_pixel_values",
     "mask",
+    "masked_target_image_embeds",
 )
 
 
 def merge_batches(first: dict, second: dict) -> dict:
     """Rows of two collated batches as one (``ids``/``texts`` concatenated, ``num_skipped`` summed).
 
-    A ``mask`` present in only one of them is zero for the other's rows.
+    A ``mask`` (or ``masked_target_image_embeds``) present in only one of them is zero for the other's rows.
     """
     merged: dict[str, Any] = {
         "ids": list(first["ids"]) + list(second["ids"]),
@@ -90,7 +92,7 @@ def merge_batches(first: dict, second: dict) -> dict:
         a, b = first.get(key), second.get(key)
         if a is None and b is None:
             continue
-        if key == "mask":
+        if key in ("mask", "masked_target_image_embeds"):
             reference = a if a is not None else b
             a = a if a is not None else reference.new_zeros((sizes[0],) + tuple(reference.shape[1:]))
             b = b if b is not None else reference.new_zeros((sizes[1],) + tuple(reference.shape[1:]))

@@ -1,5 +1,5 @@
 # Copyright 2026 The diffusers-cir authors. Apache-2.0.
-"""Inputs of the masked objective: random box masks, and the embeddings of images with the box blanked.
+"""Inputs of the masked objective: random box masks, and the embeddings of images with the mask blanked.
 
 At inference the pipeline zeroes the masked pixels of the (normalised) reference image before CLIP encoding and
 passes the 64x64 mask to the denoiser (:meth:`CompoDiffPipeline.prepare_mask`). The masked objective trains exactly
@@ -10,7 +10,8 @@ embedding.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from ..data.precompute import blank_masked_pixels
 
 
 def random_box_masks(
@@ -48,6 +49,4 @@ def masked_image_embeds(image_encoder, pixel_values: torch.Tensor, masks: torch.
             f"Need `pixel_values` [B, 3, H, W] and `masks` [B, S, S] with the same B, got "
             f"{tuple(pixel_values.shape)} and {tuple(masks.shape)}."
         )
-    pixel_mask = F.interpolate(masks[:, None].float(), size=pixel_values.shape[-2:], mode="nearest")
-    blanked = pixel_values * (1 - pixel_mask.to(pixel_values.dtype))
-    return image_encoder(pixel_values=blanked).image_embeds
+    return image_encoder(pixel_values=blank_masked_pixels(pixel_values, masks)).image_embeds

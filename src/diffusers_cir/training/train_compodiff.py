@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .arguments import flag, lr_warmup_warning
 from .checkpoints import CheckpointState, resolve_resume_checkpoint, resume_from_checkpoint, save_checkpoint
@@ -60,10 +59,7 @@ class CompoDiffRun:
     log: Any  # accelerate's logger (main_process_only)
     transformer: Any
     noise_scheduler: Any
-    text_encoder: Any
-    tokenizer: Any
-    image_encoder: Any
-    image_processor: Any
+    encoders: Any  # FrozenEncoders: text encoder(s), tokenizer(s), image encoder and processor
     dtype: torch.dtype
     source: str  # "embeddings" or "images"
     loaders: dict
@@ -79,6 +75,7 @@ class CompoDiffRun:
     objective_rows: dict = field(default_factory=lambda: {"triplet": 0, "text_to_image": 0, "masked": 0})
     skipped_for_peers: int = 0
     validation_seconds: float = 0.0
+    image_embeds_norm: float | None = None  # the reference scale (see compodiff_step.reference_condition)
 
     @functools.cached_property
     def unwrapped(self):
@@ -130,11 +127,13 @@ def build_loaders(run: CompoDiffRun, stream, caption_stream) -> None:
         features = getattr(data_stream.dataset, "features", None) or {}
         return EndlessLoader(
             build_triplet_dataloader(
-                data_stream, batch_size, tokenizer=run.tokenizer, image_processor=run.image_processor,
+                data_stream, batch_size, tokenizer=run.encoders.tokenizer, image_processor=run.encoders.image_processor,
                 num_workers=args.dataloader_num_workers, rank=accelerator.process_index,
                 world_size=accelerator.num_processes, shuffle=True, shuffle_buffer_size=args.shuffle_buffer_size,
                 seed=seed, text_to_image_probability=text_to_image_probability,
                 return_mask=data_stream.column_mapping["mask"].split(".")[0] in features,
+                tokenizer_2=run.encoders.tokenizer_2, keyword_templates=keyword_templates(args),
+                keyword_swap_probability=args.keyword_swap_prob,
             ),
             name=name,
         )
@@ -165,9 +164,9 @@ def prepare_denoiser(run: CompoDiffRun) -> None:
     from diffusers.training_utils import cast_training_params
 
     args, accelerator = run.args, run.accelerator
-    freeze(run.text_encoder, accelerator, run.dtype)
-    if run.image_encoder is not None:
-        freeze(run.image_encoder, accelerator, run.dtype)
+    for encoder in (run.encoders.text_encoder, run.encoders.text_encoder_2, run.encoders.image_encoder):
+        if encoder is not None:
+            freeze(encoder, accelerator, run.dtype)
     if args.use_lora:
         from peft import LoraConfig
 
@@ -268,7 +267,8 @@ def prepare_validation(run: CompoDiffRun) -> None:
 
 
 def run_validation(
-    args, accelerator, transformer, noise_scheduler, text_encoder, tokenizer, retrieval_set, step, train_seconds=None
+    args, accelerator, transformer, noise_scheduler, encoders, retrieval_set, step, train_seconds=None,
+    image_embeds_norm: float | None = None,
 ) -> dict:
     """Recall@K of the denoiser's composed queries; appended to ``validation_log.jsonl`` and logged to trackers."""
     from ..pipelines import CompoDiffPipeline
@@ -279,8 +279,11 @@ def run_validation(
     pipeline = CompoDiffPipeline(
         transformer=transformer,
         scheduler=copy.deepcopy(noise_scheduler),  # sampling state stays out of the training scheduler
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
+        text_encoder=encoders.text_encoder,
+        tokenizer=encoders.tokenizer,
+        text_encoder_2=encoders.text_encoder_2,
+        tokenizer_2=encoders.tokenizer_2,
+        image_embeds_norm=image_embeds_norm,
     )
     pipeline.set_progress_bar_config(disable=True)
     start = time.perf_counter()
@@ -309,8 +312,9 @@ def validate(run: CompoDiffRun, step: int, train_seconds: float) -> dict:
         if run.ema is not None:
             run.ema.store(unwrapped.parameters())
             run.ema.copy_to(unwrapped.parameters())
-        metrics = run_validation(run.args, run.accelerator, unwrapped, run.noise_scheduler, run.text_encoder,
-                                 run.tokenizer, run.retrieval_set, step, train_seconds=train_seconds)
+        metrics = run_validation(run.args, run.accelerator, unwrapped, run.noise_scheduler, run.encoders,
+                                 run.retrieval_set, step, train_seconds=train_seconds,
+                                 image_embeds_norm=run.image_embeds_norm)
         if run.ema is not None:
             run.ema.restore(unwrapped.parameters())
     run.accelerator.wait_for_everyone()
@@ -319,82 +323,6 @@ def validate(run: CompoDiffRun, step: int, train_seconds: float) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------- the step
-class Conditioning:
-    """Per-run constants of a step: condition dropout, the text encoder (cached), the ``""`` encoding, the masked
-    share of caption rows and the target scale."""
-
-    def __init__(self, run: CompoDiffRun):
-        from .conditioning import CachedTextEncoder, ConditionDropout
-
-        args = run.args
-        self.dropout = ConditionDropout(args.text_drop_prob, args.image_drop_prob, args.both_drop_prob)
-        self.encode_text = CachedTextEncoder(run.text_encoder, run.tokenizer.eos_token_id, args.text_embedding_cache_size)
-        null_input_ids = run.tokenizer(
-            [""], padding="max_length", max_length=run.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(run.accelerator.device)
-        self.null_text = self.encode_text(null_input_ids)
-        self.masked_share = run.ratios.masked_share_of_caption_rows if args.stage == "triplet" else 0.0
-        self.scale = embedding_scale(args, run.unwrapped.config.embedding_dim)
-
-
-def _image_embeddings(run: CompoDiffRun, batch: dict, is_caption, masked_share: float):
-    """``(target, reference, masked_rows, boxes)`` for a batch of the `images` configuration, encoded on the fly; the
-    masked objective replaces the reference of some caption rows by the embedding of the masked target."""
-    from .masking import masked_image_embeds, random_box_masks
-
-    device, rows = run.accelerator.device, len(batch["ids"])
-    target_pixels = batch["target_pixel_values"].to(device, dtype=run.dtype)
-    with torch.no_grad():
-        target = run.image_encoder(pixel_values=target_pixels).image_embeds.float()
-        reference = run.image_encoder(
-            pixel_values=batch["reference_pixel_values"].to(device, dtype=run.dtype)
-        ).image_embeds.float()
-    # Caption rows have no reference: zero it (CLIP of black pixels is not zero).
-    reference = torch.where(is_caption[:, None], torch.zeros_like(reference), reference)
-    masked_rows = boxes = None
-    if masked_share > 0:
-        draw = torch.rand(rows, device=device, generator=run.noise_generator)
-        masked_rows = is_caption & (draw < masked_share)
-        if bool(masked_rows.any()):
-            boxes = random_box_masks(rows, run.unwrapped.config.mask_size, device=device, generator=run.noise_generator)
-            reference = torch.where(masked_rows[:, None], masked_image_embeds(run.image_encoder, target_pixels, boxes)
-                                    .float(), reference)
-    return target, reference, masked_rows, boxes
-
-
-def training_loss(run: CompoDiffRun, conditioning: Conditioning, batch: dict) -> torch.Tensor:
-    """The loss of one batch (conditions built, dropped and noised with the run's noise generator)."""
-    from .losses import compodiff_loss
-
-    device, rows = run.accelerator.device, len(batch["ids"])
-    input_ids = batch["input_ids"].to(device)
-    is_caption = batch["is_text_to_image"].to(device)
-    masked_rows = boxes = None
-    if run.source == "embeddings":
-        target = batch["target_image_embeds"].to(device).float()
-        reference = batch["reference_image_embeds"].to(device)
-    else:
-        target, reference, masked_rows, boxes = _image_embeddings(run, batch, is_caption, conditioning.masked_share)
-    mask = batch.get("mask")
-    if mask is not None:
-        mask = torch.where(is_caption[:, None, None], 0.0, mask.to(device).float())  # caption rows: no edit region
-    if boxes is not None:
-        mask = torch.where(masked_rows[:, None, None], boxes, mask if mask is not None else torch.zeros_like(boxes))
-
-    masked_count = int(masked_rows.sum()) if masked_rows is not None else 0
-    run.objective_rows["masked"] += masked_count
-    run.objective_rows["text_to_image"] += int(is_caption.sum()) - masked_count
-    run.objective_rows["triplet"] += rows - int(is_caption.sum())
-    if conditioning.scale is not None:
-        target = F.normalize(target, dim=-1) * conditioning.scale
-    text_hidden_states = conditioning.encode_text(input_ids)
-    image_embeds, text_hidden_states, _, _ = conditioning.dropout.apply(
-        reference, text_hidden_states, conditioning.null_text, generator=run.noise_generator
-    )
-    return compodiff_loss(run.transformer, run.noise_scheduler, target, image_embeds, text_hidden_states, mask,
-                          generator=run.noise_generator)
-
-
 def next_batch(run: CompoDiffRun) -> dict | None:
     """The next batch of every loader merged, or ``None`` when it must be skipped (empty here, or on another rank:
     every rank must run the same number of backward passes)."""
@@ -421,8 +349,10 @@ def train(run: CompoDiffRun, global_step: int) -> tuple[int, bool, dict]:
     validation; returns ``(global_step, stopped_early, last validation metrics)``."""
     from tqdm.auto import tqdm
 
+    from .compodiff_step import Conditioning, training_loss
+
     args, accelerator = run.args, run.accelerator
-    conditioning = Conditioning(run)
+    conditioning = Conditioning(run, run.image_embeds_norm)
     progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
     last_metrics: dict = {}
@@ -484,8 +414,14 @@ def training_model_card(args, metrics: dict | None):
                       f"{args.validation_inference_steps} steps, guidance {args.validation_guidance_scale} (text) / "
                       f"{args.validation_image_guidance_scale} (image)."),
         ))
-    sources = [args.pretrained_model_name_or_path, args.text_encoder_name_or_path, args.image_encoder_name_or_path]
-    return training_card(args, build_argument_parser(), "examples/train_compodiff.py", results, sources,
+    sources = [args.pretrained_model_name_or_path, args.text_encoder_name_or_path, args.text_encoder_2_name_or_path,
+               args.image_encoder_name_or_path]
+    # The command spells out every resolved value that differs from the parser's default, so it trains the same
+    # weights without the recipe (whose values it lists); the per-device batch follows from --total-batch-size.
+    command = argparse.Namespace(**{**vars(args), "recipe": None})
+    if args.total_batch_size is not None:
+        command.train_batch_size = None
+    return training_card(command, build_argument_parser(), "examples/train_compodiff.py", results, sources,
                          [args.train_data_dir, args.text_to_image_data_dir])
 
 
@@ -505,18 +441,24 @@ def save_final_model(run: CompoDiffRun, metrics: dict | None = None) -> dict:
         return saved
     if run.ema is not None:
         run.ema.copy_to(model.parameters())
-    text_encoder, image_encoder = run.text_encoder, run.image_encoder
+    encoders = run.encoders
     if run.dtype != torch.float32:
         # The frozen encoders were cast to the training precision: save them as stored instead.
-        text_encoder, _, image_encoder, _ = load_frozen_encoders(
-            args, pretrained_folder(args.pretrained_model_name_or_path, args.revision))
+        encoders = load_frozen_encoders(args, pretrained_folder(args.pretrained_model_name_or_path, args.revision))
+
+    def as_stored(module):
+        return module.to(torch.float32) if module is not None else None
+
     pipeline = CompoDiffPipeline(
         transformer=model if model.dtype == torch.float32 else model.to(torch.float32),
         scheduler=run.noise_scheduler,
-        text_encoder=text_encoder.to(torch.float32),
-        tokenizer=run.tokenizer,
-        image_encoder=image_encoder.to(torch.float32) if image_encoder is not None else None,
-        image_processor=run.image_processor if image_encoder is not None else None,
+        text_encoder=as_stored(encoders.text_encoder),
+        tokenizer=run.encoders.tokenizer,
+        text_encoder_2=as_stored(encoders.text_encoder_2),
+        tokenizer_2=run.encoders.tokenizer_2,
+        image_encoder=as_stored(encoders.image_encoder),
+        image_processor=run.encoders.image_processor if encoders.image_encoder is not None else None,
+        image_embeds_norm=run.image_embeds_norm,
     )
     pipeline.save_pretrained(args.output_dir, model_card=training_model_card(args, metrics))
     saved["pipeline"] = args.output_dir
@@ -524,6 +466,39 @@ def save_final_model(run: CompoDiffRun, metrics: dict | None = None) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------- main
+def resolve_batch_size(args: argparse.Namespace, accelerator) -> None:
+    """``--total-batch-size`` -> the per-device ``train_batch_size`` of this many processes and accumulation steps."""
+    if args.total_batch_size is None:
+        return
+    shares = accelerator.num_processes * args.gradient_accumulation_steps
+    if args.total_batch_size % shares:
+        raise ValueError(
+            f"{flag('total_batch_size')} {args.total_batch_size} does not divide into {accelerator.num_processes} "
+            f"processes x {args.gradient_accumulation_steps} accumulation steps: choose a multiple of {shares}, or "
+            f"set {flag('gradient_accumulation_steps')} so that it divides."
+        )
+    args.train_batch_size = args.total_batch_size // shares
+
+
+def image_embeds_norm(args: argparse.Namespace, embedding_dim: int) -> float | None:
+    """The reference scale of this run: a pretrained model's recorded one (``None``: the released convention, raw
+    encoder norms), or for a new model the target scale (``--embedding-scale``; 1 with ``none``)."""
+    from .compodiff_step import pretrained_image_embeds_norm
+
+    if args.pretrained_model_name_or_path is not None:
+        return pretrained_image_embeds_norm(pretrained_folder(args.pretrained_model_name_or_path, args.revision))
+    return embedding_scale(args, embedding_dim) or 1.0
+
+
+def keyword_templates(args: argparse.Namespace):
+    """The instruction templates keyword triplets are re-drawn from (``None``: stored texts)."""
+    if not args.redraw_keyword_instructions:
+        return None
+    from ..generation.templates import KEYWORD_TEMPLATES
+
+    return KEYWORD_TEMPLATES
+
+
 def setup_run(args: argparse.Namespace) -> CompoDiffRun:
     """Accelerator and logging, data, components, optimizer and checkpoint state, in the order that makes a mistake
     fail before the expensive parts."""
@@ -535,6 +510,7 @@ def setup_run(args: argparse.Namespace) -> CompoDiffRun:
     accelerator = create_accelerator(args)
     configure_logging(accelerator)
     log = get_logger("diffusers_cir.training")
+    resolve_batch_size(args, accelerator)
     log.info(accelerator.state, main_process_only=False)
     warmup_warning = lr_warmup_warning(args)
     if warmup_warning is not None:
@@ -544,13 +520,12 @@ def setup_run(args: argparse.Namespace) -> CompoDiffRun:
     set_seed(args.seed)  # the same on every rank for the weights; each rank then draws its own training noise
 
     stream, caption_stream = open_streams(args)
-    transformer, noise_scheduler, text_encoder, tokenizer, image_encoder, image_processor = (
-        load_compodiff_components(args, stream))
+    transformer, noise_scheduler, encoders = load_compodiff_components(args, stream)
     run = CompoDiffRun(
         args=args, accelerator=accelerator, log=log, transformer=transformer, noise_scheduler=noise_scheduler,
-        text_encoder=text_encoder, tokenizer=tokenizer, image_encoder=image_encoder, image_processor=image_processor,
-        dtype=weight_dtype(accelerator), source=stream.source, loaders={}, caption_rows=0,
+        encoders=encoders, dtype=weight_dtype(accelerator), source=stream.source, loaders={}, caption_rows=0,
         ratios=ObjectiveRatios.parse(args.objective_ratios),
+        image_embeds_norm=image_embeds_norm(args, transformer.config.embedding_dim),
     )
     build_loaders(run, stream, caption_stream)
     prepare_denoiser(run)
