@@ -1,12 +1,15 @@
 # Copyright 2026 The diffusers-cir authors. Apache-2.0.
 """The CompoDiff denoiser: a transformer that predicts a clean CLIP image embedding.
 
-Architecture facts (from the CompoDiff paper and the reference description in our parity fixtures):
+Where the facts come from: the CompoDiff paper gives the design (a transformer that denoises the image embedding
+and reads its conditions through cross-attention, predicting x0) and, in its hyperparameter table, depth 12 with 16
+heads of 64. The details below are not in the paper: they are from the authors' released code (navervision/CompoDiff)
+and the reference description in our parity fixtures, which the converted released weights are tested against:
 
 * two query tokens ``[x_t, time_embedding]``; the prediction is the first token after the stack, the final
   (max-stabilised) norm and a bias-free projection;
-* a 79-token context ``[text (77, projected from 1280), reference image embedding, mask token]`` that the query
-  tokens read through cross-attention (8 heads, one learned null key/value shared by the heads);
+* a context ``[text tokens (77 x 1280 in the released models, projected), reference image embedding, mask token]``
+  that the query tokens read through cross-attention (8 heads, one learned null key/value shared by the heads);
 * self-attention over the two query tokens is multi-query (one key/value head), cosine-similarity attention with
   logits ``16 * cos``, rotary embedding on the first ``min(32, head_dim)`` dims, a learned null key/value and a
   T5-style relative position bias;
