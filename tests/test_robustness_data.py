@@ -203,6 +203,27 @@ def test_jsonl_fields_of_the_wrong_kind_are_skipped_counted_and_named(images, tm
     assert summary.num_rows == 1 and _texts(tmp_path / "out") == ["red"]
 
 
+def test_a_folders_metadata_naming_images_outside_the_folder_is_skipped_and_counted(images, tmp_path):
+    """A received dataset folder's metadata.jsonl could copy any readable image of the machine into the shards."""
+    folder = tmp_path / "received"
+    shutil.copytree(images / "img", folder / "img")
+    (tmp_path / "private.png").write_bytes((images / "img" / "r3.png").read_bytes())
+    (folder / "img" / "link.png").symlink_to(tmp_path / "private.png")
+    good = {"reference_image": "img/r0.png", "target_image": "img/t0.png", "modification_text": "red"}
+    lines = [json.dumps(good), json.dumps({**good, "target_image": "../private.png"}),
+             json.dumps({**good, "reference_image": str(tmp_path / "private.png")}),
+             json.dumps({**good, "target_image": "img/../../private.png"}),
+             json.dumps({**good, "reference_image": "img/link.png"}),
+             json.dumps({**good, "reference_image": "img/./r1.png", "modification_text": "blue"})]
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    summary = write_triplets(str(folder), str(tmp_path / "out"), progress=False)
+    reasons = {record.source: record.reason for record in summary.skipped}
+    assert sorted(reasons) == [f"metadata.jsonl:{line}" for line in (2, 3, 4, 5)]
+    assert all(reason.startswith("image outside the dataset folder: ") for reason in reasons.values())
+    assert summary.num_rows == 2 and _texts(tmp_path / "out") == ["red", "blue"]
+    assert "{'image outside the dataset folder': 4}" in summary.format()
+
+
 def test_the_data_write_command_refuses_an_unbalanced_quote_in_one_line(images, tmp_path, capsys):
     source = _write(images, "x.csv", [HEADER, _rows(0, "red"), _rows(1, '"blue'), _rows(2, "green")])
     assert main(["data", "write", str(source), str(tmp_path / "out")]) == 2

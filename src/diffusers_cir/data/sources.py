@@ -24,7 +24,7 @@ MALFORMED = "_malformed"
 def read_triplet_records(source: str, column_mapping: Mapping[str, str] | None = None) -> tuple[list[dict], str]:
     """Records (``dict`` per triplet, canonical keys) from a JSONL file, a CSV/TSV file or a folder.
 
-    A folder either holds a ``metadata.jsonl`` / ``metadata.csv`` (image paths relative to the folder,
+    A folder either holds a ``metadata.jsonl`` / ``metadata.csv`` (image paths relative to the folder and inside it,
     as in ``datasets``' ImageFolder) or one sub-folder per triplet with ``reference.<ext>``,
     ``target.<ext>``, ``modification.txt`` and optional ``reference_caption.txt`` / ``target_caption.txt``
     (the sub-folder name is the id). Returns the records and the directory image paths are relative to.
@@ -36,7 +36,8 @@ def read_triplet_records(source: str, column_mapping: Mapping[str, str] | None =
     if os.path.isdir(source):
         for name in ("metadata.jsonl", "metadata.csv", "metadata.tsv", "triplets.jsonl", "triplets.csv"):
             if os.path.isfile(os.path.join(source, name)):
-                return read_triplet_records(os.path.join(source, name), column_mapping)[0], source
+                records = read_triplet_records(os.path.join(source, name), column_mapping)[0]
+                return [_confined_images(record, source) for record in records], source
         return _read_triplet_folders(source), source
     if not os.path.isfile(source):
         raise FileNotFoundError(f"Triplet source {source!r} is neither a file nor a folder.")
@@ -65,6 +66,25 @@ def read_triplet_records(source: str, column_mapping: Mapping[str, str] | None =
             record[name] = None if value in ("", None) else value
         records.append(record)
     return records, base
+
+
+def _confined_images(record: dict, folder: str) -> dict:
+    """A dataset folder's metadata names its images relative to the folder (ImageFolder's rule): a path that is
+    absolute or leads out of it (``..``, a link) would copy a file from elsewhere into the shards, and from there into
+    a Hub upload. Such a record is skipped and counted like any malformed one."""
+    if MALFORMED in record:
+        return record
+    root = os.path.realpath(folder)
+    for column in (schema.REFERENCE_IMAGE, schema.TARGET_IMAGE):
+        value = record.get(column)
+        if not isinstance(value, str):
+            continue
+        target = os.path.realpath(os.path.join(folder, value))
+        if os.path.isabs(value) or os.path.commonpath([root, target]) != root:
+            return {"_source": record["_source"],
+                    MALFORMED: f"image outside the dataset folder: {column} {value!r} (metadata paths are relative to "
+                               "the folder and stay inside it)"}
+    return record
 
 
 def _read_file_records(source: str) -> tuple[list[dict], list[int], Any, str]:
