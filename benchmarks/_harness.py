@@ -1,4 +1,4 @@
-"""What the CompoDiff, retrieval and bandwidth benchmarks share: the machine, interleaved timing, where results go.
+"""What the CompoDiff and retrieval benchmarks share: the machine, interleaved timing, where results go.
 
 Timing on a shared machine: the functions compared are called round after round in one process (each round calls
 every one once, in turn), so a burst of load from other processes slows all of them alike; the figures are medians

@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
+import json
 import statistics
 import sys
 
@@ -344,7 +346,7 @@ def bench_cpu_towers_and_end_to_end(args, config, threads, results, state):
             "image_encoder": compodiff_cpu.quantized_copy(towers["image_encoder"])[0]})
         state["pipes"] = {"float32": float_pipe, "int8": int8_pipe}
     pipes = state["pipes"]
-    count = 2 if args.tiny else 8
+    count = args.end_to_end_queries
     if "towers" in args.sections:
         results.extend(compodiff_cpu.tower_rows(
             {"text_encoder": pipes["float32"].text_encoder, "image_encoder": pipes["float32"].image_encoder,
@@ -375,6 +377,8 @@ def parse_args(argv=None):
     parser.add_argument("--int8-batch-sizes", type=int, nargs="+", default=None)
     parser.add_argument("--accuracy-queries", type=int, default=None, help="Queries of the int8 cosine check (256).")
     parser.add_argument("--accuracy-steps", type=int, default=10)
+    parser.add_argument("--end-to-end-queries", type=int, default=None,
+                        help="Inputs of the towers' and the end-to-end cosine checks (default 8; tiny 2).")
     parser.add_argument("--pipeline-batch-sizes", "--pipeline_batch_sizes", type=int, nargs="+", default=[1, 256])
     parser.add_argument("--pipeline-dtypes", "--pipeline_dtypes", nargs="+", default=None,
                         choices=["float32", "bfloat16", "float16"], help="CUDA `pipeline` section precision(s).")
@@ -382,6 +386,8 @@ def parse_args(argv=None):
     parser.add_argument("--peak-tflops", "--peak_tflops", type=float, default=None, help="Hardware peak for the FLOP floor.")
     parser.add_argument("--machine-label", default=None, help="Results sub-folder (default: from the CPU or GPU name).")
     parser.add_argument("--output", default=None, help="JSON file (default: results/<label>/bench_compodiff_<device>.json).")
+    parser.add_argument("--append", action="store_true",
+                        help="Add this run's rows to an existing results file (another run: its own environment).")
     args = parser.parse_args(argv)
     if args.tiny:
         args.device = "cpu"
@@ -390,7 +396,7 @@ def parse_args(argv=None):
     for name in ("threads", "batch_sizes", "authors_batch_sizes", "steps", "int8_batch_sizes", "pipeline_batch_sizes"):
         if getattr(args, name) is not None and min(getattr(args, name)) < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}.")
-    for name in ("repeats", "accuracy_queries", "accuracy_steps"):
+    for name in ("repeats", "accuracy_queries", "accuracy_steps", "end_to_end_queries"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}.")
     cpu, tiny = args.device == "cpu", args.tiny
@@ -410,8 +416,33 @@ def parse_args(argv=None):
         ["default", "all-linear", "feed-forward+queries", "feed-forward"]))
     args.accuracy_queries = args.accuracy_queries or (8 if tiny else 256)
     args.repeats = args.repeats or (1 if tiny else 5)
+    args.end_to_end_queries = args.end_to_end_queries or (2 if tiny else 8)
     args.threads = args.threads if cpu else [torch.get_num_threads()]
     return args
+
+
+def _results_writer(args, device, config, env):
+    """Writes the results file after every section (a run killed later keeps what it measured). With `--append`,
+    the rows of earlier runs in the file are kept before this run's, each run with its environment."""
+    output = harness.results_path(f"bench_compodiff_{device.type}.json", args.tiny, device, args.machine_label, args.output)
+    earlier = {"runs": [], "results": []}
+    if args.append and output.is_file():
+        earlier = json.loads(output.read_text(encoding="utf-8"))
+        if earlier.get("config") != config:
+            raise SystemExit(f"--append: {output} holds another model configuration ({earlier.get('config')}).")
+        earlier.setdefault("runs", [])
+    run = {"environment": env, "threads": args.threads, "repeats": args.repeats, "sections": args.sections,
+           "argv": sys.argv[1:], "reference_code": str(args.reference_code) if args.reference_code else None}
+
+    def write(results: list[dict], finished: bool = False) -> None:
+        harness.write_results(output, {
+            "benchmark": "compodiff", "machine_label": output.parent.name, "config": config,
+            "threads": sorted({*earlier.get("threads", []), *args.threads}),
+            "runs": earlier["runs"] + [dict(run, finished=finished, run=len(earlier["runs"]))],
+            "results": earlier["results"] + [dict(row, run=len(earlier["runs"])) for row in results],
+        })
+
+    return write
 
 
 def main(argv=None) -> int:
@@ -421,6 +452,7 @@ def main(argv=None) -> int:
     env = harness.environment(device)
     print(f"# CompoDiff inference on {env['device']} ({env['cpu']}), torch {torch.__version__}, threads "
           f"{args.threads}, load average {env['load_average_at_start']}, sections {args.sections}")
+    write = _results_writer(args, device, config, env)
     results: list[dict] = []
     state: dict = {}  # models built once and reused across thread counts
     for threads in args.threads:
@@ -428,12 +460,17 @@ def main(argv=None) -> int:
             harness.set_threads(threads)
         if "denoiser" in args.sections:
             bench_denoiser(args, config, device, threads, results)
+            write(results)
         if "authors" in args.sections:
             bench_authors(args, threads, results)
+            write(results)
         if device.type == "cpu" and "int8" in args.sections:
             bench_cpu_int8(args, config, threads, results, state)
+            write(results)
         if device.type == "cpu" and {"towers", "end-to-end"} & set(args.sections):
             bench_cpu_towers_and_end_to_end(args, config, threads, results, state)
+            write(results)
+        gc.collect()
     if "accuracy" in args.sections and "bfloat16" in args.dtypes:
         for eps, same in ((1e-3, False), (1e-5, False), (1e-3, True)):
             row = accuracy_check(config, device, batch=4 if args.tiny else 256, steps=4 if args.tiny else 10,
@@ -446,12 +483,7 @@ def main(argv=None) -> int:
         results.extend(compodiff_cpu.shares(results))
     if "pipeline" in args.sections and device.type == "cuda":
         bench_cuda_pipeline(args, config, device, results)
-    output = harness.results_path(f"bench_compodiff_{device.type}.json", args.tiny, device, args.machine_label, args.output)
-    harness.write_results(output, {
-        "benchmark": "compodiff", "machine_label": output.parent.name, "environment": env, "threads": args.threads,
-        "repeats": args.repeats, "config": config, "sections": args.sections,
-        "reference_code": str(args.reference_code) if args.reference_code else None, "results": results,
-    })
+    write(results, finished=True)
     return 0
 
 

@@ -20,7 +20,8 @@ def test_tiny_benchmark_writes_its_table(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "part=denoiser | mode=fast" in result.stdout
     payload = json.loads(output.read_text())
-    assert payload["threads"] == [1] and payload["environment"]["cpu_cores"] >= 1
+    assert payload["threads"] == [1] and payload["runs"][0]["environment"]["cpu_cores"] >= 1
+    assert payload["runs"][0]["finished"]
     rows = payload["results"]
     denoiser = [row for row in rows if row["part"] == "denoiser"]
     assert {row["mode"] for row in denoiser} == {"reference-shaped", "fast"}
@@ -49,17 +50,17 @@ def test_tiny_results_never_overwrite_full_size_ones():
     assert _harness.results_path("bench.json", True, cpu, output="x.json") == Path("x.json")
 
 
-def test_reference_code_must_be_a_checkout_of_the_authors_repository(tmp_path):
+def test_reference_code_must_be_a_checkout_of_the_authors_repository(tmp_path, capsys):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import compodiff_authors
 
     with pytest.raises(FileNotFoundError, match="holds no compodiff/models.py"):
         compodiff_authors.import_authors_models(tmp_path)
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_compodiff.py"), "--tiny", "--sections", "authors"],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 2 and "needs --reference-code" in result.stderr
+    from bench_compodiff import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--tiny", "--sections", "authors"])
+    assert exit_info.value.code == 2 and "needs --reference-code" in capsys.readouterr().err
 
 
 def test_flop_count_matches_the_issue_estimate():
