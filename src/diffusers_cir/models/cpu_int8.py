@@ -15,10 +15,11 @@ What each layer computes (`Int8DynamicLinear`):
 * `y[m, n] = x_scale[m] * w_scale[n] * sum_k xq[m, k] * Wq[n, k] + bias[n]`, the sum exact in int32, the scaling
   and the bias in float32.
 
-Why not int8 weights with float arithmetic (weight-only quantisation)? On the x86 CPUs measured here (AMD EPYC,
-AVX512) torch's weight-only kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) and torchao's int8/int4
-configurations run 1.5-15x *slower* than the float32 product (benchmarks/bench_compodiff.py records the kernels), so
-they buy accuracy nobody needs at a cost in time. The integer product runs on oneDNN's prepacked u8 x s8 kernel
+Why not int8 weights with float arithmetic (weight-only quantisation)? On the x86 CPU measured here (AMD EPYC,
+AVX512) torch's weight-only kernel (`_weight_int8pack_mm`) runs 7.5-27x *slower* than the float32 product on the
+denoiser's and the text tower's shapes (the `int8-kernel` rows of benchmarks/results/amd-epyc-2core/
+bench_compodiff_cpu.json; torchao's configurations are timed there too when torchao is installed), so it buys
+accuracy nobody needs at a cost in time. The integer product runs on oneDNN's prepacked u8 x s8 kernel
 (activations shifted by 128, the zero point removing the shift exactly), or on `torch._int_mm` where oneDNN cannot
 run or disagrees with it on a first check.
 
