@@ -216,7 +216,9 @@ def main(argv=None) -> dict:
         for regime in args.regimes:
             sizes = {"features": args.batch_sizes, "text-tower": [args.text_batch_size],
                      "image-tower": [args.image_batch_size]}[regime]
-            rows += [bench(args, method, regime, size, towers) for size in sizes]
+            for size in sizes:
+                rows.append(bench(args, method, regime, size, towers))
+                print(f"  {method} {regime} batch {size}: {rows[-1]['samples_per_second']:.1f} samples/s", flush=True)
     report = {
         "benchmark": "fusion_training_step", "towers": "tiny" if args.tiny else "open_clip RN50x4 (random weights)",
         "feature_dim": towers[0].embed_dim, "image_size": towers[3], "device": args.device,
