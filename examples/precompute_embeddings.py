@@ -63,9 +63,9 @@ def _counts(summary) -> dict:
 def main(argv=None) -> int:
     import torch
     from accelerate import Accelerator
-
     from accelerate.utils import gather_object
 
+    from diffusers_cir.data import schema
     from diffusers_cir.data.precompute import (
         PrecomputeSummary,
         open_clip_embedder,
@@ -73,8 +73,6 @@ def main(argv=None) -> int:
         record_embeddings_card,
         transformers_embedder,
     )
-
-    from diffusers_cir.data import schema
     from diffusers_cir.data.shards import shard_files
 
     args = parse_args(argv)

@@ -11,7 +11,6 @@ bgevl_tiny` and every folder of `DIFFUSERS_CIR_EXTRA_FIXTURES` holding a BGE-VL 
 import json
 import re
 
-import PIL
 import pytest
 import torch
 import torch.nn.functional as F

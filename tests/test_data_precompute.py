@@ -182,7 +182,6 @@ def test_example_script_summary_covers_every_process(image_dataset, tiny_clip_fo
 
     import accelerate
     import accelerate.utils
-
     from conftest import load_script
 
     script = load_script(SCRIPT, "precompute_embeddings_ranks")

@@ -18,8 +18,8 @@ from diffusers_cir.data.schema import embeddings_features, images_features  # no
 from diffusers_cir.data.shards import (  # noqa: E402
     ParquetShardWriter,
     content_id,
-    record_split,
     count_rows,
+    record_split,
     reshard,
     shard_files,
     validate_dataset,

@@ -3,7 +3,6 @@
 import io
 import json
 import logging
-import os
 import tarfile
 
 import numpy as np

@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from conftest import FIXTURES
+from safetensors.torch import load_file
 
 from diffusers_cir import AutoCIRPipeline, MagicLensPipeline
 from diffusers_cir.cli import main

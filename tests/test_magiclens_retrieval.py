@@ -14,7 +14,7 @@ from test_magiclens_pipeline import tiny_magiclens_pipeline
 from diffusers_cir import AutoCIRPipeline, MagicLensPipeline
 from diffusers_cir.cli import main
 from diffusers_cir.pipelines.pipeline_magiclens import normalize_embeddings
-from diffusers_cir.retrieval import GalleryIndex, composed_search, compose_queries
+from diffusers_cir.retrieval import GalleryIndex, compose_queries, composed_search
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

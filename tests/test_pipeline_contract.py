@@ -11,9 +11,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pipeline_tester import CIRPipelineTesterMixin  # noqa: E402
 from tiny_components import tiny_pipeline  # noqa: E402
 
-from diffusers_cir import BGEVLPipeline, CompoDiffPipeline, LinCIRPipeline, MagicLensPipeline  # noqa: E402
-from diffusers_cir import CaptionRewritePipeline, MLLMEmbeddingPipeline  # noqa: E402
-from diffusers_cir import Clip4CirPipeline, FashionBLIP2Pipeline, MTSTPipeline, SCOTPipeline  # noqa: E402
+from diffusers_cir import (  # noqa: E402
+    BGEVLPipeline,
+    CaptionRewritePipeline,
+    Clip4CirPipeline,
+    CompoDiffPipeline,
+    FashionBLIP2Pipeline,
+    LinCIRPipeline,
+    MagicLensPipeline,
+    MLLMEmbeddingPipeline,
+    MTSTPipeline,
+    SCOTPipeline,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -5,7 +5,6 @@ gets `image_embeds`; one that fuses the reference's pixels (MagicLens-style, sto
 import json
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 from pipeline_tester import picture

@@ -48,8 +48,8 @@ def run_script(argv: list[str], env_extra: dict | None = None, launcher: list[st
 def test_compodiff_learns_to_compose_held_out_combinations(tiny_world, tiny_data, tmp_path):
     """The small-scale version of the 10-minute check: on held-out compositions the trained prior must reach
     Recall@1 >= 0.5 and beat the best baseline (image only, text only, image+text sum) by >= 0.15."""
-    from diffusers_cir.training import main, parse_args
     from diffusers_cir.retrieval import compose_queries
+    from diffusers_cir.training import main, parse_args
 
     output = str(tmp_path / "model")
     argv = common_args(tiny_data, output) + [

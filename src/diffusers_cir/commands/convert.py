@@ -88,7 +88,6 @@ def _check_lincir_pipeline_arguments(args: argparse.Namespace) -> tuple[str, str
 
 def run_lincir(args: argparse.Namespace) -> int:
     import torch
-
     from diffusers.models.activations import ACT2CLS
 
     from ..conversion.lincir import build_lincir_pipeline, convert_lincir_phi_checkpoint, lincir_conversion_card

@@ -1,6 +1,4 @@
 from .bgevl import BGEVLConversionError, convert_bgevl_checkpoint_to_pipeline
-from .lincir import LinCIRConversionError, convert_lincir_phi_checkpoint, convert_phi_state_dict
-from .magiclens import MagicLensConversionError, convert_magiclens_checkpoint_to_pipeline
 from .compodiff import (
     CompoDiffConversionError,
     convert_compodiff_checkpoint,
@@ -8,7 +6,9 @@ from .compodiff import (
     convert_compodiff_state_dict,
     load_original_checkpoint,
 )
+from .lincir import LinCIRConversionError, convert_lincir_phi_checkpoint, convert_phi_state_dict
 from .llava_next import convert_llava_next_embedder
+from .magiclens import MagicLensConversionError, convert_magiclens_checkpoint_to_pipeline
 
 __all__ = [
     "BGEVLConversionError",

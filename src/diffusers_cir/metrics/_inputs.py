@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from .ids import as_id_rows, as_id_vector, index_of_ids, unify_id_dtypes
-from .ranking import PositiveRanks, as_score_array, check_ks, ranks_from_ranked_lists, ranks_from_scores
+from .ranking import PositiveRanks, as_score_array, ranks_from_ranked_lists, ranks_from_scores
 
 
 def check_one_source(scores: Any, gallery_ids: Any, ranked_ids: Any, metric: str) -> str:

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ._inputs import check_ks, check_one_source, gallery_id_array
+from ._inputs import check_one_source, gallery_id_array
 from .ids import IdRows, as_id_rows, as_id_vector, index_of_ids
 from .ranking import (
     NOT_RETRIEVED,
@@ -24,6 +24,7 @@ from .ranking import (
     PositiveRanks,
     as_score_array,
     average_precision_at_k,
+    check_ks,
     check_scale,
     mean_over_queries,
     ranks_from_ranked_lists,

@@ -21,7 +21,6 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ._inputs import (
-    check_ks,
     check_one_source,
     gallery_id_array,
     positions_in_gallery,
@@ -33,6 +32,7 @@ from .ranking import (
     NOT_RETRIEVED,
     PositiveRanks,
     as_score_array,
+    check_ks,
     check_scale,
     hits_at_k,
     mean_over_queries,

@@ -18,8 +18,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..utils.benchmark_names import FASHIONIQ_CATEGORIES
-from ._inputs import check_ks
-from .ranking import check_scale
+from .ranking import check_ks, check_scale
 from .recall import recall_at_k, recall_per_query
 
 __all__ = [

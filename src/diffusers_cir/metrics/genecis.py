@@ -19,8 +19,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..utils.benchmark_names import GENECIS_TASKS
-from ._inputs import check_ks
-from .ranking import as_score_array, check_scale, hits_at_k, mean_over_queries, ranks_from_scores
+from .ranking import as_score_array, check_ks, check_scale, hits_at_k, mean_over_queries, ranks_from_scores
 
 __all__ = [
     "GENECIS_TASKS",

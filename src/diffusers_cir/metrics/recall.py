@@ -10,8 +10,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ._inputs import check_ks, ranks_of_single_positive
-from .ranking import check_scale, hits_at_k, mean_over_queries
+from ._inputs import ranks_of_single_positive
+from .ranking import check_ks, check_scale, hits_at_k, mean_over_queries
 
 __all__ = ["recall_per_query", "recall_at_k"]
 

@@ -18,9 +18,9 @@ collator. A row that does not decode (or a text triplet that fails
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -64,8 +64,12 @@ def fusion_columns(layout: str, columns: list[str], mapping: Mapping[str, str], 
                    needs_reverse_text: bool = False) -> FusionColumns:
     """The :class:`FusionColumns` of ``layout`` in a dataset with ``columns`` (``mapping``: layout name -> column);
     a :class:`~diffusers_cir.data.schema.MissingColumnsError` naming what is missing otherwise."""
-    column = lambda name: mapping.get(name, name)
-    has = lambda name: schema.has_field(columns, column(name))
+    def column(name: str) -> str:
+        return mapping.get(name, name)
+
+    def has(name: str) -> bool:
+        return schema.has_field(columns, column(name))
+
     if layout == "synthtriplets":
         embeds = has(schema.TARGET_IMAGE_EMBEDS)
         needed = [schema.REFERENCE_IMAGE_EMBEDS if embeds else schema.REFERENCE_IMAGE, schema.MODIFICATION_TEXT,

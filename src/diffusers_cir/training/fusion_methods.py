@@ -27,9 +27,9 @@ own datasets and fine-tune whole towers, not LoRA).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from collections.abc import Callable
 
 __all__ = ["FUSION_HEADS", "FUSION_METHODS", "FusionMethod", "build_head", "register_fusion_head",
            "register_fusion_method"]
