@@ -2,16 +2,26 @@
 """FashionBLIP-2's fine-tuning pieces: peft LoRA adapters on BLIP-2's Q-Former and the contrastive objective of
 composed queries against their target images, both through the pipeline's own Q-Former passes
 (:func:`~diffusers_cir.pipelines.pipeline_fashionblip2.query_states` and ``candidate_states``), so what trains is
-what retrieves."""
+what retrieves.
+
+The hooks at the end make it the ``fashionblip2`` method of ``examples/train_fusion.py``
+(:mod:`.fusion_methods`): the run's trained module is a :class:`FashionBLIP2Trainee` (the adapted model and the head
+in one module, so that accelerate wraps, checkpoints and synchronises both through one ``forward``); the objective is
+the trainer's contrastive loss (duplicate targets are not negatives, label smoothing) on the heads' scores."""
 
 from __future__ import annotations
+
+import copy
+import os
 
 import torch
 import torch.nn.functional as F
 
 from ..pipelines.pipeline_fashionblip2 import candidate_states, query_states
 
-__all__ = ["QFORMER_LORA_TARGETS", "add_qformer_adapters", "fashionblip2_loss", "merged_model"]
+__all__ = ["QFORMER_LORA_TARGETS", "FashionBLIP2Trainee", "add_qformer_adapters", "fashionblip2_loss",
+           "fashionblip2_pipeline", "fashionblip2_training_loss", "load_fashionblip2", "merged_model",
+           "prepare_fashionblip2"]
 
 # The Q-Former's self- and cross-attention query and value projections (BLIP-2's vision tower names its fused
 # projection `qkv`, so it stays frozen).
@@ -24,8 +34,9 @@ def add_qformer_adapters(model, rank: int = 8, alpha: int = 16, dropout: float =
     from peft import LoraConfig, get_peft_model
 
     model.requires_grad_(False)
-    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
-                                            target_modules=list(target_modules)))
+    # A string is a regex peft matches against the full module names; a sequence, names' last parts.
+    targets = target_modules if isinstance(target_modules, str) else list(target_modules)
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets))
 
 
 def merged_model(model):
@@ -46,3 +57,109 @@ def fashionblip2_loss(model, head, reference_pixels: torch.Tensor, input_ids: to
     labels = torch.arange(logits.shape[0], device=logits.device)
     recall = (logits.argmax(dim=1) == labels).float().mean()
     return F.cross_entropy(logits, labels), recall.detach()
+
+
+# --------------------------------------------------------------------------------------------------- the trainer
+class FashionBLIP2Trainee(torch.nn.Module):
+    """The adapted ``Blip2ForImageTextRetrieval`` and the matching head; ``forward`` gives a batch's composed queries
+    and its targets' candidate embeddings (both unit vectors, so their inner products are the multi-head scores)."""
+
+    def __init__(self, model, head):
+        super().__init__()
+        self.model, self.head = model, head
+
+    def forward(self, reference_pixels, input_ids, attention_mask, target_pixels):
+        references = self.model.vision_model(pixel_values=reference_pixels).last_hidden_state
+        targets = self.model.vision_model(pixel_values=target_pixels).last_hidden_state
+        queries = self.head(query_states(self.model, references, input_ids, attention_mask), side="query").embeds
+        candidates = self.head(candidate_states(self.model, targets), side="candidate").embeds
+        return queries, candidates
+
+
+def load_fashionblip2(args):
+    """The ``Encoders`` of a run: ``model`` (a ``Blip2ForImageTextRetrieval``), tokenizer and image processor from a
+    BLIP-2 checkpoint, or those and the matching head of a saved ``FashionBLIP2Pipeline`` folder (training goes on)."""
+    from transformers import AutoImageProcessor, AutoTokenizer, Blip2ForImageTextRetrieval
+
+    from ..pipelines.auto import AutoCIRPipeline
+    from ..pipelines.pipeline_fashionblip2 import FashionBLIP2Pipeline
+    from .arguments import flag
+    from .components import pretrained_folder
+    from .fusion_components import Encoders, _model_type
+
+    folder = pretrained_folder(args.pretrained_model_name_or_path, args.revision)
+    source = args.pretrained_model_name_or_path
+    if os.path.isfile(os.path.join(folder, "model_index.json")):
+        pipeline = AutoCIRPipeline.from_pretrained(folder)
+        if not isinstance(pipeline, FashionBLIP2Pipeline):
+            raise ValueError(f"{flag('pretrained_model_name_or_path')} {source!r} is a {type(pipeline).__name__} "
+                             "folder: --method fashionblip2 goes on from a FashionBLIP2Pipeline or a BLIP-2 checkpoint.")
+        return Encoders(None, pipeline.tokenizer, None, pipeline.image_processor, pipeline.matching_head, source,
+                        model=pipeline.model)
+    if _model_type(folder) != "blip-2":
+        raise ValueError(f"{flag('pretrained_model_name_or_path')} {source!r} is neither a BLIP-2 checkpoint "
+                         "(config.json of model_type 'blip-2') nor a FashionBLIP2Pipeline folder (model_index.json).")
+    if not os.path.isfile(os.path.join(folder, "preprocessor_config.json")):
+        raise ValueError(f"{flag('pretrained_model_name_or_path')} {source!r} has no preprocessor_config.json: "
+                         "FashionBLIP-2 trains on pixels and needs BLIP-2's image processor.")
+    model = Blip2ForImageTextRetrieval.from_pretrained(folder).eval()
+    return Encoders(None, AutoTokenizer.from_pretrained(folder), None, AutoImageProcessor.from_pretrained(folder),
+                    None, source, model=model)
+
+
+def prepare_fashionblip2(run) -> None:
+    """LoRA on the Q-Former (float32: only the adapters and the head train), optimizer, LR scheduler, accelerate."""
+    from .components import build_lr_scheduler, build_optimizer
+
+    args, accelerator = run.args, run.accelerator
+    model = add_qformer_adapters(run.parts.model, rank=args.lora_rank, alpha=args.lora_alpha,
+                                 dropout=args.lora_dropout, target_modules=args.lora_target_modules or QFORMER_LORA_TARGETS)
+    trainee = FashionBLIP2Trainee(model, run.head).to(accelerator.device).train()
+    run.optimizer = build_optimizer(args, [p for p in trainee.parameters() if p.requires_grad], args.learning_rate)
+    run.lr_scheduler = build_lr_scheduler(args, run.optimizer, accelerator)
+    run.head, run.optimizer, run.lr_scheduler = accelerator.prepare(trainee, run.optimizer, run.lr_scheduler)
+
+
+def _tokens(run, texts: list[str]) -> dict:
+    """The modification texts' tokens as :meth:`FashionBLIP2Pipeline.tokenize_prompt` makes them (cut at the Q-Former's
+    positions; a cut text is logged)."""
+    tokenizer, model = run.parts.tokenizer, run.parts.model
+    max_length = min(int(tokenizer.model_max_length), int(model.config.qformer_config.max_position_embeddings))
+    tokens = tokenizer(texts, padding="longest", max_length=max_length, truncation=True, return_tensors="pt")
+    cut = int((tokens.attention_mask.sum(dim=1) >= max_length).sum())
+    if cut:
+        run.log.warning(f"{cut} modification text(s) of this batch cut at the Q-Former's {max_length} positions.")
+    device = run.accelerator.device
+    return {"input_ids": tokens.input_ids.to(device), "attention_mask": tokens.attention_mask.to(device)}
+
+
+def fashionblip2_training_loss(run, batch: dict):
+    """The trainer's contrastive loss of a batch's composed queries against its target images' candidate embeddings
+    (a target image twice in the batch is not a negative of its twin); the batch's Recall@1 is logged beside it."""
+    from .fusion_losses import contrastive_loss, duplicate_mask
+
+    device = run.accelerator.device
+    references = batch["reference_pixel_values"].to(device)
+    targets = batch["target_pixel_values"].to(device)
+    tokens = _tokens(run, batch["texts"])
+    queries, candidates = run.head(references, tokens["input_ids"], tokens["attention_mask"], targets)
+    keys = [bytes(row.cpu().numpy().tobytes()) for row in batch["target_pixel_values"]]
+    loss = contrastive_loss(queries, candidates, run.args.temperature, run.args.label_smoothing,
+                            duplicates=duplicate_mask(keys))
+    rows = torch.arange(queries.shape[0], device=queries.device)
+    recall = ((queries @ candidates.T).argmax(dim=1) == rows).float().mean()
+    return loss, {"contrastive": loss.detach(), "recall_at1": recall.detach()}
+
+
+def fashionblip2_pipeline(run, for_saving: bool = False):
+    """The run's ``FashionBLIP2Pipeline``; when saving, a copy with the adapters merged (no peft in the folder)."""
+    from ..pipelines.pipeline_fashionblip2 import FashionBLIP2Pipeline
+
+    trainee = run.unwrap(run.head)
+    model, head = trainee.model, trainee.head
+    if for_saving:
+        model, head = merged_model(copy.deepcopy(model)).to(torch.float32), copy.deepcopy(head).to(torch.float32)
+    pipeline = FashionBLIP2Pipeline(model=model.eval(), matching_head=head.eval(), tokenizer=run.parts.tokenizer,
+                                    image_processor=run.parts.image_processor)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline

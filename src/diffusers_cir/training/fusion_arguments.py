@@ -89,7 +89,12 @@ def _add_model_arguments(parser, method) -> None:
     add_flag(model, "hidden_dim", type=POSITIVE_INT, default=None,
              help="Head hidden width (default: 8x the feature width, CLIP4Cir's ratio: 5120 for RN50x4).")
     add_flag(model, "head_dropout", type=DROPOUT, default=method.defaults["head_dropout"],
-             help=f"Dropout in the head ({_source(method, 'head_dropout')}).")
+             help=f"Dropout in the head ({_source(method, 'head_dropout')}; not with fashionblip2's head).")
+    add_flag(model, "num_matching_heads", type=POSITIVE_INT, default=4,
+             help="fashionblip2: heads of the multi-head matching head (our choice: the paper's method section could "
+             "not be read).")
+    add_flag(model, "matching_head_dim", type=POSITIVE_INT, default=64,
+             help="fashionblip2: width of each matching head's vector (our choice, as above).")
 
 
 def _add_data_arguments(parser, method) -> None:
@@ -122,7 +127,8 @@ def _add_objective_arguments(parser, method) -> None:
              help="image: contrast each query with the target images' features (CLIP4Cir, MTST); text: with the "
              "modified captions' text features (SCOT).")
     add_flag(objective, "temperature", type=POSITIVE_FLOAT, default=method.defaults["temperature"],
-             help=f"Softmax temperature of the contrastive loss ({_source(method, 'temperature')}: logit scale 100).")
+             help=f"Softmax temperature of the contrastive loss ({_source(method, 'temperature')}: logit scale "
+             f"{1 / method.defaults['temperature']:.4g}).")
     add_flag(objective, "label_smoothing", type=argparse_type(check_float, float, minimum=0.0, maximum=1.0,
                                                               exclusive_maximum=True),
              default=method.defaults["label_smoothing"], help=f"({_source(method, 'label_smoothing')}).")
@@ -141,7 +147,9 @@ def _add_objective_arguments(parser, method) -> None:
 
 
 def _add_lora_arguments(parser) -> None:
-    lora = parser.add_argument_group("LoRA on the encoders (peft)")
+    lora = parser.add_argument_group(
+        "LoRA on the encoders (peft)", "fashionblip2 always adapts BLIP-2's Q-Former (its query and value projections "
+        "unless --lora-target-modules says otherwise); the other methods adapt the towers named below.")
     add_flag(lora, "lora_image_encoder", action="store_true",
              help="Adapt the image tower with LoRA (needs an image configuration); merged into the saved tower, so "
              "the gallery side changes with it.")
@@ -151,7 +159,8 @@ def _add_lora_arguments(parser) -> None:
     add_flag(lora, "lora_dropout", type=DROPOUT, default=0.0)
     add_flag(lora, "lora_target_modules", type=_regex, default=None,
              help="Regex of the linear layers to adapt (default per backbone: "
-             + "; ".join(f"{kind}: {pattern}" for kind, pattern in DEFAULT_LORA_TARGETS.items()) + ").")
+             + "; ".join(f"{kind}: {pattern}" for kind, pattern in DEFAULT_LORA_TARGETS.items())
+             + "; fashionblip2: the Q-Former's query and value).")
 
 
 def _add_validation_arguments(parser) -> None:
@@ -172,8 +181,10 @@ def build_argument_parser(method: str = "clip4cir") -> argparse.ArgumentParser:
     """The parser with ``method``'s defaults."""
     preset = FUSION_METHODS[method]
     parser = TrainingArgumentParser(
-        description="Train a composition network (CLIP4Cir Combiner, SCOT, MTST) over frozen encoders, with "
-        "accelerate. Defaults marked 'our choice' are not from a paper; the others name their source.",
+        description="Train a composition network (CLIP4Cir Combiner, SCOT, MTST) over frozen encoders, or "
+        "FashionBLIP-2 (BLIP-2's Q-Former with LoRA and multi-head matching), with accelerate. Defaults marked 'our "
+        "choice' are not from a paper; the others name their source. The FashionBLIP-2 paper's method section could "
+        "not be read, so all of fashionblip2's defaults are our choice.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _add_model_arguments(parser, preset)
@@ -197,8 +208,30 @@ def build_argument_parser(method: str = "clip4cir") -> argparse.ArgumentParser:
     return parser
 
 
+def _check_fashionblip2_args(args: argparse.Namespace) -> None:
+    fashionblip2 = args.method == "fashionblip2"
+    if fashionblip2 != (args.head == "multi-head-matching"):
+        raise ValueError(f"{flag('head')} multi-head-matching goes with --method fashionblip2 and only with it "
+                         f"(got --method {args.method} {flag('head')} {args.head}).")
+    if not fashionblip2:
+        return
+    if args.open_clip_model is not None:
+        raise ValueError(f"--method fashionblip2 fine-tunes BLIP-2: pass a BLIP-2 checkpoint or a FashionBLIP2Pipeline "
+                         f"folder as {flag('pretrained_model_name_or_path')}, not {flag('open_clip_model')}.")
+    for name in ("lora_text_encoder", "lora_image_encoder", "use_ema"):
+        if getattr(args, name):
+            raise ValueError(f"{flag(name)} is not for --method fashionblip2, which always trains LoRA on the Q-Former "
+                             "(see --lora-target-modules) and the matching head.")
+    if args.head_dropout:
+        raise ValueError(f"{flag('head_dropout')} {args.head_dropout}: fashionblip2's matching head has no dropout.")
+    if args.validation_steps is not None:
+        raise ValueError(f"{flag('validation_steps')}: the validation set holds embeddings, and FashionBLIP-2 composes "
+                         "from the reference's pixels; evaluate the saved folder with `diffusers-cir evaluate`.")
+
+
 def check_args(args: argparse.Namespace) -> None:
     """The checks between flags (each flag's own value is checked by its type); a ``ValueError`` naming them."""
+    _check_fashionblip2_args(args)
     if (args.pretrained_model_name_or_path is None) == (args.open_clip_model is None):
         raise ValueError(f"Pass exactly one of {flag('pretrained_model_name_or_path')} (a composition pipeline, CLIP or "
                          f"BLIP-2 folder) and {flag('open_clip_model')} (an open_clip CLIP).")

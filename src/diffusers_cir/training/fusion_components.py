@@ -21,7 +21,8 @@ __all__ = ["Encoders", "TextFeatureCache", "add_lora", "load_encoders", "merged_
 
 @dataclass
 class Encoders:
-    """The towers of a run, the head of a pipeline folder it continues (or ``None``), and where they came from."""
+    """The towers of a run, the head of a pipeline folder it continues (or ``None``), and where they came from;
+    ``model`` is a whole model that composes by itself (FashionBLIP-2's BLIP-2) in place of pooled towers."""
 
     text_encoder: Any
     tokenizer: Any
@@ -29,6 +30,7 @@ class Encoders:
     image_processor: Any = None
     fusion_head: Any = None
     source: str = ""
+    model: Any = None
 
 
 def _model_type(folder: str) -> str | None:

@@ -1,11 +1,14 @@
 # Copyright 2026 The diffusers-cir authors. Apache-2.0.
-"""Train a composition network with accelerate: CLIP4Cir's Combiner, SCOT, MTST (``examples/train_fusion.py``).
+"""Train a composition network with accelerate: CLIP4Cir's Combiner, SCOT, MTST, FashionBLIP-2
+(``examples/train_fusion.py``).
 
 The loop of ``examples/train_fusion.py`` and of ``diffusers-cir demo --methods ...``; it shares arguments, the
 output-folder policy, checkpoints, trackers and the optimizer with the CompoDiff and LinCIR trainers
 (:mod:`diffusers_cir.training`). Per step: the batch's reference features (precomputed embeddings, or the image tower
 on pixels), the modification texts' features (the text tower, cached while it is frozen), the head's queries, and
 the method's objective (:mod:`.fusion_losses`) against the targets (image features, or SCOT's modified captions).
+FashionBLIP-2 replaces the pooled-tower steps with its own hooks (:mod:`.fashionblip2`): its Q-Former reads the
+reference pixels with the text, and LoRA adapters and the matching head train in one module.
 
 Resuming (``--resume-from-checkpoint latest``) restores the head (and LoRA adapters), optimizer, LR scheduler, EMA,
 every rank's data position and the generator the head's dropout draws from: dropout runs on a forked global random
@@ -146,7 +149,12 @@ def build_loader(run: FusionRun, stream) -> None:
 def check_data_against_encoders(run: FusionRun) -> None:
     columns, parts = run.columns, run.parts
     needs_pixels = not columns.reference_is_embedding or (columns.target is not None and not columns.target_is_embedding)
-    if needs_pixels and (parts.image_encoder is None or parts.image_processor is None):
+    if run.method.needs_pixels and (columns.reference_is_embedding or columns.target_is_embedding):
+        raise ValueError(f"--method {run.method.name} reads reference and target images, but {flag('train_data_dir')} "
+                         f"{run.args.train_data_dir!r} ({flag('dataset_config_name')} {run.args.dataset_config_name!r}) "
+                         "holds embeddings: pick its images configuration.")
+    has_image_tower = parts.image_encoder is not None or parts.model is not None
+    if needs_pixels and (not has_image_tower or parts.image_processor is None):
         raise ValueError(f"{flag('train_data_dir')} holds images, but {run.parts.source!r} has no image tower (and "
                          "processor) to encode them: use an embedding configuration or encoders with an image tower.")
     if run.args.lora_image_encoder and not needs_pixels:
@@ -184,17 +192,21 @@ def setup_run(args: argparse.Namespace) -> FusionRun:
     set_seed(args.seed)
 
     stream, columns = open_stream(args)
-    parts = load_encoders(args)
-    kind = encoders.encoder_kind(parts.text_encoder, parts.image_encoder)
-    width = encoders.feature_dim(parts.text_encoder)
+    method = FUSION_METHODS[args.method]
+    parts = (method.load or load_encoders)(args)
+    if parts.model is not None:  # a model that composes by itself: its Q-Former's width feeds the head
+        kind, width = type(parts.model).__name__, int(parts.model.config.qformer_config.hidden_size)
+    else:
+        kind = encoders.encoder_kind(parts.text_encoder, parts.image_encoder)
+        width = encoders.feature_dim(parts.text_encoder)
     head = parts.fusion_head if parts.fusion_head is not None else build_head(args.head, width, args)
-    run = FusionRun(args=args, accelerator=accelerator, log=log, method=FUSION_METHODS[args.method], head=head,
+    run = FusionRun(args=args, accelerator=accelerator, log=log, method=method, head=head,
                     parts=parts, kind=kind, dtype=weight_dtype(accelerator), columns=columns)
     check_data_against_encoders(run)
     if args.reverse_text_weight > 0 and not hasattr(head, "prototype"):
         raise ValueError(f"{flag('reverse_text_weight')} aligns first-hop prototypes: it needs a two-hop head "
                          f"({flag('head')} two-hop), not a {type(head).__name__}.")
-    prepare_model(run)
+    (method.prepare or prepare_model)(run)
     build_loader(run, stream)
     cache_size = 0 if args.lora_text_encoder else args.text_feature_cache_size
     run.text_features = TextFeatureCache(parts.text_encoder, parts.tokenizer, cache_size, accelerator.device, run.dtype)
@@ -233,6 +245,8 @@ def training_loss(run: FusionRun, batch: dict) -> tuple[torch.Tensor, dict]:
     )
 
     args = run.args
+    if run.method.loss is not None:
+        return run.method.loss(run, batch)
     references = _image_features(run, batch, "reference")
     texts = _text_features(run, batch["texts"])
     compose = run.method.compose or (lambda run_, image, text: run_.head(image, text))
@@ -272,6 +286,8 @@ def build_pipeline(run: FusionRun, for_saving: bool = False):
     """The run's pipeline: the head (its EMA weights when kept), the towers (LoRA merged when saving)."""
     from ..pipelines import PIPELINES
 
+    if run.method.pipeline is not None:
+        return run.method.pipeline(run, for_saving)
     parts, head = run.parts, run.unwrap(run.head)
     if run.ema is not None:
         head = copy.deepcopy(head)

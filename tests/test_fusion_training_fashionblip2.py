@@ -1,0 +1,125 @@
+"""FashionBLIP-2 through the composition-network trainer (examples/train_fusion.py --method fashionblip2): it trains on
+the SynthTriplets images layout with LoRA on a tiny BLIP-2's Q-Former, the saved folder holds the trained weights
+(adapters merged) and loads with AutoCIRPipeline, and a stopped run resumes bit for bit."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from pipeline_tester import picture  # noqa: E402
+from tiny_fusion import tiny_fashionblip2_pipeline  # noqa: E402
+
+from diffusers_cir import AutoCIRPipeline, FashionBLIP2Pipeline  # noqa: E402
+from diffusers_cir.training.fusion_arguments import build_argument_parser, parse_args  # noqa: E402
+from diffusers_cir.training.train_fusion import main  # noqa: E402
+
+TEXTS = ["make it red", "has two dogs", "with long sleeves", "is blue", "a blue cup", "the red cup", "make it blue",
+         "two red dogs"]
+
+
+@pytest.fixture(scope="module")
+def blip2(tmp_path_factory):
+    """A SynthTriplets images folder of 8 triplets, the tiny BLIP-2 as a checkpoint and as a FashionBLIP2Pipeline."""
+    from diffusers_cir.data.shards import write_triplets
+
+    root = tmp_path_factory.mktemp("fashionblip2")
+    source = root / "source"
+    source.mkdir()
+    with open(source / "metadata.jsonl", "w", encoding="utf-8") as handle:
+        for i, text in enumerate(TEXTS):
+            picture(i).save(source / f"r{i}.png")
+            picture(20 + i).save(source / f"t{i}.png")
+            handle.write(json.dumps({"id": f"q{i}", "reference_image": f"r{i}.png", "target_image": f"t{i}.png",
+                                     "modification_text": text}) + "\n")
+    write_triplets(str(source), str(root / "data"), progress=False)
+    pipe = tiny_fashionblip2_pipeline()
+    for part in (pipe.model, pipe.tokenizer, pipe.image_processor):
+        part.save_pretrained(root / "blip2")
+    pipe.save_pretrained(root / "pipeline")
+    return root
+
+
+def fashionblip2_args(root: Path, pretrained: str, output: Path, *extra: str) -> list[str]:
+    return ["--method", "fashionblip2", "--pretrained-model-name-or-path", str(root / pretrained), "--train-data-dir",
+            str(root / "data"), "--dataset-config-name", "images", "--train-batch-size", "4", "--report-to", "none",
+            "--output-dir", str(output), *extra]
+
+
+def composed_loss(pipe, temperature: float = 0.07) -> float:
+    """The contrastive loss of the 8 training queries against their targets, through the pipeline's own calls."""
+    queries = pipe(image=[picture(i) for i in range(8)], prompt=TEXTS).image_embeds
+    candidates = pipe.encode_image([picture(20 + i) for i in range(8)])
+    return F.cross_entropy(queries @ candidates.T / temperature, torch.arange(8)).item()
+
+
+def test_fashionblip2_trains_and_the_saved_folder_is_the_last_checkpoint_merged(blip2, tmp_path, single_thread):
+    from diffusers_cir.training.fashionblip2 import FashionBLIP2Trainee, add_qformer_adapters, merged_model
+
+    output = tmp_path / "model"
+    main(parse_args(fashionblip2_args(blip2, "pipeline", output, "--learning-rate", "3e-2", "--max-train-steps", "150",
+                                      "--checkpointing-steps", "150", "--lora-rank", "4",
+                                      "--train-batch-size", "8")))
+    loaded = AutoCIRPipeline.from_pretrained(output)
+    assert type(loaded) is FashionBLIP2Pipeline and not any("lora" in name for name in loaded.model.state_dict())
+    loaded.set_progress_bar_config(disable=True)
+    initial = FashionBLIP2Pipeline.from_pretrained(blip2 / "pipeline")
+    initial.set_progress_bar_config(disable=True)
+    before, after = composed_loss(initial), composed_loss(loaded)
+    print(f"fashionblip2 loss of the 8 training queries: {before:.3f} -> {after:.3f}")
+    assert after < 0.5 * before, (before, after)
+
+    # The folder is the checkpoint's adapted model and head, merged: the same queries and gallery embeddings.
+    start = FashionBLIP2Pipeline.from_pretrained(blip2 / "pipeline")
+    trainee = FashionBLIP2Trainee(add_qformer_adapters(start.model, rank=4, alpha=8), start.matching_head)
+    trainee.load_state_dict(load_file(str(output / "checkpoint-150" / "model.safetensors")))
+    rebuilt = FashionBLIP2Pipeline(model=merged_model(trainee.model).eval(), matching_head=trainee.head.eval(),
+                                   tokenizer=start.tokenizer, image_processor=start.image_processor)
+    rebuilt.set_progress_bar_config(disable=True)
+    query = {"image": [picture(0), picture(1)], "prompt": TEXTS[:2]}
+    torch.testing.assert_close(loaded(**query).image_embeds, rebuilt(**query).image_embeds, atol=1e-5, rtol=0)
+    torch.testing.assert_close(loaded.encode_image([picture(20)]), rebuilt.encode_image([picture(20)]), atol=1e-5, rtol=0)
+    changed = [name for name, value in loaded.model.state_dict().items()
+               if not torch.equal(value, initial.model.state_dict()[name])]
+    assert changed and all(name.startswith("qformer.") for name in changed)  # LoRA on the Q-Former only
+
+
+def test_fashionblip2_resumes_bit_for_bit_from_a_blip2_checkpoint(blip2, tmp_path, single_thread):
+    """From the BLIP-2 checkpoint (a new head); the Q-Former's dropout draws from the run's saved generator."""
+    argv = ["--learning-rate", "1e-2", "--max-train-steps", "4", "--checkpointing-steps", "2", "--lr-scheduler",
+            "cosine", "--shuffle-buffer-size", "100", "--seed", "3"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    main(parse_args(fashionblip2_args(blip2, "blip2", straight, *argv)))
+    first = main(parse_args(fashionblip2_args(blip2, "blip2", resumed, *argv, "--stop-after-steps", "2")))
+    assert first["stopped_early"] and not (resumed / "model_index.json").exists()
+    second = main(parse_args(fashionblip2_args(blip2, "blip2", resumed, *argv, "--resume-from-checkpoint", "latest")))
+    assert second["global_step"] == 4
+    for name in ("checkpoint-4/model.safetensors", "model/model.safetensors",
+                 "matching_head/diffusion_pytorch_model.safetensors"):
+        a, b = load_file(str(straight / name)), load_file(str(resumed / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a), name
+    step2 = load_file(str(straight / "checkpoint-2" / "model.safetensors"))
+    step4 = load_file(str(straight / "checkpoint-4" / "model.safetensors"))
+    assert any(not torch.equal(step2[key], step4[key]) for key in step2)
+
+
+def test_fashionblip2_help_and_argument_mistakes(blip2, tmp_path, capsys):
+    parser = build_argument_parser("fashionblip2")
+    assert parser.get_default("head") == "multi-head-matching" and parser.get_default("temperature") == 0.07
+    text = " ".join(parser.format_help().split())
+    assert "method section could not be read" in text and "BLIP-2's initial ITC temperature" in text
+    for extra, message in ((["--validation-steps", "5"], "--validation-steps"), (["--use-ema"], "--use-ema"),
+                           (["--head", "combiner"], "multi-head-matching")):
+        with pytest.raises(SystemExit):
+            parse_args(fashionblip2_args(blip2, "blip2", tmp_path / "out", *extra))
+        assert message in capsys.readouterr().err
+    argv = fashionblip2_args(blip2, "blip2", tmp_path / "emb", "--max-train-steps", "1")
+    argv[argv.index("images")] = "embeddings"
+    with pytest.raises(ValueError, match="could not be read"):  # the folder has no embeddings configuration
+        main(parse_args(argv))
