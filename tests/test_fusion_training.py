@@ -255,3 +255,17 @@ def test_help_gives_each_method_its_defaults_and_their_source():
     args = parse_args(["--method", "mtst", "--open-clip-model", "RN50x4", "--train-data-dir", "d", "--output-dir",
                        str(Path(os.environ.get("TMPDIR", "/tmp")) / f"unused-{np.random.randint(1 << 30)}")])
     assert args.reverse_text_weight == 0.4 and args.train_batch_size == 4096
+
+
+def test_a_pipeline_folder_without_clip_towers_is_refused_by_name(tmp_path):
+    from tiny_fusion import tiny_fashionblip2_pipeline
+
+    from diffusers_cir.training.fusion_components import load_encoders
+
+    folder = tmp_path / "fashionblip2"
+    tiny_fashionblip2_pipeline().save_pretrained(folder)
+    args = parse_args(["--method", "clip4cir", "--pretrained-model-name-or-path", str(folder), "--train-data-dir",
+                       str(tmp_path), "--output-dir", str(tmp_path / "out")])
+    with pytest.raises(ValueError, match="holds a FashionBLIP2Pipeline, which has no CLIP-style text tower.*"
+                                         "--method fashionblip2"):
+        load_encoders(args)

@@ -49,6 +49,13 @@ def _from_pipeline_folder(folder: str) -> Encoders:
     if isinstance(pipeline, CompositionNetworkPipeline):
         return Encoders(pipeline.text_encoder, pipeline.tokenizer, pipeline.image_encoder, pipeline.image_processor,
                         pipeline.fusion_head, folder)
+    if getattr(pipeline, "text_encoder", None) is None or getattr(pipeline, "tokenizer", None) is None:
+        raise ValueError(
+            f"{flag('pretrained_model_name_or_path')} {folder!r} holds a {type(pipeline).__name__}, which has no "
+            "CLIP-style text tower and tokenizer to train a composition head over: pass a CLIP checkpoint, a folder "
+            "of a pipeline with CLIP towers (composition networks, CompoDiff, LinCIR, BGE-VL), or, for a "
+            "FashionBLIP2Pipeline folder, --method fashionblip2."
+        )
     # Another pipeline's towers (CompoDiff, LinCIR, ...): its CLIP pair, a new head.
     return Encoders(pipeline.text_encoder, pipeline.tokenizer, getattr(pipeline, "image_encoder", None),
                     getattr(pipeline, "image_processor", None), None, folder)
