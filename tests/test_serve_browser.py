@@ -74,6 +74,7 @@ def _query_the_model_answers(backend, world):
 def test_serve_page_searches_an_uploaded_picture_in_a_real_browser(tmp_path):
     _require_browser()
     from selenium import webdriver
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -98,10 +99,18 @@ def test_serve_page_searches_an_uploaded_picture_in_a_real_browser(tmp_path):
         driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
         driver.get(f"http://127.0.0.1:{port}/")
         wait = WebDriverWait(driver, 60)
-        upload = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#reference input[type=file]"))
-        upload.send_keys(str(picture))
         # The server has the upload once the page says which picture it is (a search sent earlier would carry none).
-        wait.until(lambda d: picture.stem in d.find_element(By.CSS_SELECTOR, "#reference-note").text)
+        # On a loaded machine the editor can replace its file input while the page settles, and a file given to the
+        # replaced input is lost without an error: give it to the current input again, up to three times.
+        for attempt in range(3):
+            wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#reference input[type=file]")).send_keys(str(picture))
+            try:
+                WebDriverWait(driver, 20).until(
+                    lambda d: picture.stem in d.find_element(By.CSS_SELECTOR, "#reference-note").text)
+                break
+            except TimeoutException:
+                if attempt == 2:
+                    raise
         driver.find_element(By.CSS_SELECTOR, "#text textarea").send_keys(text)
         driver.find_element(By.CSS_SELECTOR, "#search").click()
         wait.until(lambda d: "picture-" in d.find_element(By.CSS_SELECTOR, "#ranking").text)
