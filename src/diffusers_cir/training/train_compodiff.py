@@ -32,7 +32,8 @@ from typing import Any
 import torch
 
 from .arguments import flag, lr_warmup_warning
-from .checkpoints import CheckpointState, resolve_resume_checkpoint, resume_from_checkpoint, save_checkpoint
+from .cadence import after_step
+from .checkpoints import CheckpointState, resolve_resume_checkpoint, resume_from_checkpoint
 from .compodiff_arguments import VALIDATION_LOG, embedding_scale
 from .components import (
     build_lr_scheduler,
@@ -384,15 +385,8 @@ def train(run: CompoDiffRun, global_step: int) -> tuple[int, bool, dict]:
         accelerator.log(logs, step=global_step)
         train_loss, samples_since_log, log_start = 0.0, 0, time.perf_counter()
 
-        stopping = args.stop_after_steps is not None and global_step - first_step >= args.stop_after_steps
-        if global_step % args.checkpointing_steps == 0 or (stopping and global_step < args.max_train_steps):
-            save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, run.state)
-        if args.validation_steps is not None and (
-            global_step % args.validation_steps == 0 or global_step == args.max_train_steps
-        ):
-            elapsed = time.perf_counter() - train_start - run.validation_seconds
-            last_metrics = validate(run, global_step, elapsed)
-        if stopping and global_step < args.max_train_steps:
+        stop_early, last_metrics = after_step(run, global_step, first_step, train_start, validate, last_metrics)
+        if stop_early:
             progress_bar.close()
             return global_step, True, last_metrics
     progress_bar.close()

@@ -32,11 +32,11 @@ import torch
 
 from ..pipelines import composition_encoders as encoders
 from .arguments import flag, lr_warmup_warning
+from .cadence import after_step
 from .checkpoints import (
     CheckpointState,
     resolve_resume_checkpoint,
     resume_from_checkpoint,
-    save_checkpoint,
 )
 from .components import (
     build_lr_scheduler,
@@ -413,15 +413,8 @@ def train(run: FusionRun, global_step: int) -> tuple[int, bool, dict]:
         logs = {"train_loss": loss, "lr": run.lr_scheduler.get_last_lr()[0], **{f"train/{k}": v for k, v in parts.items()}}
         progress.set_postfix(loss=f"{loss:.4g}")
         accelerator.log(logs, step=global_step)
-        stopping = args.stop_after_steps is not None and global_step - first_step >= args.stop_after_steps
-        if global_step % args.checkpointing_steps == 0 or (stopping and global_step < args.max_train_steps):
-            save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, run.state)
-        if args.validation_steps is not None and (
-            global_step % args.validation_steps == 0 or global_step == args.max_train_steps
-        ):
-            elapsed = time.perf_counter() - train_start - run.validation_seconds
-            last_metrics = validate(run, global_step, elapsed)
-        if stopping and global_step < args.max_train_steps:
+        stop_early, last_metrics = after_step(run, global_step, first_step, train_start, validate, last_metrics)
+        if stop_early:
             progress.close()
             return global_step, True, last_metrics
     progress.close()
