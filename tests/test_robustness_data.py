@@ -10,14 +10,12 @@ with a pyarrow error that named no file.
 import json
 import os
 import shutil
-import subprocess
-import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from lock_holder import held_by_another_process
 from PIL import Image
 
 from diffusers_cir.cli import main
@@ -30,27 +28,13 @@ from diffusers_cir.data.shards import (
     write_triplets,
 )
 from diffusers_cir.data.streaming import build_triplet_dataloader, load_triplet_stream
-from diffusers_cir.utils.locks import LOCK_NAME, FolderLockedError
+from diffusers_cir.utils.locks import FolderLockedError
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 HEADER = "reference_image,target_image,modification_text"
 
 
-@contextmanager
-def held_by_another_process(folder: Path):
-    """A second process holding ``folder``'s writer lock (a `data write` still running)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    code = ("import sys, filelock; lock = filelock.FileLock(sys.argv[1]); lock.acquire(timeout=20); "
-            "print('held', flush=True); sys.stdin.read()")
-    child = subprocess.Popen([sys.executable, "-c", code, str(folder / LOCK_NAME)], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)
-    try:
-        assert child.stdout.readline().strip() == "held"
-        yield child
-    finally:
-        child.stdin.close()
-        child.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")

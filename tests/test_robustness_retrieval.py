@@ -10,16 +10,14 @@ manifest only recorded sizes); a manifest part `../../other/index.faiss` was rea
 
 import json
 import shutil
-import subprocess
-import sys
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
+from lock_holder import held_by_another_process
 
 from diffusers_cir.cli import main
 from diffusers_cir.evaluation import IdHashEncoder
@@ -49,20 +47,6 @@ def flip(path: Path, count: int = 64, offset: int | None = None) -> None:
     path.write_bytes(bytes(data))
 
 
-@contextmanager
-def held_by_another_process(folder: Path):
-    """A second process holding ``folder``'s writer lock (as a running `index build` or `data write` would)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    code = ("import sys, filelock; lock = filelock.FileLock(sys.argv[1]); lock.acquire(timeout=20); print('held', flush=True); "
-            "sys.stdin.read()")
-    child = subprocess.Popen([sys.executable, "-c", code, str(folder / LOCK_NAME)], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)
-    try:
-        assert child.stdout.readline().strip() == "held"
-        yield child
-    finally:
-        child.stdin.close()
-        child.wait(timeout=60)
 
 
 class _WritesMarker:
