@@ -1,6 +1,7 @@
 """FashionBLIP-2 through the composition-network trainer (examples/train_fusion.py --method fashionblip2): it trains on
 the SynthTriplets images layout with LoRA on a tiny BLIP-2's Q-Former, the saved folder holds the trained weights
-(adapters merged) and loads with AutoCIRPipeline, and a stopped run resumes bit for bit."""
+(adapters merged) and loads with AutoCIRPipeline, checkpoints hold only what trains, a stopped run resumes bit for
+bit, and resuming on another base model is refused."""
 
 import json
 import sys
@@ -78,7 +79,17 @@ def test_fashionblip2_trains_and_the_saved_folder_is_the_last_checkpoint_merged(
     # The folder is the checkpoint's adapted model and head, merged: the same queries and gallery embeddings.
     start = FashionBLIP2Pipeline.from_pretrained(blip2 / "pipeline")
     trainee = FashionBLIP2Trainee(add_qformer_adapters(start.model, rank=4, alpha=8), start.matching_head)
-    trainee.load_state_dict(load_file(str(output / "checkpoint-150" / "model.safetensors")))
+    checkpoint = load_file(str(output / "checkpoint-150" / "model.safetensors"))
+    trainee.load_trainable_state_dict(checkpoint)
+    # The checkpoint holds what trains (the adapters, under peft's names without the adapter's, and the head), none
+    # of the frozen BLIP-2: a small part of the whole model.
+    trained = {name.replace(".default.", ".") for name, value in trainee.named_parameters() if value.requires_grad}
+    trained |= {f"head.{name}" for name, _ in trainee.head.named_buffers()}
+    assert set(checkpoint) == trained
+    whole = trainee.state_dict()
+    assert sum(value.numel() for value in checkpoint.values()) < 0.25 * sum(value.numel() for value in whole.values())
+    assert (output / "checkpoint-150" / "model.safetensors").stat().st_size < 0.25 * sum(
+        value.numel() * value.element_size() for value in whole.values())
     rebuilt = FashionBLIP2Pipeline(model=merged_model(trainee.model).eval(), matching_head=trainee.head.eval(),
                                    tokenizer=start.tokenizer, image_processor=start.image_processor)
     rebuilt.set_progress_bar_config(disable=True)
@@ -88,6 +99,7 @@ def test_fashionblip2_trains_and_the_saved_folder_is_the_last_checkpoint_merged(
     changed = [name for name, value in loaded.model.state_dict().items()
                if not torch.equal(value, initial.model.state_dict()[name])]
     assert changed and all(name.startswith("qformer.") for name in changed)  # LoRA on the Q-Former only
+
 
 
 def test_fashionblip2_resumes_bit_for_bit_from_a_blip2_checkpoint(blip2, tmp_path, single_thread):
@@ -123,3 +135,43 @@ def test_fashionblip2_help_and_argument_mistakes(blip2, tmp_path, capsys):
     argv[argv.index("images")] = "embeddings"
     with pytest.raises(ValueError, match="could not be read"):  # the folder has no embeddings configuration
         main(parse_args(argv))
+
+
+def test_fashionblip2_refuses_to_resume_on_another_base(blip2, tmp_path, single_thread):
+    """A checkpoint holds no frozen weights: resuming rebuilds them from --pretrained-model-name-or-path, which must be
+    the base the checkpoint was made on (the same weights in another folder are fine), and the same LoRA settings."""
+    import shutil
+
+    from transformers import Blip2ForImageTextRetrieval
+
+    from diffusers_cir.training.checkpoints import CheckpointMismatchError
+    from diffusers_cir.utils.checksums import write_manifest
+
+    argv = ["--max-train-steps", "2", "--checkpointing-steps", "1", "--train-batch-size", "2"]
+    output = tmp_path / "run"
+    main(parse_args(fashionblip2_args(blip2, "blip2", output, *argv, "--stop-after-steps", "1")))
+    base = json.loads((output / "checkpoint-1" / "fashionblip2_base.json").read_text())
+    assert base["base"] == str(blip2 / "blip2") and base["lora"]["r"] == 8
+
+    (tmp_path / "data").symlink_to(blip2 / "data")  # the other bases below sit beside the same data
+    shutil.copytree(blip2 / "blip2", tmp_path / "other")
+    model = Blip2ForImageTextRetrieval.from_pretrained(tmp_path / "other")
+    with torch.no_grad():  # one weight of the frozen vision tower, by the smallest step float32 takes
+        weight = model.vision_model.embeddings.patch_embedding.weight
+        weight[0, 0, 0, 0] = torch.nextafter(weight[0, 0, 0, 0], torch.tensor(float("inf")))
+    model.save_pretrained(tmp_path / "other")
+    resume = ["--resume-from-checkpoint", "latest"]
+    with pytest.raises(CheckpointMismatchError, match="checkpoint-1.*made on the base model .*blip2.*--pretrained"):
+        main(parse_args(fashionblip2_args(tmp_path, "other", output, *argv, *resume)))
+    with pytest.raises(CheckpointMismatchError, match="--lora-rank"):
+        main(parse_args(fashionblip2_args(blip2, "blip2", output, *argv, *resume, "--lora-rank", "4")))
+
+    shutil.copytree(output / "checkpoint-1", output / "checkpoint-0")
+    (output / "checkpoint-0" / "fashionblip2_base.json").unlink()
+    write_manifest(output / "checkpoint-0")
+    with pytest.raises(RuntimeError, match="checkpoint-0.*fashionblip2_base.json is missing"):
+        main(parse_args(fashionblip2_args(blip2, "blip2", output, *argv, "--resume-from-checkpoint", "checkpoint-0")))
+
+    shutil.copytree(blip2 / "blip2", tmp_path / "moved")  # the same base, elsewhere
+    summary = main(parse_args(fashionblip2_args(tmp_path, "moved", output, *argv, *resume)))
+    assert summary["global_step"] == 2 and (output / "model_index.json").is_file()

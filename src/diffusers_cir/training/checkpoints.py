@@ -5,7 +5,10 @@ A checkpoint is ``accelerator.save_state`` (model as safetensors; optimizer, LR 
 all read back with ``weights_only=True``) plus the loop's own state (:class:`CheckpointState`: data positions,
 noise generators, EMA, every global random state) as safetensors + JSON, plus ``checksums.json``. It is written to
 ``checkpoint-<step>.partial`` and renamed once every rank has written and the checksums are on disk, so ``latest``
-never picks a checkpoint a killed run left half-written.
+never picks a checkpoint a killed run left half-written. A method may narrow the model file to what trains through
+accelerate's save/load pre-hooks (FashionBLIP-2:
+:func:`~diffusers_cir.training.fashionblip2.register_checkpoint_hooks`); a checkpoint that is sound but made for
+another setup raises :class:`CheckpointMismatchError`.
 
 Resuming verifies the checksums first (a file changed after saving is refused by name, even at the same size), then
 loads. Checkpoints of earlier versions (``loop_state_N.pt`` and ``custom_checkpoint_N.pkl`` pickles, no checksums)
@@ -43,6 +46,11 @@ SHARED_STATE = "shared_state"
 _LEGACY_LOOP_STATE = "loop_state_{rank}.pt"
 _LEGACY_CUSTOM = "custom_checkpoint_{index}.pkl"
 _ACCELERATE_CUSTOM = re.compile(r"^custom_checkpoint_\d+\.pkl$")
+
+
+class CheckpointMismatchError(ValueError):
+    """A sound checkpoint that this run cannot continue (it was made with another base model or other settings):
+    resuming from another checkpoint of the run would not help, so the message says what to change instead."""
 
 
 def checkpoint_step(path: str | os.PathLike) -> int:
@@ -254,6 +262,9 @@ def resume_from_checkpoint(accelerator, checkpoint: Path, state: CheckpointState
             state.load_legacy(checkpoint)
         else:
             state.load(checkpoint)
+    except CheckpointMismatchError as error:
+        raise CheckpointMismatchError(f"Cannot resume from {checkpoint} ({flag('resume_from_checkpoint')} "
+                                      f"{flag_value}): {error}") from error
     except Exception as error:
         others = [path.name for _, path in list_checkpoints(checkpoint.parent) if path != checkpoint]
         raise RuntimeError(
@@ -267,6 +278,7 @@ def resume_from_checkpoint(accelerator, checkpoint: Path, state: CheckpointState
 
 __all__ = [
     "CHECKPOINT_PATTERN",
+    "CheckpointMismatchError",
     "CheckpointState",
     "checkpoint_step",
     "list_checkpoints",

@@ -7,11 +7,18 @@ what retrieves.
 The hooks at the end make it the ``fashionblip2`` method of ``examples/train_fusion.py``
 (:mod:`.fusion_methods`): the run's trained module is a :class:`FashionBLIP2Trainee` (the adapted model and the head
 in one module, so that accelerate wraps, checkpoints and synchronises both through one ``forward``); the objective is
-the trainer's contrastive loss (duplicate targets are not negatives, label smoothing) on the heads' scores."""
+the trainer's contrastive loss (duplicate targets are not negatives, label smoothing) on the heads' scores.
+
+Checkpoints (``checkpoint-<step>``) hold only what trains: accelerate's save and load pre-hooks
+(:func:`register_checkpoint_hooks`) swap the trainee's full state dict for peft's adapter state dict and the head's,
+and record an exact fingerprint of the frozen BLIP-2 it was made on (:data:`CHECKPOINT_BASE`); resuming rebuilds the
+frozen part from ``--pretrained-model-name-or-path`` and refuses another base. A real BLIP-2's checkpoint is then
+megabytes instead of gigabytes. The saved pipeline folder stays the whole model, adapters merged."""
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 
 import torch
@@ -19,9 +26,9 @@ import torch.nn.functional as F
 
 from ..pipelines.pipeline_fashionblip2 import candidate_states, query_states
 
-__all__ = ["QFORMER_LORA_TARGETS", "FashionBLIP2Trainee", "add_qformer_adapters", "fashionblip2_loss",
-           "fashionblip2_pipeline", "fashionblip2_training_loss", "load_fashionblip2", "merged_model",
-           "prepare_fashionblip2"]
+__all__ = ["CHECKPOINT_BASE", "QFORMER_LORA_TARGETS", "FashionBLIP2Trainee", "add_qformer_adapters", "base_record",
+           "check_base", "fashionblip2_loss", "fashionblip2_pipeline", "fashionblip2_training_loss",
+           "load_fashionblip2", "merged_model", "prepare_fashionblip2", "register_checkpoint_hooks"]
 
 # The Q-Former's self- and cross-attention query and value projections (BLIP-2's vision tower names its fused
 # projection `qkv`, so it stays frozen).
@@ -75,6 +82,106 @@ class FashionBLIP2Trainee(torch.nn.Module):
         candidates = self.head(candidate_states(self.model, targets), side="candidate").embeds
         return queries, candidates
 
+    def trainable_state_dict(self) -> dict:
+        """What trains, for a checkpoint: the LoRA adapters (peft's selection of them, under ``model.``) and the
+        matching head (under ``head.``); the frozen BLIP-2 is left out."""
+        from peft import get_peft_model_state_dict
+
+        adapters = get_peft_model_state_dict(self.model, save_embedding_layers=False)
+        head = self.head.state_dict()
+        return {**{f"model.{key}": value for key, value in adapters.items()},
+                **{f"head.{key}": value for key, value in head.items()}}
+
+    def load_trainable_state_dict(self, state: dict) -> None:
+        """The inverse of :meth:`trainable_state_dict` (every adapter and head tensor must be there, nothing else)."""
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+        adapters = {key[len("model."):]: value for key, value in state.items() if key.startswith("model.")}
+        head = {key[len("head."):]: value for key, value in state.items() if key.startswith("head.")}
+        expected = set(get_peft_model_state_dict(self.model, save_embedding_layers=False))
+        others = sorted(set(state) - {f"model.{key}" for key in adapters} - {f"head.{key}" for key in head})
+        if set(adapters) != expected or others:
+            missing, unexpected = sorted(expected - set(adapters)), sorted(set(adapters) - expected) + others
+            raise KeyError(f"the adapter weights do not fit this run's LoRA adapters (missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}): were they saved with other --lora-* flags?")
+        result = set_peft_model_state_dict(self.model, adapters)
+        assert not result.unexpected_keys, result.unexpected_keys
+        self.head.load_state_dict(head)
+
+
+# What a checkpoint of the fashionblip2 method records beside the weights: the base model it needs.
+CHECKPOINT_BASE = "fashionblip2_base.json"
+_CHECKPOINT_FORMAT = "diffusers_cir.training.fashionblip2/1"
+
+
+def base_record(model, source: str) -> dict:
+    """The identity of the frozen base ``model`` (before adapters): an exact digest of its configuration and
+    weights, and where it was loaded from (for the messages)."""
+    from ..utils.fingerprint import module_digest
+
+    return {"format": _CHECKPOINT_FORMAT, "base_fingerprint": module_digest(model, exact=True), "base": source}
+
+
+def _lora_settings(model) -> dict:
+    config = model.peft_config["default"]
+    targets = config.target_modules
+    return {"r": config.r, "lora_alpha": config.lora_alpha,
+            "target_modules": sorted(targets) if isinstance(targets, (set, list, tuple)) else targets}
+
+
+def check_base(saved: dict, base: dict, lora: dict) -> None:
+    """Refuse a checkpoint made on another base model or with other LoRA settings: it holds only the adapters and
+    the head, so resuming on another base would silently continue a different model."""
+    from .arguments import flag
+    from .checkpoints import CheckpointMismatchError
+
+    if saved.get("base_fingerprint") != base["base_fingerprint"]:
+        raise CheckpointMismatchError(
+            f"it was made on the base model {saved.get('base')!r} (fingerprint {saved.get('base_fingerprint')}), but "
+            f"{flag('pretrained_model_name_or_path')} {base['base']!r} has other weights or configuration (fingerprint "
+            f"{base['base_fingerprint']}). Its checkpoints hold only the LoRA adapters and the matching head: resume "
+            f"with the base model the run started from, or start a new run in another {flag('output_dir')}.")
+    if saved.get("lora") != lora:
+        raise CheckpointMismatchError(
+            f"its LoRA adapters are {saved.get('lora')}, this run's are {lora}: resume with the {flag('lora_rank')}, "
+            f"{flag('lora_alpha')} and {flag('lora_target_modules')} the run started with.")
+
+
+def register_checkpoint_hooks(accelerator, base: dict) -> None:
+    """Make ``accelerator.save_state`` write, and ``load_state`` read, only what trains of a
+    :class:`FashionBLIP2Trainee` (:meth:`~FashionBLIP2Trainee.trainable_state_dict`, in accelerate's own model file)
+    plus :data:`CHECKPOINT_BASE`; loading re-creates the frozen part from ``--pretrained-model-name-or-path`` (already
+    loaded) after checking that it is the base the checkpoint was made on."""
+    from accelerate.utils import SAFE_WEIGHTS_NAME
+    from safetensors.torch import load_file
+
+    def trainees(models):
+        found = [(index, accelerator.unwrap_model(model)) for index, model in enumerate(models)]
+        return [(index, model) for index, model in found if isinstance(model, FashionBLIP2Trainee)]
+
+    def save(models, weights, output_dir):
+        for index, trainee in trainees(models):
+            weights[index] = trainee.trainable_state_dict()
+            if accelerator.is_main_process:
+                with open(os.path.join(output_dir, CHECKPOINT_BASE), "w", encoding="utf-8") as handle:
+                    json.dump({**base, "lora": _lora_settings(trainee.model)}, handle, indent=2)
+
+    def load(models, input_dir):
+        for index, trainee in reversed(trainees(models)):
+            weights = os.path.join(input_dir, SAFE_WEIGHTS_NAME if index == 0 else
+                                   SAFE_WEIGHTS_NAME.replace(".", f"_{index}."))
+            record = os.path.join(input_dir, CHECKPOINT_BASE)
+            if not os.path.isfile(record):
+                raise FileNotFoundError(f"{CHECKPOINT_BASE} is missing: without it the base model the checkpoint was "
+                                        "made on cannot be checked.")
+            with open(record, encoding="utf-8") as handle:
+                check_base(json.load(handle), base, _lora_settings(trainee.model))
+            trainee.load_trainable_state_dict(load_file(weights))
+            del models[index]  # loaded here: accelerate must not load it again
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
+
 
 def load_fashionblip2(args):
     """The ``Encoders`` of a run: ``model`` (a ``Blip2ForImageTextRetrieval``), tokenizer and image processor from a
@@ -112,12 +219,14 @@ def prepare_fashionblip2(run) -> None:
     from .components import build_lr_scheduler, build_optimizer
 
     args, accelerator = run.args, run.accelerator
+    base = base_record(run.parts.model, run.parts.source)
     model = add_qformer_adapters(run.parts.model, rank=args.lora_rank, alpha=args.lora_alpha,
                                  dropout=args.lora_dropout, target_modules=args.lora_target_modules or QFORMER_LORA_TARGETS)
     trainee = FashionBLIP2Trainee(model, run.head).to(accelerator.device).train()
     run.optimizer = build_optimizer(args, [p for p in trainee.parameters() if p.requires_grad], args.learning_rate)
     run.lr_scheduler = build_lr_scheduler(args, run.optimizer, accelerator)
     run.head, run.optimizer, run.lr_scheduler = accelerator.prepare(trainee, run.optimizer, run.lr_scheduler)
+    register_checkpoint_hooks(accelerator, base)
 
 
 def _tokens(run, texts: list[str]) -> dict:

@@ -26,11 +26,13 @@ def _state_key(module) -> tuple:
     )
 
 
-def module_digest(module) -> str:
-    """A digest of ``module``'s class, configuration and tensors (see the module docstring)."""
+def module_digest(module, exact: bool = False) -> str:
+    """A digest of ``module``'s class, configuration and tensors (see the module docstring); ``exact`` hashes each
+    tensor's own bytes and dtype instead of its float16 rounding (a training checkpoint's base must be the same
+    weights, not merely close ones)."""
     import torch
 
-    key = _state_key(module)
+    key = (_state_key(module), exact)
     cached = getattr(module, _CACHE_ATTRIBUTE, None)
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -41,11 +43,11 @@ def module_digest(module) -> str:
         digest.update(_config_text(config).encode())
     with torch.no_grad():
         for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
-            digest.update(f"{name}{tuple(tensor.shape)}".encode())
+            digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype if exact else ''}".encode())
             if tensor.device.type == "meta":
                 continue
             values = tensor.detach()
-            values = values.to(torch.float16) if values.is_floating_point() else values
+            values = values.to(torch.float16) if values.is_floating_point() and not exact else values
             digest.update(values.cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     result = digest.hexdigest()
     object.__setattr__(module, _CACHE_ATTRIBUTE, (key, result))
