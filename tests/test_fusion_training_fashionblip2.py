@@ -175,3 +175,59 @@ def test_fashionblip2_refuses_to_resume_on_another_base(blip2, tmp_path, single_
     shutil.copytree(blip2 / "blip2", tmp_path / "moved")  # the same base, elsewhere
     summary = main(parse_args(fashionblip2_args(tmp_path, "moved", output, *argv, *resume)))
     assert summary["global_step"] == 2 and (output / "model_index.json").is_file()
+
+
+@pytest.mark.slow
+def test_two_process_launch_splits_the_data_saves_once_and_resumes_bit_for_bit(blip2, tmp_path):
+    """`accelerate launch --num_processes 2` on CPU (gloo): each rank reads its half of the 8 triplets, checkpoints hold
+    only what trains, one pipeline is saved, and a run resumed from the first checkpoint (both ranks' data positions
+    and dropout generators) ends with the weights of the uninterrupted one."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+
+    from diffusers_cir.training.state import load_state_files
+
+    repo = Path(__file__).resolve().parents[1]
+
+    def launch(output: Path, *extra: str) -> str:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                    "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no",
+                    "--dynamo_backend", "no", str(repo / "examples" / "train_fusion.py")]
+        argv = fashionblip2_args(blip2, "blip2", output, "--train-batch-size", "2", "--learning-rate", "1e-2",
+                                 "--max-train-steps", "4", "--checkpointing-steps", "2", "--lr-scheduler", "cosine",
+                                 "--shuffle-buffer-size", "100", "--seed", "3", *extra)
+        env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+                   ACCELERATE_USE_CPU="true")
+        result = subprocess.run(launcher + argv, capture_output=True, text=True, env=env, timeout=400, cwd=repo)
+        log = result.stdout + result.stderr
+        assert result.returncode == 0, log[-6000:]
+        assert "DistributedType.MULTI_CPU" in log and "Num processes: 2" in log
+        return log
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    log = launch(straight)
+    assert log.count("Saved pipeline to") == 1
+    states = [load_state_files(straight / "checkpoint-4", f"loop_state_{rank}") for rank in (0, 1)]
+    for state in states:  # 4 steps of 2 rows: two epochs of the rank's 4 triplets (all 8 would be one epoch)
+        loader = state["objects"]["training"]
+        assert loader["loader"]["num_rows"] == 8 and (loader["epoch"], loader["batches"]) == (1, 2)
+    assert not torch.equal(*(state["objects"]["dropout_generator"]["state"] for state in states))
+    checkpoint = load_file(str(straight / "checkpoint-4" / "model.safetensors"))
+    assert all(key.startswith("head.") or ".lora_" in key for key in checkpoint)  # no "module." prefix, no base
+    assert type(AutoCIRPipeline.from_pretrained(straight)) is FashionBLIP2Pipeline
+
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
+    log = launch(resumed, "--resume-from-checkpoint", "latest")
+    assert "Resuming from checkpoint" in log
+    for name in ("checkpoint-4/model.safetensors", "model/model.safetensors",
+                 "matching_head/diffusion_pytorch_model.safetensors"):
+        a, b = load_file(str(straight / name)), load_file(str(resumed / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a), name
+    step2 = load_file(str(straight / "checkpoint-2" / "model.safetensors"))
+    assert any(not torch.equal(step2[key], checkpoint[key]) for key in step2)
