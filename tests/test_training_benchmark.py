@@ -68,14 +68,23 @@ def test_bench_fusion_times_the_trainers_step_of_every_method(tmp_path, capsys):
     output = tmp_path / "fusion.json"
     try:
         report = bench.main(["--tiny", "--device", "cpu", "--batch-sizes", "8,16", "--text-batch-size", "4",
-                             "--regimes", "features,text-tower", "--steps", "1", "--warmup", "0", "--output", str(output)])
+                             "--regimes", "features,text-tower", "--fashionblip2-batch-sizes", "2,4", "--steps", "1",
+                             "--warmup", "0", "--output", str(output)])
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)  # accelerate keeps one state per process
     assert "samples/s" in capsys.readouterr().out
     assert json.loads(output.read_text()) == json.loads(json.dumps(report))
     rows = {(row["method"], row["regime"], row["batch_size"]) for row in report["results"]}
     assert rows == {(method, "features", size) for method in ("clip4cir", "scot", "mtst") for size in (8, 16)} | {
-        (method, "text-tower", 4) for method in ("clip4cir", "scot", "mtst")}
+        (method, "text-tower", 4) for method in ("clip4cir", "scot", "mtst")} | {
+        ("fashionblip2", "pixels", size) for size in (2, 4)}
+    heads = {"mtst": "TwoHopFusionHead", "fashionblip2": "MultiHeadMatchingHead"}
     for row in report["results"]:
         assert row["samples_per_second"] == row["batch_size"] / (row["step_ms_median"] / 1000)
-        assert row["head"] == ("TwoHopFusionHead" if row["method"] == "mtst" else "Clip4CirCombiner")
+        assert row["head"] == heads.get(row["method"], "Clip4CirCombiner")
+    # FashionBLIP-2 trains the Q-Former's LoRA adapters and the head: more than the head, a sliver of the model
+    for row in report["results"]:
+        if row["method"] == "fashionblip2":
+            assert row["head_parameters"] < row["trainable_parameters"] < row["model_parameters"]
+    assert report["fashionblip2"]["qformer"]["encoder_hidden_size"] == report["fashionblip2"]["vision_config"][
+        "hidden_size"]
