@@ -21,16 +21,9 @@ from ..data.pictures import PictureWorld, render_pool
 
 
 @dataclass
-class ClipRecipe:
-    """Sizes and training settings of the demo's CLIP pair."""
+class PairTrainingRecipe:
+    """What the demo's contrastive trainings on (picture, caption) pairs share (:func:`train_on_pairs`)."""
 
-    hidden_size: int = 64  # vision width
-    text_hidden_size: int = 64  # text width: also CompoDiff's text_embedding_dim
-    projection_dim: int = 64  # the shared embedding space: CompoDiff's embedding_dim
-    num_layers: int = 4
-    text_num_layers: int = 2
-    num_heads: int = 4
-    patch_size: int = 16  # 16 tokens per 64 px picture: 4x cheaper than 8 px patches, and enough
     variants: int = 6  # pictures per item in the training pool (variant 0 is the gallery picture)
     steps: int = 1500
     batch_size: int = 256
@@ -41,6 +34,19 @@ class ClipRecipe:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class ClipRecipe(PairTrainingRecipe):
+    """Sizes and training settings of the demo's CLIP pair."""
+
+    hidden_size: int = 64  # vision width
+    text_hidden_size: int = 64  # text width: also CompoDiff's text_embedding_dim
+    projection_dim: int = 64  # the shared embedding space: CompoDiff's embedding_dim
+    num_layers: int = 4
+    text_num_layers: int = 2
+    num_heads: int = 4
+    patch_size: int = 16  # 16 tokens per 64 px picture: 4x cheaper than 8 px patches, and enough
 
 
 def picture_image_processor(image_size: int):
@@ -86,9 +92,6 @@ def train_clip(world: PictureWorld, recipe: ClipRecipe | None = None, pool: torc
     The check: for every gallery picture, is its own caption the nearest of all captions (image-to-text R@1), and
     the reverse, over the whole world.
     """
-    from diffusers.optimization import get_cosine_schedule_with_warmup
-    from tqdm.auto import tqdm
-
     from ..utils.tokenizer import build_clip_tokenizer_for_words
 
     recipe = recipe or ClipRecipe()
@@ -100,39 +103,63 @@ def train_clip(world: PictureWorld, recipe: ClipRecipe | None = None, pool: torc
     # Padded to the longest caption, not to 77: the tower is causal and pools the end-of-text state, so what follows
     # it changes nothing, and the short batch is five times faster.
     caption_ids = tokenizer(world.captions, padding="longest", return_tensors="pt").input_ids
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
-                                   {"params": other, "weight_decay": 0.0}], lr=recipe.learning_rate)
-    schedule = get_cosine_schedule_with_warmup(optimizer, recipe.warmup_steps, recipe.steps)
-    generator = torch.Generator().manual_seed(recipe.seed)
-    batch = min(recipe.batch_size, world.num_items)
-    model.train()
-    bar = tqdm(range(recipe.steps), desc="training the CLIP pair", disable=not progress)
-    losses = []
-    for _ in bar:
-        items = torch.randperm(world.num_items, generator=generator)[:batch]  # one row per item: no false negatives
-        variants = torch.randint(recipe.variants, (batch,), generator=generator)
-        pixels = normalize_pixels(pool[items, variants], image_processor)
-        output = model(input_ids=caption_ids[items], pixel_values=pixels, return_loss=True)
-        optimizer.zero_grad(set_to_none=True)
-        output.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        with torch.no_grad():  # CLIP clamps its temperature at 100
-            model.logit_scale.clamp_(0, math.log(100))
-        losses.append(output.loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        if not progress and len(losses) % 100 == 0:
-            log(f"CLIP step {len(losses)}: loss {np.mean(losses[-100:]):.3f}")
-    model.eval()
+
+    def loss(items, pixels):
+        return model(input_ids=caption_ids[items], pixel_values=pixels, return_loss=True).loss
+
+    def clamp_temperature():  # CLIP clamps its temperature at 100
+        model.logit_scale.clamp_(0, math.log(100))
+
+    losses = train_on_pairs(model, world, recipe, pool, image_processor, loss, "training the CLIP pair",
+                            progress=progress, log=log, after_step=clamp_temperature)
     text_encoder, image_encoder = split_towers(model)
     summary = {"final_loss": float(np.mean(losses[-50:])), **caption_retrieval(
         text_encoder, image_encoder, caption_ids, normalize_pixels(pool[:, 0], image_processor))}
     log(f"CLIP pair: loss {summary['final_loss']:.3f}, image->caption R@1 {summary['image_to_text_r1']:.3f}, "
         f"caption->image R@1 {summary['text_to_image_r1']:.3f}")
     return text_encoder, tokenizer, image_encoder, image_processor, summary
+
+
+def train_on_pairs(model, world: PictureWorld, recipe: PairTrainingRecipe, pool: torch.Tensor, image_processor, loss,
+                   description: str, progress: bool = True, log=print, no_decay: tuple[str, ...] = ("embedding",),
+                   after_step=None) -> list[float]:
+    """Train ``model`` (in place; eval mode after) on (picture, caption) pairs; returns the loss of every step.
+
+    Each step draws ``recipe.batch_size`` distinct items (one row per item: no false negatives) and a random variant
+    of each from ``pool`` (``uint8 [items, variants, H, W, 3]``), and calls ``loss(items, pixel_values)``; AdamW with
+    weight decay on the matrices whose names hold none of ``no_decay``, a cosine schedule after a warmup, gradients
+    clipped at norm 1, then ``after_step()`` (under ``torch.no_grad``)."""
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+    from tqdm.auto import tqdm
+
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and not any(word in n for word in no_decay)]
+    other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and not any(word in n for word in no_decay))]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
+                                   {"params": other, "weight_decay": 0.0}], lr=recipe.learning_rate)
+    schedule = get_cosine_schedule_with_warmup(optimizer, recipe.warmup_steps, recipe.steps)
+    generator = torch.Generator().manual_seed(recipe.seed)
+    batch = min(recipe.batch_size, world.num_items)
+    model.train()
+    bar = tqdm(range(recipe.steps), desc=description, disable=not progress)
+    losses = []
+    for _ in bar:
+        items = torch.randperm(world.num_items, generator=generator)[:batch]
+        variants = torch.randint(recipe.variants, (batch,), generator=generator)
+        value = loss(items, normalize_pixels(pool[items, variants], image_processor))
+        optimizer.zero_grad(set_to_none=True)
+        value.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if after_step is not None:
+            with torch.no_grad():
+                after_step()
+        losses.append(value.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if not progress and len(losses) % 100 == 0:
+            log(f"{description}: step {len(losses)}, loss {np.mean(losses[-100:]):.3f}")
+    model.eval()
+    return losses
 
 
 def split_towers(model):
