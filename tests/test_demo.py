@@ -27,7 +27,24 @@ def test_shipped_pipeline_is_small_has_a_card_and_ships_in_the_package():
     settings = demo_settings()
     assert settings["command"].startswith("diffusers-cir demo --train --update-shipped-pipeline")
     assert set(settings["call_kwargs"]) == {"num_inference_steps", "guidance_scale", "image_guidance_scale"}
-    # Every shipped file matches a package_data pattern, so a wheel carries the demo.
+    assert_ships_in_the_package(files)
+
+
+def test_shipped_blip2_is_small_names_no_local_folder_and_ships_in_the_package():
+    """The small BLIP-2 `demo --methods fashionblip2` fine-tunes (its measurements: tests/test_demo_fashionblip2.py)."""
+    from diffusers_cir.demo.blip2 import SHIPPED_BLIP2
+
+    files = [path for path in SHIPPED_BLIP2.rglob("*") if path.is_file()]
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "blip2_pretraining.json"} <= {
+        path.name for path in files}
+    assert sum(path.stat().st_size for path in files) < 4 * 1024 * 1024
+    for text in (path.read_text() for path in files if path.suffix in (".json", ".txt")):
+        assert not re.findall(r"(?m)(?:^|[\s\"'`(])/[\w.-]+/", text)
+    assert_ships_in_the_package(files)
+
+
+def assert_ships_in_the_package(files) -> None:
+    """Every shipped file matches a package_data pattern, so a wheel carries the demo."""
     config = configparser.ConfigParser()
     config.read(REPO / "setup.cfg")
     patterns = [line.strip() for line in config["options.package_data"]["diffusers_cir"].splitlines() if line.strip()]
@@ -142,7 +159,9 @@ def test_demo_trains_with_the_real_training_code_and_updates_the_shipped_pipelin
         (["--steps", "5"], r"--steps needs --train \(without it the demo loads a trained pipeline"),
         (["--train-triplets", "100", "--output-dir", "run"], r"--train-triplets, --output-dir need --train"),
         (["--train", "--pipeline", "somewhere"], r"--pipeline loads a trained demo pipeline, --train trains a new"),
-        (["--update-shipped-pipeline"], r"--update-shipped-pipeline needs --train"),
+        (["--update-shipped-pipeline"], r"--update-shipped-pipeline needs --train or --train-blip2"),
+        (["--train-blip2"], r"--train-blip2 pretrains the BLIP-2 that fashionblip2 fine-tunes: add fashionblip2"),
+        (["--methods", "fashionblip2", "--blip2-steps", "5"], r"--blip2-steps needs --train-blip2"),
         (["--quick", "--num-queries", "5"], r"each set the number of queries"),
         (["--html", "x.html", "--no-html"], r"--html and --no-html contradict each other"),
         (["--methods", "compodiff,magic"], r"--methods: unknown method\(s\) 'magic'; registered: compodiff"),

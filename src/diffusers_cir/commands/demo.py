@@ -4,6 +4,8 @@
     diffusers-cir demo --world tiny --num-queries 100   # a few seconds
     diffusers-cir demo --methods compodiff,image_only --html results/demo.html
     diffusers-cir demo --train --update-shipped-pipeline   # train the CLIP pair and CompoDiff again, ship them
+    diffusers-cir demo --methods fashionblip2,image_text_sum   # fine-tune FashionBLIP-2 on the shipped small BLIP-2
+    diffusers-cir demo --methods fashionblip2 --train-blip2 --update-shipped-pipeline   # pretrain that BLIP-2, ship it
 """
 
 from __future__ import annotations
@@ -65,20 +67,34 @@ def register(subparsers) -> None:
     training.add_argument("--train-triplets", type=positive_int, default=None,
                           help="Training triplets to write (default 30,000).")
     training.add_argument("--output-dir", type=str, default=None, help="Keep the data and models here.")
+    training.add_argument("--train-blip2", action="store_true",
+                          help="fashionblip2: pretrain the small BLIP-2 it fine-tunes now (BLIP-2's first stage on the "
+                          "world's pictures and captions; about 13 minutes on one CPU thread) instead of loading "
+                          "the shipped one.")
+    training.add_argument("--blip2-steps", type=positive_int, default=None,
+                          help="BLIP-2 pretraining steps (default 3000; needs --train-blip2).")
     training.add_argument("--update-shipped-pipeline", action="store_true",
-                          help="Save the trained pipeline (float16, with its model card) as the package's shipped one.")
+                          help="Ship what this command trains: with --train the pipeline (float16, with its model "
+                          "card), with --train-blip2 the BLIP-2 (with what fashionblip2 measured on it).")
     parser.set_defaults(func=run)
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
     from ..demo.methods import DEMO_METHODS
 
-    if args.update_shipped_pipeline and not args.train:
-        raise ValueError("--update-shipped-pipeline needs --train (it ships what this command trains).")
+    if args.update_shipped_pipeline and not (args.train or args.train_blip2):
+        raise ValueError("--update-shipped-pipeline needs --train or --train-blip2 (it ships what this command "
+                         "trains).")
+    if args.train_blip2 and "fashionblip2" not in args.methods:
+        raise ValueError("--train-blip2 pretrains the BLIP-2 that fashionblip2 fine-tunes: add fashionblip2 to "
+                         "--methods.")
+    if args.blip2_steps is not None and not args.train_blip2:
+        raise ValueError("--blip2-steps needs --train-blip2 (without it fashionblip2 fine-tunes the shipped BLIP-2).")
     if not args.train:  # training options without --train were silently ignored
         given = [flag for flag, value in (("--steps", args.steps), ("--clip-steps", args.clip_steps),
                                           ("--train-triplets", args.train_triplets),
-                                          ("--output-dir", args.output_dir)) if value is not None]
+                                          ("--output-dir", None if args.train_blip2 else args.output_dir))
+                 if value is not None]
         if given:
             raise ValueError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --train (without it the "
                              "demo loads a trained pipeline and trains nothing).")
@@ -110,18 +126,30 @@ def run(args: argparse.Namespace) -> int:
         recipe.num_train_triplets = args.train_triplets or recipe.num_train_triplets
     temporary = None
     work_dir = args.output_dir
-    if args.train and args.update_shipped_pipeline and work_dir is None:
+    blip2_recipe = None
+    if args.train_blip2:
+        from ..demo.blip2 import Blip2Recipe
+
+        blip2_recipe = Blip2Recipe(seed=args.seed, steps=args.blip2_steps or Blip2Recipe().steps)
+    if args.update_shipped_pipeline and work_dir is None:
         temporary = tempfile.TemporaryDirectory(prefix="diffusers-cir-demo-train-")
         work_dir = temporary.name
     try:
         result = run_demo(
             world_name=args.world, methods=args.methods, num_queries=num_queries, num_examples=args.examples,
             pipeline_dir=args.pipeline or SHIPPED_PIPELINE, train=args.train, recipe=recipe, work_dir=work_dir,
-            seed=args.seed, html=None if args.no_html else (args.html or DEFAULT_PAGE),
+            seed=args.seed, html=None if args.no_html else (args.html or DEFAULT_PAGE), blip2_recipe=blip2_recipe,
         )
         print()
         print(format_result(result))
-        if args.update_shipped_pipeline:
+        if args.update_shipped_pipeline and args.train_blip2:
+            from ..demo.blip2 import export_blip2
+
+            measured = {"recalls": result.recalls, "num_queries": result.num_queries,
+                        "command": _measuring_command(args, num_queries, blip2=True)}
+            target = export_blip2(Path(work_dir) / "methods" / "blip2", measured=measured)
+            print(f"\nShipped BLIP-2 updated: {target}")
+        if args.update_shipped_pipeline and args.train:
             from ..demo.training import export_pipeline
 
             def measure(folder):  # the float16 weights as shipped, measured as the command below measures them
@@ -141,11 +169,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _measuring_command(args: argparse.Namespace, num_queries: int | None) -> str:
-    """The `diffusers-cir demo` command line that measures the shipped pipeline as the training run did."""
+def _measuring_command(args: argparse.Namespace, num_queries: int | None, blip2: bool = False) -> str:
+    """The `diffusers-cir demo` command line that measures the shipped pipeline (``blip2``: the shipped BLIP-2,
+    fine-tuned by the run's methods) as the training run did."""
     import shlex
 
-    argv = ["diffusers-cir", "demo"]
+    argv = ["diffusers-cir", "demo"] + (["--methods", ",".join(args.methods)] if blip2 else [])
     if args.world != "default":
         argv += ["--world", args.world]
     if args.seed:

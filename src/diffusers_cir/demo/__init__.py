@@ -36,7 +36,8 @@ from .embedding_world import (
 SHIPPED_PIPELINE = Path(__file__).resolve().parent / "picture_world"
 DEFAULT_METHODS = ("compodiff", "image_only", "text_only", "image_text_sum")
 # The trained methods (the others are training-free baselines), with the names the summary prints.
-TRAINED_METHODS = {"compodiff": "CompoDiff", "combiner": "Combiner (CLIP4Cir)", "scot": "SCOT", "mtst": "MTST"}
+TRAINED_METHODS = {"compodiff": "CompoDiff", "combiner": "Combiner (CLIP4Cir)", "scot": "SCOT", "mtst": "MTST",
+                   "fashionblip2": "FashionBLIP-2"}
 WORLDS = ("default", "tiny")
 
 __all__ = [
@@ -165,8 +166,13 @@ def run_demo(
     batch_size: int = 256,
     show_progress: bool = True,
     log=print,
+    blip2_dir: str | os.PathLike | None = None,
+    blip2_recipe=None,
 ) -> DemoResult:
-    """Run the demo (see the module docstring) and return its measurements; ``html``: write the page there."""
+    """Run the demo (see the module docstring) and return its measurements; ``html``: write the page there.
+
+    ``blip2_dir``: the pretrained BLIP-2 that ``fashionblip2`` fine-tunes (default: the shipped one); with
+    ``blip2_recipe`` (a :class:`~diffusers_cir.demo.blip2.Blip2Recipe`) and no ``blip2_dir``, one is pretrained now."""
     from ..metrics import recall_at_k
     from ..retrieval import GalleryItem
     from .methods import DemoContext, build_methods
@@ -199,7 +205,8 @@ def run_demo(
         items = [GalleryItem(id=item_id, path=path) for item_id, path in zip(world.gallery_ids, paths)]
         (work / "methods").mkdir(parents=True, exist_ok=True)
         context = DemoContext(world=world, pipeline=pipeline, seed=seed, batch_size=batch_size,
-                              call_kwargs=call_kwargs, show_progress=show_progress, work_dir=work / "methods")
+                              call_kwargs=call_kwargs, show_progress=show_progress, work_dir=work / "methods",
+                              blip2_dir=_blip2_dir(blip2_dir, blip2_recipe), blip2_recipe=blip2_recipe)
         built = build_methods(list(methods), context)
         indexes = {}
         for method in built:
@@ -235,6 +242,14 @@ def run_demo(
     finally:
         if temporary is not None:
             temporary.cleanup()
+
+
+def _blip2_dir(blip2_dir, blip2_recipe) -> Path | None:
+    from .blip2 import SHIPPED_BLIP2
+
+    if blip2_dir is not None:
+        return Path(blip2_dir)
+    return None if blip2_recipe is not None else SHIPPED_BLIP2
 
 
 def _description(name: str) -> str:

@@ -49,6 +49,9 @@ class DemoContext:
     # A folder of this run for what a method writes (data, a network it trains now); removed with the run's other
     # files unless the user kept them (`diffusers-cir demo --output-dir`).
     work_dir: Path | None = None
+    # The pretrained BLIP-2 folder `fashionblip2` fine-tunes (None: pretrain one now, with `blip2_recipe`).
+    blip2_dir: Path | None = None
+    blip2_recipe: Any = None
 
 
 class DemoMethod:
@@ -152,5 +155,6 @@ def _image_text_sum(context: DemoContext) -> DemoMethod:
     return ClipBaseline("image_text_sum", context.pipeline, use_image=True, use_text=True, batch_size=context.batch_size)
 
 
-# The composition networks register themselves here too (they train now, on the world: see demo/fusion.py).
-from . import fusion  # noqa: E402,F401
+# The composition networks and FashionBLIP-2 register themselves here too (they train now, on the world: see
+# demo/fusion.py and demo/fashionblip2.py).
+from . import fashionblip2, fusion  # noqa: E402,F401
