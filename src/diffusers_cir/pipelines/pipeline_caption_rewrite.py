@@ -42,6 +42,7 @@ from ..utils.caption_cache import (
 )
 from .auto import CIRPipelineMixin
 from .caption_rewrite_recipes import RewriteRecipe, fill_rewrite_template, parse_rewrite
+from .image_processing_targetpad import TargetPadImageProcessor  # noqa: F401  (a saved folder may name it)
 from .inputs import warn_truncated
 from .query_inputs import (
     as_image_list,
@@ -121,7 +122,9 @@ class CaptionRewritePipeline(CIRPipelineMixin, DiffusionPipeline):
         text_encoder ([`~transformers.CLIPTextModelWithProjection`]), tokenizer ([`~transformers.CLIPTokenizer`]):
             the CLIP text side that embeds the rewrites.
         image_encoder ([`~transformers.CLIPVisionModelWithProjection`]), image_processor
-            ([`~transformers.CLIPImageProcessor`]): the CLIP image side that embeds the gallery.
+            ([`~transformers.CLIPImageProcessor`]): the CLIP image side that embeds the gallery. CIReVL's authors
+            preprocess the gallery with CLIP4Cir's "target pad" by default: pass a [`TargetPadImageProcessor`]
+            (`image_processor_for(processor, "targetpad")`) to do the same.
         recipe (`str`, `dict` or [`RewriteRecipe`], defaults to `"cirevl-circo"`): a preset of
             [`REWRITE_RECIPES`] or the recipe fields; stored resolved in the pipeline's config.
 

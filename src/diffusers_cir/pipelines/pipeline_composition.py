@@ -39,6 +39,7 @@ from ..models.open_clip_vision import OpenCLIPVisionEncoder  # noqa: F401
 from ..models.two_hop_fusion import TwoHopFusionHead  # noqa: F401
 from . import composition_encoders as encoders
 from .auto import CIRPipelineMixin
+from .image_processing_targetpad import TargetPadImageProcessor  # noqa: F401
 from .inputs import (
     check_batch_sizes,
     check_float_pixels,
@@ -96,7 +97,8 @@ class CompositionNetworkPipeline(CIRPipelineMixin, DiffusionPipeline):
         image_encoder ([`~transformers.CLIPVisionModelWithProjection`], [`~diffusers_cir.models.OpenCLIPVisionEncoder`]
             or [`~transformers.Blip2VisionModelWithProjection`], *optional*):
             The image tower of the same model; it also embeds the gallery. Without it, queries pass `image_embeds`.
-        image_processor (*optional*): the image tower's preprocessing (a transformers image processor).
+        image_processor (*optional*): the image tower's preprocessing (a transformers image processor; a
+            [`TargetPadImageProcessor`] for CLIP4Cir's "target pad", which its authors use for queries and gallery).
     """
 
     _cir_abstract = True

@@ -218,6 +218,8 @@ def _resizes_with_pil(image_processor) -> bool:
     size = getattr(image_processor, "size", None)
     shortest_edge = size.get("shortest_edge") if hasattr(size, "get") else getattr(size, "shortest_edge", None)
     backends = {cls.__name__ for cls in type(image_processor).__mro__}
+    if getattr(image_processor, "pads_before_resize", False):  # TargetPadImageProcessor: pad, then resize
+        return False
     return "PilBackend" in backends and bool(getattr(image_processor, "do_resize", False)) and bool(shortest_edge) and (
         not (size.get("longest_edge") if hasattr(size, "get") else getattr(size, "longest_edge", None))
     )
