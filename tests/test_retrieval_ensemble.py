@@ -70,3 +70,36 @@ def test_bad_inputs_are_refused_by_name():
     bad[1, 0, 3] = float("nan")
     with pytest.raises(ValueError, match="caption_embeds"):
         ldre_ensemble(rewrites, bad, gallery)
+
+
+def test_blocks_of_queries_give_the_weights_of_the_whole_set(monkeypatch):
+    """The drops are computed a block of queries at a time (CIRCO's test set x gallery would not fit at once)."""
+    from diffusers_cir.retrieval import ensemble
+
+    generator = torch.Generator().manual_seed(3)
+    rewrites, captions = torch.randn(9, 4, 8, generator=generator), torch.randn(9, 2, 8, generator=generator)
+    gallery = torch.randn(25, 8, generator=generator)
+    whole_queries, whole_weights = ldre_ensemble(rewrites, captions, gallery, top_k=3)
+    monkeypatch.setattr(ensemble, "_BLOCK_ELEMENTS", 2 * 4 * 25)  # two queries per block, the last one alone
+    queries, weights = ldre_ensemble(rewrites, captions, gallery, top_k=3)
+    torch.testing.assert_close(weights, whole_weights, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(queries, whole_queries, atol=1e-6, rtol=1e-5)
+    expected_queries, expected_weights = _ldre_slot_by_slot(rewrites, captions, gallery, 3, 0.04)
+    torch.testing.assert_close(weights, expected_weights, atol=1e-6, rtol=1e-5)
+
+
+def test_compose_ldre_queries_refuses_a_pipeline_without_rewrites():
+    from diffusers_cir.retrieval import compose_ldre_queries
+
+    class OneEmbedding:
+        @staticmethod
+        def call_parameters():
+            return frozenset({"image", "prompt", "output_caption_embeds"})
+
+        def __call__(self, image, prompt, output_caption_embeds=False):
+            return type("Output", (), {"image_embeds": torch.randn(len(prompt), 8)})()
+
+    with pytest.raises(ValueError, match="OneEmbedding gives no `rewrite_embeds` and `caption_embeds`"):
+        compose_ldre_queries(OneEmbedding(), ["is red"], torch.randn(5, 8), reference_images=["ref.png"])
+    with pytest.raises(ValueError, match="query 1 has several texts"):
+        compose_ldre_queries(OneEmbedding(), ["is red", ["a", "b"]], torch.randn(5, 8), reference_images=["r", "s"])

@@ -26,6 +26,8 @@ _LAZY_NAMES = {
     "build_index_from_embedding_files": ".build",
     "check_index_options": ".build",
     "compose_queries": ".compose",
+    "composed_batches": ".compose",
+    "compose_ldre_queries": ".ensemble",
     "ldre_ensemble": ".ensemble",
     "CLIPVisionEncoder": ".encoders",
     "GalleryEncoder": ".encoders",

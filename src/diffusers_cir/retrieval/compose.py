@@ -19,14 +19,14 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from .index import normalize_embeddings
 
-__all__ = ["compose_queries"]
+__all__ = ["compose_queries", "composed_batches"]
 
 # Query parts the caller gives per query, and the pipeline argument each one becomes.
 _PER_QUERY = {"negative_prompts": "negative_prompt", "mask_images": "mask_image"}
@@ -90,6 +90,41 @@ def compose_queries(
         call_kwargs: further pipeline arguments (``num_inference_steps``, ``guidance_scale``, ...); refused if the
             pipeline does not take them.
     """
+    composed, pair_rows = [], []
+    batches = composed_batches(
+        pipeline, prompts, reference_embeds=reference_embeds, reference_images=reference_images,
+        negative_prompts=negative_prompts, mask_images=mask_images, batch_size=batch_size, seed=seed,
+        show_progress=show_progress, **call_kwargs,
+    )
+    for rows, output in batches:
+        embeds = torch.as_tensor(output.image_embeds)
+        assert embeds.shape[0] == len(rows), f"{type(pipeline).__name__} returned {tuple(embeds.shape)} for {len(rows)}"
+        name = f"the query embeddings {type(pipeline).__name__} composed for queries {rows[0]}-{rows[-1]}"
+        composed.append(torch.from_numpy(normalize_embeddings(embeds, name)))
+        pair_rows += rows
+    if not composed:
+        return torch.empty(0, 0)
+    summed = torch.zeros(len(prompts), composed[0].shape[1]).index_add_(0, torch.tensor(pair_rows), torch.cat(composed))
+    return torch.from_numpy(normalize_embeddings(summed, "the averaged query embeddings"))
+
+
+@torch.no_grad()
+def composed_batches(
+    pipeline: Any,
+    prompts: Sequence[str | Sequence[str]],
+    *,
+    reference_embeds: torch.Tensor | None = None,
+    reference_images: Sequence | None = None,
+    negative_prompts: Sequence[str | None] | None = None,
+    mask_images: Sequence | None = None,
+    batch_size: int = 32,
+    seed: int | None = 0,
+    show_progress: bool = False,
+    **call_kwargs,
+) -> Iterator[tuple[list[int], Any]]:
+    """The pipeline calls of :func:`compose_queries` (same arguments), one at a time: the query row of each (query,
+    text) pair in the call, and the pipeline's output as it came. For what a pipeline gives beyond ``image_embeds``
+    (a CaptionRewritePipeline's ``rewrite_embeds``, which LDRE's ensemble weighs over the whole query set)."""
     texts = _texts(prompts)
     accepted = pipeline.call_parameters()
     per_query = {"negative_prompts": negative_prompts, "mask_images": mask_images}
@@ -103,7 +138,6 @@ def compose_queries(
         assert values is None or len(values) == len(texts), f"`{name}` has {len(values)} entries for {len(texts)} queries"
     pairs = [(row, text) for row, query in enumerate(texts) for text in query]
     starts = range(0, len(pairs), batch_size)
-    composed = []
     for number, start in enumerate(tqdm(starts, desc="Composing queries", unit="batch", disable=not show_progress)):
         rows = [row for row, _ in pairs[start : start + batch_size]]
         arguments = dict(call_kwargs, prompt=[text for _, text in pairs[start : start + batch_size]])
@@ -115,12 +149,4 @@ def compose_queries(
             arguments["output_type"] = "pt"
         if "generator" in accepted and "generator" not in call_kwargs and seed is not None:
             arguments["generator"] = torch.Generator().manual_seed(seed + number)
-        output = torch.as_tensor(pipeline(**arguments).image_embeds)
-        assert output.shape[0] == len(rows), f"{type(pipeline).__name__} returned {tuple(output.shape)} for {len(rows)}"
-        name = f"the query embeddings {type(pipeline).__name__} composed for queries {rows[0]}-{rows[-1]}"
-        composed.append(torch.from_numpy(normalize_embeddings(output, name)))
-    if not composed:
-        return torch.empty(0, 0)
-    rows = torch.tensor([row for row, _ in pairs])
-    summed = torch.zeros(len(texts), composed[0].shape[1]).index_add_(0, rows, torch.cat(composed))
-    return torch.from_numpy(normalize_embeddings(summed, "the averaged query embeddings"))
+        yield rows, pipeline(**arguments)

@@ -12,7 +12,9 @@ rewrites in that slot push the gallery away from what the captions alone retriev
 * each query is ``sum_i weights_i * normalize(rewrite_i)``.
 
 The weights depend on every query and on the gallery, so this runs after all queries are composed
-(``CaptionRewritePipeline(..., output_caption_embeds=True)`` gives both inputs), not inside the pipeline. Where no
+(``CaptionRewritePipeline(..., output_caption_embeds=True)`` gives both inputs), not inside the pipeline:
+:func:`compose_ldre_queries` composes a query set through the one compose path and ensembles it (what
+``diffusers-cir evaluate`` ranks an LDRE pipeline on CIRCO with). Where no
 rewrite lowers any score (every ``s_i`` is 0) the slots are weighted equally (the authors' code divides by zero).
 
 Example:
@@ -25,12 +27,19 @@ Example:
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from ..checks import check_finite_tensors, check_float, check_positive_int
+from .compose import composed_batches
+from .index import normalize_embeddings
 
-__all__ = ["ldre_ensemble"]
+__all__ = ["compose_ldre_queries", "ldre_ensemble"]
+
+_BLOCK_ELEMENTS = 1 << 24  # scores held at once while the slot weights are computed (64 MiB of float32)
 
 
 def _check_embeds(value, name: str, ndim: int) -> torch.Tensor:
@@ -43,7 +52,9 @@ def _check_embeds(value, name: str, ndim: int) -> torch.Tensor:
     return tensor.float()
 
 
-def ldre_ensemble(rewrite_embeds, caption_embeds, gallery_embeds, top_k: int = 5, temperature: float = 0.04):
+def ldre_ensemble(
+    rewrite_embeds, caption_embeds, gallery_embeds, top_k: int = 5, temperature: float = 0.04, show_progress: bool = False
+):
     """Queries ``(Q, D)`` and slot weights ``(S,)`` of LDRE's adaptive ensemble (see the module docstring).
 
     Args:
@@ -53,6 +64,10 @@ def ldre_ensemble(rewrite_embeds, caption_embeds, gallery_embeds, top_k: int = 5
         gallery_embeds: CLIP image embeddings of the gallery, ``(N, D)``.
         top_k (`int`, defaults to 5): drops counted per query (at most ``N``).
         temperature (`float`, defaults to 0.04): softmax temperature over the slots.
+        show_progress (`bool`, defaults to `False`): a progress bar over the blocks of queries (the score matrices of
+            a CIRCO-sized run take minutes on a CPU).
+
+    The computation runs where `rewrite_embeds` is (on a GPU for CUDA tensors); the weights come back on the CPU.
     """
     rewrites = _check_embeds(rewrite_embeds, "rewrite_embeds", 3)
     captions = _check_embeds(caption_embeds, "caption_embeds", 3)
@@ -69,10 +84,67 @@ def ldre_ensemble(rewrite_embeds, caption_embeds, gallery_embeds, top_k: int = 5
     temperature = check_float(temperature, "temperature", 0.0, exclusive_minimum=True)
 
     rewrites = F.normalize(rewrites, dim=-1)
-    captions = F.normalize(captions, dim=-1).repeat_interleave(slots // captions.shape[1], dim=1)
-    gallery = F.normalize(gallery, dim=-1)
-    drops = (captions @ gallery.T - rewrites @ gallery.T).clamp(min=0)  # (Q, S, N)
-    scores = drops.topk(top_k, dim=-1).values.sum(dim=(0, 2))  # (S,)
+    captions = F.normalize(captions.to(rewrites.device), dim=-1)
+    gallery = F.normalize(gallery.to(rewrites.device), dim=-1)
+    scores = torch.zeros(slots)
+    # The (queries, slots, gallery) drops a block of queries at a time: CIRCO's 800 test queries x 15 slots x 123k
+    # gallery images would be 6 GB of float32 at once, and each query's top-k is its own.
+    block = max(1, _BLOCK_ELEMENTS // (slots * gallery.shape[0]))
+    for start in tqdm(range(0, queries, block), desc="LDRE slot weights", unit="block", disable=not show_progress):
+        before = (captions[start : start + block] @ gallery.T).repeat_interleave(slots // captions.shape[1], dim=1)
+        drops = (before - rewrites[start : start + block] @ gallery.T).clamp(min=0)
+        scores += drops.topk(top_k, dim=-1).values.sum(dim=(0, 2)).cpu()
     largest = scores.max()
     weights = torch.softmax((scores / largest if largest > 0 else scores) / temperature, dim=0)
-    return (weights[None, :, None] * rewrites).sum(dim=1), weights
+    return (weights.to(rewrites.device)[None, :, None] * rewrites).sum(dim=1), weights
+
+
+def compose_ldre_queries(
+    pipeline,
+    prompts: Sequence[str],
+    gallery_embeds: torch.Tensor,
+    *,
+    reference_images: Sequence,
+    top_k: int = 5,
+    temperature: float = 0.04,
+    batch_size: int = 32,
+    show_progress: bool = False,
+    **call_kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LDRE's CIRCO queries: a CaptionRewritePipeline's rewrites and captions of every query, composed through the
+    one compose path (:func:`~diffusers_cir.retrieval.compose.composed_batches`), then :func:`ldre_ensemble` against
+    ``gallery_embeds``. Returns the L2-normalised queries ``(Q, D)`` (float32, CPU), which replace the mean of the
+    rewrites, and the slot weights ``(S,)``.
+
+    Args:
+        pipeline: a CaptionRewritePipeline (anything whose call takes ``output_caption_embeds`` and returns
+            ``rewrite_embeds`` and ``caption_embeds``).
+        prompts: one modification text per query (the weights are learnt over all of them).
+        gallery_embeds: ``(N, D)`` gallery embeddings (raw or normalised).
+        reference_images: the ``Q`` reference images, indexed per batch.
+        top_k, temperature: as in :func:`ldre_ensemble`.
+        batch_size, show_progress, call_kwargs: as in :func:`~diffusers_cir.retrieval.compose_queries`.
+
+    The ensemble's score matrices (queries x slots x gallery) are computed on the pipeline's device, as the authors
+    compute them on their GPU: on a CPU, CIRCO's test set takes minutes.
+    """
+    several = [row for row, prompt in enumerate(prompts) if not isinstance(prompt, str)]
+    if several:
+        raise ValueError(
+            f"LDRE's ensemble weighs the rewrites of one text per query, but query {several[0]} has several texts "
+            "(a FashionIQ protocol joining the captions in both orders): use a protocol with one text per query."
+        )
+    rewrites, captions = [None] * len(prompts), [None] * len(prompts)
+    batches = composed_batches(pipeline, prompts, reference_images=reference_images, batch_size=batch_size,
+                               show_progress=show_progress, output_caption_embeds=True, **call_kwargs)
+    for rows, output in batches:
+        if getattr(output, "rewrite_embeds", None) is None or getattr(output, "caption_embeds", None) is None:
+            raise ValueError(f"{type(pipeline).__name__} gives no `rewrite_embeds` and `caption_embeds`: LDRE's "
+                             "ensemble needs a CaptionRewritePipeline.")
+        for position, row in enumerate(rows):
+            rewrites[row] = torch.as_tensor(output.rewrite_embeds[position]).float().cpu()
+            captions[row] = torch.as_tensor(output.caption_embeds[position]).float().cpu()
+    device = getattr(pipeline, "_execution_device", None) or torch.device("cpu")
+    queries, weights = ldre_ensemble(torch.stack(rewrites).to(device), torch.stack(captions).to(device),
+                                     torch.as_tensor(gallery_embeds).to(device), top_k, temperature, show_progress)
+    return torch.from_numpy(normalize_embeddings(queries, "the LDRE ensemble queries")), weights
