@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..checks import argparse_type, check_int, check_seed
+from ..checks import argparse_type, check_choice, check_int, check_seed
 
 positive_int = argparse_type(check_int, minimum=1)
 non_negative_int = argparse_type(check_int, minimum=0)
@@ -22,6 +22,7 @@ __all__ = ["add_evaluation_arguments", "run_from_args", "read_id_list"]
 BENCHMARK_CHOICES = ("cirr", "fashioniq", "circo", "genecis", "fine_cirr", "fine_fashioniq")
 CAPTION_STYLE_CHOICES = ("clip4cir", "searle")
 DTYPE_CHOICES = ("bfloat16", "float16", "float32")
+REWRITE_ENSEMBLE_CHOICES = ("ldre", "mean")
 
 
 def add_evaluation_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -46,6 +47,12 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
                              "'bgevl' (CIRCO, FashionIQ, CIRR), the BGE-VL authors' query texts and 75-token "
                              "truncation; 'magiclens' (CIRCO, FashionIQ), the MagicLens authors' query texts. "
                              "metrics.json and metrics.md say which one ran.")
+    parser.add_argument("--rewrite-ensemble", type=argparse_type(check_choice, str, choices=REWRITE_ENSEMBLE_CHOICES),
+                        default=None, metavar="{ldre,mean}",
+                        help="How a CaptionRewritePipeline's rewrites become one query: 'ldre', LDRE's adaptive "
+                             "ensemble (slot weights learnt over the whole query set against the gallery); 'mean', "
+                             "their mean. Default: as the LDRE authors rank, 'ldre' for an LDRE-recipe pipeline on "
+                             "CIRCO, 'mean' otherwise. metrics.json and metrics.md say which one ran.")
     parser.add_argument("--fashioniq-captions", choices=CAPTION_STYLE_CHOICES, default=None,
                         help="FashionIQ caption joining: CLIP4Cir's single prompt (default), or SEARLE/LinCIR's two "
                              "orders averaged.")
@@ -164,6 +171,10 @@ def run_from_args(args: argparse.Namespace, pipeline=None) -> int:
 
             check_pipeline_options(args.pipeline, {f"--protocol {protocol.name} ({name})": name
                                                    for name in protocol.call_kwargs})
+        if args.rewrite_ensemble is not None and args.pipeline is not None:  # only a CaptionRewritePipeline has rewrites
+            from ..retrieval.encoders import check_pipeline_options
+
+            check_pipeline_options(args.pipeline, {f"--rewrite-ensemble {args.rewrite_ensemble}": "output_caption_embeds"})
         if pipeline is None:
             # Loaded by run_evaluation once the arguments and the annotation files are known to be good.
             pipeline = functools.partial(_pipeline_from_args, args)
@@ -185,6 +196,7 @@ def run_from_args(args: argparse.Namespace, pipeline=None) -> int:
             call_kwargs=call_kwargs,
             write_submissions=True if args.write_submissions else None,
             loader_kwargs=loader_kwargs,
+            rewrite_ensemble=args.rewrite_ensemble,
             progress=not args.no_progress,
         )
     except (FileNotFoundError, ValueError) as error:

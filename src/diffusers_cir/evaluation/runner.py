@@ -23,9 +23,17 @@ from ..checks import check_non_negative_int, check_positive_int, check_seed, che
 from ..data.benchmarks import CIRBenchmark, load_benchmark
 from ..metrics import CIRR_AVG_DEFINITIONS
 from ..retrieval.compose import compose_queries
+from ..retrieval.ensemble import compose_ldre_queries
 from ..retrieval.index import GalleryIndex, normalize_embeddings
 from .gallery import SplitEmbedder
 from .protocols import BenchmarkProtocol, get_protocol
+from .rewrite_ensemble import (
+    LDRE_TEMPERATURE,
+    LDRE_TOP_K,
+    check_rewrite_ensemble,
+    resolve_rewrite_ensemble,
+    rewrite_ensemble_settings,
+)
 from .submissions import write_json
 
 __all__ = ["EvaluationResult", "evaluate_split", "exact_index", "run_evaluation", "metrics_markdown"]
@@ -47,6 +55,7 @@ class SplitOutput:
     rankings: dict[str, list]
     metrics: dict[str, float] = field(default_factory=dict)
     submissions: dict[str, tuple[str, dict]] = field(default_factory=dict)
+    ensemble_weights: list[float] | None = None  # LDRE's slot weights, when its ensemble made the queries
 
 
 @dataclass
@@ -94,9 +103,11 @@ def evaluate_split(
     call_kwargs: dict | None = None,
     index_factory: IndexFactory = exact_index,
     write_submissions: bool | None = None,
+    rewrite_ensemble: str | None = None,
     progress: bool = True,
 ) -> SplitOutput:
-    """Rank and score one loaded benchmark split by ``protocol`` (see :func:`run_evaluation` for the arguments)."""
+    """Rank and score one loaded benchmark split by ``protocol`` (see :func:`run_evaluation` for the arguments;
+    ``rewrite_ensemble`` here is resolved: ``"ldre"``, or anything else for the pipeline's own queries)."""
     queries = benchmark.queries
     shared = benchmark.gallery_ids is not None  # one gallery for every query, or per-query candidates (GeneCIS)
     pool = list(benchmark.gallery_ids) if shared else list(dict.fromkeys(i for q in queries for i in q.candidate_ids))
@@ -104,11 +115,17 @@ def evaluate_split(
     # The gallery and the references are embedded together: a reference outside the gallery is one more image.
     embeds = embed(benchmark, pool + columns["reference_ids"], "gallery" if shared else "candidates")
     pool_embeds = torch.from_numpy(normalize_embeddings(embeds[: len(pool)], f"{benchmark.description} gallery"))
-    query_embeds = compose_queries(
-        pipeline, [protocol.query_texts(query, prompt_template) for query in queries],
-        reference_embeds=embeds[len(pool):], reference_images=embed.reference_images(benchmark),
-        batch_size=query_batch_size, seed=seed, show_progress=progress, **{**protocol.call_kwargs, **(call_kwargs or {})},
-    )
+    texts = [protocol.query_texts(query, prompt_template) for query in queries]
+    options = dict(batch_size=query_batch_size, seed=seed, show_progress=progress,
+                   **{**protocol.call_kwargs, **(call_kwargs or {})})
+    weights = None
+    if rewrite_ensemble == "ldre":  # the ensemble's queries replace the mean of the rewrites (LDRE's CIRCO ranking)
+        query_embeds, weights = compose_ldre_queries(
+            pipeline, [text[0] if len(text) == 1 else text for text in texts], pool_embeds,
+            reference_images=embed.reference_images(benchmark), top_k=LDRE_TOP_K, temperature=LDRE_TEMPERATURE, **options)
+    else:
+        query_embeds = compose_queries(pipeline, texts, reference_embeds=embeds[len(pool):],
+                                       reference_images=embed.reference_images(benchmark), **options)
     row_of = {image_id: row for row, image_id in enumerate(pool)}
     if shared:
         exclude = [[reference] for reference in columns["reference_ids"]] if protocol.exclude_reference else None
@@ -121,7 +138,8 @@ def evaluate_split(
         members = [[m for m in dict.fromkeys(q.group_members) if m != q.reference_id] for q in queries]
         columns["group_rankings"] = _rank_candidates(query_embeds, pool_embeds, row_of, members)[0]
 
-    output = SplitOutput(benchmark, query_embeds, {str(q.query_id): row for q, row in zip(queries, columns["ranked_ids"])})
+    output = SplitOutput(benchmark, query_embeds, {str(q.query_id): row for q, row in zip(queries, columns["ranked_ids"])},
+                         ensemble_weights=None if weights is None else weights.tolist())
     if benchmark.has_labels:
         output.metrics = protocol.score(columns)
     if (not benchmark.has_labels if write_submissions is None else write_submissions) and protocol.submission:
@@ -149,6 +167,9 @@ def metrics_markdown(report: dict) -> str:
     if settings.get("protocol"):  # which protocol ran: the official one, or a named variant (and what it changes)
         described = f": {settings['description']}" if settings.get("description") else ""
         lines += [f"Protocol: `{settings['protocol']}`{described}.", ""]
+    if settings.get("rewrite_ensemble"):  # how a CaptionRewritePipeline's rewrites became one query
+        ensemble = settings["rewrite_ensemble"]
+        lines += [f"Rewrite ensemble: `{ensemble['name']}`: {ensemble['description']}.", ""]
     if not report["metrics"]:
         lines.append("Labels of this split are hidden: submit the files listed in metrics.json to the test server.")
         return "\n".join(lines)
@@ -229,6 +250,7 @@ def run_evaluation(
     write_submissions: bool | None = None,
     index_factory: IndexFactory = exact_index,
     loader_kwargs: dict | None = None,
+    rewrite_ensemble: str | None = None,
     progress: bool = True,
 ) -> EvaluationResult:
     """Evaluate ``pipeline`` on ``benchmark`` / ``split`` read from ``data_root`` (official layout).
@@ -262,6 +284,10 @@ def run_evaluation(
             A ranking is as deep as the protocol says; a gallery smaller than that gives shorter lists (the index
             pads, and only the ids found are kept).
         loader_kwargs: extra arguments of the benchmark loader (``gallery_ids`` for CIRCO, ``image_root`` for GeneCIS).
+        rewrite_ensemble: how a CaptionRewritePipeline's rewrites become one query: ``"ldre"``, LDRE's adaptive
+            ensemble over the split (:func:`~diffusers_cir.retrieval.compose_ldre_queries`), or ``"mean"``, the
+            pipeline's ``image_embeds``. Default: as the LDRE authors rank, ``"ldre"`` for an LDRE-recipe pipeline
+            on CIRCO and ``"mean"`` otherwise (see :mod:`.rewrite_ensemble`). The report records which ran.
 
     Example:
 
@@ -293,8 +319,10 @@ def run_evaluation(
         load_benchmark(benchmark, data_root, split, subset=subset, **(loader_kwargs or {}))
         for subset in _subsets_for(protocol, subsets)
     ]
+    check_rewrite_ensemble(rewrite_ensemble, loaded_splits, protocol, prompt_template)
     if not hasattr(pipeline, "encode_image"):
         pipeline = pipeline()
+    rewrite_ensemble = resolve_rewrite_ensemble(pipeline, benchmark, rewrite_ensemble)
     _check_protocol_fits(pipeline, protocol)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -303,7 +331,8 @@ def run_evaluation(
     outputs = [
         evaluate_split(pipeline, loaded, protocol, embed, prompt_template=prompt_template,
                        query_batch_size=query_batch_size, seed=seed, call_kwargs=call_kwargs,
-                       index_factory=index_factory, write_submissions=write_submissions, progress=progress)
+                       index_factory=index_factory, write_submissions=write_submissions,
+                       rewrite_ensemble=rewrite_ensemble, progress=progress)
         for loaded in loaded_splits
     ]
     if not all(output.benchmark.has_labels for output in outputs):
@@ -328,6 +357,10 @@ def run_evaluation(
         "metric_definitions": metric_definitions(benchmark, metrics),
         "files": {role: path.name for role, path in files.items()},
     }
+    if rewrite_ensemble is not None:
+        report["settings"]["rewrite_ensemble"] = rewrite_ensemble_settings(rewrite_ensemble)
+    if rewrite_ensemble == "ldre":
+        report["ldre_slot_weights"] = {o.benchmark.subset or benchmark: o.ensemble_weights for o in outputs}
     files["markdown"] = output_dir / "metrics.md"
     files["metrics"] = output_dir / "metrics.json"
     report["files"].update({"markdown": "metrics.md", "metrics": "metrics.json"})
