@@ -189,6 +189,64 @@ def test_scot_on_text_triplets_with_pixels_and_lora_on_the_image_tower(tmp_path,
     assert pipe.encode_image([picture(0)]).shape == (1, 16)
 
 
+def test_a_run_on_pixels_trains_and_saves_with_target_pad(tmp_path, single_thread):
+    """--target-ratio asks for target pad: the saved pipeline preprocesses its queries and gallery with it."""
+    from pipeline_tester import picture
+
+    from diffusers_cir import TargetPadImageProcessor
+    from diffusers_cir.data.pictures import png_bytes
+    from diffusers_cir.data.text_triplets import write_text_triplets
+
+    clip = _clip_checkpoint(tmp_path / "clip")
+    columns = {"id": [f"r{i}" for i in range(4)], "image": [{"bytes": png_bytes(picture(i, (60, 30))), "path": None}
+                                                            for i in range(4)],
+               "caption": ["a shape"] * 4, "modification_text": ["make it yellow"] * 4,
+               "modified_caption": [f"a yellow shape number {i}" for i in range(4)]}
+    write_text_triplets(tmp_path / "data", columns)
+    argv = ["--method", "scot", "--pretrained-model-name-or-path", clip, "--train-data-dir", str(tmp_path / "data"),
+            "--train-batch-size", "4", "--max-train-steps", "1", "--target-ratio", "1.5", "--checkpointing-steps",
+            "100000", "--report-to", "none", "--output-dir", str(tmp_path / "scot")]
+    main(parse_args(argv))
+    processor = AutoCIRPipeline.from_pretrained(tmp_path / "scot").image_processor
+    assert isinstance(processor, TargetPadImageProcessor) and processor.target_ratio == 1.5
+
+
+def _preprocessing(method: str, reads_pixels: bool, processor=None, **flags):
+    from argparse import Namespace
+
+    from tiny_components import tiny_image_processor
+
+    from diffusers_cir.training.fusion_components import Encoders, apply_image_preprocessing
+    from diffusers_cir.training.fusion_methods import FUSION_METHODS
+
+    args = Namespace(**{"image_preprocessing": None, "target_ratio": None, **flags})
+    parts = Encoders(None, None, image_encoder=object(), image_processor=processor or tiny_image_processor())
+    apply_image_preprocessing(args, parts, FUSION_METHODS[method], reads_pixels)
+    return parts.image_processor
+
+
+def test_the_default_preprocessing_is_target_pad_only_for_clip4cir_on_pixels():
+    from transformers import BlipImageProcessor, CLIPImageProcessorPil
+
+    from diffusers_cir import TargetPadImageProcessor
+    from diffusers_cir.pipelines.image_processing_targetpad import IMAGE_PREPROCESSINGS
+    from diffusers_cir.training.fusion_arguments import IMAGE_PREPROCESSINGS as CHOICES
+
+    assert CHOICES == IMAGE_PREPROCESSINGS
+    assert _preprocessing("clip4cir", True).target_ratio == 1.25  # the authors' default
+    assert not isinstance(_preprocessing("clip4cir", False), TargetPadImageProcessor)  # embeddings: the encoders' own
+    assert not isinstance(_preprocessing("scot", True), TargetPadImageProcessor)
+    assert not isinstance(_preprocessing("clip4cir", True, image_preprocessing="clip"), TargetPadImageProcessor)
+    assert _preprocessing("mtst", False, image_preprocessing="targetpad").target_ratio == 1.25
+    padded = TargetPadImageProcessor(target_ratio=2.0)
+    assert _preprocessing("scot", False, padded) is padded  # a loaded folder keeps its processor
+    assert type(_preprocessing("scot", False, padded, image_preprocessing="clip")) is CLIPImageProcessorPil
+    blip = BlipImageProcessor(size={"height": 32, "width": 32})
+    assert _preprocessing("clip4cir", True, blip) is blip  # BLIP-2 towers: their square resize stays
+    with pytest.raises(ValueError, match="--image-preprocessing targetpad: .*use 'clip' preprocessing"):
+        _preprocessing("clip4cir", True, blip, image_preprocessing="targetpad")
+
+
 # --------------------------------------------------------------------------------------------- two processes
 @pytest.mark.slow
 def test_two_process_accelerate_launch_trains_on_both_ranks_and_saves_once(tiny_data, tmp_path):
@@ -237,6 +295,10 @@ def test_argument_mistakes_are_one_line_errors(tmp_path, capsys):
                   capsys)
     assert "--reverse-text-weight" in line and "--objective image" in line
     assert "invalid choice" in _error(data + ["--open-clip-model", "RN50x4", "--method", "clip5cir"], tmp_path, capsys)
+    line = _error(data + ["--open-clip-model", "RN50x4", "--image-preprocessing", "clip", "--target-ratio", "1.5"],
+                  tmp_path, capsys)
+    assert "--target-ratio 1.5 is target pad's ratio" in line
+    assert "--target-ratio" in _error(data + ["--open-clip-model", "RN50x4", "--target-ratio", "0.9"], tmp_path, capsys)
 
 
 def test_help_gives_each_method_its_defaults_and_their_source():
@@ -252,6 +314,9 @@ def test_help_gives_each_method_its_defaults_and_their_source():
     clip4cir = build_argument_parser("clip4cir")
     assert clip4cir.get_default("learning_rate") == 2e-5 and clip4cir.get_default("train_batch_size") == 4096
     assert "CLIP4Cir's Combiner stage" in " ".join(clip4cir.format_help().split())
+    assert "Default: targetpad when the run encodes images (the CLIP4Cir authors' default" in " ".join(
+        clip4cir.format_help().split())
+    assert "Default: the encoders' own (our choice" in " ".join(scot.format_help().split())
     args = parse_args(["--method", "mtst", "--open-clip-model", "RN50x4", "--train-data-dir", "d", "--output-dir",
                        str(Path(os.environ.get("TMPDIR", "/tmp")) / f"unused-{np.random.randint(1 << 30)}")])
     assert args.reverse_text_weight == 0.4 and args.train_batch_size == 4096

@@ -37,7 +37,8 @@ from transformers.image_processing_base import ImageProcessingMixin  # noqa: F40
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.processing_utils import ImagesKwargs
 
-__all__ = ["IMAGE_PREPROCESSINGS", "TargetPadImageProcessor", "image_processor_for", "target_pad_widths"]
+__all__ = ["IMAGE_PREPROCESSINGS", "TargetPadImageProcessor", "image_processor_for", "resizes_and_crops_like_clip",
+           "target_pad_widths"]
 
 IMAGE_PREPROCESSINGS = ("clip", "targetpad")
 CLIP4CIR_TARGET_RATIO = 1.25  # the authors' default (CLIP4Cir's scripts and CIReVL's main.py)
@@ -147,10 +148,17 @@ def image_processor_for(image_processor, preprocessing: str, target_ratio: float
     return TargetPadImageProcessor(target_ratio=check_target_ratio(target_ratio), **_clip_settings(image_processor))
 
 
+def resizes_and_crops_like_clip(image_processor) -> bool:
+    """Whether ``image_processor`` resizes the shortest side and centre-crops (what target padding goes before)."""
+    size = dict(getattr(image_processor, "size", None) or {})
+    return bool(size.get("shortest_edge")) and not size.get("longest_edge") and bool(
+        getattr(image_processor, "do_center_crop", False))
+
+
 def _clip_settings(image_processor) -> dict:
     size = dict(getattr(image_processor, "size", None) or {})
     crop = dict(getattr(image_processor, "crop_size", None) or {})
-    if not size.get("shortest_edge") or size.get("longest_edge") or not getattr(image_processor, "do_center_crop", False):
+    if not resizes_and_crops_like_clip(image_processor):
         raise ValueError(
             f"Target padding goes before CLIP's shortest-side resize and centre crop, but the image processor "
             f"({type(image_processor).__name__}, size={size}, do_center_crop="

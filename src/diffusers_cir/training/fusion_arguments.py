@@ -44,6 +44,8 @@ DEFAULT_LORA_TARGETS = {
     "blip2": r".*(query|key|value|qkv|projection|dense|fc1|fc2)",
 }
 OUR_CHOICE = "our choice"
+# diffusers_cir.pipelines.image_processing_targetpad's IMAGE_PREPROCESSINGS (not imported: it imports transformers).
+IMAGE_PREPROCESSINGS = ("clip", "targetpad")
 
 
 def _recall_ks(text: str) -> tuple[int, ...]:
@@ -82,6 +84,7 @@ def _add_model_arguments(parser, method) -> None:
     add_flag(model, "open_clip_pretrained", default=None,
              help="Its weights: a local checkpoint file or an open_clip pretrained tag (offline: a file).")
     add_flag(model, "revision", default=None, help="Hub revision of --pretrained-model-name-or-path.")
+    _add_preprocessing_arguments(model, method)
     add_flag(model, "head", default=method.head, choices=sorted(FUSION_HEADS),
              help=f"The fusion head (default: {method.name}'s). Ignored when the pretrained folder holds a head.")
     add_flag(model, "projection_dim", type=POSITIVE_INT, default=None,
@@ -95,6 +98,25 @@ def _add_model_arguments(parser, method) -> None:
              "not be read).")
     add_flag(model, "matching_head_dim", type=POSITIVE_INT, default=64,
              help="fashionblip2: width of each matching head's vector (our choice, as above).")
+
+
+def _add_preprocessing_arguments(model, method) -> None:
+    if method.image_preprocessing == "targetpad":
+        default = ("targetpad when the run encodes images (the CLIP4Cir authors' default: --transform targetpad "
+                   "--target-ratio 1.25 in combiner_train.py and clip_fine_tune.py), else (embeddings, or BLIP-2's square "
+                   "resize) the encoders' own")
+    else:
+        default = f"the encoders' own ({OUR_CHOICE}; {method.name}'s authors' preprocessing was not checked)"
+    add_flag(model, "image_preprocessing", default=None, choices=IMAGE_PREPROCESSINGS,
+             help="How images become pixels, in training and in the saved pipeline (queries and gallery alike). clip: "
+             "CLIP's shortest-side resize and centre crop (a target-pad processor of a loaded folder becomes a plain "
+             "one); targetpad: CLIP4Cir's target pad first (an image whose long/short side ratio is at least "
+             "--target-ratio is zero-padded on its short side towards it; diffusers_cir.TargetPadImageProcessor). "
+             f"Default: {default}. On an embeddings configuration the features were made when the data was "
+             "precomputed: keep the preprocessing they were made with. Changing it changes gallery embeddings.")
+    add_flag(model, "target_ratio", type=argparse_type(check_float, float, minimum=1.0), default=None,
+             help="Target pad's ratio (implies --image-preprocessing targetpad; default: the loaded processor's, else "
+             "1.25, the CLIP4Cir and CIReVL authors' value; 1 pads to a square).")
 
 
 def _add_data_arguments(parser, method) -> None:
@@ -224,6 +246,9 @@ def _check_fashionblip2_args(args: argparse.Namespace) -> None:
                              "(see --lora-target-modules) and the matching head.")
     if args.head_dropout:
         raise ValueError(f"{flag('head_dropout')} {args.head_dropout}: fashionblip2's matching head has no dropout.")
+    if args.image_preprocessing == "targetpad" or args.target_ratio is not None:
+        raise ValueError(f"{flag('image_preprocessing')} targetpad / {flag('target_ratio')}: fashionblip2 keeps BLIP-2's "
+                         "own image processor (a square resize, which target padding does not go before).")
     if args.validation_steps is not None:
         raise ValueError(f"{flag('validation_steps')}: the validation set holds embeddings, and FashionBLIP-2 composes "
                          "from the reference's pixels; evaluate the saved folder with `diffusers-cir evaluate`.")
@@ -235,6 +260,9 @@ def check_args(args: argparse.Namespace) -> None:
     if (args.pretrained_model_name_or_path is None) == (args.open_clip_model is None):
         raise ValueError(f"Pass exactly one of {flag('pretrained_model_name_or_path')} (a composition pipeline, CLIP or "
                          f"BLIP-2 folder) and {flag('open_clip_model')} (an open_clip CLIP).")
+    if args.target_ratio is not None and args.image_preprocessing == "clip":
+        raise ValueError(f"{flag('target_ratio')} {args.target_ratio} is target pad's ratio: it goes with "
+                         f"{flag('image_preprocessing')} targetpad, not clip.")
     if args.open_clip_pretrained is not None and args.open_clip_model is None:
         raise ValueError(f"{flag('open_clip_pretrained')} gives the weights of {flag('open_clip_model')}: pass both.")
     if args.objective == "text" and args.layout != "text_triplets":

@@ -16,7 +16,7 @@ import torch
 from ..pipelines import composition_encoders as encoders
 from .arguments import flag
 
-__all__ = ["Encoders", "TextFeatureCache", "add_lora", "load_encoders", "merged_tower"]
+__all__ = ["Encoders", "TextFeatureCache", "add_lora", "apply_image_preprocessing", "load_encoders", "merged_tower"]
 
 
 @dataclass
@@ -122,6 +122,30 @@ def load_encoders(args: argparse.Namespace) -> Encoders:
     loaded.source = args.pretrained_model_name_or_path
     encoders.encoder_kind(loaded.text_encoder, loaded.image_encoder)
     return loaded
+
+
+def apply_image_preprocessing(args: argparse.Namespace, parts: Encoders, method, reads_pixels: bool) -> str | None:
+    """Give ``parts`` the image processor ``--image-preprocessing`` / ``--target-ratio`` ask for (or the method's
+    default: its authors' preprocessing when the run encodes pixels and the encoders' processor can take it, else the
+    encoders' own); the processor trains and is saved with the pipeline. Returns what was chosen, for the log."""
+    from ..pipelines.image_processing_targetpad import image_processor_for, resizes_and_crops_like_clip
+
+    if parts.image_processor is None or parts.model is not None:
+        return None
+    choice = args.image_preprocessing
+    if choice is None and args.target_ratio is not None:
+        choice = "targetpad"
+    if choice is None and reads_pixels and method.image_preprocessing is not None:
+        if resizes_and_crops_like_clip(parts.image_processor):
+            choice = method.image_preprocessing
+    if choice is None:
+        return f"the encoders' own ({type(parts.image_processor).__name__})"
+    try:
+        parts.image_processor = image_processor_for(parts.image_processor, choice, args.target_ratio)
+    except ValueError as error:
+        raise ValueError(f"{flag('image_preprocessing')} {choice}: {error}") from None
+    ratio = getattr(parts.image_processor, "target_ratio", None)
+    return choice if choice == "clip" else f"targetpad (target ratio {ratio})"
 
 
 def add_lora(tower, args: argparse.Namespace, kind: str):

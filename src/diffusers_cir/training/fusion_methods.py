@@ -13,7 +13,8 @@ Defaults and their source (``--help`` prints this table):
 ========= =============================================================================================================
 clip4cir  Combiner (CLIP4Cir: projection 4x / hidden 8x the feature width, dropout 0.5), image targets, logit scale
           100 (temperature 0.01), Adam without weight decay, learning rate 2e-5, batch 4096: the paper's Combiner stage
-          (ABaldrati/CLIP4Cir README and ``combiner_train.py``).
+          (ABaldrati/CLIP4Cir README and ``combiner_train.py``); images preprocessed with "target pad" (ratio 1.25,
+          ``--transform targetpad``) when the run encodes pixels.
 scot      Combiner, the modified caption's text feature as the target with the original caption as a negative (the
           paper); the optimizer values are CLIP4Cir's (SCOT's were not available to check: our choice).
 mtst      Two-hop head (two Combiners), image targets, reverse-text prototype alignment of weight 0.4 and label
@@ -58,6 +59,8 @@ class FusionMethod:
         compose: ``compose(run, reference_features, text_features) -> FusionHeadOutput``, or ``None`` for the head's
             own ``forward`` over pooled features.
         needs_pixels: the method reads reference and target images (an ``images`` configuration), never embeddings.
+        image_preprocessing: the ``--image-preprocessing`` its authors use when a run encodes pixels (``None``: the
+            encoders' own processor).
         load: ``load(args) -> fusion_components.Encoders`` instead of loading pooled towers.
         prepare: ``prepare(run)``: adapters, the module that trains (``run.head``), optimizer and LR scheduler.
         loss: ``loss(run, batch) -> (loss, {name: part})`` instead of the pooled-feature objective.
@@ -73,6 +76,7 @@ class FusionMethod:
     sources: dict[str, str] = field(default_factory=dict)
     compose: Callable | None = None
     needs_pixels: bool = False
+    image_preprocessing: str | None = None
     load: Callable | None = None
     prepare: Callable | None = None
     loss: Callable | None = None
@@ -141,6 +145,7 @@ register_fusion_method(FusionMethod(
     description="CLIP4Cir: a Combiner trained on triplets against the target images' features",
     defaults={**_CLIP4CIR_OPTIMIZER, "label_smoothing": 0.0, "caption_negatives": False, "reverse_text_weight": 0.0},
     sources={name: _CLIP4CIR for name in _CLIP4CIR_OPTIMIZER},
+    image_preprocessing="targetpad",  # --transform targetpad --target-ratio 1.25 in every CLIP4Cir script
 ))
 register_fusion_method(FusionMethod(
     name="scot", pipeline_class="SCOTPipeline", head="combiner", objective="text",

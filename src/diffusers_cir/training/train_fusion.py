@@ -146,9 +146,14 @@ def build_loader(run: FusionRun, stream) -> None:
     ), name="training")
 
 
+def reads_pixels(columns) -> bool:
+    """Whether the run encodes images (references or targets) with the image tower."""
+    return not columns.reference_is_embedding or (columns.target is not None and not columns.target_is_embedding)
+
+
 def check_data_against_encoders(run: FusionRun) -> None:
     columns, parts = run.columns, run.parts
-    needs_pixels = not columns.reference_is_embedding or (columns.target is not None and not columns.target_is_embedding)
+    needs_pixels = reads_pixels(columns)
     if run.method.needs_pixels and (columns.reference_is_embedding or columns.target_is_embedding):
         raise ValueError(f"--method {run.method.name} reads reference and target images, but {flag('train_data_dir')} "
                          f"{run.args.train_data_dir!r} ({flag('dataset_config_name')} {run.args.dataset_config_name!r}) "
@@ -178,7 +183,7 @@ def setup_run(args: argparse.Namespace) -> FusionRun:
     from accelerate.logging import get_logger
     from accelerate.utils import set_seed
 
-    from .fusion_components import TextFeatureCache, load_encoders
+    from .fusion_components import TextFeatureCache, apply_image_preprocessing, load_encoders
 
     accelerator = create_accelerator(args)
     configure_logging(accelerator)
@@ -203,6 +208,13 @@ def setup_run(args: argparse.Namespace) -> FusionRun:
     run = FusionRun(args=args, accelerator=accelerator, log=log, method=method, head=head,
                     parts=parts, kind=kind, dtype=weight_dtype(accelerator), columns=columns)
     check_data_against_encoders(run)
+    preprocessing = apply_image_preprocessing(args, parts, method, reads_pixels(columns))
+    if preprocessing is not None:
+        log.info(f"Image preprocessing (training images and the saved pipeline): {preprocessing}")
+        if not reads_pixels(columns) and args.image_preprocessing is not None:
+            log.warning(f"{flag('image_preprocessing')} {args.image_preprocessing}: this run trains on precomputed "
+                        "embeddings; the saved pipeline preprocesses queries and gallery this way, so the embeddings "
+                        "should have been made the same way.")
     if args.reverse_text_weight > 0 and not hasattr(head, "prototype"):
         raise ValueError(f"{flag('reverse_text_weight')} aligns first-hop prototypes: it needs a two-hop head "
                          f"({flag('head')} two-hop), not a {type(head).__name__}.")
