@@ -24,7 +24,7 @@ def _parse_mapping(pairs: list[str] | None) -> dict[str, str]:
     mapping = {}
     for pair in pairs or []:
         if "=" not in pair:
-            raise SystemExit(f"--map expects CANONICAL=COLUMN (e.g. reference_image=src.jpg), got {pair!r}.")
+            raise ValueError(f"--map expects CANONICAL=COLUMN (e.g. reference_image=src.jpg), got {pair!r}.")
         key, value = pair.split("=", 1)
         mapping[key.strip()] = value.strip()
     return mapping

@@ -151,17 +151,20 @@ def run_from_args(args: argparse.Namespace, pipeline=None) -> int:
     from .runner import metrics_markdown, run_evaluation
 
     loader_kwargs = {}
-    if args.fashioniq_captions is not None and args.benchmark != "fashioniq":
-        raise SystemExit("--fashioniq-captions applies to FashionIQ only (the other benchmarks have one caption per query).")
-    if args.gallery_ids is not None:
-        if args.benchmark != "circo":
-            raise SystemExit("--gallery-ids applies to CIRCO only (CIRR and FashionIQ galleries come from their split files).")
-        loader_kwargs["gallery_ids"] = read_id_list(args.gallery_ids)
-    if args.image_root is not None:
-        if args.benchmark != "genecis":
-            raise SystemExit("--image-root applies to GeneCIS only (the other benchmarks keep images in their folder).")
-        loader_kwargs["image_root"] = args.image_root
     try:
+        if args.fashioniq_captions is not None and args.benchmark != "fashioniq":
+            raise ValueError("--fashioniq-captions applies to FashionIQ only (the other benchmarks have one caption per "
+                             "query).")
+        if args.gallery_ids is not None:
+            if args.benchmark != "circo":
+                raise ValueError("--gallery-ids applies to CIRCO only (CIRR and FashionIQ galleries come from their "
+                                 "split files).")
+            loader_kwargs["gallery_ids"] = read_id_list(args.gallery_ids)
+        if args.image_root is not None:
+            if args.benchmark != "genecis":
+                raise ValueError("--image-root applies to GeneCIS only (the other benchmarks keep images in their "
+                                 "folder).")
+            loader_kwargs["image_root"] = args.image_root
         if args.protocol is not None and args.fashioniq_captions is not None:
             raise ValueError("--fashioniq-captions names a FashionIQ protocol itself: pass it or --protocol, not both.")
         protocol = args.protocol if args.protocol is None else _protocol(args.benchmark, args.protocol)
