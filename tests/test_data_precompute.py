@@ -229,3 +229,128 @@ def test_example_script_summary_covers_every_process(image_dataset, tiny_clip_fo
     assert result["skipped_rows"] == sum(entry["skipped_rows"] for entry in per_rank) == 1
     assert 0 < min(entry["rows"] for entry in per_rank) < result["rows"] and result["images_per_second"] > 0
     assert read_card_infos(image_dataset)["embeddings"].splits["train"].num_examples == result["rows"]
+
+
+# --------------------------------------------------------------------------------------------- target pad
+def _elongated_png(seed, size):
+    pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def elongated_dataset(tmp_path):
+    """Landscape references (60 x 30) and portrait targets (30 x 60): ratio 2, padded to 60 x 48 and 48 x 60."""
+    folder = str(tmp_path / "elongated")
+    with ParquetShardWriter(folder, "images", "train", images_features(), rows_per_shard=4) as writer:
+        for i in range(4):
+            writer.add({"id": f"row-{i}", "reference_image": {"bytes": _elongated_png(i, (60, 30)), "path": None},
+                        "target_image": {"bytes": _elongated_png(10 + i, (30, 60)), "path": None},
+                        "modification_text": f"edit {i}", "reference_caption": None, "target_caption": None})
+    record_split(folder, "images", images_features(), "train", 4, default=True)
+    return folder
+
+
+def _padded_by_hand(png: bytes) -> Image.Image:
+    """CLIP4Cir's target pad at 1.25, stated for these sizes: the short side of a 2:1 image grows from 30 to 48 (9
+    black pixels on each side)."""
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    landscape = image.width > image.height
+    padded = Image.new("RGB", (60, 48) if landscape else (48, 60))
+    padded.paste(image, (0, 9) if landscape else (9, 0))
+    return padded
+
+
+def _tiny_open_clip(tmp_path):
+    import open_clip
+
+    config = {"embed_dim": 12, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    path = tmp_path / "tiny-cir-targetpad.json"
+    path.write_text(json.dumps(config))
+    open_clip.add_model_config(str(path))
+    _, _, transform = open_clip.create_model_and_transforms("tiny-cir-targetpad")
+    return transform
+
+
+@pytest.mark.parametrize("backend", ["transformers", "open_clip"])
+def test_target_pad_embeddings_are_the_towers_embeddings_of_the_padded_pixels(backend, elongated_dataset,
+                                                                               tiny_clip_folder, tmp_path):
+    from transformers import CLIPImageProcessorPil
+
+    from diffusers_cir.data.precompute import recorded_embeddings_preprocessing
+
+    if backend == "transformers":
+        torch.manual_seed(0)
+        padded_embedder = transformers_embedder(tiny_clip_folder, image_preprocessing="targetpad")
+        plain_embedder = transformers_embedder(tiny_clip_folder)
+        clip = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+
+        def plain_pixels(images):
+            return clip(images, return_tensors="pt").pixel_values
+    else:
+        transform = _tiny_open_clip(tmp_path)
+        torch.manual_seed(0)
+        padded_embedder = open_clip_embedder("tiny-cir-targetpad", image_preprocessing="targetpad")
+        torch.manual_seed(0)
+        plain_embedder = open_clip_embedder("tiny-cir-targetpad")
+
+        def plain_pixels(images):
+            return torch.stack([transform(image) for image in images])
+    assert (padded_embedder.image_preprocessing, padded_embedder.target_ratio) == ("targetpad", 1.25)
+    assert (plain_embedder.image_preprocessing, plain_embedder.target_ratio) == ("clip", None)
+    padded_out, plain_out = str(tmp_path / "padded"), str(tmp_path / "plain")
+    for embedder, output in ((padded_embedder, padded_out), (plain_embedder, plain_out)):
+        precompute_embeddings(elongated_dataset, embedder, output_folder=output, num_workers=0, progress=False)
+        record_embeddings_card(output, embedder.name, embedder.embedding_dim,
+                               image_preprocessing=embedder.image_preprocessing, target_ratio=embedder.target_ratio)
+    pngs = [_elongated_png(1, (60, 30)), _elongated_png(11, (30, 60))]
+    padded = [_padded_by_hand(png) for png in pngs]
+    plain = [Image.open(io.BytesIO(png)).convert("RGB") for png in pngs]
+    expected = torch.nn.functional.normalize(padded_embedder.encode(plain_pixels(padded)), dim=-1).numpy()
+    plain_embeds = torch.nn.functional.normalize(padded_embedder.encode(plain_pixels(plain)), dim=-1).numpy()
+    row, plain_row = _read(padded_out)["row-1"], _read(plain_out)["row-1"]
+    for column, index in (("reference_image_embeds", 0), ("target_image_embeds", 1)):
+        np.testing.assert_allclose(row[column], expected[index], atol=1e-5)
+        assert np.abs(expected[index] - plain_embeds[index]).max() > 1e-2  # padding changes the embedding
+        np.testing.assert_allclose(plain_row[column], plain_embeds[index], atol=1e-3)  # the plain run: CLIP's
+        # (1e-3: a plain PIL processor resizes through diffusers_cir.retrieval.images.resize, some 1e-5 apart)
+    assert recorded_embeddings_preprocessing(padded_out) == ("targetpad", 1.25)
+    assert recorded_embeddings_preprocessing(plain_out) == ("clip", None)
+    card = open(os.path.join(padded_out, "README.md")).read()
+    assert "embeddings_image_preprocessing: targetpad" in card and "embeddings_target_ratio: 1.25" in card
+
+
+def test_example_script_records_target_pad_and_refuses_to_mix_preprocessings(elongated_dataset, tiny_clip_folder,
+                                                                             monkeypatch, capsys):
+    from diffusers_cir.data.precompute import recorded_embeddings_preprocessing
+
+    def run(*flags):
+        monkeypatch.setattr(sys, "argv", ["precompute_embeddings.py", "--dataset", elongated_dataset, "--model",
+                                          tiny_clip_folder, "--num-workers", "0", "--no-progress", *flags])
+        with pytest.raises(SystemExit) as exit_info:
+            runpy.run_path(SCRIPT, run_name="__main__")
+        return exit_info.value.code, capsys.readouterr().err
+
+    assert run("--target-ratio", "1.5")[0] == 0  # implies targetpad
+    assert recorded_embeddings_preprocessing(elongated_dataset) == ("targetpad", 1.5)
+    first = open(shard_files(elongated_dataset, "embeddings", "train")[0], "rb").read()
+    code, err = run("--image-preprocessing", "targetpad")  # 1.25: not what the kept shards were made with
+    assert code == 2 and "--image-preprocessing targetpad (target ratio 1.25), but the embeddings" in err
+    assert "were made with targetpad (target ratio 1.5)" in err
+    assert open(shard_files(elongated_dataset, "embeddings", "train")[0], "rb").read() == first
+    assert recorded_embeddings_preprocessing(elongated_dataset) == ("targetpad", 1.5)
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--image-preprocessing", "clip", "--target-ratio", "1.5"], "--target-ratio 1.5 is target pad's ratio"),
+    (["--target-ratio", "0.9"], "argument --target-ratio"),
+    (["--image-preprocessing", "squarepad"], "argument --image-preprocessing: invalid choice"),
+])
+def test_example_script_refuses_bad_preprocessing_flags(flags, expected, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["precompute_embeddings.py", "--dataset", "d", "--model", "m", *flags])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(SCRIPT, run_name="__main__")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and expected in err and "Traceback" not in err

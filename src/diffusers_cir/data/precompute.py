@@ -12,6 +12,12 @@ Two encoder backends, behind one small interface (:class:`ImageEmbedder`):
   (what CompoDiff and LinCIR were trained with: ``openai/clip-vit-large-patch14``, 768-wide);
 * ``open_clip``: ``open_clip.create_model_and_transforms(model, pretrained=...)``.
 
+Either backend prepares pixels with CLIP's preprocessing (``image_preprocessing="clip"``: shortest-side resize and
+centre crop) or with CLIP4Cir's target pad first (``"targetpad"``, :class:`~diffusers_cir.TargetPadImageProcessor`,
+ratio 1.25 by default: the features CLIP4Cir's authors train their Combiner on). :func:`record_embeddings_card`
+records which one in the card (``embeddings_image_preprocessing``, ``embeddings_target_ratio``), and
+``examples/train_fusion.py`` saves a pipeline that preprocesses queries and gallery the same way.
+
 Example:
     >>> from diffusers_cir.data.precompute import precompute_embeddings, transformers_embedder
     >>> embedder = transformers_embedder("openai/clip-vit-large-patch14", device="cuda")  # doctest: +SKIP
@@ -47,12 +53,23 @@ class ImageEmbedder:
     encode: Callable[[torch.Tensor], torch.Tensor]
     embedding_dim: int
     device: torch.device
+    # How ``preprocess`` prepares pixels ("clip" or "targetpad" with its ratio; None: not known), for the card.
+    image_preprocessing: str | None = None
+    target_ratio: float | None = None
+
+
+EMBEDDINGS_PREPROCESSING_KEY = "embeddings_image_preprocessing"
+EMBEDDINGS_TARGET_RATIO_KEY = "embeddings_target_ratio"
 
 
 def transformers_embedder(
-    model_name_or_path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, image_processor=None
+    model_name_or_path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, image_processor=None,
+    image_preprocessing: str | None = None, target_ratio: float | None = None,
 ) -> ImageEmbedder:
-    """A ``CLIPVisionModelWithProjection`` (its ``image_embeds``) with its ``CLIPImageProcessor``."""
+    """A ``CLIPVisionModelWithProjection`` (its ``image_embeds``) with its ``CLIPImageProcessor`` (or
+    ``image_processor``), made to do ``image_preprocessing`` (``"clip"`` or ``"targetpad"`` towards ``target_ratio``,
+    default 1.25; ``None``: the processor as it is) by
+    :func:`~diffusers_cir.pipelines.image_processing_targetpad.image_processor_for`."""
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
     device = torch.device(device)
@@ -63,20 +80,38 @@ def transformers_embedder(
         except OSError:  # a bare model folder: OpenAI CLIP's preprocessing at the model's resolution
             size = model.config.image_size
             image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    if image_preprocessing is not None:
+        from ..pipelines.image_processing_targetpad import image_processor_for
+
+        image_processor = image_processor_for(image_processor, image_preprocessing, target_ratio)
 
     @torch.no_grad()
     def encode(pixel_values: torch.Tensor) -> torch.Tensor:
         return model(pixel_values=pixel_values.to(device, dtype)).image_embeds.float()
 
     return ImageEmbedder(
-        str(model_name_or_path), _ProcessorPreprocess(image_processor), encode, model.config.projection_dim, device
+        str(model_name_or_path), _ProcessorPreprocess(image_processor), encode, model.config.projection_dim, device,
+        *preprocessing_of(image_processor),
     )
 
 
+def preprocessing_of(image_processor) -> tuple[str | None, float | None]:
+    """``(name, target ratio)`` of what ``image_processor`` does: ``("targetpad", ratio)``, ``("clip", None)``, or
+    ``(None, None)`` for a processor that does not resize and crop like CLIP."""
+    from ..pipelines.image_processing_targetpad import TargetPadImageProcessor, resizes_and_crops_like_clip
+
+    if isinstance(image_processor, TargetPadImageProcessor) and image_processor.target_ratio is not None:
+        return "targetpad", float(image_processor.target_ratio)
+    return ("clip", None) if resizes_and_crops_like_clip(image_processor) else (None, None)
+
+
 def open_clip_embedder(
-    model_name: str, pretrained: str | None = None, device: str | torch.device = "cpu", precision: str = "fp32"
+    model_name: str, pretrained: str | None = None, device: str | torch.device = "cpu", precision: str = "fp32",
+    image_preprocessing: str | None = None, target_ratio: float | None = None,
 ) -> ImageEmbedder:
-    """An ``open_clip`` model's ``encode_image`` with its evaluation transform."""
+    """An ``open_clip`` model's ``encode_image`` with its evaluation transform (``image_preprocessing`` ``None`` or
+    ``"clip"``), or with target pad before the same resize, crop and normalisation (``"targetpad"``, towards
+    ``target_ratio``, default 1.25)."""
     import open_clip
 
     device = torch.device(device)
@@ -91,7 +126,16 @@ def open_clip_embedder(
         return model.encode_image(pixel_values.to(device, dtype)).float()
 
     name = f"open_clip:{model_name}" + (f":{pretrained}" if pretrained else "")
-    return ImageEmbedder(name, _TransformPreprocess(transform), encode, model.visual.output_dim, device)
+    if image_preprocessing in (None, "clip"):
+        return ImageEmbedder(name, _TransformPreprocess(transform), encode, model.visual.output_dim, device, "clip")
+    from ..models._open_clip import open_clip_image_processor
+    from ..pipelines.image_processing_targetpad import image_processor_for
+
+    # The pipelines train_fusion saves over open_clip towers preprocess with this processor (open_clip's transform
+    # as a transformers one), so the gallery it encodes matches these features.
+    image_processor = image_processor_for(open_clip_image_processor(model), image_preprocessing, target_ratio)
+    return ImageEmbedder(name, _ProcessorPreprocess(image_processor), encode, model.visual.output_dim, device,
+                         *preprocessing_of(image_processor))
 
 
 # Preprocessing runs in DataLoader workers, so it is a picklable object rather than a closure.
@@ -336,9 +380,11 @@ def _remove_tree(path: str) -> None:
 
 
 def record_embeddings_card(
-    folder: str, embedder_name: str, embedding_dim: int, split: str = "train", normalize: bool = True, features=None
+    folder: str, embedder_name: str, embedding_dim: int, split: str = "train", normalize: bool = True, features=None,
+    image_preprocessing: str | None = None, target_ratio: float | None = None,
 ) -> str:
-    """Record the finished ``embeddings`` split (size, features, encoder) in the dataset card; ``features`` default to
+    """Record the finished ``embeddings`` split (size, features, encoder and, when given, its image preprocessing:
+    ``embedder.image_preprocessing`` and ``embedder.target_ratio``) in the dataset card; ``features`` default to
     those of the split's first shard (the optional columns it carries included)."""
     from .card import read_card_infos, update_dataset_card
     from .shards import count_rows
@@ -362,5 +408,47 @@ def record_embeddings_card(
         schema.EMBEDDINGS_CONFIG,
         features,
         sizes,
-        extra_metadata={"embeddings_encoder": embedder_name, "embeddings_normalized": bool(normalize)},
+        extra_metadata=_card_metadata(embedder_name, normalize, image_preprocessing, target_ratio),
     )
+
+
+def _card_metadata(embedder_name: str, normalize: bool, image_preprocessing, target_ratio) -> dict:
+    metadata = {"embeddings_encoder": embedder_name, "embeddings_normalized": bool(normalize)}
+    if image_preprocessing is not None:
+        assert image_preprocessing in ("clip", "targetpad"), image_preprocessing
+        # The ratio is written for clip too (as null), so that a ratio of an earlier run does not linger.
+        metadata[EMBEDDINGS_PREPROCESSING_KEY] = image_preprocessing
+        metadata[EMBEDDINGS_TARGET_RATIO_KEY] = float(target_ratio) if image_preprocessing == "targetpad" else None
+    return metadata
+
+
+def recorded_embeddings_preprocessing(folder: str) -> tuple[str, float | None] | None:
+    """``(name, target ratio)`` of the image preprocessing the ``embeddings`` configuration of the dataset folder
+    ``folder`` was made with, as :func:`record_embeddings_card` recorded it; ``None`` when the card records none."""
+    from ..pipelines.image_processing_targetpad import IMAGE_PREPROCESSINGS, check_target_ratio
+    from .card import CARD_NAME, _load_card
+
+    if not os.path.isfile(os.path.join(folder, CARD_NAME)):
+        return None
+    data = _load_card(folder)[0]
+    name, ratio = data.get(EMBEDDINGS_PREPROCESSING_KEY), data.get(EMBEDDINGS_TARGET_RATIO_KEY)
+    if name is None:
+        return None
+    where = f"{os.path.join(folder, CARD_NAME)}: {EMBEDDINGS_PREPROCESSING_KEY}"
+    if name not in IMAGE_PREPROCESSINGS:
+        raise ValueError(f"{where} must be one of {list(IMAGE_PREPROCESSINGS)}, got {name!r}: fix the card, or "
+                         "precompute the embeddings again (examples/precompute_embeddings.py).")
+    if name == "clip":
+        return name, None
+    try:
+        ratio = check_target_ratio(ratio, EMBEDDINGS_TARGET_RATIO_KEY)
+    except ValueError as error:
+        raise ValueError(f"{where} is targetpad, but: {error} Fix the card, or precompute the embeddings again.") from None
+    if ratio is None:
+        raise ValueError(f"{where} is targetpad, but {EMBEDDINGS_TARGET_RATIO_KEY} is missing: fix the card, or "
+                         "precompute the embeddings again.")
+    return name, ratio
+
+
+def describe_preprocessing(name: str, target_ratio: float | None) -> str:
+    return f"targetpad (target ratio {target_ratio})" if name == "targetpad" else name
