@@ -334,3 +334,49 @@ def test_a_pipeline_folder_without_clip_towers_is_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match="holds a FashionBLIP2Pipeline, which has no CLIP-style text tower.*"
                                          "--method fashionblip2"):
         load_encoders(args)
+
+
+def test_a_run_on_target_padded_embeddings_saves_a_pipeline_that_preprocesses_the_same_way(tmp_path, single_thread):
+    """examples/precompute_embeddings.py --image-preprocessing targetpad records it in the card; training on those
+    embeddings saves a pipeline whose encode_image reproduces them, and a contradicting flag is refused."""
+    from pipeline_tester import picture
+
+    from diffusers_cir import TargetPadImageProcessor
+    from diffusers_cir.data.pictures import png_bytes
+    from diffusers_cir.data.precompute import precompute_embeddings, record_embeddings_card, transformers_embedder
+    from diffusers_cir.data.schema import images_features
+    from diffusers_cir.data.shards import ParquetShardWriter, record_split
+
+    clip, data = _clip_checkpoint(tmp_path / "clip"), str(tmp_path / "data")
+    images = [picture(i, (64, 32) if i % 2 else (32, 64)) for i in range(8)]  # ratio 2: padded
+    with ParquetShardWriter(data, "images", "train", images_features(), rows_per_shard=8) as writer:
+        for i in range(4):
+            writer.add({"id": f"r{i}", "reference_image": {"bytes": png_bytes(images[2 * i]), "path": None},
+                        "target_image": {"bytes": png_bytes(images[2 * i + 1]), "path": None},
+                        "modification_text": f"edit {i}", "reference_caption": None, "target_caption": None})
+    record_split(data, "images", images_features(), "train", 4, default=True)
+    embedder = transformers_embedder(clip, image_preprocessing="targetpad")
+    precompute_embeddings(data, embedder, num_workers=0, progress=False)
+    record_embeddings_card(data, embedder.name, embedder.embedding_dim, image_preprocessing="targetpad",
+                           target_ratio=embedder.target_ratio)
+    argv = ["--method", "clip4cir", "--pretrained-model-name-or-path", clip, "--train-data-dir", data,
+            "--dataset-config-name", "embeddings", "--train-batch-size", "4", "--max-train-steps", "1",
+            "--checkpointing-steps", "100000", "--report-to", "none"]
+    with pytest.raises(ValueError, match=r"--image-preprocessing clip contradicts the embeddings of --train-data-dir "
+                                         r".*made with targetpad \(target ratio 1\.25\) preprocessing"):
+        main(parse_args(argv + ["--image-preprocessing", "clip", "--output-dir", str(tmp_path / "refused")]))
+    with pytest.raises(ValueError, match=r"--target-ratio 1\.5 contradicts .*targetpad \(target ratio 1\.25\)"):
+        main(parse_args(argv + ["--target-ratio", "1.5", "--output-dir", str(tmp_path / "refused")]))
+    main(parse_args(argv + ["--output-dir", str(tmp_path / "model")]))
+    pipe = AutoCIRPipeline.from_pretrained(tmp_path / "model")
+    assert isinstance(pipe.image_processor, TargetPadImageProcessor) and pipe.image_processor.target_ratio == 1.25
+    stored = datasets_rows(data)["r1"]
+    encoded = torch.nn.functional.normalize(pipe.encode_image([images[2], images[3]]), dim=-1).numpy()
+    np.testing.assert_allclose(encoded[0], stored["reference_image_embeds"], atol=1e-5)
+    np.testing.assert_allclose(encoded[1], stored["target_image_embeds"], atol=1e-5)
+
+
+def datasets_rows(folder: str) -> dict:
+    import datasets
+
+    return {row["id"]: row for row in datasets.load_dataset(folder, "embeddings", split="train", streaming=True)}

@@ -113,7 +113,9 @@ def _add_preprocessing_arguments(model, method) -> None:
              "one); targetpad: CLIP4Cir's target pad first (an image whose long/short side ratio is at least "
              "--target-ratio is zero-padded on its short side towards it; diffusers_cir.TargetPadImageProcessor). "
              f"Default: {default}. On an embeddings configuration the features were made when the data was "
-             "precomputed: keep the preprocessing they were made with. Changing it changes gallery embeddings.")
+             "precomputed: when its dataset card records how (examples/precompute_embeddings.py), the saved pipeline "
+             "preprocesses that way and a contradicting flag is refused; otherwise keep the preprocessing they were "
+             "made with. Changing it changes gallery embeddings.")
     add_flag(model, "target_ratio", type=argparse_type(check_float, float, minimum=1.0), default=None,
              help="Target pad's ratio (implies --image-preprocessing targetpad; default: the loaded processor's, else "
              "1.25, the CLIP4Cir and CIReVL authors' value; 1 pads to a square).")

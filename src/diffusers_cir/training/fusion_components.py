@@ -16,7 +16,8 @@ import torch
 from ..pipelines import composition_encoders as encoders
 from .arguments import flag
 
-__all__ = ["Encoders", "TextFeatureCache", "add_lora", "apply_image_preprocessing", "load_encoders", "merged_tower"]
+__all__ = ["Encoders", "TextFeatureCache", "add_lora", "apply_image_preprocessing", "load_encoders", "merged_tower",
+           "recorded_image_preprocessing"]
 
 
 @dataclass
@@ -124,16 +125,45 @@ def load_encoders(args: argparse.Namespace) -> Encoders:
     return loaded
 
 
-def apply_image_preprocessing(args: argparse.Namespace, parts: Encoders, method, reads_pixels: bool) -> str | None:
+def recorded_image_preprocessing(args: argparse.Namespace, uses_embeddings: bool) -> tuple[str, float | None] | None:
+    """``(name, target ratio)`` the training embeddings were made with, as the dataset card of ``--train-data-dir``
+    records it (``examples/precompute_embeddings.py``); ``None`` when the run reads no embeddings or the card records
+    nothing. A contradicting ``--image-preprocessing`` / ``--target-ratio`` is a ``ValueError`` naming both."""
+    from ..data.precompute import describe_preprocessing, recorded_embeddings_preprocessing
+
+    if not uses_embeddings or not os.path.isdir(args.train_data_dir):
+        return None
+    recorded = recorded_embeddings_preprocessing(args.train_data_dir)
+    if recorded is None:
+        return None
+    asked = args.image_preprocessing or ("targetpad" if args.target_ratio is not None else None)
+    contradicts = asked is not None and asked != recorded[0]
+    contradicts = contradicts or (args.target_ratio is not None and float(args.target_ratio) != recorded[1])
+    if contradicts:
+        given = " ".join(f"{flag(name)} {getattr(args, name)}" for name in ("image_preprocessing", "target_ratio")
+                         if getattr(args, name) is not None)
+        raise ValueError(
+            f"{given} contradicts the embeddings of {flag('train_data_dir')} {args.train_data_dir!r}, which were made "
+            f"with {describe_preprocessing(*recorded)} preprocessing (its dataset card's embeddings_image_preprocessing"
+            "): the saved pipeline must preprocess queries and gallery the way its training features were made. Drop "
+            "the flag, or precompute the embeddings again with it (examples/precompute_embeddings.py)."
+        )
+    return recorded
+
+
+def apply_image_preprocessing(args: argparse.Namespace, parts: Encoders, method, reads_pixels: bool,
+                              recorded: tuple[str, float | None] | None = None) -> str | None:
     """Give ``parts`` the image processor ``--image-preprocessing`` / ``--target-ratio`` ask for (or the method's
     default: its authors' preprocessing when the run encodes pixels and the encoders' processor can take it, else the
-    encoders' own); the processor trains and is saved with the pipeline. Returns what was chosen, for the log."""
+    encoders' own); ``recorded`` (:func:`recorded_image_preprocessing`: how the training embeddings were made) takes
+    the place of both flags. The processor trains and is saved with the pipeline. Returns what was chosen, for the
+    log."""
     from ..pipelines.image_processing_targetpad import image_processor_for, resizes_and_crops_like_clip
 
     if parts.image_processor is None or parts.model is not None:
         return None
-    choice = args.image_preprocessing
-    if choice is None and args.target_ratio is not None:
+    choice, target_ratio = recorded if recorded is not None else (args.image_preprocessing, args.target_ratio)
+    if choice is None and target_ratio is not None:
         choice = "targetpad"
     if choice is None and reads_pixels and method.image_preprocessing is not None:
         if resizes_and_crops_like_clip(parts.image_processor):
@@ -141,9 +171,11 @@ def apply_image_preprocessing(args: argparse.Namespace, parts: Encoders, method,
     if choice is None:
         return f"the encoders' own ({type(parts.image_processor).__name__})"
     try:
-        parts.image_processor = image_processor_for(parts.image_processor, choice, args.target_ratio)
+        parts.image_processor = image_processor_for(parts.image_processor, choice, target_ratio)
     except ValueError as error:
-        raise ValueError(f"{flag('image_preprocessing')} {choice}: {error}") from None
+        source = f"{flag('image_preprocessing')} {choice}" if recorded is None else (
+            f"{flag('train_data_dir')} {args.train_data_dir!r} (its embeddings were made with {choice} preprocessing)")
+        raise ValueError(f"{source}: {error}") from None
     ratio = getattr(parts.image_processor, "target_ratio", None)
     return choice if choice == "clip" else f"targetpad (target ratio {ratio})"
 

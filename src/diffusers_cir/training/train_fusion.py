@@ -183,7 +183,12 @@ def setup_run(args: argparse.Namespace) -> FusionRun:
     from accelerate.logging import get_logger
     from accelerate.utils import set_seed
 
-    from .fusion_components import TextFeatureCache, apply_image_preprocessing, load_encoders
+    from .fusion_components import (
+        TextFeatureCache,
+        apply_image_preprocessing,
+        load_encoders,
+        recorded_image_preprocessing,
+    )
 
     accelerator = create_accelerator(args)
     configure_logging(accelerator)
@@ -197,6 +202,8 @@ def setup_run(args: argparse.Namespace) -> FusionRun:
     set_seed(args.seed)
 
     stream, columns = open_stream(args)
+    # Before the models load: a flag that contradicts how the data's embeddings were made fails at once.
+    recorded = recorded_image_preprocessing(args, columns.reference_is_embedding or columns.target_is_embedding)
     method = FUSION_METHODS[args.method]
     parts = (method.load or load_encoders)(args)
     if parts.model is not None:  # a model that composes by itself: its Q-Former's width feeds the head
@@ -208,10 +215,11 @@ def setup_run(args: argparse.Namespace) -> FusionRun:
     run = FusionRun(args=args, accelerator=accelerator, log=log, method=method, head=head,
                     parts=parts, kind=kind, dtype=weight_dtype(accelerator), columns=columns)
     check_data_against_encoders(run)
-    preprocessing = apply_image_preprocessing(args, parts, method, reads_pixels(columns))
+    preprocessing = apply_image_preprocessing(args, parts, method, reads_pixels(columns), recorded)
     if preprocessing is not None:
-        log.info(f"Image preprocessing (training images and the saved pipeline): {preprocessing}")
-        if not reads_pixels(columns) and args.image_preprocessing is not None:
+        made = ", as the training embeddings were made (their dataset card)" if recorded is not None else ""
+        log.info(f"Image preprocessing (training images and the saved pipeline): {preprocessing}{made}")
+        if not reads_pixels(columns) and args.image_preprocessing is not None and recorded is None:
             log.warning(f"{flag('image_preprocessing')} {args.image_preprocessing}: this run trains on precomputed "
                         "embeddings; the saved pipeline preprocesses queries and gallery this way, so the embeddings "
                         "should have been made the same way.")
