@@ -33,7 +33,7 @@ import sys
 
 from diffusers_cir.checks import argparse_type, check_float
 
-# diffusers_cir.pipelines.image_processing_targetpad's IMAGE_PREPROCESSINGS (not imported: it imports transformers).
+# diffusers_cir.retrieval.image_processing_targetpad's IMAGE_PREPROCESSINGS (not imported: it imports transformers).
 IMAGE_PREPROCESSINGS = ("clip", "targetpad")
 
 logger = logging.getLogger("precompute_embeddings")
@@ -93,7 +93,7 @@ def _check_recorded_preprocessing(args) -> None:
 
     from diffusers_cir.data import schema
     from diffusers_cir.data.precompute import describe_preprocessing, recorded_embeddings_preprocessing
-    from diffusers_cir.pipelines.image_processing_targetpad import CLIP4CIR_TARGET_RATIO
+    from diffusers_cir.retrieval.image_processing_targetpad import CLIP4CIR_TARGET_RATIO
 
     folder = args.output or args.dataset
     recorded = recorded_embeddings_preprocessing(folder)

@@ -229,7 +229,7 @@ def test_the_default_preprocessing_is_target_pad_only_for_clip4cir_on_pixels():
     from transformers import BlipImageProcessor, CLIPImageProcessorPil
 
     from diffusers_cir import TargetPadImageProcessor
-    from diffusers_cir.pipelines.image_processing_targetpad import IMAGE_PREPROCESSINGS
+    from diffusers_cir.retrieval.image_processing_targetpad import IMAGE_PREPROCESSINGS
     from diffusers_cir.training.fusion_arguments import IMAGE_PREPROCESSINGS as CHOICES
 
     assert CHOICES == IMAGE_PREPROCESSINGS

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_fusion import OPEN_CLIP_CONFIG, tiny_composition_pipeline, tiny_head, tiny_open_clip_parts
 
 from diffusers_cir import AutoCIRPipeline, Clip4CirPipeline, TargetPadImageProcessor
-from diffusers_cir.pipelines.image_processing_targetpad import image_processor_for
+from diffusers_cir.retrieval.image_processing_targetpad import image_processor_for
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

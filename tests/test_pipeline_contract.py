@@ -97,7 +97,7 @@ class TestClip4CirTargetPadContract(TestClip4CirPipelineContract):
     """CLIP4Cir with its authors' target-pad preprocessing (a TargetPadImageProcessor) meets the contract too."""
 
     def get_pipeline(self):
-        from diffusers_cir.pipelines.image_processing_targetpad import image_processor_for
+        from diffusers_cir.retrieval.image_processing_targetpad import image_processor_for
 
         pipe = super().get_pipeline()
         pipe.image_processor = image_processor_for(pipe.image_processor, "targetpad")

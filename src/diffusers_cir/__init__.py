@@ -46,7 +46,7 @@ _LAZY_NAMES = {
     "OpenCLIPTextEncoder": ".models.open_clip_text",
     "OpenCLIPVisionEncoder": ".models.open_clip_vision",
     "SCOTPipeline": ".pipelines.pipeline_composition",
-    "TargetPadImageProcessor": ".pipelines.image_processing_targetpad",
+    "TargetPadImageProcessor": ".retrieval.image_processing_targetpad",
     "TextualInversionProjection": ".models.textual_inversion_projection",
     "TextualInversionProjectionOutput": ".models.textual_inversion_projection",
     "TwoHopFusionHead": ".models.two_hop_fusion",
@@ -80,7 +80,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from .models.two_hop_fusion import TwoHopFusionHead
     from .pipelines.auto import AutoCIRPipeline, CIRPipelineMixin
     from .pipelines.image_processing_magiclens import MagicLensImageProcessor
-    from .pipelines.image_processing_targetpad import TargetPadImageProcessor
     from .pipelines.pipeline_bgevl import BGEVLPipeline, BGEVLPipelineOutput
     from .pipelines.pipeline_caption_rewrite import CaptionRewritePipeline, CaptionRewritePipelineOutput
     from .pipelines.pipeline_compodiff import CompoDiffPipeline, CompoDiffPipelineOutput
@@ -95,6 +94,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .pipelines.pipeline_lincir import LinCIRPipeline, LinCIRPipelineOutput
     from .pipelines.pipeline_magiclens import MagicLensPipeline, MagicLensPipelineOutput
     from .pipelines.pipeline_mllm_embedding import MLLMEmbeddingPipeline, MLLMEmbeddingPipelineOutput
+    from .retrieval.image_processing_targetpad import TargetPadImageProcessor
     from .retrieval.images import load_image
     from .retrieval.search import composed_search
     from .schedulers.scheduling_compodiff import CompoDiffScheduler

@@ -69,7 +69,7 @@ def transformers_embedder(
     """A ``CLIPVisionModelWithProjection`` (its ``image_embeds``) with its ``CLIPImageProcessor`` (or
     ``image_processor``), made to do ``image_preprocessing`` (``"clip"`` or ``"targetpad"`` towards ``target_ratio``,
     default 1.25; ``None``: the processor as it is) by
-    :func:`~diffusers_cir.pipelines.image_processing_targetpad.image_processor_for`."""
+    :func:`~diffusers_cir.retrieval.image_processing_targetpad.image_processor_for`."""
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
     device = torch.device(device)
@@ -81,7 +81,7 @@ def transformers_embedder(
             size = model.config.image_size
             image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     if image_preprocessing is not None:
-        from ..pipelines.image_processing_targetpad import image_processor_for
+        from ..retrieval.image_processing_targetpad import image_processor_for
 
         image_processor = image_processor_for(image_processor, image_preprocessing, target_ratio)
 
@@ -98,7 +98,7 @@ def transformers_embedder(
 def preprocessing_of(image_processor) -> tuple[str | None, float | None]:
     """``(name, target ratio)`` of what ``image_processor`` does: ``("targetpad", ratio)``, ``("clip", None)``, or
     ``(None, None)`` for a processor that does not resize and crop like CLIP."""
-    from ..pipelines.image_processing_targetpad import TargetPadImageProcessor, resizes_and_crops_like_clip
+    from ..retrieval.image_processing_targetpad import TargetPadImageProcessor, resizes_and_crops_like_clip
 
     if isinstance(image_processor, TargetPadImageProcessor) and image_processor.target_ratio is not None:
         return "targetpad", float(image_processor.target_ratio)
@@ -129,7 +129,7 @@ def open_clip_embedder(
     if image_preprocessing in (None, "clip"):
         return ImageEmbedder(name, _TransformPreprocess(transform), encode, model.visual.output_dim, device, "clip")
     from ..models._open_clip import open_clip_image_processor
-    from ..pipelines.image_processing_targetpad import image_processor_for
+    from ..retrieval.image_processing_targetpad import image_processor_for
 
     # The pipelines train_fusion saves over open_clip towers preprocess with this processor (open_clip's transform
     # as a transformers one), so the gallery it encodes matches these features.
@@ -425,7 +425,7 @@ def _card_metadata(embedder_name: str, normalize: bool, image_preprocessing, tar
 def recorded_embeddings_preprocessing(folder: str) -> tuple[str, float | None] | None:
     """``(name, target ratio)`` of the image preprocessing the ``embeddings`` configuration of the dataset folder
     ``folder`` was made with, as :func:`record_embeddings_card` recorded it; ``None`` when the card records none."""
-    from ..pipelines.image_processing_targetpad import IMAGE_PREPROCESSINGS, check_target_ratio
+    from ..retrieval.image_processing_targetpad import IMAGE_PREPROCESSINGS, check_target_ratio
     from .card import CARD_NAME, _load_card
 
     if not os.path.isfile(os.path.join(folder, CARD_NAME)):

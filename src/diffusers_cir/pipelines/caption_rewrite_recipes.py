@@ -23,7 +23,7 @@ github.com/ExplainableML/Vision_by_Language ``src/main.py``, ``src/utils.py``, `
 * retrieval: normalised CLIP text features of the rewrite against normalised CLIP image features (OpenCLIP
   ViT-bigG/14 for the CLIP-G numbers). Their gallery preprocessing defaults to "targetpad" (pad towards a square
   before resizing): give the pipeline a ``TargetPadImageProcessor`` as its ``image_processor`` to do the same
-  (:mod:`~diffusers_cir.pipelines.image_processing_targetpad`); the gallery goes through whichever processor it has.
+  (:mod:`~diffusers_cir.retrieval.image_processing_targetpad`); the gallery goes through whichever processor it has.
 
 LDRE (Yang et al., SIGIR 2024, "LDRE: LLM-based Divergent Reasoning and Ensemble for Zero-Shot Composed Image
 Retrieval"; github.com/yzy-bupt/LDRE ``src/dense_caption_generator.py``, ``src/reasoning_and_editing.py``,

@@ -34,6 +34,7 @@ from transformers import (
 )
 
 from ..checks import check_choice, check_positive_int
+from ..retrieval.image_processing_targetpad import TargetPadImageProcessor  # noqa: F401  (a saved folder may name it)
 from ..utils.caption_cache import (
     CaptionCache,
     captioner_key,
@@ -42,7 +43,6 @@ from ..utils.caption_cache import (
 )
 from .auto import CIRPipelineMixin
 from .caption_rewrite_recipes import RewriteRecipe, fill_rewrite_template, parse_rewrite
-from .image_processing_targetpad import TargetPadImageProcessor  # noqa: F401  (a saved folder may name it)
 from .inputs import warn_truncated
 from .query_inputs import (
     as_image_list,

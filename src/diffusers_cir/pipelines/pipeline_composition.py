@@ -37,9 +37,9 @@ from ..models.clip4cir_combiner import Clip4CirCombiner  # noqa: F401
 from ..models.open_clip_text import OpenCLIPTextEncoder  # noqa: F401
 from ..models.open_clip_vision import OpenCLIPVisionEncoder  # noqa: F401
 from ..models.two_hop_fusion import TwoHopFusionHead  # noqa: F401
+from ..retrieval.image_processing_targetpad import TargetPadImageProcessor  # noqa: F401
 from . import composition_encoders as encoders
 from .auto import CIRPipelineMixin
-from .image_processing_targetpad import TargetPadImageProcessor  # noqa: F401
 from .inputs import (
     check_batch_sizes,
     check_float_pixels,

@@ -44,7 +44,7 @@ DEFAULT_LORA_TARGETS = {
     "blip2": r".*(query|key|value|qkv|projection|dense|fc1|fc2)",
 }
 OUR_CHOICE = "our choice"
-# diffusers_cir.pipelines.image_processing_targetpad's IMAGE_PREPROCESSINGS (not imported: it imports transformers).
+# diffusers_cir.retrieval.image_processing_targetpad's IMAGE_PREPROCESSINGS (not imported: it imports transformers).
 IMAGE_PREPROCESSINGS = ("clip", "targetpad")
 
 

@@ -158,7 +158,7 @@ def apply_image_preprocessing(args: argparse.Namespace, parts: Encoders, method,
     encoders' own); ``recorded`` (:func:`recorded_image_preprocessing`: how the training embeddings were made) takes
     the place of both flags. The processor trains and is saved with the pipeline. Returns what was chosen, for the
     log."""
-    from ..pipelines.image_processing_targetpad import image_processor_for, resizes_and_crops_like_clip
+    from ..retrieval.image_processing_targetpad import image_processor_for, resizes_and_crops_like_clip
 
     if parts.image_processor is None or parts.model is not None:
         return None
