@@ -14,6 +14,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from metric_asserts import assert_metrics_equal
 from tiny_mllm import tiny_caption_rewrite_pipeline
 
 from diffusers_cir import AutoCIRPipeline, CaptionRewritePipeline, metrics
@@ -76,15 +77,6 @@ def _expected_metrics(scores, run):
         semantic_aspects=[q["semantic_aspects"] for q in run.queries])
 
 
-def _assert_metrics_equal(written: dict, expected: dict) -> None:
-    assert set(written) == set(expected)
-    for name, value in expected.items():
-        if np.isnan(value):
-            assert written[name] is None or np.isnan(written[name]), name
-        else:
-            assert written[name] == pytest.approx(value, abs=1e-9), name
-
-
 def test_ldre_on_circo_is_ranked_with_the_authors_ensemble(ldre_run):
     run = ldre_run
     # Computed here, independently of the runner: the pipeline's rewrites and captions of the four queries, LDRE's
@@ -103,7 +95,7 @@ def test_ldre_on_circo_is_ranked_with_the_authors_ensemble(ldre_run):
     report = json.loads((run.outputs["default"] / "metrics.json").read_text())
     rankings = json.loads((run.outputs["default"] / "rankings.json").read_text())
     assert [rankings[str(q["id"])] for q in run.queries] == ensemble_ranked
-    _assert_metrics_equal(report["metrics"], expected)
+    assert_metrics_equal(report["metrics"], expected)
     ensemble = report["settings"]["rewrite_ensemble"]
     assert report["settings"]["protocol"] == "standard"
     assert ensemble["name"] == "ldre" and (ensemble["top_k"], ensemble["temperature"]) == (5, 0.04)
@@ -115,7 +107,7 @@ def test_ldre_on_circo_is_ranked_with_the_authors_ensemble(ldre_run):
     mean_report = json.loads((run.outputs["mean"] / "metrics.json").read_text())
     mean_rankings = json.loads((run.outputs["mean"] / "rankings.json").read_text())
     assert [mean_rankings[str(q["id"])] for q in run.queries] == plain_ranked
-    _assert_metrics_equal(mean_report["metrics"], plain)
+    assert_metrics_equal(mean_report["metrics"], plain)
     assert mean_report["settings"]["rewrite_ensemble"]["name"] == "mean" and "ldre_slot_weights" not in mean_report
 
 

@@ -6,12 +6,17 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from metric_asserts import assert_metrics_equal  # noqa: E402
 
 from diffusers_cir import metrics
 from diffusers_cir.data.benchmarks import load_circo, load_cirr, load_genecis
@@ -55,15 +60,6 @@ def _gallery_embeds(image_ids: list) -> torch.Tensor:
     return normalize(IdHashEncoder().encode_image(image_ids))
 
 
-def _assert_metrics_equal(written: dict, expected: dict) -> None:
-    assert set(written) == set(expected)
-    for name, value in expected.items():
-        if np.isnan(value):
-            assert written[name] is None or np.isnan(written[name]), name
-        else:
-            assert written[name] == pytest.approx(value, abs=1e-9), name
-
-
 def test_cirr_val_end_to_end(tmp_path):
     folder = _folder("cirr")
     output = tmp_path / "cirr-val"
@@ -86,7 +82,7 @@ def test_cirr_val_end_to_end(tmp_path):
     expected = metrics.compute_cirr_metrics(
         scores=scores, gallery_ids=cirr.gallery_ids, target_ids=[q.target_id for q in cirr.queries],
         reference_ids=[q.reference_id for q in cirr.queries], group_members=[q.group_members for q in cirr.queries])
-    _assert_metrics_equal(report["metrics"], expected)
+    assert_metrics_equal(report["metrics"], expected)
     assert 0 < expected["recall_subset_at1"] < expected["recall_subset_at3"] < 100
     markdown = (output / "metrics.md").read_text()
     assert "| avg |" in markdown and f"{expected['recall_at50']:.2f}" in markdown
@@ -147,7 +143,7 @@ def test_circo_val_end_to_end_with_distractors(tmp_path):
     expected = metrics.compute_circo_metrics(
         scores=scores, gallery_ids=circo.gallery_ids, ground_truth_ids=[q.ground_truth_ids for q in circo.queries],
         semantic_aspects=[q.extra["semantic_aspects"] for q in circo.queries])
-    _assert_metrics_equal(report["metrics"], expected)
+    assert_metrics_equal(report["metrics"], expected)
     assert expected["map_at50"] > 0
 
     submission = json.loads((output / "circo_val_submission.json").read_text())
@@ -187,7 +183,7 @@ def test_fashioniq_and_genecis_metrics_equal_the_functions_on_the_same_scores(tm
         per_category[category] = metrics.fashioniq_recall_at_k(
             target_ids=[q.target_id for q in split.queries], gallery_ids=split.gallery_ids,
             scores=queries @ _gallery_embeds(split.gallery_ids).T)
-    _assert_metrics_equal(report["metrics"], metrics.fashioniq_average_recall(per_category))
+    assert_metrics_equal(report["metrics"], metrics.fashioniq_average_recall(per_category))
     assert report["settings"]["caption_style"] == "searle"
 
     genecis_folder = _folder("genecis")
@@ -198,7 +194,7 @@ def test_fashioniq_and_genecis_metrics_equal_the_functions_on_the_same_scores(tm
     queries, _ = _saved_queries(output / "query_embeddings_focus_object.safetensors")
     scores = [(_gallery_embeds(q.candidate_ids) @ embed).tolist() for q, embed in zip(task.queries, queries)]
     expected = metrics.genecis_average_over_tasks({"focus_object": metrics.genecis_recall_at_k(scores)})
-    _assert_metrics_equal(json.loads((output / "metrics.json").read_text())["metrics"], expected)
+    assert_metrics_equal(json.loads((output / "metrics.json").read_text())["metrics"], expected)
 
 
 def test_searle_style_queries_average_both_caption_orders():
