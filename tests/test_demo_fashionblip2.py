@@ -93,3 +93,8 @@ def test_train_blip2_pretrains_now_and_updates_the_shipped_blip2(tmp_path, monke
     # The run fine-tuned the BLIP-2 it pretrained, not the package's.
     card = (tmp_path / "run" / "methods" / "fashionblip2" / "README.md").read_text()
     assert f"Made from: `{tmp_path / 'run' / 'methods' / 'blip2'}`" in card
+
+    # The same --output-dir with another recipe pretrains again rather than reusing the 3-step BLIP-2.
+    assert main(["demo", "--world", "tiny", "--methods", "fashionblip2", "--train-blip2", "--blip2-steps", "4",
+                 "--num-queries", "20", "--no-html", "--examples", "0", "--output-dir", str(tmp_path / "run")]) == 0
+    assert pretrained_blip2(tmp_path / "run" / "methods" / "blip2")["recipe"]["steps"] == 4

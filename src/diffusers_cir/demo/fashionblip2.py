@@ -65,7 +65,7 @@ def write_picture_triplets(context: DemoContext, recipe: FashionBLIP2Recipe) -> 
 
 def blip2_folder(context: DemoContext, log=print) -> str:
     """The pretrained BLIP-2 to fine-tune: ``context.blip2_dir``, or (``None``) one pretrained now on the world."""
-    from .blip2 import Blip2Recipe, pretrain_blip2, save_blip2
+    from .blip2 import Blip2Recipe, pretrain_blip2, pretrained_blip2, save_blip2
 
     if context.blip2_dir is not None:
         if not (Path(context.blip2_dir) / "config.json").is_file():
@@ -73,8 +73,9 @@ def blip2_folder(context: DemoContext, log=print) -> str:
                                     "`diffusers-cir demo --methods fashionblip2 --train-blip2`.")
         return str(context.blip2_dir)
     folder = Path(context.work_dir) / "blip2"
-    if not (folder / "config.json").is_file():
-        recipe = context.blip2_recipe or Blip2Recipe(seed=context.seed)
+    recipe = context.blip2_recipe or Blip2Recipe(seed=context.seed)
+    # One pretrained with this recipe in a kept --output-dir is reused; another recipe's is trained over.
+    if pretrained_blip2(folder).get("recipe") != recipe.to_dict():
         log(f"Pretraining the BLIP-2 for {recipe.steps} steps (batch {recipe.batch_size}) ...")
         model, tokenizer, processor, summary = pretrain_blip2(context.world, recipe, progress=context.show_progress,
                                                               log=log)
